@@ -1,0 +1,112 @@
+"""Sharding rules for parameters/optimizer state and for batches.
+
+Rules follow big_vision: an ordered list of `(regex, spec)` matched against each leaf's path
+('layers/0/kernel'); the first match wins. `spec` is a `PartitionSpec`, `"replicate"` or
+`"fsdp"` (split the largest dimension divisible by the `fsdp` axis size). Leaves matching no
+rule use `"fsdp"`; leaves smaller than `min_size` elements are replicated, because sharding a
+bias only adds communication.
+"""
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxsafe.parallel.mesh import BATCH_AXES, FSDP
+
+Rule = tuple[str, Any]
+
+
+def path_str(path) -> str:
+    """'layers/0/kernel' from a jax key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2**10) -> P:
+    """Splits the largest dimension that the fsdp axis divides; replicates otherwise."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = FSDP
+            return P(*spec)
+    return P()
+
+
+def shardings_for(tree: Any, mesh: Mesh, rules: Sequence[Rule] = (), min_size: int = 2**10) -> Any:
+    """A `NamedSharding` per leaf of `tree` (arrays or `ShapeDtypeStruct`s)."""
+    fsdp_size = mesh.shape[FSDP]
+
+    def one(path, leaf):
+        shape = np.shape(leaf)
+        name = path_str(path)
+        spec = "fsdp"
+        for pattern, rule_spec in rules:
+            if re.search(pattern, name):
+                spec = rule_spec
+                break
+        if spec == "fsdp":
+            spec = fsdp_spec(shape, fsdp_size, min_size)
+        elif spec == "replicate":
+            spec = P()
+        elif not isinstance(spec, P):
+            raise ValueError(f"sharding rule for {name!r}: expected PartitionSpec, 'fsdp' or "
+                             f"'replicate', got {spec!r}")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Batch axis split over (data, fsdp); `leading` unsplit axes before it (e.g. scan steps)."""
+    return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
+
+
+def global_batch(local_batch: Any, mesh: Mesh, leading: int = 0) -> Any:
+    """Assembles each process's part of the batch into one global `jax.Array`.
+
+    The batch axis (after `leading` axes) of every leaf holds this process's examples; the global
+    batch is their concatenation in process order.
+    """
+    sharding = batch_sharding(mesh, leading)
+    n_batch_shards = mesh.shape["data"] * mesh.shape[FSDP]
+    local_shards = n_batch_shards // jax.process_count()
+
+    def one(path, x):
+        x = np.asarray(x)
+        if x.ndim <= leading or x.shape[leading] % local_shards:
+            raise ValueError(
+                f"batch leaf {path_str(path)!r} has shape {x.shape}: axis {leading} must exist "
+                f"and divide by the {local_shards} batch shards on this process")
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map_with_path(one, local_batch)
+
+
+def fetch(tree: Any) -> Any:
+    """Host numpy copies of replicated (or fully addressable) arrays, on every process."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError(f"fetch needs a replicated array, got sharding {x.sharding}")
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
