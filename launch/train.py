@@ -25,6 +25,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    from jaxsafe.train.metrics import quiet_orbax
+
+    quiet_orbax()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _DISTRIBUTED.value or _COORDINATOR.value:

@@ -62,6 +62,12 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def quiet_orbax() -> None:
+    """Orbax logs every save step at INFO; keep only its warnings."""
+    logging.get_absl_logger().addFilter(
+        lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+
+
 class Progress:
     """Logs step, steps/s, ETA and a few metrics."""
 

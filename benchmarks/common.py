@@ -1,0 +1,72 @@
+"""Shared measurement helpers for the benchmark scripts."""
+
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    return (f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), host: {os.cpu_count()} cores "
+            f"{cpu}, jax {jax.__version__}")
+
+
+def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
+    """Measured FLOP/s of a jitted n×n matmul: the denominator for achieved-FLOP/s ratios."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs of one call according to XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def memory_bytes(compiled) -> int | None:
+    """Peak device memory of one call as XLA plans it (arguments + outputs + temporaries)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def time_calls(call, n: int) -> float:
+    """Seconds per call over `n` calls after one warm-up call; `call()` returns a pytree."""
+    jax.block_until_ready(call())
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n
+
+
+def fmt_bytes(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def stats(xs) -> str:
+    xs = np.asarray(xs)
+    return f"{xs.mean():.4g} ± {xs.std():.2g}"
