@@ -85,3 +85,21 @@ class Checkpointer:
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
+
+
+def load_arrays(directory: str, step: int | None = None):
+    """The raw state tree of a checkpoint, on this process's first device, whatever topology
+    wrote it (for inspection, sampling and tests; `Checkpointer.restore` is for resuming)."""
+    mgr = Checkpointer(directory, async_save=False)
+    try:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
+        meta = mgr._mgr.item_metadata(step)
+        meta = getattr(meta, "tree", meta)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta,
+                              is_leaf=lambda m: hasattr(m, "shape"))
+        return step, mgr._mgr.restore(step, args=ocp.args.StandardRestore(target))
+    finally:
+        mgr.close()

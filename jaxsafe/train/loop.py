@@ -118,6 +118,10 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
 
     state = init_state(task.params, task.frozen, task.optimizer, task.extra, cfg.seed)
     state = place_state(state, mesh, task.sharding_rules, cfg.fsdp_min_size)
+    leaves = jax.tree.leaves(state.params)
+    logging.info("params: %d tensors, %d sharded over fsdp, %d values; mesh %s",
+                 len(leaves), sum(not x.sharding.is_fully_replicated for x in leaves),
+                 sum(x.size for x in leaves), dict(mesh.shape))
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
         logging.info("resumed from %s at step %d", ckpt.directory, int(sh.fetch(state.step)))

@@ -4,6 +4,7 @@ Only process 0 writes; other processes get a writer that does nothing.
 """
 
 import json
+import logging as std_logging
 import os
 import time
 
@@ -65,7 +66,7 @@ def read_jsonl(path: str) -> list[dict]:
 def quiet_orbax() -> None:
     """Orbax logs every save step at INFO; keep only its warnings."""
     logging.get_absl_logger().addFilter(
-        lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
 
 
 class Progress:
