@@ -99,8 +99,7 @@ def make_loss_fn(graphdef, config):
 
     def loss_fn(params, frozen, extra, batch, rng):
         model = nnx.merge(graphdef, params, frozen)
-        nnx.reseed(model, dropout=rng)  # dropout masks from (seed, step), not from module state
-        logits = model(batch["x"])
+        logits = model(batch["x"], rngs=nnx.Rngs(dropout=rng))  # dropout keys from (seed, step)
         per_example = cross_entropy(logits, batch["y"])
         mask = batch["mask"]
         n = jnp.sum(mask)

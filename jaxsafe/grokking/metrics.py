@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from jaxsafe.grokking.stablemax import _cast_logits
 
+from jaxsafe.treepath import path_name
+
 __all__ = [
     "softmax_collapse_fraction",
     "zero_loss_fraction",
@@ -58,27 +60,6 @@ def zero_loss_fraction(per_example_loss, *, mask=None):
     ``mask`` (same shape as the loss) weights the examples, e.g. 0 for padding.
     """
     return _fraction(jnp.asarray(per_example_loss) == 0, mask)
-
-
-def path_name(path) -> str:
-    """Turns a JAX key path into an 'a/b/0/c' string ('' for the root).
-
-    A trailing ``.value`` attribute (how ``flax.nnx.Variable`` boxes flatten) is
-    dropped, so nnx and linen parameters both give names like 'layers/0/kernel'.
-    """
-    path = tuple(path)
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    parts = []
-    for key in path:
-        # DictKey/FlattenedIndexKey have .key, GetAttrKey .name, SequenceKey .idx.
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def _leaf_pairs(params, grads):

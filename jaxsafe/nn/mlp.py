@@ -165,8 +165,13 @@ class GrokMLP(nnx.Module):
             raise ValueError(f"expected (M, {self.in_features}) features, got {x.shape}.")
         return layer(x)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Logits ``(M, num_classes)`` for int operands ``(M, 2)`` or features ``(M, d_in)``."""
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Logits ``(M, num_classes)`` for int operands ``(M, 2)`` or features ``(M, d_in)``.
+
+        ``rngs`` is accepted for a common interface with ``GrokTransformer``; the MLP has no
+        dropout.
+        """
+        del rngs
         x = jnp.asarray(x)
         h = self._first_layer(x)
         for layer in self.layers[1:]:

@@ -70,9 +70,9 @@ class TorchSelfAttention(nnx.Module):
             kernel_init=torch_uniform_init(d_model),
             bias_init=jax.nn.initializers.zeros, rngs=rngs,
         )
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         m, length, d = x.shape
         h, hd = self.num_heads, d // self.num_heads
         q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
@@ -80,7 +80,7 @@ class TorchSelfAttention(nnx.Module):
         k = k.reshape(m, length, h, hd)
         v = v.reshape(m, length, h, hd)
         scores = jnp.einsum("mqhd,mkhd->mhqk", q, k) / jnp.sqrt(jnp.asarray(hd, q.dtype))
-        probs = self.dropout(jax.nn.softmax(scores, axis=-1))
+        probs = self.dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
         out = jnp.einsum("mhqk,mkhd->mqhd", probs, v).reshape(m, length, d)
         return self.out_proj(out)
 
@@ -103,19 +103,22 @@ class TorchEncoderLayer(nnx.Module):
                                    param_dtype=param_dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(d_model, epsilon=layer_norm_eps, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)   # inside the feed-forward
-        self.dropout1 = nnx.Dropout(dropout_rate, rngs=rngs)  # attention residual branch
-        self.dropout2 = nnx.Dropout(dropout_rate, rngs=rngs)  # feed-forward residual branch
+        # Dropout keys come from the `rngs` passed at call time, so the module holds no RNG
+        # state and a pure loss can derive them from (seed, step).
+        self.dropout = nnx.Dropout(dropout_rate)   # inside the feed-forward
+        self.dropout1 = nnx.Dropout(dropout_rate)  # attention residual branch
+        self.dropout2 = nnx.Dropout(dropout_rate)  # feed-forward residual branch
 
-    def _ff(self, x):
-        return self.dropout2(self.linear2(self.dropout(jax.nn.relu(self.linear1(x)))))
+    def _ff(self, x, rngs):
+        h = self.dropout(jax.nn.relu(self.linear1(x)), rngs=rngs)
+        return self.dropout2(self.linear2(h), rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         if self.norm_first:
-            x = x + self.dropout1(self.attn(self.norm1(x)))
-            return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self.dropout1(self.attn(x)))
-        return self.norm2(x + self._ff(x))
+            x = x + self.dropout1(self.attn(self.norm1(x), rngs), rngs=rngs)
+            return x + self._ff(self.norm2(x), rngs)
+        x = self.norm1(x + self.dropout1(self.attn(x, rngs), rngs=rngs))
+        return self.norm2(x + self._ff(x, rngs))
 
 
 class GrokTransformer(nnx.Module):
@@ -136,8 +139,8 @@ class GrokTransformer(nnx.Module):
       alpha: Static logit scale (reference multiplies ``output[:, -1]`` by
         ``args.alpha``, default 1.0).
       dtype / param_dtype: computation / parameter dtypes.
-      rngs: ``nnx.Rngs`` for init and dropout (stream ``'dropout'`` if present,
-        else ``'default'``).
+      rngs: ``nnx.Rngs`` for initialisation. Dropout keys are passed to ``__call__``
+        (``rngs=nnx.Rngs(dropout=key)``); training mode without them is an error.
 
     Params: ``embed/embedding`` ``(V, d)``, ``layers/{i}/attn/in_proj/{kernel,bias}``,
     ``layers/{i}/attn/out_proj/{kernel,bias}``, ``layers/{i}/linear{1,2}/{kernel,bias}``,
@@ -178,17 +181,19 @@ class GrokTransformer(nnx.Module):
         norms = 2 * 2 * d
         return vocab_size * d + num_layers * (attn + ff + norms) + d * num_classes + num_classes
 
-    def __call__(self, x: jax.Array, *, all_positions: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, all_positions: bool = False,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
         """Logits ``(M, num_classes)`` read at the last token of int tokens ``(M, L)``.
 
         With ``all_positions=True`` returns ``(M, L, num_classes)`` (every position).
+        ``rngs`` supplies dropout keys in training mode.
         """
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim != 2:
             raise ValueError(f"expected integer tokens of shape (M, L), got {x.dtype} {x.shape}.")
         h = self.embed(x)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, rngs)
         if not all_positions:
             h = h[:, -1]
         logits = self.head(h)

@@ -20,6 +20,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    for name, size in (("data", data), ("fsdp", fsdp)):
+        if size != -1 and size < 1:
+            raise ValueError(f"mesh: {name}={size}; sizes must be positive or -1 (all remaining devices)")
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: only one of data, fsdp may be -1")
     if data == -1:

@@ -16,21 +16,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsafe.parallel.mesh import BATCH_AXES, FSDP
+from jaxsafe.treepath import path_name
 
 Rule = tuple[str, Any]
-
-
-def path_str(path) -> str:
-    """'layers/0/kernel' from a jax key path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -55,7 +43,7 @@ def shardings_for(tree: Any, mesh: Mesh, rules: Sequence[Rule] = (), min_size: i
 
     def one(path, leaf):
         shape = np.shape(leaf)
-        name = path_str(path)
+        name = path_name(path)
         spec = "fsdp"
         for pattern, rule_spec in rules:
             if re.search(pattern, name):
@@ -92,7 +80,7 @@ def global_batch(local_batch: Any, mesh: Mesh, leading: int = 0) -> Any:
         x = np.asarray(x)
         if x.ndim <= leading or x.shape[leading] % local_shards:
             raise ValueError(
-                f"batch leaf {path_str(path)!r} has shape {x.shape}: axis {leading} must exist "
+                f"batch leaf {path_name(path)!r} has shape {x.shape}: axis {leading} must exist "
                 f"and divide by the {local_shards} batch shards on this process")
         return jax.make_array_from_process_local_data(sharding, x)
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxsafe.parallel.sharding import path_str
+from jaxsafe.treepath import path_name
 
 
 class CheckpointMismatchError(ValueError):
@@ -61,9 +61,9 @@ class Checkpointer:
     def _check_matches(self, step: int, state_like) -> None:
         meta = self._mgr.item_metadata(step)
         meta = getattr(meta, "tree", meta)
-        on_disk = {path_str(p): tuple(m.shape) for p, m in
+        on_disk = {path_name(p): tuple(m.shape) for p, m in
                    jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda m: hasattr(m, "shape"))[0]}
-        wanted = {path_str(p): tuple(np.shape(x)) for p, x in
+        wanted = {path_name(p): tuple(np.shape(x)) for p, x in
                   jax.tree_util.tree_flatten_with_path(state_like)[0]}
         where = f"checkpoint {self.directory}/{step}"
         missing = sorted(set(wanted) - set(on_disk))

@@ -286,8 +286,13 @@ def test_transformer_order_sensitivity_without_positions(transformer):
 def test_transformer_dropout_train_vs_eval(data):
     x = data["train"]["x"][:8]
     model = GrokTransformer(rngs=nnx.Rngs(0))  # dropout 0.1 active by default (train mode)
-    a, b = np.asarray(model(x)), np.asarray(model(x))
+    a = np.asarray(model(x, rngs=nnx.Rngs(dropout=1)))
+    b = np.asarray(model(x, rngs=nnx.Rngs(dropout=2)))
     assert not np.allclose(a, b)
+    # Keys come only from the call: the same key gives the same masks (pure loss functions).
+    np.testing.assert_array_equal(a, np.asarray(model(x, rngs=nnx.Rngs(dropout=1))))
+    with pytest.raises(ValueError, match="no `rngs` argument was provided to Dropout"):
+        model(x)
     model.eval()
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))
     no_drop = GrokTransformer(dropout_rate=0.0, rngs=nnx.Rngs(0))
