@@ -53,13 +53,15 @@ def memory_bytes(compiled) -> int | None:
 
 
 def time_calls(call, n: int) -> float:
-    """Seconds per call over `n` calls after one warm-up call; `call()` returns a pytree."""
+    """Seconds per call over `n` calls after one warm-up call; `call()` returns a pytree.
+
+    Each call is waited for, as the trainer does when it reads the step's metrics. (Queuing many
+    calls with collectives on simulated CPU devices can also deadlock XLA's CPU runtime.)
+    """
     jax.block_until_ready(call())
     t0 = time.perf_counter()
-    out = None
     for _ in range(n):
-        out = call()
-    jax.block_until_ready(out)
+        jax.block_until_ready(call())
     return (time.perf_counter() - t0) / n
 
 

@@ -4,7 +4,8 @@ r"""Full-batch training throughput of the grokking MLP (addition mod 113, 40 % t
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.grokking --mesh_data=8
 
 Prints, per steps-per-call K: compile time, steps/s, achieved FLOP/s (XLA cost analysis of one
-step × steps/s) against the measured f32 matmul peak, and XLA's planned peak memory.
+step × steps/s, summed over devices) against the measured f32 matmul peak of the host, and
+XLA's planned peak memory per device.
 Cost analysis does not multiply a `lax.scan` body by its trip count, so FLOPs per step come
 from the K = 1 program.
 """
@@ -51,8 +52,8 @@ def main(argv):
                                   task.sharding_rules, tc.fsdp_min_size)
         batch = parallel.global_batch(task.train_data, mesh)
         compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, k, True)
-        if k == 1:
-            flops_per_step = cost_flops(compiled)
+        if k == 1:  # cost analysis is of the partitioned (per-device) program
+            flops_per_step = cost_flops(compiled) * mesh.size
         box = [state]
 
         def call():

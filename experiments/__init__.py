@@ -1,19 +1,23 @@
 """Experiments: each module builds a `jaxsafe.train.Task` from a config.
 
-An experiment module defines `build(config, mesh) -> Task` and may define
-`summarize(config, state, task) -> dict` for the final report. `config.experiment` names it.
+An experiment module `experiments/<name>.py` defines `build(config, mesh) -> Task` and may define
+`summarize(config, state, task) -> dict` for the final report. `config.experiment = '<name>'`
+selects it; nothing in `jaxsafe/` imports from here.
 """
 
 import importlib
+import pkgutil
 
 from jaxsafe import parallel, train
 
-EXPERIMENTS = ("grokking",)
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def get(name: str):
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    if name not in available():
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(available())}")
     return importlib.import_module(f"experiments.{name}")
 
 

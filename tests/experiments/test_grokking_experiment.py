@@ -129,3 +129,10 @@ def test_main_demo_reproduces_perp_adamw_vs_adamw(tmp_path):
     assert final["perp_adamw"]["eval/test_accuracy"] > 0.95
     assert final["perp_adamw"]["train/sc_fraction"] == 0.0
     assert "⊥AdamW" in p.stdout and "test accuracy" in p.stdout
+
+
+def test_unknown_experiment_is_named():
+    from experiments import get
+
+    with pytest.raises(ValueError, match=r"unknown experiment 'grok'; known: .*grokking"):
+        get("grok")
