@@ -11,7 +11,6 @@ from the K = 1 program.
 """
 
 import importlib.util
-import os
 
 from absl import app, flags
 

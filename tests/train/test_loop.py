@@ -1,6 +1,5 @@
 """The generic loop on a small regression task defined here (independent of any method)."""
 
-import json
 import os
 
 import grain
