@@ -1,0 +1,137 @@
+"""EDM: preconditioning, training noise levels, loss weight and the sampling schedule.
+
+Karras, Aittala, Aila & Laine, "Elucidating the Design Space of Diffusion-Based Generative
+Models", NeurIPS 2022 (arXiv:2206.00364), Table 1 and Appendix B.6; reference code NVlabs/edm
+(training/networks.py `EDMPrecond`, training/loss.py `EDMLoss`, generate.py `edm_sampler`).
+
+A raw network F_θ is wrapped into the denoiser
+
+    D_θ(x; σ) = c_skip(σ) x + c_out(σ) F_θ(c_in(σ) x; c_noise(σ))
+
+    c_skip = σ_d² / (σ² + σ_d²)      c_out = σ σ_d / √(σ² + σ_d²)
+    c_in   = 1 / √(σ² + σ_d²)        c_noise = ln(σ) / 4,        σ_d = 0.5.
+
+For data of standard deviation σ_d and n ~ N(0, σ² I), c_in makes the network input c_in (y + n)
+unit-variance, c_out makes the effective target F_target = (y − c_skip (y + n)) / c_out
+unit-variance, and c_skip is the choice that minimises c_out (App. B.6). Training draws
+ln σ ~ N(P_mean, P_std²), P_mean = −1.2, P_std = 1.2, and weights the squared error by
+λ(σ) = (σ² + σ_d²) / (σ σ_d)² = 1 / c_out(σ)², so the loss seen by F is unit-weighted.
+
+Sampling uses the noise levels (Eq. 5)
+
+    σ_i = (σ_max^{1/ρ} + i / (N − 1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,   i < N,     σ_N = 0,
+
+with N = 18, ρ = 7, σ_min = 0.002, σ_max = 80 for CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "SIGMA_DATA",
+    "as_batch_sigma",
+    "denoise",
+    "edm_sigma_steps",
+    "loss_weight",
+    "precondition",
+    "sample_training_sigma",
+]
+
+SIGMA_DATA = 0.5
+
+
+def _float_dtype(dtype=None):
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+
+
+def as_batch_sigma(sigma, batch: int, dtype=None):
+    """Returns σ as a (batch,) array: a scalar is broadcast, a (batch,) array is kept.
+
+    Every diffusion function takes one noise level per example; anything else is a caller bug
+    (e.g. a (B, 1, 1, 1) σ in the reference PyTorch layout), so it is refused by name.
+    """
+    sigma = jnp.asarray(sigma, dtype=_float_dtype(dtype))
+    if sigma.ndim == 0:
+        return jnp.broadcast_to(sigma, (batch,))
+    if sigma.shape != (batch,):
+        raise ValueError(f"sigma must be a scalar or have shape ({batch},) (one per example), got {sigma.shape}.")
+    return sigma
+
+
+def _per_pixel(c, ndim: int):
+    """(B,) -> (B, 1, ..., 1) so a per-example coefficient broadcasts over an NHWC batch."""
+    return c.reshape(c.shape + (1,) * (ndim - 1))
+
+
+def precondition(sigma, sigma_data: float = SIGMA_DATA):
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al., 2022, Table 1), elementwise in σ."""
+    sigma = jnp.asarray(sigma, dtype=jnp.result_type(sigma, float))
+    s2 = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / s2
+    c_out = sigma * sigma_data * jax.lax.rsqrt(s2)
+    c_in = jax.lax.rsqrt(s2)
+    c_noise = jnp.log(sigma) / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def denoise(F, x, sigma, class_labels=None, *, sigma_data: float = SIGMA_DATA):
+    """D(x; σ) = c_skip x + c_out F(c_in x, c_noise, class_labels) (Karras et al., 2022, Eq. 7).
+
+    Args:
+      F: the raw network, `F(x_in, c_noise, class_labels) -> array of x's shape`; c_noise has
+        shape (B,) as in EDM's `EDMPrecond`, which flattens it before calling the U-Net.
+      x: noisy images, (B, H, W, C) or any (B, ...) layout.
+      sigma: noise level per example, (B,) or a scalar.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"x must have a batch axis, got shape {x.shape}.")
+    sigma = as_batch_sigma(sigma, x.shape[0], jnp.result_type(x.dtype, float))
+    c_skip, c_out, c_in, c_noise = precondition(sigma, sigma_data)
+    F_x = F(_per_pixel(c_in, x.ndim) * x, c_noise, class_labels)
+    if F_x.shape != x.shape:
+        raise ValueError(f"F must return an array of x's shape {x.shape}, got {F_x.shape}.")
+    return _per_pixel(c_skip, x.ndim) * x + _per_pixel(c_out, x.ndim) * F_x
+
+
+def sample_training_sigma(rng, batch: int, P_mean: float = -1.2, P_std: float = 1.2, *, dtype=None):
+    """σ = exp(P_mean + P_std ε), ε ~ N(0, 1): EDM's log-normal training noise levels, (batch,)."""
+    eps = jax.random.normal(rng, (batch,), dtype=_float_dtype(dtype))
+    return jnp.exp(P_mean + P_std * eps)
+
+
+def loss_weight(sigma, sigma_data: float = SIGMA_DATA):
+    """λ(σ) = (σ² + σ_d²) / (σ σ_d)², which equals 1 / c_out(σ)² (Karras et al., 2022, Table 1)."""
+    sigma = jnp.asarray(sigma, dtype=jnp.result_type(sigma, float))
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_sigma_steps(
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    *,
+    dtype=None,
+):
+    """EDM's sampling noise levels σ_0 = σ_max > ... > σ_{N-1} = σ_min, then σ_N = 0 (Eq. 5).
+
+    Evaluated in NumPy float64 (as EDM does in torch.float64) and only then cast, so the schedule
+    is the same whatever precision the sampler runs in. For num_steps = 1 the single level is
+    σ_max (the formula's i / (N − 1) is 0/0 there).
+    """
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}.")
+    i = np.arange(num_steps, dtype=np.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
+    t = np.concatenate([t, [0.0]])
+    return jnp.asarray(t, dtype=_float_dtype(dtype))
+
