@@ -29,6 +29,8 @@ is pure JAX (jit/vmap-able) and draws independent randomness per sample from ``r
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -46,6 +48,9 @@ def _check_x(x) -> jax.Array:
     return x
 
 
+# Jitted so that eager calls compile one program instead of dispatching (and compiling) each
+# random op separately; inside an outer jit these are inlined.
+@functools.partial(jax.jit, static_argnames=("per_timestep",))
 def scaling(rng, x, sigma: float = SCALE_SIGMA, mean: float = SCALE_MEAN,
             per_timestep: bool = False) -> jax.Array:
     """``a * x`` with ``a ~ N(mean, sigma^2)`` per (sample, channel), or per (sample, step)."""
@@ -55,26 +60,14 @@ def scaling(rng, x, sigma: float = SCALE_SIGMA, mean: float = SCALE_MEAN,
     return x * (mean + sigma * jax.random.normal(rng, shape, x.dtype))
 
 
+@jax.jit
 def jitter(rng, x, sigma: float = JITTER_SIGMA) -> jax.Array:
     """``x + eps`` with ``eps ~ N(0, sigma^2)`` i.i.d."""
     x = _check_x(x)
     return x + sigma * jax.random.normal(rng, x.shape, x.dtype)
 
 
-def _warp(rng, length: int, max_segments: int) -> jax.Array:
-    k_num, k_split, k_order = jax.random.split(rng, 3)
-    num = jax.random.randint(k_num, (), 1, max_segments)
-    # The first num - 1 entries of a random permutation of {0..T-3}: distinct split points.
-    points = jax.random.permutation(k_split, length - 2)[: max_segments - 1]
-    used = jnp.arange(max_segments - 1) < num - 1
-    t = jnp.arange(length)
-    # Time step t lies in segment #{split points <= t} (np.split starts a segment at a point).
-    segment = jnp.sum(used[:, None] & (points[:, None] <= t[None, :]), axis=0)
-    rank = jax.random.permutation(k_order, max_segments)
-    # Sort by (segment's random rank, time): segments in random order, each kept contiguous.
-    return jnp.argsort(rank[segment] * length + t)
-
-
+@functools.partial(jax.jit, static_argnames=("batch", "length", "max_segments"))
 def permutation_indices(rng, batch: int, length: int,
                         max_segments: int = MAX_SEGMENTS) -> jax.Array:
     """``(batch, length)`` int time indices of a random segment permutation per sample."""
@@ -84,13 +77,28 @@ def permutation_indices(rng, batch: int, length: int,
     if length < max_segments:
         raise ValueError(f"series length T={length} must be >= max_segments={max_segments} "
                          "(split points are drawn without replacement from {0, ..., T - 3}).")
-    return jax.vmap(lambda k: _warp(k, length, max_segments))(jax.random.split(rng, batch))
+    # One draw of uniforms per sample for everything (each threefry call costs compile time).
+    u = jax.random.uniform(rng, (batch, 1 + (length - 2) + max_segments))
+    num = jnp.minimum(1 + jnp.floor(u[:, 0] * (max_segments - 1)), max_segments - 1)
+    # The indices of the largest of T - 2 i.i.d. uniforms are a uniformly random ordered sample
+    # without replacement from {0..T-3}; the first num - 1 of them are the split points.
+    _, points = jax.lax.top_k(u[:, 1:length - 1], max_segments - 1)
+    used = jnp.arange(max_segments - 1)[None, :] < (num - 1)[:, None]
+    t = jnp.arange(length)
+    # Time step t lies in segment #{split points <= t} (np.split starts a segment at a point).
+    segment = jnp.sum(used[:, :, None] & (points[:, :, None] <= t), axis=1)
+    # Segment s goes to position rank[s] (argsort of uniforms: a uniform random permutation);
+    # sorting by (rank, t) keeps each segment contiguous and in time order.
+    rank = jnp.argsort(u[:, length - 1:], axis=1)
+    return jnp.argsort(jnp.take_along_axis(rank, segment, axis=1) * length + t, axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("max_segments",))
 def permutation(rng, x, max_segments: int = MAX_SEGMENTS) -> jax.Array:
     """Splits each series into random segments and concatenates them in random order."""
     x = _check_x(x)
-    idx = permutation_indices(rng, x.shape[0], x.shape[1], max_segments)
+    idx = permutation_indices(rng, batch=x.shape[0], length=x.shape[1],
+                              max_segments=max_segments)
     return jnp.take_along_axis(x, idx[:, :, None], axis=1)
 
 
@@ -100,6 +108,7 @@ def weak(rng, x, scale_sigma: float = SCALE_SIGMA, scale_mean: float = SCALE_MEA
     return scaling(rng, x, scale_sigma, scale_mean, per_timestep)
 
 
+@functools.partial(jax.jit, static_argnames=("max_segments",))
 def strong(rng, x, jitter_sigma: float = JITTER_SIGMA,
            max_segments: int = MAX_SEGMENTS) -> jax.Array:
     """DBPM's strong view: ``jitter(permutation(x))`` (reference: ``max_seg = 8``, ``sigma = 0.8``)."""
