@@ -112,7 +112,7 @@ def test_sigterm_saves_then_rerun_matches_uninterrupted(tmp_path, reference):
     assert proc.returncode == 0, out[-3000:]
     stopped_at, _ = final_params(tmp_path)
     assert f"pre-empted at step {stopped_at}; checkpoint saved" in out
-    assert stopped_at < 4000 and stopped_at % 100  # saved off the periodic schedule
+    assert stopped_at < 4000  # the pre-emption save, usually off the every-100-steps schedule
     run(tmp_path, *LONG)
     step, params = final_params(tmp_path)
     assert step == 4000
