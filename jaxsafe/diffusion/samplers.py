@@ -113,7 +113,9 @@ def _sample(denoiser, latents, *, heun, num_steps, sigma_min, sigma_max, rho, S_
         t_hat, x_hat = t_cur, x
         if churn:
             t_hat = t_cur + gamma[i] * t_cur
-            x_hat = x + jnp.sqrt(t_hat**2 - t_cur**2) * S_noise * jax.random.normal(k_churn, x.shape, dtype)
+            # √(σ̂² − σ²) = σ √(γ (2 + γ)): no cancellation (a fused σ̂² − σ² can round below 0 at γ = 0).
+            std = t_cur * jnp.sqrt(gamma[i] * (2 + gamma[i]))
+            x_hat = x + std * S_noise * jax.random.normal(k_churn, x.shape, dtype)
         d_cur = (x_hat - D(x_hat, t_hat)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         if second_order:
