@@ -369,7 +369,7 @@ def build(config, mesh) -> Task:
     arrays = {"x": x}
     if config.bad_pairs.faulty_fraction > 0:
         arrays["faulty"] = faulty
-    train_data = ts.contrastive_batches(arrays, config.batch_size, seed=config.data.seed,
+    train_data = ts.contrastive_batches(arrays, config.batch_size, seed=config.train.seed,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count())
     injected = config.bad_pairs.noisy_fraction > 0 or config.bad_pairs.faulty_fraction > 0
