@@ -29,8 +29,14 @@ from jaxsafe.treepath import path_name
 __all__ = ["quantize_params", "quantize_tensor"]
 
 
+def _check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+        raise ValueError(f"bits must be an integer >= 1, got {bits!r}.")
+
+
 def quantize_tensor(w, bits: int):
     """Ŵ = s (q − z): per-tensor b-bit uniform quantisation of one floating array (see module doc)."""
+    _check_bits(bits)
     w = jnp.asarray(w)
     compute = jnp.promote_types(w.dtype, jnp.float32)  # bf16/f16 lack the integers up to 2^b
     x = w.astype(compute)
@@ -54,8 +60,7 @@ def quantize_params(params, bits: int, *, include=None):
 
     Returns a pytree of the same structure, dtypes and shapes.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-        raise ValueError(f"bits must be an integer >= 1, got {bits!r}.")
+    _check_bits(bits)
 
     def leaf(path, w):
         if not (hasattr(w, "dtype") and jnp.issubdtype(w.dtype, jnp.floating)):
