@@ -165,7 +165,9 @@ def record(memory: dict, epoch, instance_ids, per_pair_loss, valid=None) -> dict
     Out-of-range (and negative) ids are dropped. If an id occurs twice in a batch, which loss
     is kept is unspecified (each instance occurs once per epoch with the reference's loader).
     """
-    _, n = _check_memory(memory)
+    num_epochs, n = _check_memory(memory)
+    if isinstance(epoch, int) and not 0 <= epoch < num_epochs:
+        raise ValueError(f"epoch={epoch}; expected 0 <= epoch < num_epochs={num_epochs}.")
     ids, loss = _check_batch(instance_ids, per_pair_loss)
     ids = _in_range(ids, n)
     if valid is not None:

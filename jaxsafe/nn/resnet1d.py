@@ -161,7 +161,7 @@ class ResNet1D(nnx.Module):
         h = jax.nn.relu(self.stem_bn(self.stem(x), use_running_average=ura))
         for block in self.layers:
             h = block(h, use_running_average=ura)
-        h = jnp.mean(h, axis=1)
+        h = jnp.mean(h, axis=1, dtype=jnp.promote_types(h.dtype, jnp.float32)).astype(h.dtype)
         return h if self.fc is None else self.fc(h)
 
 
@@ -202,7 +202,23 @@ def apply_with_batch_stats(graphdef, params, batch_stats, rest, fn: Callable[...
     nnx.BatchStat, ...)``. The model is merged inside (so this runs under ``jax.jit`` /
     ``jax.grad`` w.r.t. ``params``), ``fn`` is applied (e.g. ``lambda m, x: m(x)``), and the
     ``BatchStat`` state after the call is returned with the output; the inputs are not
-    modified. Running statistics are not differentiated through.
+    modified. Running statistics are not differentiated through. With the generic trainer::
+
+        graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        task = Task(graphdef=graphdef, params=params, frozen=rest,
+                    extra={"batch_stats": batch_stats, "memory": dbpm.init_memory(N, E)}, ...)
+
+        def loss_fn(params, frozen, extra, batch, rng):
+            (z1, z2), batch_stats = apply_with_batch_stats(
+                graphdef, params, extra["batch_stats"], frozen,
+                lambda m, a, b: (m(a), m(b)), batch["x1"], batch["x2"])
+            ...
+            return loss, (metrics, {**extra, "batch_stats": batch_stats, "memory": memory})
+
+    The reference encodes the two views in two calls, so BN normalises each view with its own
+    batch statistics (and updates the running ones twice); one call on the concatenated views
+    would mix them. Evaluate with ``nnx.merge(graphdef, params, batch_stats, rest)(x,
+    use_running_average=True)``.
     """
     model = nnx.merge(graphdef, params, jax.lax.stop_gradient(batch_stats), rest)
     out = fn(model, *args, **kwargs)

@@ -84,6 +84,10 @@ class MemoryTest(chex.TestCase):
             record(mem, 0, np.arange(4), np.ones((2, 2)))
         with pytest.raises(ValueError, match=r"instance_ids shape \(3,\) must equal per_pair_loss"):
             record(mem, 0, np.arange(3), np.ones(4))
+        with pytest.raises(ValueError, match=r"epoch=2; expected 0 <= epoch < num_epochs=2"):
+            record(mem, 2, np.arange(4), np.ones(4))
+        with pytest.raises(ValueError, match=r"epoch=-1; expected 0 <= epoch"):
+            record(mem, -1, np.arange(4), np.ones(4))
         with pytest.raises(ValueError, match="instance_ids must be integer indices"):
             record(mem, 0, np.ones(4), np.ones(4))
         with pytest.raises(ValueError, match=r"keys \['losses', 'recorded'\], got \['losses'\]"):
