@@ -24,9 +24,19 @@ setuptools.setup(
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "scipy>=1.11",
+        "scikit-learn>=1.3",  # ships the 8x8 digits used by the offline diffusion runs
+        "pillow>=10",
+        "safetensors>=0.4",  # diffusers-layout checkpoints, read/written without torch
+        "aeon>=1.0",  # ships UCR/UEA .ts files used offline (located, never imported)
     ],
+    package_data={"jaxsafe": ["data/assets/*"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
-        "torch": ["torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbformat>=5.9", "nbclient>=0.10",
+                 "ipykernel>=6.29"],
+        # Reference checks against diffusers/transformers, and CLIP tokenizers of real SD folders.
+        "torch": ["torch==2.13.0", "diffusers>=0.30", "transformers>=4.40"],
+        "tfds": ["tensorflow-datasets>=4.9"],  # CIFAR-10 / FFHQ via tfds.data_source
+        "ptbxl": ["wfdb>=4.1"],
     },
 )
