@@ -134,4 +134,3 @@ def edm_sigma_steps(
     t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
     t = np.concatenate([t, [0.0]])
     return jnp.asarray(t, dtype=_float_dtype(dtype))
-

@@ -33,7 +33,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxsafe.diffusion.edm import SIGMA_DATA, _per_pixel, as_batch_sigma, loss_weight, sample_training_sigma
+from jaxsafe.diffusion.edm import (
+    SIGMA_DATA,
+    _per_pixel,
+    as_batch_sigma,
+    loss_weight,
+    sample_training_sigma,
+)
 
 __all__ = [
     "check_D",
@@ -49,14 +55,15 @@ def check_D(D):
     """Returns D as a float, or None for D = ∞ (EDM's Gaussian kernel); refuses anything else."""
     if D is None:
         return None
+    msg = f"D must be a static positive number, None or float('inf') (D -> inf is EDM), got {D!r}."
     try:
         D = float(D)
-    except (TypeError, ValueError):
-        raise ValueError(f"D must be a positive number, None or float('inf') (D -> inf is EDM), got {D!r}.") from None
+    except (TypeError, ValueError):  # includes a traced D: it sets array shapes, so it must be static
+        raise ValueError(msg) from None
     if math.isinf(D) and D > 0:
         return None
     if not (math.isfinite(D) and D > 0):
-        raise ValueError(f"D must be a positive number, None or float('inf') (D -> inf is EDM), got {D!r}.")
+        raise ValueError(msg)
     return D
 
 

@@ -1,8 +1,9 @@
 """Post-training weight quantisation, PFGM++'s model-compression robustness probe.
 
 Xu et al., "PFGM++: Unlocking the Potential of Physics-Inspired Generative Models", ICML 2023,
-Sec. 6.3 (smaller D degrades less when the trained weights are quantised); reference code
-Newbeeer/pfgmpp generate_quant.py `quantize_tensor` / `dequantize_tensor`. Each tensor W is
+robustness experiments (smaller D degrades less when the trained weights are quantised); the
+form follows the reference code Newbeeer/pfgmpp generate_quant.py `quantize_tensor` /
+`dequantize_tensor` (b = 5, 6 there) applied per parameter tensor. Each tensor W is
 replaced by its per-tensor uniform (affine) b-bit quantisation, de-quantised back to floats:
 
     s = (max W − min W) / (2^b − 1),   z = round(−min W / s),

@@ -21,9 +21,11 @@ the heavy-tailed kernel; with r = σ √D, dr = √D dσ and this is the EDM ODE
 generate.py integrates exactly it, in σ, with D's prior as latents). Only the prior (pass
 `pfgmpp.prior_sample(..., D)` as `latents`) and what D(x; σ) converges to in training differ.
 
-Robustness probe (PFGM++ Sec. 6.3, `noise_injection_alpha` = α): before step i the state is
-perturbed as x_i ← x_i + α σ_i ε, ε ~ N(0, I) (the paper's noise of std r/√D = σ); like the
-reference generate_alpha.py this happens once per step i = 0..N−1 (σ_0 = σ_max included).
+Robustness probe (PFGM++'s "model robustness versus D" experiments, `noise_injection_alpha` = α):
+before step i the state is perturbed as x_i ← x_i + α σ_i ε, ε ~ N(0, I), noise of standard
+deviation α r_i/√D = α σ_i. The exact form follows the reference generate_alpha.py
+(`x_cur += randn_like(x_cur) * t_cur * alpha`): once per step i = 0..N−1, σ_0 = σ_max included,
+before churn, not once per denoiser evaluation.
 
 Classifier-free guidance (`guidance` = w):
 D_w(x; σ) = (1 − w) D(x; σ, None) + w D(x; σ, labels) = D_u + w (D_c − D_u), so w = 0 is the
@@ -87,8 +89,25 @@ def _guided_denoiser(denoiser, class_labels, guidance, batch, dtype):
     return guided
 
 
-def _sample(denoiser, latents, *, heun, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max,
-            S_noise, class_labels, guidance, noise_injection_alpha, rng, dtype):
+def _sample(
+    denoiser,
+    latents,
+    *,
+    heun,
+    num_steps,
+    sigma_min,
+    sigma_max,
+    rho,
+    S_churn,
+    S_min,
+    S_max,
+    S_noise,
+    class_labels,
+    guidance,
+    noise_injection_alpha,
+    rng,
+    dtype,
+):
     latents = jnp.asarray(latents)
     if latents.ndim < 1:
         raise ValueError(f"latents must have a batch axis (B, ...), got shape {latents.shape}.")
@@ -101,7 +120,8 @@ def _sample(denoiser, latents, *, heun, num_steps, sigma_min, sigma_max, rho, S_
         raise ValueError("rng is required when S_churn > 0 or noise_injection_alpha > 0; got rng=None.")
 
     t = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype)
-    gamma = jnp.where((S_min <= t[:-1]) & (t[:-1] <= S_max), jnp.minimum(S_churn / num_steps, MAX_CHURN_GAMMA), 0)
+    in_window = (S_min <= t[:-1]) & (t[:-1] <= S_max)
+    gamma = jnp.where(in_window, jnp.minimum(S_churn / num_steps, MAX_CHURN_GAMMA), 0)
     D = _guided_denoiser(denoiser, class_labels, guidance, batch, dtype)
 
     def step(i, x, second_order):
@@ -160,9 +180,24 @@ def heun_sampler(
       rng: PRNG key, required when S_churn > 0 or noise_injection_alpha > 0.
       dtype: sampling precision (default: the latents'); float64 needs jax_enable_x64.
     """
-    return _sample(denoiser, latents, heun=True, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                   rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, class_labels=class_labels,
-                   guidance=guidance, noise_injection_alpha=noise_injection_alpha, rng=rng, dtype=dtype)
+    return _sample(
+        denoiser,
+        latents,
+        heun=True,
+        num_steps=num_steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        S_churn=S_churn,
+        S_min=S_min,
+        S_max=S_max,
+        S_noise=S_noise,
+        class_labels=class_labels,
+        guidance=guidance,
+        noise_injection_alpha=noise_injection_alpha,
+        rng=rng,
+        dtype=dtype,
+    )
 
 
 def euler_sampler(
@@ -183,6 +218,21 @@ def euler_sampler(
 
     Arguments as for `heun_sampler` (no churn, no second-order correction).
     """
-    return _sample(denoiser, latents, heun=False, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                   rho=rho, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, class_labels=class_labels,
-                   guidance=guidance, noise_injection_alpha=noise_injection_alpha, rng=rng, dtype=dtype)
+    return _sample(
+        denoiser,
+        latents,
+        heun=False,
+        num_steps=num_steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        S_churn=0.0,
+        S_min=0.0,
+        S_max=float("inf"),
+        S_noise=1.0,
+        class_labels=class_labels,
+        guidance=guidance,
+        noise_injection_alpha=noise_injection_alpha,
+        rng=rng,
+        dtype=dtype,
+    )

@@ -115,7 +115,7 @@ class DenoiseTest(chex.TestCase):
     def test_denoiser_tends_to_identity_as_sigma_goes_to_zero(self):
         # c_skip → 1 and c_out → 0, so |D − x| ≤ c_out · sup|F| for a bounded network.
         x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8)), jnp.float32)
-        F = lambda x_in, c_noise, labels: jnp.tanh(3 * x_in + c_noise[:, None])  # noqa: E731
+        F = lambda x_in, c_noise, labels: jnp.tanh(3 * x_in + c_noise[:, None])
         for s in (1e-2, 1e-4, 1e-6):
             err = float(jnp.max(jnp.abs(denoise(F, x, s) - x)))
             self.assertLessEqual(err, s * 0.5 / np.sqrt(s**2 + 0.25) + 1e-6 + s**2 * 4 * float(jnp.max(jnp.abs(x))))
@@ -135,7 +135,9 @@ class TrainingSigmaTest(chex.TestCase):
         key = jax.random.key(3)
         sigma = self.variant(lambda k: sample_training_sigma(k, 100_000))(key)
         self.assertEqual(sigma.shape, (100_000,))
-        np.testing.assert_allclose(sigma, np.exp(-1.2 + 1.2 * np.asarray(jax.random.normal(key, (100_000,)))), rtol=1e-5)
+        np.testing.assert_allclose(
+            sigma, np.exp(-1.2 + 1.2 * np.asarray(jax.random.normal(key, (100_000,)))), rtol=1e-5
+        )
         log_s = np.log(np.asarray(sigma, np.float64))
         self.assertAlmostEqual(log_s.mean(), -1.2, delta=5 * 1.2 / np.sqrt(1e5))
         self.assertAlmostEqual(log_s.std(), 1.2, delta=5 * 1.2 / np.sqrt(2e5))
@@ -167,11 +169,11 @@ class SigmaStepsTest(chex.TestCase):
 @pytest.mark.parametrize(
     "kwargs, msg",
     [
-        (dict(num_steps=0), r"num_steps must be an integer >= 1, got 0"),
-        (dict(num_steps=2.5), r"num_steps must be an integer >= 1, got 2.5"),
-        (dict(sigma_min=0.0), r"need 0 < sigma_min < sigma_max, got sigma_min=0.0, sigma_max=80.0"),
-        (dict(sigma_min=90.0), r"need 0 < sigma_min < sigma_max, got sigma_min=90.0"),
-        (dict(rho=0.0), r"rho must be > 0, got 0.0"),
+        ({"num_steps": 0}, r"num_steps must be an integer >= 1, got 0"),
+        ({"num_steps": 2.5}, r"num_steps must be an integer >= 1, got 2.5"),
+        ({"sigma_min": 0.0}, r"need 0 < sigma_min < sigma_max, got sigma_min=0.0, sigma_max=80.0"),
+        ({"sigma_min": 90.0}, r"need 0 < sigma_min < sigma_max, got sigma_min=90.0"),
+        ({"rho": 0.0}, r"rho must be > 0, got 0.0"),
     ],
 )
 def test_sigma_steps_bad_arguments_raise(kwargs, msg):

@@ -38,7 +38,9 @@ def test_isotropic_closed_form():
     # N(0, I) vs N(m, s² I) in d dimensions: ‖m‖² + d (1 − s)².
     d, s = 10, 2.5
     m = np.arange(d, dtype=float) / 3
-    np.testing.assert_allclose(frechet_distance(np.zeros(d), np.eye(d), m, s**2 * np.eye(d)), m @ m + d * (1 - s) ** 2, rtol=1e-12)
+    np.testing.assert_allclose(
+        frechet_distance(np.zeros(d), np.eye(d), m, s**2 * np.eye(d)), m @ m + d * (1 - s) ** 2, rtol=1e-12
+    )
 
 
 def test_diagonal_closed_form_including_singular():

@@ -29,7 +29,11 @@ class AlignmentTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_r_is_sigma_sqrt_D(self):
         sigma = jnp.array([0.002, 1.0, 80.0])
-        np.testing.assert_allclose(self.variant(lambda s: r_from_sigma(s, 128))(sigma), [0.002 * np.sqrt(128), np.sqrt(128), 80 * np.sqrt(128)], rtol=1e-6)
+        np.testing.assert_allclose(
+            self.variant(lambda s: r_from_sigma(s, 128))(sigma),
+            [0.002 * np.sqrt(128), np.sqrt(128), 80 * np.sqrt(128)],
+            rtol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("D", [None, 0, -3.0, float("nan"), "big", float("-inf")])
@@ -38,7 +42,7 @@ def test_bad_D_raises(D):
         with pytest.raises(ValueError, match=r"r = sigma \* sqrt\(D\) is infinite for D=None/inf"):
             r_from_sigma(1.0, D)
         return
-    with pytest.raises(ValueError, match=r"D must be a positive number, None or float\('inf'\)"):
+    with pytest.raises(ValueError, match=r"D must be a static positive number, None or float\('inf'\)"):
         perturbation(jax.random.key(0), (2, 3), 1.0, D)
 
 
@@ -109,7 +113,7 @@ class KernelTest(chex.TestCase):
             nb = perturbation(jax.random.key(10), SHAPE, sigma, D)
             nt = perturbation_student_t(jax.random.key(11), SHAPE, sigma, D)
             s = np.asarray(sigma, np.float64)
-            for f in (lambda n: np.sqrt(sq_norm(n)) / s, lambda n: np.asarray(n, np.float64)[:, 1, 0, 2] / s):
+            for f in (lambda n, s=s: np.sqrt(sq_norm(n)) / s, lambda n, s=s: np.asarray(n, np.float64)[:, 1, 0, 2] / s):
                 self.assertGreater(stats.ks_2samp(f(nb), f(nt)).pvalue, P_MIN, D)
             # A coordinate of a multivariate t with D degrees of freedom and scale σ is t_D(0, σ).
             self.assertGreater(stats.kstest(np.asarray(nb)[:, 0, 1, 1] / s, stats.t(D).cdf).pvalue, P_MIN, D)
@@ -133,11 +137,18 @@ class LossTest(chex.TestCase):
         """λ(σ) Σ (c_skip x + c_out (a c_in x + b c_noise) − y)² with x = y + n, in float64."""
         y, sigma, n = (np.asarray(v, np.float64) for v in (y, sigma, n))
         s = sigma[:, None, None, None]
-        c_skip, c_out, c_in, c_noise = 0.25 / (s**2 + 0.25), 0.5 * s / np.sqrt(s**2 + 0.25), 1 / np.sqrt(s**2 + 0.25), np.log(s) / 4
+        c_skip, c_out, c_in, c_noise = (
+            0.25 / (s**2 + 0.25),
+            0.5 * s / np.sqrt(s**2 + 0.25),
+            1 / np.sqrt(s**2 + 0.25),
+            np.log(s) / 4,
+        )
         x = y + n
         D_x = c_skip * x + c_out * (a * c_in * x + b * c_noise)
         lam = (sigma**2 + 0.25) / (0.5 * sigma) ** 2
-        return lam * ((D_x - y) ** 2).sum((1, 2, 3)), (lam[:, None, None, None] * 2 * (D_x - y) * c_out * c_in * x).sum() / len(y)
+        return lam * ((D_x - y) ** 2).sum((1, 2, 3)), (
+            lam[:, None, None, None] * 2 * (D_x - y) * c_out * c_in * x
+        ).sum() / len(y)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_edm_loss_matches_hand_computation(self):

@@ -59,7 +59,11 @@ class QuantizeTensorTest(chex.TestCase):
 
 class QuantizeParamsTest(chex.TestCase):
     def test_pytree_structure_and_non_float_leaves(self):
-        params = {"conv": {"kernel": jnp.asarray(W), "bias": jnp.asarray(W[0])}, "step": jnp.int32(7), "key": jax.random.key(0)}
+        params = {
+            "conv": {"kernel": jnp.asarray(W), "bias": jnp.asarray(W[0])},
+            "step": jnp.int32(7),
+            "key": jax.random.key(0),
+        }
         out = quantize_params(params, 3)
         chex.assert_trees_all_equal_structs(out, params)
         chex.assert_trees_all_equal_shapes_and_dtypes(out, params)
@@ -91,7 +95,9 @@ class QuantizeParamsTest(chex.TestCase):
         q_model = nnx.merge(graphdef, q_state)
         kernel = np.asarray(q_model.kernel[...])
         self.assertLessEqual(len(np.unique(kernel)), 16)
-        self.assertLessEqual(np.abs(kernel - np.asarray(model.kernel[...])).max(), step(model.kernel[...], 4) / 2 * (1 + 1e-5))
+        self.assertLessEqual(
+            np.abs(kernel - np.asarray(model.kernel[...])).max(), step(model.kernel[...], 4) / 2 * (1 + 1e-5)
+        )
 
 
 @pytest.mark.parametrize("bits", [0, -1, 2.5, True, "8"])

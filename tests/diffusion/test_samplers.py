@@ -1,6 +1,8 @@
 """Heun/Euler samplers: schedule and NFE, a NumPy reference run, exact denoisers for EDM and finite-D
 PFGM++ reproducing the data distribution, churn / noise-injection variances, guidance, dtypes."""
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -65,13 +67,19 @@ class ScheduleAndNfeTest(chex.TestCase):
 
     def test_euler_evaluates_once_per_step(self):
         log = []
-        jax.block_until_ready(euler_sampler(recording(gaussian_denoiser, log), jnp.ones((2, 3)), num_steps=7, sigma_max=10.0))
+        jax.block_until_ready(
+            euler_sampler(recording(gaussian_denoiser, log), jnp.ones((2, 3)), num_steps=7, sigma_max=10.0)
+        )
         np.testing.assert_allclose(log, np_schedule(7, smax=10.0)[:-1], rtol=1e-6)
 
     def test_guidance_calls_the_denoiser_twice_per_evaluation(self):
         log = []
         labels = jnp.zeros((2,))
-        jax.block_until_ready(heun_sampler(recording(gaussian_denoiser, log), jnp.ones((2, 3)), num_steps=5, class_labels=labels, guidance=2.0))
+        jax.block_until_ready(
+            heun_sampler(
+                recording(gaussian_denoiser, log), jnp.ones((2, 3)), num_steps=5, class_labels=labels, guidance=2.0
+            )
+        )
         self.assertLen(log, 2 * (2 * 5 - 1))
 
 
@@ -103,15 +111,17 @@ class GaussianDataTest(chex.TestCase):
     EXACT = MU + S / np.sqrt(S**2 + 80.0**2) * (np.asarray(X0, np.float64) - MU)
 
     def _max_error(self, sampler, num_steps):
-        return np.abs(np.asarray(sampler(gaussian_denoiser, self.X0, num_steps=num_steps), np.float64) - self.EXACT).max()
+        return np.abs(
+            np.asarray(sampler(gaussian_denoiser, self.X0, num_steps=num_steps), np.float64) - self.EXACT
+        ).max()
 
     def test_heun_is_second_order_and_euler_first_order_on_the_exact_flow(self):
         heun = [self._max_error(heun_sampler, n) for n in (18, 36, 72)]
         euler = [self._max_error(euler_sampler, n) for n in (18, 36, 72)]
         # Halving the steps' log-spacing divides the error by ≈ 4 (Heun) or ≈ 2 (Euler).
-        for coarse, fine in zip(heun, heun[1:]):
+        for coarse, fine in itertools.pairwise(heun):
             self.assertBetween(coarse / fine, 3.0, 5.0)
-        for coarse, fine in zip(euler, euler[1:]):
+        for coarse, fine in itertools.pairwise(euler):
             self.assertBetween(coarse / fine, 1.6, 2.5)
         self.assertLess(heun[-1], 0.01)
         for e, h in zip(euler, heun):
@@ -228,7 +238,7 @@ def linear_map_variance(t, gamma, S_noise, alpha):
     With D = MU + a(σ)(x − MU), a = S² / (S² + σ²), every step is linear in e = x − MU:
     injection adds α² σ_i², churn adds (σ̂² − σ_i²) S_noise², then e ← M e with the Euler/Heun factor M.
     """
-    a = lambda s: S**2 / (S**2 + s**2)  # noqa: E731
+    a = lambda s: S**2 / (S**2 + s**2)
     var, mean_factor = 80.0**2, 1.0
     for i in range(len(t) - 1):
         var += alpha**2 * t[i] ** 2
@@ -256,7 +266,15 @@ class StochasticOptionsTest(chex.TestCase):
         t = np_schedule()
         S_churn, S_min, S_max, S_noise = 7.0, 0.1, 1.0, 1.003
         gamma = np.where((t[:-1] >= S_min) & (t[:-1] <= S_max), S_churn / 18, 0.0)
-        out = heun_sampler(gaussian_denoiser, self.X0, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, rng=jax.random.key(5))
+        out = heun_sampler(
+            gaussian_denoiser,
+            self.X0,
+            S_churn=S_churn,
+            S_min=S_min,
+            S_max=S_max,
+            S_noise=S_noise,
+            rng=jax.random.key(5),
+        )
         tol = self._check(out, *linear_map_variance(t, gamma, S_noise, 0.0))
         # Distinguishable from no churn, and from churn ignoring the S_min/S_max window.
         for other in (np.zeros(18), np.full(18, S_churn / 18)):
@@ -274,7 +292,7 @@ class StochasticOptionsTest(chex.TestCase):
         self.assertGreater(abs(linear_map_variance(t, np.zeros(18), 1.0, 0.0)[1] - np.asarray(out).var()), 3 * tol)
 
     def test_random_options_need_rng(self):
-        for kwargs in (dict(S_churn=1.0), dict(noise_injection_alpha=0.1)):
+        for kwargs in ({"S_churn": 1.0}, {"noise_injection_alpha": 0.1}):
             with pytest.raises(ValueError, match=r"rng is required when S_churn > 0 or noise_injection_alpha > 0"):
                 heun_sampler(gaussian_denoiser, jnp.ones((2, 3)), **kwargs)
         with pytest.raises(ValueError, match=r"rng is required"):
@@ -300,7 +318,9 @@ class GuidanceTest(chex.TestCase):
 
     def test_w_extrapolates_the_conditional_direction(self):
         def by_hand(x, sigma, labels):
-            return labelled_denoiser(x, sigma, None) + 3.0 * (labelled_denoiser(x, sigma, labels) - labelled_denoiser(x, sigma, None))
+            return labelled_denoiser(x, sigma, None) + 3.0 * (
+                labelled_denoiser(x, sigma, labels) - labelled_denoiser(x, sigma, None)
+            )
 
         np.testing.assert_allclose(
             heun_sampler(labelled_denoiser, self.X0, class_labels=self.LABELS, guidance=3.0),
@@ -314,7 +334,9 @@ class GuidanceTest(chex.TestCase):
             heun_sampler(labelled_denoiser, self.X0, guidance=2.0)
         with pytest.raises(ValueError, match=r"class_labels must have leading dimension 8, got shape \(3,\)"):
             heun_sampler(labelled_denoiser, self.X0, class_labels=jnp.zeros(3))
-        with pytest.raises(ValueError, match=r"denoiser must return an array of the latents' shape \(8, 3\), got \(8,\)"):
+        with pytest.raises(
+            ValueError, match=r"denoiser must return an array of the latents' shape \(8, 3\), got \(8,\)"
+        ):
             heun_sampler(lambda x, s, c: x[:, 0], self.X0)
         with pytest.raises(ValueError, match=r"latents must have a batch axis"):
             heun_sampler(gaussian_denoiser, jnp.float32(1.0))
