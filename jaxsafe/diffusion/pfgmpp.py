@@ -152,8 +152,9 @@ def denoising_loss(
 
     ln σ ~ N(P_mean, P_std²), n ~ p_r(· | 0) with r = σ√D (Gaussian σ ε for D = None), and the
     network conditioned on σ, as in PFGM++'s `EDMLoss(pfgmv2=True)`. EDM's `EDMLoss` returns the
-    per-pixel weighted error and its training loop takes `loss.sum() / batch_size`, i.e. the
-    pixel sum averaged over the batch: the mean of this function's output.
+    per-pixel weighted error; its training loop backpropagates `loss.sum() / batch_gpu_total` on
+    each GPU and DDP averages over GPUs, i.e. the pixel sum averaged over the global batch: the
+    mean of this function's output.
 
     Args:
       denoiser: `denoiser(x, sigma, class_labels) -> D(x; σ)` with sigma of shape (B,), e.g.
