@@ -135,8 +135,10 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
-        """From a diffusers `scheduler_config.json` dict; unknown keys are ignored, missing keys
-        take this class's (Stable Diffusion) defaults, unsupported options raise ValueError."""
+        """From a diffusers `scheduler_config.json` dict; unknown keys are ignored, unsupported
+        options raise ValueError. Missing keys take this class's (Stable Diffusion) defaults, not
+        those of the diffusers class the config is loaded into (e.g. EulerDiscreteScheduler's
+        timestep_spacing default is 'linspace', DDIMScheduler's set_alpha_to_one default True)."""
         for key, ok in _UNSUPPORTED.items():
             if key in d and d[key] not in ok:
                 raise ValueError(f"scheduler config {key}={d[key]!r} is not supported (expected one of {ok}).")
