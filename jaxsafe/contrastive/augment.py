@@ -2,8 +2,8 @@
 
 Lan et al. (ICLR 2024, arXiv:2302.03357) build the two views of an instance with the
 augmentations of TS-TCC (Eldele et al., IJCAI 2021), which cite Um et al. (2017,
-arXiv:1706.00527). The DBPM reference code (github.com/mqwfrog/DBPM, ``DataTransform``)
-hard-codes their parameters:
+arXiv:1706.00527). The reference code's ``DataTransform`` (TS-TCC's ``augmentations.py`` with
+the parameters fixed) hard-codes:
 
     weak   = scaling(x; sigma = 1.1)                         jitter_scale_ratio = 1.1
     strong = jitter(permutation(x; max_segments = 8); sigma = 0.8)   max_seg = 8, jitter_ratio = 0.8
@@ -19,8 +19,8 @@ hard-codes their parameters:
   without replacement from ``{0, ..., T - 3}`` (as the reference; a split at 0 leaves the first
   segment empty, so fewer segments move) and the segments are concatenated in a uniformly
   random order. The reference then keeps only channel 0 (``ret[i] = pat[0, warp]`` broadcasts
-  it to every channel, a known TS-TCC quirk that is harmless for its single-channel data); here
-  every channel is permuted with the same warp.
+  it to every channel, a TS-TCC quirk that makes every channel of a multi-channel strong view,
+  e.g. 12-lead ECG, a copy of the first); here every channel is permuted with the same warp.
 * **jitter**: ``x' = x + eps``, ``eps ~ N(0, 0.8^2)`` i.i.d. per element.
 
 Arrays are ``(B, T, C)`` (batch, time, channels; the reference uses ``(B, C, T)``). Everything
@@ -111,6 +111,6 @@ def weak(rng, x, scale_sigma: float = SCALE_SIGMA, scale_mean: float = SCALE_MEA
 @functools.partial(jax.jit, static_argnames=("max_segments",))
 def strong(rng, x, jitter_sigma: float = JITTER_SIGMA,
            max_segments: int = MAX_SEGMENTS) -> jax.Array:
-    """DBPM's strong view: ``jitter(permutation(x))`` (reference: ``max_seg = 8``, ``sigma = 0.8``)."""
+    """DBPM's strong view: ``jitter(permutation(x))`` (reference: max_seg 8, sigma 0.8)."""
     k_perm, k_jit = jax.random.split(rng)
     return jitter(k_jit, permutation(k_perm, x, max_segments), jitter_sigma)

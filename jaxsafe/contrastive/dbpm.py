@@ -2,7 +2,7 @@
 
 Lan, Yan, Hong & Feng, "Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair
 Mining Approach", ICLR 2024 (arXiv:2302.03357); reference code github.com/mqwfrog/DBPM
-(``models/simclr.py``-style trainer with a ``memory_module`` dict). A plug-in with no learnable
+(its trainer's ``memory_module`` dict and re-weighting loop). A plug-in with no learnable
 parameters on top of any per-pair contrastive loss ``L_(i,e)`` of pair ``(u_i, v_i)`` at epoch
 ``e`` (here :func:`jaxsafe.contrastive.ntxent_per_pair`).
 
@@ -33,7 +33,9 @@ the default here; ``normalized=True`` divides it by its peak ``1/(sigma_e sqrt(2
 
 Epochs are 0-based: with ``warmup = 50`` (paper/reference default, of 80 epochs) DBPM acts from
 the 51st epoch on (``epoch >= warmup``, as the reference's ``epoch >= warm_epochs``), using the
-losses of epochs ``0 .. epoch-1``.
+losses of epochs ``0 .. epoch-1``. The paper's defaults are ``beta_np = 2``, ``beta_fp = 3``,
+with Adam (lr 3e-4) and batch size 512 for the encoder (the experiment's choice, not this
+module's).
 
 Reference-code details and where this module differs:
 

@@ -71,7 +71,9 @@ def _rows_loss(q1, q2, k1, k2, offset, temperature):
     b, n = q1.shape[0], k1.shape[0]
     q = jnp.concatenate([q1, q2], axis=0)                    # (2b, D) anchors
     k = jnp.concatenate([k1, k2], axis=0)                    # (2B, D) candidates
-    logits = (q @ k.T) / temperature                         # (2b, 2B)
+    # Full float32 products: TF32/bf16 passes (GPU/TPU default) would err by ~1e-3 in s, times
+    # 1/t = 5 in the logits; the (2b, 2B) matmul is small next to the encoder.
+    logits = jnp.matmul(q, k.T, precision=lax.Precision.HIGHEST) / temperature   # (2b, 2B)
     j = offset + jnp.arange(b)
     self_col = jnp.concatenate([j, n + j])                   # where each anchor sits in k
     pos_col = jnp.concatenate([n + j, j])                    # its other view
