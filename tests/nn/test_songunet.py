@@ -186,7 +186,7 @@ def test_tiny_param_count_and_names(encoder_type, decoder_type):
 TINY = dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=3, augment_dim=2,
             model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
             dropout=0.1, embedding_type="positional", channel_mult_noise=1,
-            encoder_type="standard", decoder_type="standard", resample_filter=(1, 1))
+            encoder_type="skip", decoder_type="skip", resample_filter=(1, 1))
 
 
 def silu(x):
@@ -397,8 +397,8 @@ FORWARD_CASES = {
     "ncsnpp-3-levels": dict(img_resolution=16, channel_mult=(1, 2, 2), attn_resolutions=(8, 4),
                             embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
                             resample_filter=(1, 3, 3, 1)),
-    "ddpmpp-skip-skip": dict(encoder_type="skip", decoder_type="skip"),
-    "ddpmpp": dict(augment_dim=0),
+    "ddpmpp-skip-skip": dict(),  # TINY itself: shares its compiled forward with the `tiny` fixture
+    "ddpmpp": dict(encoder_type="standard", decoder_type="standard", augment_dim=0),
     "ncsnpp-skip-dec": dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
                             decoder_type="skip", resample_filter=(1, 3, 3, 1), label_dim=0),
 }
@@ -795,16 +795,17 @@ def test_fsdp_sharding_on_8_devices():
         assert tuple(specs["enc/16x16_block1/norm0/scale"].spec) == ()
         assert tuple(specs["map_noise/freqs"].spec) == ()
         frac = sum(np.prod(shapes[k]) for k in sharded) / sum(np.prod(s) for s in shapes.values())
-        assert frac > 0.999, frac
+        assert frac > 0.998, frac  # the rest: GroupNorm and bias vectors
 
         # A tiny model run with fsdp-sharded parameters equals the single-device result.
-        model = SongUNet(8, 3, 3, label_dim=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-                         attn_resolutions=(4,), embedding_type="fourier", channel_mult_noise=2,
-                         encoder_type="residual", resample_filter=(1, 3, 3, 1), rngs=nnx.Rngs(0))
+        model = nnx.eval_shape(lambda: SongUNet(
+            8, 3, 3, label_dim=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+            attn_resolutions=(4,), embedding_type="fourier", channel_mult_noise=2,
+            encoder_type="residual", resample_filter=(1, 3, 3, 1), rngs=nnx.Rngs(0)))
         model.eval()
         graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape), state)
         rng = np.random.default_rng(0)
+        state = jax.tree.map(lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype), state)
         x = rng.standard_normal((8, 8, 8, 3)).astype(np.float32)
         noise = rng.standard_normal(8).astype(np.float32)
         y = np.eye(3, dtype=np.float32)[rng.integers(3, size=8)]
