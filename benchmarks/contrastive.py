@@ -82,6 +82,7 @@ def main(argv):
             if _BATCH.value:
                 config.batch_size = _BATCH.value
         task = dbpm.build(config, mesh)
+        n = task.extra["memory"]["recorded"].shape[1]
         tc = config.train
         state = train.place_state(train.init_state(task.params, task.frozen, task.optimizer,
                                                    task.extra, tc.seed), mesh,
@@ -103,7 +104,7 @@ def main(argv):
         steps_s = k / sec
         results[arm] = steps_s
         achieved = flops * steps_s
-        print(f"{arm:12s} N={len(task.extra['memory']['recorded'][0])} B={config.batch_size}  "
+        print(f"{arm:12s} N={n} B={config.batch_size}  "
               f"compile {compile_s:6.2f} s  {steps_s:7.3f} steps/s  "
               f"{steps_s * config.batch_size:8.1f} samples/s  {achieved / 1e9:7.2f} GFLOP/s "
               f"({100 * achieved / peak:5.1f} % of matmul peak)  "

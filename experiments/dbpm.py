@@ -292,12 +292,17 @@ def make_encoder_fn(graphdef, mesh, chunk: int = 256):
 
 def make_probe_evaluator(graphdef, config, data: ts.TimeSeriesData, mesh):
     features = make_encoder_fn(graphdef, mesh)
+    last = {}  # step -> result: `summarize` after the final evaluation does not refit
 
     def evaluate(state):
-        return linear_probe(features(state, data.train["x"]), data.train["y"],
-                            features(state, data.test["x"]), data.test["y"],
-                            multi_label=data.multi_label, num_classes=len(data.classes),
-                            steps=config.probe.steps, l2=config.probe.l2)
+        step = int(fetch(state.step))
+        if step not in last:
+            last.clear()
+            last[step] = linear_probe(features(state, data.train["x"]), data.train["y"],
+                                      features(state, data.test["x"]), data.test["y"],
+                                      multi_label=data.multi_label, num_classes=len(data.classes),
+                                      steps=config.probe.steps, l2=config.probe.l2)
+        return last[step]
 
     return evaluate
 
