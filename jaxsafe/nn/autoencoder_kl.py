@@ -197,7 +197,7 @@ class AutoencoderKL(nnx.Module):
         return self.decoder(z)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        """Reconstruction: ``decode(z)`` with ``z ~ q(z|x)`` when ``rng`` is given, else the mode."""
+        """Reconstruction ``decode(z)``: ``z ~ q(z|x)`` when ``rng`` is given, else the mode."""
         mean, logvar = self.encode(x)
         z = mean
         if rng is not None:

@@ -61,7 +61,7 @@ SD_SHARDING_RULES: list[tuple[str, object]] = [
 def conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
            padding: int | None = None, dtype=None, param_dtype=jnp.float32,
            rngs: nnx.Rngs) -> nnx.Conv:
-    """``torch.nn.Conv2d`` in NHWC; kernel ``(k, k, in, out)``; padding ``(k - 1) // 2`` by default."""
+    """``torch.nn.Conv2d`` in NHWC: kernel ``(k, k, in, out)``, padding ``(k - 1) // 2`` default."""
     p = (kernel_size - 1) // 2 if padding is None else padding
     return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
                     padding=((p, p), (p, p)), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -85,7 +85,7 @@ def layer_norm(dim: int, eps: float, *, dtype=None, param_dtype=jnp.float32,
 def get_timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
                            downscale_freq_shift: float = 1.0, scale: float = 1.0,
                            max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding ``(N, dim)`` of timesteps ``(N,)`` (diffusers' convention, see module doc)."""
+    """Sinusoidal embedding ``(N, dim)`` of timesteps ``(N,)`` (diffusers' convention, module doc)."""
     t = jnp.asarray(timesteps, jnp.float32)
     if t.ndim != 1:
         raise ValueError(f"timesteps must have shape (N,), got {t.shape}")
@@ -114,7 +114,7 @@ class TimestepEmbedding(nnx.Module):
 
 
 class ResnetBlock2D(nnx.Module):
-    """diffusers ``ResnetBlock2D`` (``time_embedding_norm='default'``, no dropout, output scale 1)."""
+    """diffusers ``ResnetBlock2D`` (``time_embedding_norm='default'``, no dropout, scale 1)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None,
                  groups: int, eps: float, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -222,7 +222,7 @@ class GEGLU(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """``net/0`` GEGLU(dim -> 4 dim), ``net/1`` dropout (rate 0 in SD), ``net/2`` Linear(4 dim -> dim)."""
+    """``net/0`` GEGLU(dim -> 4 dim), ``net/1`` dropout (rate 0), ``net/2`` Linear(4 dim -> dim)."""
 
     def __init__(self, dim: int, *, mult: int = 4, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -238,7 +238,7 @@ class FeedForward(nnx.Module):
 
 
 class BasicTransformerBlock(nnx.Module):
-    """Self-attention ``attn1``, cross-attention ``attn2``, GEGLU ``ff``; pre-LayerNorm, eps 1e-5."""
+    """Self-attention ``attn1``, cross-attention ``attn2``, GEGLU ``ff``; pre-LN, eps 1e-5."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, *, cross_attention_dim: int,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):

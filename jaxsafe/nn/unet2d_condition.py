@@ -20,6 +20,8 @@ Configuration notes (checked against diffusers 0.42 and the hub config.json file
   misnomer diffusers keeps for checkpoint compatibility, see its
   ``UNet2DConditionModel.__init__``): SD 1.5 ``8`` -> 8 heads of width 40/80/160; SD 2.1
   ``(5, 10, 20, 20)`` -> heads of width 64. Up blocks use the reversed tuple.
+* ``upcast_attention`` is carried for the config round trip only: attention logits and softmax
+  are always computed in float32 here (``jax.nn.dot_product_attention``), also in bf16.
 * ``prediction_type`` is not a UNet property in diffusers (it lives in
   ``scheduler/scheduler_config.json``); it is carried here for the samplers and losses.
 * Parameter counts (``nnx.eval_shape``, equal to diffusers' ``sum(p.numel())``): SD 1.5
@@ -168,10 +170,11 @@ def sd15_unet_config() -> UNet2DConditionConfig:
 
 def sd21_unet_config() -> UNet2DConditionConfig:
     """stabilityai/stable-diffusion-2-1 ``unet/config.json``: OpenCLIP-H context (1024), linear
-    projections, 64-wide heads, 96x96 latents, v-prediction (from its scheduler config)."""
+    projections, 64-wide heads, 96x96 latents, ``upcast_attention`` (float32 attention, which
+    this implementation always uses), v-prediction (from its scheduler config)."""
     return UNet2DConditionConfig(sample_size=96, cross_attention_dim=1024,
                                  attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                                 prediction_type="v_prediction")
+                                 upcast_attention=True, prediction_type="v_prediction")
 
 
 class UNet2DConditionModel(nnx.Module):

@@ -45,10 +45,11 @@ class CheckpointError(ValueError):
 
 
 def torch_key(path: str, prefix: str = "") -> str:
-    """``'down_blocks/0/resnets/0/conv1/kernel'`` -> ``prefix + 'down_blocks.0.resnets.0.conv1.weight'``."""
+    """``'down_blocks/0/conv1/kernel'`` -> ``prefix + 'down_blocks.0.conv1.weight'``."""
     *parents, leaf = path.split("/")
     if leaf not in _LEAF:
-        raise ValueError(f"parameter {path!r}: unknown leaf {leaf!r}; expected one of {list(_LEAF)}")
+        raise ValueError(f"parameter {path!r}: unknown leaf {leaf!r}; expected one of "
+                         f"{list(_LEAF)}")
     return prefix + ".".join([*parents, _LEAF[leaf]])
 
 
@@ -133,7 +134,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], expected: Mapping
     return params
 
 
-def params_to_state_dict(params: Mapping[str, object], *, prefix: str = "") -> dict[str, np.ndarray]:
+def params_to_state_dict(params: Mapping[str, object], *,
+                         prefix: str = "") -> dict[str, np.ndarray]:
     """NNX path -> array into a PyTorch state dict."""
     return {torch_key(p, prefix): to_torch(p, x) for p, x in params.items()}
 

@@ -33,15 +33,14 @@ TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2
                 sample_size=8)
 
 
-def randomize(model, seed=0, scale=0.3):
-    """Every parameter (biases and norm scales included) set to N(0, scale^2) noise, so that a
-    wrongly wired bias or scale shows up."""
-    state = nnx.state(model, nnx.Param)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    nnx.update(model, jax.tree.unflatten(tree, new))
-    return model
+def random_model(make, seed=0, scale=0.3):
+    """``make()`` with every parameter (biases and norm scales included) drawn from
+    N(0, scale^2) on the host, so that a wrongly wired bias or scale shows up. Built from
+    ``nnx.eval_shape``: eager initialisation compiles one op per shape and is slow on CPU."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+    return nnx.merge(graphdef, jax.tree.map(
+        lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state))
 
 
 def params(model):
@@ -123,7 +122,7 @@ class AttentionTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_cross_attention_matches_numpy(self):
-        attn = randomize(L.Attention(8, heads=2, dim_head=3, cross_attention_dim=5,
+        attn = random_model(lambda: L.Attention(8, heads=2, dim_head=3, cross_attention_dim=5,
                                      rngs=nnx.Rngs(0)))
         p = params(attn)
         assert set(p) == {"to_q/kernel", "to_k/kernel", "to_v/kernel", "to_out/0/kernel",
@@ -137,7 +136,7 @@ class AttentionTest(chex.TestCase):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
     def test_spatial_self_attention_has_groupnorm_and_residual(self):
-        attn = randomize(L.Attention(8, heads=1, dim_head=8, bias=True, norm_groups=2,
+        attn = random_model(lambda: L.Attention(8, heads=1, dim_head=8, bias=True, norm_groups=2,
                                      rngs=nnx.Rngs(0)))
         p = params(attn)
         x = np.random.RandomState(0).randn(2, 3, 3, 8)
@@ -150,7 +149,7 @@ class AttentionTest(chex.TestCase):
 
 
 def test_geglu_feedforward_matches_numpy():
-    ff = randomize(L.FeedForward(6, rngs=nnx.Rngs(0)))
+    ff = random_model(lambda: L.FeedForward(6, rngs=nnx.Rngs(0)))
     p = params(ff)
     assert p["net/0/proj/kernel"].shape == (6, 48) and p["net/2/kernel"].shape == (24, 6)
     x = np.random.RandomState(0).randn(3, 6)
@@ -164,7 +163,7 @@ def test_geglu_feedforward_matches_numpy():
 
 @pytest.mark.parametrize("cin,cout", [(4, 8), (8, 8)])
 def test_resnet_block_matches_numpy(cin, cout):
-    block = randomize(L.ResnetBlock2D(cin, cout, temb_channels=5, groups=2, eps=1e-5,
+    block = random_model(lambda: L.ResnetBlock2D(cin, cout, temb_channels=5, groups=2, eps=1e-5,
                                       rngs=nnx.Rngs(0)))
     p = params(block)
     assert ("conv_shortcut/kernel" in p) == (cin != cout)
@@ -184,7 +183,7 @@ def test_resnet_block_matches_numpy(cin, cout):
 @pytest.mark.parametrize("padding,pad", [(1, (1, 1, 1, 1)), (0, (0, 1, 0, 1))])
 def test_downsample_padding_conventions(padding, pad):
     # padding=0 is the VAE's asymmetric F.pad(x, (0, 1, 0, 1)) before a stride-2 conv.
-    down = randomize(L.Downsample2D(3, padding=padding, rngs=nnx.Rngs(0)))
+    down = random_model(lambda: L.Downsample2D(3, padding=padding, rngs=nnx.Rngs(0)))
     p = params(down)
     x = np.random.RandomState(0).randn(1, 6, 6, 3)
     want = np_conv(x, p["conv/kernel"], p["conv/bias"], stride=2, pad=pad)
@@ -242,8 +241,8 @@ def params_shapes(model):
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-    return randomize(UNet2DConditionModel(UNet2DConditionConfig(**TINY_UNET), rngs=nnx.Rngs(0)),
-                     scale=0.1)
+    cfg = UNet2DConditionConfig(**TINY_UNET)
+    return random_model(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)), scale=0.1)
 
 
 def test_unet_parameter_names_and_shapes(tiny_unet):
@@ -267,30 +266,37 @@ def test_unet_parameter_names_and_shapes(tiny_unet):
     assert len(to_kv) == 2 * 4
 
 
+@nnx.jit
+def unet_apply(model, x, t, ctx):
+    return model(x, t, ctx)
+
+
 def test_unet_forward_shapes_and_timestep_broadcast(tiny_unet):
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randn(2, 8, 8, 4), jnp.float32)
     ctx = jnp.asarray(rs.randn(2, 5, 12), jnp.float32)
-    y_scalar = tiny_unet(x, 10.0, ctx)
-    y_vec = tiny_unet(x, jnp.array([10.0, 10.0]), ctx)
-    assert y_scalar.shape == (2, 8, 8, 4)
-    np.testing.assert_allclose(y_scalar, y_vec, atol=1e-6)
+    t = jnp.array([10.0, 10.0])
+    y = unet_apply(tiny_unet, x, t, ctx)
+    assert y.shape == (2, 8, 8, 4)
+    np.testing.assert_allclose(unet_apply(tiny_unet, x, jnp.float32(10.0), ctx), y, atol=1e-6)
     # The batch elements are independent (no cross-batch mixing in any norm or attention).
-    y0 = tiny_unet(x[:1], 10.0, ctx[:1])
-    np.testing.assert_allclose(y_vec[:1], y0, atol=1e-5)
+    y_other = unet_apply(tiny_unet, x.at[1].set(0.0), t, ctx)
+    np.testing.assert_allclose(y_other[0], y[0], atol=1e-5)
     # Conditioning matters: a different context and a different time change the output.
-    assert np.abs(np.asarray(tiny_unet(x, 10.0, ctx[::-1]) - y_vec)).max() > 1e-4
-    assert np.abs(np.asarray(tiny_unet(x, 500.0, ctx) - y_vec)).max() > 1e-4
+    assert np.abs(np.asarray(unet_apply(tiny_unet, x, t, ctx[::-1]) - y)).max() > 1e-4
+    assert np.abs(np.asarray(unet_apply(tiny_unet, x, t * 50, ctx) - y)).max() > 1e-4
 
 
 def test_unet_bf16_compute_is_close_to_f32(tiny_unet):
     cfg = tiny_unet.config
-    bf = UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    bf = random_model(lambda: UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))
     nnx.update(bf, nnx.state(tiny_unet, nnx.Param))
     assert all(v.dtype == jnp.float32 for v in params_shapes(bf).values())
     rs = np.random.RandomState(0)
-    x, ctx = jnp.asarray(rs.randn(1, 8, 8, 4), jnp.float32), jnp.asarray(rs.randn(1, 5, 12))
-    y32, y16 = tiny_unet(x, 3.0, ctx), bf(x, 3.0, ctx)
+    x = jnp.asarray(rs.randn(2, 8, 8, 4), jnp.float32)
+    ctx = jnp.asarray(rs.randn(2, 5, 12), jnp.float32)
+    t = jnp.array([3.0, 3.0])
+    y32, y16 = unet_apply(tiny_unet, x, t, ctx), unet_apply(bf, x, t, ctx)
     assert y16.dtype == jnp.bfloat16
     rel = np.linalg.norm(np.asarray(y16, np.float32) - y32) / np.linalg.norm(y32)
     assert rel < 0.05
@@ -358,37 +364,46 @@ def test_full_size_parameter_counts():
 
 @pytest.fixture(scope="module")
 def tiny_vae():
-    return randomize(AutoencoderKL(AutoencoderKLConfig(**TINY_VAE), rngs=nnx.Rngs(0)), scale=0.1)
+    cfg = AutoencoderKLConfig(**TINY_VAE)
+    return random_model(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)), scale=0.1)
+
+
+vae_encode = nnx.jit(lambda m, x: m.encode(x))
+vae_decode = nnx.jit(lambda m, z: m.decode(z))
+vae_apply = nnx.jit(lambda m, x, rng: m(x, rng))
 
 
 def test_vae_shapes_sampling_and_names(tiny_vae):
     x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
-    mean, logvar = tiny_vae.encode(x)
+    mean, logvar = vae_encode(tiny_vae, x)
     assert mean.shape == logvar.shape == (2, 4, 4, 4)
     assert float(logvar.min()) >= -30.0 and float(logvar.max()) <= 20.0
-    mode = tiny_vae(x)
-    np.testing.assert_allclose(mode, tiny_vae.decode(mean), atol=1e-6)
-    sample = tiny_vae(x, rng=jax.random.key(0))
+    mode = vae_apply(tiny_vae, x, None)
+    np.testing.assert_allclose(mode, vae_decode(tiny_vae, mean), atol=1e-6)
+    sample = vae_apply(tiny_vae, x, jax.random.key(0))
     assert sample.shape == (2, 8, 8, 3) and np.abs(np.asarray(sample - mode)).max() > 1e-6
     names = set(params_shapes(tiny_vae))
-    for n in ["encoder/mid_block/attentions/0/to_q/kernel", "encoder/mid_block/attentions/0/to_q/bias",
-              "encoder/mid_block/attentions/0/group_norm/scale", "quant_conv/kernel",
-              "post_quant_conv/kernel", "encoder/down_blocks/0/downsamplers/0/conv/kernel",
-              "decoder/up_blocks/0/upsamplers/0/conv/kernel", "decoder/up_blocks/1/resnets/1/conv2/kernel"]:
+    attn = "encoder/mid_block/attentions/0"
+    for n in [f"{attn}/to_q/kernel", f"{attn}/to_q/bias", f"{attn}/group_norm/scale",
+              "quant_conv/kernel", "post_quant_conv/kernel",
+              "encoder/down_blocks/0/downsamplers/0/conv/kernel",
+              "decoder/up_blocks/0/upsamplers/0/conv/kernel",
+              "decoder/up_blocks/1/resnets/1/conv2/kernel"]:
         assert n in names, n
     assert "decoder/up_blocks/1/upsamplers/0/conv/kernel" not in names
 
 
 def test_vae_posterior_sample_is_reparameterised(tiny_vae):
-    x = jnp.asarray(np.random.RandomState(1).uniform(-1, 1, (1, 8, 8, 3)), jnp.float32)
-    mean, logvar = tiny_vae.encode(x)
+    x = jnp.asarray(np.random.RandomState(1).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+    mean, logvar = vae_encode(tiny_vae, x)
     eps = jax.random.normal(jax.random.key(3), mean.shape)
-    want = tiny_vae.decode(mean + jnp.exp(0.5 * logvar) * eps)
-    np.testing.assert_allclose(tiny_vae(x, rng=jax.random.key(3)), want, atol=1e-5)
+    want = vae_decode(tiny_vae, mean + jnp.exp(0.5 * logvar) * eps)
+    np.testing.assert_allclose(vae_apply(tiny_vae, x, jax.random.key(3)), want, atol=1e-5)
 
 
 def test_vae_rejects_bad_inputs(tiny_vae):
-    with pytest.raises(ValueError, match=r"x: expected \(B, H, W, 3\) NHWC with H, W divisible by 2"):
+    with pytest.raises(ValueError,
+                       match=r"x: expected \(B, H, W, 3\) NHWC with H, W divisible by 2"):
         tiny_vae.encode(jnp.zeros((1, 7, 8, 3)))
     with pytest.raises(ValueError, match=r"z: expected \(B, h, w, 4\)"):
         tiny_vae.decode(jnp.zeros((1, 4, 4, 3)))
@@ -427,7 +442,7 @@ class CLIPTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_forward_matches_numpy_and_pools_at_first_eot(self):
         cfg = CLIPTextConfig(**TINY_CLIP)
-        model = randomize(CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
+        model = random_model(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
         ids = np.array([[3, 7, 49, 49, 49], [3, 49, 5, 6, 49]])
         out = self.variant(lambda i: model(i))(jnp.asarray(ids, jnp.int32))
         want = np_clip(params(model), ids, cfg)
@@ -437,14 +452,14 @@ class CLIPTest(chex.TestCase):
 
     def test_legacy_pooling_uses_argmax_when_eos_is_2(self):
         cfg = CLIPTextConfig(**{**TINY_CLIP, "eos_token_id": 2})
-        model = randomize(CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
+        model = random_model(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
         ids = jnp.array([[0, 2, 40, 1, 1]], jnp.int32)
         out = model(ids)
         np.testing.assert_allclose(out["pooler_output"], out["last_hidden_state"][:, 2])
 
     def test_causal_mask(self):
-        model = randomize(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "num_hidden_layers": 2}),
-                                        rngs=nnx.Rngs(0)))
+        cfg = CLIPTextConfig(**{**TINY_CLIP, "num_hidden_layers": 2})
+        model = random_model(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
         a = model(jnp.array([[1, 2, 3, 4, 5]]))["last_hidden_state"]
         b = model(jnp.array([[1, 2, 3, 9, 9]]))["last_hidden_state"]
         np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)
@@ -454,9 +469,9 @@ class CLIPTest(chex.TestCase):
         # SD 2's conditioning: final LN of layer N-1 of an N-layer tower == last_hidden_state of
         # the same tower truncated to N-1 layers (what the 23-layer hub checkpoint is).
         cfg3 = CLIPTextConfig(**{**TINY_CLIP, "num_hidden_layers": 3, "hidden_act": "gelu"})
-        full = randomize(CLIPTextModel(cfg3, rngs=nnx.Rngs(0)))
-        cut = CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "num_hidden_layers": 2,
-                                              "hidden_act": "gelu"}), rngs=nnx.Rngs(1))
+        full = random_model(lambda: CLIPTextModel(cfg3, rngs=nnx.Rngs(0)))
+        cfg2 = CLIPTextConfig(**{**TINY_CLIP, "num_hidden_layers": 2, "hidden_act": "gelu"})
+        cut = random_model(lambda: CLIPTextModel(cfg2, rngs=nnx.Rngs(1)))
         p = params(full)
         nnx.update(cut, nnx.State.from_flat_path({tuple(int(s) if s.isdigit() else s
                                                         for s in k.split("/")): jnp.asarray(v)
@@ -475,7 +490,7 @@ class CLIPTest(chex.TestCase):
         assert cfg.hidden_size == 8 and cfg.vocab_size == 49408
         with pytest.raises(ValueError, match=r"hidden_act='relu'; expected one of"):
             CLIPTextConfig(hidden_act="relu")
-        model = CLIPTextModel(CLIPTextConfig(**TINY_CLIP), rngs=nnx.Rngs(0))
+        model = random_model(lambda: CLIPTextModel(CLIPTextConfig(**TINY_CLIP), rngs=nnx.Rngs(0)))
         with pytest.raises(ValueError, match=r"input_ids: expected integer \(B, L\) with L <= 10"):
             model(jnp.zeros((1, 11), jnp.int32))
         with pytest.raises(ValueError, match=r"input_ids: expected integer"):

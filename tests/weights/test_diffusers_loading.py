@@ -7,6 +7,7 @@ import json
 import string
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,11 +50,19 @@ def numpy_torch_layout(name, x):
     return x
 
 
+def random_model(make, seed):
+    """``make()`` with N(0, 0.1^2) parameters drawn on the host (eager init is slow on CPU)."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+    return nnx.merge(graphdef, jax.tree.map(
+        lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state))
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {"unet": UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)),
-            "vae": AutoencoderKL(VAE, rngs=nnx.Rngs(1)),
-            "text_encoder": CLIPTextModel(CLIP, rngs=nnx.Rngs(2))}
+    return {"unet": random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), 0),
+            "vae": random_model(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), 1),
+            "text_encoder": random_model(lambda: CLIPTextModel(CLIP, rngs=nnx.Rngs(0)), 2)}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +126,8 @@ def test_component_folders_and_dtypes(models, pipeline_dir):
     assert cfg.prediction_type == "v_prediction"  # found in the sibling scheduler/ folder
     leaf = params(unet)["conv_in/kernel"]
     assert leaf.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(leaf, params(models["unet"])["conv_in/kernel"].astype(jnp.bfloat16))
+    want = params(models["unet"])["conv_in/kernel"].astype(jnp.bfloat16)
+    np.testing.assert_array_equal(leaf, want)
     vae, vcfg = load_vae(pipeline_dir / "vae")
     assert vcfg.scaling_factor == pytest.approx(0.18215)
     te, tcfg = load_text_encoder(pipeline_dir / "text_encoder")
