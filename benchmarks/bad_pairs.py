@@ -6,7 +6,8 @@ r"""Bad-pair benchmark: does DBPM find injected bad positive pairs, and does it 
 A measurable check of Lan et al. (ICLR 2024)'s claim. Into the pre-training set of a real data set
 (offline default: JapaneseVowels from aeon, pooled and re-split) it injects a known fraction of
 noisy positive pairs (instances replaced by Gaussian noise) and of faulty positive pairs (the
-strong view replaced by a random shuffle of the time steps, which destroys the signal); see
+strong view replaced by a random shuffle of the time steps, `--faulty_view=shuffle`, or by
+Gaussian noise, `--faulty_view=noise`: augmentations that destroy the signal); see
 `experiments.dbpm.inject_bad_pairs`. For every seed (model init, data order, augmentations and
 which instances are corrupted) it trains
 
@@ -25,6 +26,7 @@ variant's quarter-width ResNet-34), `--epochs` (default 20) with the warm-up sca
 ratio 50/80 (12 epochs), batch 64 (7 steps per epoch on 448 series).
 """
 
+import importlib
 import json
 import os
 import tempfile
@@ -36,6 +38,8 @@ _CONFIG = flags.DEFINE_string("config", "configs/dbpm/japanese_vowels.py:cpu", "
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one run per arm and seed).")
 _NOISY = flags.DEFINE_float("noisy", 0.1, "Fraction of instances replaced by noise.")
 _FAULTY = flags.DEFINE_float("faulty", 0.1, "Fraction of instances with destroyed strong views.")
+_VIEW = flags.DEFINE_enum("faulty_view", "shuffle", ["shuffle", "noise"],
+                          "Faulty views: time steps shuffled, or N(0, 1) noise.")
 _EPOCHS = flags.DEFINE_integer("epochs", 20, "Epochs; warm-up = round(50/80 * epochs).")
 _TINY = flags.DEFINE_bool("tiny", True, "A 2-stage 16/32-channel ResNet (fc 32, head 32-64-32) "
                           "instead of the cpu variant's 4-stage one.")
@@ -52,12 +56,19 @@ def arms():
     return out
 
 
+def load_config(spec, common):
+    """`configs/dbpm/<setting>.py[:variant]` (a module of the configs.dbpm package)."""
+    path, _, arg = spec.partition(":")
+    setting = os.path.splitext(os.path.basename(path))[0]
+    module = importlib.import_module(f"{common.__package__}.{setting}")
+    return module.get_config(arg or None)
+
+
 def main(argv):
     del argv
     import jax
 
     from benchmarks.common import machine, stats
-    from benchmarks.contrastive import load_config
     from configs.dbpm import common
     from experiments import run_experiment
     from jaxsafe.train.metrics import quiet_orbax
@@ -69,17 +80,17 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     print(f"machine: {machine()}")
     print(f"config: {_CONFIG.value}  tiny: {_TINY.value}  epochs: {_EPOCHS.value}  "
-          f"noisy: {_NOISY.value}  faulty: {_FAULTY.value}  seeds: {','.join(_SEEDS.value)}")
+          f"noisy: {_NOISY.value}  faulty: {_FAULTY.value} ({_VIEW.value})  seeds: {','.join(_SEEDS.value)}")
     results = []
     for seed in map(int, _SEEDS.value):
         for name, corrupt, enabled, normalized in arms():
-            config = load_config(_CONFIG.value)
+            config = load_config(_CONFIG.value, common)
             with config.unlocked():
                 common.set_epochs(config, _EPOCHS.value)
                 config.dbpm.update(enabled=enabled, normalized=normalized)
                 config.bad_pairs.update(noisy_fraction=_NOISY.value if corrupt else 0.0,
                                         faulty_fraction=_FAULTY.value if corrupt else 0.0,
-                                        seed=seed)
+                                        faulty_view=_VIEW.value, seed=seed)
                 config.train.seed = seed
                 config.train.async_checkpointing = False
                 if _TINY.value:

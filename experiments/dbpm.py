@@ -29,8 +29,9 @@ epoch and, when bad pairs were injected, their precision and recall.
 Bad-pair injection (`bad_pairs` config, for the benchmark of the paper's claim): a fraction of
 the pre-training instances is replaced by Gaussian noise (noisy positive pairs: both views hold
 only noise) and for another, disjoint fraction the strong view is replaced by a random shuffle of
-all time steps (faulty positive pairs: an augmentation that destroys the signal's temporal
-structure). The probe always uses the clean splits.
+all time steps (`faulty_view='shuffle'`: an augmentation that destroys the signal's temporal
+structure) or by N(0, 1) noise (`'noise'`: nothing of the signal is left); these are the faulty
+positive pairs. The probe always uses the clean splits.
 
 Step counts are given in epochs: `config.epochs`; `train.num_steps = -1` becomes
 `epochs * steps_per_epoch`, `train.log_every = -1` one epoch, `train.eval_every = -1` the end
@@ -104,8 +105,17 @@ def inject_bad_pairs(x: np.ndarray, noisy_fraction: float, faulty_fraction: floa
     return x, noisy, faulty
 
 
-def destroy_signal(rng, x):
-    """Each series' time steps in an independent uniformly random order (faulty views)."""
+FAULTY_VIEWS = ("shuffle", "noise")
+
+
+def destroy_signal(rng, x, kind: str = "shuffle"):
+    """Faulty views: each series' time steps in an independent uniformly random order
+    (`shuffle`: the values survive, the temporal structure does not), or N(0, 1) noise in place of
+    the view (`noise`: nothing of the signal survives)."""
+    if kind == "noise":
+        return jax.random.normal(rng, x.shape, x.dtype)
+    if kind != "shuffle":
+        raise ValueError(f"bad_pairs.faulty_view={kind!r}; expected one of {FAULTY_VIEWS}")
     keys = jax.random.split(rng, x.shape[0])
     return jax.vmap(lambda k, s: s[jax.random.permutation(k, s.shape[0])])(keys, x)
 
@@ -162,7 +172,8 @@ def make_loss_fn(graphdef, config, mesh):
         v = augment.strong(k_strong, x, jitter_sigma=aug.jitter_sigma,
                            max_segments=aug.max_segments)
         if faulty_views:
-            v = jnp.where(batch["faulty"][:, None, None], destroy_signal(k_destroy, x), v)
+            v = jnp.where(batch["faulty"][:, None, None],
+                          destroy_signal(k_destroy, x, config.bad_pairs.faulty_view), v)
         (z1, z2), batch_stats = apply_with_batch_stats(
             graphdef, params, extra["batch_stats"], frozen, lambda m, a, b: (m(a), m(b)), u, v)
         losses = per_pair(z1, z2)

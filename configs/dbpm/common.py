@@ -46,7 +46,7 @@ def base(arg: str | None) -> ml_collections.ConfigDict:
     c.epochs = 80
     c.dbpm = dict(enabled=True, warmup=50, beta_np=2.0, beta_fp=3.0, mode="mean",
                   normalized=False)
-    c.bad_pairs = dict(noisy_fraction=0.0, faulty_fraction=0.0, seed=0)
+    c.bad_pairs = dict(noisy_fraction=0.0, faulty_fraction=0.0, faulty_view="shuffle", seed=0)
     c.optimizer = dict(lr=3e-4)
     c.probe = dict(steps=300, l2=1e-4)
     # -1: derived from the epoch length in experiments/dbpm.py (see its docstring).

@@ -128,6 +128,14 @@ def test_destroy_signal_permutes_each_series_time_steps():
         assert not np.array_equal(y[i], np.asarray(x)[i])
 
 
+def test_noise_views_keep_nothing_of_the_signal_and_unknown_kinds_fail():
+    x = jnp.full((64, 32, 2), 7.0)
+    y = np.asarray(E.destroy_signal(jax.random.key(1), x, "noise"))
+    assert abs(y.mean()) < 0.05 and abs(y.std() - 1) < 0.05
+    with pytest.raises(ValueError, match=r"bad_pairs.faulty_view='mask'; expected one of"):
+        E.destroy_signal(jax.random.key(1), x, "mask")
+
+
 def test_flag_report_precision_and_recall():
     truth_noisy = np.array([1, 1, 0, 0, 0, 0], bool)
     truth_faulty = np.array([0, 0, 1, 1, 0, 0], bool)
