@@ -177,7 +177,8 @@ def test_saved_pipeline_loads_as_stable_diffusion_pipeline(tmp_path):
                                          bos_token_id=53, pad_token_id=54)
     perturb(transformers.CLIPTextModel(hf_cfg), seed=2).save_pretrained(src / "text_encoder")
     write_tiny_clip_tokenizer(src / "tokenizer")
-    diffusers.DDIMScheduler(prediction_type="v_prediction", clip_sample=False).save_pretrained(src / "scheduler")
+    diffusers.DDIMScheduler(prediction_type="v_prediction",
+                            clip_sample=False).save_pretrained(src / "scheduler")
     (src / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
