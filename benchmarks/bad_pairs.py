@@ -43,6 +43,7 @@ _VIEW = flags.DEFINE_enum("faulty_view", "shuffle", ["shuffle", "noise"],
 _EPOCHS = flags.DEFINE_integer("epochs", 20, "Epochs; warm-up = round(50/80 * epochs).")
 _TINY = flags.DEFINE_bool("tiny", True, "A 2-stage 16/32-channel ResNet (fc 32, head 32-64-32) "
                           "instead of the cpu variant's 4-stage one.")
+_LR = flags.DEFINE_float("lr", 0.0, "Adam learning rate (0: the config's 3e-4).")
 _NORMALIZED = flags.DEFINE_bool("normalized", False, "Also run DBPM with normalized weights.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where runs are kept (default: a temp dir).")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the per-run results.")
@@ -80,7 +81,7 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     print(f"machine: {machine()}")
     print(f"config: {_CONFIG.value}  tiny: {_TINY.value}  epochs: {_EPOCHS.value}  "
-          f"noisy: {_NOISY.value}  faulty: {_FAULTY.value} ({_VIEW.value})  seeds: {','.join(_SEEDS.value)}")
+          f"lr: {_LR.value or 'config'}  noisy: {_NOISY.value}  faulty: {_FAULTY.value} ({_VIEW.value})  seeds: {','.join(_SEEDS.value)}")
     results = []
     for seed in map(int, _SEEDS.value):
         for name, corrupt, enabled, normalized in arms():
@@ -92,6 +93,8 @@ def main(argv):
                                         faulty_fraction=_FAULTY.value if corrupt else 0.0,
                                         faulty_view=_VIEW.value, seed=seed)
                 config.train.seed = seed
+                if _LR.value:
+                    config.optimizer.lr = _LR.value
                 config.train.async_checkpointing = False
                 if _TINY.value:
                     config.model.update(name="custom", widths=(16, 32), blocks=(1, 1),
