@@ -25,9 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsafe.nn.sd_layers import (
-    Attention, DownBlock2D, MidBlock2D, UpBlock2D, conv2d, group_norm,
+    Attention, DownBlock2D, MidBlock2D, UpBlock2D, check_fixed_keys, conv2d, group_norm,
 )
-from jaxsafe.nn.unet2d_condition import check_fixed_keys
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "Decoder", "Encoder"]
 

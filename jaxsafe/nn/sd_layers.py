@@ -34,7 +34,8 @@ biases); PyTorch's uniform init differs but checkpoints overwrite every paramete
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "Attention", "BasicTransformerBlock", "DownBlock2D", "Downsample2D", "FeedForward", "GEGLU",
     "MidBlock2D", "ResnetBlock2D", "SD_SHARDING_RULES", "TimestepEmbedding", "Transformer2DModel",
-    "UpBlock2D", "Upsample2D", "conv2d", "get_timestep_embedding", "group_norm", "layer_norm",
+    "UpBlock2D", "Upsample2D", "check_fixed_keys", "conv2d", "get_timestep_embedding",
+    "group_norm", "layer_norm",
 ]
 
 # big_vision-style rules for `jaxsafe.parallel.shardings_for`: norms, biases and the small
@@ -56,6 +58,19 @@ SD_SHARDING_RULES: list[tuple[str, object]] = [
     (r"/bias$", "replicate"),
     (r"position_embedding/embedding$", P()),
 ]
+
+
+def check_fixed_keys(d: Mapping[str, Any], fixed: Mapping[str, Any], what: str) -> None:
+    """Raises ``ValueError`` for a reference config key set to a value these modules do not
+    implement (``fixed`` maps key -> the one supported value; per-level lists are checked
+    element-wise; ``False`` counts as an unset ``None`` flag)."""
+    for key, supported in fixed.items():
+        if key not in d:
+            continue
+        values = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
+        if any(v != supported and not (supported is None and v is False) for v in values):
+            raise ValueError(f"{what} config: unsupported {key}={d[key]!r} "
+                             f"(jaxsafe implements only {key}={supported!r})")
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,

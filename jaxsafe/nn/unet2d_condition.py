@@ -41,8 +41,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsafe.nn.sd_layers import (
-    DownBlock2D, MidBlock2D, TimestepEmbedding, Transformer2DModel, UpBlock2D, conv2d,
-    get_timestep_embedding, group_norm,
+    DownBlock2D, MidBlock2D, TimestepEmbedding, Transformer2DModel, UpBlock2D, check_fixed_keys,
+    conv2d, get_timestep_embedding, group_norm,
 )
 
 __all__ = ["UNet2DConditionConfig", "UNet2DConditionModel", "sd15_unet_config",
@@ -71,14 +71,6 @@ _FIXED_DIFFUSERS_KEYS: dict[str, Any] = {
 
 def _tuple(v):
     return tuple(v) if isinstance(v, list) else v
-
-
-def check_fixed_keys(d: dict, fixed: dict[str, Any], what: str) -> None:
-    """Raises for a config key set to a value this implementation does not support."""
-    for key, supported in fixed.items():
-        if key in d and d[key] != supported and not (supported is None and d[key] is False):
-            raise ValueError(f"{what} config: unsupported {key}={d[key]!r} "
-                             f"(jaxsafe implements only {key}={supported!r})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,9 @@ COMPONENTS = {  # name -> (library, class) in model_index.json
 }
 
 
+ALIASES = {"tokenizer": ("CLIPTokenizerFast",)}  # loaded with CLIPTokenizer all the same
+
+
 def _read_json(file: Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{str(file)!r} not found")
@@ -210,7 +213,7 @@ def load_pipeline(folder, *, components: Sequence[str] | None = None, variant: s
         entry = index.get(name)
         if not entry or entry[1] is None or not (folder / name).is_dir():
             continue
-        if entry[1] != COMPONENTS[name][1]:
+        if entry[1] not in (COMPONENTS[name][1], *ALIASES.get(name, ())):
             raise ValueError(f"{folder / 'model_index.json'}: {name} is {entry[1]!r}; jaxsafe "
                              f"loads only {COMPONENTS[name][1]!r}")
         if name == "tokenizer":
@@ -273,10 +276,13 @@ def save_pipeline(components: dict[str, Any], folder) -> Path:
         raise ValueError(f"save_pipeline: unknown component(s) {sorted(unknown)}; expected "
                          f"{list(COMPONENTS) + ['scheduler_config', 'model_index']}")
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "StableDiffusionPipeline",
+    # Keep the old index's plain settings, not its component entries: only the components
+    # written here exist in the new folder (a hub safety_checker entry would break loading).
+    old = {k: v for k, v in components.get("model_index", {}).items()
+           if not isinstance(v, list)}
+    index = {"_class_name": "StableDiffusionPipeline", **old,
              "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False,
-             **{k: v for k, v in components.get("model_index", {}).items() if k not in COMPONENTS}}
+             "requires_safety_checker": False}
     index["_diffusers_version"] = DIFFUSERS_LAYOUT_VERSION
     for name, saver in _SAVERS.items():
         if name in components:

@@ -337,6 +337,9 @@ def test_unet_config_from_dict_and_errors():
     with pytest.raises(ValueError, match=r"up_block_types: unsupported block type\(s\) "
                                          r"\['AttnUpBlock2D'\]"):
         UNet2DConditionConfig.from_dict({**d, "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]})
+    assert UNet2DConditionConfig.from_dict({**d, "only_cross_attention": [False, False]}) == cfg
+    with pytest.raises(ValueError, match=r"unsupported only_cross_attention=\[True, False\]"):
+        UNet2DConditionConfig.from_dict({**d, "only_cross_attention": [True, False]})
     with pytest.raises(ValueError, match="unsupported class_embed_type='timestep'"):
         UNet2DConditionConfig.from_dict({**d, "class_embed_type": "timestep"})
     with pytest.raises(ValueError, match=r"attention_head_dim=\(2, 4, 8\) must be an int or "

@@ -135,7 +135,14 @@ def test_component_folders_and_dtypes(models, pipeline_dir):
 
 
 def test_missing_components_are_absent(models, tmp_path):
-    save_pipeline({"vae": models["vae"]}, tmp_path)
+    hub_index = {"_name_or_path": "runwayml/stable-diffusion-v1-5",
+                 "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 "unet": ["diffusers", "UNet2DConditionModel"]}
+    save_pipeline({"vae": models["vae"], "model_index": hub_index}, tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    # Entries for components not written are dropped; plain settings are kept.
+    assert index["safety_checker"] == [None, None] and "unet" not in index
+    assert index["_name_or_path"] == "runwayml/stable-diffusion-v1-5"
     loaded = load_pipeline(tmp_path)
     assert set(loaded) == {"vae", "model_index"}
 

@@ -106,8 +106,9 @@ def test_unet_matches_diffusers_both_ways(kwargs, tmp_path):
     assert back.config.upcast_attention == kwargs.get("upcast_attention", False)
 
 
-def test_vae_matches_diffusers_both_ways(tmp_path):
-    ref = perturb(diffusers.AutoencoderKL(**VAE))
+@pytest.mark.parametrize("mid_attention", [True, False], ids=["sd", "no_mid_attention"])
+def test_vae_matches_diffusers_both_ways(mid_attention, tmp_path):
+    ref = perturb(diffusers.AutoencoderKL(**VAE, mid_block_add_attention=mid_attention))
     ref.save_pretrained(tmp_path / "vae")
     model, cfg = load_vae(tmp_path / "vae")
     assert cfg.scaling_factor == pytest.approx(ref.config.scaling_factor)
