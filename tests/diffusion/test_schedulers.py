@@ -1,5 +1,6 @@
 """DDPM / DDIM / Euler schedulers: hand computations, closed forms, and diffusers' scheduler loops."""
 
+import dataclasses
 import functools
 
 import chex
@@ -368,6 +369,22 @@ def test_full_loop_matches_diffusers(kind, spacing, pred, n, eta):
     else:
         np.testing.assert_array_equal(S.timesteps(cfg, n), ref_t)
     assert np.abs(traj - ref).max() < 1e-5, np.abs(traj - ref).max(axis=(1, 2, 3, 4))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_linear_betas_with_clip_sample_match_diffusers(kind):
+    # the test bed's schedule (configs/t2i/testbed.py): Ho et al.'s linear betas, x̂_0 clipped to [−1, 1]
+    cfg = S.SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=True)
+    n = 25
+    x_T, noise = _rand(2, 6, 6, 3, seed=12), 0.5 * _rand(n, 2, 6, 6, 3, seed=13)
+    _, _, ref = _diffusers_loop(kind, cfg, n, x_T, noise, 0.0)
+    _, traj = jax.jit(lambda x, z: S.sample_loop(cfg, kind, _fake_model_jnp, x, n, noise=z if kind == "ddpm" else None,
+                                                 return_trajectory=True))(x_T, noise)
+    assert np.abs(np.asarray(traj) - ref).max() < 1e-5
+    # clipping was active: the unclipped x̂_0 of the first step leaves [−1, 1]
+    x0 = S.predict_x0(dataclasses.replace(cfg, clip_sample=False), x_T, _fake_model_jnp(x_T, 961.0), 961)
+    assert np.abs(np.asarray(x0)).max() > 1.5
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
