@@ -13,11 +13,12 @@ Mapping network (noise level -> embedding ``e``, width ``E = model_channels * ch
     positional (DDPM++): omega_j = (1/10000)^(j / (N/2 - 1)),  j = 0..N/2-1   (endpoint=True)
     fourier    (NCSN++): omega_j = 2 pi f_j,  f_j ~ N(0, 16^2)  (fixed buffer, not trained)
     phi(c_noise) = [sin(c_noise omega), cos(c_noise omega)]        (N = model_channels * channel_mult_noise)
-    e = silu(W_1 silu(W_0 (phi + W_label (y sqrt(label_dim)) + W_aug a) + b_0) + b_1)
+    e = silu(W_1 silu(W_0 (phi + W_y (y sqrt(label_dim)) + b_y + W_aug a) + b_0) + b_1)
 
 (EDM's embedding modules return ``[cos, sin]`` and ``SongUNet.forward`` swaps the halves; we
-keep the module functions in EDM's order and swap in the same place.) ``W_aug`` has no bias.
-With ``label_dropout`` p, training zeroes each example's ``y`` with probability p (for
+keep the module functions in EDM's order and swap in the same place.) ``y`` is the one-hot class
+label, ``a`` the augmentation label (EDM's ``AugmentPipe``); ``W_aug`` has no bias. With
+``label_dropout`` p, training zeroes each example's ``y`` with probability p (for
 classifier-free guidance).
 
 Residual block (``UNetBlock`` with SongUNet's ``adaptive_scale=False``, ``resample_proj=True``,
@@ -26,7 +27,10 @@ one attention head, GroupNorm with ``min(32, C // 4)`` groups and eps 1e-6)::
     h = conv0(silu(GN_0(x)))                      (conv0 up/downsamples when the block does)
     h = conv1(dropout(silu(GN_1(h + A e))))
     x' = (h + skip(x)) sqrt(0.5)                  (skip = 1x1 conv when C or resolution change)
-    x'' = (proj(attn(GN_2(x'))) + x') sqrt(0.5)   (at attention resolutions; softmax(q^T k / sqrt(C)) in fp32)
+    x'' = (proj(attn(GN_2(x'))) + x') sqrt(0.5)   (attention blocks only; softmax(q^T k / sqrt(C)) in fp32)
+
+Attention blocks: every encoder block at ``attn_resolutions``, the last decoder block of each such
+resolution, and the first bottleneck block (``in0``).
 
 Up/downsampling convolves each channel with the separable FIR ``f f^T / (sum f)^2``:
 ``f = [1, 1]`` (DDPM++: box filter, i.e. 2x2 average pooling / nearest upsampling) or
@@ -62,7 +66,8 @@ NCSN++ FFHQ-64 (``ncsnpp_ffhq64``)    62,761,091   -
 (``augment_dim=0`` removes ``9 * N`` weights: 1,152 for DDPM++, 2,304 for NCSN++.) The NCSN++
 Fourier frequencies are a non-trainable ``Buffer`` and not counted.
 
-Deviations from EDM: none in the function computed. Compute dtype: EDM runs the mapping network
+Deviations from EDM: none in the function computed (fused *up*-resampling, which SongUNet never
+uses, is not implemented; EDM's ``EDMPrecond`` wrapper is not part of this module). Compute dtype: EDM runs the mapping network
 in float32 (the noise labels are float32) and the trunk in the input's dtype; here ``dtype``
 (e.g. ``jnp.bfloat16``) sets the trunk dtype the same way, while the mapping network, GroupNorm
 statistics and the attention softmax stay in float32. Dropout keys come only from the ``rngs``
@@ -90,7 +95,7 @@ __all__ = [
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # Leaf names are jaxsafe.treepath.path_name strings ('enc/32x32_block0/conv0/kernel'). Conv and
-# linear kernels hold all but ~0.1% of the parameters, so only they are split over `fsdp`
+# linear kernels hold 99.85% of the parameters, so only they are split over `fsdp`
 # (largest divisible dimension, see jaxsafe.parallel.fsdp_spec); norms, biases and the Fourier
 # frequencies are small and replicated.
 SONGUNET_SHARDING_RULES: list[tuple[str, Any]] = [
