@@ -1,0 +1,309 @@
+r"""The miniature text-to-image test bed: a tiny Stable-Diffusion-shaped model of captioned shapes.
+
+A CLIP text transformer τ_θ (``jaxsafe.nn.clip_text``) and a UNet ε_θ
+(``jaxsafe.nn.unet2d_condition``) are trained jointly from scratch on ``jaxsafe.data.shapes`` with
+the ε-prediction DDPM objective (Ho et al., NeurIPS 2020, eq. 14; latent diffusion's form,
+Rombach et al., CVPR 2022, eq. 2):
+
+    L = E_{x_0, y, ε ~ N(0, I), t ~ U{0..T-1}} ‖ε − ε_θ(z_t, t, τ_θ(ỹ))‖²,
+    z_t = √ᾱ_t E(x_0) + √(1 − ᾱ_t) ε          (``schedulers.add_noise``),
+
+where ỹ is the caption replaced by the empty prompt with probability ``data.caption_dropout``
+(0.1), so that one network gives both terms of classifier-free guidance (Ho & Salimans, 2021),
+ε̃ = ε_θ(z_t, ∅) + s (ε_θ(z_t, c) − ε_θ(z_t, ∅)), used by DDIM sampling (Song et al., ICLR 2021).
+
+Decisions:
+
+* "Latent" space: E is a fixed, parameter-free 4×4 pixel unshuffle (space-to-depth), 32×32×3 →
+  8×8×48, and the decoder D its inverse; so z is the image itself, rearranged, and the pixel
+  noise schedule applies unchanged (linear β, 1e-4..0.02, T = 1000, as DDPM on 32×32 CIFAR-10).
+  On 2 shared CPU cores a pixel-space UNet at 32×32 costs ~20 s per batch-32 step; at 8×8 the
+  same width costs ~1 s (docs/testbed.md). SD's VAE is a learned E/D with factor 8; here the
+  exported folder has no ``vae/`` and records ``"testbed_patch_size": 4`` in model_index.json.
+* Text encoder and UNet train jointly (``train_text_encoder``); the text transformer is the
+  CLIP architecture with the word tokenizer's ids (EOT the largest id, see
+  ``jaxsafe.data.word_tokenizer``), so its EOT pooling follows CLIP's rules.
+* EMA of all trained parameters with diffusers' warm-up ``min(decay, (1 + n)/(10 + n))``
+  (``EMAModel``); evaluators, sampling and the export use the EMA weights.
+* ``clip_sample`` clamps x̂_0 to [−1, 1] during DDIM sampling (diffusers' DDPM/DDIM pixel
+  default), as the data lies in [−1, 1].
+
+Evaluators: ``heldout`` (the loss above on fixed held-out images, timesteps, noise and captions:
+the utility's denoising term) and ``samples`` (a grid of generations for fixed prompts).
+``summarize`` adds the per-concept generation accuracy and the oracle Fréchet distance
+(``jaxsafe.data.shapes_metrics``) and, given the workdir, exports the model
+(:func:`export`) to ``<workdir>/export`` in the diffusers layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxsafe.data import shapes, shapes_metrics
+from jaxsafe.diffusion import schedulers, t2i
+from jaxsafe.nn import oracle as oracle_lib
+from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
+from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from jaxsafe.parallel import fetch
+from jaxsafe.train import Task, split_model
+
+PATCH = 4
+SAMPLE_PROMPTS = ("a red circle on a plain background", "an orange circle on a striped background",
+                  "a green square on a dotted background", "a blue box on a plain background",
+                  "a red ellipse on a striped background", "an orange triangle on a dotted background",
+                  "a green triangle on a plain background", "a blue ellipse on a dotted background",
+                  "a circle", "a red triangle", "a box on a striped background", "")
+
+
+def to_latent(x: jax.Array, p: int = PATCH) -> jax.Array:
+    """E: (B, H, W, C) -> (B, H/p, W/p, p·p·C) pixel unshuffle."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, h // p, w // p, p * p * c)
+
+
+def from_latent(z: jax.Array, p: int = PATCH) -> jax.Array:
+    """D = E⁻¹: (B, h, w, p·p·C) -> (B, h·p, w·p, C)."""
+    b, h, w, d = z.shape
+    c = d // (p * p)
+    return z.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c)
+
+
+class TestbedModel(nnx.Module):
+    """The two trained networks, so one `nnx.split` hands both to the trainer."""
+
+    def __init__(self, text_config: CLIPTextConfig, unet_config: UNet2DConditionConfig, *,
+                 rngs: nnx.Rngs):
+        self.text_encoder = CLIPTextModel(text_config, rngs=rngs)
+        self.unet = UNet2DConditionModel(unet_config, rngs=rngs)
+
+    def __call__(self, z_t, t, input_ids):
+        return self.unet(z_t, t, self.text_encoder(input_ids)["last_hidden_state"])
+
+
+def text_config(config, tokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=tokenizer.vocab_size,
+                          max_position_embeddings=tokenizer.max_length,
+                          eos_token_id=tokenizer.eos_token_id, **config.text_encoder)
+
+
+def unet_config(config) -> UNet2DConditionConfig:
+    u = dict(config.unet)
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+        u[k] = tuple(u[k])
+    channels = 3 * PATCH * PATCH
+    return UNet2DConditionConfig(sample_size=shapes.RESOLUTION // PATCH, in_channels=channels,
+                                 out_channels=channels,
+                                 cross_attention_dim=config.text_encoder.hidden_size,
+                                 prediction_type="epsilon", **u)
+
+
+def scheduler_config(config) -> schedulers.SchedulerConfig:
+    return schedulers.SchedulerConfig(**config.scheduler)
+
+
+def build_model(config, tokenizer) -> TestbedModel:
+    return TestbedModel(text_config(config, tokenizer), unet_config(config),
+                        rngs=nnx.Rngs(config.train.seed))
+
+
+def make_loss_fn(graphdef, sched: schedulers.SchedulerConfig, empty_ids: np.ndarray,
+                 caption_dropout: float):
+    """The ε-prediction loss of the module docstring, batch = {'image', 'input_ids'}."""
+    T = sched.num_train_timesteps
+
+    def loss_fn(params, frozen, extra, batch, rng):
+        model = nnx.merge(graphdef, params, frozen)
+        z0 = to_latent(batch["image"])
+        b = z0.shape[0]
+        k_t, k_eps, k_drop = jax.random.split(rng, 3)
+        t = jax.random.randint(k_t, (b,), 0, T)
+        eps = jax.random.normal(k_eps, z0.shape)
+        drop = jax.random.bernoulli(k_drop, caption_dropout, (b, 1))
+        ids = jnp.where(drop, jnp.asarray(empty_ids)[None], batch["input_ids"])
+        eps_hat = model(schedulers.add_noise(sched, z0, eps, t), t, ids)
+        return jnp.mean((eps_hat - eps) ** 2), ({}, extra)
+
+    return loss_fn
+
+
+def ema_update(decay: float):
+    """extra['ema'] ← d·ema + (1 − d)·params with d = min(decay, (1 + n)/(10 + n))."""
+
+    def after_update(state):
+        n = state.step.astype(jnp.float32)
+        d = jnp.minimum(decay, (1 + n) / (10 + n))
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.extra["ema"], state.params)
+        return {**state.extra, "ema": ema}
+
+    return after_update
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    lr = optax.warmup_constant_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(lr, weight_decay=cfg.weight_decay))
+
+
+def make_generator(graphdef, config, tokenizer):
+    """``generate(params, frozen, captions, seeds) -> (n, 32, 32, 3)`` images in [−1, 1]: DDIM
+    with classifier-free guidance against the empty prompt. Calls are padded to a multiple of
+    ``sampling.batch_size`` (one compiled program); image k depends on (captions[k], seeds[k])
+    only (``t2i.make_t2i_sampler``'s per-sample seeds), so padding changes nothing."""
+    s = config.sampling
+    sampler = t2i.make_t2i_sampler(
+        lambda pf, z, t, emb: nnx.merge(graphdef, *pf).unet(z, t, emb), scheduler_config(config),
+        kind=s.kind, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+        latent_shape=(shapes.RESOLUTION // PATCH,) * 2 + (3 * PATCH * PATCH,),
+        decode=lambda pf, z: jnp.clip(from_latent(z), -1.0, 1.0))
+    encode = jax.jit(lambda pf, ids: nnx.merge(graphdef, *pf).text_encoder(ids)["last_hidden_state"])
+
+    def generate(params, frozen, captions, seeds):
+        captions, seeds = list(captions), np.asarray(seeds, np.int32).reshape(-1)
+        if len(captions) != len(seeds):
+            raise ValueError(f"one seed per caption: got {len(captions)} captions and "
+                             f"{len(seeds)} seeds")
+        n, pad = len(captions), -len(captions) % s.batch_size
+        ids = tokenizer(captions + [""] * pad)
+        seeds = np.concatenate([seeds, np.zeros(pad, np.int32)])
+        pf = (params, frozen)
+        uncond = encode(pf, tokenizer([""]))
+        out = [fetch(sampler(pf, encode(pf, ids[i:i + s.batch_size]), uncond,
+                             seeds[i:i + s.batch_size]))
+               for i in range(0, n + pad, s.batch_size)]
+        return np.concatenate(out)[:n]
+
+    return generate
+
+
+def make_heldout_evaluator(graphdef, config, tokenizer):
+    """Denoising loss of the EMA weights on fixed held-out data, t and ε (no caption dropout)."""
+    data = shapes.ShapesDataset(config.data.heldout_seed).arrays(0, config.eval.heldout_examples)
+    images = data["image"].astype(np.float32) / 127.5 - 1.0
+    ids = tokenizer(data["caption"])
+    loss_fn = make_loss_fn(graphdef, scheduler_config(config), tokenizer(""), 0.0)
+    loss = jax.jit(lambda p, f, b: loss_fn(p, f, {}, b, jax.random.key(config.eval.seed))[0])
+
+    def evaluate(state):
+        return {"loss": float(fetch(loss(state.extra["ema"], state.frozen,
+                                         {"image": images, "input_ids": ids})))}
+
+    return evaluate
+
+
+def make_samples_evaluator(generate, prompts=SAMPLE_PROMPTS):
+    from jaxsafe.data.images import image_grid
+
+    seeds = np.arange(len(prompts))
+
+    def evaluate(state):
+        return {"grid": image_grid(generate(state.extra["ema"], state.frozen, prompts, seeds),
+                                   cols=4)}
+
+    return evaluate
+
+
+def _trainable(config):
+    return nnx.Param if config.train_text_encoder else nnx.All(nnx.Param,
+                                                               nnx.PathContains("unet"))
+
+
+def build(config, mesh) -> Task:
+    tok = shapes.tokenizer(config.data.max_length)
+    model = build_model(config, tok)
+    graphdef, params, frozen = split_model(model, _trainable(config))
+    train = shapes.shapes_batches(shapes.ShapesDataset(config.data.train_seed), tok,
+                                  config.data.batch_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    generate = make_generator(graphdef, config, tok)
+    return Task(
+        graphdef=graphdef, params=params, frozen=frozen,
+        optimizer=make_optimizer(config.optimizer),
+        loss_fn=make_loss_fn(graphdef, scheduler_config(config), tok(""),
+                             config.data.caption_dropout),
+        train_data=train, extra={"ema": jax.tree.map(jnp.copy, params)},
+        after_update=ema_update(config.optimizer.ema_decay),
+        evaluators={"heldout": make_heldout_evaluator(graphdef, config, tok),
+                    "samples": make_samples_evaluator(generate)})
+
+
+def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
+    """Per-concept generation accuracy (``shapes_metrics.erasure_report`` with no target) and
+    the oracle Fréchet distance between ``eval.fid_samples`` generations for held-out captions
+    and the held-out images themselves."""
+    tok = shapes.tokenizer(config.data.max_length)
+    oracle = oracle or oracle_lib.load()
+    generate = make_generator(graphdef, config, tok)
+    gen = lambda captions, seeds: generate(params, frozen, captions, seeds)  # noqa: E731
+    e = config.eval
+    out = shapes_metrics.erasure_report(gen, oracle, k=e.samples_per_concept, seed=e.seed)
+    real = shapes.ShapesDataset(config.data.heldout_seed).arrays(0, e.fid_samples)
+    seeds = np.arange(e.fid_samples) + 10**6  # not the seeds of the concept prompts
+    fake = np.concatenate([gen(real["caption"][i:i + 64], seeds[i:i + 64])
+                           for i in range(0, e.fid_samples, 64)])
+    out["oracle_fd"] = shapes_metrics.oracle_frechet_distance(
+        oracle, fake, real["image"].astype(np.float32) / 127.5 - 1.0)
+    out["caption_accuracy"] = float(np.mean(np.all(
+        shapes_metrics.oracle_predict(oracle, fake) == real["label"], -1)))
+    return out
+
+
+def export(config, graphdef, params, frozen, folder: str) -> str:
+    """Writes the model as a diffusers-layout folder: ``unet/``, ``text_encoder/``,
+    ``scheduler/scheduler_config.json`` (DDIMScheduler), ``tokenizer/`` (the word tokenizer's
+    vocab.json + tokenizer_config.json, not listed in model_index.json: it is no CLIPTokenizer)
+    and ``model_index.json`` with ``"testbed_patch_size"``. Load it back with
+    ``jaxsafe.weights.diffusers.load_pipeline(folder)`` + ``WordTokenizer.load(folder/tokenizer)``.
+    """
+    from jaxsafe.weights import diffusers
+
+    model = nnx.merge(graphdef, fetch(params), fetch(frozen))
+    sched = {"_class_name": "DDIMScheduler", **dataclasses.asdict(scheduler_config(config))}
+    diffusers.save_pipeline({"unet": model.unet, "text_encoder": model.text_encoder,
+                             "scheduler_config": sched,
+                             "model_index": {"testbed_patch_size": PATCH}}, folder)
+    shapes.tokenizer(config.data.max_length).save(os.path.join(folder, "tokenizer"))
+    return folder
+
+
+def restore(config, workdir: str, step: int | None = None, ema: bool = True):
+    """``(graphdef, params, frozen, step)`` of a run's checkpoint (the EMA weights by default),
+    on any topology; erasure runs can start from a checkpoint this way as well as from an export.
+    """
+    from jaxsafe import train
+    from jaxsafe.treepath import named_leaves, path_name
+
+    graphdef, params, frozen = split_model(build_model(config, shapes.tokenizer(
+        config.data.max_length)), _trainable(config))
+    step, raw = train.load_arrays(os.path.join(workdir, "checkpoints"), step)
+
+    def fill(like, stored_tree, what):
+        stored = named_leaves(stored_tree)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+        names = [path_name(p) for p, _ in flat]
+        if set(names) != set(stored):
+            raise ValueError(f"checkpoint {what} in {workdir} does not fit config: missing "
+                             f"{sorted(set(names) - set(stored))[:5]}, unexpected "
+                             f"{sorted(set(stored) - set(names))[:5]}")
+        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(stored[n]) for n in names])
+
+    params = fill(params, raw["extra"]["ema"] if ema else raw["params"], "params")
+    return graphdef, params, fill(frozen, raw["frozen"], "frozen"), int(step)
+
+
+def summarize(config, state, task, workdir: str | None = None) -> dict:
+    """Held-out loss, per-concept accuracy and Fréchet distance of the EMA weights; exports them
+    to ``<workdir>/export`` when the runner passes the workdir (else use launch.export_testbed)."""
+    out = dict(task.evaluators["heldout"](state))
+    ema, frozen = fetch(state.extra["ema"]), fetch(state.frozen)
+    out.update(evaluate_model(config, task.graphdef, ema, frozen))
+    if workdir:
+        export(config, task.graphdef, ema, frozen, os.path.join(workdir, "export"))
+    return out

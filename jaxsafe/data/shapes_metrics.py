@@ -1,0 +1,147 @@
+"""Erasure metrics of the shapes test bed: per-concept generation accuracy and utility.
+
+The protocol of concept-erasure papers (ESD, Gandikota et al., ICCV 2023, Sec. 5; UCE,
+Gandikota et al., WACV 2024, Sec. 5), with the oracle (``jaxsafe.nn.oracle``) in place of their
+pretrained classifiers:
+
+* generation accuracy of concept w: generate K images for prompts that name w, classify them,
+
+      acc(w) = (1/K) Σ_k 1[oracle_a(G(p_k, seed_k)) = v(w)],     (a, v)(w) = CONCEPTS[w];
+
+  erasure should drive acc(target) to chance while acc(other) stays put. The prompts are full
+  captions "a <colour> <shape> on a <background> background" with w in its slot and the other two
+  attributes drawn from ``(seed, concept)``; image k uses sampler seed ``seed · K + k``, so two
+  models (original and erased) are compared on the same prompts and noise.
+* the report groups the concepts into targets, their synonyms (leakage: "box" after erasing
+  "square"), their near concepts (collateral damage: "orange" after "red") and all other
+  non-target concepts;
+* utility: a Fréchet distance (Heusel et al., 2017) between Gaussians fitted to the oracle's
+  128-d features of generated and of real images (``jaxsafe.diffusion.metrics``), and the held-out
+  denoising loss (computed by the experiment, which owns the network).
+
+``generate(captions, seeds) -> images`` is any sampler returning (n, 32, 32, 3) images in
+[-1, 1], one per caption, image k a function of (captions[k], seeds[k]) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsafe.data import shapes
+from jaxsafe.diffusion.metrics import frechet_distance, gaussian_stats
+
+__all__ = ["concept_accuracy", "concept_prompts", "erasure_report", "oracle_features",
+           "oracle_frechet_distance", "oracle_predict"]
+
+Generate = Callable[[Sequence[str], np.ndarray], np.ndarray]
+
+
+def concept_prompts(concept: str, k: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """K full captions naming ``concept`` and their (K, 3) label tuples (see module docstring)."""
+    if concept not in shapes.CONCEPTS:
+        raise ValueError(f"concept={concept!r}; expected one of {', '.join(shapes.CONCEPTS)}")
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    attr, value = shapes.CONCEPTS[concept]
+    rng = np.random.default_rng((int(seed), list(shapes.CONCEPTS).index(concept)))
+    labels = np.stack([rng.integers(len(v), size=k) for _, v in shapes.ATTRIBUTES], -1)
+    labels[:, attr] = value
+    captions = []
+    for label in labels:
+        words = [values[i] for (_, values), i in zip(shapes.ATTRIBUTES, label)]
+        words[attr] = concept  # the synonym itself when the concept is one
+        shape, colour, background = words
+        article = "an" if colour[0] in "aeiou" else "a"
+        captions.append(f"{article} {colour} {shape} on a {background} background")
+    return captions, labels.astype(np.int32)
+
+
+def _batched(fn, images, batch_size: int) -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise ValueError(f"images must be (n, 32, 32, 3) in [-1, 1], got shape {images.shape}")
+    return np.concatenate([np.asarray(fn(jnp.asarray(images[i:i + batch_size])))
+                           for i in range(0, len(images), batch_size)])
+
+
+def oracle_predict(oracle, images, batch_size: int = 256) -> np.ndarray:
+    """(n, 3) int32 attribute predictions of the oracle for images in [-1, 1]."""
+    return _batched(jax.jit(oracle.predict), np.clip(images, -1, 1), batch_size)
+
+
+def oracle_features(oracle, images, batch_size: int = 256) -> np.ndarray:
+    """(n, 128) penultimate oracle features for images in [-1, 1]."""
+    return _batched(jax.jit(oracle.features), np.clip(images, -1, 1), batch_size)
+
+
+def oracle_frechet_distance(oracle, images_a, images_b) -> float:
+    """Fréchet distance between Gaussian fits of the oracle features of two image sets."""
+    return frechet_distance(*gaussian_stats(oracle_features(oracle, images_a)),
+                            *gaussian_stats(oracle_features(oracle, images_b)))
+
+
+def _generate_all(generate: Generate, captions: list[str], seeds: np.ndarray,
+                  batch_size: int) -> np.ndarray:
+    out = [np.asarray(generate(captions[i:i + batch_size], seeds[i:i + batch_size]))
+           for i in range(0, len(captions), batch_size)]
+    images = np.concatenate(out)
+    if images.shape != (len(captions), 32, 32, 3):
+        raise ValueError(f"generate must return (n, 32, 32, 3) images, one per caption; got "
+                         f"{images.shape} for {len(captions)} captions")
+    return images
+
+
+def _score(pred: np.ndarray, labels: np.ndarray, concept: str) -> dict:
+    attr, value = shapes.CONCEPTS[concept]
+    return {"accuracy": float(np.mean(pred[:, attr] == value)),
+            "all_attributes": float(np.mean(np.all(pred == labels, -1)))}
+
+
+def concept_accuracy(generate: Generate, oracle, concept: str, k: int = 32, seed: int = 0,
+                     batch_size: int = 64) -> dict:
+    """acc(concept) and, as a fidelity check, the fraction of images matching all 3 attributes."""
+    captions, labels = concept_prompts(concept, k, seed)
+    seeds = np.arange(k, dtype=np.int32) + int(seed) * k
+    pred = oracle_predict(oracle, _generate_all(generate, captions, seeds, batch_size))
+    return _score(pred, labels, concept)
+
+
+def erasure_report(generate: Generate, oracle, targets: Sequence[str] = (),
+                   concepts: Sequence[str] | None = None, k: int = 32, seed: int = 0,
+                   batch_size: int = 64) -> dict:
+    """``{'acc/<w>': ..., 'fidelity/<w>': ...}`` for every concept w (default: all of
+    ``shapes.CONCEPTS``), and the group means ``target_accuracy``, ``synonym_accuracy``,
+    ``near_accuracy``, ``other_accuracy`` (those groups that are not empty). All concepts'
+    prompts are generated together, in batches of ``batch_size``."""
+    concepts = list(shapes.CONCEPTS if concepts is None else concepts)
+    unknown = [w for w in list(targets) + concepts if w not in shapes.CONCEPTS]
+    if unknown:
+        raise ValueError(f"unknown concept(s) {unknown}; expected words of "
+                         f"{', '.join(shapes.CONCEPTS)}")
+    prompts = [concept_prompts(w, k, seed) for w in concepts]
+    seeds = np.tile(np.arange(k, dtype=np.int32) + int(seed) * k, len(concepts))
+    images = _generate_all(generate, [c for captions, _ in prompts for c in captions], seeds,
+                           batch_size)
+    pred = oracle_predict(oracle, images).reshape(len(concepts), k, 3)
+    target_ids = {shapes.CONCEPTS[w] for w in targets}
+    near_ids = {shapes.CONCEPTS[shapes.NEAR[w]] for w in targets if w in shapes.NEAR}
+    groups: dict[str, list[float]] = {"target": [], "synonym": [], "near": [], "other": []}
+    out = {}
+    for w, (_, labels), p in zip(concepts, prompts, pred):
+        r = _score(p, labels, w)
+        out[f"acc/{w}"], out[f"fidelity/{w}"] = r["accuracy"], r["all_attributes"]
+        if w in targets:
+            group = "target"
+        elif shapes.CONCEPTS[w] in target_ids:
+            group = "synonym"
+        elif shapes.CONCEPTS[w] in near_ids:
+            group = "near"
+        else:
+            group = "other"
+        groups[group].append(r["accuracy"])
+    out.update({f"{g}_accuracy": float(np.mean(v)) for g, v in groups.items() if v})
+    return out

@@ -1,0 +1,52 @@
+r"""Exports a trained test-bed run (`configs/t2i/testbed.py`) as a diffusers-layout folder.
+
+    python -m launch.export_testbed --workdir=/tmp/testbed [--out=/tmp/testbed/export] \
+        [--step=N] [--evaluate]
+
+Reads `<workdir>/config.json` (written by `launch.train`) and the latest checkpoint's EMA
+weights, writes `unet/`, `text_encoder/`, `scheduler/`, `tokenizer/` and `model_index.json`
+(`experiments.t2i_testbed.export`). `--evaluate` also prints the held-out metrics: per-concept
+generation accuracy, oracle Fréchet distance (and writes them to `<out>/testbed_metrics.json`).
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of launch.train.")
+_OUT = flags.DEFINE_string("out", None, "Export folder (default <workdir>/export).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_EVALUATE = flags.DEFINE_bool("evaluate", False, "Also compute the test-bed metrics.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    import ml_collections
+
+    from experiments import t2i_testbed as tb
+    from jaxsafe.train.metrics import quiet_orbax
+
+    quiet_orbax()
+    path = os.path.join(_WORKDIR.value, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} not found: --workdir must be a launch.train run "
+                                "directory of configs/t2i/testbed.py")
+    with open(path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.experiment != "t2i_testbed":
+        raise ValueError(f"{path}: experiment={config.experiment!r}; expected 't2i_testbed'")
+    graphdef, params, frozen, step = tb.restore(config, _WORKDIR.value, _STEP.value)
+    out = _OUT.value or os.path.join(_WORKDIR.value, "export")
+    tb.export(config, graphdef, params, frozen, out)
+    print(f"exported step {step} to {out}")
+    if _EVALUATE.value:
+        metrics = {"step": step, **tb.evaluate_model(config, graphdef, params, frozen)}
+        with open(os.path.join(out, "testbed_metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=1, sort_keys=True)
+        print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)
