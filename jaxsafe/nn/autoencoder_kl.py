@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsafe.nn.sd_layers import (
-    Attention, DownBlock2D, MidBlock2D, UpBlock2D, check_fixed_keys, conv2d, group_norm,
+    Attention,
+    DownBlock2D,
+    MidBlock2D,
+    UpBlock2D,
+    check_fixed_keys,
+    conv2d,
+    group_norm,
 )
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "Decoder", "Encoder"]
@@ -71,7 +77,7 @@ class AutoencoderKLConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderKLConfig":
+    def from_dict(cls, d: dict) -> AutoencoderKLConfig:
         """From a diffusers ``vae/config.json`` dict (unknown keys ignored)."""
         check_fixed_keys(d, _FIXED_DIFFUSERS_KEYS, "AutoencoderKL")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -97,7 +103,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, cfg: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         ch, n, g = cfg.block_out_channels, len(cfg.block_out_channels), cfg.norm_num_groups
         self.conv_in = conv2d(cfg.in_channels, ch[0], **kw)
         self.down_blocks = nnx.List([
@@ -124,7 +130,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         rev, n, g = cfg.block_out_channels[::-1], len(cfg.block_out_channels), cfg.norm_num_groups
         self.conv_in = conv2d(cfg.latent_channels, rev[0], **kw)
         self.mid_block = MidBlock2D(rev[0], temb_channels=None, groups=g, eps=_EPS,
@@ -165,7 +171,7 @@ class AutoencoderKL(nnx.Module):
     def __init__(self, config: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         z2 = 2 * config.latent_channels
         self.encoder = Encoder(config, **kw)
         self.decoder = Decoder(config, **kw)

@@ -77,7 +77,7 @@ class CLIPTextConfig:
                              f"by num_attention_heads={self.num_attention_heads}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextConfig":
+    def from_dict(cls, d: dict) -> CLIPTextConfig:
         """From a ``text_encoder/config.json`` dict (a full CLIP config's ``text_config`` is
         used if present); unknown HF keys are ignored."""
         d = d.get("text_config", d)
@@ -118,14 +118,14 @@ class CLIPEmbeddings(nnx.Module):
 class CLIPAttention(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs):
         d = cfg.hidden_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.heads = cfg.num_attention_heads
         self.q_proj, self.k_proj = nnx.Linear(d, d, **kw), nnx.Linear(d, d, **kw)
         self.v_proj, self.out_proj = nnx.Linear(d, d, **kw), nnx.Linear(d, d, **kw)
 
     def __call__(self, x):
         b, n, d = x.shape
-        split = lambda t: t.reshape(b, n, self.heads, d // self.heads)  # noqa: E731
+        split = lambda t: t.reshape(b, n, self.heads, d // self.heads)
         o = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
                                          split(self.v_proj(x)), is_causal=True)
         return self.out_proj(o.reshape(b, n, d))
@@ -133,7 +133,7 @@ class CLIPAttention(nnx.Module):
 
 class CLIPMLP(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
@@ -144,7 +144,7 @@ class CLIPMLP(nnx.Module):
 
 class CLIPEncoderLayer(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.self_attn = CLIPAttention(cfg, **kw)
         self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = CLIPMLP(cfg, **kw)
@@ -174,7 +174,7 @@ class CLIPTextModel(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.embeddings = CLIPEmbeddings(config, **kw)
         self.encoder = CLIPEncoder(config, **kw)
         self.final_layer_norm = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)

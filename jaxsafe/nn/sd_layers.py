@@ -43,10 +43,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
-    "Attention", "BasicTransformerBlock", "DownBlock2D", "Downsample2D", "FeedForward", "GEGLU",
-    "MidBlock2D", "ResnetBlock2D", "SD_SHARDING_RULES", "TimestepEmbedding", "Transformer2DModel",
-    "UpBlock2D", "Upsample2D", "check_fixed_keys", "conv2d", "get_timestep_embedding",
-    "group_norm", "layer_norm",
+    "GEGLU", "SD_SHARDING_RULES", "Attention", "BasicTransformerBlock", "DownBlock2D",
+    "Downsample2D", "FeedForward", "MidBlock2D", "ResnetBlock2D", "TimestepEmbedding",
+    "Transformer2DModel", "UpBlock2D", "Upsample2D", "check_fixed_keys", "conv2d",
+    "get_timestep_embedding", "group_norm", "layer_norm",
 ]
 
 # big_vision-style rules for `jaxsafe.parallel.shardings_for`: norms, biases and the small
@@ -100,7 +100,7 @@ def layer_norm(dim: int, eps: float, *, dtype=None, param_dtype=jnp.float32,
 def get_timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
                            downscale_freq_shift: float = 1.0, scale: float = 1.0,
                            max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding ``(N, dim)`` of timesteps ``(N,)`` (diffusers' convention, module doc)."""
+    """Sinusoidal embedding ``(N, dim)`` of timesteps ``(N,)`` (diffusers' convention, above)."""
     t = jnp.asarray(timesteps, jnp.float32)
     if t.ndim != 1:
         raise ValueError(f"timesteps must have shape (N,), got {t.shape}")
@@ -120,7 +120,7 @@ class TimestepEmbedding(nnx.Module):
 
     def __init__(self, in_channels: int, time_embed_dim: int, *, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.linear_1 = nnx.Linear(in_channels, time_embed_dim, **kw)
         self.linear_2 = nnx.Linear(time_embed_dim, time_embed_dim, **kw)
 
@@ -133,7 +133,7 @@ class ResnetBlock2D(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None,
                  groups: int, eps: float, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.norm1 = group_norm(in_channels, groups, eps, **kw)
         self.conv1 = conv2d(in_channels, out_channels, **kw)
         self.time_emb_proj = (nnx.Linear(temb_channels, out_channels, **kw)
@@ -194,7 +194,7 @@ class Attention(nnx.Module):
                  cross_attention_dim: int | None = None, bias: bool = False,
                  norm_groups: int | None = None, norm_eps: float = 1e-6, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         inner = heads * dim_head
         kv_dim = query_dim if cross_attention_dim is None else cross_attention_dim
         self.heads, self.dim_head = heads, dim_head
@@ -214,7 +214,7 @@ class Attention(nnx.Module):
                 x = self.group_norm(x)
             x = x.reshape(b, hh * ww, c)
         context = x if context is None else context
-        split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)  # noqa: E731
+        split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         o = jax.nn.dot_product_attention(q, k, v)
         out = self.to_out[0](o.reshape(*o.shape[:2], -1))
@@ -257,7 +257,7 @@ class BasicTransformerBlock(nnx.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, *, cross_attention_dim: int,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.norm1 = layer_norm(dim, 1e-5, **kw)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, **kw)
         self.norm2 = layer_norm(dim, 1e-5, **kw)
@@ -278,12 +278,12 @@ class Transformer2DModel(nnx.Module):
     def __init__(self, heads: int, dim_head: int, in_channels: int, *, num_layers: int,
                  cross_attention_dim: int, norm_num_groups: int, use_linear_projection: bool,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         inner = heads * dim_head
         self.use_linear_projection = bool(use_linear_projection)
         self.norm = group_norm(in_channels, norm_num_groups, 1e-6, **kw)
         # A 1x1 conv and a Linear are the same map on NHWC; only the checkpoint shape differs.
-        proj = (lambda i, o: nnx.Linear(i, o, **kw)) if use_linear_projection else (  # noqa: E731
+        proj = (lambda i, o: nnx.Linear(i, o, **kw)) if use_linear_projection else (
             lambda i, o: conv2d(i, o, 1, **kw))
         self.proj_in = proj(in_channels, inner)
         self.transformer_blocks = nnx.List([
@@ -313,7 +313,7 @@ class DownBlock2D(nnx.Module):
                  temb_channels: int | None, groups: int, eps: float, add_downsample: bool,
                  downsample_padding: int = 1, make_attention: MakeAttention | None = None,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.resnets = nnx.List([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
                           temb_channels=temb_channels, groups=groups, eps=eps, **kw)
@@ -350,7 +350,7 @@ class UpBlock2D(nnx.Module):
                  temb_channels: int | None, groups: int, eps: float, add_upsample: bool,
                  make_attention: MakeAttention | None = None, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         n = len(skip_channels)
         self.uses_skips = any(skip_channels)
         self.resnets = nnx.List([
@@ -381,7 +381,7 @@ class MidBlock2D(nnx.Module):
     def __init__(self, channels: int, *, temb_channels: int | None, groups: int, eps: float,
                  make_attention: MakeAttention, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.resnets = nnx.List([
             ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=groups,
                           eps=eps, **kw)

@@ -41,8 +41,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsafe.nn.sd_layers import (
-    DownBlock2D, MidBlock2D, TimestepEmbedding, Transformer2DModel, UpBlock2D, check_fixed_keys,
-    conv2d, get_timestep_embedding, group_norm,
+    DownBlock2D,
+    MidBlock2D,
+    TimestepEmbedding,
+    Transformer2DModel,
+    UpBlock2D,
+    check_fixed_keys,
+    conv2d,
+    get_timestep_embedding,
+    group_norm,
 )
 
 __all__ = ["UNet2DConditionConfig", "UNet2DConditionModel", "sd15_unet_config",
@@ -115,8 +122,9 @@ class UNet2DConditionConfig:
                                  f"{n} entries (one per level)")
         if not isinstance(self.layers_per_block, int) or not isinstance(
                 self.cross_attention_dim, int):
-            raise ValueError("UNet2DConditionConfig: layers_per_block and cross_attention_dim "
-                             "must be ints (per-level tuples are not supported)")
+            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors (project convention)
+                "UNet2DConditionConfig: layers_per_block and cross_attention_dim must be ints "
+                "(per-level tuples are not supported)")
         for c, h in zip(self.block_out_channels, self.heads):
             if c % h:
                 raise ValueError(f"UNet2DConditionConfig: block width {c} is not divisible by "
@@ -138,7 +146,7 @@ class UNet2DConditionConfig:
         return self._per_level(self.transformer_layers_per_block)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNet2DConditionConfig":
+    def from_dict(cls, d: dict) -> UNet2DConditionConfig:
         """From a diffusers ``unet/config.json`` dict; unknown keys are ignored, unsupported
         settings raise ``ValueError`` naming the key."""
         check_fixed_keys(d, _FIXED_DIFFUSERS_KEYS, "UNet2DConditionModel")
@@ -183,7 +191,7 @@ class UNet2DConditionModel(nnx.Module):
                  rngs: nnx.Rngs):
         cfg = self.config = config
         self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         ch = cfg.block_out_channels
         n = len(ch)
         time_dim = 4 * ch[0]

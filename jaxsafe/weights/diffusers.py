@@ -32,8 +32,14 @@ from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from jaxsafe.weights.convert import (
-    CheckpointError, load_params, model_params, params_to_state_dict, read_safetensors,
-    read_sharded_index, state_dict_to_params, write_safetensors,
+    CheckpointError,
+    load_params,
+    model_params,
+    params_to_state_dict,
+    read_safetensors,
+    read_sharded_index,
+    state_dict_to_params,
+    write_safetensors,
 )
 
 __all__ = [

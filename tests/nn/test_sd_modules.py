@@ -16,21 +16,28 @@ from flax import nnx
 from jaxsafe.nn import sd_layers as L
 from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from jaxsafe.nn.clip_text import (
-    CLIPTextConfig, CLIPTextModel, encode_text, sd1_clip_config, sd2_clip_config,
+    CLIPTextConfig,
+    CLIPTextModel,
+    encode_text,
+    sd1_clip_config,
+    sd2_clip_config,
 )
 from jaxsafe.nn.unet2d_condition import (
-    UNet2DConditionConfig, UNet2DConditionModel, sd15_unet_config, sd21_unet_config,
+    UNet2DConditionConfig,
+    UNet2DConditionModel,
+    sd15_unet_config,
+    sd21_unet_config,
 )
 from jaxsafe.parallel import make_mesh, shardings_for
 from jaxsafe.treepath import named_leaves
 
-TINY_UNET = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-                 attention_head_dim=2, norm_num_groups=4)
-TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                sample_size=8)
+TINY_UNET = {"sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1,
+             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 12,
+             "attention_head_dim": 2, "norm_num_groups": 4}
+TINY_VAE = {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 1,
+            "norm_num_groups": 4, "sample_size": 8}
 
 
 def random_model(make, seed=0, scale=0.3):
@@ -84,7 +91,7 @@ def np_attention(x, ctx, wq, wk, wv, wo, bo, heads, bq=0.0, bk=0.0, bv=0.0, caus
     q, k, v = x @ wq + bq, ctx @ wk + bk, ctx @ wv + bv
     b, n, inner = q.shape
     d = inner // heads
-    sh = lambda t: t.reshape(b, t.shape[1], heads, d).transpose(0, 2, 1, 3)  # noqa: E731
+    sh = lambda t: t.reshape(b, t.shape[1], heads, d).transpose(0, 2, 1, 3)
     logits = sh(q) @ sh(k).transpose(0, 1, 3, 2) / math.sqrt(d)
     if causal:
         logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
@@ -416,8 +423,8 @@ def test_vae_rejects_bad_inputs(tiny_vae):
 
 # ------------------------------------------------------------------ CLIP
 
-TINY_CLIP = dict(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                 num_attention_heads=2, max_position_embeddings=10, eos_token_id=49)
+TINY_CLIP = {"vocab_size": 50, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "max_position_embeddings": 10, "eos_token_id": 49}
 
 
 def np_clip(p, ids, cfg):
@@ -426,7 +433,8 @@ def np_clip(p, ids, cfg):
     h = p["embeddings/token_embedding/embedding"][ids] + \
         p["embeddings/position_embedding/embedding"][:ids.shape[1]][None]
     for i in range(cfg.num_hidden_layers):
-        q = lambda n: p[f"encoder/layers/{i}/{n}"]  # noqa: E731
+        def q(n, i=i):
+            return p[f"encoder/layers/{i}/{n}"]
         a = np_layer_norm(h, cfg.layer_norm_eps, q("layer_norm1/scale"), q("layer_norm1/bias"))
         h = h + np_attention(a, a, q("self_attn/q_proj/kernel"), q("self_attn/k_proj/kernel"),
                              q("self_attn/v_proj/kernel"), q("self_attn/out_proj/kernel"),
@@ -475,11 +483,8 @@ class CLIPTest(chex.TestCase):
         full = random_model(lambda: CLIPTextModel(cfg3, rngs=nnx.Rngs(0)))
         cfg2 = CLIPTextConfig(**{**TINY_CLIP, "num_hidden_layers": 2, "hidden_act": "gelu"})
         cut = random_model(lambda: CLIPTextModel(cfg2, rngs=nnx.Rngs(1)))
-        p = params(full)
-        nnx.update(cut, nnx.State.from_flat_path({tuple(int(s) if s.isdigit() else s
-                                                        for s in k.split("/")): jnp.asarray(v)
-                                                  for k, v in p.items()
-                                                  if "layers/2/" not in k}))
+        cut.embeddings, cut.final_layer_norm = full.embeddings, full.final_layer_norm
+        cut.encoder.layers = nnx.List([full.encoder.layers[0], full.encoder.layers[1]])
         ids = jnp.array([[4, 8, 15, 16, 23, 42]])
         hs = full(ids, output_hidden_states=True)["hidden_states"]
         assert len(hs) == 4
@@ -550,5 +555,5 @@ def test_fsdp_sharded_unet_matches_unsharded():
            "JAX_PLATFORMS": "cpu"}
     code = FSDP_SNIPPET.format(cfg=TINY_UNET)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2], timeout=900)
+                          cwd=Path(__file__).resolve().parents[2], timeout=900, check=False)
     assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, proc.stderr[-3000:]

@@ -14,17 +14,25 @@ import pytest
 from flax import nnx
 
 pytest.importorskip("safetensors", reason="jaxsafe.weights reads checkpoints with safetensors")
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file, save_file
 
-from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
-from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel  # noqa: E402
-from jaxsafe.treepath import named_leaves  # noqa: E402
-from jaxsafe.weights import (  # noqa: E402
-    CheckpointError, load_pipeline, load_text_encoder, load_tokenizer, load_unet, load_vae,
-    save_pipeline, save_text_encoder, save_unet, save_vae,
+from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
+from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from jaxsafe.treepath import named_leaves
+from jaxsafe.weights import (
+    CheckpointError,
+    load_pipeline,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+    save_pipeline,
+    save_text_encoder,
+    save_unet,
+    save_vae,
 )
-from jaxsafe.weights.convert import torch_key  # noqa: E402
+from jaxsafe.weights.convert import torch_key
 
 UNET = UNet2DConditionConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -128,9 +136,9 @@ def test_component_folders_and_dtypes(models, pipeline_dir):
     assert leaf.dtype == jnp.bfloat16
     want = params(models["unet"])["conv_in/kernel"].astype(jnp.bfloat16)
     np.testing.assert_array_equal(leaf, want)
-    vae, vcfg = load_vae(pipeline_dir / "vae")
+    _, vcfg = load_vae(pipeline_dir / "vae")
     assert vcfg.scaling_factor == pytest.approx(0.18215)
-    te, tcfg = load_text_encoder(pipeline_dir / "text_encoder")
+    _, tcfg = load_text_encoder(pipeline_dir / "text_encoder")
     assert tcfg == CLIP
 
 

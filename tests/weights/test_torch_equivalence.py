@@ -11,33 +11,39 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch", reason="reference checks need torch: pip install -e '.[torch]'")
+torch = pytest.importorskip("torch",
+                            reason="reference checks need torch: pip install -e '.[torch]'")
 diffusers = pytest.importorskip("diffusers", reason="reference checks need diffusers")
 transformers = pytest.importorskip("transformers", reason="reference checks need transformers")
 
-from jaxsafe.nn.clip_text import encode_text  # noqa: E402
-from jaxsafe.weights import (  # noqa: E402
-    CheckpointError, load_pipeline, load_text_encoder, load_unet, load_vae, save_pipeline,
+from jaxsafe.nn.clip_text import encode_text
+from jaxsafe.weights import (
+    CheckpointError,
+    load_pipeline,
+    load_text_encoder,
+    load_unet,
+    load_vae,
+    save_pipeline,
 )
 
 pytestmark = pytest.mark.slow  # importing diffusers alone takes ~10 s
 
 TOL = 1e-4
 
-SD1_UNET = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                attention_head_dim=4, norm_num_groups=8)
+SD1_UNET = {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32,
+            "attention_head_dim": 4, "norm_num_groups": 8}
 # SD 2.x style: linear projections, per-level heads (diffusers' attention_head_dim), attention at
 # both levels, two transformer layers per block, upcast attention.
-SD2_UNET = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                down_block_types=("CrossAttnDownBlock2D",) * 2,
-                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=24,
-                attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16,
-                transformer_layers_per_block=2, upcast_attention=True)
-VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2, norm_num_groups=8,
-           latent_channels=4, sample_size=16)
+SD2_UNET = {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+            "up_block_types": ("CrossAttnUpBlock2D",) * 2, "cross_attention_dim": 24,
+            "attention_head_dim": (2, 4), "use_linear_projection": True, "norm_num_groups": 16,
+            "transformer_layers_per_block": 2, "upcast_attention": True}
+VAE = {"block_out_channels": (16, 32), "down_block_types": ("DownEncoderBlock2D",) * 2,
+       "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 2, "norm_num_groups": 8,
+       "latent_channels": 4, "sample_size": 16}
 
 
 def perturb(module, seed=0, scale=0.05):
@@ -178,8 +184,8 @@ def test_saved_pipeline_loads_as_stable_diffusion_pipeline(tmp_path):
                                          bos_token_id=53, pad_token_id=54)
     perturb(transformers.CLIPTextModel(hf_cfg), seed=2).save_pretrained(src / "text_encoder")
     write_tiny_clip_tokenizer(src / "tokenizer")
-    diffusers.DDIMScheduler(prediction_type="v_prediction",
-                            clip_sample=False).save_pretrained(src / "scheduler")
+    diffusers.DDIMScheduler(prediction_type="v_prediction", clip_sample=False,
+                            steps_offset=1).save_pretrained(src / "scheduler")
     (src / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
