@@ -1,7 +1,7 @@
 r"""Text-to-image sampling throughput: one UNet denoising step and whole compiled t2i samples.
 
     python -m benchmarks.t2i --model=sd15 --batch=1 --steps=2          # SD 1.5 UNet, 64×64 latents
-    python -m benchmarks.t2i --model=testbed                           # configs/t2i/testbed.py:cpu
+    python -m benchmarks.t2i --model=testbed                           # experiments/t2i_testbed.py
     python -m benchmarks.t2i --model=sd15 --decode                     # + SD VAE decode to 512×512
 
 Random weights (throughput does not depend on them). Per model it prints:
@@ -16,18 +16,18 @@ Text encoding is not timed (the sampler takes prompt embeddings).
 """
 
 import importlib.util
-import os
 import time
 
 from absl import app, flags
 
 _MODEL = flags.DEFINE_enum("model", "both", ["sd15", "testbed", "both"], "Which UNet(s) to measure.")
-_BATCH = flags.DEFINE_integer("batch", None, "Prompts per call (default: 1 for sd15, 8 for testbed).")
+_BATCH = flags.DEFINE_integer("batch", None, "Prompts per call (default: 1 for sd15, the config's for testbed).")
 _STEPS = flags.DEFINE_integer("steps", None, "Inference steps (default: 2 for sd15, the config's for testbed).")
 _KIND = flags.DEFINE_enum("kind", None, ["ddim", "ddpm", "euler"], "Scheduler (default: ddim).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "CFG scale (default: 7.5 sd15, config's for testbed).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet computation dtype.")
-_DECODE = flags.DEFINE_bool("decode", False, "sd15: decode the latents with the SD VAE (random weights).")
+_DECODE = flags.DEFINE_bool("decode", False, "sd15: decode the latents with the SD VAE (random weights); "
+                            "the test bed always decodes (a reshape).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed calls of each program (after one warm-up call).")
 _TESTBED_CONFIG = flags.DEFINE_string("testbed_config", "configs/t2i/testbed.py", "Test-bed config file.")
 
@@ -55,38 +55,33 @@ def sd15(dtype):
 
     cfg = sd15_unet_config()
     graphdef, params, n = random_model(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return dict(name="SD 1.5 UNet (64×64×4 latents, 512² images)", graphdef=graphdef, params=params,
-                n_params=n, scheduler=SchedulerConfig(), latent_shape=(64, 64, 4), context=(77, 768),
-                kind="ddim", steps=2, guidance=7.5, batch=1)
+    return {"name": "SD 1.5 UNet (64×64×4 latents, 512² images)", "graphdef": graphdef, "params": params,
+            "n_params": n, "scheduler": SchedulerConfig(), "latent_shape": (64, 64, 4), "context": (77, 768),
+            "kind": "ddim", "steps": 2, "guidance": 7.5, "batch": 1}
 
 
 def testbed(dtype, path):
+    """The test bed's UNet, scheduler, sampling settings and 4×4-unshuffle "VAE"
+    (experiments/t2i_testbed.py), from its config file."""
+    import jax.numpy as jnp
     from flax import nnx
 
-    from jaxsafe.diffusion.schedulers import SchedulerConfig
-    from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+    from experiments import t2i_testbed as tb
+    from jaxsafe.nn.unet2d_condition import UNet2DConditionModel
 
-    if os.path.isfile(path):
-        spec = importlib.util.spec_from_file_location("testbed_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        c = module.get_config("cpu")
-        unet, sched, sampling = dict(c.unet), dict(c.scheduler), dict(c.sampling)
-        context = (c.data.max_length, c.text_encoder.hidden_size)
-        name = f"test-bed UNet ({path}:cpu, 32×32×3 pixels)"
-    else:  # the test bed's shape, should its config be missing
-        unet = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-        sched, sampling, context = {}, dict(kind="ddim", num_inference_steps=25, guidance_scale=4.0), (12, 64)
-        name = "tiny UNet (32×32×3)"
-    cfg = UNet2DConditionConfig(**unet, in_channels=3, out_channels=3, sample_size=32,
-                                cross_attention_dim=context[1])
+    spec = importlib.util.spec_from_file_location("testbed_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("cpu")
+    cfg = tb.unet_config(c)
     graphdef, params, n = random_model(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return dict(name=name, graphdef=graphdef, params=params, n_params=n,
-                scheduler=SchedulerConfig.from_dict(sched), latent_shape=(32, 32, 3), context=context,
-                kind=sampling["kind"], steps=sampling["num_inference_steps"],
-                guidance=sampling["guidance_scale"], batch=8)
+    s = c.sampling
+    return {"name": f"test-bed UNet ({path}:cpu, 8×8×48 unshuffled 32² images)", "graphdef": graphdef,
+            "params": params, "n_params": n, "scheduler": tb.scheduler_config(c),
+            "latent_shape": (cfg.sample_size, cfg.sample_size, cfg.in_channels),
+            "context": (c.data.max_length, c.text_encoder.hidden_size), "kind": s.kind,
+            "steps": s.num_inference_steps, "guidance": s.guidance_scale, "batch": s.batch_size,
+            "decode": lambda p, z: jnp.clip(tb.from_latent(z), -1.0, 1.0)}
 
 
 def sd_vae_decode(dtype):
@@ -121,7 +116,7 @@ def run(m, peak):
     guidance = m["guidance"] if _GUIDANCE.value is None else _GUIDANCE.value
     graphdef = m["graphdef"]
     params = {"unet": m["params"]}
-    decode = None
+    decode = m.get("decode")
     if _DECODE.value and m["latent_shape"] == (64, 64, 4):
         params["vae"], decode = sd_vae_decode(jnp.bfloat16 if _DTYPE.value == "bfloat16" else None)
 
@@ -134,7 +129,7 @@ def run(m, peak):
     cond = jax.random.normal(jax.random.key(2), (b, *m["context"]))
     emb = jnp.concatenate([cond, cond]) if rows == 2 * b else cond
     print(f"\n{m['name']}: {m['n_params'] / 1e6:.1f} M parameters, batch {b} prompts, {kind} "
-          f"{n} steps, guidance {guidance}, {_DTYPE.value}" + (", + VAE decode" if decode else ""))
+          f"{n} steps, guidance {guidance}, {_DTYPE.value}" + (", + decode" if decode else ""))
 
     step, step_compile = compile_timed(jax.jit(unet_apply), params, x, t, emb)
     step_flops = cost_flops(step)
@@ -145,12 +140,12 @@ def run(m, peak):
           f"peak memory {fmt_bytes(memory_bytes(step))}")
 
     decode_flops = 0.0
-    if decode is not None:
+    if _DECODE.value and decode is not None:
         lat = jax.random.normal(jax.random.key(3), (b, *m["latent_shape"]))
         dec, dec_compile = compile_timed(jax.jit(decode), params, lat)
         decode_flops = cost_flops(dec)
         dsec = time_calls(lambda: dec(params, lat), _REPS.value)
-        print(f"  VAE decode (batch {b}): compile {dec_compile:6.2f} s  {dsec:8.2f} s/call  "
+        print(f"  decode (batch {b}): compile {dec_compile:6.2f} s  {dsec:8.2f} s/call  "
               f"{decode_flops / 1e9:8.1f} GFLOP  {decode_flops / dsec / 1e9:7.1f} GFLOP/s  "
               f"peak memory {fmt_bytes(memory_bytes(dec))}")
 

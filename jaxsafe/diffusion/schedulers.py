@@ -59,7 +59,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +135,7 @@ class SchedulerConfig:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}.")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
         """From a diffusers `scheduler_config.json` dict; unknown keys are ignored, unsupported
         options raise ValueError. Missing keys take this class's (Stable Diffusion) defaults, not
         those of the diffusers class the config is loaded into (e.g. EulerDiscreteScheduler's
@@ -152,7 +153,7 @@ def _check_steps(config: SchedulerConfig, num_inference_steps: int):
                          f"(num_train_timesteps), got {num_inference_steps}.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _np_schedule(config: SchedulerConfig) -> tuple[np.ndarray, np.ndarray]:
     """(β, ᾱ) in float64; the public functions round them to float32 once."""
     T = config.num_train_timesteps
@@ -399,7 +400,7 @@ def sample_loop(config: SchedulerConfig, kind: str, denoise_fn: Callable, x_T, n
         ts, sig = euler_timesteps(config, n), euler_sigmas(config, n)
 
         def body(x, xs):
-            i, t, s, s_next, _ = xs
+            _, t, s, s_next, _ = xs
             out = call(euler_scale_input(s, x), t)
             x = euler_step(config, out, s, s_next, x)
             return x, (x if return_trajectory else None)

@@ -231,7 +231,8 @@ class SampleLoopTest(chex.TestCase):
                               (S.SchedulerConfig(timestep_spacing="trailing"), "euler", {}),
                               (SD, "euler", {}), (SD, "ddpm", {"rng": key}),
                               (S.SchedulerConfig(set_alpha_to_one=True), "ddim", {"eta": 1.0, "rng": key})]:
-            loop = self.variant(lambda x: S.sample_loop(cfg, kind, _oracle(cfg, c), x, 10, **kw))
+            loop = self.variant(functools.partial(S.sample_loop, cfg, kind, _oracle(cfg, c),
+                                                  num_inference_steps=10, **kw))
             np.testing.assert_allclose(loop(x_T), np.broadcast_to(c, x_T.shape), atol=2e-4, err_msg=kind)
 
     def test_loop_is_one_scan_and_traces_the_model_once(self):
@@ -392,8 +393,8 @@ def test_timesteps_match_diffusers_for_many_n():
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
     for spacing in ("leading", "trailing", "linspace"):
         cfg = S.SchedulerConfig(timestep_spacing=spacing)
-        kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                  timestep_spacing=spacing)
+        kw = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+              "timestep_spacing": spacing}
         ddim, euler = diffusers.DDIMScheduler(**kw), diffusers.EulerDiscreteScheduler(**kw)
         # 48: .5 ties decided by arange's float steps; 61, 103: diffusers' trailing has n + 1 entries
         for n in (1, 2, 3, 7, 10, 25, 30, 48, 50, 61, 100, 103, 333, 500, 999):

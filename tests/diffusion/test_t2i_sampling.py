@@ -1,7 +1,6 @@
 """Text-to-image sampler: CFG, negative prompts, per-sample seeds, against a NumPy DDIM loop."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,7 +39,10 @@ def np_ddim_cfg(x_T, cond, uncond, scale, n=5):
     for t in np.arange(n)[::-1] * ratio + 1:
         tt = np.full((x.shape[0],), t)
         e_c = toy_unet_np(PARAMS, x, tt, cond)
-        eps = e_c if uncond is None else (lambda e_u: e_u + scale * (e_c - e_u))(toy_unet_np(PARAMS, x, tt, uncond))
+        eps = e_c
+        if uncond is not None:
+            e_u = toy_unet_np(PARAMS, x, tt, uncond)
+            eps = e_u + scale * (e_c - e_u)
         a, a_prev = ab[t], (ab[t - ratio] if t - ratio >= 0 else ab[0])
         x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
         x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
