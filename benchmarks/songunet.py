@@ -36,8 +36,14 @@ def main(argv):
     import optax
     from flax import nnx
 
-    from benchmarks.common import (cost_flops, fmt_bytes, machine, matmul_peak_flops,
-                                   memory_bytes, time_calls)
+    from benchmarks.common import (
+        cost_flops,
+        fmt_bytes,
+        machine,
+        matmul_peak_flops,
+        memory_bytes,
+        time_calls,
+    )
     from jaxsafe import parallel
     from jaxsafe.nn import songunet
 
@@ -49,7 +55,7 @@ def main(argv):
     init_s = time.perf_counter() - t0
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    place = lambda tree: jax.device_put(  # noqa: E731
+    place = lambda tree: jax.device_put(
         tree, parallel.shardings_for(tree, mesh, songunet.SONGUNET_SHARDING_RULES))
     params, rest = place(params), place(rest)
 
@@ -92,26 +98,32 @@ def main(argv):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    for mode in _MODES.value:
-        t0 = time.perf_counter()
-        if mode == "forward":
-            compiled = jax.jit(forward).lower(params, rest, batch).compile()
-            call = lambda: compiled(params, rest, batch)  # noqa: E731
-        elif mode == "train":
-            opt_state = place(optimizer.init(params))  # moments named '0/mu/<param name>'
-            # Explicit out_shardings: left to propagation, XLA may return a replicated bias split.
-            sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-            compiled = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(
-                sharding_of(params), sharding_of(opt_state), parallel.replicated(mesh))).lower(
-                params, opt_state, rest, batch, 0).compile()
-            box = [jax.tree.map(jnp.copy, params), opt_state, 0]  # donated, so not `params`
+    def compile_forward():
+        compiled = jax.jit(forward).lower(params, rest, batch).compile()
+        return compiled, lambda: compiled(params, rest, batch)
 
-            def call():
-                box[0], box[1], loss = compiled(box[0], box[1], rest, batch, box[2])
-                box[2] += 1
-                return loss
-        else:
+    def compile_train():
+        opt_state = place(optimizer.init(params))  # moments named '0/mu/<param name>'
+        # Explicit out_shardings: left to propagation, XLA may split a replicated bias.
+        sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        compiled = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(
+            sharding_of(params), sharding_of(opt_state), parallel.replicated(mesh))).lower(
+            params, opt_state, rest, batch, 0).compile()
+        box = [jax.tree.map(jnp.copy, params), opt_state, 0]  # donated, so not `params`
+
+        def call():
+            box[0], box[1], loss = compiled(box[0], box[1], rest, batch, box[2])
+            box[2] += 1
+            return loss
+
+        return compiled, call
+
+    programs = {"forward": compile_forward, "train": compile_train}
+    for mode in _MODES.value:
+        if mode not in programs:
             raise ValueError(f"--modes: expected 'forward' or 'train', got {mode!r}")
+        t0 = time.perf_counter()
+        compiled, call = programs[mode]()
         compile_s = time.perf_counter() - t0
         sec = time_calls(call, _STEPS.value)
         flops = cost_flops(compiled) * mesh.size
@@ -120,7 +132,6 @@ def main(argv):
               f"{flops / 1e9:8.1f} GFLOP/call  {achieved / 1e9:7.1f} GFLOP/s "
               f"({100 * achieved / peak:5.1f} % of matmul peak)  "
               f"peak memory {fmt_bytes(memory_bytes(compiled))}")
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -67,10 +67,11 @@ NCSN++ FFHQ-64 (``ncsnpp_ffhq64``)    62,761,091   -
 Fourier frequencies are a non-trainable ``Buffer`` and not counted.
 
 Deviations from EDM: none in the function computed (fused *up*-resampling, which SongUNet never
-uses, is not implemented; EDM's ``EDMPrecond`` wrapper is not part of this module). Compute dtype: EDM runs the mapping network
-in float32 (the noise labels are float32) and the trunk in the input's dtype; here ``dtype``
-(e.g. ``jnp.bfloat16``) sets the trunk dtype the same way, while the mapping network, GroupNorm
-statistics and the attention softmax stay in float32. Dropout keys come only from the ``rngs``
+uses, is not implemented; EDM's ``EDMPrecond`` wrapper is not part of this module).
+
+Compute dtype: EDM runs the mapping network in float32 (the noise labels are float32) and the
+trunk in the input's dtype; here ``dtype`` (e.g. ``jnp.bfloat16``) sets the trunk dtype the same
+way, while the mapping network, GroupNorm statistics and the attention softmax stay in float32. Dropout keys come only from the ``rngs``
 passed at call time (stream ``'dropout'``, also used for label dropout).
 """
 
@@ -87,9 +88,20 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
-    "Buffer", "Conv2d", "GroupNorm", "SONGUNET_SHARDING_RULES", "SongUNet", "UNetBlock",
-    "ddpmpp_cifar10", "ddpmpp_ffhq64", "fourier_embedding", "ncsnpp_cifar10", "ncsnpp_ffhq64",
-    "positional_embedding", "resample_filter_2d", "xavier_uniform",
+    "SONGUNET_SHARDING_RULES",
+    "Buffer",
+    "Conv2d",
+    "GroupNorm",
+    "SongUNet",
+    "UNetBlock",
+    "ddpmpp_cifar10",
+    "ddpmpp_ffhq64",
+    "fourier_embedding",
+    "ncsnpp_cifar10",
+    "ncsnpp_ffhq64",
+    "positional_embedding",
+    "resample_filter_2d",
+    "xavier_uniform",
 ]
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -244,7 +256,7 @@ class UNetBlock(nnx.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_heads = num_heads if attention else 0
         self.skip_scale = float(skip_scale)
-        conv = dict(resample_filter=resample_filter, param_dtype=param_dtype, rngs=rngs)
+        conv = {"resample_filter": resample_filter, "param_dtype": param_dtype, "rngs": rngs}
         self.norm0 = GroupNorm(in_channels, eps=eps, param_dtype=param_dtype)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, **conv)
         self.affine = _linear(emb_channels, out_channels, param_dtype=param_dtype, rngs=rngs)
@@ -359,8 +371,8 @@ class SongUNet(nnx.Module):
         self.dtype = dtype
         self.deterministic = False  # flipped by model.eval()/model.train(); gates label dropout
 
-        lin = dict(param_dtype=param_dtype, rngs=rngs)
-        conv = dict(resample_filter=resample_filter, param_dtype=param_dtype, rngs=rngs)
+        lin = {"param_dtype": param_dtype, "rngs": rngs}
+        conv = {"resample_filter": resample_filter, "param_dtype": param_dtype, "rngs": rngs}
         block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout,
                      skip_scale=math.sqrt(0.5), eps=1e-6, **conv)
 
@@ -451,11 +463,13 @@ class SongUNet(nnx.Module):
         b = x.shape[0]
         if jnp.shape(noise_labels) != (b,):
             raise ValueError(f"noise_labels: expected shape ({b},), got {jnp.shape(noise_labels)}")
-        for name, value, dim_name, dim in (("class_labels", class_labels, "label_dim", self.label_dim),
-                                           ("augment_labels", augment_labels, "augment_dim", self.augment_dim)):
+        labels = (("class_labels", class_labels, "label_dim", self.label_dim),
+                  ("augment_labels", augment_labels, "augment_dim", self.augment_dim))
+        for name, value, dim_name, dim in labels:
             if value is None:
                 if name == "class_labels" and dim:
-                    raise ValueError(f"class_labels: expected shape ({b}, {dim}) for label_dim={dim}, got None")
+                    raise ValueError(
+                        f"class_labels: expected shape ({b}, {dim}) for label_dim={dim}, got None")
             elif not dim:
                 raise ValueError(f"{name}: the model was built with {dim_name}=0; pass None")
             elif jnp.shape(value) != (b, dim):
@@ -516,12 +530,12 @@ def _preset(defaults: dict, overrides: dict, rngs: nnx.Rngs) -> SongUNet:
     return SongUNet(**{**defaults, **overrides}, rngs=rngs)
 
 
-_DDPMPP = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
-               channel_mult_noise=1, resample_filter=(1, 1), model_channels=128)
-_NCSNPP = dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-               channel_mult_noise=2, resample_filter=(1, 3, 3, 1), model_channels=128)
-_CIFAR10 = dict(img_resolution=32, in_channels=3, out_channels=3, channel_mult=(2, 2, 2))
-_FFHQ64 = dict(img_resolution=64, in_channels=3, out_channels=3, channel_mult=(1, 2, 2, 2))
+_DDPMPP = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
+           "channel_mult_noise": 1, "resample_filter": (1, 1), "model_channels": 128}
+_NCSNPP = {"embedding_type": "fourier", "encoder_type": "residual", "decoder_type": "standard",
+           "channel_mult_noise": 2, "resample_filter": (1, 3, 3, 1), "model_channels": 128}
+_CIFAR10 = {"img_resolution": 32, "in_channels": 3, "out_channels": 3, "channel_mult": (2, 2, 2)}
+_FFHQ64 = {"img_resolution": 64, "in_channels": 3, "out_channels": 3, "channel_mult": (1, 2, 2, 2)}
 
 
 def ddpmpp_cifar10(*, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.13,
