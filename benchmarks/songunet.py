@@ -47,6 +47,9 @@ def main(argv):
     from jaxsafe import parallel
     from jaxsafe.nn import songunet
 
+    unknown = sorted(set(_MODES.value) - {"forward", "train"})
+    if unknown:
+        raise ValueError(f"--modes: expected 'forward' and/or 'train', got {unknown}")
     dtype = jnp.dtype(_DTYPE.value)
     mesh = parallel.make_mesh(_MESH_DATA.value, _MESH_FSDP.value)
     peak = matmul_peak_flops(dtype=dtype)
@@ -120,8 +123,6 @@ def main(argv):
 
     programs = {"forward": compile_forward, "train": compile_train}
     for mode in _MODES.value:
-        if mode not in programs:
-            raise ValueError(f"--modes: expected 'forward' or 'train', got {mode!r}")
         t0 = time.perf_counter()
         compiled, call = programs[mode]()
         compile_s = time.perf_counter() - t0
