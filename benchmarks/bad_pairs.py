@@ -26,7 +26,6 @@ variant's quarter-width ResNet-34), `--epochs` (default 20) with the warm-up sca
 ratio 50/80 (12 epochs), batch 64 (7 steps per epoch on 448 series).
 """
 
-import importlib
 import json
 import os
 import tempfile
@@ -57,19 +56,11 @@ def arms():
     return out
 
 
-def load_config(spec, common):
-    """`configs/dbpm/<setting>.py[:variant]` (a module of the configs.dbpm package)."""
-    path, _, arg = spec.partition(":")
-    setting = os.path.splitext(os.path.basename(path))[0]
-    module = importlib.import_module(f"{common.__package__}.{setting}")
-    return module.get_config(arg or None)
-
-
 def main(argv):
     del argv
     import jax
 
-    from benchmarks.common import machine, stats
+    from benchmarks.common import load_config, machine, stats
     from configs.dbpm import common
     from experiments import run_experiment
     from jaxsafe.train.metrics import quiet_orbax
@@ -85,7 +76,7 @@ def main(argv):
     results = []
     for seed in map(int, _SEEDS.value):
         for name, corrupt, enabled, normalized in arms():
-            config = load_config(_CONFIG.value, common)
+            config = load_config(_CONFIG.value)
             with config.unlocked():
                 common.set_epochs(config, _EPOCHS.value)
                 config.dbpm.update(enabled=enabled, normalized=normalized)
@@ -110,8 +101,8 @@ def main(argv):
                     for k in ("noisy", "faulty"))
                 line += f"  flagged {row['dbpm_flagged_noisy']}+{row['dbpm_flagged_faulty']}"
             print(f"{line}  ({row['seconds']:.0f} s)", flush=True)
-    print(f"\n| arm | probe accuracy | noisy precision | noisy recall | faulty precision | "
-          f"faulty recall |\n|---|---|---|---|---|---|")
+    print("\n| arm | probe accuracy | noisy precision | noisy recall | faulty precision | "
+          "faulty recall |\n|---|---|---|---|---|---|")
     for name, corrupt, _, _ in arms():
         rows = [r for r in results if r["arm"] == name]
         cells = [stats([r["probe_accuracy"] for r in rows])]

@@ -1,5 +1,6 @@
 """Shared measurement helpers for the benchmark scripts."""
 
+import importlib.util
 import platform
 import time
 
@@ -72,3 +73,14 @@ def fmt_bytes(n) -> str:
 def stats(xs) -> str:
     xs = np.asarray(xs)
     return f"{xs.mean():.4g} ± {xs.std():.2g}"
+
+
+def load_config(spec: str):
+    """The ConfigDict of `path/to/config.py[:arg]` (the launcher's `--config` syntax)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    if module_spec is None:
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

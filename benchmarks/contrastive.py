@@ -17,7 +17,6 @@ Cost analysis does not multiply a `lax.scan` body by its trip count, so FLOPs pe
 a one-step program.
 """
 
-import importlib.util
 
 from absl import app, flags
 
@@ -28,14 +27,6 @@ _CALLS = flags.DEFINE_integer("calls", 5, "Timed calls per arm.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Override the config's batch size (0: keep).")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Size of the mesh's data axis.")
 _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Size of the mesh's fsdp axis.")
-
-
-def load_config(spec):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def synthetic(spec):
@@ -58,8 +49,8 @@ def main(argv):
     import jax
     import numpy as np
 
-    from benchmarks.common import (cost_flops, fmt_bytes, machine, matmul_peak_flops, memory_bytes,
-                                   time_calls)
+    from benchmarks.common import (cost_flops, fmt_bytes, load_config, machine, matmul_peak_flops,
+                                   memory_bytes, time_calls)
     from experiments import dbpm
     from jaxsafe import parallel, train
 

@@ -10,7 +10,6 @@ Cost analysis does not multiply a `lax.scan` body by its trip count, so FLOPs pe
 from the K = 1 program.
 """
 
-import importlib.util
 
 from absl import app, flags
 
@@ -21,17 +20,10 @@ _MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Size of the mesh's data axis.
 _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Size of the mesh's fsdp axis.")
 
 
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(None)
-
-
 def main(argv):
     del argv
-    from benchmarks.common import (cost_flops, fmt_bytes, machine, matmul_peak_flops, memory_bytes,
-                                   time_calls)
+    from benchmarks.common import (cost_flops, fmt_bytes, load_config, machine, matmul_peak_flops,
+                                   memory_bytes, time_calls)
     from experiments import grokking
     from jaxsafe import parallel, train
 
