@@ -14,12 +14,20 @@ where ỹ is the caption replaced by the empty prompt with probability ``data.ca
 
 Decisions:
 
-* "Latent" space: E is a fixed, parameter-free 4×4 pixel unshuffle (space-to-depth), 32×32×3 →
-  8×8×48, and the decoder D its inverse; so z is the image itself, rearranged, and the pixel
-  noise schedule applies unchanged (linear β, 1e-4..0.02, T = 1000, as DDPM on 32×32 CIFAR-10).
-  On 2 shared CPU cores a pixel-space UNet at 32×32 costs ~20 s per batch-32 step; at 8×8 the
-  same width costs ~1 s (docs/testbed.md). SD's VAE is a learned E/D with factor 8; here the
-  exported folder has no ``vae/`` and records ``"testbed_patch_size": 4`` in model_index.json.
+* Latent space: E is a fixed linear autoencoder, the PCA of 4×4 patches (``PatchPCA``):
+  E(x) = s · (unshuffle₄(x) − μ) Vᵀ, D(z) = shuffle₄(z V / s + μ), with V the top
+  ``latent.components`` (12 of 48) principal directions of the patches of
+  ``latent.fit_images`` training images and s the scale that gives z unit standard deviation
+  (SD's ``scaling_factor`` idea). 32×32×3 → 8×8×12. It keeps 96 % of the patch variance and the
+  oracle reads D(E(x)) as it reads x (100 % on 500 held-out images). Why not pixels: on 2 shared
+  CPU cores a UNet on 32×32×3 costs ~20 s per batch-32 step, at 8×8 ~1 s (docs/testbed.md).
+  Why not the plain unshuffle (8×8×48): a UNet 64 wide cannot carry 48 signed channels through
+  its GroupNorm/SiLU layers, so it fails even to copy x_t at t ≈ T (ε-MSE 0.07 after 1,000
+  steps) and its samples stay noise; SD's UNet is 320 wide on 4 latent channels. Like SD's VAE,
+  E is lossy (RMSE 0.077 on [−1, 1]); unlike it, it is fitted, not trained. The linear β
+  schedule (1e-4..0.02, T = 1000, DDPM's on 32×32 CIFAR-10) is used on the unit-variance z.
+  The exported folder has no ``vae/``: it ships E/D as ``latent/patch_pca.npz``
+  (``load_latent``).
 * Text encoder and UNet train jointly (``train_text_encoder``); the text transformer is the
   CLIP architecture with the word tokenizer's ids (EOT the largest id, see
   ``jaxsafe.data.word_tokenizer``), so its EOT pooling follows CLIP's rules.
@@ -54,35 +62,77 @@ from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionMo
 from jaxsafe.parallel import fetch
 from jaxsafe.train import Task, split_model
 
-PATCH = 4
 SAMPLE_PROMPTS = ("a red circle on a plain background", "an orange circle on a striped background",
                   "a green square on a dotted background", "a blue box on a plain background",
                   "a red ellipse on a striped background", "an orange triangle on a dotted background",
                   "a green triangle on a plain background", "a blue ellipse on a dotted background",
                   "a circle", "a red triangle", "a box on a striped background", "")
+LATENT_FILE = os.path.join("latent", "patch_pca.npz")
 
 
-def to_latent(x: jax.Array, p: int = PATCH) -> jax.Array:
-    """E: (B, H, W, C) -> (B, H/p, W/p, p·p·C) pixel unshuffle."""
+def to_latent(x: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/p, W/p, p·p·C) pixel unshuffle (space-to-depth)."""
     b, h, w, c = x.shape
     return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(
         b, h // p, w // p, p * p * c)
 
 
-def from_latent(z: jax.Array, p: int = PATCH) -> jax.Array:
-    """D = E⁻¹: (B, h, w, p·p·C) -> (B, h·p, w·p, C)."""
+def from_latent(z: jax.Array, p: int) -> jax.Array:
+    """Inverse of :func:`to_latent`: (B, h, w, p·p·C) -> (B, h·p, w·p, C)."""
     b, h, w, d = z.shape
     c = d // (p * p)
     return z.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c)
 
 
-class TestbedModel(nnx.Module):
-    """The two trained networks, so one `nnx.split` hands both to the trainer."""
+class Fixed(nnx.Variable):
+    """A constant of the model (not trained, checkpointed and exported with it)."""
 
-    def __init__(self, text_config: CLIPTextConfig, unet_config: UNet2DConditionConfig, *,
-                 rngs: nnx.Rngs):
+
+class PatchPCA(nnx.Module):
+    """E(x) = s · (unshuffle_p(x) − μ) Vᵀ and D(z) = shuffle_p(z V / s + μ); see module doc."""
+
+    def __init__(self, mean, basis, scale, patch: int):
+        self.patch = patch
+        self.mean = Fixed(jnp.asarray(mean, jnp.float32))
+        self.basis = Fixed(jnp.asarray(basis, jnp.float32))
+        self.scale = Fixed(jnp.asarray(scale, jnp.float32))
+
+    @property
+    def channels(self) -> int:
+        return self.basis.shape[0]
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        return (to_latent(x, self.patch) - self.mean[...]) @ self.basis[...].T * self.scale[...]
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        return from_latent(z @ self.basis[...] / self.scale[...] + self.mean[...], self.patch)
+
+
+def fit_patch_pca(images: np.ndarray, patch: int, components: int):
+    """(μ, V, s) of :class:`PatchPCA` from float images in [−1, 1]; each direction's sign is
+    fixed (largest entry positive) so the fit is reproducible."""
+    rows = np.asarray(to_latent(jnp.asarray(images, jnp.float32), patch), np.float64)
+    rows = rows.reshape(-1, rows.shape[-1])
+    if not 1 <= components <= rows.shape[1]:
+        raise ValueError(f"latent.components={components}; expected 1..{rows.shape[1]} "
+                         f"(3·patch² for patch={patch})")
+    mean = rows.mean(0)
+    _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    basis = vt[:components]
+    basis *= np.sign(basis[np.arange(components), np.abs(basis).argmax(1)])[:, None]
+    scale = 1.0 / ((rows - mean) @ basis.T).std()
+    return mean, basis, scale
+
+
+class TestbedModel(nnx.Module):
+    """The two trained networks and the fixed latent map, so one `nnx.split` hands them to the
+    trainer (the latent map's `Fixed` arrays land in `frozen`)."""
+
+    def __init__(self, text_config: CLIPTextConfig, unet_config: UNet2DConditionConfig,
+                 latent: PatchPCA, *, rngs: nnx.Rngs):
         self.text_encoder = CLIPTextModel(text_config, rngs=rngs)
         self.unet = UNet2DConditionModel(unet_config, rngs=rngs)
+        self.latent = latent
 
     def __call__(self, z_t, t, input_ids):
         return self.unet(z_t, t, self.text_encoder(input_ids)["last_hidden_state"])
@@ -98,9 +148,9 @@ def unet_config(config) -> UNet2DConditionConfig:
     u = dict(config.unet)
     for k in ("block_out_channels", "down_block_types", "up_block_types"):
         u[k] = tuple(u[k])
-    channels = 3 * PATCH * PATCH
-    return UNet2DConditionConfig(sample_size=shapes.RESOLUTION // PATCH, in_channels=channels,
-                                 out_channels=channels,
+    channels = config.latent.components
+    return UNet2DConditionConfig(sample_size=shapes.RESOLUTION // config.latent.patch,
+                                 in_channels=channels, out_channels=channels,
                                  cross_attention_dim=config.text_encoder.hidden_size,
                                  prediction_type="epsilon", **u)
 
@@ -110,7 +160,11 @@ def scheduler_config(config) -> schedulers.SchedulerConfig:
 
 
 def build_model(config, tokenizer) -> TestbedModel:
-    return TestbedModel(text_config(config, tokenizer), unet_config(config),
+    """The model with a freshly fitted latent map (a checkpoint's or export's replaces it)."""
+    lat = config.latent
+    images = shapes.ShapesDataset(config.data.train_seed).arrays(0, lat.fit_images)["image"]
+    pca = PatchPCA(*fit_patch_pca(images / 127.5 - 1.0, lat.patch, lat.components), lat.patch)
+    return TestbedModel(text_config(config, tokenizer), unet_config(config), pca,
                         rngs=nnx.Rngs(config.train.seed))
 
 
@@ -121,7 +175,7 @@ def make_loss_fn(graphdef, sched: schedulers.SchedulerConfig, empty_ids: np.ndar
 
     def loss_fn(params, frozen, extra, batch, rng):
         model = nnx.merge(graphdef, params, frozen)
-        z0 = to_latent(batch["image"])
+        z0 = model.latent.encode(batch["image"])
         b = z0.shape[0]
         k_t, k_eps, k_drop = jax.random.split(rng, 3)
         t = jax.random.randint(k_t, (b,), 0, T)
@@ -161,8 +215,8 @@ def make_generator(graphdef, config, tokenizer):
     sampler = t2i.make_t2i_sampler(
         lambda pf, z, t, emb: nnx.merge(graphdef, *pf).unet(z, t, emb), scheduler_config(config),
         kind=s.kind, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-        latent_shape=(shapes.RESOLUTION // PATCH,) * 2 + (3 * PATCH * PATCH,),
-        decode=lambda pf, z: jnp.clip(from_latent(z), -1.0, 1.0))
+        latent_shape=(shapes.RESOLUTION // config.latent.patch,) * 2 + (config.latent.components,),
+        decode=lambda pf, z: jnp.clip(nnx.merge(graphdef, *pf).latent.decode(z), -1.0, 1.0))
     encode = jax.jit(lambda pf, ids: nnx.merge(graphdef, *pf).text_encoder(ids)["last_hidden_state"])
 
     def generate(params, frozen, captions, seeds):
@@ -258,9 +312,11 @@ def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
 def export(config, graphdef, params, frozen, folder: str) -> str:
     """Writes the model as a diffusers-layout folder: ``unet/``, ``text_encoder/``,
     ``scheduler/scheduler_config.json`` (DDIMScheduler), ``tokenizer/`` (the word tokenizer's
-    vocab.json + tokenizer_config.json, not listed in model_index.json: it is no CLIPTokenizer)
-    and ``model_index.json`` with ``"testbed_patch_size"``. Load it back with
-    ``jaxsafe.weights.diffusers.load_pipeline(folder)`` + ``WordTokenizer.load(folder/tokenizer)``.
+    vocab.json + tokenizer_config.json; not listed in model_index.json, which jaxsafe reads as a
+    CLIPTokenizer), ``latent/patch_pca.npz`` (E/D, in place of ``vae/``) and
+    ``model_index.json`` (with ``"testbed_latent"``). Load it back with
+    ``jaxsafe.weights.diffusers.load_pipeline(folder)``, ``WordTokenizer.load(folder +
+    '/tokenizer')`` and :func:`load_latent`.
     """
     from jaxsafe.weights import diffusers
 
@@ -268,9 +324,23 @@ def export(config, graphdef, params, frozen, folder: str) -> str:
     sched = {"_class_name": "DDIMScheduler", **dataclasses.asdict(scheduler_config(config))}
     diffusers.save_pipeline({"unet": model.unet, "text_encoder": model.text_encoder,
                              "scheduler_config": sched,
-                             "model_index": {"testbed_patch_size": PATCH}}, folder)
+                             "model_index": {"testbed_latent": LATENT_FILE}}, folder)
     shapes.tokenizer(config.data.max_length).save(os.path.join(folder, "tokenizer"))
+    lat = model.latent
+    os.makedirs(os.path.join(folder, os.path.dirname(LATENT_FILE)), exist_ok=True)
+    np.savez(os.path.join(folder, LATENT_FILE), patch=lat.patch, mean=np.asarray(lat.mean[...]),
+             basis=np.asarray(lat.basis[...]), scale=np.asarray(lat.scale[...]))
     return folder
+
+
+def load_latent(folder: str) -> PatchPCA:
+    """The latent map of an exported folder."""
+    path = os.path.join(folder, LATENT_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"latent map {path!r} not found: folder must be a test-bed "
+                                "export (experiments.t2i_testbed.export)")
+    with np.load(path) as f:
+        return PatchPCA(f["mean"], f["basis"], f["scale"], int(f["patch"]))
 
 
 def restore(config, workdir: str, step: int | None = None, ema: bool = True):

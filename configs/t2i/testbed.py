@@ -1,18 +1,18 @@
 r"""The miniature text-to-image test bed (`experiments/t2i_testbed.py`) and its oracle.
 
-A tiny CLIP text encoder and a tiny pixel-space SD UNet trained jointly, from scratch, on the
-captioned shapes set (`jaxsafe.data.shapes`): ε-prediction DDPM loss with linear betas (1e-4 to
-0.02 over T = 1000: Ho et al.'s CIFAR-10 32×32 schedule; SD's scaled_linear 0.00085..0.012 is
-tuned for 64×64×4 latents and leaves too much signal at T for pixels), 10 % caption dropout to
-the empty prompt for classifier-free guidance, DDIM sampling with guidance.
+A tiny CLIP text encoder and a tiny SD UNet trained jointly, from scratch, on the captioned
+shapes set (`jaxsafe.data.shapes`) in a fixed 8×8×12 latent space (PCA of 4×4 patches):
+ε-prediction DDPM loss with linear betas (1e-4 to 0.02 over T = 1000: Ho et al.'s CIFAR-10 32×32
+schedule; SD's scaled_linear 0.00085..0.012 is tuned for its VAE latents), 10 % caption dropout to
+the empty prompt for classifier-free guidance, DDIM sampling with guidance 4.
 
     python -m launch.train --config=configs/t2i/testbed.py:cpu --workdir=/tmp/testbed
     python -m launch.export_testbed --workdir=/tmp/testbed        # -> /tmp/testbed/export
 
 Variants (`--config=configs/t2i/testbed.py:<arg>`):
   cpu (default)  the test-bed model: tens of minutes on 2 CPU cores (docs/testbed.md);
-  smoke          seconds, for tests: a narrower model, 8 steps of batch 8;
-  oracle         trains the oracle classifier (experiment `train_testbed_oracle`, ~5 minutes);
+  smoke          seconds, for tests: a narrower model, 8 steps of batch 4;
+  oracle         trains the oracle classifier (experiment `train_testbed_oracle`, ~30 minutes);
   oracle_smoke   the oracle run in seconds, for tests.
 """
 
@@ -55,9 +55,10 @@ def get_config(arg=None):
     c.variant = arg
     c.data = dict(train_seed=0, heldout_seed=1, batch_size=32, max_length=12,
                   caption_dropout=0.1)
+    c.latent = dict(patch=4, components=12, fit_images=1000)
     c.text_encoder = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    # On the 8×8×48 unshuffled image (experiments/t2i_testbed.py); attention_head_dim is the
+    # On the 8×8×12 patch-PCA latent (experiments/t2i_testbed.py); attention_head_dim is the
     # number of heads (diffusers' naming).
     c.unet = dict(block_out_channels=(64, 64),
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -77,6 +78,7 @@ def get_config(arg=None):
     c.mesh = dict(data=-1, fsdp=1)
     if arg == "smoke":
         c.data.batch_size = 4
+        c.latent.fit_images = 32
         c.text_encoder.update(hidden_size=32, intermediate_size=64)
         c.unet.update(block_out_channels=(16, 32), attention_head_dim=2)
         c.sampling.update(num_inference_steps=4, batch_size=8)

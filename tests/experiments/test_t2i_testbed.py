@@ -58,12 +58,40 @@ class LatentTest(chex.TestCase):
         from experiments.t2i_testbed import from_latent, to_latent
 
         x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-        z = self.variant(to_latent)(x)
+        z = self.variant(lambda x: to_latent(x, 4))(x)
         assert z.shape == (2, 8, 8, 48)
         # Latent pixel (i, j) is the 4×4×3 patch at rows 4i.., columns 4j.., row-major.
         for i, j in ((0, 0), (2, 5), (7, 7)):
             np.testing.assert_array_equal(z[1, i, j], x[1, 4 * i:4 * i + 4, 4 * j:4 * j + 4].ravel())
-        np.testing.assert_array_equal(self.variant(from_latent)(z), x)
+        np.testing.assert_array_equal(self.variant(lambda z: from_latent(z, 4))(z), x)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_patch_pca(self):
+        from experiments.t2i_testbed import PatchPCA, fit_patch_pca
+
+        images = shapes.ShapesDataset(6).arrays(0, 40)["image"] / 127.5 - 1.0
+        rows = images.reshape(40, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 48)
+        mean, basis, scale = fit_patch_pca(images, 4, 12)
+        np.testing.assert_allclose(mean, rows.mean(0), atol=1e-12)
+        np.testing.assert_allclose(basis @ basis.T, np.eye(12), atol=1e-10)  # orthonormal
+        # The top-12 directions span the top-12 eigenvectors of the patch covariance.
+        w, v = np.linalg.eigh(np.cov(rows, rowvar=False))
+        top = v[:, np.argsort(w)[::-1][:12]]
+        np.testing.assert_allclose(np.abs(np.linalg.svd(top.T @ basis.T)[1]), 1, atol=1e-6)
+        pca = PatchPCA(mean, basis, scale, 4)
+        z = self.variant(pca.encode)(images.astype(np.float32))
+        assert z.shape == (40, 8, 8, 12)
+        np.testing.assert_allclose(np.std(z), 1.0, rtol=1e-4)  # the scale s
+        recon = self.variant(pca.decode)(z)
+        projected = (rows - mean) @ basis.T @ basis + mean
+        np.testing.assert_allclose(
+            recon, projected.reshape(40, 8, 8, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
+                images.shape), atol=1e-5)
+        full = PatchPCA(*fit_patch_pca(images, 4, 48), 4)  # all components: lossless
+        np.testing.assert_allclose(full.decode(full.encode(images.astype(np.float32))), images,
+                                   atol=1e-5)
+        with pytest.raises(ValueError, match=r"latent.components=49; expected 1..48"):
+            fit_patch_pca(images, 4, 49)
 
 
 # ------------------------------------------------------------------------------------ oracle
@@ -170,6 +198,7 @@ def test_loss_is_the_epsilon_prediction_objective(smoke_model):
     T = c.scheduler.num_train_timesteps
     alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))  # DDPM's linear betas
     model = nnx.merge(graphdef, params, frozen)
+    lat = model.latent
     for dropout in (0.0, 1.0):
         loss_fn = tb.make_loss_fn(graphdef, tb.scheduler_config(c), tok(""), dropout)
         key = jax.random.key(7)
@@ -177,7 +206,10 @@ def test_loss_is_the_epsilon_prediction_objective(smoke_model):
         # The loss's draws, re-derived from its key: t, then ε (dropout is all-or-nothing here).
         k_t, k_eps, _ = jax.random.split(key, 3)
         t = np.asarray(jax.random.randint(k_t, (4,), 0, T))
-        z0 = np.asarray(tb.to_latent(batch["image"]), np.float64)
+        patches = batch["image"].reshape(4, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
+            4, 8, 8, 48)
+        z0 = (patches - np.asarray(lat.mean[...])) @ np.asarray(lat.basis[...]).T * float(
+            lat.scale[...])
         eps = np.asarray(jax.random.normal(k_eps, z0.shape), np.float64)
         ab = alpha_bar[t][:, None, None, None]
         z_t = np.sqrt(ab) * z0 + np.sqrt(1 - ab) * eps
@@ -198,14 +230,18 @@ def test_export_round_trip(smoke_model, tmp_path):
     tb.export(c, graphdef, params, frozen, str(tmp_path))
     pipe = diffusers.load_pipeline(str(tmp_path))
     index = json.load(open(tmp_path / "model_index.json"))
-    assert index["testbed_patch_size"] == 4 and "tokenizer" not in index
+    assert index["testbed_latent"] == "latent/patch_pca.npz" and "tokenizer" not in index
     assert schedulers.SchedulerConfig.from_dict(pipe["scheduler_config"]) == tb.scheduler_config(c)
     assert WordTokenizer.load(str(tmp_path / "tokenizer")).vocab == tok.vocab
     model = nnx.merge(graphdef, params, frozen)
     ids = tok(["a red circle", "a box on a dotted background"])
     emb = model.text_encoder(ids)["last_hidden_state"]
     np.testing.assert_allclose(pipe["text_encoder"](ids)["last_hidden_state"], emb, atol=1e-6)
-    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 48))
+    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))
+    np.testing.assert_allclose(tb.load_latent(str(tmp_path)).decode(z), model.latent.decode(z),
+                               atol=1e-6)
+    with pytest.raises(FileNotFoundError, match=r"latent map .* not found"):
+        tb.load_latent(str(tmp_path / "unet"))
     np.testing.assert_allclose(pipe["unet"](z, jnp.array([10, 900]), emb),
                                model.unet(z, jnp.array([10, 900]), emb), atol=1e-5)
 
