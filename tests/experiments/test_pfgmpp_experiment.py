@@ -157,6 +157,8 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pfgmpp_smoke")
     c = config()
     c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 40, 40, 20
+    # What launch.train writes; launch.sample rebuilds the model from it.
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2, sort_keys=True))
     summary = run_experiment(c, str(workdir))
     return c, workdir, summary
 
@@ -236,3 +238,16 @@ def test_restore_like_names_the_mismatch():
         pfgmpp.restore_like(template, {"a": {"kernel": np.zeros((3, 2))}})
     out = pfgmpp.restore_like(template, {"a": {"kernel": np.ones((2, 3))}})
     np.testing.assert_array_equal(out["a"]["kernel"], 1.0)
+
+
+def test_launcher_config_round_trips_through_config_json(tmp_path):
+    from launch.sample import load_config
+
+    with pytest.raises(FileNotFoundError, match=r"config.json not found; pass --config"):
+        load_config(str(tmp_path))
+    c = config("cifar10_edm", "cpu")
+    (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=2, sort_keys=True))
+    back = load_config(str(tmp_path))
+    assert back.pfgmpp.D == float("inf") and pfgmpp.augmentation_dim(back.pfgmpp.D) is None
+    assert tuple(back.model.channel_mult) == tuple(c.model.channel_mult)
+    assert back.data.data_dir is None and back.train.batch_size == c.train.batch_size
