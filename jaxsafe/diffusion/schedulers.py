@@ -39,7 +39,7 @@ DDIM unless set_alpha_to_one, and 1 for DDPM, as in diffusers):
   init_noise_sigma = √(σ_max² + 1) for 'leading', σ_max for 'linspace'/'trailing' (diffusers).
   epsilon: x̂_0 = x − σ ε̂;  v_prediction: x̂_0 = −σ/√(σ²+1) v̂ + x/(σ²+1).
 
-Reproducing diffusers (0.3x) exactly, including its quirks:
+Reproducing diffusers (checked against 0.42.1), including its quirks:
 * schedule constants are computed in float64 and rounded to float32 once (diffusers computes them
   in torch float32, CompVis' latent-diffusion code in float64): ᾱ_t and σ_t differ from diffusers'
   by its float32 rounding error, at most ~1e-6 relative;
