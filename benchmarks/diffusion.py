@@ -38,8 +38,14 @@ def main(argv):
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.common import (cost_flops, fmt_bytes, machine, matmul_peak_flops, memory_bytes,
-                                   time_calls)
+    from benchmarks.common import (
+        cost_flops,
+        fmt_bytes,
+        machine,
+        matmul_peak_flops,
+        memory_bytes,
+        time_calls,
+    )
     from experiments import pfgmpp
     from jaxsafe import parallel, train
 
@@ -61,17 +67,19 @@ def main(argv):
         batch = {"image": jax.random.uniform(jax.random.key(1), (b,) + shape, minval=-1, maxval=1)}
         if config.data.cond:
             batch["label"] = jnp.zeros((b,), jnp.int32)
-        task = train.Task(graphdef=graphdef, params=params, frozen=frozen,
+        # The step donates its state: give it copies, keep `params` / `frozen` for the sampler.
+        p, f = jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, frozen)
+        task = train.Task(graphdef=graphdef, params=p, frozen=f,
                           optimizer=pfgmpp.make_optimizer(config.optimizer, b),
                           loss_fn=pfgmpp.make_loss_fn(graphdef, config), train_data=batch,
-                          extra={"ema": jax.tree.map(jnp.copy, params)},
+                          extra={"ema": jax.tree.map(jnp.copy, p)},
                           after_update=pfgmpp.make_after_update(config))
-        state = train.place_state(train.init_state(params, frozen, task.optimizer, task.extra), mesh)
+        state = train.place_state(train.init_state(p, f, task.optimizer, task.extra), mesh)
         placed = parallel.global_batch(batch, mesh)
         compiled, _, compile_s = train.compile_train_step(task, state, placed, mesh, 1, True)
         box = [state]
 
-        def call():
+        def call(box=box, compiled=compiled, placed=placed):
             box[0], metrics = compiled(box[0], placed)
             return metrics
 

@@ -99,7 +99,7 @@ def sample_workdir(workdir: str, config=None, *, num: int = 64, batch: int = 256
     fd = None
     if config.data.name == "digits":
         features, _, stats = pfgmpp.digits_features(config.data.resolution)
-        fd = lambda x: pfgmpp.frechet_distance_to(stats, np.asarray(features(x)))  # noqa: E731
+        fd = lambda x: pfgmpp.frechet_distance_to(stats, np.asarray(features(x)))
     rows = []
     for alpha, b in itertools.product(alphas, bits):
         alpha, b = float(alpha), int(b)

@@ -29,9 +29,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "ArraySource", "DIGITS_SPLITS", "IMAGE_EXTENSIONS", "ImageFolderSource", "digits",
-    "image_batches", "image_grid", "linear_resize_matrix", "save_png", "tfds_source",
-    "to_float", "to_uint8",
+    "DIGITS_SPLITS",
+    "IMAGE_EXTENSIONS",
+    "ArraySource",
+    "ImageFolderSource",
+    "digits",
+    "image_batches",
+    "image_grid",
+    "linear_resize_matrix",
+    "save_png",
+    "tfds_source",
+    "to_float",
+    "to_uint8",
 ]
 
 DIGITS_SPLITS = ("all", "train", "test")
@@ -82,7 +91,7 @@ def digits(resolution: int = 16, split: str = "all", *, seed: int = 0,
 
     raw = load_digits()
     x = raw.images.astype(np.float64) * (255.0 / 16.0)
-    r = linear_resize_matrix(8, int(resolution))
+    r = linear_resize_matrix(8, resolution)
     x = np.einsum("ij,njk,lk->nil", r, x, r)
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8)[..., None]
     labels = raw.target.astype(np.int32)
@@ -90,7 +99,7 @@ def digits(resolution: int = 16, split: str = "all", *, seed: int = 0,
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
         perm = np.random.default_rng(seed).permutation(len(labels))
-        n_test = int(round(test_fraction * len(labels)))
+        n_test = round(test_fraction * len(labels))
         idx = perm[-n_test:] if split == "test" else perm[:-n_test]
         images, labels = images[idx], labels[idx]
     return {"image": images, "label": labels}

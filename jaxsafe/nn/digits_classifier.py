@@ -42,7 +42,7 @@ class DigitsClassifier(nnx.Module):
             raise ValueError(f"x must be (B, H, W, 1) grey images, got shape {x.shape}")
         if x.shape[1:3] != (RESOLUTION, RESOLUTION):
             x = jax.image.resize(x, (x.shape[0], RESOLUTION, RESOLUTION, 1), "linear")
-        pool = lambda h: nnx.avg_pool(h, (2, 2), strides=(2, 2))  # noqa: E731
+        pool = lambda h: nnx.avg_pool(h, (2, 2), strides=(2, 2))
         h = pool(nnx.relu(self.conv1(x)))
         h = pool(nnx.relu(self.conv2(h)))
         return nnx.relu(self.dense(h.reshape(h.shape[0], -1)))

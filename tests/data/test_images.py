@@ -39,7 +39,7 @@ def test_digits_are_the_sklearn_images_upsampled(digits16):
 def test_digits_splits_are_disjoint_and_cover_all(digits16):
     train, test = images.digits(16, "train"), images.digits(16, "test")
     assert len(train["label"]) == 1438 and len(test["label"]) == 359
-    rows = lambda d: {(im.tobytes(), int(l)) for im, l in zip(d["image"], d["label"])}  # noqa: E731
+    rows = lambda d: {(im.tobytes(), int(l)) for im, l in zip(d["image"], d["label"])}
     assert rows(train) | rows(test) == rows(digits16)
     assert len(rows(train) & rows(test)) <= 1  # sklearn's digits hold a duplicate or two at most
     np.testing.assert_array_equal(images.digits(16, "test")["label"], test["label"])

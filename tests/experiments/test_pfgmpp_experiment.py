@@ -185,7 +185,7 @@ def test_short_run_lowers_the_loss_and_reports_fd(trained):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_including_ema(trained, tmp_path):
-    c, workdir, _ = trained
+    _, workdir, _ = trained
     for steps in (20, 40):  # stop at 20 (a checkpoint), then rerun to 40 in the same workdir
         c2 = config()
         c2.train.num_steps, c2.train.eval_every, c2.train.checkpoint_every = steps, 0, 20
@@ -208,7 +208,8 @@ def test_sample_launcher_writes_grids_and_probes_robustness(trained, tmp_path):
     for r in rows:
         with np.load(r["npz"]) as f:
             assert f["images"].shape == (16, 8, 8, 1) and f["images"].dtype == np.uint8
-        assert open(r["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        with open(r["png"], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert np.isfinite(r["fd"]) and r["D"] == 128.0 and r["checkpoint_step"] == 40
     # Same seed: α = 0 and full precision reproduce exactly; the probes change the samples.
     again = sample.sample_workdir(str(workdir), num=16, batch=16, steps=3, out=str(tmp_path / "again"))
