@@ -1,6 +1,7 @@
 r"""Cost of the text-to-image test bed: training steps and guided DDIM sampling.
 
-    python -m benchmarks.t2i_testbed [--config_arg=cpu] [--steps=20] [--pixel_space]
+    python -m benchmarks.t2i_testbed [--config=configs/t2i/testbed.py:cpu] [--steps=20] \
+        [--pixel_space]
 
 Prints, for the test bed's train step (the trainer's compiled program, one step per call):
 compile time, steps/s and images/s, achieved FLOP/s (XLA cost analysis × steps/s) against the
@@ -15,7 +16,7 @@ import time
 
 from absl import app, flags
 
-_ARG = flags.DEFINE_string("config_arg", "cpu", "Variant of configs/t2i/testbed.py.")
+_CONFIG = flags.DEFINE_string("config", "configs/t2i/testbed.py:cpu", "Test-bed config[:arg].")
 _STEPS = flags.DEFINE_integer("steps", 20, "Train steps timed.")
 _SAMPLE_CALLS = flags.DEFINE_integer("sample_calls", 2, "Sampler calls timed.")
 _PIXEL = flags.DEFINE_bool("pixel_space", False, "Also time a pixel-space UNet step.")
@@ -60,21 +61,19 @@ def pixel_space_step(config, peak):
 
 def main(argv):
     del argv
-    import importlib
-
     import jax
     import numpy as np
 
-    from benchmarks.common import (cost_flops, fmt_bytes, machine, matmul_peak_flops,
-                                   memory_bytes, time_calls)
+    from benchmarks.common import (cost_flops, fmt_bytes, load_config, machine,
+                                   matmul_peak_flops, memory_bytes, time_calls)
     from experiments import t2i_testbed as tb
     from jaxsafe import parallel, train
 
-    config = importlib.import_module("configs.t2i.testbed").get_config(_ARG.value)
+    config = load_config(_CONFIG.value)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     peak = matmul_peak_flops()
     print(f"machine: {machine()}")
-    print(f"config: configs/t2i/testbed.py:{_ARG.value}  batch {config.data.batch_size}  "
+    print(f"config: {_CONFIG.value}  batch {config.data.batch_size}  "
           f"mesh {dict(mesh.shape)}")
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
 
