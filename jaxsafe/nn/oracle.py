@@ -77,10 +77,10 @@ def load(path: str | None = None) -> ShapesOracle:
     heads = sorted((k for k in stored if k.startswith("heads/") and k.endswith("/bias")),
                    key=lambda k: int(k.split("/")[1]))
     try:
-        model = ShapesOracle(width=stored["convs/0/kernel"].shape[-1],
-                             num_features=stored["dense/bias"].shape[0],
-                             num_classes=tuple(stored[k].shape[0] for k in heads),
-                             rngs=nnx.Rngs(0))
+        # Abstract construction: running the initialisers eagerly takes ~20 s on a busy CPU.
+        model = nnx.eval_shape(lambda: ShapesOracle(
+            width=stored["convs/0/kernel"].shape[-1], num_features=stored["dense/bias"].shape[0],
+            num_classes=tuple(stored[k].shape[0] for k in heads), rngs=nnx.Rngs(0)))
     except KeyError as e:
         raise ValueError(f"{path}: not oracle weights (no tensor {e})") from None
     state = nnx.state(model, nnx.Param)
