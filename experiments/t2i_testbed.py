@@ -33,8 +33,9 @@ Decisions:
   ``jaxsafe.data.word_tokenizer``), so its EOT pooling follows CLIP's rules.
 * EMA of all trained parameters with diffusers' warm-up ``min(decay, (1 + n)/(10 + n))``
   (``EMAModel``); evaluators, sampling and the export use the EMA weights.
-* ``clip_sample`` clamps x̂_0 to [−1, 1] during DDIM sampling (diffusers' DDPM/DDIM pixel
-  default), as the data lies in [−1, 1].
+* No ``clip_sample`` (as SD): the latent z has unit standard deviation but is not bounded by
+  [−1, 1] (the colour components reach ±5 inside shapes), and clamping x̂_0 there erased the
+  shapes from the samples. The decoded images are clipped to [−1, 1].
 
 Evaluators: ``heldout`` (the loss above on fixed held-out images, timesteps, noise and captions:
 the utility's denoising term) and ``samples`` (a grid of generations for fixed prompts).

@@ -1,10 +1,10 @@
 r"""Exports a trained test-bed run (`configs/t2i/testbed.py`) as a diffusers-layout folder.
 
     python -m launch.export_testbed --workdir=/tmp/testbed [--out=/tmp/testbed/export] \
-        [--step=N] [--evaluate]
+        [--step=N] [--evaluate] [--config=configs/t2i/testbed.py:cpu]
 
-Reads `<workdir>/config.json` (written by `launch.train`) and the latest checkpoint's EMA
-weights, writes `unet/`, `text_encoder/`, `scheduler/`, `tokenizer/` and `model_index.json`
+Reads `<workdir>/config.json` (written by `launch.train`; `--config` instead, e.g. to sample
+with other settings) and the latest checkpoint's EMA weights, writes `unet/`, `text_encoder/`, `scheduler/`, `tokenizer/` and `model_index.json`
 (`experiments.t2i_testbed.export`). `--evaluate` also prints the held-out metrics: per-concept
 generation accuracy, oracle Fréchet distance (and writes them to `<out>/testbed_metrics.json`).
 """
@@ -13,11 +13,14 @@ import json
 import os
 
 from absl import app, flags
+from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of launch.train.")
 _OUT = flags.DEFINE_string("out", None, "Export folder (default <workdir>/export).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EVALUATE = flags.DEFINE_bool("evaluate", False, "Also compute the test-bed metrics.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg] instead of the run's "
+                                          "config.json.", lock_config=True)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -29,12 +32,15 @@ def main(argv):
     from jaxsafe.train.metrics import quiet_orbax
 
     quiet_orbax()
-    path = os.path.join(_WORKDIR.value, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found: --workdir must be a launch.train run "
-                                "directory of configs/t2i/testbed.py")
-    with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    if _CONFIG.value is not None:
+        path, config = "--config", _CONFIG.value
+    else:
+        path = os.path.join(_WORKDIR.value, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} not found: --workdir must be a launch.train run "
+                                    "directory of configs/t2i/testbed.py")
+        with open(path, encoding="utf-8") as f:
+            config = ml_collections.ConfigDict(json.load(f))
     if config.experiment != "t2i_testbed":
         raise ValueError(f"{path}: experiment={config.experiment!r}; expected 't2i_testbed'")
     graphdef, params, frozen, step = tb.restore(config, _WORKDIR.value, _STEP.value)

@@ -69,12 +69,12 @@ def get_config(arg=None):
     c.scheduler = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                        beta_schedule="linear", prediction_type="epsilon",
                        timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
-                       clip_sample=True)
+                       clip_sample=False)  # z is not bounded by [-1, 1]: clipping erases colour
     c.sampling = dict(kind="ddim", num_inference_steps=25, guidance_scale=4.0, batch_size=32)
     c.optimizer = dict(lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
                        ema_decay=0.999)
     c.eval = dict(heldout_examples=256, samples_per_concept=16, fid_samples=256, seed=0)
-    c.train = _train(2000, 250)
+    c.train = _train(6000, 250)
     c.mesh = dict(data=-1, fsdp=1)
     if arg == "smoke":
         c.data.batch_size = 4
