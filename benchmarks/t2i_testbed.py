@@ -64,8 +64,15 @@ def main(argv):
     import jax
     import numpy as np
 
-    from benchmarks.common import (cost_flops, fmt_bytes, load_config, machine,
-                                   matmul_peak_flops, memory_bytes, time_calls)
+    from benchmarks.common import (
+        cost_flops,
+        fmt_bytes,
+        load_config,
+        machine,
+        matmul_peak_flops,
+        memory_bytes,
+        time_calls,
+    )
     from experiments import t2i_testbed as tb
     from jaxsafe import parallel, train
 

@@ -296,7 +296,10 @@ def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
     tok = shapes.tokenizer(config.data.max_length)
     oracle = oracle or oracle_lib.load()
     generate = make_generator(graphdef, config, tok)
-    gen = lambda captions, seeds: generate(params, frozen, captions, seeds)  # noqa: E731
+
+    def gen(captions, seeds):
+        return generate(params, frozen, captions, seeds)
+
     e = config.eval
     out = shapes_metrics.erasure_report(gen, oracle, k=e.samples_per_concept, seed=e.seed)
     real = shapes.ShapesDataset(config.data.heldout_seed).arrays(0, e.fid_samples)

@@ -122,7 +122,9 @@ def render(label, nuisance: dict, resolution: int = RESOLUTION) -> np.ndarray:
     inside = _shape_mask(shape, u, v, *nuisance["centre"], nuisance["r"], nuisance["vertical"])
     rgb = np.clip(COLOUR_RGB[colour] + nuisance["rgb_jitter"], 0, 255)
     # Box-filtering the supersampled composite is linear: filter coverage and background apart.
-    box = lambda a: a.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean((1, 3))  # noqa: E731
+    def box(a):
+        return a.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean((1, 3))
+
     cover, bg = box(inside.astype(np.float64))[..., None], box(bg)[..., None]
     return np.clip(np.rint(bg * (1 - cover) + rgb * cover), 0, 255).astype(np.uint8)
 

@@ -78,12 +78,12 @@ def test_decode_rejects_unframed_ids():
 def test_save_load_round_trip(tmp_path):
     tok = shapes.tokenizer(max_length=10)
     tok.save(str(tmp_path))
-    vocab = json.load(open(tmp_path / "vocab.json"))
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
     assert vocab["<|startoftext|>"] == len(shapes.VOCABULARY) + 1 and vocab["<|pad|>"] == 0
     back = WordTokenizer.load(str(tmp_path))
     assert back.vocab == tok.vocab and back.max_length == 10
     vocab["red"], vocab["orange"] = vocab["orange"], vocab["red"] + 100
-    json.dump(vocab, open(tmp_path / "vocab.json", "w"))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(ValueError, match=r"ids must be PAD=0, words 1..16, SOT=17, EOT=18"):
         WordTokenizer.load(str(tmp_path))
 

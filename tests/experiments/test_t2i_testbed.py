@@ -189,8 +189,9 @@ def smoke_model():
 
 @pytest.mark.slow
 def test_loss_is_the_epsilon_prediction_objective(smoke_model):
-    from experiments import t2i_testbed as tb
     from flax import nnx
+
+    from experiments import t2i_testbed as tb
 
     c, tok, graphdef, params, frozen = smoke_model
     data = shapes.ShapesDataset(5).arrays(0, 4)
@@ -220,8 +221,9 @@ def test_loss_is_the_epsilon_prediction_objective(smoke_model):
 
 @pytest.mark.slow
 def test_export_round_trip(smoke_model, tmp_path):
-    from experiments import t2i_testbed as tb
     from flax import nnx
+
+    from experiments import t2i_testbed as tb
     from jaxsafe.data.word_tokenizer import WordTokenizer
     from jaxsafe.diffusion import schedulers
     from jaxsafe.weights import diffusers
@@ -229,7 +231,7 @@ def test_export_round_trip(smoke_model, tmp_path):
     c, tok, graphdef, params, frozen = smoke_model
     tb.export(c, graphdef, params, frozen, str(tmp_path))
     pipe = diffusers.load_pipeline(str(tmp_path))
-    index = json.load(open(tmp_path / "model_index.json"))
+    index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["testbed_latent"] == "latent/patch_pca.npz" and "tokenizer" not in index
     assert schedulers.SchedulerConfig.from_dict(pipe["scheduler_config"]) == tb.scheduler_config(c)
     assert WordTokenizer.load(str(tmp_path / "tokenizer")).vocab == tok.vocab
@@ -270,7 +272,8 @@ def test_sampling_is_deterministic_per_seed(smoke_model):
 
 @pytest.mark.slow
 def test_smoke_run_lowers_the_loss_and_exports(tmp_path):
-    from experiments import run_experiment, t2i_testbed as tb
+    from experiments import run_experiment
+    from experiments import t2i_testbed as tb
     from jaxsafe import train
     from jaxsafe.weights import diffusers
 
