@@ -314,7 +314,7 @@ def build(config, mesh) -> Task:
                 loss_fn=make_loss_fn(graphdef, config), train_data=train_data,
                 extra={"ema": jax.tree.map(jnp.copy, params)},
                 evaluators=evaluators,
-                grad_metrics=lambda params, grads: {"grad_norm": optax.global_norm(grads)},
+                grad_metrics=lambda params, grads: {"grad_norm": optax.tree.norm(grads)},
                 after_update=make_after_update(config),
                 sharding_rules=songunet.SONGUNET_SHARDING_RULES)
 
