@@ -252,3 +252,17 @@ def test_launcher_config_round_trips_through_config_json(tmp_path):
     assert back.pfgmpp.D == float("inf") and pfgmpp.augmentation_dim(back.pfgmpp.D) is None
     assert tuple(back.model.channel_mult) == tuple(c.model.channel_mult)
     assert back.data.data_dir is None and back.train.batch_size == c.train.batch_size
+
+
+@pytest.mark.slow
+def test_class_conditional_smoke_feeds_one_hot_labels():
+    c = config("cifar10_cond_d2048")
+    task = pfgmpp.build(c, parallel.make_mesh())
+    batch = task.train_data[0]
+    assert set(batch) == {"image", "label"} and batch["label"].shape == (16,)
+    assert task.params["map_label"]["kernel"].shape == (10, c.model.model_channels)
+    loss = jax.jit(lambda p, b: task.loss_fn(p, task.frozen, task.extra, b, jax.random.key(0))[0])
+    assert np.isfinite(loss(task.params, batch))
+    with pytest.raises(ValueError, match=r"class_labels: expected shape \(16, 10\)"):
+        task.loss_fn(task.params, task.frozen, task.extra, {"image": batch["image"],
+                                                            "label": batch["label"][:8]}, jax.random.key(0))
