@@ -145,8 +145,14 @@ def one_hot(labels, config):
 
 
 def make_denoiser(model, sigma_data: float, rngs: nnx.Rngs | None = None):
-    """D(x; σ, labels) = EDM's preconditioned `model` (dropout keys from `rngs`, if training)."""
+    """D(x; σ, labels) = EDM's preconditioned `model` (dropout keys from `rngs`, if training).
+
+    As in EDM's `EDMPrecond`, `labels=None` on a class-conditional model means all-zero labels
+    (the unconditional branch that label dropout trains), which classifier-free guidance uses.
+    """
     def F(x_in, c_noise, labels):
+        if labels is None and model.label_dim:
+            labels = jnp.zeros((x_in.shape[0], model.label_dim), x_in.dtype)
         return model(x_in, c_noise, labels, rngs=rngs).astype(x_in.dtype)
 
     return lambda x, sigma, labels: edm.denoise(F, x, sigma, labels, sigma_data=sigma_data)

@@ -266,3 +266,19 @@ def test_class_conditional_smoke_feeds_one_hot_labels():
     with pytest.raises(ValueError, match=r"class_labels: expected shape \(16, 10\)"):
         task.loss_fn(task.params, task.frozen, task.extra, {"image": batch["image"],
                                                             "label": batch["label"][:8]}, jax.random.key(0))
+
+
+def test_unconditional_branch_of_a_conditional_model_is_zero_labels():
+    """EDMPrecond semantics: labels=None on a class-conditional net means all-zero labels, so
+    classifier-free guidance (which passes None for the unconditional branch) works."""
+    from flax import nnx
+
+    from jaxsafe.nn.songunet import SongUNet
+
+    model = SongUNet(8, 1, 1, label_dim=3, model_channels=8, channel_mult=(1,), num_blocks=1,
+                     attn_resolutions=(), dropout=0.0, rngs=nnx.Rngs(0))
+    model.eval()
+    denoiser = pfgmpp.make_denoiser(model, 0.5)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    sigma = jnp.array([0.5, 2.0])
+    np.testing.assert_array_equal(denoiser(x, sigma, None), denoiser(x, sigma, jnp.zeros((2, 3))))
