@@ -1,0 +1,49 @@
+"""What every erasure config shares.
+
+Variants of each ``configs/erasure/<method>.py`` (``--config=configs/erasure/<method>.py:<arg>``):
+
+* no argument — the paper's setting on Stable Diffusion 1.4 (``--config.model.folder`` must name
+  a diffusers-layout SD 1.4 folder, e.g. a local copy of ``CompVis/stable-diffusion-v1-4``);
+* ``cpu`` — the miniature test bed (``jaxsafe/data/assets/testbed_model``), erasing ``square``
+  (synonym ``box``), with the erasure metrics (docs/erasure.md);
+* ``smoke`` — seconds, for tests (a test passes ``--config.model.folder`` of a tiny model).
+
+Test-bed evaluation prompts, seeds and metrics: ``jaxsafe.data.shapes_metrics``.
+"""
+
+import ml_collections
+
+VARIANTS = (None, "cpu", "smoke")
+TESTBED_TARGET = "square"
+
+
+def check_arg(arg, extra=()):
+    if arg not in VARIANTS + tuple(extra):
+        raise ValueError(f"config argument {arg!r}; expected one of "
+                         f"{[v for v in VARIANTS + tuple(extra) if v]} or none (the paper)")
+
+
+def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.ConfigDict:
+    """Model, concepts, sampling, evaluation, trainer and mesh settings for variant ``arg``."""
+    c = ml_collections.ConfigDict()
+    c.experiment = experiment
+    c.variant = arg or "paper"
+    c.model = dict(folder="")  # "" = the shipped test bed (cpu/smoke); required for the paper
+    c.concepts = dict(erase=tuple(paper_erase), guide="", preserve=())
+    # Stable Diffusion pipeline defaults for generation; the test bed's own settings below.
+    c.sampling = dict(kind="ddim", num_inference_steps=50, guidance_scale=7.5, batch_size=8)
+    c.eval = dict(enabled=False, samples_per_concept=16, fid_samples=256, heldout_examples=256,
+                  seed=0)
+    c.train = dict(num_steps=1000, steps_per_call=1, log_every=50, eval_every=0,
+                   checkpoint_every=250, keep_checkpoints=1, seed=0, async_checkpointing=False,
+                   fsdp_min_size=2**14)
+    c.mesh = dict(data=-1, fsdp=1)
+    if arg in ("cpu", "smoke"):
+        c.concepts.erase = (TESTBED_TARGET,)
+        c.sampling.update(num_inference_steps=25, guidance_scale=4.0, batch_size=32)
+        c.eval.enabled = True
+    if arg == "smoke":
+        c.sampling.update(num_inference_steps=4, batch_size=8)
+        c.eval.update(samples_per_concept=2, fid_samples=16, heldout_examples=16)
+        c.train.update(num_steps=2, log_every=1, checkpoint_every=2)
+    return c

@@ -1,0 +1,138 @@
+r"""The score-distillation objective of the ESD family, and where its x_t come from.
+
+Erasing Stable Diffusion (ESD; Gandikota, Materzyńska, Fiotto-Kaufman, Bau, "Erasing Concepts
+from Diffusion Models", ICCV 2023, eqs. 3–5) fine-tunes ε_θ so that, conditioned on the concept
+c_e, it predicts the frozen model's noise *negatively guided* away from c_e. The general form
+used here (issue 6) is
+
+    L(θ) = E_{x_t, t} ‖ ε_θ(x_t, c_e, t) − sg[ ε*(x_t, c_from, t) − η (ε*(x_t, c_e, t) − ε*(x_t, ∅, t)) ] ‖²
+
+with ε* the frozen original and sg the stop-gradient. ESD proper is c_from = ∅ and η = 1
+(``negative_guidance``); c_from = an anchor concept maps c_e onto it instead (the anchored form
+of SPM's erase term, AdvUnlearn's outer term with an adversarial c_e). η = 0, c_from = c_e
+recovers the frozen prediction (a fixed point: nothing is erased).
+
+x_t sources (:func:`partial_sample`, ``source=`` of :func:`make_esd_loss`):
+
+* ``"trained"`` (ESD): x_T ~ N(0, I) is denoised by the *model being trained* with classifier-free
+  guidance ``start_guidance`` (3) towards c_e for n ~ U{0, …, N−1} of N (50) DDIM steps; t is the
+  DDIM timestep reached, τ_n. The samples are taken without gradient (as the reference's
+  ``torch.no_grad()``).
+* ``"frozen"``: the same with the frozen model ε* (the erasure data then stop moving with θ).
+* ``"data"``: forward-noised data, x_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε with t ~ U{0, …, T−1}; the batch
+  carries ``z0`` (e.g. encoded images of the concept, or SafeGen-style images).
+
+Deviation from the reference code: ESD's ``train-esd.py`` samples z with n DDIM steps (noise
+level τ_n) but then queries the networks at a DDPM timestep drawn from
+``[n·T/N, (n+1)·T/N)``, i.e. with the time axis reversed relative to the noise actually in z.
+Here the networks see the timestep τ_n that z was sampled to, as the later diffusers port
+(``esd_sd.py`` of the authors' ``erasing`` repository) does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxsafe.diffusion import schedulers
+from jaxsafe.diffusion.t2i import classifier_free_guidance
+
+__all__ = ["SOURCES", "esd_target", "make_esd_loss", "partial_sample"]
+
+SOURCES = ("trained", "frozen", "data")
+
+# eps(x_t, t, emb) -> prediction; t is a (B,) integer timestep.
+EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def esd_target(eps_from: jax.Array, eps_e: jax.Array, eps_uncond: jax.Array,
+               eta: float = 1.0) -> jax.Array:
+    """ε*(c_from) − η (ε*(c_e) − ε*(∅)), the distillation target (without the stop-gradient)."""
+    return eps_from - eta * (eps_e - eps_uncond)
+
+
+def partial_sample(eps: EpsFn, sched: schedulers.SchedulerConfig, x_T: jax.Array,
+                   cond: jax.Array, uncond: jax.Array, guidance: float,
+                   num_inference_steps: int, n: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x_{τ_n}, τ_n)``: n (traced, 0 ≤ n < N) guided DDIM steps (η = 0) from x_T, the
+    timesteps ``τ = schedulers.timesteps(sched, N)``. n = 0 returns x_T itself at τ_0."""
+    ts = schedulers.timesteps(sched, num_inference_steps)
+    prev = schedulers.previous_timesteps(sched, "ddim", num_inference_steps)
+    b = x_T.shape[0]
+    emb = jnp.concatenate([jnp.broadcast_to(uncond, cond.shape), cond])
+
+    def body(i, x):
+        out = eps(jnp.concatenate([x, x]), jnp.full((2 * b,), ts[i]), emb)
+        g = classifier_free_guidance(out[:b], out[b:], guidance)
+        return schedulers.ddim_step(sched, g, ts[i], prev[i], x).astype(x.dtype)
+
+    x = jax.lax.fori_loop(0, n, body, x_T * schedulers.init_noise_sigma(
+        sched, "ddim", num_inference_steps))
+    return jax.lax.stop_gradient(x), jnp.full((b,), ts[n])
+
+
+def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.SchedulerConfig, *,
+                  eta: float = 1.0, source: str = "trained", start_guidance: float = 3.0,
+                  num_inference_steps: int = 50, latent_shape=None, embed: Callable | None = None):
+    """The ESD-family loss in the trainer's form ``loss_fn(params, frozen, extra, batch, rng)``.
+
+    Args:
+      eps_theta: ``eps_theta(params, frozen, x_t, t, emb)``, the model being trained.
+      eps_star: ``eps_star(frozen, x_t, t, emb)``, the frozen original.
+      sched: the model's scheduler config (the DDIM sampler of the "trained"/"frozen" sources and
+        the forward process of "data").
+      eta: η, the negative-guidance scale (ESD: 1).
+      source: where x_t comes from (module docstring).
+      start_guidance: CFG scale of the partial sampling (ESD: 3).
+      num_inference_steps: N DDIM steps of the partial sampling (ESD: 50).
+      latent_shape: (H, W, C) of x_T for the sampling sources.
+      embed: optional ``embed(params, frozen, ids) -> emb``: when given, the batch holds token ids
+        (``ids_e``, ``ids_from``, ``ids_uncond``) and the embeddings are computed inside the loss
+        (so a trained text encoder receives gradients); otherwise it holds embeddings.
+
+    Batch: ``c_e`` (B, L, D), ``c_from`` (B, L, D), ``uncond`` (B or 1, L, D) — or the ids above —
+    and ``z0`` (B, H, W, C) for ``source="data"``. Metrics: ``esd_target_gap`` =
+    ‖ε*(c_e) − target‖² (how far the frozen model is from the target; constant in θ).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r}; expected one of {SOURCES}")
+    if source != "data" and latent_shape is None:
+        raise ValueError(f"source={source!r} samples x_T: latent_shape (H, W, C) is required")
+    T = sched.num_train_timesteps
+
+    def loss_fn(params, frozen, extra, batch, rng):
+        if embed is None:
+            c_e, c_from, uncond = batch["c_e"], batch["c_from"], batch["uncond"]
+            c_e_star = c_e
+        else:
+            c_e = embed(params, frozen, batch["ids_e"])
+            c_e_star, c_from, uncond = (jax.lax.stop_gradient(embed(params, frozen, batch[k]))
+                                        for k in ("ids_e", "ids_from", "ids_uncond"))
+        b = c_e.shape[0]
+        uncond = jnp.broadcast_to(uncond, c_e.shape)
+        k_n, k_x, k_t = jax.random.split(rng, 3)
+        if source == "data":
+            z0 = batch["z0"]
+            t = jax.random.randint(k_t, (b,), 0, T)
+            x_t = schedulers.add_noise(sched, z0, jax.random.normal(k_x, z0.shape), t)
+        else:
+            x_T = jax.random.normal(k_x, (b, *latent_shape))
+            n = jax.random.randint(k_n, (), 0, num_inference_steps)
+            if source == "trained":
+                sampler = lambda x, t, e: eps_theta(jax.lax.stop_gradient(params), frozen, x, t, e)
+            else:
+                sampler = lambda x, t, e: eps_star(frozen, x, t, e)
+            x_t, t = partial_sample(sampler, sched, x_T, jax.lax.stop_gradient(c_e_star),
+                                    uncond, start_guidance, num_inference_steps, n)
+        # One batched call of the frozen model for its three conditions.
+        star = eps_star(frozen, jnp.concatenate([x_t] * 3), jnp.concatenate([t] * 3),
+                        jnp.concatenate([c_from, c_e_star, uncond]))
+        e_from, e_e, e_u = star[:b], star[b:2 * b], star[2 * b:]
+        target = jax.lax.stop_gradient(esd_target(e_from, e_e, e_u, eta))
+        pred = eps_theta(params, frozen, x_t, t, c_e)
+        loss = jnp.mean((pred - target) ** 2)
+        return loss, ({"esd_target_gap": jnp.mean((e_e - target) ** 2)}, extra)
+
+    return loss_fn
