@@ -64,6 +64,7 @@ def testbed(dtype, path):
     """The test bed's UNet, scheduler, sampling settings and 4×4-unshuffle "VAE"
     (experiments/t2i_testbed.py), from its config file."""
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     from experiments import t2i_testbed as tb
@@ -76,12 +77,17 @@ def testbed(dtype, path):
     cfg = tb.unet_config(c)
     graphdef, params, n = random_model(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     s = c.sampling
-    return {"name": f"test-bed UNet ({path}:cpu, 8×8×48 unshuffled 32² images)", "graphdef": graphdef,
+    p = c.latent.patch
+    # The fixed patch-PCA decoder (a random basis here: the cost is the same).
+    basis = jnp.asarray(np.random.default_rng(0).standard_normal((cfg.in_channels, 3 * p * p)),
+                        jnp.float32)
+    return {"name": f"test-bed UNet ({path}:cpu, 8×8×{cfg.in_channels} patch-PCA latents of 32² "
+                    "images)", "graphdef": graphdef,
             "params": params, "n_params": n, "scheduler": tb.scheduler_config(c),
             "latent_shape": (cfg.sample_size, cfg.sample_size, cfg.in_channels),
             "context": (c.data.max_length, c.text_encoder.hidden_size), "kind": s.kind,
             "steps": s.num_inference_steps, "guidance": s.guidance_scale, "batch": s.batch_size,
-            "decode": lambda p, z: jnp.clip(tb.from_latent(z), -1.0, 1.0)}
+            "decode": lambda _, z: jnp.clip(tb.from_latent(z @ basis, p), -1.0, 1.0)}
 
 
 def sd_vae_decode(dtype):

@@ -116,3 +116,17 @@ def test_uce_erases_square_on_the_trained_test_bed(tmp_path):
     assert before["target_accuracy"] >= 0.75
     assert after["target_accuracy"] <= before["target_accuracy"] - 0.5
     assert after["other_accuracy"] >= before["other_accuracy"] - 0.15
+
+
+def test_erasure_table_groups_concepts(tmp_path):
+    from launch import erasure_table
+
+    acc = {"square": 0.1, "box": 0.3, "circle": 1.0, "ellipse": 0.5, "triangle": 0.9}
+    acc |= {w: 0.8 for w in ("red", "orange", "green", "blue", "plain", "striped", "dotted")}
+    s = {"experiment": "erase_uce", "variant": "cpu", "erase": ["square"], "erase_seconds": 2.0,
+         "oracle_fd": 3.5, "heldout_loss": 0.04, **{f"acc/{w}": v for w, v in acc.items()}}
+    (tmp_path / "erasure.json").write_text(json.dumps(s))
+    cells = [c.strip() for c in erasure_table.row(str(tmp_path)).split("|")[1:-1]]
+    assert cells == ["uce", "square", "0.100", "0.300", "0.800", "0.800", "3.50", "0.0400", "2.0"]
+    with pytest.raises(FileNotFoundError, match="erasure.json not found"):
+        erasure_table.row(str(tmp_path / "missing"))
