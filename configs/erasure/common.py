@@ -4,8 +4,9 @@ Variants of each ``configs/erasure/<method>.py`` (``--config=configs/erasure/<me
 
 * no argument — the paper's setting on Stable Diffusion 1.4 (``--config.model.folder`` must name
   a diffusers-layout SD 1.4 folder, e.g. a local copy of ``CompVis/stable-diffusion-v1-4``);
-* ``cpu`` — the miniature test bed (``jaxsafe/data/assets/testbed_model``), erasing ``square``
-  (synonym ``box``), with the erasure metrics (docs/erasure.md);
+* ``cpu`` — the miniature test bed (``jaxsafe/data/assets/testbed_model``), erasing ``red``
+  (its near concept: ``orange``), with the erasure metrics (docs/erasure.md); erase ``square``
+  (synonym ``box``) instead with ``--config.concepts.erase='("square",)'``;
 * ``smoke`` — seconds, for tests (a test passes ``--config.model.folder`` of a tiny model).
 
 Test-bed evaluation prompts, seeds and metrics: ``jaxsafe.data.shapes_metrics``.
@@ -14,7 +15,16 @@ Test-bed evaluation prompts, seeds and metrics: ``jaxsafe.data.shapes_metrics``.
 import ml_collections
 
 VARIANTS = (None, "cpu", "smoke")
-TESTBED_TARGET = "square"
+TESTBED_TARGET = "red"
+
+
+def same_attribute(concept: str) -> tuple[str, ...]:
+    """The other values of ``concept``'s attribute in the test bed (e.g. red -> orange, green,
+    blue): the natural preserve set of closed-form editors."""
+    from jaxsafe.data import shapes
+
+    attr, value = shapes.CONCEPTS[concept]
+    return tuple(w for i, w in enumerate(shapes.ATTRIBUTES[attr][1]) if i != value)
 
 
 def check_arg(arg, extra=()):
