@@ -315,6 +315,51 @@ def _names(tree) -> list[str]:
     return list(named_leaves(tree))
 
 
+def fix_articles(text: str) -> str:
+    """Single spaces, and "a"/"an" agreeing with the next word ("a orange" -> "an orange")."""
+    words = text.split()
+    for i in range(len(words) - 1):
+        if words[i] in ("a", "an"):
+            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+def expand(templates: Sequence[str], words: Sequence[str]) -> list[str]:
+    """Prompts ``template.format(word)`` for every word (outer) and template (inner); no
+    templates means the words themselves. An empty word (the empty guide) drops out."""
+    if not templates:
+        return list(words)
+    return [fix_articles(t.format(w)) for w in words for t in templates]
+
+
+def prompt_pairs(concepts) -> list[tuple[str, str]]:
+    """(erase prompt, guide prompt) pairs of a config's ``concepts``: each erased word with its
+    guide (``guide``: one for all, or one per erased word) in every template."""
+    erase, g = list(concepts.erase), concepts.guide
+    g = [g] if isinstance(g, str) else list(g)
+    guides = g * len(erase) if len(g) == 1 else g
+    if len(guides) != len(erase):
+        raise ValueError(f"concepts.guide: one guide or one per erased concept ({len(erase)}), "
+                         f"got {len(guides)}")
+    tpl = list(concepts.templates)
+    return [(a, b) for w, gw in zip(erase, guides)
+            for a, b in zip(expand(tpl, [w]), expand(tpl, [gw]))]
+
+
+def random_rows(loss_fn, batch_size: int):
+    """Wraps ``loss_fn`` so that each step uses ``batch_size`` rows drawn (with replacement,
+    from the step's key) from a fixed batch of prompt rows: every (erase, guide) pair is seen,
+    with ESD's one prompt per iteration as ``batch_size = 1``."""
+
+    def wrapped(params, frozen, extra, batch, rng):
+        k_pick, k = jax.random.split(rng)
+        n = jax.tree.leaves(batch)[0].shape[0]
+        idx = jax.random.randint(k_pick, (batch_size,), 0, n)
+        return loss_fn(params, frozen, extra, jax.tree.map(lambda x: x[idx], batch), k)
+
+    return wrapped
+
+
 def fixed_batch(x: jax.Array, batch_size: int) -> jax.Array:
     """Repeats the rows of ``x`` cyclically to ``batch_size`` rows (prompt sets as batches)."""
     x = jnp.asarray(x)

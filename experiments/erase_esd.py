@@ -29,15 +29,13 @@ def build(config, mesh) -> Task:
     loss_fn = esd.make_esd_loss(eps_theta, eps_star, pipe.scheduler, eta=e.negative_guidance,
                                 source=e.source, start_guidance=e.start_guidance,
                                 num_inference_steps=e.ddim_steps, latent_shape=pipe.latent_shape)
-    erase = list(config.concepts.erase)
-    # ESD's c_from is the empty prompt (negative guidance towards "nothing"); a guide concept
-    # in config.concepts.guide anchors the erased concept onto it instead.
-    emb = np.asarray(pipe.embed(erase + [config.concepts.guide, ""]))
-    n = len(erase)
-    bs = e.batch_size
-    batch = {"c_e": _erasure.fixed_batch(emb[:n], bs),
-             "c_from": _erasure.fixed_batch(emb[n:n + 1], bs),
-             "uncond": _erasure.fixed_batch(emb[n + 1:], bs)}
+    # c_from is the guide prompt: ESD's is the empty prompt (negative guidance towards
+    # "nothing"); a guide concept anchors the erased concept onto it instead.
+    pairs = _erasure.prompt_pairs(config.concepts)
+    n = len(pairs)
+    emb = np.asarray(pipe.embed([a for a, _ in pairs] + [b for _, b in pairs] + [""]))
+    batch = {"c_e": emb[:n], "c_from": emb[n:2 * n], "uncond": np.repeat(emb[2 * n:], n, 0)}
+    loss_fn = _erasure.random_rows(loss_fn, e.batch_size)
     return Task(graphdef=graphdef, params=params, frozen=frozen,
                 optimizer=optax.adam(config.optimizer.lr), loss_fn=loss_fn, train_data=batch)
 

@@ -1,7 +1,8 @@
 r"""UCE (Gandikota et al., WACV 2024): closed-form edit of every cross-attention key/value
 projection (``jaxsafe.erasure.closed_form.uce_edit``), no training.
 
-Token rows: each erased prompt's rows from its last word token to the end, aligned with the
+Prompts: the concept words put into ``concepts.templates`` (each erased prompt paired with the
+same template holding the guide). Token rows: each erased prompt's rows from its last word token to the end, aligned with the
 guide prompt's (``aligned_tail``); preserved prompts contribute their own rows from their last
 word token, mapped to their current values. Config: ``configs/erasure/uce.py``.
 """
@@ -19,17 +20,13 @@ from experiments import _erasure
 from jaxsafe.erasure import closed_form
 
 
-def erase_rows(pipe: _erasure.Pipeline, erase: Sequence[str], guides: Sequence[str]):
+def erase_rows(pipe: _erasure.Pipeline, pairs: Sequence[tuple[str, str]]):
     """(C_e, C_guide): the aligned token rows of every (erased, guide) prompt pair, stacked."""
-    if len(guides) not in (1, len(erase)):
-        raise ValueError(f"concepts.guide: one guide or one per erased concept ({len(erase)}), "
-                         f"got {len(guides)}")
-    guides = list(guides) * (len(erase) if len(guides) == 1 else 1)
-    emb = np.asarray(pipe.embed(list(erase) + guides))
-    lens = pipe.lengths(list(erase) + guides)
-    n = len(erase)
-    pairs = [closed_form.aligned_tail(emb[i], lens[i], emb[n + i], lens[n + i]) for i in range(n)]
-    return np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
+    prompts = [a for a, _ in pairs] + [b for _, b in pairs]
+    emb, lens = np.asarray(pipe.embed(prompts)), pipe.lengths(prompts)
+    n = len(pairs)
+    rows = [closed_form.aligned_tail(emb[i], lens[i], emb[n + i], lens[n + i]) for i in range(n)]
+    return np.concatenate([a for a, _ in rows]), np.concatenate([b for _, b in rows])
 
 
 def preserve_rows(pipe: _erasure.Pipeline, preserve: Sequence[str]):
@@ -40,17 +37,12 @@ def preserve_rows(pipe: _erasure.Pipeline, preserve: Sequence[str]):
     return np.concatenate([closed_form.aligned_tail(e, n, e, n)[0] for e, n in zip(emb, lens)])
 
 
-def guides_of(concepts) -> list[str]:
-    g = concepts.guide
-    return [g] if isinstance(g, str) else list(g)
-
-
 def edit(config, workdir: str) -> dict:
     pipe = _erasure.load(config.model.folder or None)
     u, concepts = config.uce, config.concepts
     t0 = time.perf_counter()
-    c_e, c_g = erase_rows(pipe, concepts.erase, guides_of(concepts))
-    c_p = preserve_rows(pipe, concepts.preserve)
+    c_e, c_g = erase_rows(pipe, _erasure.prompt_pairs(concepts))
+    c_p = preserve_rows(pipe, _erasure.expand(concepts.templates, concepts.preserve))
     ks = _erasure.kernels(pipe.model)
     new = jax.jit(lambda k: closed_form.uce_edit(
         k, c_e, c_g, c_p, erase_scale=u.erase_scale,

@@ -33,13 +33,26 @@ def check_arg(arg, extra=()):
                          f"{[v for v in VARIANTS + tuple(extra) if v]} or none (the paper)")
 
 
+def testbed_templates() -> tuple[str, ...]:
+    """Prompt templates of the test bed (``{}`` = the concept): the captions' own forms with the
+    concept as colour, so that edits see the token states the evaluation prompts produce (the
+    text encoder is causal: "a red" is the prefix of every caption naming red)."""
+    from jaxsafe.data import shapes
+
+    forms = ["a {}"] + [f"a {{}} {s}" for s in shapes.SHAPES]
+    forms += [f"a {{}} {s} on a {b} background" for s in shapes.SHAPES for b in shapes.BACKGROUNDS]
+    return tuple(forms)
+
+
 def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.ConfigDict:
     """Model, concepts, sampling, evaluation, trainer and mesh settings for variant ``arg``."""
     c = ml_collections.ConfigDict()
     c.experiment = experiment
     c.variant = arg or "paper"
     c.model = dict(folder="")  # "" = the shipped test bed (cpu/smoke); required for the paper
-    c.concepts = dict(erase=tuple(paper_erase), guide="", preserve=())
+    # templates: prompt forms "...{}..." the concept words are put into (none: the words alone).
+    # guide: one guide prompt for all erased concepts, or one per concept ("" = unconditional).
+    c.concepts = dict(erase=tuple(paper_erase), guide=("",), preserve=(), templates=())
     # Stable Diffusion pipeline defaults for generation; the test bed's own settings below.
     c.sampling = dict(kind="ddim", num_inference_steps=50, guidance_scale=7.5, batch_size=8)
     c.eval = dict(enabled=False, samples_per_concept=16, fid_samples=256, heldout_examples=256,
@@ -49,7 +62,7 @@ def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.Con
                    fsdp_min_size=2**14)
     c.mesh = dict(data=-1, fsdp=1)
     if arg in ("cpu", "smoke"):
-        c.concepts.erase = (TESTBED_TARGET,)
+        c.concepts.update(erase=(TESTBED_TARGET,), templates=testbed_templates())
         c.sampling.update(num_inference_steps=25, guidance_scale=4.0, batch_size=32)
         c.eval.enabled = True
     if arg == "smoke":

@@ -41,7 +41,7 @@ def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, t
     assert not _changed(_weights(tiny_folder, TEXT), _weights(out, TEXT))
     with open(tmp_path / "erasure.json") as f:
         written = json.load(f)
-    assert written["erase"] == ["square"] and written["erase_seconds"] > 0
+    assert written["erase"] == ["red"] and written["erase_seconds"] > 0
     assert 0.0 <= written["target_accuracy"] <= 1.0 and "oracle_fd" in written
     # A rerun resumes from the final checkpoint: nothing more is trained.
     before = _weights(out, UNET)
@@ -98,9 +98,9 @@ def test_launcher_cli_rejects_a_misspelt_override(tmp_path):
 
 
 @pytest.mark.slow
-def test_uce_erases_square_on_the_trained_test_bed(tmp_path):
-    """The shipped test-bed model: UCE lowers acc(square) well below its starting value while the
-    other concepts stay close."""
+def test_uce_erases_the_target_on_the_trained_test_bed(tmp_path):
+    """The shipped test-bed model: UCE lowers the accuracy of the erased colour well below its
+    starting value while its near concept (orange) and the other colours stay close."""
     from flax import nnx
 
     from configs.erasure import uce
@@ -114,8 +114,11 @@ def test_uce_erases_square_on_the_trained_test_bed(tmp_path):
     before = _erasure.evaluate_model(c, pipe, graphdef, (state,))
     after = erase(c, str(tmp_path))
     assert before["target_accuracy"] >= 0.75
-    assert after["target_accuracy"] <= before["target_accuracy"] - 0.5
-    assert after["other_accuracy"] >= before["other_accuracy"] - 0.15
+    assert after["target_accuracy"] <= before["target_accuracy"] - 0.4
+    assert after["near_accuracy"] >= before["near_accuracy"] - 0.15
+    colours = ("green", "blue")
+    assert np.mean([after[f"acc/{w}"] for w in colours]) >= np.mean(
+        [before[f"acc/{w}"] for w in colours]) - 0.15
 
 
 def test_erasure_table_groups_concepts(tmp_path):
