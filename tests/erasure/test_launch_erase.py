@@ -124,12 +124,18 @@ def test_uce_erases_the_target_on_the_trained_test_bed(tmp_path):
 def test_erasure_table_groups_concepts(tmp_path):
     from launch import erasure_table
 
-    acc = {"square": 0.1, "box": 0.3, "circle": 1.0, "ellipse": 0.5, "triangle": 0.9}
+    acc = {"circle": 0.1, "ellipse": 0.3, "square": 1.0, "box": 0.5, "triangle": 0.9}
     acc |= {w: 0.8 for w in ("red", "orange", "green", "blue", "plain", "striped", "dotted")}
-    s = {"experiment": "erase_uce", "variant": "cpu", "erase": ["square"], "erase_seconds": 2.0,
+    s = {"experiment": "erase_uce", "variant": "cpu", "erase": ["circle"], "erase_seconds": 2.0,
          "oracle_fd": 3.5, "heldout_loss": 0.04, **{f"acc/{w}": v for w, v in acc.items()}}
     (tmp_path / "erasure.json").write_text(json.dumps(s))
     cells = [c.strip() for c in erasure_table.row(str(tmp_path)).split("|")[1:-1]]
-    assert cells == ["uce", "square", "0.100", "0.300", "0.800", "0.800", "3.50", "0.0400", "2.0"]
+    # circle: no synonym; near = ellipse; rest of the shapes: square, box, triangle.
+    assert cells == ["uce", "circle", "0.100", "–", "0.300", "0.800", "0.800", "3.50", "0.0400",
+                     "2.0"]
+    s["erase"], s["acc/box"] = ["square"], 0.25
+    (tmp_path / "erasure.json").write_text(json.dumps(s))
+    cells = [c.strip() for c in erasure_table.row(str(tmp_path)).split("|")[1:-1]]
+    assert cells[2:7] == ["1.000", "0.250", "–", f"{(0.1 + 0.3 + 0.9) / 3:.3f}", "0.800"]
     with pytest.raises(FileNotFoundError, match="erasure.json not found"):
         erasure_table.row(str(tmp_path / "missing"))
