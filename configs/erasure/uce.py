@@ -6,7 +6,7 @@ Defaults of the authors' ``uce_sd_erase.py``: λ = 0.5, erase scale 1, guide = t
 
     python -m launch.erase --config=configs/erasure/uce.py --config.model.folder=/path/sd-v1-4 \
         --workdir=/tmp/uce_nudity
-    python -m launch.erase --config=configs/erasure/uce.py:cpu --workdir=/tmp/uce_square
+    python -m launch.erase --config=configs/erasure/uce.py:cpu --workdir=/tmp/uce_red
 
 Test bed (``cpu``): erase ``red``; the other colours are preserved.
 """
