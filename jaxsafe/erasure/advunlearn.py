@@ -1,0 +1,322 @@
+r"""AdvUnlearn: concept erasure made robust by adversarial training of the text encoder.
+
+Zhang, Chen, Jia, Zhang, Fan, Liu, Hong, Ding, Liu, "Defensive Unlearning with Adversarial
+Training for Robust Concept Erasure in Diffusion Models", NeurIPS 2024; reference
+code ``OPTML-Group/AdvUnlearn`` (``train-scripts/AdvUnlearn.py``, ``utils/attack_util.py``,
+``utils/get_loss.py``). A bi-level problem over the text encoder τ_θ (the paper's finding: the
+text encoder, not the UNet, is the module to robustify; the UNet ε stays frozen):
+
+    min_θ  ℓ_u(θ, c_adv*) + γ ℓ_r(θ)          s.t.  c_adv* = argmin_{c_adv} ℓ_atk(θ, c_adv)
+
+* attacker (lower level, a soft-prompt attack): k continuous token embeddings ``δ`` (k, D) are
+  prefixed to the concept prompt's token embeddings, ``c_adv = [SOT, δ, w(c_e)…]``, and optimised
+  so that the unlearned model regenerates the concept:
+
+      ℓ_atk(δ) = E_{x_t,t} ‖ ε(x_t, τ_θ(c_adv(δ)), t) − sg[ε*(x_t, c_e, t)] ‖²
+
+  by ``attack_steps`` Adam steps (the reference's ``pgd``, unconstrained: no projection onto a
+  norm ball; ``fast_at`` feeds Adam the sign of the gradient), a fresh (x_t, t) per step;
+* defender (upper level): ESD's negative-guidance loss with the adversarial prompt, plus the
+  utility-retaining regulariser on a retain set 𝒞_r (``jaxsafe.erasure.preservation.retain_mse``)
+
+      ℓ_u(θ) = E ‖ ε(x_t, τ_θ(c_adv*), t) − sg[ε*(x_t, ∅) − η (ε*(x_t, c_e) − ε*(x_t, ∅))] ‖²
+      ℓ_r(θ) = E_{c_r ∈ 𝒞_r} ‖ ε(x_r, τ_θ(c_r), t) − sg[ε*(x_r, c_r, t)] ‖²
+
+  (ε* at the same t throughout; ``jaxsafe.erasure.esd.esd_target`` with c_from = ∅), one
+  optimizer step per iteration.
+
+x_t (and x_r) come from ``jaxsafe.erasure.esd.partial_sample``: n ~ U{0…N−1} guided DDIM steps
+(scale ``start_guidance``) of the frozen model from x_T ~ N(0, I), conditioned on the original
+embedding of c_e (of c_r), the retain samples sharing the concept's n as in the reference. The
+reference samples with the UNet being unlearned and the *original* text encoder's embedding;
+when only the text encoder trains that UNet is the frozen one, so the two agree.
+
+The attack needs the text encoder to take token *embeddings*: :func:`encode_embeddings` runs a
+``CLIPTextModel``'s layers from given (B, L, D) token embeddings (position embeddings added,
+causal mask, final LayerNorm), equal to ``text_encoder(ids)["last_hidden_state"]`` for the true
+token embeddings (:func:`token_embeddings`).
+
+Deviations from the reference code (documented in ``configs/erasure/advunlearn.py`` too):
+
+* the timestep the networks see is the DDIM step τ_n the sample reached (``esd.py``'s note on
+  ESD's reversed DDPM timestep applies here too);
+* ``prefix_k`` in the reference splits the padded ids as [SOT | words | k | rest] and drops the k
+  positions right after the words, which for SD's tokenizer (pad = EOT) drops the first EOT and
+  keeps a padding EOT; here the k embeddings are inserted after SOT and the *last* k positions
+  are dropped, so the sequence keeps its EOT also for tokenizers whose pad id is not EOT (the
+  test bed's). Prompts whose tokens plus k exceed L raise instead of losing their EOT.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsafe.diffusion import schedulers
+from jaxsafe.erasure.esd import esd_target, partial_sample
+from jaxsafe.erasure.preservation import retain_mse
+
+__all__ = ["ATTACK_INITS", "ATTACK_METHODS", "AdvUnlearn", "check_prefix_fits",
+           "encode_embeddings", "insert_prefix", "make_advunlearn", "soft_prompt_attack",
+           "text_encoder_selection", "token_embeddings"]
+
+ATTACK_METHODS = ("pgd", "fast_at")
+ATTACK_INITS = ("random", "latest")
+COMPONENTS = ("all", "attn", "ffn")
+
+
+# --------------------------------------------------------------------------------------------
+# The text encoder from token embeddings.
+
+
+def token_embeddings(text_encoder, ids: jax.Array) -> jax.Array:
+    """The (B, L, D) token ("word") embeddings of ids (B, L): ``token_embedding(ids)``, without
+    the position embeddings."""
+    ids = jnp.asarray(ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"ids: expected integer (B, L), got {ids.dtype} {ids.shape}")
+    return text_encoder.embeddings.token_embedding(ids)
+
+
+def encode_embeddings(text_encoder, inputs_embeds: jax.Array) -> jax.Array:
+    """``last_hidden_state`` (B, L, D) of a ``jaxsafe.nn.clip_text.CLIPTextModel`` run from token
+    embeddings ``inputs_embeds`` (B, L, D) (``transformers``' ``inputs_embeds``): position
+    embeddings added, every encoder layer (causal self-attention), the final LayerNorm."""
+    cfg = text_encoder.config
+    x = jnp.asarray(inputs_embeds)
+    if x.ndim != 3 or x.shape[1] > cfg.max_position_embeddings or x.shape[2] != cfg.hidden_size:
+        raise ValueError(f"inputs_embeds: expected (B, L, {cfg.hidden_size}) with L <= "
+                         f"{cfg.max_position_embeddings}, got {x.shape}")
+    h = x + text_encoder.embeddings.position_embedding(jnp.arange(x.shape[1]))[None]
+    for layer in text_encoder.encoder.layers:
+        h = layer(h)
+    return text_encoder.final_layer_norm(h)
+
+
+def insert_prefix(word_embeds: jax.Array, adv: jax.Array) -> jax.Array:
+    """``[SOT, δ_1…δ_k, w_1…w_{L−k−1}]``: the k adversarial embeddings ``adv`` (k, D) inserted
+    after the start token of ``word_embeds`` (B, L, D), the last k positions dropped (padding when
+    :func:`check_prefix_fits` holds)."""
+    b, n, d = word_embeds.shape
+    if adv.ndim != 2 or adv.shape[1] != d or not 1 <= adv.shape[0] <= n - 2:
+        raise ValueError(f"adv: expected (k, {d}) with 1 <= k <= {n - 2}, got {adv.shape}")
+    k = adv.shape[0]
+    adv = jnp.broadcast_to(adv.astype(word_embeds.dtype), (b, k, d))
+    return jnp.concatenate([word_embeds[:, :1], adv, word_embeds[:, 1:n - k]], axis=1)
+
+
+def check_prefix_fits(lengths, k: int, max_length: int, prompts=None) -> None:
+    """Raises ValueError unless every prompt (token count with SOT and EOT, ``lengths``) keeps its
+    EOT after a k-token prefix in ``max_length`` positions."""
+    for i, n in enumerate(lengths):
+        if int(n) + k > max_length:
+            name = repr(prompts[i]) if prompts is not None else f"prompt {i}"
+            raise ValueError(f"{name} has {int(n)} tokens: with a {k}-token adversarial prefix it "
+                             f"exceeds the text encoder's {max_length} positions")
+
+
+# --------------------------------------------------------------------------------------------
+# Which text-encoder parameters train.
+
+
+def text_encoder_selection(layers=None, component: str = "all",
+                           final_layer_norm: bool = False, prefix: str = "text_encoder"):
+    """Name predicate of the text-encoder parameters AdvUnlearn trains (the reference's
+    ``param_choices``): encoder ``layers`` (None = all: ``text_encoder_full``), their ``component``
+    (``all``, ``attn`` = self_attn, ``ffn`` = mlp), and the final LayerNorm when
+    ``final_layer_norm`` — or, for ``text_encoder_full`` with ``component="all"``, always. The
+    token and position embeddings never train."""
+    if component not in COMPONENTS:
+        raise ValueError(f"component={component!r}; expected one of {COMPONENTS}")
+    layers = None if layers is None else {int(i) for i in layers}
+    norm = final_layer_norm or (layers is None and component == "all")
+    part = {"all": "", "attn": "/self_attn/", "ffn": "/mlp/"}[component]
+    pat = re.compile(rf"^{re.escape(prefix)}/encoder/layers/(\d+)/")
+
+    def sel(name: str) -> bool:
+        if name.startswith(f"{prefix}/final_layer_norm/"):
+            return norm
+        m = pat.match(name)
+        return bool(m) and (layers is None or int(m.group(1)) in layers) and part in name
+
+    return sel
+
+
+# --------------------------------------------------------------------------------------------
+# The soft-prompt attack.
+
+
+def soft_prompt_attack(objective: Callable[[jax.Array, jax.Array], jax.Array], adv0: jax.Array,
+                       key: jax.Array, *, steps: int, lr: float,
+                       method: str = "pgd") -> tuple[jax.Array, jax.Array]:
+    """``(δ, losses)``: ``steps`` Adam steps (lr ``lr``) minimising ``objective(δ, key_i)`` from
+    ``adv0``, ``key_i = fold_in(key, i)``; ``method="fast_at"`` steps on sign(∇). ``losses[i]`` is
+    the objective at step i, before its update. A fresh Adam state each call, as the reference's
+    per-attack ``torch.optim.Adam``."""
+    if method not in ATTACK_METHODS:
+        raise ValueError(f"method={method!r}; expected one of {ATTACK_METHODS}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    opt = optax.adam(lr)
+
+    def body(i, carry):
+        adv, opt_state, losses = carry
+        loss, g = jax.value_and_grad(objective)(adv, jax.random.fold_in(key, i))
+        if method == "fast_at":
+            g = jnp.sign(g)
+        updates, opt_state = opt.update(g, opt_state, adv)
+        return optax.apply_updates(adv, updates), opt_state, losses.at[i].set(loss)
+
+    adv, _, losses = jax.lax.fori_loop(
+        0, steps, body, (adv0, opt.init(adv0), jnp.zeros((steps,), jnp.float32)))
+    return adv, losses
+
+
+# --------------------------------------------------------------------------------------------
+# The alternating step.
+
+
+class AdvUnlearn(NamedTuple):
+    """The pieces :func:`make_advunlearn` builds (all pure, jit-able).
+
+    * ``sample(frozen, cond, uncond, key) -> (x_t, t)``: partial DDIM samples of the frozen model.
+    * ``attack_loss(params, frozen, w_e, c_e, uncond, adv, key)``: ℓ_atk for one (x_t, t).
+    * ``init_adv(params, frozen, key) -> (k, D)``: k random vocabulary token embeddings.
+    * ``loss(params, frozen, prompts, x, t) -> (loss, metrics)``: ℓ_u + γ ℓ_r on given samples;
+      ``x``/``t`` hold the concept sample first, then the retain samples; ``prompts`` has ``x_e``
+      (1, L, D) the (adversarial) input token embeddings, ``c_e`` (1, L, D) and ``uncond``
+      (1, L, D) original embeddings, ``ids_r`` (R, L) and ``c_r`` (R, L, D) the retain prompts.
+    * ``step(state, batch, rng) -> (state, metrics)``: the trainer's custom step (attack, then one
+      optimizer step on ``state.params``); ``state.extra["adv"]`` carries δ. Metrics: ``loss``,
+      ``unlearn_loss``, ``retain_loss``, ``attacked`` (0 during warm-up) and ``attack_loss``, the
+      mean of ℓ_atk over the attack's steps (each on its own (x_t, t), so not a curve).
+    """
+
+    sample: Callable
+    attack_loss: Callable
+    init_adv: Callable
+    loss: Callable
+    step: Callable
+
+
+def make_advunlearn(eps_theta: Callable, eps_star: Callable, encode: Callable, words: Callable,
+                    sched: schedulers.SchedulerConfig, optimizer: optax.GradientTransformation, *,
+                    latent_shape, vocab_size: int, k: int = 1, attack_steps: int = 30,
+                    attack_lr: float = 1e-3, attack_method: str = "pgd",
+                    attack_init: str = "random", warmup: int = 200, retain_weight: float = 0.3,
+                    retain_batch: int = 5, eta: float = 1.0, start_guidance: float = 3.0,
+                    num_inference_steps: int = 50) -> AdvUnlearn:
+    """AdvUnlearn's pieces (module docstring) over a model given as functions.
+
+    Args:
+      eps_theta: ``eps_theta(params, frozen, x_t, t, emb)``, the UNet of the model being unlearned.
+      eps_star: ``eps_star(frozen, x_t, t, emb)``, the frozen original.
+      encode: ``encode(params, frozen, inputs_embeds) -> emb``, the trained text encoder run from
+        token embeddings (:func:`encode_embeddings`).
+      words: ``words(params, frozen, ids) -> token embeddings`` (:func:`token_embeddings`).
+      sched, latent_shape: the model's scheduler config and (H, W, C) latent shape.
+      optimizer: the unlearning optimizer (Adam, lr 1e-5 in the paper).
+      vocab_size: tokens δ is initialised from (random vocabulary embeddings).
+      k: prefix tokens (1). attack_steps: K (30). attack_lr: 1e-3. attack_method: ``pgd`` (Adam) or
+        ``fast_at`` (Adam on the gradient's sign). attack_init: ``random`` (new random tokens each
+        attack; the authors' command) or ``latest`` (start from the previous δ in ``extra``).
+      warmup: iterations of plain (unattacked) unlearning before the attacks start (200).
+      retain_weight: γ (0.3). retain_batch: retain prompts per step (5; 0 = no retain term).
+      eta, start_guidance, num_inference_steps: ESD's η (1), the partial sampling's guidance (3)
+        and DDIM steps N (50).
+
+    Batch (fixed, from the experiment): ``ids_e`` (E, L) concept prompt ids, ``c_e`` (E, L, D)
+    and ``uncond`` (1, L, D) their / the empty prompt's original embeddings, ``ids_r`` (n_r, L)
+    and ``c_r`` (n_r, L, D) the retain set. Each step draws one concept (the reference's random
+    word) and ``retain_batch`` distinct retain prompts.
+    """
+    if attack_method not in ATTACK_METHODS:
+        raise ValueError(f"attack_method={attack_method!r}; expected one of {ATTACK_METHODS}")
+    if attack_init not in ATTACK_INITS:
+        raise ValueError(f"attack_init={attack_init!r}; expected one of {ATTACK_INITS}")
+    if k < 1 or attack_steps < 1 or retain_batch < 0 or warmup < 0:
+        raise ValueError(f"need k >= 1, attack_steps >= 1, retain_batch >= 0, warmup >= 0; got "
+                         f"k={k}, attack_steps={attack_steps}, retain_batch={retain_batch}, "
+                         f"warmup={warmup}")
+    R = retain_batch if retain_weight else 0
+
+    def sample(frozen, cond, uncond, key):
+        k_x, k_n = jax.random.split(key)
+        x_T = jax.random.normal(k_x, (cond.shape[0], *latent_shape))
+        n = jax.random.randint(k_n, (), 0, num_inference_steps)
+        return partial_sample(lambda x, t, e: eps_star(frozen, x, t, e), sched, x_T, cond,
+                              uncond, start_guidance, num_inference_steps, n)
+
+    def attack_loss(params, frozen, w_e, c_e, uncond, adv, key):
+        x, t = sample(frozen, c_e, uncond, key)
+        params = jax.lax.stop_gradient(params)
+        pred = eps_theta(params, frozen, x, t, encode(params, frozen, insert_prefix(w_e, adv)))
+        return jnp.mean((pred - jax.lax.stop_gradient(eps_star(frozen, x, t, c_e))) ** 2)
+
+    def init_adv(params, frozen, key):
+        ids = jax.random.randint(key, (1, k), 0, vocab_size)
+        return jax.lax.stop_gradient(words(params, frozen, ids))[0]
+
+    def loss(params, frozen, prompts, x, t):
+        x_e, c_e, uncond = prompts["x_e"], prompts["c_e"], prompts["uncond"]
+        # One batched call of the frozen model: the concept sample with ∅ and c_e, the retain
+        # samples with their prompts.
+        star = eps_star(frozen, jnp.concatenate([x[:1], x]), jnp.concatenate([t[:1], t]),
+                        jnp.concatenate([uncond, c_e] + ([prompts["c_r"]] if R else [])))
+        target = esd_target(star[:1], star[1:2], star[:1], eta)
+        emb = encode(params, frozen, x_e)
+        if R:
+            emb = jnp.concatenate([emb, encode(params, frozen, words(params, frozen,
+                                                                     prompts["ids_r"]))])
+        pred = eps_theta(params, frozen, x, t, emb)
+        l_u = jnp.mean((pred[:1] - jax.lax.stop_gradient(target)) ** 2)
+        metrics = {"unlearn_loss": l_u}
+        total = l_u
+        if R:
+            l_r = retain_mse(pred[1:], star[2:])
+            metrics["retain_loss"] = l_r
+            total = l_u + retain_weight * l_r
+        return total, metrics
+
+    def step(state, batch, rng):
+        params, frozen = state.params, state.frozen
+        k_j, k_init, k_att, k_r, k_s = jax.random.split(rng, 5)
+        j = jax.random.randint(k_j, (), 0, batch["ids_e"].shape[0])
+        w_e = words(params, frozen, batch["ids_e"][j][None])
+        c_e, uncond = batch["c_e"][j][None], batch["uncond"][:1]
+        adv0 = (init_adv(params, frozen, k_init) if attack_init == "random"
+                else state.extra["adv"])
+        attacking = state.step >= warmup
+
+        def run_attack():
+            return soft_prompt_attack(
+                lambda a, key: attack_loss(params, frozen, w_e, c_e, uncond, a, key), adv0,
+                k_att, steps=attack_steps, lr=attack_lr, method=attack_method)
+
+        adv, att = jax.lax.cond(attacking, run_attack,
+                                lambda: (adv0, jnp.zeros((attack_steps,), jnp.float32)))
+        prompts = {"x_e": jnp.where(attacking, insert_prefix(w_e, adv), w_e), "c_e": c_e,
+                   "uncond": uncond}
+        cond = c_e
+        if R:
+            n_r = batch["ids_r"].shape[0]
+            r = jax.random.choice(k_r, n_r, (R,), replace=R > n_r)
+            prompts.update(ids_r=batch["ids_r"][r], c_r=batch["c_r"][r])
+            cond = jnp.concatenate([c_e, prompts["c_r"]])
+        x, t = sample(frozen, cond, uncond, k_s)
+        (total, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, frozen,
+                                                                         prompts, x, t)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(params, updates),
+                            opt_state=opt_state, extra={**state.extra, "adv": adv})
+        metrics = {"loss": total, **metrics, "attacked": attacking.astype(jnp.float32),
+                   "attack_loss": jnp.mean(att)}
+        return new, metrics
+
+    return AdvUnlearn(sample=sample, attack_loss=attack_loss, init_adv=init_adv, loss=loss,
+                      step=step)
