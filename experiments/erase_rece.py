@@ -1,0 +1,130 @@
+r"""RECE (Gong et al., ECCV 2024): a UCE edit, then rounds of closed-form adversarial embeddings
+and UCE edits of every cross-attention key/value projection (``jaxsafe.erasure.rece``), the
+round kept chosen by a score of each round's model. No training.
+
+Prompts and token rows are UCE's (``_erasure.prompt_pairs``, ``experiments.erase_uce.erase_rows``
+/ ``preserve_rows``): each erased concept and its guide in every ``concepts.templates`` form
+(the paper: the words alone), the erased prompt's rows from its last word token on aligned with
+the guide's; RECE's retain set is the empty prompt plus the ``concepts.preserve`` prompts (the
+reference's ``retain_texts``).
+
+Scores (``rece.scorer``): ``""`` on the test bed is the oracle's accuracy of the erased concepts
+on prompts and seeds of ``rece.score_seed`` (not the evaluation's ``eval.seed``); with
+``rece.other_tolerance > 0`` a round is admissible only if the accuracy of the
+``concepts.preserve`` concepts stays within that of the starting (UCE) model. A user scorer is
+``"package.module:function"``, called as ``function(config, pipe)`` with ``pipe.model`` holding
+the round's edit, returning a score (lower is better for ``select = "min"``) or
+``(score, admissible)``. With no scorer (a real model and no function given) the last round is
+kept. Config: ``configs/erasure/rece.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from experiments import _erasure
+from experiments.erase_uce import erase_rows, preserve_rows
+from jaxsafe.erasure import closed_form, rece
+
+
+def _testbed_scorer(config, pipe):
+    """Oracle accuracy of the erased concepts (and admissibility by the preserved ones)."""
+    from jaxsafe.data import shapes_metrics
+    from jaxsafe.nn import oracle as oracle_lib
+
+    r = config.rece
+    oracle = oracle_lib.load()
+    generate = None
+    others = list(config.concepts.preserve) if r.other_tolerance > 0 else []
+    if r.other_tolerance > 0 and not others:
+        raise ValueError("rece.other_tolerance > 0 needs config.concepts.preserve concepts to "
+                         "measure")
+    first_other = []
+
+    def accuracy(gen, words):
+        return float(np.mean([shapes_metrics.concept_accuracy(
+            gen, oracle, w, k=r.score_samples, seed=r.score_seed)["accuracy"] for w in words]))
+
+    def score(kernels):
+        nonlocal generate
+        _erasure.set_kernels(pipe.model, kernels)
+        graphdef, state = nnx.split(pipe.model)
+        if generate is None:
+            generate = _erasure.model_generator(pipe, graphdef, **dict(config.sampling))
+        gen = lambda c, s: generate((state,), c, s)
+        target = accuracy(gen, config.concepts.erase)
+        if not others:
+            return target
+        other = accuracy(gen, others)
+        if not first_other:
+            first_other.append(other)
+        logging.info("rece: target %.3f other %.3f", target, other)
+        return target, other >= first_other[0] - r.other_tolerance
+
+    return score
+
+
+def _user_scorer(config, pipe):
+    module, _, name = config.rece.scorer.partition(":")
+    if not name:
+        raise ValueError(f"rece.scorer={config.rece.scorer!r}: expected 'package.module:function'")
+    fn = getattr(importlib.import_module(module), name)
+
+    def score(kernels):
+        _erasure.set_kernels(pipe.model, kernels)
+        return fn(config, pipe)
+
+    return score
+
+
+def scorer(config, pipe):
+    """The round score of the config (module docstring), or None."""
+    if config.rece.scorer:
+        return _user_scorer(config, pipe)
+    if pipe.testbed:
+        return _testbed_scorer(config, pipe)
+    logging.warning("rece: no scorer for a non-test-bed model (set rece.scorer): keeping the "
+                    "last round")
+    return None
+
+
+def edit(config, workdir: str) -> dict:
+    pipe = _erasure.load(config.model.folder or None)
+    r, concepts = config.rece, config.concepts
+    t0 = time.perf_counter()
+    c_e, c_g = erase_rows(pipe, _erasure.prompt_pairs(concepts))
+    keep = _erasure.expand(concepts.templates, concepts.preserve)
+    original = _erasure.kernels(pipe.model)
+    start = original
+    if r.init_uce:
+        u = config.uce
+        c_p_uce = preserve_rows(pipe, keep)
+        start = jax.jit(lambda k: closed_form.uce_edit(
+            k, c_e, c_g, c_p_uce, erase_scale=u.erase_scale,
+            preserve_scale=u.preserve_scale if u.preserve_scale > 0 else None, lam=u.lam))(
+                original)
+    retain = ([""] if r.preserve_empty else []) + keep
+    c_p = preserve_rows(pipe, retain)
+    score = scorer(config, pipe)
+    result = rece.iterate(start, original, c_e, c_g, c_p, rounds=r.rounds, lam_emb=r.lam_emb,
+                          lam=r.lam, erase_scale=r.erase_scale, preserve_scale=r.preserve_scale,
+                          score=score, select=r.select if score is not None else "last",
+                          stop_at=r.stop_at if r.stop_at >= 0 else None)
+    new = jax.block_until_ready(result.kernels)
+    seconds = time.perf_counter() - t0
+    _erasure.set_kernels(pipe.model, new)
+    out = {"erase_seconds": seconds, "edited_tensors": len(new),
+           "best_round": result.best_round, "rounds_run": len(result.scores) - 1,
+           "round_scores": result.scores, "round_admissible": result.admissible,
+           "export": _erasure.save(pipe, os.path.join(workdir, "export"), unet=pipe.model.unet)}
+    if config.eval.enabled and pipe.testbed:
+        graphdef, state = nnx.split(pipe.model)
+        out.update(_erasure.evaluate_model(config, pipe, graphdef, (state,)))
+    return out
