@@ -141,15 +141,22 @@ def load(folder: str | None = None) -> Pipeline:
 
 def make_generator(pipe: Pipeline, apply: Callable, encode: Callable, *, kind: str = "ddim",
                    num_inference_steps: int = 25, guidance_scale: float = 4.0,
-                   batch_size: int = 32):
+                   batch_size: int = 32, aux: Callable | None = None):
     """``generate(params, captions, seeds) -> (n, H, W, 3)`` images in [−1, 1] with classifier-free
     guidance against the empty prompt. ``apply(params, x, t, emb)`` is the (edited) denoiser and
-    ``encode(params, ids)`` the (edited) text encoder. Calls are padded to a multiple of
-    ``batch_size`` (one compiled program); image k depends on (captions[k], seeds[k]) only."""
-    sampler = t2i.make_t2i_sampler(apply, pipe.scheduler, kind=kind,
+    ``encode(params, ids)`` the (edited) text encoder. With ``aux(params, ids, emb)`` (per-prompt
+    values, e.g. SPM's transport strength), ``apply`` receives them as a fifth argument. Calls are
+    padded to a multiple of ``batch_size`` (one compiled program); image k depends on
+    (captions[k], seeds[k]) only."""
+    unet = apply if aux is None else (lambda p, x, t, e: apply(p[0], x, t, e, p[1]))
+    sampler = t2i.make_t2i_sampler(unet, pipe.scheduler, kind=kind,
                                    num_inference_steps=num_inference_steps,
                                    guidance_scale=guidance_scale, latent_shape=pipe.latent_shape)
-    enc = jax.jit(encode)
+
+    @jax.jit
+    def enc(params, ids):
+        emb = encode(params, ids)
+        return emb, (None if aux is None else aux(params, ids, emb))
 
     def generate(params, captions, seeds):
         captions, seeds = list(captions), np.asarray(seeds, np.int32).reshape(-1)
@@ -159,10 +166,12 @@ def make_generator(pipe: Pipeline, apply: Callable, encode: Callable, *, kind: s
         n, pad = len(captions), -len(captions) % batch_size
         ids = pipe.tokenize(captions + [""] * pad)
         seeds = np.concatenate([seeds, np.zeros(pad, np.int32)])
-        uncond = enc(params, jnp.asarray(pipe.tokenize([""])))
-        out = [np.asarray(pipe.decode(sampler(params, enc(params, jnp.asarray(
-            ids[i:i + batch_size])), uncond, seeds[i:i + batch_size])))
-            for i in range(0, n + pad, batch_size)]
+        uncond, _ = enc(params, jnp.asarray(pipe.tokenize([""])))
+        out = []
+        for i in range(0, n + pad, batch_size):
+            emb, a = enc(params, jnp.asarray(ids[i:i + batch_size]))
+            p = params if aux is None else (params, a)
+            out.append(np.asarray(pipe.decode(sampler(p, emb, uncond, seeds[i:i + batch_size]))))
         return np.concatenate(out)[:n]
 
     return generate
