@@ -12,7 +12,8 @@ them as they load the original.
 Erasure metrics (:func:`evaluate`) exist for the test bed only, where the oracle classifier reads
 every concept off a generated image: per-concept generation accuracy (``erasure_report``:
 targets, synonym leakage, near concepts, the rest), the oracle Fréchet distance of generations
-for held-out captions to the held-out images, and the held-out denoising loss (utility).
+for held-out captions to the held-out images, and the held-out denoising loss on images without
+the erased concepts (utility).
 """
 
 from __future__ import annotations
@@ -185,12 +186,20 @@ def model_generator(pipe: Pipeline, graphdef, **sampling):
 
 
 def heldout_loss(pipe: Pipeline, apply: Callable, encode: Callable, params, n: int = 256,
-                 seed: int = 0) -> float:
+                 seed: int = 0, exclude: Sequence[str] = ()) -> float:
     """ε-prediction loss on fixed held-out test-bed images, timesteps, noise and captions of the
-    denoiser ``apply(params, x, t, emb)`` with text encoder ``encode(params, ids)``."""
+    denoiser ``apply(params, x, t, emb)`` with text encoder ``encode(params, ids)``. Images whose
+    label has an ``exclude`` concept are left out (the first ``n`` of the others are used): an
+    erased model is meant to fail on those, so utility is measured on the rest."""
     from jaxsafe.data import shapes
 
-    data = shapes.ShapesDataset(1).arrays(0, n)
+    bad = {shapes.CONCEPTS[w] for w in exclude}
+    data = shapes.ShapesDataset(1).arrays(0, 2 * n if bad else n)
+    keep = np.flatnonzero([not any((a, v) in bad for a, v in enumerate(label))
+                           for label in data["label"]])[:n]
+    if len(keep) < n:
+        raise ValueError(f"only {len(keep)} of {2 * n} held-out images are free of {exclude}")
+    data = {k: np.asarray(v)[keep] for k, v in data.items()}
     z0 = pipe.encode_image(jnp.asarray(data["image"], jnp.float32) / 127.5 - 1.0)
     k_t, k_e = jax.random.split(jax.random.key(seed))
     t = jax.random.randint(k_t, (n,), 0, pipe.scheduler.num_train_timesteps)
@@ -294,7 +303,8 @@ def evaluate_model(config, pipe: Pipeline, graphdef, state: tuple) -> dict:
     return evaluate(pipe, lambda c, s: generate(state, c, s), list(config.concepts.erase),
                     k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
                     loss_fn=lambda: heldout_loss(pipe, apply, encode, state,
-                                                 n=e.heldout_examples, seed=e.seed))
+                                                 n=e.heldout_examples, seed=e.seed,
+                                                 exclude=list(config.concepts.erase)))
 
 
 def summarize_trained(config, state, task, workdir: str | None) -> dict:

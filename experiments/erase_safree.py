@@ -163,5 +163,6 @@ def edit(config, workdir: str) -> dict:
             pipe, lambda c, s: generate((state,), c, s), list(config.concepts.erase),
             k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
             loss_fn=lambda: _erasure.heldout_loss(pipe, apply, encode, (state,),
-                                                  n=e.heldout_examples, seed=e.seed)))
+                                                  n=e.heldout_examples, seed=e.seed,
+                                                  exclude=list(config.concepts.erase))))
     return out

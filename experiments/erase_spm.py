@@ -203,7 +203,7 @@ def evaluate(config, pipe: _erasure.Pipeline, model: nnx.Module, transport: Tran
         k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
         loss_fn=lambda: _erasure.heldout_loss(
             pipe, lambda s, x, t, enc: spm_apply(graphdef, s, x, t, *enc), encode, state,
-            n=e.heldout_examples, seed=e.seed))
+            n=e.heldout_examples, seed=e.seed, exclude=list(config.concepts.erase)))
     gamma = jax.jit(encode)
     for concept in shapes.CONCEPTS:
         captions, _ = shapes_metrics.concept_prompts(concept, e.samples_per_concept, e.seed)

@@ -139,3 +139,19 @@ def test_erasure_table_groups_concepts(tmp_path):
     assert cells[2:7] == ["1.000", "0.250", "–", f"{(0.1 + 0.3 + 0.9) / 3:.3f}", "0.800"]
     with pytest.raises(FileNotFoundError, match="erasure.json not found"):
         erasure_table.row(str(tmp_path / "missing"))
+
+
+def test_heldout_loss_leaves_out_the_erased_concepts(tiny_pipe):
+    from flax import nnx
+
+    from experiments import _erasure
+
+    g, s = nnx.split(tiny_pipe.model)
+    apply = lambda st, x, t, e: nnx.merge(g, *st)(x, t, e)  # noqa: E731
+    encode = lambda st, ids: nnx.merge(g, *st).encode(ids)  # noqa: E731
+    # Every image has a colour: excluding all of them leaves nothing to measure on.
+    with pytest.raises(ValueError, match="only 0 of 16 held-out images are free of"):
+        _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8,
+                              exclude=["red", "orange", "green", "blue"])
+    full = _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8)
+    assert _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8, exclude=["red"]) != full
