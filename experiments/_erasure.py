@@ -74,8 +74,15 @@ class Pipeline:
         if self.testbed:
             return self.tokenizer(texts)
         return np.asarray(self.tokenizer(texts, padding="max_length", truncation=True,
-                                         max_length=self.tokenizer.model_max_length,
+                                         max_length=self._max_length,
                                          return_tensors="np").input_ids, np.int32)
+
+    @property
+    def _max_length(self) -> int:
+        # The text encoder's positions bound it (a tokenizer without tokenizer_config.json
+        # reports an effectively infinite model_max_length).
+        return min(self.tokenizer.model_max_length,
+                   self.model.text_encoder.config.max_position_embeddings)
 
     def lengths(self, texts: Sequence[str]) -> np.ndarray:
         """Token counts with SOT and EOT (the attention-mask sums)."""
@@ -83,7 +90,7 @@ class Pipeline:
         if self.testbed:
             return (self.tokenizer(texts) != self.tokenizer.pad_token_id).sum(-1)
         mask = self.tokenizer(texts, padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length,
+                              max_length=self._max_length,
                               return_tensors="np").attention_mask
         return np.asarray(mask).sum(-1)
 
