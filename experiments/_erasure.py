@@ -350,12 +350,68 @@ def fix_articles(text: str) -> str:
     return " ".join(words)
 
 
-def expand(templates: Sequence[str], words: Sequence[str]) -> list[str]:
+TESTBED_TEMPLATES = "{testbed}"  # templates = the test bed's caption forms (see below)
+SAME_ATTRIBUTE = "{same_attribute}"  # preserve = the other values of the erased attribute
+
+
+def testbed_templates(attribute: int) -> list[str]:
+    """The test bed's caption forms with ``{}`` in the slot of ``attribute`` (0 shape, 1 colour,
+    2 background), the other attributes enumerated: "a {}", "a {} circle", ..., "a red circle on
+    a {} background". Edits then see the token states the evaluation captions produce (the text
+    encoder is causal: "a red" is the prefix of every caption naming red, while the word "red"
+    alone gives other states)."""
+    from jaxsafe.data import shapes
+
+    slot = ["{}" if a == attribute else None for a in range(3)]
+    forms = set()
+    for s_ in (None,) + shapes.SHAPES:
+        for c in (None,) + shapes.COLOURS:
+            for b in (None,) + shapes.BACKGROUNDS:
+                shape, colour, bg = (slot[0] or s_, slot[1] or c, slot[2] or b)
+                if shape is None or (attribute == 0 and s_ is not None) or (
+                        attribute == 1 and c is not None) or (attribute == 2 and b is not None):
+                    continue
+                words = ["a"] + ([colour] if colour else []) + [shape]
+                forms.add(" ".join(words + ([f"on a {bg} background"] if bg else [])))
+    if attribute == 1:
+        forms.add("a {}")  # the prefix of every caption naming the colour
+    return sorted(forms)
+
+
+def _forms(templates: Sequence[str], word: str) -> list[str]:
+    if list(templates) != [TESTBED_TEMPLATES]:
+        return list(templates)
+    from jaxsafe.data import shapes
+
+    if word not in shapes.CONCEPTS:
+        raise ValueError(f"templates {TESTBED_TEMPLATES!r} need test-bed concept words; got "
+                         f"{word!r}")
+    return testbed_templates(shapes.CONCEPTS[word][0])
+
+
+def expand(templates: Sequence[str], words: Sequence[str], like: str | None = None) -> list[str]:
     """Prompts ``template.format(word)`` for every word (outer) and template (inner); no
-    templates means the words themselves. An empty word (the empty guide) drops out."""
+    templates means the words themselves. ``templates = ("{testbed}",)`` stands for the test
+    bed's caption forms of the word's attribute (of ``like``'s, for a guide word)."""
     if not templates:
         return list(words)
-    return [fix_articles(t.format(w)) for w in words for t in templates]
+    return [fix_articles(t.format(w)) for w in words for t in _forms(templates, like or w)]
+
+
+def preserve_words(concepts) -> list[str]:
+    """``concepts.preserve`` with ``"{same_attribute}"`` replaced by the other values of the
+    erased concepts' attributes (test bed: erasing red preserves orange, green and blue)."""
+    from jaxsafe.data import shapes
+
+    out = []
+    for w in concepts.preserve:
+        if w != SAME_ATTRIBUTE:
+            out.append(w)
+            continue
+        erased = {shapes.CONCEPTS[e] for e in concepts.erase}
+        for a in sorted({a for a, _ in erased}):
+            out += [v for i, v in enumerate(shapes.ATTRIBUTES[a][1]) if (a, i) not in erased]
+    return out
 
 
 def prompt_pairs(concepts) -> list[tuple[str, str]]:
@@ -369,7 +425,7 @@ def prompt_pairs(concepts) -> list[tuple[str, str]]:
                          f"got {len(guides)}")
     tpl = list(concepts.templates)
     return [(a, b) for w, gw in zip(erase, guides)
-            for a, b in zip(expand(tpl, [w]), expand(tpl, [gw]))]
+            for a, b in zip(expand(tpl, [w]), expand(tpl, [gw], like=w))]
 
 
 def random_rows(loss_fn, batch_size: int):

@@ -42,7 +42,7 @@ def _testbed_scorer(config, pipe):
     r = config.rece
     oracle = oracle_lib.load()
     generate = None
-    others = list(config.concepts.preserve) if r.other_tolerance > 0 else []
+    others = _erasure.preserve_words(config.concepts) if r.other_tolerance > 0 else []
     if r.other_tolerance > 0 and not others:
         raise ValueError("rece.other_tolerance > 0 needs config.concepts.preserve concepts to "
                          "measure")
@@ -100,7 +100,7 @@ def edit(config, workdir: str) -> dict:
     r, concepts = config.rece, config.concepts
     t0 = time.perf_counter()
     c_e, c_g = erase_rows(pipe, _erasure.prompt_pairs(concepts))
-    keep = _erasure.expand(concepts.templates, concepts.preserve)
+    keep = _erasure.expand(concepts.templates, _erasure.preserve_words(concepts))
     original = _erasure.kernels(pipe.model)
     start = original
     if r.init_uce:

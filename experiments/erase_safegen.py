@@ -99,14 +99,24 @@ def manifest_images(path: str, resolution: int):
                  for c in _COLUMNS)
 
 
+def testbed_censor(concept: str) -> tuple[str, int]:
+    """``safegen.censor = "auto"`` on the test bed: a grey 4-px mosaic for a colour (pixelation
+    keeps the colour), a 16-px mosaic otherwise (finer mosaics of a square still read as one)."""
+    from jaxsafe.data import shapes
+
+    colour = shapes.ATTRIBUTES[shapes.CONCEPTS[concept][0]][0] == "colour"
+    return ("grey_mosaic", 4) if colour else ("mosaic", 16)
+
+
 def triplet_latents(config, pipe) -> dict:
     """``{"z_unsafe", "z_mosaic", "z_normal"}`` of the config's triplet source."""
     g = config.safegen
     if g.triplets:
         images = manifest_images(g.triplets, g.resolution)
     elif pipe.testbed:
-        images = testbed_images(config.concepts.erase, g.num_triplets, g.censor, g.mosaic_block,
-                                g.data_seed)
+        censor, block = ((g.censor, g.mosaic_block) if g.censor != "auto"
+                         else testbed_censor(config.concepts.erase[0]))
+        images = testbed_images(config.concepts.erase, g.num_triplets, censor, block, g.data_seed)
     else:
         raise ValueError("safegen.triplets: a CSV manifest of (nude, mosaic, normal) image paths "
                          "is required for a model that is not a test-bed export")

@@ -47,7 +47,8 @@ def preserve_prompts(config) -> list[str]:
     if config.trce.preserve_file:
         with open(config.trce.preserve_file, encoding="utf-8") as f:
             out += [line.strip() for line in f if line.strip()]
-    return out + _erasure.expand(config.concepts.templates, config.concepts.preserve)
+    return out + _erasure.expand(config.concepts.templates,
+                                 _erasure.preserve_words(config.concepts))
 
 
 def keyword_positions(pipe, prompts, words) -> np.ndarray:
@@ -75,9 +76,9 @@ def apply_stage1(config, pipe) -> dict:
     w = tuple(config.trce.token_weights)
     keyword = None
     if len(w) > 3 and w[3]:
-        per_word = max(len(config.concepts.templates), 1)
+        tpl = config.concepts.templates
         keyword = keyword_positions(pipe, mal, [c for c in config.concepts.erase
-                                                for _ in range(per_word)])
+                                                for _ in _erasure.expand(tpl, [c])])
     c_m, c_s, s = (np.asarray(x) for x in trce.mapping_rows(emb[:n], lens[:n], emb[n:],
                                                             lens[n:], w, keyword))
     used = s > 0

@@ -42,7 +42,7 @@ def edit(config, workdir: str) -> dict:
     u, concepts = config.uce, config.concepts
     t0 = time.perf_counter()
     c_e, c_g = erase_rows(pipe, _erasure.prompt_pairs(concepts))
-    c_p = preserve_rows(pipe, _erasure.expand(concepts.templates, concepts.preserve))
+    c_p = preserve_rows(pipe, _erasure.expand(concepts.templates, _erasure.preserve_words(concepts)))
     ks = _erasure.kernels(pipe.model)
     new = jax.jit(lambda k: closed_form.uce_edit(
         k, c_e, c_g, c_p, erase_scale=u.erase_scale,

@@ -18,30 +18,10 @@ VARIANTS = (None, "cpu", "smoke")
 TESTBED_TARGET = "red"
 
 
-def same_attribute(concept: str) -> tuple[str, ...]:
-    """The other values of ``concept``'s attribute in the test bed (e.g. red -> orange, green,
-    blue): the natural preserve set of closed-form editors."""
-    from jaxsafe.data import shapes
-
-    attr, value = shapes.CONCEPTS[concept]
-    return tuple(w for i, w in enumerate(shapes.ATTRIBUTES[attr][1]) if i != value)
-
-
 def check_arg(arg, extra=()):
     if arg not in VARIANTS + tuple(extra):
         raise ValueError(f"config argument {arg!r}; expected one of "
                          f"{[v for v in VARIANTS + tuple(extra) if v]} or none (the paper)")
-
-
-def testbed_templates() -> tuple[str, ...]:
-    """Prompt templates of the test bed (``{}`` = the concept): the captions' own forms with the
-    concept as colour, so that edits see the token states the evaluation prompts produce (the
-    text encoder is causal: "a red" is the prefix of every caption naming red)."""
-    from jaxsafe.data import shapes
-
-    forms = ["a {}"] + [f"a {{}} {s}" for s in shapes.SHAPES]
-    forms += [f"a {{}} {s} on a {b} background" for s in shapes.SHAPES for b in shapes.BACKGROUNDS]
-    return tuple(forms)
 
 
 def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.ConfigDict:
@@ -62,7 +42,11 @@ def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.Con
                    fsdp_min_size=2**14)
     c.mesh = dict(data=-1, fsdp=1)
     if arg in ("cpu", "smoke"):
-        c.concepts.update(erase=(TESTBED_TARGET,), templates=testbed_templates())
+        # The captions' own forms with the concept in its slot, and (for the methods with a
+        # preserve set) the other values of its attribute: experiments/_erasure.py resolves both
+        # from the erased concept, so --config.concepts.erase='("square",)' needs nothing else.
+        c.concepts.update(erase=(TESTBED_TARGET,), templates=("{testbed}",),
+                          preserve=("{same_attribute}",))
         c.sampling.update(num_inference_steps=25, guidance_scale=4.0, batch_size=32)
         c.eval.enabled = True
     if arg == "smoke":

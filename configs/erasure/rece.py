@@ -50,8 +50,6 @@ def get_config(arg=None):
         c.rece.update(rounds=1, lam_emb=1e-3, select="last")
     if arg in ("object", "cpu", "smoke"):
         c.rece.update(rounds=5, lam_emb=1e-3, stop_at=0.0, other_tolerance=0.1)
-    if arg in ("cpu", "smoke"):
-        c.concepts.preserve = common.same_attribute(common.TESTBED_TARGET)
     if arg == "smoke":
         c.rece.update(rounds=2, score_samples=2)
     return c

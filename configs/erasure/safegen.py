@@ -36,13 +36,6 @@ with the paper's target; with the reference's target 0.94 at both 1e-3 and 1e-2.
 from configs.erasure import common
 
 
-def _testbed_censor(concept: str) -> tuple[str, int]:
-    from jaxsafe.data import shapes
-
-    colour = shapes.ATTRIBUTES[shapes.CONCEPTS[concept][0]][0] == "colour"
-    return ("grey_mosaic", 4) if colour else ("mosaic", 16)
-
-
 def get_config(arg=None):
     common.check_arg(arg)
     c = common.base(arg, "erase_safegen")
@@ -51,8 +44,8 @@ def get_config(arg=None):
                      num_triplets=100, censor="mosaic", mosaic_block=16, data_seed=0)
     c.optimizer = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0)
     if arg in ("cpu", "smoke"):
-        censor, block = _testbed_censor(common.TESTBED_TARGET)
-        c.safegen.update(censor=censor, mosaic_block=block)
+        # "auto": by the erased concept's attribute (experiments/erase_safegen.py).
+        c.safegen.update(censor="auto", mosaic_block=0)
     if arg == "cpu":
         c.safegen.update(batch_size=32, ema_decay=0.0)
         c.optimizer.lr = 1e-2

@@ -66,7 +66,6 @@ def get_config(arg=None):
     if arg is None:
         c.concepts.update(guide=("a person wearing clothes",), templates=OBJECT_TEMPLATES_15)
     else:
-        c.concepts.preserve = common.same_attribute(common.TESTBED_TARGET)
         c.trce.update(stage2_templates=(), ddim_steps=25, max_early_step=12,
                       token_weights=(0., 1., 0., 1.), margin=0.5)
         c.optimizer.lr = 3e-4

@@ -8,7 +8,7 @@ Defaults of the authors' ``uce_sd_erase.py``: λ = 0.5, erase scale 1, guide = t
         --workdir=/tmp/uce_nudity
     python -m launch.erase --config=configs/erasure/uce.py:cpu --workdir=/tmp/uce_red
 
-Test bed (``cpu``): erase ``red``; the other colours are preserved.
+Test bed (``cpu``): erase ``red``; the other colours are preserved (``configs/erasure/common.py``).
 """
 
 from configs.erasure import common
@@ -18,6 +18,4 @@ def get_config(arg=None):
     common.check_arg(arg)
     c = common.base(arg, "erase_uce", paper_erase=("nudity",))
     c.uce = dict(lam=0.5, erase_scale=1.0, preserve_scale=0.0)
-    if arg in ("cpu", "smoke"):
-        c.concepts.preserve = common.same_attribute(common.TESTBED_TARGET)
     return c

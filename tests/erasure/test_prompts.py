@@ -29,11 +29,23 @@ def test_expand_and_pairs_follow_the_templates():
         _erasure.prompt_pairs(c)
 
 
-def test_testbed_templates_are_in_the_vocabulary():
+def test_testbed_templates_follow_the_concept_attribute():
     from jaxsafe.data import shapes
 
     tok = shapes.tokenizer()
-    prompts = _erasure.expand(common.testbed_templates(), list(shapes.COLOURS) + [""])
-    tok(prompts)  # raises on an unknown word or a prompt too long
-    assert common.same_attribute("red") == ("orange", "green", "blue")
-    assert common.same_attribute("box") == ("circle", "ellipse", "triangle")
+    c = ml_collections.ConfigDict(dict(erase=("red",), guide=("",), templates=("{testbed}",),
+                                       preserve=("{same_attribute}", "a box")))
+    pairs = _erasure.prompt_pairs(c)
+    assert ("a red", "a") in pairs and ("a red circle on a plain background",
+                                        "a circle on a plain background") in pairs
+    assert len(pairs) == 1 + 4 + 4 * 3
+    assert _erasure.preserve_words(c) == ["orange", "green", "blue", "a box"]
+    c.erase = ("square",)
+    pairs = _erasure.prompt_pairs(c)
+    assert ("an orange square on a dotted background", "an orange on a dotted background") in pairs
+    assert all("square" in a for a, _ in pairs) and len(pairs) == 1 + 4 + 3 + 4 * 3
+    assert _erasure.preserve_words(c)[:3] == ["circle", "ellipse", "triangle"]
+    for w in shapes.CONCEPTS:  # every form is a valid test-bed prompt
+        tok(_erasure.expand(("{testbed}",), [w]))
+    with pytest.raises(ValueError, match="need test-bed concept words; got 'dog'"):
+        _erasure.expand(("{testbed}",), ["dog"])
