@@ -485,3 +485,39 @@ def set_kernels(model: nnx.Module, new: dict[str, jax.Array]) -> None:
         else:
             leaves.append(old)
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+# --------------------------------------------------------------------------------------------
+# Running a method: what launch/erase.py does, importable without its absl flags.
+
+
+def erase(config, workdir: str) -> dict:
+    """Runs the erasure method of ``config`` (``launch/erase.py``): ``edit(config, workdir)`` for
+    closed-form and training-free methods, else the generic trainer then ``summarize``. Writes
+    ``<workdir>/config.json`` and ``<workdir>/erasure.json`` (the summary, with the erasure's
+    wall-clock time) and returns the summary."""
+    import time
+
+    from experiments import get
+    from jaxsafe import parallel, train
+
+    module = get(config.experiment)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    if hasattr(module, "edit"):
+        summary = dict(module.edit(config, workdir))
+        seconds = summary.pop("erase_seconds", time.perf_counter() - t0)
+    else:
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+        task = module.build(config, mesh)
+        state = train.run(task, config.train, workdir, mesh)
+        seconds = time.perf_counter() - t0
+        summary = dict(module.summarize(config, state, task, workdir))
+    summary = {"experiment": config.experiment, "variant": config.variant,
+               "erase": list(config.concepts.erase), "erase_seconds": seconds, **summary}
+    if parallel.is_primary():
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        with open(os.path.join(workdir, "erasure.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1, sort_keys=True, default=float)
+    return summary

@@ -16,8 +16,6 @@ training-free methods (UCE, RECE, SAFREE) define ``edit(config, workdir)``.
 """
 
 import json
-import os
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,39 +27,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, the 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def erase(config, workdir: str) -> dict:
-    """Runs the method of ``config`` (module docstring); returns and writes its summary."""
-    from experiments import get
-    from jaxsafe import parallel, train
-
-    module = get(config.experiment)
-    os.makedirs(workdir, exist_ok=True)
-    t0 = time.perf_counter()
-    if hasattr(module, "edit"):
-        summary = dict(module.edit(config, workdir))
-        seconds = summary.pop("erase_seconds", time.perf_counter() - t0)
-    else:
-        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        task = module.build(config, mesh)
-        state = train.run(task, config.train, workdir, mesh)
-        seconds = time.perf_counter() - t0
-        summary = dict(module.summarize(config, state, task, workdir))
-    summary = {"experiment": config.experiment, "variant": config.variant,
-               "erase": list(config.concepts.erase), "erase_seconds": seconds, **summary}
-    if parallel.is_primary():
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        with open(os.path.join(workdir, "erasure.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1, sort_keys=True, default=float)
-    return summary
-
-
 def main(argv):
     from jaxsafe.train.metrics import quiet_orbax
 
     quiet_orbax()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from experiments._erasure import erase
+
     summary = erase(_CONFIG.value, _WORKDIR.value)
     logging.info("erasure: %s", json.dumps(summary, sort_keys=True, default=float))
     print(json.dumps(summary, indent=1, sort_keys=True, default=float))

@@ -74,7 +74,7 @@ def get_config(arg=None):
     c.optimizer = dict(lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
                        ema_decay=0.999)
     c.eval = dict(heldout_examples=256, samples_per_concept=16, fid_samples=256, seed=0)
-    c.train = _train(6000, 250)
+    c.train = _train(12000, 250)
     c.mesh = dict(data=-1, fsdp=1)
     if arg == "smoke":
         c.data.batch_size = 4

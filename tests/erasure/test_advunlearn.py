@@ -188,7 +188,7 @@ def test_smoke_run_changes_only_the_text_encoder(tiny_folder, tmp_path):
     """launch.erase on the tiny model: the exported UNet and token/position embeddings are
     bit-identical to the original, the trained text-encoder layers moved."""
     from configs.erasure import advunlearn as config_lib
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     config = config_lib.get_config("smoke")
     config.model.folder = tiny_folder

@@ -28,7 +28,7 @@ def _changed(before, after):
 @pytest.mark.slow
 def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
     from configs.erasure import esd
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     c = esd.get_config("smoke")
     c.model.folder = tiny_folder
@@ -51,7 +51,7 @@ def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, t
 
 def test_uce_edits_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
     from configs.erasure import uce
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     c = uce.get_config("smoke")
     c.model.folder = tiny_folder
@@ -105,7 +105,7 @@ def test_uce_erases_the_target_on_the_trained_test_bed(tmp_path):
 
     from configs.erasure import uce
     from experiments import _erasure
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     c = uce.get_config("cpu")
     c.eval.update(samples_per_concept=8, fid_samples=0)

@@ -219,7 +219,7 @@ def test_rece_erases_red_on_the_trained_test_bed(tmp_path):
     """The shipped test-bed model (acc(red) = 1.0 before): RECE's cpu setting drives acc(red)
     to at most 0.25 while the other colours and concepts stay close."""
     from configs.erasure import rece as rece_config
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     c = rece_config.get_config("cpu")
     c.eval.update(fid_samples=0)

@@ -174,7 +174,7 @@ def test_testbed_triplets_show_the_concept_its_mosaic_and_no_concept():
 def test_a_smoke_run_changes_only_self_attention(tiny_folder, tmp_path):
     from configs.erasure import safegen as safegen_config
     from jaxsafe.weights.convert import read_safetensors
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     def weights(folder, rel):
         return {k: np.asarray(v) for k, v in read_safetensors([os.path.join(folder, rel)]).items()}

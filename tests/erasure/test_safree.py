@@ -204,7 +204,7 @@ def test_generation_is_unchanged_when_nothing_is_flagged(tiny_pipe):
 def test_edit_writes_the_settings_next_to_an_unchanged_model(tiny_folder, tmp_path):
     from configs.erasure import safree as safree_config
     from jaxsafe.weights.convert import read_safetensors
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     c = safree_config.get_config("smoke")
     c.model.folder = tiny_folder

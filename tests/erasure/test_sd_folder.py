@@ -79,7 +79,7 @@ def test_load_reads_vae_and_clip_tokenizer(sd_folder):
 def test_uce_writes_an_edited_sd_folder(sd_folder, tmp_path):
     from configs.erasure import uce
     from experiments import _erasure
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     c = uce.get_config()
     c.model.folder = sd_folder

@@ -241,7 +241,7 @@ def test_smoke_run_changes_only_the_stage_parameters(tiny_folder, tmp_path):
     values and the stage-2 self-attention and query parameters."""
     from configs.erasure import trce as trce_config
     from experiments import _erasure
-    from launch.erase import erase
+    from experiments._erasure import erase
 
     c = trce_config.get_config("smoke")
     c.model.folder = tiny_folder
