@@ -217,7 +217,8 @@ def test_config_variants():
 @pytest.mark.slow
 def test_rece_erases_red_on_the_trained_test_bed(tmp_path):
     """The shipped test-bed model (acc(red) = 1.0 before): RECE's cpu setting drives acc(red)
-    to at most 0.25 while the other colours and concepts stay close."""
+    to at most 0.25 while the other colours and concepts stay close, keeping the admissible round
+    with the lowest score."""
     from configs.erasure import rece as rece_config
     from experiments._erasure import erase
 
@@ -226,4 +227,7 @@ def test_rece_erases_red_on_the_trained_test_bed(tmp_path):
     out = erase(c, str(tmp_path))
     assert out["target_accuracy"] <= 0.25
     assert out["near_accuracy"] >= 0.75 and out["other_accuracy"] >= 0.45
-    assert out["round_scores"][out["best_round"]] == min(out["round_scores"])
+    # The kept round scores lowest among the admissible ones (other colours within tolerance).
+    admissible = [s for s, ok in zip(out["round_scores"], out["round_admissible"]) if ok]
+    assert out["round_admissible"][out["best_round"]]
+    assert out["round_scores"][out["best_round"]] == min(admissible)
