@@ -110,7 +110,7 @@ def bench_esd_sd15(peak):
     from flax import nnx
 
     from benchmarks.common import cost_flops, fmt_bytes, memory_bytes, time_calls
-    from benchmarks.t2i import random_model
+    from benchmarks.common import random_model
     from jaxsafe.diffusion import schedulers
     from jaxsafe.diffusion.t2i import classifier_free_guidance
     from jaxsafe.erasure import esd

@@ -20,6 +20,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks.common import random_model
+
 _MODEL = flags.DEFINE_enum("model", "both", ["sd15", "testbed", "both"], "Which UNet(s) to measure.")
 _BATCH = flags.DEFINE_integer("batch", None, "Prompts per call (default: 1 for sd15, the config's for testbed).")
 _STEPS = flags.DEFINE_integer("steps", None, "Inference steps (default: 2 for sd15, the config's for testbed).")
@@ -30,21 +32,6 @@ _DECODE = flags.DEFINE_bool("decode", False, "sd15: decode the latents with the 
                             "the test bed always decodes (a reshape).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed calls of each program (after one warm-up call).")
 _TESTBED_CONFIG = flags.DEFINE_string("testbed_config", "configs/t2i/testbed.py", "Test-bed config file.")
-
-
-def random_model(make):
-    """(graphdef, params, count) of an NNX model with N(0, 0.02²) weights drawn on the host (a jitted
-    per-leaf init of the SD UNet takes minutes to compile on CPU)."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    leaves, treedef = jax.tree.flatten(abstract)
-    rng = np.random.default_rng(0)
-    params = treedef.unflatten([jax.numpy.asarray(0.02 * rng.standard_normal(l.shape, np.float32), l.dtype)
-                                for l in leaves])
-    return graphdef, params, sum(l.size for l in leaves)
 
 
 def sd15(dtype):
