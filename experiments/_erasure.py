@@ -481,6 +481,10 @@ def set_kernels(model: nnx.Module, new: dict[str, jax.Array]) -> None:
         if n in new:
             if tuple(new[n].shape) != tuple(old.shape):
                 raise ValueError(f"{n}: new shape {tuple(new[n].shape)} != {tuple(old.shape)}")
+            if not bool(jnp.all(jnp.isfinite(new[n]))):
+                # e.g. a closed-form edit with λ = 0 and too few rows: A is singular.
+                raise FloatingPointError(f"{n}: the edited tensor has non-finite values; "
+                                         "the model was not changed")
             leaves.append(jnp.asarray(new[n], old.dtype))
         else:
             leaves.append(old)
@@ -516,8 +520,16 @@ def erase(config, workdir: str) -> dict:
     summary = {"experiment": config.experiment, "variant": config.variant,
                "erase": list(config.concepts.erase), "erase_seconds": seconds, **summary}
     if parallel.is_primary():
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        with open(os.path.join(workdir, "erasure.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1, sort_keys=True, default=float)
+        _write_atomic(os.path.join(workdir, "config.json"),
+                      config.to_json_best_effort(indent=2, sort_keys=True))
+        _write_atomic(os.path.join(workdir, "erasure.json"),
+                      json.dumps(summary, indent=1, sort_keys=True, default=float))
     return summary
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Temporary file + rename: a killed run never leaves a half-written summary."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -42,7 +42,6 @@ of training, `train.checkpoint_every = -1` every eighth of the run (whole epochs
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -155,3 +155,19 @@ def test_heldout_loss_leaves_out_the_erased_concepts(tiny_pipe):
                               exclude=["red", "orange", "green", "blue"])
     full = _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8)
     assert _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8, exclude=["red"]) != full
+
+
+def test_a_non_finite_edit_is_refused_and_leaves_the_model_unchanged(tiny_pipe):
+    from experiments import _erasure
+
+    ks = _erasure.kernels(tiny_pipe.model)
+    name = next(iter(ks))
+    bad = np.asarray(ks[name]).copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match=f"{name}: the edited tensor has non-finite"):
+        _erasure.set_kernels(tiny_pipe.model, {name: bad})
+    np.testing.assert_array_equal(_erasure.kernels(tiny_pipe.model)[name], ks[name])
+    with pytest.raises(ValueError, match="new shape"):
+        _erasure.set_kernels(tiny_pipe.model, {name: bad[:1]})
+    with pytest.raises(KeyError, match="no parameter"):
+        _erasure.set_kernels(tiny_pipe.model, {"unet/nope/kernel": bad})

@@ -3,7 +3,6 @@
 import ml_collections
 import pytest
 
-from configs.erasure import common
 from experiments import _erasure
 
 

@@ -26,7 +26,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsafe import parallel
 from jaxsafe.parallel import fsdp_spec, make_mesh, shardings_for
-from jaxsafe.treepath import path_name
 from jaxsafe.treepath import path_name as path_str
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
