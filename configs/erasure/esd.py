@@ -12,7 +12,7 @@ objects, ESD-x (``xattn``) for artistic styles.
     python -m launch.erase --config=configs/erasure/esd.py:cpu --workdir=/tmp/esd_red
     python -m launch.erase --config=configs/erasure/esd.py:x_cpu --workdir=/tmp/esdx_red
 
-Test-bed deviation: 400 iterations at lr 3e-4. The test bed's conditional and unconditional
+Test-bed deviation (chosen on the 6,000-step test-bed model): 400 iterations at lr 3e-4. The test bed's conditional and unconditional
 predictions differ far less than SD's (ESD's target gap ‖ε*(c_e) − target‖² ≈ 3e-4), so at the
 paper's 1e-5 the tiny model does not move; ESD-u at 1e-4 still left acc(red) at 0.94 and at 1e-3
 wrecked the model (oracle FD 381 → 3308; docs/erasure.md). Variants: see

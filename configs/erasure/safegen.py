@@ -28,7 +28,7 @@ concept, normal = 100 without it, mosaic = the unsafe images censored (``safegen
   (``grey_mosaic``); the oracle reads those as blue (99 %), as it reads grey images.
 
 Other test-bed deviations: lr 1e-2, batch 32, 400 steps, EMA off (the tiny model's two
-self-attention layers move too little at 1e-5). Measured on the shipped model erasing "red"
+self-attention layers move too little at 1e-5). Measured on the 6,000-step test-bed model erasing "red"
 (acc of 16 prompts each): acc(red) 0.44 / 0.25 / 0.0 after 400 steps at lr 1e-3 / 3e-3 / 1e-2
 with the paper's target; with the reference's target 0.94 at both 1e-3 and 1e-2.
 """

@@ -12,7 +12,7 @@ self-validating filtering on (``-svf``) with γ = 10 (``--up_t``) and the ``f_be
         --config.model.folder=/path/sd-v1-4
     python -m launch.erase --config=configs/erasure/safree.py:cpu --workdir=/tmp/safree_red
 
-Test bed (``cpu``). Deviations, measured on the shipped test-bed model erasing "red" (acc(red)
+Test bed (``cpu``). Deviations, measured on the 6,000-step test-bed model erasing "red" (acc(red)
 of 16 prompts; docs/erasure.md):
 
 * keywords (``keywords = ()``): the erased concepts and their synonyms in short phrases ("red",

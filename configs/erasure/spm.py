@@ -17,7 +17,7 @@ per SPM (``snoopy``, ``pikachu``; the paper also reports artistic styles and nud
         --workdir=/tmp/spm_snoopy
     python -m launch.erase --config=configs/erasure/spm.py:cpu --workdir=/tmp/spm_red
 
-Test-bed deviations (``cpu``, erasing ``red``), from a sweep on the shipped test-bed model
+Test-bed deviations (``cpu``, erasing ``red``), from a sweep on the 6,000-step test-bed model
 (2 busy CPU cores, 8 samples per concept):
 
 * anchor weight λ = 1 instead of 1000. The test bed's text space is 64-d (SD: 768-d), so random

@@ -25,7 +25,7 @@ Test bed (``cpu``): erase ``red`` (``configs/erasure/common.py``) in the test be
 the safe counterpart the same caption without the colour word (the guide ""; captions without
 a colour are in the test bed's distribution), the other colours preserved in the same
 templates; stage 2 on the same prompts with DDIM 25 steps (the test bed's sampler) and early
-steps n ≤ 12 (the same half of the trajectory), 300 steps. Deviations, each tried on the shipped
+steps n ≤ 12 (the same half of the trajectory), 300 steps. Deviations, each tried on the 6,000-step
 model (docs/erasure.md):
 
 * ``token_weights = (0, 1, 0, 1)``: the keyword row ("red") is mapped too (the reference's
