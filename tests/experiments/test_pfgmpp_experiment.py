@@ -36,17 +36,18 @@ class EMATest(chex.TestCase):
     def test_ema_beta_matches_edm(self):
         beta = self.variant(lambda t: pfgmpp.ema_beta(t, 512, 500.0, 0.05))
         for t in (0, 1, 10, 1000, 19_531, 100_000):
-            np.testing.assert_allclose(beta(t), edm_beta(t * 512, 512, 500.0, 0.05), rtol=1e-6)
+            np.testing.assert_allclose(beta(t), edm_beta(t * 512, 512, 500.0, 0.05), rtol=1e-6, atol=1e-9)
         assert float(beta(0)) == 0.0  # the first EMA value is the first updated weights
         no_rampup = self.variant(lambda t: pfgmpp.ema_beta(t, 64, 20.0, None))
-        np.testing.assert_allclose(no_rampup(3), 0.5 ** (64 / 20_000), rtol=1e-6)
+        np.testing.assert_allclose(no_rampup(3), 0.5 ** (64 / 20_000), rtol=1e-6, atol=1e-7)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_ema_update_is_a_lerp(self):
         ema = {"w": jnp.array([1.0, -2.0, 4.0])}
         params = {"w": jnp.array([3.0, 0.0, 4.0])}
         out = self.variant(pfgmpp.ema_update)(ema, params, 0.75)
-        np.testing.assert_allclose(out["w"], 0.75 * np.array([1, -2, 4]) + 0.25 * np.array([3, 0, 4]))
+        np.testing.assert_allclose(out["w"], 0.75 * np.array([1, -2, 4]) + 0.25 * np.array([3, 0, 4]),
+                                   atol=0)  # exact: dyadic values
 
 
 def test_after_update_uses_the_image_count_before_the_step():
@@ -57,7 +58,7 @@ def test_after_update_uses_the_image_count_before_the_step():
     for step in (1, 2, 5, 400):  # state.step already counts the update
         state = train.init_state(params, {}, optax.sgd(0.1), {"ema": ema}).replace(step=step)
         beta = edm_beta((step - 1) * 8, 8, 1.0, 0.5)
-        np.testing.assert_allclose(after(state)["ema"]["w"], 1 - beta, rtol=1e-5)
+        np.testing.assert_allclose(after(state)["ema"]["w"], 1 - beta, rtol=1e-5, atol=2e-7)
 
 
 class WarmupTest(chex.TestCase):
@@ -65,7 +66,7 @@ class WarmupTest(chex.TestCase):
     def test_lr_schedule_matches_edm(self):
         schedule = self.variant(pfgmpp.lr_schedule(1e-3, 512, 10_000.0))
         for t in (0, 1, 100, 19_531, 19_532, 50_000):
-            np.testing.assert_allclose(schedule(t), 1e-3 * min(t * 512 / 1e7, 1), rtol=1e-6)
+            np.testing.assert_allclose(schedule(t), 1e-3 * min(t * 512 / 1e7, 1), rtol=1e-6, atol=1e-10)
 
 
 def test_optimizer_warms_up_and_cleans_gradients():
@@ -79,7 +80,7 @@ def test_optimizer_warms_up_and_cleans_gradients():
     for t in range(6):
         updates, state = opt.update(grads, state, params)
         lr_t = 0.1 * min(t * 1000 / 4000, 1)
-        np.testing.assert_allclose(updates, -lr_t * np.sign(grads), rtol=1e-4, atol=1e-12)
+        np.testing.assert_allclose(updates, -lr_t * np.sign(grads), rtol=1e-4, atol=1e-7)
     nan_to_num = pfgmpp.nan_to_num_grads()
     cleaned, _ = nan_to_num.update(jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.5]), nan_to_num.init(None))
     np.testing.assert_array_equal(cleaned, [0.0, 1e5, -1e5, 1.5])
@@ -88,7 +89,7 @@ def test_optimizer_warms_up_and_cleans_gradients():
     big = jnp.array([300.0, -400.0, 0.0])
     # Clipping runs before Adam: the clipped gradient (0.6, -0.8, 0) is what Adam's moments see.
     _, s = clipped.update(big, clipped.init(params), params)
-    np.testing.assert_allclose(s[2][0].mu, 0.1 * np.array([0.6, -0.8, 0.0]), rtol=1e-6)
+    np.testing.assert_allclose(s[2][0].mu, 0.1 * np.array([0.6, -0.8, 0.0]), rtol=1e-6, atol=1e-8)
 
 
 # --- configs --------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class LatentTest(chex.TestCase):
         images = shapes.ShapesDataset(6).arrays(0, 40)["image"] / 127.5 - 1.0
         rows = images.reshape(40, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 48)
         mean, basis, scale = fit_patch_pca(images, 4, 12)
-        np.testing.assert_allclose(mean, rows.mean(0), atol=1e-12)
+        np.testing.assert_allclose(mean, rows.mean(0), atol=1e-7)  # fit_patch_pca rounds the pixels to float32
         np.testing.assert_allclose(basis @ basis.T, np.eye(12), atol=1e-10)  # orthonormal
         # The top-12 directions span the top-12 eigenvectors of the patch covariance.
         w, v = np.linalg.eigh(np.cov(rows, rowvar=False))
@@ -81,7 +81,7 @@ class LatentTest(chex.TestCase):
         pca = PatchPCA(mean, basis, scale, 4)
         z = self.variant(pca.encode)(images.astype(np.float32))
         assert z.shape == (40, 8, 8, 12)
-        np.testing.assert_allclose(np.std(z), 1.0, rtol=1e-4)  # the scale s
+        np.testing.assert_allclose(np.std(z), 1.0, rtol=1e-4, atol=1e-6)  # the scale s
         recon = self.variant(pca.decode)(z)
         projected = (rows - mean) @ basis.T @ basis + mean
         np.testing.assert_allclose(
@@ -216,7 +216,7 @@ def test_loss_is_the_epsilon_prediction_objective(smoke_model):
         z_t = np.sqrt(ab) * z0 + np.sqrt(1 - ab) * eps
         ids = np.repeat(tok("")[None], 4, 0) if dropout else batch["input_ids"]
         eps_hat = model(jnp.asarray(z_t, jnp.float32), t, ids)
-        np.testing.assert_allclose(loss, np.mean((np.asarray(eps_hat) - eps) ** 2), rtol=2e-4)
+        np.testing.assert_allclose(loss, np.mean((np.asarray(eps_hat) - eps) ** 2), rtol=2e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -283,7 +283,7 @@ def test_smoke_run_lowers_the_loss_and_exports(tmp_path):
     heldout = [r["heldout/loss"] for r in rows if "heldout/loss" in r]
     assert len(heldout) == 3 and heldout[-1] < heldout[0]
     assert 0 <= final["other_accuracy"] <= 1 and np.isfinite(final["oracle_fd"])
-    assert final["loss"] == pytest.approx(heldout[-1], rel=1e-5)
+    assert final["loss"] == pytest.approx(heldout[-1], rel=1e-5, abs=1e-6)
     assert len(list((tmp_path / "images").glob("samples_grid_*.png"))) == 3
     graphdef, params, frozen, step = tb.restore(c, str(tmp_path))
     assert step == c.train.num_steps

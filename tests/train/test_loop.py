@@ -121,3 +121,16 @@ def test_evaluators_write_scalars_and_images(tmp_path, mesh):
     assert [r["step"] for r in rows] == [0, 4, 8]
     assert sorted(os.listdir(tmp_path / "images")) == [f"probe_picture_{s:08d}.png" for s in (0, 4, 8)]
     assert os.listdir(tmp_path / "tensorboard")
+
+
+@pytest.mark.parametrize("dataset", [False, True])
+def test_train_step_compiles_once(tmp_path, mesh, compile_log, dataset):
+    # 12 steps in 6 calls of 2 (and a resumed run of 4 more): the step program is compiled once
+    # per run, not per call, whether the batch is fixed or drawn from a dataset per call.
+    with compile_log() as names:
+        s = train.run(make_task(dataset=dataset), cfg(num_steps=12, steps_per_call=2, log_every=2),
+                      str(tmp_path), mesh)
+        assert int(s.step) == 12 and names.count("jit(call)") == 1, names
+        train.run(make_task(dataset=dataset), cfg(num_steps=16, steps_per_call=2, log_every=2),
+                  str(tmp_path), mesh)
+        assert names.count("jit(call)") == 2, names

@@ -1,0 +1,67 @@
+"""Suite-wide set-up: a compilation cache shared by the test processes, and a compile counter.
+
+The persistent compilation cache: every test process (the xdist workers, and the launchers and
+snippets the tests start as subprocesses, which inherit the environment) reads and writes one
+XLA cache directory for the duration of the run, so a program compiled by one process (the
+trainer's step in a kill/resume test, a sampler two tests share) is loaded, not recompiled, by
+the next. `.ci/run` points `JAX_COMPILATION_CACHE_DIR` at a fresh directory it removes
+afterwards; without it, one is made here per run and removed by the process that made it.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    # xdist workers of one run share PYTEST_XDIST_TESTRUNUID; the controller has none and
+    # makes the directory its workers inherit through the environment.
+    _OWN_CACHE = tempfile.mkdtemp(prefix="jaxsafe-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+# Cache programs that took at least this long to compile: the small ones cost more to write
+# than to compile again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402  (after the environment above, which jax reads at import)
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    # Only the process that made the directory removes it (not the xdist workers, which
+    # inherited it from the controller's environment).
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_compile_log: list | None = None
+
+
+def _on_event(event, duration, **kwargs):
+    if event == _BACKEND_COMPILE and _compile_log is not None:
+        _compile_log.append(kwargs.get("fun_name", "?"))
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+@contextlib.contextmanager
+def _count():
+    global _compile_log
+    _compile_log = []
+    try:
+        yield _compile_log
+    finally:
+        _compile_log = None
+
+
+@pytest.fixture
+def compile_log():
+    """`with compile_log() as names:` collects the name of every XLA compilation (each jit cache
+    miss, whether or not the persistent cache then supplies the executable) in the block."""
+    return _count
