@@ -58,7 +58,7 @@ class NTXentTest(chex.TestCase):
     def test_default_temperature_is_0_2(self):
         z1, z2 = _z()
         np.testing.assert_allclose(self.variant(ntxent_per_pair)(z1, z2),
-                                   np_ntxent_per_pair(z1, z2, 0.2), rtol=2e-5)
+                                   np_ntxent_per_pair(z1, z2, 0.2), rtol=2e-5, atol=2e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_closed_form_orthonormal_identical_views(self):
@@ -67,15 +67,16 @@ class NTXentTest(chex.TestCase):
         b, t = 4, 0.2
         e = np.eye(b, 7, dtype=np.float32) * 3.0  # the norm must not matter
         got = self.variant(lambda a: ntxent_per_pair(a, a, t))(e)
+        # ~0.04 left after cancelling logits of size 1/t = 5: atol ~ 2 ulp(5) in float32.
         np.testing.assert_allclose(got, np.full(b, -1 / t + np.log(np.exp(1 / t) + 2 * b - 2)),
-                                   rtol=1e-6)
+                                   rtol=1e-6, atol=1e-6)
 
     def test_scale_invariant_and_symmetric(self):
         z1, z2 = _z()
         base = ntxent_per_pair(z1, z2)
-        np.testing.assert_allclose(ntxent_per_pair(5 * z1, 0.1 * z2), base, rtol=1e-5)
+        np.testing.assert_allclose(ntxent_per_pair(5 * z1, 0.1 * z2), base, rtol=1e-5, atol=1e-5)
         # Swapping the views swaps the two directions of each pair's loss: same average.
-        np.testing.assert_allclose(ntxent_per_pair(z2, z1), base, rtol=1e-5)
+        np.testing.assert_allclose(ntxent_per_pair(z2, z1), base, rtol=1e-5, atol=1e-5)
 
     def test_bfloat16_inputs_computed_in_float32(self):
         z1, z2 = _z()
@@ -83,7 +84,7 @@ class NTXentTest(chex.TestCase):
         assert got.dtype == jnp.float32
         ref = np_ntxent_per_pair(np.asarray(jnp.asarray(z1, jnp.bfloat16), np.float32),
                                  np.asarray(jnp.asarray(z2, jnp.bfloat16), np.float32), 0.2)
-        np.testing.assert_allclose(got, ref, rtol=1e-4)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5)
 
     def test_gradient_finite_at_zero_vector(self):
         z1, z2 = _z()
@@ -93,7 +94,7 @@ class NTXentTest(chex.TestCase):
 
     def test_l2_normalize(self):
         z = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
-        np.testing.assert_allclose(l2_normalize(z), [[0.6, 0.8], [0.0, 0.0]])
+        np.testing.assert_allclose(l2_normalize(z), [[0.6, 0.8], [0.0, 0.0]], atol=1e-6)
 
     def test_bad_input(self):
         z1, z2 = _z()
@@ -111,7 +112,7 @@ class NTXentTest(chex.TestCase):
             ntxent_per_pair_sharded(z1, z2, 0.2, mesh, axis_names=("batch",))
         # One device: the sharded version is the plain one.
         np.testing.assert_allclose(ntxent_per_pair_sharded(z1, z2, 0.2, mesh),
-                                   ntxent_per_pair(z1, z2), rtol=1e-6)
+                                   ntxent_per_pair(z1, z2), rtol=1e-6, atol=1e-5)
 
 
 SHARDED_SNIPPET = """

@@ -152,7 +152,7 @@ def test_parser_agrees_with_aeons_own_reader():
         assert len(X) == len(ours.x)
         for i, series in enumerate(X):  # aeon: (C, T_i) per series
             t = series.shape[1]
-            np.testing.assert_allclose(ours.x[i, :t], np.asarray(series).T, rtol=1e-6)
+            np.testing.assert_allclose(ours.x[i, :t], np.asarray(series).T, rtol=1e-6, atol=1e-6)
             assert np.isnan(ours.x[i, t:]).all()
         assert [a.lower() for a in ours.labels] == [b.lower() for b in y]
 
@@ -190,11 +190,12 @@ def test_uci_har_loader_on_a_fake_tree(tmp_path):
     for split in ("train", "test"):
         x, y = truth[split]
         assert getattr(data, split)["x"].shape == (len(y), 128, 9)
-        np.testing.assert_allclose(getattr(data, split)["x"], x, rtol=1e-6)
+        np.testing.assert_allclose(getattr(data, split)["x"], x, rtol=1e-6,
+                                   atol=0)  # exact: %.8e (9 digits) round-trips float32
         assert getattr(data, split)["y"].tolist() == (y - 1).tolist()
     # The channel order is body_acc xyz, body_gyro xyz, total_acc xyz.
     body_gyro_y = np.loadtxt(root / "train" / "Inertial Signals" / "body_gyro_y_train.txt")
-    np.testing.assert_allclose(data.train["x"][:, :, 4], body_gyro_y, rtol=1e-6)
+    np.testing.assert_allclose(data.train["x"][:, :, 4], body_gyro_y, rtol=1e-6, atol=1e-6)
 
 
 def test_uci_har_missing_signal_file_is_named(tmp_path):

@@ -46,14 +46,14 @@ class SoftmaxCollapseTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_partial_fraction_and_leading_dims(self):
         logits = np.array([[[30.0, 0.0], [1.0, 0.0]], [[0.0, 50.0], [0.0, 0.0]]], np.float32)
-        np.testing.assert_allclose(self.variant(softmax_collapse_fraction)(logits), 0.5)
+        np.testing.assert_array_equal(self.variant(softmax_collapse_fraction)(logits), 0.5)  # exact: 2 / 4
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_mask_weights_rows(self):
         logits = np.array([[30.0, 0.0], [1.0, 0.0], [40.0, 0.0], [0.0, 0.0]], np.float32)
         frac = self.variant(lambda z, m: softmax_collapse_fraction(z, mask=m))
-        np.testing.assert_allclose(frac(logits, np.array([1.0, 1.0, 0.0, 0.0])), 0.5)
-        np.testing.assert_allclose(frac(logits, np.array([1.0, 0.0, 1.0, 1.0])), 2 / 3)
+        np.testing.assert_array_equal(frac(logits, np.array([1.0, 1.0, 0.0, 0.0])), 0.5)  # exact: 1 / 2
+        np.testing.assert_allclose(frac(logits, np.array([1.0, 0.0, 1.0, 1.0])), 2 / 3, atol=1e-6)
         with pytest.raises(ValueError, match=r"mask shape \(3,\) must equal the per-row shape \(4,\)"):
             softmax_collapse_fraction(logits, mask=np.ones(3))
 
@@ -82,13 +82,15 @@ class ZeroLossTest(chex.TestCase):
         # -0.0 counts as zero; the smallest normal float32 does not. (Subnormals are
         # not used: XLA on CPU flushes them to zero before comparing.)
         loss = jnp.array([0.0, 1e-30, 0.0, 2.0, -0.0, np.finfo(np.float32).tiny, 0.5, 0.0])
-        np.testing.assert_allclose(self.variant(zero_loss_fraction)(loss), 4 / 8)
+        np.testing.assert_array_equal(self.variant(zero_loss_fraction)(loss), 4 / 8)  # exact: 4 / 8
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_mask(self):
         loss = jnp.array([0.0, 0.0, 1.0, 0.0])
         mask = jnp.array([1.0, 1.0, 1.0, 0.0])
-        np.testing.assert_allclose(self.variant(lambda x, m: zero_loss_fraction(x, mask=m))(loss, mask), 2 / 3)
+        np.testing.assert_allclose(
+            self.variant(lambda x, m: zero_loss_fraction(x, mask=m))(loss, mask), 2 / 3, atol=1e-6
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_all_and_none(self):
@@ -117,8 +119,8 @@ class NLMCosineTest(chex.TestCase):
         grads = jax.tree.map(lambda p: -2.0 * p, params)
         cos = nlm_cosine(params, grads)
         self.assertEqual(set(cos), {"layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias"})
-        np.testing.assert_allclose(cos["layers/1/kernel"], 1.0, rtol=1e-6)
-        np.testing.assert_allclose(cos["layers/1/bias"], 0.0)  # zero-initialised bias
+        np.testing.assert_allclose(cos["layers/1/kernel"], 1.0, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(cos["layers/1/bias"], 0.0)  # zero-initialised bias: exactly 0
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_per_tensor_matches_numpy(self):
@@ -150,7 +152,8 @@ class NLMCosineTest(chex.TestCase):
         params, grads = _tree(1)
         flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
         np.testing.assert_allclose(
-            self.variant(global_nlm_cosine)(params, grads), np_cos_theta_neg_g(flat(params), flat(grads)), rtol=1e-5
+            self.variant(global_nlm_cosine)(params, grads), np_cos_theta_neg_g(flat(params), flat(grads)),
+            rtol=1e-5, atol=1e-6,
         )
 
     def test_structure_mismatch(self):

@@ -131,7 +131,7 @@ def test_mlp_torch_default_init():
             assert np.abs(w).max() > 0.95 * bound  # uses the whole interval
         w = params[f"layers/{i}/kernel"]
         # U(-b, b) has std b / sqrt(3) = 1 / sqrt(3 fan_in)
-        np.testing.assert_allclose(w.std(), 1.0 / np.sqrt(3 * fan_in), rtol=0.03)
+        np.testing.assert_allclose(w.std(), 1.0 / np.sqrt(3 * fan_in), rtol=0.03, atol=1e-7)
         assert abs(w.mean()) < 0.05 * bound
 
 
@@ -140,7 +140,7 @@ def test_mlp_alpha_scales_logits(data):
     base = np.asarray(GrokMLP.for_modular(P, rngs=nnx.Rngs(7))(x))
     scaled = np.asarray(GrokMLP.for_modular(P, alpha=4.0, rngs=nnx.Rngs(7))(x))
     np.testing.assert_allclose(scaled, 4.0 * base, rtol=1e-6, atol=1e-6)
-    assert not np.allclose(base, 0.0)
+    assert not np.allclose(base, 0.0, atol=1e-4)
     # alpha is static, not a trainable parameter
     assert len(_flat_params(GrokMLP.for_modular(P, alpha=4.0, rngs=nnx.Rngs(7)))) == 3
 
@@ -240,11 +240,11 @@ def test_transformer_param_names_and_count(transformer):
 def test_transformer_torch_default_init(transformer):
     params = _flat_params(transformer)
     d, f = 128, 2048
-    np.testing.assert_allclose(params["embed/embedding"].std(), 1.0, rtol=0.03)  # N(0, 1)
+    np.testing.assert_allclose(params["embed/embedding"].std(), 1.0, rtol=0.03, atol=1e-6)  # N(0, 1)
     xb = np.sqrt(6.0 / (d + 3 * d))  # xavier_uniform on PyTorch's (3d, d) in_proj_weight
     w = params["layers/0/attn/in_proj/kernel"]
     assert np.abs(w).max() <= xb and np.abs(w).max() > 0.95 * xb
-    np.testing.assert_allclose(w.std(), xb / np.sqrt(3), rtol=0.03)
+    np.testing.assert_allclose(w.std(), xb / np.sqrt(3), rtol=0.03, atol=1e-7)
     for name in ("attn/in_proj/bias", "attn/out_proj/bias", "norm1/bias", "norm2/bias"):
         assert np.all(params["layers/0/" + name] == 0.0), name
     assert np.all(params["layers/0/norm1/scale"] == 1.0)
@@ -253,7 +253,7 @@ def test_transformer_torch_default_init(transformer):
                          ("layers/0/linear2/bias", f), ("head/kernel", d), ("head/bias", d)):
         assert np.abs(params[name]).max() <= 1.0 / np.sqrt(fan_in), name
     np.testing.assert_allclose(params["layers/0/linear1/kernel"].std(),
-                               1.0 / np.sqrt(3 * d), rtol=0.03)
+                               1.0 / np.sqrt(3 * d), rtol=0.03, atol=1e-7)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -288,7 +288,7 @@ def test_transformer_dropout_train_vs_eval(data):
     model = GrokTransformer(rngs=nnx.Rngs(0))  # dropout 0.1 active by default (train mode)
     a = np.asarray(model(x, rngs=nnx.Rngs(dropout=1)))
     b = np.asarray(model(x, rngs=nnx.Rngs(dropout=2)))
-    assert not np.allclose(a, b)
+    assert not np.allclose(a, b, atol=1e-5)
     # Keys come only from the call: the same key gives the same masks (pure loss functions).
     np.testing.assert_array_equal(a, np.asarray(model(x, rngs=nnx.Rngs(dropout=1))))
     with pytest.raises(ValueError, match="no `rngs` argument was provided to Dropout"):

@@ -469,7 +469,7 @@ class ResampleTest(chex.TestCase):
     def test_fir_1331_down_and_up_match_torch_definitions(self):
         x = self._x()
         f = np_fir((1, 3, 3, 1))
-        np.testing.assert_allclose(f.sum(), 1.0)
+        np.testing.assert_array_equal(f.sum(), 1.0)  # exact: entries are k / 64
         x_nchw = x.transpose(0, 3, 1, 2).astype(np.float64)
         for kw, ref in (({"down": True}, np_fir_down(x_nchw, f, 1)),
                         ({"up": True}, np_fir_up(x_nchw, f, 1))):
@@ -482,7 +482,7 @@ class ResampleTest(chex.TestCase):
         # Interior pixels of an upsampled constant stay constant (gain 4 on a 4x-sparse grid).
         up = Conv2d(1, 1, 0, up=True, resample_filter=(1, 3, 3, 1), rngs=nnx.Rngs(0))
         got = self.variant(lambda v: up(v))(np.full((1, 6, 6, 1), 2.5, np.float32))
-        np.testing.assert_allclose(got[0, 1:-1, 1:-1, 0], 2.5, rtol=1e-6)
+        np.testing.assert_allclose(got[0, 1:-1, 1:-1, 0], 2.5, rtol=1e-6, atol=5e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_fused_down_conv_runs_before_the_filter(self):
@@ -534,7 +534,9 @@ def test_mapping_network_matches_numpy(embedding_type, mult):
     model = random_model(**cfg)
     _, noise, labels, augment = _inputs(cfg, batch=3)
     expected = np_embedding(noise.astype(np.float64), labels, augment, np_params(model), cfg)
-    np.testing.assert_allclose(model.embedding(noise, labels, augment), expected, rtol=1e-5, atol=1e-5)
+    # Fourier arguments 2 pi f noise reach ~300 here: float32 rounds them by up to ~3e-5.
+    np.testing.assert_allclose(model.embedding(noise, labels, augment), expected, rtol=1e-5,
+                               atol=1e-5 if embedding_type == "positional" else 5e-5)
 
 
 def test_label_dropout_zeroes_whole_label_vectors():
@@ -646,7 +648,8 @@ def test_class_and_augment_labels_condition_the_output(tiny):
         no_aug = np.asarray(apply(model, x, noise, labels, np.zeros_like(augment)))
         # augment_labels=None means "no augmentation", i.e. the same embedding as zeros.
         np.testing.assert_allclose(model.embedding(noise, labels, None),
-                                   model.embedding(noise, labels, np.zeros_like(augment)), rtol=1e-6)
+                                   model.embedding(noise, labels, np.zeros_like(augment)), rtol=1e-6,
+                                   atol=5e-6)
     finally:
         model.train()
     assert np.abs(out - other).max() > 1e-2
