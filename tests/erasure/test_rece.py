@@ -87,11 +87,12 @@ def test_a_round_is_the_uce_edit_of_the_adversarial_rows():
     K, K0 = _kernels(8)
     c_e, c_g, c_p = _rows(9, 2, 6), _rows(10, 2, 6), _rows(11, 3, 6)
     new, c_adv = rece.rece_round(K, K0, c_e, c_g, c_p, lam_emb=0.1, lam=0.1, preserve_scale=0.1)
-    np.testing.assert_allclose(c_adv, rece.adversarial_embedding(K, K0, c_e, 0.1), rtol=1e-6)
+    np.testing.assert_allclose(c_adv, rece.adversarial_embedding(K, K0, c_e, 0.1), rtol=1e-6,
+                               atol=1e-6)
     ref = closed_form.uce_edit(K, c_adv, c_g, c_p, erase_scale=1.0, preserve_scale=0.1, lam=0.1)
     for k in K:
         np.testing.assert_allclose(new[k], ref[k], rtol=1e-5, atol=1e-6)
-        assert not np.allclose(new[k], K[k])
+        assert not np.allclose(new[k], K[k], atol=1e-5)
 
 
 def test_select_round():
@@ -130,7 +131,7 @@ def test_iterate_keeps_the_round_the_callback_scores_best():
         return wanted[len(seen) - 1]
 
     res = rece.iterate(K, K0, c_e, c_g, c_p, rounds=3, score=score, select="min", **kw)
-    assert res.best_round == 2 and res.scores == pytest.approx(wanted)
+    assert res.best_round == 2 and res.scores == pytest.approx(wanted, abs=0)  # exact: copies
     assert len(res.adversarial) == 3
     rounds = _replay(K, K0, c_e, c_g, c_p, 3, **kw)
     for n in K:
@@ -183,11 +184,11 @@ def test_experiment_keeps_the_user_scorers_best_round(tiny_folder, tmp_path, mon
     c.rece.scorer = "_rece_test_scorer:score"
     out = erase_rece.edit(c, str(tmp_path))
     assert out["best_round"] == 1 and out["rounds_run"] == 2
-    assert out["round_scores"] == pytest.approx(scores)
+    assert out["round_scores"] == pytest.approx(scores, abs=0)  # exact: the scorer's floats
     exported = _erasure.kernels(_erasure.load(out["export"]).model)
     for n, v in exported.items():
         np.testing.assert_allclose(v, snapshots[1][n], rtol=1e-6, atol=1e-7)
-        assert not np.allclose(v, snapshots[2][n])
+        assert not np.allclose(v, snapshots[2][n], atol=1e-6)
     src = _erasure.load(tiny_folder).model
     from flax import nnx
 

@@ -39,9 +39,10 @@ class MosaicTargetTest(chex.TestCase):
         # (float32 ᾱ_0 = 0.9999 carries 1 − ᾱ_0 to ~1e-3 relative: the rtol.)
         np.testing.assert_allclose(target, eps + np.sqrt(ab / (1 - ab)) * (z_u - z_m),
                                    rtol=1e-3, atol=1e-4)
-        # Its x̂_0 at x_t = √ᾱ z_u + √(1−ᾱ) ε is the mosaic, at every t.
+        # Its x̂_0 at x_t = √ᾱ z_u + √(1−ᾱ) ε is the mosaic, at every t. (x̂_0 divides by
+        # √ᾱ_999 ≈ 0.0064: float32 rounding of x_t, |x_t| ~ 4, is amplified ~160×.)
         x_t = schedulers.add_noise(SCHED, z_u, eps, t)
-        np.testing.assert_allclose(schedulers.predict_x0(SCHED, x_t, target, t), z_m, atol=1e-4)
+        np.testing.assert_allclose(schedulers.predict_x0(SCHED, x_t, target, t), z_m, atol=3e-4)
 
     @chex.all_variants(with_pmap=False)
     def test_reference_target_drops_the_noise_level_factor(self):
@@ -54,7 +55,8 @@ class MosaicTargetTest(chex.TestCase):
         x0 = np.asarray(schedulers.predict_x0(SCHED, schedulers.add_noise(SCHED, z_u, eps, t),
                                               target, t))
         ab = _np_alpha_bar(np.asarray(t))
-        np.testing.assert_allclose(x0, z_u - np.sqrt((1 - ab) / ab) * (z_u - z_m), atol=1e-4)
+        # |x0| up to ~200 at t = 900, float32 rounding amplified by 1/√ᾱ_900 ≈ 60.
+        np.testing.assert_allclose(x0, z_u - np.sqrt((1 - ab) / ab) * (z_u - z_m), atol=3e-4)
         assert np.abs(x0[1] - z_m[1]).max() < 1e-2 < np.abs(x0[0] - z_m[0]).max()
 
     def test_v_prediction_targets(self):
@@ -87,7 +89,7 @@ def test_pixelate_is_the_block_mean():
             block = x[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
             np.testing.assert_allclose(out[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4],
                                        np.broadcast_to(block.mean((1, 2), keepdims=True),
-                                                       block.shape), rtol=1e-6)
+                                                       block.shape), rtol=1e-6, atol=1e-6)
 
 
 def _toy_eps(w):
@@ -129,9 +131,9 @@ def test_loss_equals_an_independent_numpy_computation(target):
         eps_m = eps + z_u - z_m
     l_m = np.mean((np_eps(x_t) - eps_m) ** 2)
     l_p = np.mean((np_eps(x_n) - eps_n) ** 2)
-    np.testing.assert_allclose(metrics["mosaic_loss"], l_m, rtol=1e-4)
-    np.testing.assert_allclose(metrics["preserve_loss"], l_p, rtol=1e-4)
-    np.testing.assert_allclose(loss, 0.1 * l_m + 0.9 * l_p, rtol=1e-4)
+    np.testing.assert_allclose(metrics["mosaic_loss"], l_m, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(metrics["preserve_loss"], l_p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss, 0.1 * l_m + 0.9 * l_p, rtol=1e-4, atol=1e-5)
 
 
 def test_minibatches_are_drawn_from_the_pools_and_gradients_flow():
@@ -160,7 +162,8 @@ def test_testbed_triplets_show_the_concept_its_mosaic_and_no_concept():
     square = shapes.CONCEPTS["square"][1]
     assert np.all(oracle_predict(oracle, u)[:, 0] == square)
     assert np.all(oracle_predict(oracle, n)[:, 0] != square)
-    np.testing.assert_allclose(m, np.asarray(safegen.pixelate(jnp.asarray(u), 16)))
+    np.testing.assert_allclose(m, np.asarray(safegen.pixelate(jnp.asarray(u), 16)),
+                               atol=0)  # exact: censor() makes m by this very pixelate call
     # For a colour concept the mosaic is grey as well: equal channels, the pixelation's luminance.
     u, m, _ = testbed_images(["red"], 4, "grey_mosaic", 4)
     assert np.all(oracle_predict(oracle, u)[:, 1] == shapes.CONCEPTS["red"][1])

@@ -71,7 +71,7 @@ class TriggerTest(chex.TestCase):
         np.testing.assert_array_equal(out["trigger"][0], [0, 0, 0, 1, 0, 0, 0, 0])
         # Independent: d_i = ‖(I − P_C) p̄_i‖ = ‖p̄_i[2:]‖ here, and the rule against the others.
         d = np.linalg.norm(p_masked[0, 1:5, 2:], axis=-1)
-        np.testing.assert_allclose(out["distance"][0, 1:5], d, rtol=1e-5)
+        np.testing.assert_allclose(out["distance"][0, 1:5], d, rtol=1e-5, atol=1e-6)
         flags = [d[i] >= 1.01 * np.delete(d, i).mean() for i in range(4)]
         assert flags == [False, False, True, False]
 

@@ -56,7 +56,8 @@ class TestTransport(chex.TestCase):
         want = numpy_strength(emb, ids, erased_emb, erased_ids)
         np.testing.assert_allclose(gamma, want, rtol=1e-5, atol=1e-6)
         assert np.all((np.asarray(gamma) >= 0) & (np.asarray(gamma) <= 1))
-        np.testing.assert_allclose(np.asarray(gamma)[[0, 5]], 1.0, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(gamma)[[0, 5]], 1.0, rtol=1e-6,
+                                   atol=0)  # exact: token share k/k = 1, γ clipped to 1
         assert 0 < want[2] < 1 and want[3] >= 0.5
 
     def test_opposite_prompt_gets_zero(self):
@@ -72,7 +73,8 @@ class TestTransport(chex.TestCase):
                        np.int32)
         got = self.variant(lambda a, b: spm.token_overlap(a, b, SPECIAL))(ids, erased)
         # {5, 7} vs {7, 9}: 1/2; vs {5, 7}: 1; a concept of special tokens only: 0 (not NaN).
-        np.testing.assert_allclose(got, [[0.5, 0.0], [1.0, 0.0], [0.0, 0.0]])
+        np.testing.assert_allclose(got, [[0.5, 0.0], [1.0, 0.0], [0.0, 0.0]],
+                                   atol=0)  # exact: 1/2, 1 and 0 are exact in float32
 
     def test_errors(self):
         with pytest.raises(ValueError, match=r"emb \(B, L, D\) and erased_emb \(K, L, D\)"):
@@ -113,7 +115,7 @@ def test_cosine_with_hard_restarts_schedule():
 
     sched = spm.cosine_with_hard_restarts(lr, w, T, C)
     for k in (0, 1, 250, 499, 500, 501, 1000, 1333, 1334, 1500, 2166, 2167, 2999, 3000, 4000):
-        np.testing.assert_allclose(sched(k), lr * diffusers(k), rtol=1e-4, atol=1e-12)
+        np.testing.assert_allclose(sched(k), lr * diffusers(k), rtol=1e-4, atol=1e-10)
     with pytest.raises(ValueError, match="warmup_steps < total_steps"):
         spm.cosine_with_hard_restarts(lr, 10, 10)
 
@@ -150,12 +152,13 @@ class TestObjective:
         m_n = np.mean(np.asarray(batch["c_from"]), axis=(1, 2))
         target = w_star * m_n - 1.0 * (w_star * m_e - w_star * m_n)  # η = 1, neutral c_n
         np.testing.assert_allclose(m["spm_erase"], np.mean((w_theta * m_e - target) ** 2),
-                                   rtol=1e-5)
-        np.testing.assert_allclose(loss, m["spm_erase"] + 1000.0 * m["spm_anchor"], rtol=1e-5)
+                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(loss, m["spm_erase"] + 1000.0 * m["spm_anchor"], rtol=1e-5,
+                                   atol=1e-4)
         assert m["spm_anchor"] > 0  # the membrane moved the anchors' predictions
         # λ scales only the anchor term; M = 0 drops it.
         loss0, _ = self.loss(weight=0.0)({"w": w_theta}, {"w": w_star}, None, batch, key)
-        np.testing.assert_allclose(loss0, m["spm_erase"], rtol=1e-5)
+        np.testing.assert_allclose(loss0, m["spm_erase"], rtol=1e-5, atol=1e-4)
         _, (m_none, _) = self.loss(num_anchors=0)({"w": w_theta}, {"w": w_star}, None, batch,
                                                   key)
         assert float(m_none["spm_anchor"]) == 0.0
@@ -169,7 +172,8 @@ class TestObjective:
         seen = set()
         for i in range(12):
             _, (m, _) = loss({"w": w_theta}, {"w": w_star}, None, batch, jax.random.key(i))
-            match = np.flatnonzero(np.isclose(float(m["spm_erase"]), per_row, rtol=1e-5))
+            match = np.flatnonzero(np.isclose(float(m["spm_erase"]), per_row, rtol=1e-5,
+                                              atol=1e-4))
             assert len(match) == 1
             seen.add(int(match[0]))
         assert seen == {0, 1}
@@ -177,7 +181,7 @@ class TestObjective:
     def test_at_the_original_the_anchor_term_vanishes(self):
         _, (m, _) = self.loss()({"w": 2.0}, {"w": 2.0}, None, self.batch(), jax.random.key(4))
         assert float(m["spm_anchor"]) == 0.0
-        np.testing.assert_allclose(m["spm_erase"], m["esd_target_gap"], rtol=1e-6)
+        np.testing.assert_allclose(m["spm_erase"], m["esd_target_gap"], rtol=1e-6, atol=1e-5)
 
     def test_errors(self):
         with pytest.raises(ValueError, match="num_anchors must be >= 0"):
@@ -284,4 +288,5 @@ def test_smoke_training_moves_only_adapters_and_the_export_reattaches(tiny_folde
     for n, v in want.items():
         np.testing.assert_array_equal(loaded[n], v, err_msg=n)
     assert transport.enabled and transport.power == 1
-    np.testing.assert_allclose(transport.erased_emb, pipe.embed(list(c.concepts.erase)))
+    np.testing.assert_allclose(transport.erased_emb, pipe.embed(list(c.concepts.erase)),
+                               atol=0)  # exact: load() computes it by this same pipe.embed
