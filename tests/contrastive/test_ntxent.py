@@ -105,6 +105,7 @@ class NTXentTest(chex.TestCase):
         with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
             ntxent_per_pair(z1, z2, 0.0)
 
+    @pytest.mark.slow
     def test_sharded_bad_input_single_device(self):
         mesh = make_mesh()
         z1, z2 = _z()
@@ -157,7 +158,7 @@ print("SNIPPET-OK")
 
 @pytest.mark.slow
 def test_sharded_equals_single_device_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     code = textwrap.dedent(SHARDED_SNIPPET)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,

@@ -2,6 +2,7 @@
 a new batch size compiles one more. A retrace on every call (a Python value that should have
 been static, a fresh closure per call) would make sampling a run of compiles."""
 
+import pytest
 import importlib
 
 import jax
@@ -33,6 +34,7 @@ def test_t2i_sampler_compiles_once_per_shape(compile_log):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_pfgmpp_sample_fn_compiles_once_per_shape(compile_log):
     config = importlib.import_module("configs.pfgmpp.cifar10_d128").get_config("smoke")
     graphdef, params, frozen = split_model(pfgmpp.build_model(config))

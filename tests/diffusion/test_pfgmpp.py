@@ -169,6 +169,7 @@ class LossTest(chex.TestCase):
         # The batch mean is the training objective; its gradient in a matches d/da by hand.
         np.testing.assert_allclose(self.variant(jax.grad(lambda a: loss(a).mean()))(0.8), want_grad, rtol=2e-3, atol=1e-3)
 
+    @pytest.mark.slow
     def test_finite_D_loss_uses_the_pfgmpp_kernel(self):
         y = jnp.asarray(np.random.default_rng(3).standard_normal((5, 2, 2, 3)), jnp.float32)
         key = jax.random.key(12)

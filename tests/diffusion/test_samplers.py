@@ -204,6 +204,7 @@ class MixtureDataTest(chex.TestCase):
             # 18-step Heun inflates the spread by a few % on such narrow modes (see the finite-D test).
             np.testing.assert_allclose(pts.std(0), SS2[k], rtol=0.1, atol=1e-6)
 
+    @pytest.mark.slow
     def test_pfgmpp_denoiser_tends_to_edm_as_D_grows(self):
         x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 2)) * 2, jnp.float32)
         sigma = jnp.asarray(np.geomspace(0.01, 50, 16), jnp.float32)

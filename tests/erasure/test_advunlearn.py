@@ -38,6 +38,7 @@ class TestEncodeEmbeddings(chex.TestCase):
         got, want = both(state, ids)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.slow
     def test_causal_mask_position_t_ignores_later_tokens(self):
         te = _tiny_clip()
         x = jax.random.normal(jax.random.key(1), (1, 12, 16))
@@ -112,6 +113,7 @@ def _method(pipe, **kw):
     return method, graphdef, params, frozen
 
 
+@pytest.mark.slow
 def test_attack_decreases_the_attack_objective(tiny_pipe):
     """With the (x_t, t) draw held fixed, Adam on δ lowers ℓ_atk; the result is a (k, D) prefix."""
     method, _, params, frozen = _method(tiny_pipe, k=2)
@@ -136,6 +138,7 @@ def test_attack_decreases_the_attack_objective(tiny_pipe):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_retain_term_equals_an_independent_computation(tiny_pipe):
     gamma, eta = 0.7, 1.0
     method, graphdef, params, frozen = _method(tiny_pipe, retain_weight=gamma, eta=eta,

@@ -49,6 +49,7 @@ def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, t
     assert not _changed(before, _weights(out, UNET))
 
 
+@pytest.mark.slow
 def test_uce_edits_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
     from configs.erasure import uce
     from experiments._erasure import erase
@@ -141,6 +142,7 @@ def test_erasure_table_groups_concepts(tmp_path):
         erasure_table.row(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_heldout_loss_leaves_out_the_erased_concepts(tiny_pipe):
     from flax import nnx
 

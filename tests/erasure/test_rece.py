@@ -164,6 +164,7 @@ def test_iterate_stops_when_the_score_reaches_stop_at():
     assert res.scores == [0.5, 0.25, 0.0] and res.best_round == 2
 
 
+@pytest.mark.slow
 def test_experiment_keeps_the_user_scorers_best_round(tiny_folder, tmp_path, monkeypatch):
     """``edit`` on the tiny test bed with a user scorer: the export holds the round it scored
     lowest, and only cross-attention keys and values differ from the source."""

@@ -136,6 +136,7 @@ def test_loss_equals_an_independent_numpy_computation(target):
     np.testing.assert_allclose(loss, 0.1 * l_m + 0.9 * l_p, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_minibatches_are_drawn_from_the_pools_and_gradients_flow():
     w = jnp.array([0.8, -0.3])
     loss_fn = safegen.make_safegen_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e), SCHED,

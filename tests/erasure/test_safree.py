@@ -122,6 +122,7 @@ def _np_f_beta(z, upperbound=10):
 class SelfValidatingFilterTest(chex.TestCase):
 
     @chex.all_variants(with_pmap=False)
+    @pytest.mark.slow
     def test_step_count_matches_an_independent_computation(self):
         r = np.random.default_rng(4)
         B, L = 6, 9
@@ -201,6 +202,7 @@ def test_generation_is_unchanged_when_nothing_is_flagged(tiny_pipe):
     assert np.abs(out[-1.0] - plain).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_edit_writes_the_settings_next_to_an_unchanged_model(tiny_folder, tmp_path):
     from configs.erasure import safree as safree_config
     from jaxsafe.weights.convert import read_safetensors

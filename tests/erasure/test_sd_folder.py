@@ -64,6 +64,7 @@ def _weights(folder, rel):
     return {k: np.asarray(v) for k, v in read_safetensors([Path(folder, rel)]).items()}
 
 
+@pytest.mark.slow
 def test_load_reads_vae_and_clip_tokenizer(sd_folder):
     from experiments import _erasure
 
@@ -76,6 +77,7 @@ def test_load_reads_vae_and_clip_tokenizer(sd_folder):
     assert images.shape == (1, 16, 16, 3) and float(jnp.abs(images).max()) <= 1.0
 
 
+@pytest.mark.slow
 def test_uce_writes_an_edited_sd_folder(sd_folder, tmp_path):
     from configs.erasure import uce
     from experiments import _erasure

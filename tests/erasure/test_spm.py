@@ -86,6 +86,7 @@ class TestTransport(chex.TestCase):
             spm.token_overlap(jnp.ones((3,), jnp.int32), jnp.ones((1, 3), jnp.int32), SPECIAL)
 
 
+@pytest.mark.slow
 def test_anchor_acceptance_rule_and_scale():
     # In 2-D with angle θ to c, accepting u with probability min(1, 1 − cos θ) gives the density
     # ∝ 1 for cos θ ≤ 0 and 1 − cos θ above, so
@@ -144,6 +145,7 @@ class TestObjective:
         return {"c_e": c_e, "c_from": jnp.broadcast_to(c_n, c_e.shape),
                 "uncond": jnp.asarray(rng.standard_normal((1, 3, 4)), jnp.float32)}
 
+    @pytest.mark.slow
     def test_erase_term_is_the_negatively_guided_target(self):
         batch, key = self.batch(), jax.random.key(3)
         w_theta, w_star = 1.7, 2.0
@@ -194,6 +196,7 @@ class TestObjective:
 
 # ------------------------------------------------------------------ the experiment
 
+@pytest.mark.slow
 def test_transport_of_the_pipeline_uses_the_text_encoder_and_word_tokens(tiny_pipe):
     from experiments import erase_spm
 

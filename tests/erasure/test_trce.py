@@ -148,6 +148,7 @@ def _g(emb, latent):
 class LossTest(chex.TestCase):
 
     @chex.all_variants(with_pmap=False)
+    @pytest.mark.slow
     def test_loss_wiring_against_numpy(self):
         """Toy networks that ignore x_t (so the trajectory sampling does not matter): the loss is
         ½ [hinge(ε_θ(c_m)) + hinge(ε_θ(∅))] + α · drift, targets from ε* with guidance w, the
@@ -204,6 +205,7 @@ def _named(model):
     return {k: np.asarray(v) for k, v in named_leaves(nnx.state(model, nnx.Param)).items()}
 
 
+@pytest.mark.slow
 def test_build_applies_stage1_and_trains_the_selection(tiny_folder):
     from configs.erasure import trce as trce_config
     from experiments import _erasure, erase_trce

@@ -84,6 +84,7 @@ def test_unknown_names_fail_clearly():
 
 
 @pytest.mark.parametrize("setting", ["adamw", "perp_adamw", "softmax_float32", "weight_decay"])
+@pytest.mark.slow
 def test_float32_smoke_runs_train(setting, tmp_path):
     c = config(setting, "smoke")
     final = run_experiment(c, str(tmp_path))

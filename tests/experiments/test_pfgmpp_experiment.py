@@ -269,6 +269,7 @@ def test_class_conditional_smoke_feeds_one_hot_labels():
                                                             "label": batch["label"][:8]}, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_unconditional_branch_of_a_conditional_model_is_zero_labels():
     """EDMPrecond semantics: labels=None on a class-conditional net means all-zero labels, so
     classifier-free guidance (which passes None for the unconditional branch) works."""

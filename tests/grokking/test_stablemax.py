@@ -70,6 +70,7 @@ class StableMaxTest(chex.TestCase):
         )
 
     @chex.variants(with_jit=True, without_jit=True)
+    @pytest.mark.slow
     def test_gradients_finite_at_edge_values(self):
         x = jnp.asarray(EDGE)
         for fn in (s, log_s):

@@ -110,6 +110,7 @@ class TestAdapterMaths(chex.TestCase):
         assert np.abs(down).max() <= 1 / np.sqrt(50) and np.abs(down).max() > 0.5 / np.sqrt(50)
 
 
+@pytest.mark.slow
 def test_zero_initialised_adapters_leave_the_unet_bit_identical(unet, inputs):
     adapted = adapters.add_adapters(unet, rank=1, rngs=nnx.Rngs(3))
     np.testing.assert_array_equal(run(adapted, *inputs), run(unet, *inputs))
@@ -133,6 +134,7 @@ def test_exactly_the_transformer_block_linears_are_adapted_in_a_copy(unet):
     assert not any(isinstance(m, adapters.AdaptedLinear) for _, m in nnx.iter_graph(unet))
 
 
+@pytest.mark.slow
 def test_strength_zero_is_the_original_per_sample_and_restored(unet, inputs):
     adapted = randomize(adapters.add_adapters(unet, rank=1, rngs=nnx.Rngs(3)),
                         adapters.is_adapter_param, seed=4)

@@ -85,6 +85,7 @@ def test_mlp_gather_equals_numpy_one_hot_forward(data):
     np.testing.assert_allclose(got, got_float, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mlp_gather_with_bias_and_same_gradients(data):
     model = GrokMLP.for_modular(P, use_bias=True, rngs=nnx.Rngs(4))
     params = _flat_params(model)
@@ -202,6 +203,7 @@ def _numpy_transformer(p, tokens, num_heads, norm_first=False):
     return h @ p["head/kernel"] + p["head/bias"]
 
 
+@pytest.mark.slow
 def test_transformer_param_names_and_count(transformer):
     params = _flat_params(transformer)
     shapes = {k: v.shape for k, v in params.items()}
@@ -257,6 +259,7 @@ def test_transformer_torch_default_init(transformer):
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.slow
 def test_transformer_matches_numpy_reference(data, norm_first):
     model = GrokTransformer(alpha=1.5, norm_first=norm_first, rngs=nnx.Rngs(5))
     model.eval()  # disable dropout
@@ -283,6 +286,7 @@ def test_transformer_order_sensitivity_without_positions(transformer):
     np.testing.assert_allclose(out_ab[:, 0], out_ba[:, 1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_transformer_dropout_train_vs_eval(data):
     x = data["train"]["x"][:8]
     model = GrokTransformer(rngs=nnx.Rngs(0))  # dropout 0.1 active by default (train mode)
@@ -299,6 +303,7 @@ def test_transformer_dropout_train_vs_eval(data):
     np.testing.assert_array_equal(np.asarray(no_drop(x)), np.asarray(model(x)))
 
 
+@pytest.mark.slow
 def test_transformer_alpha_dtype_and_errors(data):
     x = data["train"]["x"][:8]
     m1 = GrokTransformer(dropout_rate=0.0, rngs=nnx.Rngs(1))
@@ -313,6 +318,7 @@ def test_transformer_alpha_dtype_and_errors(data):
         GrokTransformer(d_model=10, num_heads=4, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_transformer_jit_and_split_merge_roundtrip(data, transformer):
     model = transformer
     x = jnp.asarray(data["test"]["x"][:64])

@@ -93,6 +93,7 @@ def test_resnet34_parameter_count_matches_reference_layout():
     assert out_shape(model, (2, 37, 12)) == (2, 512) and model.features == 512
 
 
+@pytest.mark.slow
 def test_small_resnet_count_shapes_and_head():
     enc = abstract(lambda: resnet_small_1d(3, out_features=40, rngs=nnx.Rngs(1)))
     p, _ = torch_resnet_counts(3, (16, 32, 64, 128), (3, 4, 6, 3))
@@ -104,6 +105,7 @@ def test_small_resnet_count_shapes_and_head():
     chex.assert_shape(head(jnp.ones((4, 40))), (4, 16))
 
 
+@pytest.mark.slow
 def test_tiny_forward_shape(tiny):
     chex.assert_shape(tiny(jnp.ones((2, 11, 3)), use_running_average=True), (2, 5))
 
@@ -135,6 +137,7 @@ def test_stem_is_kernel7_stride1_pad3_and_init_is_torch_uniform():
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_stats_are_separate_from_params(tiny):
     graphdef, params, stats, rest = nnx.split(tiny, nnx.Param, nnx.BatchStat, ...)
     assert all(isinstance(v, nnx.Param) for v in jax.tree.leaves(

@@ -142,6 +142,7 @@ class AttentionTest(chex.TestCase):
                             p["to_out/0/kernel"], p["to_out/0/bias"], heads=2)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
+    @pytest.mark.slow
     def test_spatial_self_attention_has_groupnorm_and_residual(self):
         attn = random_model(lambda: L.Attention(8, heads=1, dim_head=8, bias=True, norm_groups=2,
                                      rngs=nnx.Rngs(0)))
@@ -169,6 +170,7 @@ def test_geglu_feedforward_matches_numpy():
 
 
 @pytest.mark.parametrize("cin,cout", [(4, 8), (8, 8)])
+@pytest.mark.slow
 def test_resnet_block_matches_numpy(cin, cout):
     block = random_model(lambda: L.ResnetBlock2D(cin, cout, temb_channels=5, groups=2, eps=1e-5,
                                       rngs=nnx.Rngs(0)))
@@ -278,6 +280,7 @@ def unet_apply(model, x, t, ctx):
     return model(x, t, ctx)
 
 
+@pytest.mark.slow
 def test_unet_forward_shapes_and_timestep_broadcast(tiny_unet):
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randn(2, 8, 8, 4), jnp.float32)
@@ -294,6 +297,7 @@ def test_unet_forward_shapes_and_timestep_broadcast(tiny_unet):
     assert np.abs(np.asarray(unet_apply(tiny_unet, x, t * 50, ctx) - y)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_unet_bf16_compute_is_close_to_f32(tiny_unet):
     cfg = tiny_unet.config
     bf = random_model(lambda: UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))
@@ -383,6 +387,7 @@ vae_decode = nnx.jit(lambda m, z: m.decode(z))
 vae_apply = nnx.jit(lambda m, x, rng: m(x, rng))
 
 
+@pytest.mark.slow
 def test_vae_shapes_sampling_and_names(tiny_vae):
     x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
     mean, logvar = vae_encode(tiny_vae, x)
@@ -468,6 +473,7 @@ class CLIPTest(chex.TestCase):
         out = model(ids)
         np.testing.assert_array_equal(out["pooler_output"], out["last_hidden_state"][:, 2])
 
+    @pytest.mark.slow
     def test_causal_mask(self):
         cfg = CLIPTextConfig(**{**TINY_CLIP, "num_hidden_layers": 2})
         model = random_model(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
@@ -476,6 +482,7 @@ class CLIPTest(chex.TestCase):
         np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)
         assert np.abs(np.asarray(a[:, 3:] - b[:, 3:])).max() > 1e-3
 
+    @pytest.mark.slow
     def test_penultimate_equals_truncated_model(self):
         # SD 2's conditioning: final LN of layer N-1 of an N-layer tower == last_hidden_state of
         # the same tower truncated to N-1 layers (what the 23-layer hub checkpoint is).
@@ -551,7 +558,7 @@ def test_fsdp_sharded_unet_matches_unsharded():
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
     code = FSDP_SNIPPET.format(cfg=TINY_UNET)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

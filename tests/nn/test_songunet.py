@@ -411,6 +411,7 @@ FORWARD_CASES = {
 @pytest.mark.parametrize("case", [
     "ncsnpp-3-levels", "ddpmpp-skip-skip",
     pytest.param("ddpmpp", marks=pytest.mark.slow), pytest.param("ncsnpp-skip-dec", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_forward_matches_numpy_edm(case):
     cfg = {**TINY, **FORWARD_CASES[case]}
     model = random_model(**cfg, seed=3)
@@ -576,6 +577,7 @@ def _xavier_bound(shape):
     return math.sqrt(6 / (shape[-2] * receptive + shape[-1] * receptive))
 
 
+@pytest.mark.slow
 def test_edm_init_distributions():
     # The smallest model with every kind of layer; a real (not eval_shape) initialisation.
     cfg = {"img_resolution": 8, "in_channels": 3, "out_channels": 3, "label_dim": 2, "augment_dim": 2,
@@ -769,7 +771,7 @@ def test_sharding_rules_cover_every_leaf():
 
 
 def run_snippet(code: str, n_devices: int = 8, timeout: float = 300) -> str:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}",
                JAX_PLATFORMS="cpu")
     code = textwrap.dedent(code) + "\nprint('SNIPPET-OK')\n"
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO_ROOT, env=env,

@@ -60,7 +60,7 @@ def norm(spec) -> tuple:
 
 def _env(n_devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
@@ -265,6 +265,7 @@ def test_shardings_for_invalid_rule_after_a_match_is_never_used():
     assert norm(sh["a"]["b"].spec) == ()
 
 
+@pytest.mark.slow
 def test_shardings_for_rules_on_fsdp_mesh():
     run_snippet(setup=NET_SRC, code="""
         mesh = make_mesh(data=2, fsdp=4)
@@ -545,6 +546,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_global_batch_and_fetch(tmp_path):
     port = str(_free_port())
     env = _env(4)

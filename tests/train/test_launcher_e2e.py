@@ -24,7 +24,7 @@ LONG = ["--config.train.num_steps=4000", "--config.train.steps_per_call=1",
 
 def env(devices=1):
     e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = e.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
     return e
 
 

@@ -81,6 +81,7 @@ def pipeline_dir(models, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_layout_names_and_shapes_are_pytorch(models, pipeline_dir):
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
@@ -129,6 +130,7 @@ def test_pipeline_round_trip(models, pipeline_dir):
     assert set(only) == {"vae", "scheduler_config", "model_index"}
 
 
+@pytest.mark.slow
 def test_component_folders_and_dtypes(models, pipeline_dir):
     unet, cfg = load_unet(pipeline_dir / "unet", param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     assert cfg.prediction_type == "v_prediction"  # found in the sibling scheduler/ folder
@@ -181,6 +183,7 @@ def test_truncated_safetensors_names_the_file(models, tmp_path):
         load_vae(tmp_path)
 
 
+@pytest.mark.slow
 def test_missing_unexpected_and_misshaped_tensors(models, tmp_path):
     f = _copy_vae(models, tmp_path)
     sd = dict(load_file(f))
