@@ -14,6 +14,10 @@ import pytest
 from experiments import pfgmpp, run_experiment
 from jaxsafe import parallel, train
 
+# Its module fixtures train reference runs once: with `--dist loadgroup` (.ci/run) all of this
+# module's tests share one worker, so they are not trained twice.
+pytestmark = pytest.mark.xdist_group("pfgmpp_trained")
+
 SETTINGS = ["cifar10_d128", "cifar10_d2048", "cifar10_edm", "cifar10_cond_d2048", "ffhq64_d128"]
 
 

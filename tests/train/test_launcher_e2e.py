@@ -15,6 +15,10 @@ import pytest
 
 from jaxsafe import train
 
+# Its module fixtures train reference runs once: with `--dist loadgroup` (.ci/run) all of this
+# module's tests share one worker, so they are not trained twice.
+pytestmark = pytest.mark.xdist_group("launcher_runs")
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "--config=configs/grokking/perp_adamw.py:smoke"
 LONG = ["--config.train.num_steps=4000", "--config.train.steps_per_call=1",
