@@ -16,8 +16,8 @@ import tempfile
 
 _OWN_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    # xdist workers of one run share PYTEST_XDIST_TESTRUNUID; the controller has none and
-    # makes the directory its workers inherit through the environment.
+    # The first process (pytest, or xdist's controller) makes the directory; the workers it
+    # starts inherit the variable and so share it.
     _OWN_CACHE = tempfile.mkdtemp(prefix="jaxsafe-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 # Cache programs that took at least this long to compile: the small ones cost more to write
