@@ -55,6 +55,7 @@ def testbed(dtype, path):
     from flax import nnx
 
     from experiments import t2i_testbed as tb
+    from jaxsafe.nn.patch_pca import from_latent
     from jaxsafe.nn.unet2d_condition import UNet2DConditionModel
 
     spec = importlib.util.spec_from_file_location("testbed_config", path)
@@ -74,7 +75,7 @@ def testbed(dtype, path):
             "latent_shape": (cfg.sample_size, cfg.sample_size, cfg.in_channels),
             "context": (c.data.max_length, c.text_encoder.hidden_size), "kind": s.kind,
             "steps": s.num_inference_steps, "guidance": s.guidance_scale, "batch": s.batch_size,
-            "decode": lambda _, z: jnp.clip(tb.from_latent(z @ basis, p), -1.0, 1.0)}
+            "decode": lambda _, z: jnp.clip(from_latent(z @ basis, p), -1.0, 1.0)}
 
 
 def sd_vae_decode(dtype):

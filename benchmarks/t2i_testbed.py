@@ -112,9 +112,9 @@ def main(argv):
     captions = ["a red circle on a plain background"] * s.batch_size
     seeds = np.arange(s.batch_size)
     t0 = time.perf_counter()
-    generate(box[0].extra["ema"], box[0].frozen, captions, seeds)
+    generate((box[0].extra["ema"], box[0].frozen), captions, seeds)
     first = time.perf_counter() - t0
-    sec = time_calls(lambda: generate(box[0].extra["ema"], box[0].frozen, captions, seeds),
+    sec = time_calls(lambda: generate((box[0].extra["ema"], box[0].frozen), captions, seeds),
                      _SAMPLE_CALLS.value)
     print(f"sampling (DDIM {s.num_inference_steps} steps, guidance {s.guidance_scale}, batch "
           f"{s.batch_size}): first call (compile + run) {first:.1f} s, "

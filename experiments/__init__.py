@@ -1,12 +1,21 @@
-"""Experiments: each module builds a `jaxsafe.train.Task` from a config.
+"""Experiments: each module assembles a method's pieces from its config for the one runner.
 
-An experiment module `experiments/<name>.py` defines `build(config, mesh) -> Task` and may define
-`summarize(config, state, task) -> dict` for the final report. `config.experiment = '<name>'`
-selects it; nothing in `jaxsafe/` imports from here.
+An experiment module ``experiments/<name>.py`` defines either
+
+* ``build(config, mesh) -> Task``: the generic trainer (``jaxsafe.train.run``) trains the task,
+  then the optional ``summarize(config, state, task, workdir) -> dict`` reports on it; or
+* ``edit(config, workdir) -> dict``: experiments that do not train (closed-form editors,
+  training-free methods, evaluations of a fixed model) do their work and report.
+
+``config.experiment = '<name>'`` selects it; :func:`run_experiment` runs either kind. Nothing in
+``jaxsafe/`` imports from here, and no experiment imports another.
 """
 
 import importlib
+import json
+import os
 import pkgutil
+import time
 
 from jaxsafe import parallel, train
 
@@ -21,10 +30,46 @@ def get(name: str):
     return importlib.import_module(f"experiments.{name}")
 
 
+def _write_atomic(path: str, text: str) -> None:
+    """Temporary file + rename: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _plain(x):
+    """JSON form of numpy / jax values in a summary."""
+    return x.tolist() if hasattr(x, "tolist") else str(x)
+
+
 def run_experiment(config, workdir: str) -> dict:
-    """Builds the mesh and the task named by `config.experiment`, trains, summarises."""
+    """Runs the experiment ``config.experiment`` in ``workdir``: writes ``config.json`` before
+    anything runs, then ``edit``s, or ``build``s, trains (resuming from the workdir's latest
+    checkpoint) and ``summarize``s; writes the summary, with the wall-clock time of the edit or
+    of build + training (``run_seconds``; evaluation excluded), to ``summary.json`` and returns
+    it."""
     module = get(config.experiment)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    task = module.build(config, mesh)
-    state = train.run(task, config.train, workdir, mesh)
-    return module.summarize(config, state, task) if hasattr(module, "summarize") else {}
+    if not hasattr(module, "edit") and not hasattr(module, "build"):
+        raise ValueError(f"experiment {config.experiment!r} defines neither build nor edit")
+    os.makedirs(workdir, exist_ok=True)
+    if parallel.is_primary():
+        _write_atomic(os.path.join(workdir, "config.json"),
+                      config.to_json_best_effort(indent=2, sort_keys=True))
+    t0 = time.perf_counter()
+    if hasattr(module, "edit"):
+        summary = dict(module.edit(config, workdir))
+        seconds = time.perf_counter() - t0
+    else:
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+        task = module.build(config, mesh)
+        state = train.run(task, config.train, workdir, mesh)
+        seconds = time.perf_counter() - t0
+        summary = (dict(module.summarize(config, state, task, workdir))
+                   if hasattr(module, "summarize") else {})
+    summary = {"experiment": config.experiment, "variant": config.get("variant", ""),
+               "run_seconds": seconds, **summary}
+    if parallel.is_primary():
+        _write_atomic(os.path.join(workdir, "summary.json"),
+                      json.dumps(summary, indent=1, sort_keys=True, default=_plain))
+    return summary

@@ -53,7 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxsafe.contrastive import augment, dbpm, ntxent_per_pair, ntxent_per_pair_sharded
 from jaxsafe.data import timeseries as ts
 from jaxsafe.nn.resnet1d import ProjectionHead, ResNet1D, apply_with_batch_stats
-from jaxsafe.parallel import fetch
+from jaxsafe.parallel import batch_shards, fetch
 from jaxsafe.train import Task
 
 MODELS = {"resnet34": ((64, 128, 256, 512), (3, 4, 6, 3)),
@@ -365,7 +365,7 @@ def prepare(config, mesh):
     b = config.bad_pairs
     x, noisy, faulty = inject_bad_pairs(data.train["x"], b.noisy_fraction, b.faulty_fraction,
                                         b.seed)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     if config.batch_size % shards:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {shards} "
                          "batch shards of the mesh")
@@ -403,7 +403,8 @@ def build(config, mesh) -> Task:
                 sharding_rules=[(r"^extra/memory/", "replicate")])
 
 
-def summarize(config, state, task) -> dict:
+def summarize(config, state, task, workdir) -> dict:
+    del workdir
     out = {f"probe_{k}": v for k, v in task.evaluators["probe"](state).items()}
     out.update({f"dbpm_{k}": v for k, v in task.evaluators["dbpm"](state).items()})
     return out

@@ -5,13 +5,14 @@ import os
 
 from flax import nnx
 
-from experiments import _erasure
+from jaxsafe.diffusion import pipeline
+from jaxsafe.erasure import evaluation
 
 
 def edit(config, workdir: str) -> dict:
-    pipe = _erasure.load(config.model.folder or None)
-    out = {"erase_seconds": 0.0, "export": _erasure.save(pipe, os.path.join(workdir, "export"))}
+    pipe = pipeline.load(config.model.folder or None)
+    out = {"erase_seconds": 0.0, "export": pipeline.save(pipe, os.path.join(workdir, "export"))}
     if config.eval.enabled and pipe.testbed:
         graphdef, state = nnx.split(pipe.model)
-        out.update(_erasure.evaluate_model(config, pipe, graphdef, (state,)))
+        out.update(evaluation.evaluate_model(config, pipe, graphdef, (state,)))
     return out

@@ -2,8 +2,8 @@ r"""RECE (Gong et al., ECCV 2024): a UCE edit, then rounds of closed-form advers
 and UCE edits of every cross-attention key/value projection (``jaxsafe.erasure.rece``), the
 round kept chosen by a score of each round's model. No training.
 
-Prompts and token rows are UCE's (``_erasure.prompt_pairs``, ``experiments.erase_uce.erase_rows``
-/ ``preserve_rows``): each erased concept and its guide in every ``concepts.templates`` form
+Prompts and token rows are UCE's (``jaxsafe.erasure.prompts.prompt_pairs``,
+``jaxsafe.erasure.model.erase_rows`` / ``preserve_rows``): each erased concept and its guide in every ``concepts.templates`` form
 (the paper: the words alone), the erased prompt's rows from its last word token on aligned with
 the guide's; RECE's retain set is the empty prompt plus the ``concepts.preserve`` prompts (the
 reference's ``retain_texts``).
@@ -29,9 +29,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from experiments import _erasure
-from experiments.erase_uce import erase_rows, preserve_rows
-from jaxsafe.erasure import closed_form, rece
+from jaxsafe.diffusion import pipeline
+from jaxsafe.erasure import evaluation, prompts, rece
+from jaxsafe.erasure import model as em
 
 
 def _testbed_scorer(config, pipe):
@@ -42,7 +42,7 @@ def _testbed_scorer(config, pipe):
     r = config.rece
     oracle = oracle_lib.load()
     generate = None
-    others = _erasure.preserve_words(config.concepts) if r.other_tolerance > 0 else []
+    others = prompts.preserve_words(config.concepts) if r.other_tolerance > 0 else []
     if r.other_tolerance > 0 and not others:
         raise ValueError("rece.other_tolerance > 0 needs config.concepts.preserve concepts to "
                          "measure")
@@ -54,10 +54,10 @@ def _testbed_scorer(config, pipe):
 
     def score(kernels):
         nonlocal generate
-        _erasure.set_kernels(pipe.model, kernels)
+        em.set_kernels(pipe.model, kernels)
         graphdef, state = nnx.split(pipe.model)
         if generate is None:
-            generate = _erasure.model_generator(pipe, graphdef, **dict(config.sampling))
+            generate = pipeline.generator(pipe, graphdef, **dict(config.sampling))
         gen = lambda c, s: generate((state,), c, s)
         target = accuracy(gen, config.concepts.erase)
         if not others:
@@ -78,7 +78,7 @@ def _user_scorer(config, pipe):
     fn = getattr(importlib.import_module(module), name)
 
     def score(kernels):
-        _erasure.set_kernels(pipe.model, kernels)
+        em.set_kernels(pipe.model, kernels)
         return fn(config, pipe)
 
     return score
@@ -96,22 +96,15 @@ def scorer(config, pipe):
 
 
 def edit(config, workdir: str) -> dict:
-    pipe = _erasure.load(config.model.folder or None)
+    pipe = pipeline.load(config.model.folder or None)
     r, concepts = config.rece, config.concepts
     t0 = time.perf_counter()
-    c_e, c_g = erase_rows(pipe, _erasure.prompt_pairs(concepts))
-    keep = _erasure.expand(concepts.templates, _erasure.preserve_words(concepts))
-    original = _erasure.kernels(pipe.model)
-    start = original
-    if r.init_uce:
-        u = config.uce
-        c_p_uce = preserve_rows(pipe, keep)
-        start = jax.jit(lambda k: closed_form.uce_edit(
-            k, c_e, c_g, c_p_uce, erase_scale=u.erase_scale,
-            preserve_scale=u.preserve_scale if u.preserve_scale > 0 else None, lam=u.lam))(
-                original)
+    c_e, c_g = em.erase_rows(pipe, prompts.prompt_pairs(concepts))
+    keep = prompts.expand(concepts.templates, prompts.preserve_words(concepts))
+    original = em.kernels(pipe.model)
+    start = em.uce_edit(pipe, concepts, config.uce) if r.init_uce else original
     retain = ([""] if r.preserve_empty else []) + keep
-    c_p = preserve_rows(pipe, retain)
+    c_p = em.preserve_rows(pipe, retain)
     score = scorer(config, pipe)
     result = rece.iterate(start, original, c_e, c_g, c_p, rounds=r.rounds, lam_emb=r.lam_emb,
                           lam=r.lam, erase_scale=r.erase_scale, preserve_scale=r.preserve_scale,
@@ -119,12 +112,12 @@ def edit(config, workdir: str) -> dict:
                           stop_at=r.stop_at if r.stop_at >= 0 else None)
     new = jax.block_until_ready(result.kernels)
     seconds = time.perf_counter() - t0
-    _erasure.set_kernels(pipe.model, new)
+    em.set_kernels(pipe.model, new)
     out = {"erase_seconds": seconds, "edited_tensors": len(new),
            "best_round": result.best_round, "rounds_run": len(result.scores) - 1,
            "round_scores": result.scores, "round_admissible": result.admissible,
-           "export": _erasure.save(pipe, os.path.join(workdir, "export"), unet=pipe.model.unet)}
+           "export": pipeline.save(pipe, os.path.join(workdir, "export"), unet=pipe.model.unet)}
     if config.eval.enabled and pipe.testbed:
         graphdef, state = nnx.split(pipe.model)
-        out.update(_erasure.evaluate_model(config, pipe, graphdef, (state,)))
+        out.update(evaluation.evaluate_model(config, pipe, graphdef, (state,)))
     return out

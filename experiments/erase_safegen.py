@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _erasure
+from jaxsafe.diffusion import pipeline
+from jaxsafe.erasure import evaluation, safegen
+from jaxsafe.erasure import model as em
 from jaxsafe.erasure import params as ep
-from jaxsafe.erasure import safegen
-from jaxsafe.train import Task
+from jaxsafe.parallel import batch_shards, tile_to_shards
+from jaxsafe.train import Task, ema_after_update
 
 _COLUMNS = ("nude_image_path", "mos_image_path", "norm_image_path")
 
@@ -123,37 +125,30 @@ def triplet_latents(config, pipe) -> dict:
     return dict(zip(("z_unsafe", "z_mosaic", "z_normal"), (_encode(pipe, x) for x in images)))
 
 
-def ema_after_update(decay: float):
-    from experiments.t2i_testbed import ema_update
-
-    return ema_update(decay)  # diffusers' EMAModel rule, as the reference's --use_ema
-
-
 def build(config, mesh) -> Task:
-    del mesh
-    pipe = _erasure.load(config.model.folder or None)
+    pipe = pipeline.load(config.model.folder or None)
     g, o = config.safegen, config.optimizer
-    graphdef, params, frozen = _erasure.split_trainable(
-        pipe, ep.nnx_filter(ep.selection("selfattn", "unet")))
-
-    def eps_theta(p, f, x, t, emb):
-        return _erasure.trained_model(graphdef, p, f)(x, t, emb)
-
+    graphdef, params, frozen = em.split_trainable(
+        pipe.model, ep.nnx_filter(ep.selection("selfattn", "unet")))
+    eps_theta, _ = em.score_functions(graphdef)
     loss_fn = safegen.make_safegen_loss(eps_theta, pipe.scheduler, target=g.target,
                                         weight_mosaic=g.weight_mosaic,
                                         weight_preserve=g.weight_preserve, batch_size=g.batch_size)
-    batch = {**triplet_latents(config, pipe), "uncond": np.asarray(pipe.embed([""]))}
+    shards = batch_shards(mesh)
+    # The triplets and the one unconditional prompt differ in rows: each is tiled on its own.
+    batch = {**tile_to_shards(triplet_latents(config, pipe), shards),
+             "uncond": tile_to_shards(np.asarray(pipe.embed([""])), shards)}
     optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                             optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                         weight_decay=o.weight_decay))
-    ema = g.ema_decay > 0
+    ema = g.ema_decay > 0  # diffusers' EMAModel rule, as the reference's --use_ema
     return Task(graphdef=graphdef, params=params, frozen=frozen, optimizer=optimizer,
                 loss_fn=loss_fn, train_data=batch,
                 extra={"ema": jax.tree.map(jnp.copy, params)} if ema else {},
                 after_update=ema_after_update(g.ema_decay) if ema else None)
 
 
-def summarize(config, state, task, workdir=None) -> dict:
+def summarize(config, state, task, workdir) -> dict:
     if config.safegen.ema_decay > 0:
         state = state.replace(params=state.extra["ema"])
-    return _erasure.summarize_trained(config, state, task, workdir)
+    return evaluation.summarize(config, state, task, workdir)

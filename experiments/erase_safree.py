@@ -15,15 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import _erasure
-from jaxsafe.diffusion import schedulers
-from jaxsafe.erasure import safree
+from jaxsafe.diffusion import pipeline, schedulers
+from jaxsafe.erasure import evaluation, prompts, safree
 
 
 def settings(config) -> dict:
     """What ``safree.json`` holds: the keywords of the toxic subspace and the filter's settings."""
     s = config.safree
-    return {"method": "SAFREE", "keywords": keywords(config), "alpha": s.alpha, "svf": s.svf,
+    return {"method": "SAFREE", "keywords": keywords(config),
+            "negative_prompt": negative_prompt(config), "alpha": s.alpha, "svf": s.svf,
             "gamma": s.gamma, "kappa": s.kappa, "tau": s.tau, "window": list(s.window),
             "mask_id": s.mask_id, "pooling": s.pooling, "latent_re_attention": False}
 
@@ -41,31 +41,29 @@ def _sentence(out, ids, pooling: str):
     return (h * att[..., None]).sum(1) / att.sum(1, keepdims=True)
 
 
-def testbed_keywords(concepts) -> list[str]:
-    """Keyword phrases of test-bed concepts (and their synonyms): the word, the word with its
-    article, and the word in every short phrase of the other attribute ("a red circle", …)."""
-    from jaxsafe.data import shapes
-
-    art = lambda w: f"{'an' if w[0] in 'aeiou' else 'a'} {w}"
-    words = list(concepts) + [w for w, c in shapes.SYNONYMS.items() if c in concepts]
-    out = []
-    for w in dict.fromkeys(words):
-        kind = shapes.ATTRIBUTES[shapes.CONCEPTS[w][0]][0]
-        if kind == "shape":
-            out += [w, art(w)] + [art(f"{c} {w}") for c in shapes.COLOURS]
-        elif kind == "colour":
-            out += [w, art(w)] + [art(f"{w} {s}") for s in shapes.SHAPES]
-        else:
-            out += [w, f"a {w} background", f"on a {w} background"]
-    return out
-
-
 def keywords(config) -> list[str]:
-    """``safree.keywords``, or by default (test bed) :func:`testbed_keywords` of the erased
+    """``safree.keywords``, or by default (test bed) ``prompts.testbed_keywords`` of the erased
     concepts."""
     if config.safree.keywords:
         return list(config.safree.keywords)
-    return testbed_keywords(list(config.concepts.erase))
+    return prompts.testbed_keywords(list(config.concepts.erase))
+
+
+def negative_prompt(config) -> str:
+    """The negative prompt of classifier-free guidance (``safree.negative_prompt``):
+    ``"{keywords}"`` = the keywords joined by ", ", as the released ``generate_safree.py`` does;
+    ``"{concepts}"`` = the erased concepts and their synonyms joined by spaces (the test bed's
+    tokenizer has no comma and 12 positions); any other string as it is ("" = the empty prompt,
+    the paper's text)."""
+    from jaxsafe.data import shapes
+
+    neg = config.safree.negative_prompt
+    if neg == "{keywords}":
+        return ", ".join(keywords(config))
+    if neg == "{concepts}":
+        erase = list(config.concepts.erase)
+        return " ".join(erase + [w for w, c in shapes.SYNONYMS.items() if c in erase])
+    return neg
 
 
 def toxic_embeddings(pipe, words, pooling: str = "eot") -> jax.Array:
@@ -94,15 +92,16 @@ def _encode_tokens(graphdef, pooling: str = "eot"):
 
 
 def safree_functions(config, pipe, graphdef, C):
-    """``(apply, encode)`` of the model ``nnx.merge(graphdef, *state)`` with SAFREE active
-    against the toxic subspace of ``C`` (K, D), for ``_erasure.make_generator``."""
+    """``(apply, encode, encode_negative)`` of the model ``nnx.merge(graphdef, *state)`` with
+    SAFREE active against the toxic subspace of ``C`` (K, D), for ``pipeline.make_generator``:
+    prompts are filtered, the negative prompt is not (the reference pipeline)."""
     s = config.safree
     encode = safree.make_safree_encoder(
         _encode_tokens(graphdef, s.pooling), C, alpha=s.alpha, svf=s.svf, gamma=s.gamma,
         kappa=s.kappa, tau=s.tau, window=tuple(s.window), mask_id=s.mask_id)
     apply = safree.make_safree_apply(lambda st, x, t, e: nnx.merge(graphdef, *st)(x, t, e),
                                      sampling_timesteps(pipe, config))
-    return apply, encode
+    return apply, encode, safree.make_plain_encoder(_encode_tokens(graphdef, s.pooling))
 
 
 def _word(pipe, tok: int) -> str:
@@ -139,14 +138,14 @@ def probe(config, pipe, graphdef, state, C, captions) -> dict:
 
 
 def edit(config, workdir: str) -> dict:
-    pipe = _erasure.load(config.model.folder or None)
+    pipe = pipeline.load(config.model.folder or None)
     t0 = time.perf_counter()
     graphdef, state = nnx.split(pipe.model)
     C = jax.block_until_ready(toxic_embeddings(pipe, keywords(config), config.safree.pooling))
-    apply, encode = safree_functions(config, pipe, graphdef, C)
+    apply, encode, encode_negative = safree_functions(config, pipe, graphdef, C)
     seconds = time.perf_counter() - t0
     out = {"erase_seconds": seconds,
-           "export": _erasure.save(pipe, os.path.join(workdir, "export"), extra_files={
+           "export": pipeline.save(pipe, os.path.join(workdir, "export"), extra_files={
                "safree.json": json.dumps(settings(config), indent=1).encode()})}
     if config.eval.enabled and pipe.testbed:
         from jaxsafe.data import shapes, shapes_metrics
@@ -158,11 +157,14 @@ def edit(config, workdir: str) -> dict:
         heldout = shapes.ShapesDataset(1).arrays(0, e.fid_samples or 64)["caption"]
         out["triggers_target"] = probe(config, pipe, graphdef, (state,), C, target_prompts)
         out["triggers_heldout"] = probe(config, pipe, graphdef, (state,), C, heldout)
-        generate = _erasure.make_generator(pipe, apply, encode, **dict(config.sampling))
-        out.update(_erasure.evaluate(
+        generate = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
+                                           negative_prompt=negative_prompt(config),
+                                           **dict(config.sampling))
+        out.update(evaluation.evaluate(
             pipe, lambda c, s: generate((state,), c, s), list(config.concepts.erase),
             k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
-            loss_fn=lambda: _erasure.heldout_loss(pipe, apply, encode, (state,),
+            sampling=dict(config.sampling),
+            loss_fn=lambda: evaluation.heldout_loss(pipe, apply, encode, (state,),
                                                   n=e.heldout_examples, seed=e.seed,
                                                   exclude=list(config.concepts.erase))))
     return out

@@ -36,10 +36,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _erasure
+from jaxsafe.diffusion import pipeline
+from jaxsafe.erasure import evaluation, prompts, spm
+from jaxsafe.erasure import model as em
 from jaxsafe.erasure import params as ep
-from jaxsafe.erasure import spm
 from jaxsafe.nn import adapters
+from jaxsafe.parallel import batch_shards, tile_to_shards
 from jaxsafe.train import Task
 
 ADAPTER_FILE, SETTINGS_FILE = "spm_adapter.safetensors", "spm.json"
@@ -66,7 +68,7 @@ class Transport:
     power: int = 1
 
     @classmethod
-    def for_concepts(cls, pipe: _erasure.Pipeline, concepts: Sequence[str],
+    def for_concepts(cls, pipe: pipeline.Pipeline, concepts: Sequence[str],
                      enabled: bool = True, power: int = 1) -> Transport:
         concepts = list(concepts)
         if not concepts:
@@ -84,7 +86,7 @@ class Transport:
                                       self.special_ids) ** self.power
 
 
-def attach_adapters(pipe: _erasure.Pipeline, rank: int, alpha: float, seed: int = 0) -> None:
+def attach_adapters(pipe: pipeline.Pipeline, rank: int, alpha: float, seed: int = 0) -> None:
     """Replaces ``pipe.model.unet`` by a copy with zero-initialised adapters."""
     pipe.model.unet = adapters.add_adapters(pipe.model.unet, rank=rank, alpha=alpha,
                                             rngs=nnx.Rngs(seed))
@@ -103,46 +105,39 @@ def spm_apply(graphdef, state: tuple, x, t, emb, gamma):
         return model(x, t, emb)
 
 
-def make_spm_generator(pipe: _erasure.Pipeline, graphdef, transport: Transport, **sampling):
+def make_spm_generator(pipe: pipeline.Pipeline, graphdef, transport: Transport, **sampling):
     """``generate(state, captions, seeds) -> (n, H, W, 3)`` in [−1, 1] with facilitated transport:
-    ``_erasure.make_generator`` with each prompt's strength γ as the per-prompt value."""
-    return _erasure.make_generator(
+    ``pipeline.make_generator`` with each prompt's strength γ as the per-prompt value."""
+    return pipeline.make_generator(
         pipe, lambda s, x, t, e, gamma: spm_apply(graphdef, s, x, t, e, gamma),
         lambda s, ids: nnx.merge(graphdef, *s).encode(ids),
         aux=lambda s, ids, emb: transport(ids, emb), **sampling)
 
 
 def build(config, mesh) -> Task:
-    pipe = _erasure.load(config.model.folder or None)
+    pipe = pipeline.load(config.model.folder or None)
     s = config.spm
     attach_adapters(pipe, s.rank, s.alpha, config.train.seed)
     sel = ep.nnx_filter(lambda n: n.startswith("unet/") and adapters.is_adapter_param(n))
-    graphdef, params, frozen = _erasure.split_trainable(pipe, sel)
-
-    def eps_theta(p, f, x, t, emb):
-        return _erasure.trained_model(graphdef, p, f)(x, t, emb)
-
-    def eps_star(f, x, t, emb):
-        return _erasure.original_model(graphdef, f)(x, t, emb)
+    graphdef, params, frozen = em.split_trainable(pipe.model, sel)
+    eps_theta, eps_star = em.score_functions(graphdef)
 
     loss_fn = spm.make_spm_loss(eps_theta, eps_star, pipe.scheduler,
                                 latent_shape=pipe.latent_shape, anchor_weight=s.anchor_weight,
                                 num_anchors=s.num_anchors, eta=s.erase_guidance,
                                 start_guidance=s.start_guidance,
                                 num_inference_steps=s.ddim_steps,
-                                anchor_scale=tuple(s.anchor_scale), batch_size=s.batch_size)
+                                anchor_scale=tuple(s.anchor_scale), batch_size=s.batch_size,
+                                anchor_batch=s.anchor_batch)
     # The pool of (target, neutral) prompt pairs: every erased concept with its guide in every
     # ``concepts.templates`` form (no templates, guide "": the reference's target and neutral
     # prompts); each step draws ``spm.batch_size`` of them, as the reference draws one prompt
-    # pair per step. Padded cyclically to a multiple of the batch shards.
-    pairs = _erasure.prompt_pairs(config.concepts)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    pool = -(-len(pairs) // shards) * shards
+    # pair per step. Tiled whole to the mesh's batch shards.
+    pairs = prompts.prompt_pairs(config.concepts)
     emb = np.asarray(pipe.embed([a for a, _ in pairs] + [g for _, g in pairs] + [""]))
     p = len(pairs)
-    batch = {"c_e": _erasure.fixed_batch(emb[:p], pool),
-             "c_from": _erasure.fixed_batch(emb[p:2 * p], pool),
-             "uncond": _erasure.fixed_batch(emb[2 * p:], pool)}
+    batch = tile_to_shards({"c_e": emb[:p], "c_from": emb[p:2 * p],
+                            "uncond": np.repeat(emb[2 * p:], p, 0)}, batch_shards(mesh))
     o = config.optimizer
     lr = spm.cosine_with_hard_restarts(o.lr, o.warmup_steps, config.train.num_steps, o.num_cycles)
     optimizer = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
@@ -152,7 +147,7 @@ def build(config, mesh) -> Task:
                 loss_fn=loss_fn, train_data=batch)
 
 
-def export(pipe: _erasure.Pipeline, unet: nnx.Module, config, out: str) -> str:
+def export(pipe: pipeline.Pipeline, unet: nnx.Module, config, out: str) -> str:
     """Writes ``out``: a copy of ``pipe``'s folder with the adapter file and its settings."""
     from safetensors.numpy import save
 
@@ -163,12 +158,12 @@ def export(pipe: _erasure.Pipeline, unet: nnx.Module, config, out: str) -> str:
                 "transport": {"enabled": bool(config.spm.transport),
                               "power": int(config.spm.transport_power),
                               "metric": "max(clipcos, tokenuni)"}}
-    return _erasure.save(pipe, out, extra_files={
+    return pipeline.save(pipe, out, extra_files={
         ADAPTER_FILE: save(tensors, metadata={"format": "pt"}),
         SETTINGS_FILE: json.dumps(settings, indent=1).encode()})
 
 
-def load(folder: str) -> tuple[_erasure.Pipeline, Transport]:
+def load(folder: str) -> tuple[pipeline.Pipeline, Transport]:
     """The pipeline of an SPM export with its adapters re-attached, and its transport."""
     from jaxsafe.weights.convert import read_safetensors
 
@@ -176,7 +171,7 @@ def load(folder: str) -> tuple[_erasure.Pipeline, Transport]:
     if not settings_file.is_file():
         raise FileNotFoundError(f"{settings_file} not found: not an SPM export")
     settings = json.loads(settings_file.read_text())
-    pipe = _erasure.load(folder)
+    pipe = pipeline.load(folder)
     attach_adapters(pipe, settings["rank"], settings["alpha"])
     adapters.load_adapter_params(pipe.model.unet,
                                  read_safetensors(Path(folder, settings["adapter_file"])))
@@ -184,7 +179,7 @@ def load(folder: str) -> tuple[_erasure.Pipeline, Transport]:
     return pipe, Transport.for_concepts(pipe, settings["concepts"], t["enabled"], t["power"])
 
 
-def evaluate(config, pipe: _erasure.Pipeline, model: nnx.Module, transport: Transport) -> dict:
+def evaluate(config, pipe: pipeline.Pipeline, model: nnx.Module, transport: Transport) -> dict:
     """Test-bed erasure metrics of the adapted T2I ``model`` with transport, and the mean γ of
     each concept's evaluation prompts (``strength/<concept>``)."""
     from jaxsafe.data import shapes, shapes_metrics
@@ -198,10 +193,11 @@ def evaluate(config, pipe: _erasure.Pipeline, model: nnx.Module, transport: Tran
         emb = nnx.merge(graphdef, *s).encode(ids)
         return emb, transport(ids, emb)
 
-    out = _erasure.evaluate(
+    out = evaluation.evaluate(
         pipe, lambda c, sd: generate(state, c, sd), list(config.concepts.erase),
         k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
-        loss_fn=lambda: _erasure.heldout_loss(
+        sampling=dict(config.sampling),
+        loss_fn=lambda: evaluation.heldout_loss(
             pipe, lambda s, x, t, enc: spm_apply(graphdef, s, x, t, *enc), encode, state,
             n=e.heldout_examples, seed=e.seed, exclude=list(config.concepts.erase)))
     gamma = jax.jit(encode)
@@ -212,11 +208,11 @@ def evaluate(config, pipe: _erasure.Pipeline, model: nnx.Module, transport: Tran
     return out
 
 
-def summarize(config, state, task, workdir=None) -> dict:
+def summarize(config, state, task, workdir) -> dict:
     from jaxsafe.parallel import fetch
 
-    pipe = _erasure.load(config.model.folder or None)
-    model = _erasure.trained_model(task.graphdef, fetch(state.params), fetch(state.frozen))
+    pipe = pipeline.load(config.model.folder or None)
+    model = em.trained_model(task.graphdef, fetch(state.params), fetch(state.frozen))
     out = {}
     if workdir:
         out["export"] = export(pipe, model.unet, config, os.path.join(workdir, "export"))

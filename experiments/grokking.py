@@ -22,7 +22,7 @@ from flax import nnx
 from jaxsafe import grokking, optim
 from jaxsafe.data import algorithmic
 from jaxsafe.nn import GrokMLP, GrokTransformer
-from jaxsafe.parallel import fetch
+from jaxsafe.parallel import batch_shards, fetch
 from jaxsafe.train import Task, split_model
 
 LOSSES = {"softmax": grokking.softmax_cross_entropy, "stablemax": grokking.stablemax_cross_entropy}
@@ -144,7 +144,7 @@ def build(config, mesh) -> Task:
     data = load_data(config.data)
     model = build_model(config, data)
     graphdef, params, frozen = split_model(model)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     train_batch = process_slice(pad_split(data["train"], shards))
 
     def grad_metrics(params, grads):
@@ -158,5 +158,6 @@ def build(config, mesh) -> Task:
                 grad_metrics=grad_metrics)
 
 
-def summarize(config, state, task) -> dict:
+def summarize(config, state, task, workdir) -> dict:
+    del workdir
     return {k: float(v) for k, v in task.evaluators["eval"](state).items()}

@@ -325,7 +325,8 @@ def build(config, mesh) -> Task:
                 sharding_rules=songunet.SONGUNET_SHARDING_RULES)
 
 
-def summarize(config, state, task) -> dict:
+def summarize(config, state, task, workdir) -> dict:
+    del workdir
     if "samples" not in task.evaluators:
         return {}
     out = task.evaluators["samples"](state)

@@ -14,7 +14,7 @@ where ỹ is the caption replaced by the empty prompt with probability ``data.ca
 
 Decisions:
 
-* Latent space: E is a fixed linear autoencoder, the PCA of 4×4 patches (``PatchPCA``):
+* Latent space: E is a fixed linear autoencoder, the PCA of 4×4 patches (``jaxsafe.nn.patch_pca.PatchPCA``):
   E(x) = s · (unshuffle₄(x) − μ) Vᵀ, D(z) = shuffle₄(z V / s + μ), with V the top
   ``latent.components`` (12 of 48) principal directions of the patches of
   ``latent.fit_images`` training images and s the scale that gives z unit standard deviation
@@ -27,7 +27,7 @@ Decisions:
   E is lossy (RMSE 0.077 on [−1, 1]); unlike it, it is fitted, not trained. The linear β
   schedule (1e-4..0.02, T = 1000, DDPM's on 32×32 CIFAR-10) is used on the unit-variance z.
   The exported folder has no ``vae/``: it ships E/D as ``latent/patch_pca.npz``
-  (``load_latent``).
+  (``jaxsafe.nn.patch_pca``).
 * Text encoder and UNet train jointly (``train_text_encoder``); the text transformer is the
   CLIP architecture with the word tokenizer's ids (EOT the largest id, see
   ``jaxsafe.data.word_tokenizer``), so its EOT pooling follows CLIP's rules.
@@ -46,7 +46,6 @@ the utility's denoising term) and ``samples`` (a grid of generations for fixed p
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -56,73 +55,19 @@ import optax
 from flax import nnx
 
 from jaxsafe.data import shapes, shapes_metrics
-from jaxsafe.diffusion import schedulers, t2i
+from jaxsafe.diffusion import pipeline, schedulers, t2i
 from jaxsafe.nn import oracle as oracle_lib
 from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
+from jaxsafe.nn.patch_pca import PatchPCA, fit_patch_pca
 from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from jaxsafe.parallel import fetch
-from jaxsafe.train import Task, split_model
+from jaxsafe.train import Task, ema_after_update, split_model
 
 SAMPLE_PROMPTS = ("a red circle on a plain background", "an orange circle on a striped background",
                   "a green square on a dotted background", "a blue box on a plain background",
                   "a red ellipse on a striped background", "an orange triangle on a dotted background",
                   "a green triangle on a plain background", "a blue ellipse on a dotted background",
                   "a circle", "a red triangle", "a box on a striped background", "")
-LATENT_FILE = os.path.join("latent", "patch_pca.npz")
-
-
-def to_latent(x: jax.Array, p: int) -> jax.Array:
-    """(B, H, W, C) -> (B, H/p, W/p, p·p·C) pixel unshuffle (space-to-depth)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(
-        b, h // p, w // p, p * p * c)
-
-
-def from_latent(z: jax.Array, p: int) -> jax.Array:
-    """Inverse of :func:`to_latent`: (B, h, w, p·p·C) -> (B, h·p, w·p, C)."""
-    b, h, w, d = z.shape
-    c = d // (p * p)
-    return z.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c)
-
-
-class Fixed(nnx.Variable):
-    """A constant of the model (not trained, checkpointed and exported with it)."""
-
-
-class PatchPCA(nnx.Module):
-    """E(x) = s · (unshuffle_p(x) − μ) Vᵀ and D(z) = shuffle_p(z V / s + μ); see module doc."""
-
-    def __init__(self, mean, basis, scale, patch: int):
-        self.patch = patch
-        self.mean = Fixed(jnp.asarray(mean, jnp.float32))
-        self.basis = Fixed(jnp.asarray(basis, jnp.float32))
-        self.scale = Fixed(jnp.asarray(scale, jnp.float32))
-
-    @property
-    def channels(self) -> int:
-        return self.basis.shape[0]
-
-    def encode(self, x: jax.Array) -> jax.Array:
-        return (to_latent(x, self.patch) - self.mean[...]) @ self.basis[...].T * self.scale[...]
-
-    def decode(self, z: jax.Array) -> jax.Array:
-        return from_latent(z @ self.basis[...] / self.scale[...] + self.mean[...], self.patch)
-
-
-def fit_patch_pca(images: np.ndarray, patch: int, components: int):
-    """(μ, V, s) of :class:`PatchPCA` from float images in [−1, 1]; each direction's sign is
-    fixed (largest entry positive) so the fit is reproducible."""
-    rows = np.asarray(to_latent(jnp.asarray(images, jnp.float32), patch), np.float64)
-    rows = rows.reshape(-1, rows.shape[-1])
-    if not 1 <= components <= rows.shape[1]:
-        raise ValueError(f"latent.components={components}; expected 1..{rows.shape[1]} "
-                         f"(3·patch² for patch={patch})")
-    mean = rows.mean(0)
-    _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)
-    basis = vt[:components]
-    basis *= np.sign(basis[np.arange(components), np.abs(basis).argmax(1)])[:, None]
-    scale = 1.0 / ((rows - mean) @ basis.T).std()
-    return mean, basis, scale
 
 
 class TestbedModel(nnx.Module):
@@ -189,53 +134,26 @@ def make_loss_fn(graphdef, sched: schedulers.SchedulerConfig, empty_ids: np.ndar
     return loss_fn
 
 
-def ema_update(decay: float):
-    """extra['ema'] ← d·ema + (1 − d)·params with d = min(decay, (1 + n)/(10 + n))."""
-
-    def after_update(state):
-        n = state.step.astype(jnp.float32)
-        d = jnp.minimum(decay, (1 + n) / (10 + n))
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.extra["ema"], state.params)
-        return {**state.extra, "ema": ema}
-
-    return after_update
-
-
 def make_optimizer(cfg) -> optax.GradientTransformation:
     lr = optax.warmup_constant_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(lr, weight_decay=cfg.weight_decay))
 
 
-def make_generator(graphdef, config, tokenizer):
-    """``generate(params, frozen, captions, seeds) -> (n, 32, 32, 3)`` images in [−1, 1]: DDIM
-    with classifier-free guidance against the empty prompt. Calls are padded to a multiple of
-    ``sampling.batch_size`` (one compiled program); image k depends on (captions[k], seeds[k])
-    only (``t2i.make_t2i_sampler``'s per-sample seeds), so padding changes nothing."""
+def make_generator(graphdef, config, tokenizer, mesh=None):
+    """``generate((params, frozen), captions, seeds) -> (n, 32, 32, 3)`` images in [−1, 1]:
+    ``t2i.make_generator`` (DDIM, classifier-free guidance against the empty prompt) with the
+    model's UNet, text encoder and latent decoder."""
     s = config.sampling
-    sampler = t2i.make_t2i_sampler(
-        lambda pf, z, t, emb: nnx.merge(graphdef, *pf).unet(z, t, emb), scheduler_config(config),
-        kind=s.kind, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+    model = lambda pf: nnx.merge(graphdef, *pf)
+    return t2i.make_generator(
+        lambda pf, z, t, emb: model(pf).unet(z, t, emb),
+        lambda pf, ids: model(pf).text_encoder(ids)["last_hidden_state"], tokenizer,
+        scheduler_config(config),
         latent_shape=(shapes.RESOLUTION // config.latent.patch,) * 2 + (config.latent.components,),
-        decode=lambda pf, z: jnp.clip(nnx.merge(graphdef, *pf).latent.decode(z), -1.0, 1.0))
-    encode = jax.jit(lambda pf, ids: nnx.merge(graphdef, *pf).text_encoder(ids)["last_hidden_state"])
-
-    def generate(params, frozen, captions, seeds):
-        captions, seeds = list(captions), np.asarray(seeds, np.int32).reshape(-1)
-        if len(captions) != len(seeds):
-            raise ValueError(f"one seed per caption: got {len(captions)} captions and "
-                             f"{len(seeds)} seeds")
-        n, pad = len(captions), -len(captions) % s.batch_size
-        ids = tokenizer(captions + [""] * pad)
-        seeds = np.concatenate([seeds, np.zeros(pad, np.int32)])
-        pf = (params, frozen)
-        uncond = encode(pf, tokenizer([""]))
-        out = [fetch(sampler(pf, encode(pf, ids[i:i + s.batch_size]), uncond,
-                             seeds[i:i + s.batch_size]))
-               for i in range(0, n + pad, s.batch_size)]
-        return np.concatenate(out)[:n]
-
-    return generate
+        decode=lambda pf, z: jnp.clip(model(pf).latent.decode(z), -1.0, 1.0), kind=s.kind,
+        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+        batch_size=s.batch_size, mesh=mesh)
 
 
 def make_heldout_evaluator(graphdef, config, tokenizer):
@@ -259,7 +177,7 @@ def make_samples_evaluator(generate, prompts=SAMPLE_PROMPTS):
     seeds = np.arange(len(prompts))
 
     def evaluate(state):
-        return {"grid": image_grid(generate(state.extra["ema"], state.frozen, prompts, seeds),
+        return {"grid": image_grid(generate((state.extra["ema"], state.frozen), prompts, seeds),
                                    cols=4)}
 
     return evaluate
@@ -274,19 +192,39 @@ def build(config, mesh) -> Task:
     tok = shapes.tokenizer(config.data.max_length)
     model = build_model(config, tok)
     graphdef, params, frozen = split_model(model, _trainable(config))
-    train = shapes.shapes_batches(shapes.ShapesDataset(config.data.train_seed), tok,
+    train = shapes.shapes_batches(shapes.ShapesDataset(config.data.train_seed,
+                                                       shape_weights=config.data.shape_weights), tok,
                                   config.data.batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count())
-    generate = make_generator(graphdef, config, tok)
+    generate = make_generator(graphdef, config, tok, mesh)
     return Task(
         graphdef=graphdef, params=params, frozen=frozen,
         optimizer=make_optimizer(config.optimizer),
         loss_fn=make_loss_fn(graphdef, scheduler_config(config), tok(""),
                              config.data.caption_dropout),
         train_data=train, extra={"ema": jax.tree.map(jnp.copy, params)},
-        after_update=ema_update(config.optimizer.ema_decay),
+        after_update=ema_after_update(config.optimizer.ema_decay),
         evaluators={"heldout": make_heldout_evaluator(graphdef, config, tok),
-                    "samples": make_samples_evaluator(generate)})
+                    "samples": make_samples_evaluator(generate),
+                    "shapes": make_shapes_evaluator(generate, config)})
+
+
+def make_shapes_evaluator(generate, config):
+    """Oracle accuracy of the EMA weights on each shape word's prompts: shapes are learned last
+    (docs/testbed.md), so this is the curve that says when the model is done."""
+
+    oracle = oracle_lib.load()
+    e = config.eval
+
+    def evaluate(state):
+        def gen(captions, seeds):
+            return generate((state.extra["ema"], state.frozen), captions, seeds)
+
+        report = shapes_metrics.erasure_report(gen, oracle, concepts=shapes.SHAPES,
+                                               k=e.samples_per_concept, seed=e.seed)
+        return {w: report[f"acc/{w}"] for w in shapes.SHAPES}
+
+    return evaluate
 
 
 def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
@@ -298,7 +236,7 @@ def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
     generate = make_generator(graphdef, config, tok)
 
     def gen(captions, seeds):
-        return generate(params, frozen, captions, seeds)
+        return generate((params, frozen), captions, seeds)
 
     e = config.eval
     out = shapes_metrics.erasure_report(gen, oracle, k=e.samples_per_concept, seed=e.seed)
@@ -314,37 +252,11 @@ def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
 
 
 def export(config, graphdef, params, frozen, folder: str) -> str:
-    """Writes the model as a diffusers-layout folder: ``unet/``, ``text_encoder/``,
-    ``scheduler/scheduler_config.json`` (DDIMScheduler), ``tokenizer/`` (the word tokenizer's
-    vocab.json + tokenizer_config.json; not listed in model_index.json, which jaxsafe reads as a
-    CLIPTokenizer), ``latent/patch_pca.npz`` (E/D, in place of ``vae/``) and
-    ``model_index.json`` (with ``"testbed_latent"``). Load it back with
-    ``jaxsafe.weights.diffusers.load_pipeline(folder)``, ``WordTokenizer.load(folder +
-    '/tokenizer')`` and :func:`load_latent`.
-    """
-    from jaxsafe.weights import diffusers
-
+    """Writes the model as a diffusers-layout folder (``jaxsafe.diffusion.pipeline
+    .export_testbed``); ``pipeline.load(folder)`` reads it back."""
     model = nnx.merge(graphdef, fetch(params), fetch(frozen))
-    sched = {"_class_name": "DDIMScheduler", **dataclasses.asdict(scheduler_config(config))}
-    diffusers.save_pipeline({"unet": model.unet, "text_encoder": model.text_encoder,
-                             "scheduler_config": sched,
-                             "model_index": {"testbed_latent": LATENT_FILE}}, folder)
-    shapes.tokenizer(config.data.max_length).save(os.path.join(folder, "tokenizer"))
-    lat = model.latent
-    os.makedirs(os.path.join(folder, os.path.dirname(LATENT_FILE)), exist_ok=True)
-    np.savez(os.path.join(folder, LATENT_FILE), patch=lat.patch, mean=np.asarray(lat.mean[...]),
-             basis=np.asarray(lat.basis[...]), scale=np.asarray(lat.scale[...]))
-    return folder
-
-
-def load_latent(folder: str) -> PatchPCA:
-    """The latent map of an exported folder."""
-    path = os.path.join(folder, LATENT_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"latent map {path!r} not found: folder must be a test-bed "
-                                "export (experiments.t2i_testbed.export)")
-    with np.load(path) as f:
-        return PatchPCA(f["mean"], f["basis"], f["scale"], int(f["patch"]))
+    return pipeline.export_testbed(model.unet, model.text_encoder, scheduler_config(config),
+                                   shapes.tokenizer(config.data.max_length), model.latent, folder)
 
 
 def restore(config, workdir: str, step: int | None = None, ema: bool = True):
@@ -352,29 +264,26 @@ def restore(config, workdir: str, step: int | None = None, ema: bool = True):
     on any topology; erasure runs can start from a checkpoint this way as well as from an export.
     """
     from jaxsafe import train
-    from jaxsafe.treepath import named_leaves, path_name
+    from jaxsafe.treepath import named_leaves, replace_by_name
 
     graphdef, params, frozen = split_model(build_model(config, shapes.tokenizer(
         config.data.max_length)), _trainable(config))
     step, raw = train.load_arrays(os.path.join(workdir, "checkpoints"), step)
 
-    def fill(like, stored_tree, what):
-        stored = named_leaves(stored_tree)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-        names = [path_name(p) for p, _ in flat]
-        if set(names) != set(stored):
-            raise ValueError(f"checkpoint {what} in {workdir} does not fit config: missing "
-                             f"{sorted(set(names) - set(stored))[:5]}, unexpected "
-                             f"{sorted(set(stored) - set(names))[:5]}")
-        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(stored[n]) for n in names])
+    def fill(like, stored, what):
+        try:
+            return replace_by_name(like, named_leaves(stored), complete=True,
+                                   what=f"checkpoint {what} in {workdir}")
+        except KeyError as e:
+            raise ValueError(f"{e.args[0]}: it does not fit the config") from None
 
     params = fill(params, raw["extra"]["ema"] if ema else raw["params"], "params")
     return graphdef, params, fill(frozen, raw["frozen"], "frozen"), int(step)
 
 
-def summarize(config, state, task, workdir: str | None = None) -> dict:
+def summarize(config, state, task, workdir: str) -> dict:
     """Held-out loss, per-concept accuracy and Fréchet distance of the EMA weights; exports them
-    to ``<workdir>/export`` when the runner passes the workdir (else use launch.export_testbed)."""
+    to ``<workdir>/export``."""
     out = dict(task.evaluators["heldout"](state))
     ema, frozen = fetch(state.extra["ema"]), fetch(state.frozen)
     out.update(evaluate_model(config, task.graphdef, ema, frozen))

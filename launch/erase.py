@@ -7,7 +7,7 @@ r"""Erases concepts from a text-to-image model: any method of ``configs/erasure/
 The model is a diffusers-layout folder (``--config.model.folder``; the ``cpu``/``smoke``
 variants default to the shipped test-bed model). The edited model is written to
 ``<workdir>/export`` in the same layout (or the method's adapter file next to a copy of the
-original), with ``<workdir>/erasure.json``: the method, the wall-clock time of the erasure and,
+original), with ``<workdir>/summary.json``: the method, the wall-clock time of the erasure and,
 on the test bed, the erasure metrics (docs/erasure.md).
 
 Trained methods (ESD, SPM, AdvUnlearn, SafeGen, TRCE's second stage) go through the generic
@@ -33,9 +33,9 @@ def main(argv):
     quiet_orbax()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from experiments._erasure import erase
+    from experiments import run_experiment
 
-    summary = erase(_CONFIG.value, _WORKDIR.value)
+    summary = run_experiment(_CONFIG.value, _WORKDIR.value)
     logging.info("erasure: %s", json.dumps(summary, sort_keys=True, default=float))
     print(json.dumps(summary, indent=1, sort_keys=True, default=float))
 

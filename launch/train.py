@@ -39,15 +39,9 @@ def main(argv):
     from experiments import run_experiment
     from jaxsafe.parallel import is_primary
 
-    config = _CONFIG.value
-    workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
-    if is_primary():
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-    summary = run_experiment(config, workdir)
+    summary = run_experiment(_CONFIG.value, _WORKDIR.value)
     if is_primary() and summary:
         logging.info("final: %s", json.dumps(summary, sort_keys=True, default=float))
 

@@ -28,7 +28,7 @@ Deviations:
 * the timestep/prefix-insertion details noted in ``jaxsafe/erasure/advunlearn.py``.
 
 Test bed (``cpu``): erase the common test-bed target (``configs/erasure/common.py``); the retain
-set is every short caption that names no target (``experiments.erase_advunlearn.testbed_retain``;
+set is every short caption that names no target (``jaxsafe.erasure.prompts.testbed_retain``;
 near concepts stay in). Deviations for the tiny model on 2 CPU cores (about 5 minutes): lr 1e-3
 (the tiny text encoder barely moves at 1e-5), 300 iterations with 50 of warm-up, 5 attack steps
 at lr 1e-2 (attack budget K·lr = 0.05 per coordinate against the paper's 30 × 1e-3 = 0.03; the
@@ -62,7 +62,7 @@ def get_config(arg=None):
         negative_guidance=1.0, start_guidance=3.0, ddim_steps=50)
     c.optimizer = dict(lr=1e-5)
     if arg in ("cpu", "smoke"):
-        c.concepts.preserve = ()  # () = derived from the targets (erase_advunlearn.testbed_retain)
+        c.concepts.preserve = ()  # () = derived from the targets (prompts.testbed_retain)
     if arg == "cpu":
         c.optimizer.lr = 1e-3
         c.advunlearn.update(attack_steps=5, attack_lr=1e-2, warmup=50, ddim_steps=25)

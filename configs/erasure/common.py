@@ -43,7 +43,7 @@ def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.Con
     c.mesh = dict(data=-1, fsdp=1)
     if arg in ("cpu", "smoke"):
         # The captions' own forms with the concept in its slot, and (for the methods with a
-        # preserve set) the other values of its attribute: experiments/_erasure.py resolves both
+        # preserve set) the other values of its attribute: jaxsafe/erasure/prompts.py resolves both
         # from the erased concept, so --config.concepts.erase='("square",)' needs nothing else.
         c.concepts.update(erase=(TESTBED_TARGET,), templates=("{testbed}",),
                           preserve=("{same_attribute}",))

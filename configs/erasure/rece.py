@@ -5,17 +5,20 @@ Settings of the authors' code (``CharlesGong12/RECE``: ``train.py``, ``train_obj
 (``uce``: the UCE config's defaults) and editing every cross-attention key and value:
 
 * nudity (no argument, the paper's headline setting): adversarial-embedding regulariser
-  λ = 0.1 (``--regular_scale 0.1``), 3 rounds (README; ``scripts/nudity.sh`` runs 5), UCE edit
+  λ = 0.1 (``--regular_scale 0.1``), 3 rounds (README L52; ``scripts/nudity.sh`` at 403a67f
+  runs 3, earlier commits 5), UCE edit
   λ = 0.1, erase scale 1, preserve scale 0.1 on the empty prompt, guide = the empty prompt; keep
   the round with the lowest score (NudeNet's nudity rate on a validation set; here
   ``rece.scorer``, see ``experiments/erase_rece.py``);
 * ``style`` (Van Gogh): λ = 10⁻³, 1 round, guide "art", retain the empty prompt and other
   artists (the reference retains all 1,733 other artists of its ``artists1734_prompts.csv``;
   here a short list, replace it with ``--config.concepts.preserve``), keep the last round;
-* ``object`` (Church; the reference uses λ = 10⁻¹ for English Springer, Golf Ball and
-  Parachute): λ = 10⁻³, 5 rounds, guide and retain = the empty prompt, keep the round with the
-  lowest accuracy of the object among those whose other-class accuracy is within 0.1 of UCE's,
-  stopping once it reaches 0.
+* ``object`` (Church; README L54–55: "difficult objects for UCE (e.g., church and garbage
+  truck), λ=1e-3, 1 epoch"; λ = 10⁻¹ for the easy ones, English Springer, Golf Ball and
+  Parachute; ``train_object.py`` ``--epochs`` default 1): λ = 10⁻³, 1 round, guide and retain =
+  the empty prompt; with more rounds (``rece.rounds``), keep the round with the lowest accuracy
+  of the object among those whose other-class accuracy is within 0.1 of UCE's, stopping once it
+  reaches 0.
 
     python -m launch.erase --config=configs/erasure/rece.py --config.model.folder=/path/sd-v1-4 \
         --config.rece.scorer=mypkg.nudity:rate --workdir=/tmp/rece_nudity
@@ -49,7 +52,7 @@ def get_config(arg=None):
                                "Andy Warhol", "Leonardo da Vinci")
         c.rece.update(rounds=1, lam_emb=1e-3, select="last")
     if arg in ("object", "cpu", "smoke"):
-        c.rece.update(rounds=5, lam_emb=1e-3, stop_at=0.0, other_tolerance=0.1)
+        c.rece.update(rounds=1, lam_emb=1e-3, stop_at=0.0, other_tolerance=0.1)
     if arg == "smoke":
         c.rece.update(rounds=2, score_samples=2)
     return c

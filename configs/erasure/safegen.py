@@ -9,9 +9,9 @@ defaults), constant lr (the script's 200 warm-up steps are ignored by its "const
 gradient clipping 1, EMA of the weights (diffusers' EMAModel: 0.9999 with (1+n)/(10+n) warm-up),
 λ_m = 0.1, λ_p = 0.9 (the run script's ``--weight_tune 0.1 --weight_preserve 0.9``; note that
 the training script names the first flag ``--weight_mosaic`` with default 0.5, so the released
-command line does not parse as published). The mosaic target is the paper's exact form
-(``safegen.target = "paper"``; ``"reference"`` = the code's target without the √ᾱ/√(1−ᾱ) factor,
-see ``jaxsafe/erasure/safegen.py``).
+command line does not parse as published). The mosaic target is the training script's,
+ε_m = ε + (z_u − z_m) (``safegen.target = "reference"``, ``train_text_to_image_adjust_sal.py``
+L1014); ``"paper"`` is the exact form with the √(ᾱ/(1−ᾱ)) factor (``jaxsafe/erasure/safegen.py``).
 
     python -m launch.erase --config=configs/erasure/safegen.py --workdir=/tmp/safegen_nudity \
         --config.model.folder=/path/sd-v1-4 --config.safegen.triplets=/path/triplets/meta.csv
@@ -39,7 +39,7 @@ from configs.erasure import common
 def get_config(arg=None):
     common.check_arg(arg)
     c = common.base(arg, "erase_safegen")
-    c.safegen = dict(target="paper", weight_mosaic=0.1, weight_preserve=0.9, batch_size=5,
+    c.safegen = dict(target="reference", weight_mosaic=0.1, weight_preserve=0.9, batch_size=5,
                      ema_decay=0.9999, triplets="", resolution=512,
                      num_triplets=100, censor="mosaic", mosaic_block=16, data_seed=0)
     c.optimizer = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0)

@@ -5,7 +5,8 @@ Paper / reference defaults (``jaehong31/SAFREE``, ``generate_safree.py``): SD 1.
 keywords below, prompt embeddings = CLIP's pooled EOT states, α = 0.01 (``--sf_alpha``),
 self-validating filtering on (``-svf``) with γ = 10 (``--up_t``) and the ``f_beta`` sigmoid
 (κ = 5, τ = 5.333), step window [−1, 1001] when the filter is off (``--re_attn_t``), masking id 0,
-50 steps, guidance 7.5. Latent re-attention (``-lra``) is not implemented (see
+50 steps, guidance 7.5, classifier-free guidance against the keywords joined by ", " as the
+negative prompt (not projected; ``generate_safree.py`` L258/L319). Latent re-attention (``-lra``) is not implemented (see
 ``jaxsafe/erasure/safree.py``).
 
     python -m launch.erase --config=configs/erasure/safree.py --workdir=/tmp/safree_nudity \
@@ -15,8 +16,10 @@ self-validating filtering on (``-svf``) with γ = 10 (``--up_t``) and the ``f_be
 Test bed (``cpu``). Deviations, measured on the 6,000-step test-bed model erasing "red" (acc(red)
 of 16 prompts; docs/erasure.md):
 
+* negative prompt: the erased concepts and their synonyms ("red"; "square box"), as the joined
+  keywords do not fit the test bed's tokenizer (no comma, 12 positions);
 * keywords (``keywords = ()``): the erased concepts and their synonyms in short phrases ("red",
-  "a red", "a red circle", …; ``experiments.erase_safree.testbed_keywords``), as the paper's list
+  "a red", "a red circle", …; ``jaxsafe.erasure.prompts.testbed_keywords``), as the paper's list
   holds phrases around its concept. With "red" alone and the filter on every step, acc(red)
   = 0.50; with the phrases, 0.25 (α = 0.1) and 0.06 (α = 0.01);
 * prompt embeddings are the mean of the attended token states (``pooling = "mean"``), not the
@@ -41,8 +44,12 @@ NUDITY_KEYWORDS = (
 def get_config(arg=None):
     common.check_arg(arg)
     c = common.base(arg, "erase_safree")
-    c.safree = dict(keywords=NUDITY_KEYWORDS, pooling="eot", alpha=0.01, svf=True, gamma=10.0,
-                    kappa=5.0, tau=5.333, window=(-1, 1001), mask_id=0)
+    # negative_prompt "{keywords}": classifier-free guidance against the keywords joined by ", "
+    # (generate_safree.py L258, passed to every pipeline call, L319); "" = the empty prompt.
+    c.safree = dict(keywords=NUDITY_KEYWORDS, negative_prompt="{keywords}", pooling="eot",
+                    alpha=0.01, svf=True, gamma=10.0, kappa=5.0, tau=5.333, window=(-1, 1001),
+                    mask_id=0)
     if arg in ("cpu", "smoke"):
-        c.safree.update(keywords=(), pooling="mean", gamma=float(c.sampling.num_inference_steps))
+        c.safree.update(keywords=(), negative_prompt="{concepts}", pooling="mean",
+                        gamma=float(c.sampling.num_inference_steps))
     return c

@@ -7,7 +7,9 @@ Paper defaults (the reference code ``Con6924/SPM``: ``configs/snoopy/config.yaml
 reference: β = (0.9, 0.999), ε = 1e-8, weight decay 0.01), cosine schedule with 3 hard restarts
 after 500 warm-up steps, no gradient clipping, 3000 iterations of batch 1; erase guidance η = 1
 against the neutral prompt ""; x_t from 1..29 of 30 DDIM steps at guidance 3; latent anchoring
-with 4 sampled anchors per step at weight λ = 1000, scale ρ ~ U[0.8, 1.2]; facilitated transport
+with 4 anchors per step at weight λ = 1000, every other one the unconditional prompt as in the
+reference's batch (``spm.anchor_batch = "reference"``; ``"sampled"``: 4 sampled anchors, the
+paper's text; ``jaxsafe/erasure/spm.py``), scale ρ ~ U[0.8, 1.2]; facilitated transport
 γ = ``max(clipcos, tokenuni)`` at inference (``transport_power=1``: the branch times γ as in the
 paper; ``2`` reproduces ``infer_spm.py``, which scales both adapter factors by γ); generation
 with 30 DDIM steps at guidance 7.5 (``configs/generation.yaml``). The reference erases one concept
@@ -30,7 +32,7 @@ Test-bed deviations (``cpu``, erasing ``red``), from a sweep on the 6,000-step t
 
 On the test bed the flattened-embedding cosine to "red" is ≥ 0.96 for every evaluation caption
 (the text encoder's output rows of all prompts share a large common component), so facilitated
-transport keeps γ ≈ 1 everywhere (``strength/<concept>`` in ``erasure.json``); the token term
+transport keeps γ ≈ 1 everywhere (``strength/<concept>`` in ``summary.json``); the token term
 gives 1 to prompts naming the concept.
 Variants: see ``configs/erasure/common.py``.
 """
@@ -41,7 +43,8 @@ from configs.erasure import common
 def get_config(arg=None):
     common.check_arg(arg)
     c = common.base(arg, "erase_spm", paper_erase=("snoopy",))
-    c.spm = dict(rank=1, alpha=1.0, anchor_weight=1000.0, num_anchors=4, anchor_scale=(0.8, 1.2),
+    c.spm = dict(rank=1, alpha=1.0, anchor_weight=1000.0, num_anchors=4, anchor_batch="reference",
+                 anchor_scale=(0.8, 1.2),
                  erase_guidance=1.0, start_guidance=3.0, ddim_steps=30, batch_size=1,
                  transport=True, transport_power=1)
     c.optimizer = dict(lr=1e-4, warmup_steps=500, num_cycles=3, b1=0.9, b2=0.999, eps=1e-8,

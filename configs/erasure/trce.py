@@ -6,9 +6,15 @@ Defaults of the authors' code (``ddgoodgood/TRCE``: ``config/stage1/stage1_sexua
 
 * stage 1: the first 20 concepts of ``sexual.json``, each mapped to "a person wearing clothes",
   in the first 15 of its object prompt templates (``augment_num = 15``); only the first [EoT]
-  row is mapped (``token_weight_scale = [0, 1, 0, 0]``); λ = 0; preserve scale 0.01 on a cache
+  row is mapped (``token_weight_scale = [0, 1, 0, 0]``); λ = 0; preserve scale s = 0.01 on a cache
   of COCO captions (``trce.preserve_file``: a text file of captions, one per line, is required
-  for the paper setting; with λ = 0 the [EoT] rows alone do not determine the edit);
+  for the paper setting; with λ = 0 the [EoT] rows alone do not determine the edit). The
+  reference multiplies the cached preservation sums by s twice (``run_trce_stage1.py`` L59
+  ``train_preserve_scale * prior_preservation_cache_dict[key]``, then ``src/cfr_utils.py``
+  L162–163 ``preserve_scale * cache_dict[...] / 3e4``), so each preserved prompt weighs
+  s²/3·10⁴ (3·10⁴: the cache's caption count, as far as the released cache shows); here each of
+  the n preserved prompts weighs s²/n (``trce.stage1_preserve_squared = True``; ``False`` applies
+  s once, s/n);
 * stage 2: "a photo of {}" prompts, AdamW lr 10⁻⁶ (β = (0.9, 0.999), weight decay 0.01),
   3 epochs over 100 trajectories = 300 steps of batch 1, DDIM 50 steps sampled with CFG 3,
   early steps n ≤ 25, guidance w = 15, β = 1, margin 0.01, regulariser weight 100 on a batch of
@@ -58,7 +64,7 @@ def get_config(arg=None):
     common.check_arg(arg)
     c = common.base(arg, "erase_trce", paper_erase=SEXUAL_20)
     c.trce = dict(stage2_templates=("a photo of {}",), preserve_file="", token_weights=(0., 1., 0.),
-                  stage1_preserve_scale=0.01, stage1_lam=0.0, guidance=15.0, margin=0.01,
+                  stage1_preserve_scale=0.01, stage1_preserve_squared=True, stage1_lam=0.0, guidance=15.0, margin=0.01,
                   beta=1.0, preserve_scale=100.0, max_early_step=25, ddim_steps=50,
                   sample_guidance=3.0, batch_size=1, reg_batch_size=4, uncond_hinge=True)
     c.optimizer = dict(lr=1e-6, weight_decay=0.01)

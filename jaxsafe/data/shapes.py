@@ -34,7 +34,8 @@ import numpy as np
 
 __all__ = [
     "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COLOUR_RGB", "CONCEPTS", "NEAR", "RESOLUTION",
-    "SHAPES", "SYNONYMS", "VOCABULARY", "ShapesDataset", "caption", "concept_words", "example",
+    "SHAPES", "SYNONYMS", "VOCABULARY", "ShapesDataset", "article", "caption", "concept_words",
+    "example",
     "parse_caption", "render", "shapes_batches", "tokenizer",
 ]
 
@@ -129,6 +130,12 @@ def render(label, nuisance: dict, resolution: int = RESOLUTION) -> np.ndarray:
     return np.clip(np.rint(bg * (1 - cover) + rgb * cover), 0, 255).astype(np.uint8)
 
 
+def article(word: str) -> str:
+    """The indefinite article before ``word``: "an" before a vowel, else "a" (the one a/an rule
+    of the test bed's captions and prompts)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def caption(label, rng: np.random.Generator, *, mention_colour: bool | None = None,
             mention_background: bool | None = None) -> str:
     """A caption of ``label``: "a [colour] shape [on a background background]".
@@ -145,7 +152,7 @@ def caption(label, rng: np.random.Generator, *, mention_colour: bool | None = No
     if rng.random() < P_SYNONYM:
         noun = next((w for w, c in SYNONYMS.items() if c == noun), noun)
     words = ([COLOURS[colour]] if mention_colour else []) + [noun]
-    words = ["an" if words[0][0] in "aeiou" else "a"] + words
+    words = [article(words[0])] + words
     if mention_background:
         words += ["on", "a", BACKGROUNDS[background], "background"]
     return " ".join(words)
@@ -179,13 +186,27 @@ def concept_words(attribute: str | None = None) -> tuple[str, ...]:
                  if attribute is None or names[a] == attribute)
 
 
-def example(seed: int, index: int) -> dict:
+def _shape_probabilities(shape_weights) -> np.ndarray | None:
+    if shape_weights is None:
+        return None
+    w = np.asarray(shape_weights, np.float64).reshape(-1)
+    if w.shape != (len(SHAPES),) or not np.all(w >= 0) or not w.sum() > 0:
+        raise ValueError(f"shape_weights must be {len(SHAPES)} non-negative numbers (one per "
+                         f"shape of {SHAPES}) with a positive sum, got {shape_weights!r}")
+    return w / w.sum()
+
+
+def example(seed: int, index: int, shape_weights=None) -> dict:
     """Example ``index`` of the stream ``seed``: ``{'image': uint8 (32, 32, 3), 'label': int32
-    (3,), 'caption': str}``."""
+    (3,), 'caption': str}``. ``shape_weights`` (one per shape, default uniform) rebalances the
+    shape draw; the uniform stream is unchanged by its existence."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     rng = np.random.default_rng((int(seed), int(index)))
-    label = tuple(int(rng.integers(len(values))) for _, values in ATTRIBUTES)
+    p = _shape_probabilities(shape_weights)
+    label = tuple(int(rng.integers(len(values))) if p is None or a > 0
+                  else int(rng.choice(len(values), p=p))
+                  for a, (_, values) in enumerate(ATTRIBUTES))
     nuisance = _nuisance(rng)
     text = caption(label, rng)
     return {"image": render(label, nuisance), "label": np.asarray(label, np.int32),
@@ -193,12 +214,15 @@ def example(seed: int, index: int) -> dict:
 
 
 class ShapesDataset(Sequence):
-    """The first ``num_examples`` examples of stream ``seed`` (random access, nothing stored)."""
+    """The first ``num_examples`` examples of stream ``seed`` (random access, nothing stored),
+    optionally with ``shape_weights`` (see :func:`example`)."""
 
-    def __init__(self, seed: int = 0, num_examples: int = 2**31 - 1):
+    def __init__(self, seed: int = 0, num_examples: int = 2**31 - 1, shape_weights=None):
         if num_examples < 1:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
+        _shape_probabilities(shape_weights)  # fail at construction, not at the first item
         self.seed, self.num_examples = int(seed), int(num_examples)
+        self.shape_weights = None if shape_weights is None else tuple(map(float, shape_weights))
 
     def __len__(self) -> int:
         return self.num_examples
@@ -208,7 +232,7 @@ class ShapesDataset(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} examples")
-        return example(self.seed, i % len(self))
+        return example(self.seed, i % len(self), self.shape_weights)
 
     def arrays(self, start: int, count: int) -> dict:
         """Examples ``start .. start + count - 1`` stacked: image (n, 32, 32, 3) uint8, label

@@ -26,10 +26,13 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxsafe import parallel
 from jaxsafe.diffusion import schedulers
 
-__all__ = ["classifier_free_guidance", "initial_noise", "make_decode", "make_t2i_sampler"]
+__all__ = ["classifier_free_guidance", "initial_noise", "make_decode", "make_generator",
+           "make_t2i_sampler"]
 
 # Stable Diffusion 1.x's VAE latent scale (AutoencoderKL config `scaling_factor`).
 SD_SCALING_FACTOR = 0.18215
@@ -129,3 +132,79 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
         return latents if decode is None else decode(params, latents)
 
     return jax.jit(sample)
+
+
+def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
+                   scheduler_config: schedulers.SchedulerConfig, *,
+                   latent_shape: Sequence[int], decode: Callable | None = None,
+                   kind: str = "ddim", num_inference_steps: int = 25, guidance_scale: float = 4.0,
+                   batch_size: int = 32, aux: Callable | None = None,
+                   negative_prompt: str = "", encode_negative: Callable | None = None,
+                   mesh=None):
+    """``generate(params, prompts, seeds, negative_prompts=None) -> (n, ...)`` numpy images (or
+    latents without ``decode``): prompts to images in compiled batches, the one generator of
+    the text-to-image test bed and of every erasure method.
+
+    ``apply(params, x, t, emb)`` is the denoiser, ``encode(params, ids) -> emb`` the text
+    encoder, ``tokenize(texts) -> ids`` the tokenizer, ``decode(params, z)`` the latent decoder.
+    Classifier-free guidance runs against ``negative_prompt`` (default the empty prompt) or one
+    negative prompt per prompt, encoded by ``encode_negative`` (default ``encode``; SAFREE encodes
+    its prompts filtered and its negative prompt plain). ``aux(params, ids, emb)`` gives per-prompt values (e.g. SPM's
+    transport strength), then passed to ``apply`` as a fifth argument. Calls are padded to a
+    multiple of ``batch_size`` (one compiled program); with ``mesh`` the batch size is rounded
+    up to a multiple of its batch shards and each batch is split over them. Image k depends on
+    (prompts[k], seeds[k], its negative prompt) only (:func:`make_t2i_sampler`'s per-sample
+    seeds), so padding and batching change nothing.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    sharding = None
+    if mesh is not None:
+        shards = parallel.batch_shards(mesh)
+        batch_size = -(-batch_size // shards) * shards
+        sharding = parallel.batch_sharding(mesh)
+    unet = apply if aux is None else (lambda p, x, t, e: apply(p[0], x, t, e, p[1]))
+    sampler = make_t2i_sampler(
+        unet, scheduler_config, kind=kind, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, latent_shape=latent_shape,
+        decode=None if decode is None else (lambda p, z: decode(p if aux is None else p[0], z)))
+
+    @jax.jit
+    def enc(params, ids):
+        emb = encode(params, ids)
+        return emb, (None if aux is None else aux(params, ids, emb))
+
+    enc_negative = jax.jit(encode if encode_negative is None else encode_negative)
+
+    def put(x):
+        return x if sharding is None else jax.device_put(x, sharding)
+
+    def generate(params, prompts, seeds, negative_prompts=None):
+        prompts, seeds = list(prompts), np.asarray(seeds, np.int32).reshape(-1)
+        if len(prompts) != len(seeds):
+            raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and "
+                             f"{len(seeds)} seeds")
+        n, pad = len(prompts), -len(prompts) % batch_size
+        ids = np.asarray(tokenize(prompts + [""] * pad))
+        seeds = np.concatenate([seeds, np.zeros(pad, np.int32)])
+        if negative_prompts is None:
+            neg_ids = None
+            uncond = enc_negative(params, jnp.asarray(tokenize([negative_prompt])))
+        else:
+            negative_prompts = list(negative_prompts)
+            if len(negative_prompts) != n:
+                raise ValueError(f"one negative prompt per prompt: got {len(negative_prompts)} "
+                                 f"for {n} prompts")
+            neg_ids = np.asarray(tokenize(negative_prompts + [""] * pad))
+        out = []
+        for i in range(0, n + pad, batch_size):
+            rows = slice(i, i + batch_size)
+            emb, values = enc(params, put(jnp.asarray(ids[rows])))
+            if neg_ids is not None:
+                uncond = enc_negative(params, put(jnp.asarray(neg_ids[rows])))
+            p = params if aux is None else (params, values)
+            out.append(np.asarray(parallel.fetch(sampler(p, emb, uncond,
+                                                         put(jnp.asarray(seeds[rows]))))))
+        return np.concatenate(out)[:n]
+
+    return generate

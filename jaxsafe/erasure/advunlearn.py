@@ -38,8 +38,9 @@ token embeddings (:func:`token_embeddings`).
 
 Deviations from the reference code (documented in ``configs/erasure/advunlearn.py`` too):
 
-* the timestep the networks see is the DDIM step τ_n the sample reached (``esd.py``'s note on
-  ESD's reversed DDPM timestep applies here too);
+* the timestep the networks see is the DDIM step τ_n the sample reached; the reference
+  (``train-scripts/utils/get_loss.py`` L36–41, ESD's arithmetic) queries a timestep 39–58 DDPM
+  steps noisier than its sample's (same direction: see ``esd.py``);
 * ``prefix_k`` in the reference splits the padded ids as [SOT | words | k | rest] and drops the k
   positions right after the words, which for SD's tokenizer (pad = EOT) drops the first EOT and
   keeps a padding EOT; here the k embeddings are inserted after SOT and the *last* k positions

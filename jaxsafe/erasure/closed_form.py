@@ -22,8 +22,12 @@ shared by every edited projection of the same input width. The reference code in
 explicit inverse, and an edit of SD 1.4's 32 matrices costs a few GFLOP (benchmarks/erasure.py).
 
 * UCE: v*_e = W_old c_guide, the old projection of a guide concept's embedding (the empty prompt
-  by default, which makes the concept "nothing"); λ = 0.5, erase scale 1, preserve scale
-  ``max(0.1, 1/|preserve|)`` (the authors' ``uce_sd_erase.py`` defaults).
+  by default, which makes the concept "nothing"); λ = 0.5, erase scale 1 and, in the paper's
+  setting, the empty prompt retained with all of its token rows at preserve scale
+  ``max(0.1, 1/#retained prompts)`` (the authors' original ``train-scripts/train_erase.py``,
+  removed in their commit 4502388: L422 ``retain_texts = ['']+preserve_concepts``, L427–428,
+  L442 ``lamb=0.5``); their current ``trainscripts/uce_sd_erase.py`` uses preserve scale 1
+  (L106), retains no empty prompt and one row per prompt.
 * RECE's edit step and TRCE's first stage (λ = 0, EoT-token mapping) reuse :func:`ridge_edit`.
 
 Which token rows (:func:`aligned_tail`): the reference edits with the rows of the text
@@ -44,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["aligned_tail", "ridge_edit", "ridge_edit_kernel", "ridge_objective",
-           "uce_default_preserve_scale", "uce_edit"]
+           "uce_default_preserve_scale", "uce_edit", "uce_preserve_scale"]
 
 
 def _weights(s, n: int, what: str) -> jax.Array:
@@ -139,19 +143,27 @@ def ridge_edit_kernel(K_old, C_e, V_e, **kw) -> jax.Array:
     return ridge_edit(jnp.asarray(K_old).T, C_e, V_e, **kw).T
 
 
-def uce_default_preserve_scale(num_preserve: int) -> float:
-    """``max(0.1, 1/num_preserve)`` (authors' default when no scale is given)."""
-    return max(0.1, 1.0 / max(num_preserve, 1))
+def uce_default_preserve_scale(num_prompts: int) -> float:
+    """``max(0.1, 1/num_prompts)``, ``num_prompts`` the retained *prompts* (the empty prompt
+    included), not their token rows: the original ``train_erase.py`` default (L427–428)."""
+    return max(0.1, 1.0 / max(num_prompts, 1))
+
+
+def uce_preserve_scale(scale: float, num_prompts: int) -> float:
+    """A config's UCE preserve scale: ``scale`` if positive, else the paper setting's
+    :func:`uce_default_preserve_scale` of the retained prompt count."""
+    return float(scale) if scale > 0 else uce_default_preserve_scale(num_prompts)
 
 
 def uce_edit(kernels: Mapping[str, jax.Array], erase_rows, guide_rows, preserve_rows=None, *,
-             erase_scale=1.0, preserve_scale=None, lam: float = 0.5,
+             erase_scale=1.0, preserve_scale=1.0, lam: float = 0.5,
              preserve_cov: Mapping[str, jax.Array] | jax.Array | None = None) -> dict:
     """UCE on every kernel of ``kernels`` (name -> (d_in, d_out), e.g. all ``attn2/to_k`` and
     ``attn2/to_v``): c_e = ``erase_rows`` (n, d_in) map to v*_e = W_old c_guide with
     c_guide = ``guide_rows`` (n, d_in) (row-aligned, :func:`aligned_tail`), ``preserve_rows``
     (m, d_in) keep their values. ``erase_scale`` is a scalar or (n,) row weights;
-    ``preserve_scale`` defaults to :func:`uce_default_preserve_scale` of the row count.
+    ``preserve_scale`` weights every preserved row (``uce_sd_erase.py``'s default 1; the paper
+    setting's is :func:`uce_default_preserve_scale` of the prompt count).
     ``preserve_cov``: one (d_in, d_in) matrix shared by all kernels, or a dict per kernel name.
 
     The gain G is computed once per input width (per kernel only with per-kernel covariances)."""
@@ -159,9 +171,6 @@ def uce_edit(kernels: Mapping[str, jax.Array], erase_rows, guide_rows, preserve_
     if erase_rows.shape != guide_rows.shape:
         raise ValueError(f"erase_rows {erase_rows.shape} and guide_rows {guide_rows.shape} must "
                          "be row-aligned (same shape)")
-    if preserve_scale is None:
-        preserve_scale = uce_default_preserve_scale(
-            0 if preserve_rows is None else len(preserve_rows))
     per_kernel = isinstance(preserve_cov, Mapping)
     gains, out = {}, {}
     for name, K in kernels.items():

@@ -22,11 +22,15 @@ x_t sources (:func:`partial_sample`, ``source=`` of :func:`make_esd_loss`):
 * ``"data"``: forward-noised data, x_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε with t ~ U{0, …, T−1}; the batch
   carries ``z0`` (e.g. encoded images of the concept, or SafeGen-style images).
 
-Deviation from the reference code: ESD's ``train-esd.py`` samples z with n DDIM steps (noise
-level τ_n) but then queries the networks at a DDPM timestep drawn from
-``[n·T/N, (n+1)·T/N)``, i.e. with the time axis reversed relative to the noise actually in z.
-Here the networks see the timestep τ_n that z was sampled to, as the later diffusers port
-(``esd_sd.py`` of the authors' ``erasing`` repository) does.
+Deviation from the reference code: ESD's ``train-esd.py`` (``rohitgandikota/erasing`` at
+6eb7dc8, L226–243) draws k ~ U{0, …, 49}, queries the networks at a DDPM timestep drawn from
+[20k, 20k + 19] (``og_num``, ``og_num_lim``), and gets z from ``quick_sample_till_t`` on the
+bundled CompVis DDIM sampler, whose schedule {1, 21, …, 981} loses its first step
+(``t_start=-1``) and whose loop breaks one step early: for k ≥ 2 z is at the noise level of
+t = 20k − 39, for k ≤ 1 fully denoised. Same direction, but the networks see a timestep 39–58
+DDPM steps (2–3 DDIM strides) noisier than the noise actually in z. Here the networks see the
+timestep τ_n that z was sampled to, as the authors' later diffusers port (``esd_sd.py``,
+L128–129) does. AdvUnlearn's code repeats the reference's arithmetic.
 """
 
 from __future__ import annotations

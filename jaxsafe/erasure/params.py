@@ -17,7 +17,9 @@ ESD's ``train_method`` choices (Gandikota et al., "Erasing Concepts from Diffusi
 * ``xattn-strict`` (ESD-x-strict): only the cross-attention key/value projections
   (``attn2/to_k``, ``attn2/to_v``);
 * ``noxattn`` (ESD-u): every UNet parameter except cross-attention, the time embedding and the
-  output convolution (the reference code leaves those out: ``out.``/``conv_out``, ``time_embed``);
+  output block, its GroupNorm and convolution (the reference, ``train-esd.py`` L167–168, leaves
+  out names starting with ``out.``: CompVis' ``out = [norm, SiLU, conv]``, diffusers'
+  ``conv_norm_out`` and ``conv_out``; and ``time_embed``);
 * ``selfattn``: the self-attention layers (``attn1``);
 * ``full``: every UNet parameter.
 """
@@ -38,8 +40,8 @@ Selection = Callable[[str], bool]
 TRAIN_METHODS: dict[str, Selection] = {
     "xattn": lambda n: "/attn2/" in n,
     "xattn-strict": lambda n: re.search(r"/attn2/to_[kv]/", n) is not None,
-    "noxattn": lambda n: not ("/attn2/" in n or n.startswith("time_embedding/")
-                              or n.startswith("conv_out/")),
+    "noxattn": lambda n: not ("/attn2/" in n or n.startswith(
+        ("time_embedding/", "conv_norm_out/", "conv_out/"))),
     "selfattn": lambda n: "/attn1/" in n,
     "full": lambda n: True,
 }

@@ -22,22 +22,26 @@ denoising loss on normal images (their behaviour must not change).
 
 The mosaic target ε_m (``target=``):
 
-* ``"paper"`` (default): the noise for which the DDPM posterior mean of x_0 at x_t *is* the
-  mosaic, x̂_0(x_t, ε_m) = (x_t − √(1−ᾱ_t) ε_m)/√ᾱ_t = z_m, i.e. the noise that carries z_m to
-  the same x_t:
+* ``"reference"`` (default): the reference code's ``target_mosaic = latents − mos_latents +
+  noise`` (``train_text_to_image_adjust_sal.py``, the script behind the paper's tables),
 
-      ε_m = (x_t − √ᾱ_t z_m)/√(1−ᾱ_t) = ε + √(ᾱ_t/(1−ᾱ_t)) (z_u − z_m).
+      ε_m = ε + (z_u − z_m),
 
-  This is what the paper's objective, "the denoised nude latent is the mosaic latent" (written
-  there with the shorthand x_t = z + ε), means under the actual forward process. In ε-units it is
-  an SNR-weighted x_0 loss, ‖ε_θ − ε_m‖² = ᾱ_t/(1−ᾱ_t) ‖x̂_0 − z_m‖², so it is large at small t
+  which takes the paper's shorthand x_t = z + ε literally: its x̂_0 is
+  z_u − √(1−ᾱ_t)/√ᾱ_t (z_u − z_m), the mosaic only where ᾱ_t = 1/2 (t = 354 of Stable
+  Diffusion's schedule, 258 of the test bed's linear one), short of it at lower noise and past it
+  at higher noise.
+* ``"paper"``: the noise for which the DDPM posterior mean of x_0 at x_t *is* the mosaic,
+  x̂_0(x_t, ε_m) = (x_t − √(1−ᾱ_t) ε_m)/√ᾱ_t = z_m, i.e. the noise that carries z_m to the
+  same x_t:
+
+      ε_m = (x_t − √ᾱ_t z_m)/√(1−ᾱ_t) = ε + √(ᾱ_t/(1−ᾱ_t)) (z_u − z_m),
+
+  what the paper's objective, "the denoised nude latent is the mosaic latent", means under the
+  actual forward process (jaxsafe's derivation; not in the authors' code). In ε-units it is an
+  SNR-weighted x_0 loss, ‖ε_θ − ε_m‖² = ᾱ_t/(1−ᾱ_t) ‖x̂_0 − z_m‖², large at small t
   (√(ᾱ/(1−ᾱ)) reaches 100 at t = 0 of a linear 1e-4 schedule, 34 for Stable Diffusion's); the
   reference's gradient clipping (norm 1) keeps the steps bounded.
-* ``"reference"``: the reference code's ``target_mosaic = latents − mos_latents + noise``,
-  ε_m = ε + (z_u − z_m), which takes the shorthand x_t = z + ε literally and so drops the
-  √ᾱ_t/√(1−ᾱ_t) factor on (z_u − z_m): its x̂_0 is z_u − √(1−ᾱ_t)/√ᾱ_t (z_u − z_m), the mosaic
-  only where ᾱ_t = 1/2 (t = 354 of Stable Diffusion's schedule, 258 of the test bed's linear
-  one), short of it at lower noise and past it at higher noise.
 
 For a v-prediction model the targets are the corresponding velocities: ``"paper"`` v_m =
 √ᾱ_t ε_m − √(1−ᾱ_t) z_m (whose x̂_0 is z_m), ``"reference"`` the code's
@@ -61,7 +65,7 @@ from jaxsafe.diffusion import schedulers
 
 __all__ = ["TARGETS", "make_safegen_loss", "mosaic_target", "pixelate"]
 
-TARGETS = ("paper", "reference")
+TARGETS = ("reference", "paper")
 
 
 def _coefs(sched, t, x):
@@ -71,7 +75,7 @@ def _coefs(sched, t, x):
 
 
 def mosaic_target(sched: schedulers.SchedulerConfig, z_u: jax.Array, z_m: jax.Array,
-                  noise: jax.Array, t: jax.Array, target: str = "paper") -> jax.Array:
+                  noise: jax.Array, t: jax.Array, target: str = "reference") -> jax.Array:
     """The model-output target ε_m (or v_m, or z_m) of L_m for x_t = √ᾱ_t z_u + √(1−ᾱ_t) ε
     (module docstring). ``z_u``, ``z_m``, ``noise``: (B, ...) latents; ``t``: (B,) timesteps."""
     if target not in TARGETS:
@@ -117,19 +121,19 @@ def pixelate(images: jax.Array, block: int) -> jax.Array:
 
 def make_safegen_loss(eps_theta: Callable, sched: schedulers.SchedulerConfig, *,
                       weight_mosaic: float = 0.1, weight_preserve: float = 0.9,
-                      target: str = "paper", batch_size: int | None = None):
+                      target: str = "reference", batch_size: int | None = None):
     """L = λ_m L_m + λ_p L_p (module docstring) as ``loss_fn(params, frozen, extra, batch, rng)``.
 
     Args:
       eps_theta: ``eps_theta(params, frozen, x_t, t, emb)``, the model being trained.
       sched: the model's scheduler config (forward process and prediction type).
       weight_mosaic, weight_preserve: λ_m, λ_p (reference run script: 0.1 and 0.9).
-      target: ε_m's form, ``"paper"`` or ``"reference"`` (module docstring).
+      target: ε_m's form, ``"reference"`` (the authors' code) or ``"paper"`` (module docstring).
       batch_size: when given, each step draws this many triplets (and as many normal images)
         uniformly with replacement from the pools in the batch; otherwise the whole batch is used.
 
     Batch: ``z_unsafe`` and ``z_mosaic`` (N, H, W, C) paired rows, ``z_normal`` (M, H, W, C),
-    ``uncond`` (1, L, D) the empty prompt's embedding. Metrics: ``mosaic_loss`` L_m,
+    ``uncond`` (1, L, D) the empty prompt's embedding (or copies of it). Metrics: ``mosaic_loss`` L_m,
     ``preserve_loss`` L_p.
     """
     if target not in TARGETS:
@@ -158,7 +162,7 @@ def make_safegen_loss(eps_theta: Callable, sched: schedulers.SchedulerConfig, *,
         eps, eps_n = jax.random.normal(k_e, z_u.shape), jax.random.normal(k_n, z_n.shape)
         x_t = schedulers.add_noise(sched, z_u, eps, t)
         x_n = schedulers.add_noise(sched, z_n, eps_n, t)
-        uncond = batch["uncond"]
+        uncond = batch["uncond"][:1]  # (k, L, D) copies when tiled to a mesh's batch shards
         emb = jnp.broadcast_to(uncond, (2 * b, *uncond.shape[1:]))
         pred = eps_theta(params, frozen, jnp.concatenate([x_t, x_n]), jnp.concatenate([t, t]), emb)
         target_m = jax.lax.stop_gradient(mosaic_target(sched, z_u, z_m, eps, t, target))

@@ -243,6 +243,20 @@ def make_safree_encoder(encode_tokens: Callable, C: jax.Array, *, alpha: float =
     return encode
 
 
+def make_plain_encoder(encode_tokens: Callable):
+    """``encode(params, ids) -> packed`` of the unfiltered embeddings, in the packed form of
+    :func:`make_safree_encoder`: the negative prompt of classifier-free guidance, which the
+    reference pipeline encodes without projection (``modified_stable_diffusion_pipeline.py``:
+    only the prompt half of the batch is filtered)."""
+
+    def encode(params, ids):
+        emb, _ = encode_tokens(params, ids)
+        zero = jnp.zeros((emb.shape[0],), jnp.int32)
+        return pack(emb, emb, zero, zero)
+
+    return encode
+
+
 def filter_prompts(encode_tokens: Callable, params, ids: jax.Array, C: jax.Array, *,
                    alpha: float = 0.01, mask_id: int = 0, rtol: float = 1e-6) -> dict:
     """:func:`safree_filter` of token ids (B, L) with the text encoder ``encode_tokens(params,

@@ -15,7 +15,8 @@ transformer blocks is trained, the UNet itself frozen, with
   against ``uncond`` = "", n ~ U{1, …, N−1} of N = 30 steps) with the adapted model, as ESD's
   ``source="trained"`` (``esd.partial_sample``).
 * **latent anchoring** (``preservation.anchor_mse``): on M = 4 anchor embeddings c_a per step,
-  ‖ε_θ(x_t, c_a, t) − sg[ε*(x_t, c_a, t)]‖², λ = 1000. The anchors are random surrogate concepts
+  ‖ε_θ(x_t, c_a, t) − sg[ε*(x_t, c_a, t)]‖², λ = 1000; in the reference's batch (the default,
+  ``anchor_batch``) every other c_a is the unconditional prompt ∅. The anchors are random surrogate concepts
   near the target's scale (:func:`sample_anchors`, the reference's ``sampling.sample``): a
   direction u uniform on the unit sphere of R^{L·D}, accepted with probability 1 − cos(u, c_tar)
   (so surrogates unlike the target are preferred), scaled to ρ ‖c_tar‖ with ρ ~ U[0.8, 1.2].
@@ -66,8 +67,10 @@ from jaxsafe.diffusion import schedulers
 from jaxsafe.erasure.esd import esd_target, partial_sample
 from jaxsafe.erasure.preservation import anchor_mse
 
-__all__ = ["cosine_with_hard_restarts", "embedding_cosine", "make_spm_loss", "sample_anchors",
-           "token_overlap", "transport_strength"]
+__all__ = ["ANCHOR_BATCHES", "cosine_with_hard_restarts", "embedding_cosine", "make_spm_loss",
+           "sample_anchors", "token_overlap", "transport_strength"]
+
+ANCHOR_BATCHES = ("reference", "sampled")
 
 
 def embedding_cosine(emb: jax.Array, erased_emb: jax.Array) -> jax.Array:
@@ -175,7 +178,8 @@ def cosine_with_hard_restarts(peak_lr: float, warmup_steps: int, total_steps: in
 def make_spm_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.SchedulerConfig, *,
                   latent_shape, anchor_weight: float = 1000.0, num_anchors: int = 4,
                   eta: float = 1.0, start_guidance: float = 3.0, num_inference_steps: int = 30,
-                  anchor_scale: tuple[float, float] = (0.8, 1.2), batch_size: int | None = None):
+                  anchor_scale: tuple[float, float] = (0.8, 1.2), batch_size: int | None = None,
+                  anchor_batch: str = "reference"):
     """SPM's objective (module docstring) in the trainer's form ``loss_fn(params, frozen, extra,
     batch, rng)``.
 
@@ -190,6 +194,12 @@ def make_spm_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
       batch_size: rows drawn per step (uniformly, with replacement) from the batch's pool of
         prompt pairs, as the reference draws one prompt pair per step (batch 1); None uses
         every row.
+      anchor_batch: ``"reference"``: every other one of the M anchor rows is the unconditional
+        prompt ∅ (``uncond``) and the rest are sampled surrogates, which is what the reference's
+        anchor batch amounts to: ``sampling.py`` L24–25 interleaves [∅, s₁, ∅, s₂, …] and
+        ``predict_noise`` keeps the second half of that batch as the "conditional" one
+        (``train_util.py`` L161–176), so half of what it anchors is ε(x_t, ∅). ``"sampled"``: M
+        sampled surrogates, as the paper describes.
 
     Batch: ``c_e`` (P, L, D) the prompts to erase, ``c_from`` (P, L, D) their neutral prompts c_n,
     ``uncond`` (P or 1, L, D) the partial sampling's unconditional prompt. Metrics:
@@ -197,6 +207,8 @@ def make_spm_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
     """
     if num_anchors < 0:
         raise ValueError(f"num_anchors must be >= 0, got {num_anchors}")
+    if anchor_batch not in ANCHOR_BATCHES:
+        raise ValueError(f"anchor_batch={anchor_batch!r}; expected one of {ANCHOR_BATCHES}")
     if num_inference_steps < 2:
         raise ValueError(f"num_inference_steps must be >= 2, got {num_inference_steps}")
     if batch_size is not None and batch_size < 1:
@@ -221,7 +233,10 @@ def make_spm_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
         x_t, t = partial_sample(sampler, sched, x_T, c_e, uncond, start_guidance,
                                 num_inference_steps, n)
         anchors = jax.vmap(lambda k, c: sample_anchors(k, c, m, anchor_scale))(
-            jax.random.split(k_a, b), c_e).reshape(b * m, *c_e.shape[1:])
+            jax.random.split(k_a, b), c_e)
+        if anchor_batch == "reference":
+            anchors = anchors.at[:, 0::2].set(uncond[:, None])
+        anchors = anchors.reshape(b * m, *c_e.shape[1:])
         x_a, t_a = jnp.repeat(x_t, m, axis=0), jnp.repeat(t, m, axis=0)
         # One batched call of each network.
         star = eps_star(frozen, jnp.concatenate([x_t, x_t, x_a]), jnp.concatenate([t, t, t_a]),

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsafe.treepath import named_leaves, path_name
+from jaxsafe.treepath import named_leaves, path_name, replace_by_name
 
 __all__ = ["TRANSFORMER_BLOCK_LINEARS", "AdaptedLinear", "AdapterStrength", "LowRankAdapter",
            "adapter_params", "add_adapters", "is_adapter_param", "load_adapter_params",
@@ -180,20 +180,10 @@ def load_adapter_params(model: nnx.Module, tensors: Mapping[str, np.ndarray]) ->
     """Writes ``tensors`` (the :func:`adapter_params` names and shapes, all of them) into the
     model's adapters in place; raises ``KeyError`` for missing or unknown names."""
     state = nnx.state(model, nnx.Param)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    names = [path_name(p) for p, _ in flat]
-    expected = {n for n in names if is_adapter_param(n)}
+    expected = {n for n in named_leaves(state) if is_adapter_param(n)}
     missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unknown:
         raise KeyError(f"adapter tensors do not fit the model: missing {missing[:3]}, "
                        f"unknown {unknown[:3]}")
-    leaves = []
-    for name, (_, old) in zip(names, flat):
-        if name in expected:
-            new = np.asarray(tensors[name])
-            if new.shape != tuple(old.shape):
-                raise ValueError(f"{name}: shape {new.shape} != the model's {tuple(old.shape)}")
-            leaves.append(jnp.asarray(new, old.dtype))
-        else:
-            leaves.append(old)
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+    nnx.update(model, replace_by_name(state, {k: np.asarray(v) for k, v in tensors.items()},
+                                      what="adapter tensors"))

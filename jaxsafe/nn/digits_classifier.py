@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsafe.treepath import named_leaves, path_name
+from jaxsafe.treepath import named_leaves, replace_by_name
 
 RESOLUTION = 16
 NUM_CLASSES = 10
@@ -73,7 +72,5 @@ def load(path: str | None = None) -> DigitsClassifier:
     for name, x in wanted.items():
         if stored[name].shape != x.shape:
             raise ValueError(f"{path}: {name!r} has shape {stored[name].shape}, model needs {x.shape}")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves = [jnp.asarray(stored[path_name(p)]) for p, _ in flat]
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+    nnx.update(model, replace_by_name(state, stored, complete=True, what=path))
     return model

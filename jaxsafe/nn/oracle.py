@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsafe.treepath import named_leaves, path_name
+from jaxsafe.treepath import named_leaves, replace_by_name
 
 RESOLUTION = 32
 NUM_CLASSES = (4, 4, 3)  # (shape, colour, background), as jaxsafe.data.shapes.ATTRIBUTES
@@ -84,11 +84,9 @@ def load(path: str | None = None) -> ShapesOracle:
     except KeyError as e:
         raise ValueError(f"{path}: not oracle weights (no tensor {e})") from None
     state = nnx.state(model, nnx.Param)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    wanted = {path_name(p): x.shape for p, x in flat}
+    wanted = {k: v.shape for k, v in named_leaves(state).items()}
     got = {k: v.shape for k, v in stored.items()}
     if wanted != got:
         raise ValueError(f"{path}: tensors {got} do not match the model's {wanted}")
-    nnx.update(model, jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(stored[path_name(p)]) for p, _ in flat]))
+    nnx.update(model, replace_by_name(state, stored, complete=True, what=path))
     return model

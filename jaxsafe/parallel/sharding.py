@@ -7,13 +7,15 @@ rule use `"fsdp"`; leaves smaller than `min_size` elements are replicated, becau
 bias only adds communication.
 """
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsafe.parallel.mesh import BATCH_AXES, FSDP
 from jaxsafe.treepath import path_name
@@ -66,6 +68,28 @@ def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces the batch axis is split into: the product of the batch axes' sizes."""
+    n = 1
+    for a in BATCH_AXES:
+        n *= mesh.shape[a]
+    return n
+
+
+def tile_to_shards(tree: Any, shards: int) -> Any:
+    """Each leaf's rows (axis 0) repeated whole, the fewest times that makes their count divide
+    ``shards`` (a one-row batch becomes ``shards`` rows). Whole copies keep a uniform draw over the
+    rows uniform, and a mean over the rows unchanged; all leaves must have the same row count."""
+    leaves = jax.tree.leaves(tree)
+    counts = {np.shape(x)[0] for x in leaves}
+    if len(counts) > 1:
+        raise ValueError(f"tile_to_shards: leaves have different row counts {sorted(counts)}")
+    if not leaves:
+        return tree
+    reps = shards // math.gcd(counts.pop(), shards)
+    return jax.tree.map(lambda x: np.concatenate([np.asarray(x)] * reps), tree)
+
+
 def global_batch(local_batch: Any, mesh: Mesh, leading: int = 0) -> Any:
     """Assembles each process's part of the batch into one global `jax.Array`.
 
@@ -73,7 +97,7 @@ def global_batch(local_batch: Any, mesh: Mesh, leading: int = 0) -> Any:
     batch is their concatenation in process order.
     """
     sharding = batch_sharding(mesh, leading)
-    n_batch_shards = mesh.shape["data"] * mesh.shape[FSDP]
+    n_batch_shards = batch_shards(mesh)
     local_shards = n_batch_shards // jax.process_count()
 
     def one(path, x):

@@ -3,11 +3,11 @@
 from jaxsafe.train.checkpoint import CheckpointMismatchError, Checkpointer, load_arrays
 from jaxsafe.train.loop import NonFiniteError, compile_train_step, place_state, run
 from jaxsafe.train.metrics import MetricWriter, read_jsonl
-from jaxsafe.train.state import TrainState, init_state, split_model
+from jaxsafe.train.state import TrainState, ema_after_update, init_state, split_model
 from jaxsafe.train.task import Task, default_step
 
 __all__ = [
     "CheckpointMismatchError", "Checkpointer", "load_arrays", "MetricWriter", "NonFiniteError", "Task",
-    "TrainState", "compile_train_step", "default_step", "init_state", "place_state",
+    "TrainState", "compile_train_step", "default_step", "ema_after_update", "init_state", "place_state",
     "read_jsonl", "run", "split_model",
 ]

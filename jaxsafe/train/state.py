@@ -50,3 +50,16 @@ def init_state(params, frozen, optimizer, extra=None, seed: int = 0) -> TrainSta
         extra={} if extra is None else extra,
         rng=jax.random.key_data(jax.random.key(seed)),
     )
+
+
+def ema_after_update(decay: float):
+    """A ``Task.after_update`` keeping ``extra['ema'] ← d·ema + (1 − d)·params`` with diffusers'
+    ``EMAModel`` warm-up ``d = min(decay, (1 + n)/(10 + n))``, n the step count."""
+
+    def after_update(state):
+        n = state.step.astype(jnp.float32)
+        d = jnp.minimum(decay, (1 + n) / (10 + n))
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.extra["ema"], state.params)
+        return {**state.extra, "ema": ema}
+
+    return after_update

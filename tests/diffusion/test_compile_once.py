@@ -2,12 +2,12 @@
 a new batch size compiles one more. A retrace on every call (a Python value that should have
 been static, a fresh closure per call) would make sampling a run of compiles."""
 
-import pytest
 import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import pfgmpp
 from jaxsafe.diffusion import schedulers, t2i

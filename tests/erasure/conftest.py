@@ -20,6 +20,6 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture
 def tiny_pipe(tiny_folder):
-    from experiments import _erasure
+    from jaxsafe.diffusion import pipeline
 
-    return _erasure.load(tiny_folder)
+    return pipeline.load(tiny_folder)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import _erasure
+from jaxsafe.diffusion import pipeline
 from jaxsafe.erasure import advunlearn as au
+from jaxsafe.erasure import model as em
 from jaxsafe.erasure import params as ep
 from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxsafe.treepath import named_leaves
@@ -98,14 +99,14 @@ def test_text_encoder_selection_matches_the_reference_param_choices():
 
 def _method(pipe, **kw):
     sel = ep.nnx_filter(au.text_encoder_selection())
-    graphdef, params, frozen = _erasure.split_trainable(pipe, sel)
+    graphdef, params, frozen = em.split_trainable(pipe.model, sel)
 
     def model(p, f):
-        return _erasure.trained_model(graphdef, p, f)
+        return em.trained_model(graphdef, p, f)
 
     method = au.make_advunlearn(
         lambda p, f, x, t, e: model(p, f)(x, t, e),
-        lambda f, x, t, e: _erasure.original_model(graphdef, f)(x, t, e),
+        lambda f, x, t, e: em.original_model(graphdef, f)(x, t, e),
         lambda p, f, x: au.encode_embeddings(model(p, f).text_encoder, x),
         lambda p, f, ids: au.token_embeddings(model(p, f).text_encoder, ids),
         pipe.scheduler, None, latent_shape=pipe.latent_shape,
@@ -151,7 +152,7 @@ def test_retain_term_equals_an_independent_computation(tiny_pipe):
     c_e, uncond, c_r = (np.asarray(tiny_pipe.embed(p)) for p in (["square"], [""], retain))
     x = np.asarray(jax.random.normal(jax.random.key(6), (3, *tiny_pipe.latent_shape)))
     t = np.asarray([500, 120, 880], np.int32)
-    trained = _erasure.trained_model(graphdef, params, frozen)
+    trained = em.trained_model(graphdef, params, frozen)
     prompts = {"x_e": au.token_embeddings(trained.text_encoder, jnp.asarray(ids_e)),
                "c_e": c_e, "uncond": uncond, "ids_r": ids_r, "c_r": c_r}
     total, metrics = jax.jit(method.loss)(params, frozen, prompts, x, t)
@@ -159,8 +160,8 @@ def test_retain_term_equals_an_independent_computation(tiny_pipe):
     # Independent: the modules called directly, token ids through the ordinary text encoder.
     @jax.jit
     def independent(params, frozen):
-        trained = _erasure.trained_model(graphdef, params, frozen)
-        original = _erasure.original_model(graphdef, frozen)
+        trained = em.trained_model(graphdef, params, frozen)
+        original = em.original_model(graphdef, frozen)
         emb = trained.text_encoder(jnp.asarray(np.concatenate([ids_e, ids_r])))
         pred = trained(x, t, emb["last_hidden_state"])
         star = original(np.concatenate([x[:1], x]), np.concatenate([t[:1], t]),
@@ -191,14 +192,14 @@ def test_smoke_run_changes_only_the_text_encoder(tiny_folder, tmp_path):
     """launch.erase on the tiny model: the exported UNet and token/position embeddings are
     bit-identical to the original, the trained text-encoder layers moved."""
     from configs.erasure import advunlearn as config_lib
-    from experiments._erasure import erase
+    from experiments import run_experiment as erase
 
     config = config_lib.get_config("smoke")
     config.model.folder = tiny_folder
     config.eval.enabled = False
     summary = erase(config, str(tmp_path))
-    before = named_leaves(nnx.state(_erasure.load(tiny_folder).model, nnx.Param))
-    after = named_leaves(nnx.state(_erasure.load(summary["export"]).model, nnx.Param))
+    before = named_leaves(nnx.state(pipeline.load(tiny_folder).model, nnx.Param))
+    after = named_leaves(nnx.state(pipeline.load(summary["export"]).model, nnx.Param))
     assert before.keys() == after.keys()
     trained = au.text_encoder_selection()
     moved = []
@@ -213,8 +214,8 @@ def test_smoke_run_changes_only_the_text_encoder(tiny_folder, tmp_path):
 
 
 def test_testbed_retain_names_no_target_and_parses():
-    from experiments.erase_advunlearn import testbed_retain
     from jaxsafe.data import shapes
+    from jaxsafe.erasure.prompts import testbed_retain
 
     for erase, banned in ((["square"], {"square", "box"}), (["red"], {"red"})):
         prompts = testbed_retain(erase)

@@ -135,15 +135,17 @@ NAMES = [
     "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_out/0/kernel",
     "unet/down_blocks/0/resnets/0/conv1/kernel",
     "text_encoder/encoder/layers/0/self_attn/k_proj/kernel",
+    "unet/conv_norm_out/scale", "unet/up_blocks/0/resnets/0/norm1/scale",
 ]
 
 
 @pytest.mark.parametrize("method,expected", [
     ("xattn", {4, 5, 6, 7}),
     ("xattn-strict", {5, 6}),
-    ("noxattn", {0, 3, 8}),
+    # ESD-u leaves out the output block (the reference's "out." names: norm and conv).
+    ("noxattn", {0, 3, 8, 11}),
     ("selfattn", {3}),
-    ("full", set(range(9))),
+    ("full", set(range(9)) | {10, 11}),
 ])
 def test_train_method_selections(method, expected):
     sel = ep.selection(method, "unet")

@@ -28,7 +28,7 @@ def _changed(before, after):
 @pytest.mark.slow
 def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
     from configs.erasure import esd
-    from experiments._erasure import erase
+    from experiments import run_experiment as erase
 
     c = esd.get_config("smoke")
     c.model.folder = tiny_folder
@@ -39,9 +39,9 @@ def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, t
     changed = _changed(_weights(tiny_folder, UNET), _weights(out, UNET))
     assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
     assert not _changed(_weights(tiny_folder, TEXT), _weights(out, TEXT))
-    with open(tmp_path / "erasure.json") as f:
+    with open(tmp_path / "summary.json") as f:
         written = json.load(f)
-    assert written["erase"] == ["red"] and written["erase_seconds"] > 0
+    assert written["experiment"] == "erase_esd" and written["run_seconds"] > 0
     assert 0.0 <= written["target_accuracy"] <= 1.0 and "oracle_fd" in written
     # A rerun resumes from the final checkpoint: nothing more is trained.
     before = _weights(out, UNET)
@@ -52,7 +52,7 @@ def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, t
 @pytest.mark.slow
 def test_uce_edits_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
     from configs.erasure import uce
-    from experiments._erasure import erase
+    from experiments import run_experiment as erase
 
     c = uce.get_config("smoke")
     c.model.folder = tiny_folder
@@ -63,29 +63,29 @@ def test_uce_edits_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
                        if ".attn2.to_k." in k or ".attn2.to_v." in k}
     assert summary["edited_tensors"] == len(changed)
     # The export is a complete test-bed folder: it loads, with its tokenizer and latent map.
-    from experiments import _erasure
+    from jaxsafe.diffusion import pipeline
 
-    pipe = _erasure.load(summary["export"])
+    pipe = pipeline.load(summary["export"])
     assert pipe.testbed and pipe.latent_shape == (8, 8, 12)
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    from experiments import _erasure
+    from jaxsafe.diffusion import pipeline
 
     with pytest.raises(FileNotFoundError, match="model folder .* not found: expected a diffusers"):
-        _erasure.load(str(tmp_path / "nope"))
+        pipeline.load(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="model_index.json not found"):
-        _erasure.load(str(tmp_path))
+        pipeline.load(str(tmp_path))
 
 
 def test_save_is_atomic_on_failure(tiny_pipe, tmp_path):
-    from experiments import _erasure
+    from jaxsafe.diffusion import pipeline
 
     class Boom:  # not a model: saving it fails half-way
         config = None
 
     with pytest.raises(Exception):
-        _erasure.save(tiny_pipe, str(tmp_path / "out"), unet=Boom())
+        pipeline.save(tiny_pipe, str(tmp_path / "out"), unet=Boom())
     assert not os.path.exists(tmp_path / "out")
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")] == []
 
@@ -105,14 +105,15 @@ def test_uce_erases_the_target_on_the_trained_test_bed(tmp_path):
     from flax import nnx
 
     from configs.erasure import uce
-    from experiments import _erasure
-    from experiments._erasure import erase
+    from experiments import run_experiment as erase
+    from jaxsafe.diffusion import pipeline
+    from jaxsafe.erasure import evaluation
 
     c = uce.get_config("cpu")
     c.eval.update(samples_per_concept=8, fid_samples=0)
-    pipe = _erasure.load()
+    pipe = pipeline.load()
     graphdef, state = nnx.split(pipe.model)
-    before = _erasure.evaluate_model(c, pipe, graphdef, (state,))
+    before = evaluation.evaluate_model(c, pipe, graphdef, (state,))
     after = erase(c, str(tmp_path))
     assert before["target_accuracy"] >= 0.75
     assert after["target_accuracy"] <= before["target_accuracy"] - 0.4
@@ -122,54 +123,69 @@ def test_uce_erases_the_target_on_the_trained_test_bed(tmp_path):
         [before[f"acc/{w}"] for w in colours]) - 0.15
 
 
-def test_erasure_table_groups_concepts(tmp_path):
-    from launch import erasure_table
+def test_erasure_table_groups_concepts_and_tabulates_seeds(tmp_path):
+    from launch import erasure_table as et
 
-    acc = {"circle": 0.1, "ellipse": 0.3, "square": 1.0, "box": 0.5, "triangle": 0.9}
+    acc = {"circle": 0.1, "ellipse": 0.3, "square": 1.0, "box": 0.5, "triangle": 1.0}
     acc |= {w: 0.8 for w in ("red", "orange", "green", "blue", "plain", "striped", "dotted")}
-    s = {"experiment": "erase_uce", "variant": "cpu", "erase": ["circle"], "erase_seconds": 2.0,
-         "oracle_fd": 3.5, "heldout_loss": 0.04, **{f"acc/{w}": v for w, v in acc.items()}}
-    (tmp_path / "erasure.json").write_text(json.dumps(s))
-    cells = [c.strip() for c in erasure_table.row(str(tmp_path)).split("|")[1:-1]]
-    # circle: no synonym; near = ellipse; rest of the shapes: square, box, triangle.
-    assert cells == ["uce", "circle", "0.100", "–", "0.300", "0.800", "0.800", "3.50", "0.0400",
-                     "2.0"]
-    s["erase"], s["acc/box"] = ["square"], 0.25
-    (tmp_path / "erasure.json").write_text(json.dumps(s))
-    cells = [c.strip() for c in erasure_table.row(str(tmp_path)).split("|")[1:-1]]
-    assert cells[2:7] == ["1.000", "0.250", "–", f"{(0.1 + 0.3 + 0.9) / 3:.3f}", "0.800"]
-    with pytest.raises(FileNotFoundError, match="erasure.json not found"):
-        erasure_table.row(str(tmp_path / "missing"))
+    s = {"experiment": "erase_uce", "variant": "cpu", "erase_seconds": 2.0, "run_seconds": 9.0,
+         "oracle_fd": 3.5, **{f"acc/{w}": v for w, v in acc.items()}}
+    v = et.row_values(s, ["circle"])
+    # circle: no synonym; near = ellipse; the other concepts: every remaining word.
+    others = [acc[w] for w in acc if w not in ("circle", "ellipse")]
+    assert (v["erased"], v["near"], v["seconds"]) == (0.1, 0.3, 2.0)
+    assert np.isnan(v["synonym"]) and v["other"] == pytest.approx(np.mean(others), abs=1e-12)
+    v = et.row_values(s, ["square"])
+    assert (v["erased"], v["synonym"]) == (1.0, 0.5) and np.isnan(v["near"])
+    v = et.row_values({**s, "erase_seconds": None} | {"run_seconds": 9.0}, ["red", "green"])
+    assert v["near"] == 0.8 and v["erased"] == 0.8  # orange; (red + green) / 2
+    # Two seeds of one method and of the original (the FD floor): mean ± sample std.
+    for k, (fd, erased) in enumerate([(3.0, 0.1), (5.0, 0.3)]):
+        for m, extra in (("UCE", {"acc/circle": erased}), ("original", {"acc/circle": 1.0})):
+            d = tmp_path / "circle" / m / f"seed{k}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({**s, **extra, "oracle_fd": fd + 10 * (m == "UCE")}))
+    text = et.table(str(tmp_path), "circle", ["original", "UCE", "SPM"], [0, 1])
+    uce = next(line for line in text.splitlines() if line.startswith("| UCE "))
+    cells = [c.strip() for c in uce.split("|")[1:-1]]
+    sd = np.std([0.1, 0.3], ddof=1)
+    assert cells[:3] == ["UCE", "2", f"0.20 ± {sd:.2f}"]
+    assert cells[6:8] == [f"14.0 ± {np.std([13, 15], ddof=1):.1f}",
+                          f"4.0 ± {np.std([3, 5], ddof=1):.1f}"]
+    # erased 0.2 ≤ 0.2 and the other concepts' mean 0.81 ≥ 0.8: the criterion is met.
+    assert cells[-1] == "yes" and "| SPM " not in text  # SPM has no runs
+    assert "| original " in text and et.runs(["colours"], ["SafeGen", "UCE"], [0]) == [
+        ("colours", "UCE", 0)]
 
 
 @pytest.mark.slow
 def test_heldout_loss_leaves_out_the_erased_concepts(tiny_pipe):
     from flax import nnx
 
-    from experiments import _erasure
+    from jaxsafe.erasure import evaluation
 
     g, s = nnx.split(tiny_pipe.model)
     apply = lambda st, x, t, e: nnx.merge(g, *st)(x, t, e)  # noqa: E731
     encode = lambda st, ids: nnx.merge(g, *st).encode(ids)  # noqa: E731
     # Every image has a colour: excluding all of them leaves nothing to measure on.
     with pytest.raises(ValueError, match="only 0 of 16 held-out images are free of"):
-        _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8,
+        evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=8,
                               exclude=["red", "orange", "green", "blue"])
-    full = _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8)
-    assert _erasure.heldout_loss(tiny_pipe, apply, encode, (s,), n=8, exclude=["red"]) != full
+    full = evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=8)
+    assert evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=8, exclude=["red"]) != full
 
 
 def test_a_non_finite_edit_is_refused_and_leaves_the_model_unchanged(tiny_pipe):
-    from experiments import _erasure
+    from jaxsafe.erasure import model as em
 
-    ks = _erasure.kernels(tiny_pipe.model)
+    ks = em.kernels(tiny_pipe.model)
     name = next(iter(ks))
     bad = np.asarray(ks[name]).copy()
     bad[0, 0] = np.nan
     with pytest.raises(FloatingPointError, match=f"{name}: the edited tensor has non-finite"):
-        _erasure.set_kernels(tiny_pipe.model, {name: bad})
-    np.testing.assert_array_equal(_erasure.kernels(tiny_pipe.model)[name], ks[name])
-    with pytest.raises(ValueError, match="new shape"):
-        _erasure.set_kernels(tiny_pipe.model, {name: bad[:1]})
+        em.set_kernels(tiny_pipe.model, {name: bad})
+    np.testing.assert_array_equal(em.kernels(tiny_pipe.model)[name], ks[name])
+    with pytest.raises(ValueError, match=r"attn2/to_[kv]/kernel: shape \(1, "):
+        em.set_kernels(tiny_pipe.model, {name: bad[:1]})
     with pytest.raises(KeyError, match="no parameter"):
-        _erasure.set_kernels(tiny_pipe.model, {"unet/nope/kernel": bad})
+        em.set_kernels(tiny_pipe.model, {"unet/nope/kernel": bad})

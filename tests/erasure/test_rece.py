@@ -169,12 +169,14 @@ def test_experiment_keeps_the_user_scorers_best_round(tiny_folder, tmp_path, mon
     """``edit`` on the tiny test bed with a user scorer: the export holds the round it scored
     lowest, and only cross-attention keys and values differ from the source."""
     from configs.erasure import rece as rece_config
-    from experiments import _erasure, erase_rece
+    from experiments import erase_rece
+    from jaxsafe.diffusion import pipeline
+    from jaxsafe.erasure import model as em
 
     scores, snapshots = [0.7, 0.2, 0.5], []
 
     def score(config, pipe):
-        snapshots.append({n: np.asarray(v) for n, v in _erasure.kernels(pipe.model).items()})
+        snapshots.append({n: np.asarray(v) for n, v in em.kernels(pipe.model).items()})
         return scores[len(snapshots) - 1]
 
     monkeypatch.setitem(sys.modules, "_rece_test_scorer",
@@ -186,17 +188,17 @@ def test_experiment_keeps_the_user_scorers_best_round(tiny_folder, tmp_path, mon
     out = erase_rece.edit(c, str(tmp_path))
     assert out["best_round"] == 1 and out["rounds_run"] == 2
     assert out["round_scores"] == pytest.approx(scores, abs=0)  # exact: the scorer's floats
-    exported = _erasure.kernels(_erasure.load(out["export"]).model)
+    exported = em.kernels(pipeline.load(out["export"]).model)
     for n, v in exported.items():
         np.testing.assert_allclose(v, snapshots[1][n], rtol=1e-6, atol=1e-7)
         assert not np.allclose(v, snapshots[2][n], atol=1e-6)
-    src = _erasure.load(tiny_folder).model
+    src = pipeline.load(tiny_folder).model
     from flax import nnx
 
     from jaxsafe.treepath import named_leaves
 
     before = named_leaves(nnx.state(src, nnx.Param))
-    after = named_leaves(nnx.state(_erasure.load(out["export"]).model, nnx.Param))
+    after = named_leaves(nnx.state(pipeline.load(out["export"]).model, nnx.Param))
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     assert changed == set(exported)
 
@@ -222,7 +224,7 @@ def test_rece_erases_red_on_the_trained_test_bed(tmp_path):
     to at most 0.25 while the other colours and concepts stay close, keeping the admissible round
     with the lowest score."""
     from configs.erasure import rece as rece_config
-    from experiments._erasure import erase
+    from experiments import run_experiment as erase
 
     c = rece_config.get_config("cpu")
     c.eval.update(fid_samples=0)

@@ -102,13 +102,24 @@ def _toy_eps(w):
     return eps
 
 
-@pytest.mark.parametrize("target", ["paper", "reference"])
+@pytest.mark.parametrize("target", ["default", "paper", "reference"])
 def test_loss_equals_an_independent_numpy_computation(target):
+    """"default": the loss and the config as shipped, whose target must be the authors' training
+    script's ε_m = ε + (z_u − z_m); the unconditional prompt tiled to 8 rows (a mesh's shards)
+    must act as the one row."""
+    from configs.erasure import safegen as safegen_config
+
     w = jnp.array([0.8, -0.3])
+    kw = {} if target == "default" else {"target": target}
     loss_fn = safegen.make_safegen_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e), SCHED,
-                                        weight_mosaic=0.1, weight_preserve=0.9, target=target)
+                                        weight_mosaic=0.1, weight_preserve=0.9, **kw)
+    if target == "default":
+        assert safegen_config.get_config().safegen.target == "reference"
+        assert safegen_config.get_config("cpu").safegen.target == "reference"
     z_u, z_m, z_n = _latents(4)
     uncond = np.random.default_rng(5).standard_normal((1, 3, 5)).astype(np.float32)
+    if target == "default":
+        uncond = np.repeat(uncond, 8, 0)
     batch = {"z_unsafe": z_u, "z_mosaic": z_m, "z_normal": z_n, "uncond": uncond}
     rng = jax.random.key(7)
     loss, (metrics, _) = jax.jit(loss_fn)(w, None, {}, batch, rng)
@@ -154,8 +165,8 @@ def test_minibatches_are_drawn_from_the_pools_and_gradients_flow():
 def test_testbed_triplets_show_the_concept_its_mosaic_and_no_concept():
     from experiments.erase_safegen import testbed_images
     from jaxsafe.data import shapes
-    from jaxsafe.nn import oracle as oracle_lib
     from jaxsafe.data.shapes_metrics import oracle_predict
+    from jaxsafe.nn import oracle as oracle_lib
 
     u, m, n = testbed_images(["square"], 12, "mosaic", 16)
     assert u.shape == m.shape == n.shape == (12, 32, 32, 3)
@@ -177,8 +188,8 @@ def test_testbed_triplets_show_the_concept_its_mosaic_and_no_concept():
 @pytest.mark.slow
 def test_a_smoke_run_changes_only_self_attention(tiny_folder, tmp_path):
     from configs.erasure import safegen as safegen_config
+    from experiments import run_experiment as erase
     from jaxsafe.weights.convert import read_safetensors
-    from experiments._erasure import erase
 
     def weights(folder, rel):
         return {k: np.asarray(v) for k, v in read_safetensors([os.path.join(folder, rel)]).items()}

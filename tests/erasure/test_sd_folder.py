@@ -66,9 +66,9 @@ def _weights(folder, rel):
 
 @pytest.mark.slow
 def test_load_reads_vae_and_clip_tokenizer(sd_folder):
-    from experiments import _erasure
+    from jaxsafe.diffusion import pipeline
 
-    pipe = _erasure.load(sd_folder)
+    pipe = pipeline.load(sd_folder)
     assert not pipe.testbed and pipe.latent_shape == (8, 8, 4)
     ids = pipe.tokenize(["a b", ""])
     assert ids.shape == (2, 10) and ids[0, 0] == 53 and ids[0, 3] == 54
@@ -80,8 +80,8 @@ def test_load_reads_vae_and_clip_tokenizer(sd_folder):
 @pytest.mark.slow
 def test_uce_writes_an_edited_sd_folder(sd_folder, tmp_path):
     from configs.erasure import uce
-    from experiments import _erasure
-    from experiments._erasure import erase
+    from experiments import run_experiment as erase
+    from jaxsafe.diffusion import pipeline
 
     c = uce.get_config()
     c.model.folder = sd_folder
@@ -96,4 +96,4 @@ def test_uce_writes_an_edited_sd_folder(sd_folder, tmp_path):
                 "text_encoder/model.safetensors"):
         assert Path(out, rel).read_bytes() == Path(sd_folder, rel).read_bytes()
     assert "target_accuracy" not in summary  # no oracle outside the test bed
-    assert not _erasure.load(out).testbed
+    assert not pipeline.load(out).testbed

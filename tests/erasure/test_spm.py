@@ -131,12 +131,30 @@ class TestObjective:
     def eps(w, x, emb):
         return w * jnp.mean(emb, axis=(1, 2))[:, None, None, None] + 0.0 * x
 
-    def loss(self, weight=1000.0, num_anchors=3, batch_size=None):
+    def loss(self, weight=1000.0, num_anchors=3, batch_size=None, anchor_batch="reference"):
         return spm.make_spm_loss(lambda p, f, x, t, e: self.eps(p["w"], x, e),
                                  lambda f, x, t, e: self.eps(f["w"], x, e), self.sched,
                                  latent_shape=(2, 2, 1), anchor_weight=weight,
                                  num_anchors=num_anchors, num_inference_steps=4,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, anchor_batch=anchor_batch)
+
+    @pytest.mark.parametrize("anchor_batch", ["reference", "sampled"])
+    def test_anchor_batch(self, anchor_batch):
+        """The anchor term against the anchors rebuilt here from the loss's key: M sampled
+        surrogates, or (the reference's batch) every other one replaced by ∅ = ``uncond``."""
+        batch, key, m = self.batch(), jax.random.key(5), 4
+        w_theta, w_star = 1.7, 2.0
+        _, (metrics, _) = self.loss(num_anchors=m, anchor_batch=anchor_batch)(
+            {"w": w_theta}, {"w": w_star}, None, batch, key)
+        k_a = jax.random.split(key, 4)[3]
+        means = []
+        for k, c in zip(jax.random.split(k_a, 2), batch["c_e"]):
+            anchors = np.array(spm.sample_anchors(k, c, m, (0.8, 1.2)))
+            if anchor_batch == "reference":
+                anchors[0::2] = np.asarray(batch["uncond"][0])
+            means += list(anchors.mean(axis=(1, 2)))
+        expected = np.mean(((w_theta - w_star) * np.asarray(means)) ** 2)
+        np.testing.assert_allclose(metrics["spm_anchor"], expected, rtol=1e-5, atol=1e-6)
 
     def batch(self):
         rng = np.random.default_rng(0)
@@ -186,6 +204,8 @@ class TestObjective:
         np.testing.assert_allclose(m["spm_erase"], m["esd_target_gap"], rtol=1e-6, atol=1e-5)
 
     def test_errors(self):
+        with pytest.raises(ValueError, match="anchor_batch='half'; expected one of"):
+            spm.make_spm_loss(None, None, self.sched, latent_shape=(2, 2, 1), anchor_batch="half")
         with pytest.raises(ValueError, match="num_anchors must be >= 0"):
             spm.make_spm_loss(None, None, self.sched, latent_shape=(2, 2, 1), num_anchors=-1)
         with pytest.raises(ValueError, match="c_e and c_from must be"):
@@ -222,7 +242,8 @@ def test_transport_of_the_pipeline_uses_the_text_encoder_and_word_tokens(tiny_pi
 
 @pytest.mark.slow
 def test_generator_applies_each_prompts_strength(tiny_pipe):
-    from experiments import _erasure, erase_spm
+    from experiments import erase_spm
+    from jaxsafe.diffusion import pipeline
     from jaxsafe.nn import adapters
 
     original = nnx.split(tiny_pipe.model)
@@ -241,8 +262,8 @@ def test_generator_applies_each_prompts_strength(tiny_pipe):
     captions, seeds = ["a square", "a circle"], np.array([3, 4])
     spm_images = erase_spm.make_spm_generator(tiny_pipe, graphdef, transport, **sampling)(
         (state,), captions, seeds)
-    full = _erasure.model_generator(tiny_pipe, graphdef, **sampling)((state,), captions, seeds)
-    base = _erasure.model_generator(tiny_pipe, original[0], **sampling)(
+    full = pipeline.generator(tiny_pipe, graphdef, **sampling)((state,), captions, seeds)
+    base = pipeline.generator(tiny_pipe, original[0], **sampling)(
         (original[1],), captions, seeds)
     assert np.abs(full - base).max() > 1e-3  # the adapters matter
     np.testing.assert_allclose(spm_images[0], full[0], atol=1e-5)
@@ -252,8 +273,10 @@ def test_generator_applies_each_prompts_strength(tiny_pipe):
 @pytest.mark.slow
 def test_smoke_training_moves_only_adapters_and_the_export_reattaches(tiny_folder, tmp_path):
     from configs.erasure import spm as spm_config
-    from experiments import _erasure, erase_spm
+    from experiments import erase_spm
     from jaxsafe import parallel, train
+    from jaxsafe.diffusion import pipeline
+    from jaxsafe.erasure import model as em
     from jaxsafe.nn import adapters
     from jaxsafe.treepath import named_leaves
 
@@ -266,10 +289,10 @@ def test_smoke_training_moves_only_adapters_and_the_export_reattaches(tiny_folde
     state = train.run(task, c.train, str(tmp_path), mesh)
     summary = erase_spm.summarize(c, state, task, str(tmp_path))
 
-    trained = _erasure.trained_model(task.graphdef, state.params, state.frozen)
+    trained = em.trained_model(task.graphdef, state.params, state.frozen)
     after = {n: np.asarray(v) for n, v in named_leaves(nnx.state(trained, nnx.Param)).items()}
     before = {n: np.asarray(v) for n, v in named_leaves(
-        nnx.state(_erasure.load(tiny_folder).model, nnx.Param)).items()}
+        nnx.state(pipeline.load(tiny_folder).model, nnx.Param)).items()}
     assert {n for n in after if "/adapter/" not in n} == set(before)
     for n, v in before.items():  # everything but the adapters is bit-identical
         np.testing.assert_array_equal(after[n], v, err_msg=n)

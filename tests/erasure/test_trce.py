@@ -208,14 +208,15 @@ def _named(model):
 @pytest.mark.slow
 def test_build_applies_stage1_and_trains_the_selection(tiny_folder):
     from configs.erasure import trce as trce_config
-    from experiments import _erasure, erase_trce
+    from experiments import erase_trce
     from jaxsafe import parallel
+    from jaxsafe.diffusion import pipeline
     from jaxsafe.treepath import named_leaves
 
     c = trce_config.get_config("smoke")
     c.model.folder = tiny_folder
     task = erase_trce.build(c, parallel.make_mesh(1, 1))
-    src = _named(_erasure.load(tiny_folder).model)
+    src = _named(pipeline.load(tiny_folder).model)
     trained = set(named_leaves(task.params))
     assert trained == {n for n in src if trce.stage2_selection()(n)}
     rest = {n: np.asarray(v) for n, v in named_leaves(task.frozen["rest"]).items()}
@@ -228,7 +229,8 @@ def test_build_applies_stage1_and_trains_the_selection(tiny_folder):
 
 def test_stage1_without_preservation_is_underdetermined(tiny_folder):
     from configs.erasure import trce as trce_config
-    from experiments import _erasure, erase_trce
+    from experiments import erase_trce
+    from jaxsafe.diffusion import pipeline
 
     c = trce_config.get_config("smoke")
     c.model.folder = tiny_folder
@@ -236,7 +238,7 @@ def test_stage1_without_preservation_is_underdetermined(tiny_folder):
     c.trce.token_weights = (0.0, 1.0, 0.0)
     with pytest.raises(ValueError, match="λ = 0: 17 mapped rows of rank 17 cannot determine a "
                                          "32-wide projection"):
-        erase_trce.apply_stage1(c, _erasure.load(tiny_folder))
+        erase_trce.apply_stage1(c, pipeline.load(tiny_folder))
 
 
 @pytest.mark.slow
@@ -244,8 +246,8 @@ def test_smoke_run_changes_only_the_stage_parameters(tiny_folder, tmp_path):
     """launch.erase end to end: the export differs from the source exactly in the stage-1 keys and
     values and the stage-2 self-attention and query parameters."""
     from configs.erasure import trce as trce_config
-    from experiments import _erasure
-    from experiments._erasure import erase
+    from experiments import run_experiment as erase
+    from jaxsafe.diffusion import pipeline
 
     c = trce_config.get_config("smoke")
     c.model.folder = tiny_folder
@@ -253,13 +255,13 @@ def test_smoke_run_changes_only_the_stage_parameters(tiny_folder, tmp_path):
     c.optimizer.lr = 1e-2
     c.trce.margin = 10.0  # every sample inside the margin: the hinge has a gradient
     summary = erase(c, str(tmp_path))
-    before, after = _named(_erasure.load(tiny_folder).model), _named(
-        _erasure.load(summary["export"]).model)
+    before, after = _named(pipeline.load(tiny_folder).model), _named(
+        pipeline.load(summary["export"]).model)
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     stage1 = {n for n in before if "/attn2/to_k/" in n or "/attn2/to_v/" in n}
     stage2 = {n for n in before if trce.stage2_selection()(n)}
     assert stage1 <= changed and changed <= stage1 | stage2
     assert {n for n in changed & stage2 if "/attn1/" in n} and {
         n for n in changed & stage2 if "/attn2/to_q/" in n}
-    with open(os.path.join(tmp_path, "erasure.json")) as f:
+    with open(os.path.join(tmp_path, "summary.json")) as f:
         assert json.load(f)["experiment"] == "erase_trce"

@@ -11,6 +11,7 @@ import pytest
 
 from jaxsafe.data import shapes, shapes_metrics
 from jaxsafe.nn import oracle as oracle_lib
+from jaxsafe.nn import patch_pca
 
 testbed_config = importlib.import_module("configs.t2i.testbed")
 
@@ -55,7 +56,7 @@ def test_unknown_config_variant():
 class LatentTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_unshuffle_layout_and_inverse(self):
-        from experiments.t2i_testbed import from_latent, to_latent
+        from jaxsafe.nn.patch_pca import from_latent, to_latent
 
         x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
         z = self.variant(lambda x: to_latent(x, 4))(x)
@@ -67,7 +68,7 @@ class LatentTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_patch_pca(self):
-        from experiments.t2i_testbed import PatchPCA, fit_patch_pca
+        from jaxsafe.nn.patch_pca import PatchPCA, fit_patch_pca
 
         images = shapes.ShapesDataset(6).arrays(0, 40)["image"] / 127.5 - 1.0
         rows = images.reshape(40, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 48)
@@ -240,10 +241,10 @@ def test_export_round_trip(smoke_model, tmp_path):
     emb = model.text_encoder(ids)["last_hidden_state"]
     np.testing.assert_allclose(pipe["text_encoder"](ids)["last_hidden_state"], emb, atol=1e-6)
     z = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))
-    np.testing.assert_allclose(tb.load_latent(str(tmp_path)).decode(z), model.latent.decode(z),
+    np.testing.assert_allclose(patch_pca.load(str(tmp_path)).decode(z), model.latent.decode(z),
                                atol=1e-6)
     with pytest.raises(FileNotFoundError, match=r"latent map .* not found"):
-        tb.load_latent(str(tmp_path / "unet"))
+        patch_pca.load(str(tmp_path / "unet"))
     np.testing.assert_allclose(pipe["unet"](z, jnp.array([10, 900]), emb),
                                model.unet(z, jnp.array([10, 900]), emb), atol=1e-5)
 
@@ -255,16 +256,16 @@ def test_sampling_is_deterministic_per_seed(smoke_model):
     c, tok, graphdef, params, frozen = smoke_model
     generate = tb.make_generator(graphdef, c, tok)
     captions = ["a red circle", "a green box on a striped background", "an ellipse"]
-    a = generate(params, frozen, captions, [1, 2, 3])
-    b = generate(params, frozen, captions, [1, 2, 3])
+    a = generate((params, frozen), captions, [1, 2, 3])
+    b = generate((params, frozen), captions, [1, 2, 3])
     assert a.shape == (3, 32, 32, 3) and np.abs(a).max() <= 1.0
     np.testing.assert_array_equal(a, b)
-    alone = generate(params, frozen, captions[1:2], [2])  # same image outside its batch
+    alone = generate((params, frozen), captions[1:2], [2])  # same image outside its batch
     np.testing.assert_allclose(alone[0], a[1], atol=1e-5)
-    other = generate(params, frozen, captions, [4, 5, 6])
+    other = generate((params, frozen), captions, [4, 5, 6])
     assert np.abs(other - a).max() > 0.1
-    with pytest.raises(ValueError, match=r"one seed per caption: got 3 captions and 2 seeds"):
-        generate(params, frozen, captions, [1, 2])
+    with pytest.raises(ValueError, match=r"one seed per prompt: got 3 prompts and 2 seeds"):
+        generate((params, frozen), captions, [1, 2])
 
 
 # ------------------------------------------------------------------------------- smoke runs

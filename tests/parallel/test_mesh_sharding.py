@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsafe import parallel
 from jaxsafe.parallel import fsdp_spec, make_mesh, shardings_for

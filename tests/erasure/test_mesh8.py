@@ -1,0 +1,63 @@
+"""Every erasure method on a simulated 8-device mesh (smoke settings, a tiny test-bed model):
+trained methods shard their fixed prompt batches over the mesh's 8 batch shards (a one-row batch,
+such as SafeGen's unconditional prompt, is tiled), and evaluation generates on the mesh."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCRIPT = """
+import json, sys
+import jax
+import numpy as np
+from configs.t2i import testbed as testbed_config
+from experiments import run_experiment, t2i_testbed as tb
+from jaxsafe.data import shapes
+from jaxsafe.train import split_model
+
+assert jax.device_count() == 8, jax.devices()
+out_dir = sys.argv[1]
+c = testbed_config.get_config("smoke")
+graphdef, params, frozen = split_model(tb.build_model(c, shapes.tokenizer(c.data.max_length)))
+folder = tb.export(c, graphdef, params, frozen, out_dir + "/model")
+results = {}
+for method in sys.argv[2:]:
+    module = __import__(f"configs.erasure.{method}", fromlist=["get_config"])
+    config = module.get_config("smoke")
+    config.model.folder = folder
+    config.eval.update(samples_per_concept=1, fid_samples=8, heldout_examples=8)
+    s = run_experiment(config, f"{out_dir}/{method}")
+    results[method] = {"export": s["export"], "acc_red": s["acc/red"],
+                       "oracle_fd": s["oracle_fd"]}
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _run(tmp_path, methods):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), *methods],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+                       check=False)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("methods", [("esd", "spm", "safegen"), ("advunlearn", "trce"),
+                                     ("uce", "rece", "safree", "original")])
+def test_every_method_runs_on_eight_devices(tmp_path, methods):
+    results = _run(tmp_path, methods)
+    assert sorted(results) == sorted(methods)
+    for m, r in results.items():
+        assert os.path.isdir(r["export"]), m
+        assert 0.0 <= r["acc_red"] <= 1.0 and r["oracle_fd"] >= 0.0, (m, r)
+        with open(os.path.join(tmp_path, m, "summary.json")) as f:
+            assert json.load(f)["experiment"] == f"erase_{m}"
