@@ -37,7 +37,8 @@ def build(config, mesh) -> Task:
         return au.token_embeddings(model(p, f).text_encoder, ids)
 
     erase = list(config.concepts.erase)
-    retain = prompts.read_prompt_csv(a.retain_csv) if a.retain_csv else list(config.concepts.preserve)
+    retain = (prompts.read_prompt_csv(a.retain_csv) if a.retain_csv
+              else list(config.concepts.preserve))
     if not retain and pipe.testbed:
         retain = prompts.testbed_retain(erase)
     if a.retain_weight and a.retain_batch and not retain:

@@ -192,8 +192,8 @@ def build(config, mesh) -> Task:
     tok = shapes.tokenizer(config.data.max_length)
     model = build_model(config, tok)
     graphdef, params, frozen = split_model(model, _trainable(config))
-    train = shapes.shapes_batches(shapes.ShapesDataset(config.data.train_seed,
-                                                       shape_weights=config.data.shape_weights), tok,
+    data = shapes.ShapesDataset(config.data.train_seed, shape_weights=config.data.shape_weights)
+    train = shapes.shapes_batches(data, tok,
                                   config.data.batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count())
     generate = make_generator(graphdef, config, tok, mesh)

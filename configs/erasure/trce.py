@@ -64,7 +64,8 @@ def get_config(arg=None):
     common.check_arg(arg)
     c = common.base(arg, "erase_trce", paper_erase=SEXUAL_20)
     c.trce = dict(stage2_templates=("a photo of {}",), preserve_file="", token_weights=(0., 1., 0.),
-                  stage1_preserve_scale=0.01, stage1_preserve_squared=True, stage1_lam=0.0, guidance=15.0, margin=0.01,
+                  stage1_preserve_scale=0.01, stage1_preserve_squared=True, stage1_lam=0.0,
+                  guidance=15.0, margin=0.01,
                   beta=1.0, preserve_scale=100.0, max_early_step=25, ddim_steps=50,
                   sample_guidance=3.0, batch_size=1, reg_batch_size=4, uncond_hinge=True)
     c.optimizer = dict(lr=1e-6, weight_decay=0.01)

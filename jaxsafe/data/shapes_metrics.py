@@ -55,8 +55,7 @@ def concept_prompts(concept: str, k: int, seed: int = 0) -> tuple[list[str], np.
         words = [values[i] for (_, values), i in zip(shapes.ATTRIBUTES, label)]
         words[attr] = concept  # the synonym itself when the concept is one
         shape, colour, background = words
-        article = "an" if colour[0] in "aeiou" else "a"
-        captions.append(f"{article} {colour} {shape} on a {background} background")
+        captions.append(f"{shapes.article(colour)} {colour} {shape} on a {background} background")
     return captions, labels.astype(np.int32)
 
 

@@ -130,7 +130,8 @@ def evaluate_model(config, pipe: pipeline.Pipeline, graphdef, state: tuple, mesh
     encode = lambda s, ids: nnx.merge(graphdef, *s).encode(ids)
     return evaluate(pipe, lambda c, s: generate(state, c, s), list(config.concepts.erase),
                     k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
-                    sampling=dict(config.sampling), loss_fn=lambda: heldout_loss(pipe, apply, encode, state,
+                    sampling=dict(config.sampling),
+                    loss_fn=lambda: heldout_loss(pipe, apply, encode, state,
                                                  n=e.heldout_examples, seed=e.seed,
                                                  exclude=list(config.concepts.erase)))
 

@@ -14,6 +14,7 @@ from jaxsafe.parallel.sharding import (
 )
 
 __all__ = [
-    "BATCH_AXES", "batch_sharding", "batch_shards", "fetch", "fsdp_spec", "global_batch", "initialize", "is_primary",
+    "BATCH_AXES", "batch_sharding", "batch_shards", "fetch", "fsdp_spec", "global_batch",
+    "initialize", "is_primary",
     "make_mesh", "replicated", "shardings_for", "tile_to_shards",
 ]

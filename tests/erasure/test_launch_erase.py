@@ -144,7 +144,8 @@ def test_erasure_table_groups_concepts_and_tabulates_seeds(tmp_path):
         for m, extra in (("UCE", {"acc/circle": erased}), ("original", {"acc/circle": 1.0})):
             d = tmp_path / "circle" / m / f"seed{k}"
             d.mkdir(parents=True)
-            (d / "summary.json").write_text(json.dumps({**s, **extra, "oracle_fd": fd + 10 * (m == "UCE")}))
+            fd_m = fd + 10 * (m == "UCE")
+            (d / "summary.json").write_text(json.dumps({**s, **extra, "oracle_fd": fd_m}))
     text = et.table(str(tmp_path), "circle", ["original", "UCE", "SPM"], [0, 1])
     uce = next(line for line in text.splitlines() if line.startswith("| UCE "))
     cells = [c.strip() for c in uce.split("|")[1:-1]]

@@ -238,7 +238,8 @@ def test_the_negative_prompt_is_guidance_against_its_plain_embedding(tiny_pipe):
     # Images in [−1, 1]; the two programs fuse differently (measured 2.4e-5 apart); a wrong
     # negative prompt moves pixels by ~0.1.
     np.testing.assert_allclose(gen((state,), prompts, seeds), expected, atol=1e-4)
-    plain_neg = np.asarray(encode_negative((state,), np.asarray(tiny_pipe.tokenize(["square box"]))))
+    neg_ids = np.asarray(tiny_pipe.tokenize(["square box"]))
+    plain_neg = np.asarray(encode_negative((state,), neg_ids))
     L = tiny_pipe.tokenize([""]).shape[1]
     np.testing.assert_allclose(plain_neg[:, :L], tiny_pipe.embed(["square box"]), atol=1e-6)
     np.testing.assert_allclose(plain_neg[:, L:2 * L], plain_neg[:, :L], atol=0)  # exact: a copy
