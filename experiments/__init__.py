@@ -46,8 +46,9 @@ def _plain(x):
 def run_experiment(config, workdir: str) -> dict:
     """Runs the experiment ``config.experiment`` in ``workdir``: writes ``config.json`` before
     anything runs, then ``edit``s, or ``build``s, trains (resuming from the workdir's latest
-    checkpoint) and ``summarize``s; writes the summary, with the wall-clock time of the edit or
-    of build + training (``run_seconds``; evaluation excluded), to ``summary.json`` and returns
+    checkpoint) and ``summarize``s; writes the summary, with the wall-clock time of ``edit``
+    (whatever it does, evaluation included; an edit reports its own ``erase_seconds``) or of
+    build + training (``summarize`` excluded) as ``run_seconds``, to ``summary.json`` and returns
     it."""
     module = get(config.experiment)
     if not hasattr(module, "edit") and not hasattr(module, "build"):

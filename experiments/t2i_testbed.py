@@ -38,10 +38,11 @@ Decisions:
   shapes from the samples. The decoded images are clipped to [−1, 1].
 
 Evaluators: ``heldout`` (the loss above on fixed held-out images, timesteps, noise and captions:
-the utility's denoising term) and ``samples`` (a grid of generations for fixed prompts).
+the utility's denoising term), ``samples`` (a grid of generations for fixed prompts) and
+``shapes`` (the oracle's accuracy of each shape word's prompts: shapes are learned last).
 ``summarize`` adds the per-concept generation accuracy and the oracle Fréchet distance
-(``jaxsafe.data.shapes_metrics``) and, given the workdir, exports the model
-(:func:`export`) to ``<workdir>/export`` in the diffusers layout.
+(``jaxsafe.data.shapes_metrics``) and exports the model (:func:`export`) to
+``<workdir>/export`` in the diffusers layout.
 """
 
 from __future__ import annotations

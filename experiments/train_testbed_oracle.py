@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxsafe.data import shapes
 from jaxsafe.nn import oracle as oracle_lib
-from jaxsafe.parallel import fetch
+from jaxsafe.parallel import fetch, is_primary
 from jaxsafe.train import Task, split_model
 
 
@@ -83,13 +83,13 @@ def build(config, mesh) -> Task:
                 evaluators={"heldout": evaluate})
 
 
-def summarize(config, state, task, workdir: str | None = None) -> dict:
-    """Held-out accuracy; writes the weights to ``oracle.out`` (if set) and, when the runner
-    passes it, ``<workdir>/testbed_oracle.npz``."""
+def summarize(config, state, task, workdir: str) -> dict:
+    """Held-out accuracy; writes the weights (process 0) to ``oracle.out`` (if set) and
+    ``<workdir>/testbed_oracle.npz``."""
     out = dict(task.evaluators["heldout"](state))
     model = nnx.merge(task.graphdef, fetch(state.params), fetch(state.frozen))
-    paths = [os.path.join(workdir, "testbed_oracle.npz")] if workdir else []
+    paths = [os.path.join(workdir, "testbed_oracle.npz")]
     paths += [config.oracle.out] if config.oracle.out else []
-    for path in paths:
+    for path in paths if is_primary() else []:
         oracle_lib.save(model, path)
     return out

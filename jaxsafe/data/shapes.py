@@ -133,7 +133,7 @@ def render(label, nuisance: dict, resolution: int = RESOLUTION) -> np.ndarray:
 def article(word: str) -> str:
     """The indefinite article before ``word``: "an" before a vowel, else "a" (the one a/an rule
     of the test bed's captions and prompts)."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
+    return "an" if word[:1].lower() in tuple("aeiou") else "a"
 
 
 def caption(label, rng: np.random.Generator, *, mention_colour: bool | None = None,

@@ -155,11 +155,32 @@ def generator(pipe: Pipeline, graphdef, **sampling):
                           lambda s, ids: nnx.merge(graphdef, *s).encode(ids), **sampling)
 
 
+def _primary_writes(name: str):
+    """Decorator: only process 0 runs the writer (the others return None); with several
+    processes all wait for it, so none reads a folder that is still being written."""
+
+    def wrap(write):
+        def run(*args, **kwargs):
+            from jaxsafe import parallel
+
+            out = write(*args, **kwargs) if parallel.is_primary() else None
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(name)
+            return out
+
+        return run
+
+    return wrap
+
+
+@_primary_writes("jaxsafe.pipeline.save")
 def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
          extra_files: dict[str, bytes] | None = None) -> str:
     """Writes ``out`` as a copy of the source folder with the edited ``unet`` / ``text_encoder``
     (NNX modules; None keeps the original files) and ``extra_files`` (relative path -> bytes),
-    atomically (module docstring)."""
+    atomically (module docstring); on process 0 only, the others wait for it."""
     from jaxsafe.weights import diffusers
 
     out = os.path.abspath(out)
@@ -185,13 +206,14 @@ def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
     return out
 
 
+@_primary_writes("jaxsafe.pipeline.export_testbed")
 def export_testbed(unet, text_encoder, scheduler: schedulers.SchedulerConfig, tokenizer,
                    latent: patch_pca.PatchPCA, folder: str) -> str:
     """Writes a test-bed model as a diffusers-layout folder: ``unet/``, ``text_encoder/``,
     ``scheduler/scheduler_config.json`` (DDIMScheduler), ``tokenizer/`` (the word tokenizer's
     vocab.json + tokenizer_config.json; not listed in model_index.json, which jaxsafe reads as a
     CLIPTokenizer), ``latent/patch_pca.npz`` (in place of ``vae/``) and ``model_index.json``
-    (with ``"testbed_latent"``). :func:`load` reads it back."""
+    (with ``"testbed_latent"``); on process 0 only. :func:`load` reads it back."""
     from jaxsafe.weights import diffusers
 
     sched = {"_class_name": "DDIMScheduler", **dataclasses.asdict(scheduler)}

@@ -177,7 +177,8 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
     enc_negative = jax.jit(encode if encode_negative is None else encode_negative)
 
     def put(x):
-        return x if sharding is None else jax.device_put(x, sharding)
+        # Host arrays: device_put splits them over the mesh's devices directly.
+        return jnp.asarray(x) if sharding is None else jax.device_put(np.asarray(x), sharding)
 
     def generate(params, prompts, seeds, negative_prompts=None):
         prompts, seeds = list(prompts), np.asarray(seeds, np.int32).reshape(-1)
@@ -199,12 +200,12 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
         out = []
         for i in range(0, n + pad, batch_size):
             rows = slice(i, i + batch_size)
-            emb, values = enc(params, put(jnp.asarray(ids[rows])))
+            emb, values = enc(params, put(ids[rows]))
             if neg_ids is not None:
-                uncond = enc_negative(params, put(jnp.asarray(neg_ids[rows])))
+                uncond = enc_negative(params, put(neg_ids[rows]))
             p = params if aux is None else (params, values)
             out.append(np.asarray(parallel.fetch(sampler(p, emb, uncond,
-                                                         put(jnp.asarray(seeds[rows]))))))
+                                                         put(seeds[rows])))))
         return np.concatenate(out)[:n]
 
     return generate

@@ -23,8 +23,8 @@ explicit inverse, and an edit of SD 1.4's 32 matrices costs a few GFLOP (benchma
 
 * UCE: v*_e = W_old c_guide, the old projection of a guide concept's embedding (the empty prompt
   by default, which makes the concept "nothing"); λ = 0.5, erase scale 1 and, in the paper's
-  setting, the empty prompt retained with all of its token rows at preserve scale
-  ``max(0.1, 1/#retained prompts)`` (the authors' original ``train-scripts/train_erase.py``,
+  setting, the empty prompt and the preserve concepts retained with all of their token rows at
+  preserve scale ``max(0.1, 1/#retained prompts)`` (the authors' original ``train-scripts/train_erase.py``,
   removed in their commit 4502388: L422 ``retain_texts = ['']+preserve_concepts``, L427–428,
   L442 ``lamb=0.5``); their current ``trainscripts/uce_sd_erase.py`` uses preserve scale 1
   (L106), retains no empty prompt and one row per prompt.

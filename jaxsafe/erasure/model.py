@@ -130,12 +130,17 @@ def preserve_rows(pipe, preserve: Sequence[str], *, all_rows: Sequence[str] = ()
 def uce_edit(pipe, concepts, uce) -> dict[str, jax.Array]:
     """UCE's new cross-attention key/value kernels of ``pipe.model`` (not written back) for a
     config's ``concepts`` (``jaxsafe.erasure.prompts``) and ``uce`` settings (``lam``,
-    ``erase_scale``, ``preserve_scale``, ``preserve_empty``; ``configs/erasure/uce.py``)."""
+    ``erase_scale``, ``preserve_scale``, ``preserve_empty``, ``preserve_all_rows``;
+    ``configs/erasure/uce.py``)."""
     from jaxsafe.erasure import prompts
 
     c_e, c_g = erase_rows(pipe, prompts.prompt_pairs(concepts))
     keep = prompts.expand(concepts.templates, prompts.preserve_words(concepts))
-    c_p = preserve_rows(pipe, keep, all_rows=[""] if uce.preserve_empty else [])
+    retained = [""] * bool(uce.preserve_empty) + keep
+    if uce.preserve_all_rows:
+        c_p = preserve_rows(pipe, [], all_rows=retained)
+    else:
+        c_p = preserve_rows(pipe, keep, all_rows=[""] * bool(uce.preserve_empty))
     scale = closed_form.uce_preserve_scale(uce.preserve_scale, len(keep) + uce.preserve_empty)
     edit = jax.jit(lambda k: closed_form.uce_edit(k, c_e, c_g, c_p, erase_scale=uce.erase_scale,
                                                   preserve_scale=scale, lam=uce.lam))

@@ -98,7 +98,7 @@ def adversarial_embedding(kernels: Mapping[str, jax.Array], original: Mapping[st
 
 def rece_round(kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array], C_e, C_guide,
                C_p=None, *, lam_emb: float, lam: float = 0.1, erase_scale=1.0,
-               preserve_scale: float | None = 0.1) -> tuple[dict, jax.Array]:
+               preserve_scale: float = 0.1) -> tuple[dict, jax.Array]:
     """One RECE round: ``(new kernels, c')`` with c' = :func:`adversarial_embedding` of the
     concept rows ``C_e`` (n, d_in) and the new kernels the UCE edit of the current ones mapping
     c' onto the guide rows ``C_guide`` (n, d_in) while ``C_p`` (m, d_in) keep their values
@@ -152,7 +152,7 @@ class RECEResult:
 
 def iterate(kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array], C_e, C_guide,
             C_p=None, *, rounds: int, lam_emb: float, lam: float = 0.1, erase_scale=1.0,
-            preserve_scale: float | None = 0.1,
+            preserve_scale: float = 0.1,
             score: Callable[[dict], float | tuple[float, bool]] | None = None,
             select: str = "min", stop_at: float | None = None) -> RECEResult:
     """RECE's loop: ``rounds`` applications of :func:`rece_round` from ``kernels`` (the UCE-edited

@@ -89,6 +89,6 @@ def load(folder: str) -> PatchPCA:
     path = os.path.join(folder, LATENT_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"latent map {path!r} not found: folder must be a test-bed "
-                                "export (experiments.t2i_testbed.export)")
+                                "export (jaxsafe.diffusion.pipeline.export_testbed)")
     with np.load(path) as f:
         return PatchPCA(f["mean"], f["basis"], f["scale"], int(f["patch"]))
