@@ -6,7 +6,8 @@ r"""Exports a trained test-bed run (`configs/t2i/testbed.py`) as a diffusers-lay
 Reads `<workdir>/config.json` (written by `launch.train`; `--config` instead, e.g. to sample
 with other settings) and the latest checkpoint's EMA weights, writes `unet/`, `text_encoder/`, `scheduler/`, `tokenizer/` and `model_index.json`
 (`experiments.t2i_testbed.export`). `--evaluate` also prints the held-out metrics: per-concept
-generation accuracy, oracle Fréchet distance (and writes them to `<out>/testbed_metrics.json`).
+generation accuracy, oracle Fréchet distance (and writes them to `<out>/testbed_metrics.json`),
+and the per-concept table of docs/testbed.md.
 """
 
 import json
@@ -52,6 +53,21 @@ def main(argv):
         with open(os.path.join(out, "testbed_metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=1, sort_keys=True)
         print(json.dumps(metrics, indent=1, sort_keys=True))
+        print(concept_table(metrics))
+
+
+def concept_table(metrics: dict) -> str:
+    """The per-concept markdown table of docs/testbed.md from the metrics."""
+    from jaxsafe.data import shapes
+
+    lines = ["| attribute | concept | accuracy (that attribute right) | all three attributes right |",
+             "| --- | --- | --- | --- |"]
+    for w, (a, _) in shapes.CONCEPTS.items():
+        name = shapes.ATTRIBUTES[a][0]
+        shown = f"{w} (= {shapes.SYNONYMS[w]})" if w in shapes.SYNONYMS else w
+        lines.append(f"| {name} | {shown} | {metrics[f'acc/{w}']:.3f} | "
+                     f"{metrics[f'fidelity/{w}']:.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
