@@ -48,15 +48,20 @@ MULTI = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE", "S
          "AdvUnlearn")
 ERASED_MAX, OTHER_MIN = 0.2, 0.8
 
-_OUT = flags.DEFINE_string("out", None, "Directory of the runs.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-_SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to run.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
-_MODEL = flags.DEFINE_string("model", "", "Test-bed export (default: the shipped model).")
-_FID = flags.DEFINE_integer("fid_samples", 512, "Retained prompts for the Fréchet distance.")
-_DOC = flags.DEFINE_string("doc", "", "Markdown file to write the tables to.")
-_PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Only tabulate the finished runs.")
-flags.mark_flag_as_required("out")
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs as a program: tests import this module next
+    to other launchers that define flags of the same names (``--out``)."""
+    global _OUT, _SEEDS, _SETTINGS, _METHODS, _MODEL, _FID, _DOC, _PRINT_ONLY
+    _OUT = flags.DEFINE_string("out", None, "Directory of the runs.")
+    _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+    _SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to run.")
+    _METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
+    _MODEL = flags.DEFINE_string("model", "", "Test-bed export (default: the shipped model).")
+    _FID = flags.DEFINE_integer("fid_samples", 512, "Retained prompts for the Fréchet distance.")
+    _DOC = flags.DEFINE_string("doc", "", "Markdown file to write the tables to.")
+    _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Only tabulate the finished runs.")
+    flags.mark_flag_as_required("out")
 
 
 def config_for(method: str, setting: str, seed: int, model: str = "", fid_samples: int = 512):
@@ -193,4 +198,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
