@@ -10,8 +10,8 @@ the empty prompt for classifier-free guidance, DDIM sampling with guidance 4.
     python -m launch.export_testbed --workdir=/tmp/testbed        # -> /tmp/testbed/export
 
 Variants (`--config=configs/t2i/testbed.py:<arg>`):
-  cpu (default)  the test-bed model: 20,000 steps, ~45 minutes on 2 idle CPU cores, the ellipse
-                 drawn twice as often as each other shape (docs/testbed.md);
+  cpu (default)  the test-bed model: 20,000 steps, the ellipse drawn twice as often as each
+                 other shape (docs/testbed.md: the command, its time and its figures);
   smoke          seconds, for tests: a narrower model, 8 steps of batch 4;
   oracle         trains the oracle classifier (experiment `train_testbed_oracle`, ~30 minutes);
   oracle_smoke   the oracle run in seconds, for tests.

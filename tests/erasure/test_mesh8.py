@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = """
-import json, sys
+import json, os, sys
 import jax
 import numpy as np
 from configs.t2i import testbed as testbed_config
@@ -33,8 +33,16 @@ for method in sys.argv[2:]:
     config.model.folder = folder
     config.eval.update(samples_per_concept=1, fid_samples=8, heldout_examples=8)
     s = run_experiment(config, f"{out_dir}/{method}")
+    from jaxsafe.weights.convert import read_safetensors
+    changed = []
+    for part, f in (("unet", "diffusion_pytorch_model.safetensors"),
+                    ("text_encoder", "model.safetensors")):
+        a = read_safetensors([os.path.join(folder, part, f)])
+        b = read_safetensors([os.path.join(s["export"], part, f)])
+        if any(not np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a):
+            changed.append(part)
     results[method] = {"export": s["export"], "acc_red": s["acc/red"],
-                       "oracle_fd": s["oracle_fd"]}
+                       "oracle_fd": s["oracle_fd"], "changed": changed}
 print("RESULTS " + json.dumps(results))
 """
 
@@ -54,8 +62,15 @@ def _run(tmp_path, methods):
 @pytest.mark.parametrize("methods", [("esd", "spm", "safegen"), ("advunlearn", "trce"),
                                      ("uce", "rece", "safree", "original")])
 def test_every_method_runs_on_eight_devices(tmp_path, methods):
+    """Each method's 8-device run edits exactly the network it is meant to (the UNet; the text
+    encoder for AdvUnlearn; nothing for SAFREE, whose filter acts at sampling, SPM, whose
+    adapters ship in their own file, and the original) and reports the test-bed metrics."""
     results = _run(tmp_path, methods)
     assert sorted(results) == sorted(methods)
+    expected = {"esd": ["unet"], "safegen": ["unet"], "trce": ["unet"], "uce": ["unet"],
+                "rece": ["unet"], "advunlearn": ["text_encoder"], "spm": [], "safree": [],
+                "original": []}
+    assert {m: r["changed"] for m, r in results.items()} == {m: expected[m] for m in methods}
     for m, r in results.items():
         assert os.path.isdir(r["export"]), m
         assert 0.0 <= r["acc_red"] <= 1.0 and r["oracle_fd"] >= 0.0, (m, r)
