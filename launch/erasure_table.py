@@ -21,8 +21,13 @@ training; evaluation excluded). "meets" says whether the mean erased accuracy is
 accuracy on all other concepts ≥ 0.8.
 
     python -m launch.erasure_table --print_only --out=/tmp/erasure_table ...   # tables only
+
+Tuning a ``:cpu`` setting (docs/erasure.md records each such measurement under its command):
+``--set=optimizer.lr=6e-4`` overrides a config field of every run; the runs go to
+``<out>/<setting>/<method>[<overrides>]/seed<k>``.
 """
 
+import ast
 import datetime
 import json
 import os
@@ -52,7 +57,7 @@ ERASED_MAX, OTHER_MIN = 0.2, 0.8
 def _define_flags() -> None:
     """The command's flags, defined only when it runs as a program: tests import this module next
     to other launchers that define flags of the same names (``--out``)."""
-    global _OUT, _SEEDS, _SETTINGS, _METHODS, _MODEL, _FID, _DOC, _PRINT_ONLY
+    global _OUT, _SEEDS, _SETTINGS, _METHODS, _MODEL, _FID, _DOC, _PRINT_ONLY, _SET, _APPEND
     _OUT = flags.DEFINE_string("out", None, "Directory of the runs.")
     _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
     _SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to run.")
@@ -61,15 +66,48 @@ def _define_flags() -> None:
     _FID = flags.DEFINE_integer("fid_samples", 512, "Retained prompts for the Fréchet distance.")
     _DOC = flags.DEFINE_string("doc", "", "Markdown file to write the tables to.")
     _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Only tabulate the finished runs.")
+    _APPEND = flags.DEFINE_bool("append_doc", False, "Append the command and its tables to --doc "
+                                "(a record of tuning runs) instead of writing the file.")
+    _SET = flags.DEFINE_multi_string("set", [], "Config override key=value (a Python literal) "
+                                     "of every run, for tuning.")
     flags.mark_flag_as_required("out")
 
 
-def config_for(method: str, setting: str, seed: int, model: str = "", fid_samples: int = 512):
-    """The ``:cpu`` config of ``method`` for ``setting`` and ``seed``."""
+def parse_overrides(items) -> dict:
+    """``["a.b=1e-3", "c=x"]`` -> ``{"a.b": 0.001, "c": "x"}`` (Python literals, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def method_dir(method: str, overrides: dict) -> str:
+    """The run folder name of ``method`` with ``overrides``: ``ESD-u[optimizer.lr=0.0006]``."""
+    return method + "".join(f"[{k}={v!r}]".replace("/", "_").replace("'", "")
+                            for k, v in overrides.items())
+
+
+def config_for(method: str, setting: str, seed: int, model: str = "", fid_samples: int = 512,
+               overrides: dict | None = None):
+    """The ``:cpu`` config of ``method`` for ``setting`` and ``seed``, with ``overrides``."""
     import importlib
 
     module, variant = METHODS[method]
     c = importlib.import_module(f"configs.erasure.{module}").get_config(variant)
+    for key, value in (overrides or {}).items():
+        *path, leaf = key.split(".")
+        node = c
+        for p in path:
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"--set {key}: {method}'s config has no such field")
+        node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], float) else value
     c.concepts.erase = SETTINGS[setting]
     c.model.folder = model
     c.train.seed = seed
@@ -123,12 +161,12 @@ def read_summary(workdir: str) -> dict | None:
         return json.load(f)
 
 
-def table(out: str, setting: str, methods, seeds) -> str:
+def table(out: str, setting: str, methods, seeds, overrides: dict | None = None) -> str:
     erase = SETTINGS[setting]
     floor = [read_summary(os.path.join(out, setting, "original", f"seed{k}")) for k in seeds]
     floor = [row_values(s, erase)["fd"] for s in floor if s]
     lines = [f"**Erasing {' + '.join(erase)}**"
-             + (f" (synonym: box)" if "square" in erase else "")
+             + (" (synonym: box)" if "square" in erase else "")
              + "".join(f" (near: {shapes.NEAR[w]})" for w in erase if w in shapes.NEAR), "",
              "| method | seeds | erased ↓ | synonym ↓ | near ↑ | all other concepts ↑ | "
              "oracle FD vs original ↓ | FD floor | erase time (s) | meets |",
@@ -136,19 +174,37 @@ def table(out: str, setting: str, methods, seeds) -> str:
     for m in methods:
         if setting == "colours" and m not in MULTI:
             continue
+        name = method_dir(m, overrides or {}) if m != "original" else m
         vals = [row_values(s, erase) for k in seeds
-                if (s := read_summary(os.path.join(out, setting, m, f"seed{k}")))]
+                if (s := read_summary(os.path.join(out, setting, name, f"seed{k}")))]
         if not vals:
             continue
         col = lambda key: [v[key] for v in vals]
         meets = np.mean(col("erased")) <= ERASED_MAX and np.mean(col("other")) >= OTHER_MIN
         lines.append(
-            f"| {m} | {len(vals)} | {_cell(col('erased'), '{:.2f}')} | "
+            f"| {name} | {len(vals)} | {_cell(col('erased'), '{:.2f}')} | "
             f"{_cell(col('synonym'), '{:.2f}')} | {_cell(col('near'), '{:.2f}')} | "
             f"{_cell(col('other'), '{:.2f}')} | {_cell(col('fd'), '{:.1f}')} | "
             f"{_cell(floor, '{:.1f}')} | {_cell(col('seconds'), '{:.0f}')} | "
             f"{'yes' if meets else 'no'} |")
     return "\n".join(lines)
+
+
+def write_doc(path: str, cmd: str, about: str, tables: str, append: bool = False) -> None:
+    """Writes the tables under their command to ``path`` (atomically), or with ``append`` adds
+    them as one more section after what ``path`` holds."""
+    if append:
+        old = ""
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = f.read().rstrip("\n") + "\n\n"
+        text = old + f"```\n{cmd}\n```\n\n{about}\n\n{tables}\n"
+    else:
+        text = (f"# Test-bed erasure table\n\nProduced by\n\n```\n{cmd}\n```\n\n"
+                f"{about}\n\n{tables}\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _machine() -> str:
@@ -170,6 +226,10 @@ def main(argv):
 
     quiet_orbax()
     seeds = [int(k) for k in _SEEDS.value]
+    try:
+        overrides = parse_overrides(_SET.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     for name, known in ((_SETTINGS, SETTINGS), (_METHODS, METHODS)):
         bad = [x for x in name.value if x not in known]
         if bad:
@@ -180,22 +240,23 @@ def main(argv):
         from experiments import run_experiment
 
         for setting, method, seed in runs(_SETTINGS.value, methods, seeds):
-            workdir = os.path.join(_OUT.value, setting, method, f"seed{seed}")
+            # The original is never overridden: it stays the reference of every tuning run.
+            over = overrides if method != "original" else {}
+            workdir = os.path.join(_OUT.value, setting, method_dir(method, over), f"seed{seed}")
             if read_summary(workdir) is None:
-                print(f"running {setting} / {method} / seed {seed}", flush=True)
-                run_experiment(config_for(method, setting, seed, _MODEL.value, _FID.value),
+                print(f"running {setting} / {method_dir(method, over)} / seed {seed}", flush=True)
+                run_experiment(config_for(method, setting, seed, _MODEL.value, _FID.value, over),
                                workdir)
-    tables = "\n\n".join(table(_OUT.value, s, methods, seeds) for s in _SETTINGS.value)
+    tables = "\n\n".join(table(_OUT.value, s, methods, seeds, overrides)
+                           for s in _SETTINGS.value)
     print(tables)
     if _DOC.value:
-        cmd = "python -m launch.erasure_table " + " ".join(sys.argv[1:])
-        text = (f"# Test-bed erasure table\n\nProduced by\n\n```\n{cmd}\n```\n\n"
-                f"on {_machine()}, {datetime.date.today().isoformat()}; columns: "
-                "`launch/erasure_table.py`, protocol: docs/erasure.md.\n\n" + tables + "\n")
-        with open(_DOC.value + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(_DOC.value + ".tmp", _DOC.value)
-
+        # The command that produced the runs: --print_only / --append_doc only re-tabulate them.
+        args = [a for a in sys.argv[1:] if not a.startswith(("--print_only", "--append_doc"))]
+        cmd = "python -m launch.erasure_table " + " ".join(args)
+        about = (f"on {_machine()}, {datetime.date.today().isoformat()}; columns: "
+                 "`launch/erasure_table.py`, protocol: docs/erasure.md.")
+        write_doc(_DOC.value, cmd, about, tables, append=_APPEND.value)
 
 if __name__ == "__main__":
     _define_flags()

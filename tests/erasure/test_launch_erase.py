@@ -159,6 +159,33 @@ def test_erasure_table_groups_concepts_and_tabulates_seeds(tmp_path):
         ("colours", "UCE", 0)]
 
 
+
+def test_erasure_table_overrides_set_config_fields_and_name_the_run_folder(tmp_path):
+    from launch import erasure_table as et
+
+    over = et.parse_overrides(["optimizer.lr=6e-4", "safree.negative_prompt=", "safree.svf=False",
+                               "esd.train_method=xattn"])
+    assert over == {"optimizer.lr": 6e-4, "safree.negative_prompt": "", "safree.svf": False,
+                    "esd.train_method": "xattn"}
+    c = et.config_for("ESD-u", "circle", 2, overrides={"optimizer.lr": 1})
+    # An int given for a float field stays a float; the setting and the seed are the table's.
+    assert c.optimizer.lr == 1.0 and isinstance(c.optimizer.lr, float)
+    assert (c.concepts.erase, c.train.seed, c.eval.seed) == (("circle",), 2, 2)
+    assert et.method_dir("ESD-u", {"optimizer.lr": 6e-4, "a.b": "x/y"}) == (
+        "ESD-u[optimizer.lr=0.0006][a.b=x_y]")
+    with pytest.raises(ValueError, match="--set optimizer.nope: ESD-u's config has no such field"):
+        et.config_for("ESD-u", "red", 0, overrides={"optimizer.nope": 1})
+    with pytest.raises(ValueError, match="--set 'lr': expected key=value"):
+        et.parse_overrides(["lr"])
+    doc = tmp_path / "tuning.md"
+    doc.write_text("# Tuning\n\n")
+    et.write_doc(str(doc), "cmd one", "about", "| t1 |", append=True)
+    et.write_doc(str(doc), "cmd two", "about", "| t2 |", append=True)
+    assert doc.read_text() == ("# Tuning\n\n```\ncmd one\n```\n\nabout\n\n| t1 |\n\n"
+                               "```\ncmd two\n```\n\nabout\n\n| t2 |\n")
+    et.write_doc(str(doc), "cmd", "about", "| t |")
+    assert doc.read_text().startswith("# Test-bed erasure table\n\nProduced by\n\n```\ncmd\n")
+
 @pytest.mark.slow
 def test_heldout_loss_leaves_out_the_erased_concepts(tiny_pipe):
     from flax import nnx
