@@ -36,11 +36,13 @@ def build(config, mesh) -> Task:
     def words(p, f, ids):
         return au.token_embeddings(model(p, f).text_encoder, ids)
 
-    erase = list(config.concepts.erase)
+    # The concept prompts: each erased word in every concepts.templates form (none in the paper
+    # setting: the bare word, as the reference; the test bed's caption forms otherwise).
+    erase = prompts.expand(config.concepts.templates, list(config.concepts.erase))
     retain = (prompts.read_prompt_csv(a.retain_csv) if a.retain_csv
               else list(config.concepts.preserve))
     if not retain and pipe.testbed:
-        retain = prompts.testbed_retain(erase)
+        retain = prompts.testbed_retain(list(config.concepts.erase))
     if a.retain_weight and a.retain_batch and not retain:
         raise ValueError("config.concepts.preserve: AdvUnlearn's retain term (retain_weight > 0, "
                          "retain_batch > 0) needs retain prompts")

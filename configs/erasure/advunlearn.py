@@ -27,7 +27,11 @@ Deviations:
   paper's regularised objective nor the README command's ``reg``; ``reg`` is what is implemented.
 * the timestep/prefix-insertion details noted in ``jaxsafe/erasure/advunlearn.py``.
 
-Test bed (``cpu``): erase the common test-bed target (``configs/erasure/common.py``); the retain
+Test bed (``cpu``): erase the common test-bed target (``configs/erasure/common.py``) in the
+test bed's caption forms (``concepts.templates``, one form drawn per iteration, as every other
+method's prompts; the reference and the paper setting erase the bare word, ``templates=()``:
+on the test bed the tiny text encoder then unlearns the one-word prompt only and captions keep
+the colour, docs/erasure_tuning.md); the retain
 set is every short caption that names no target (``jaxsafe.erasure.prompts.testbed_retain``;
 near concepts stay in). Deviations for the tiny model on 2 CPU cores (about 5 minutes): lr 1e-3
 (the tiny text encoder barely moves at 1e-5), 300 iterations with 50 of warm-up, 5 attack steps

@@ -225,3 +225,24 @@ def test_testbed_retain_names_no_target_and_parses():
             shapes.parse_caption(p)  # in the vocabulary, one value per attribute
             assert p.split()[0] == ("an" if p.split()[1][0] in "aeiou" else "a"), p
     assert "an orange ellipse" in testbed_retain(["red"])  # the near concept is retained
+
+
+def test_concept_prompts_are_the_template_forms_and_the_paper_keeps_the_bare_word(tiny_folder):
+    from configs.erasure import advunlearn as cfg
+    from experiments.erase_advunlearn import build
+    from jaxsafe import parallel
+    from jaxsafe.diffusion import pipeline
+
+    pipe = pipeline.load(tiny_folder)
+    mesh = parallel.make_mesh(-1, 1)
+    config = cfg.get_config("smoke")
+    config.model.folder = tiny_folder
+    ids = np.asarray(build(config, mesh).train_data["ids_e"])
+    # One row per caption form that holds the erased colour (each once), none the bare word.
+    forms = ["a red"] + [f"a red {s}" + b for s in ("circle", "ellipse", "square", "triangle")
+                         for b in ("", " on a dotted background", " on a plain background",
+                                   " on a striped background")]
+    np.testing.assert_array_equal(ids, np.asarray(pipe.tokenize(sorted(forms))))
+    config.concepts.templates = ()  # the reference's: the concept word alone
+    ids = np.asarray(build(config, mesh).train_data["ids_e"])
+    np.testing.assert_array_equal(ids[:1], np.asarray(pipe.tokenize(["red"])))
