@@ -117,8 +117,9 @@ def config_for(method: str, setting: str, seed: int, model: str = "", fid_sample
 
 
 def runs(settings, methods, seeds):
-    """(setting, method, seed) of the table, in running order."""
-    return [(s, m, k) for s in settings for m in methods for k in seeds
+    """(setting, method, seed) of the table, in running order: seed by seed, so a table cut
+    short has every setting at the first seeds."""
+    return [(s, m, k) for k in seeds for s in settings for m in methods
             if s != "colours" or m in MULTI]
 
 

@@ -157,6 +157,8 @@ def test_erasure_table_groups_concepts_and_tabulates_seeds(tmp_path):
     assert cells[-1] == "yes" and "| SPM " not in text  # SPM has no runs
     assert "| original " in text and et.runs(["colours"], ["SafeGen", "UCE"], [0]) == [
         ("colours", "UCE", 0)]
+    assert et.runs(["red", "circle"], ["UCE"], [0, 1]) == [
+        ("red", "UCE", 0), ("circle", "UCE", 0), ("red", "UCE", 1), ("circle", "UCE", 1)]
 
 
 
