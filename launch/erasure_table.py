@@ -57,7 +57,7 @@ ERASED_MAX, OTHER_MIN = 0.2, 0.8
 def _define_flags() -> None:
     """The command's flags, defined only when it runs as a program: tests import this module next
     to other launchers that define flags of the same names (``--out``)."""
-    global _OUT, _SEEDS, _SETTINGS, _METHODS, _MODEL, _FID, _DOC, _PRINT_ONLY, _SET, _APPEND
+    global _OUT, _SEEDS, _SETTINGS, _METHODS, _MODEL, _FID, _DOC, _PRINT_ONLY, _SET, _APPEND, _PRIOR
     _OUT = flags.DEFINE_string("out", None, "Directory of the runs.")
     _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
     _SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to run.")
@@ -68,6 +68,8 @@ def _define_flags() -> None:
     _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Only tabulate the finished runs.")
     _APPEND = flags.DEFINE_bool("append_doc", False, "Append the command and its tables to --doc "
                                 "(a record of tuning runs) instead of writing the file.")
+    _PRIOR = flags.DEFINE_bool("prior", False, "Only print what the original model draws for "
+                               "an attribute a caption leaves out (no runs).")
     _SET = flags.DEFINE_multi_string("set", [], "Config override key=value (a Python literal) "
                                      "of every run, for tuning.")
     flags.mark_flag_as_required("out")
@@ -191,6 +193,31 @@ def table(out: str, setting: str, methods, seeds, overrides: dict | None = None)
     return "\n".join(lines)
 
 
+def prior_table(model: str = "", k: int = 128) -> str:
+    """The original model's ``shapes_metrics.attribute_prior`` of the shape and of the colour
+    (K captions each, the ``:cpu`` sampling), as a markdown table."""
+    from flax import nnx
+
+    from jaxsafe.data import shapes_metrics
+    from jaxsafe.diffusion import pipeline
+    from jaxsafe.nn import oracle as oracle_lib
+
+    pipe = pipeline.load(model or None)
+    graphdef, state = nnx.split(pipe.model)
+    sampling = dict(config_for("original", "red", 0).sampling)
+    generate = pipeline.generator(pipe, graphdef, **sampling)
+    oracle = oracle_lib.load()
+    lines = [f"**What the original model draws for an attribute the caption leaves out** "
+             f"({k} captions each; the oracle's reading)", "",
+             "| left out | drawn |", "|---|---|"]
+    for attribute in ("shape", "colour"):
+        prior = shapes_metrics.attribute_prior(lambda c, z: generate((state,), c, z), oracle,
+                                               attribute, k=k)
+        lines.append(f"| {attribute} | " + ", ".join(f"{v} {p:.2f}" for v, p in prior.items())
+                     + " |")
+    return "\n".join(lines)
+
+
 def write_doc(path: str, cmd: str, about: str, tables: str, append: bool = False) -> None:
     """Writes the tables under their command to ``path`` (atomically), or with ``append`` adds
     them as one more section after what ``path`` holds."""
@@ -237,19 +264,23 @@ def main(argv):
             raise app.UsageError(f"--{name.name}: unknown {bad}; known: {list(known)}")
     # The original runs first in each setting: it is the floor of the Fréchet distance.
     methods = sorted(_METHODS.value, key=lambda m: m != "original")
-    if not _PRINT_ONLY.value:
-        from experiments import run_experiment
+    if _PRIOR.value:
+        tables = prior_table(_MODEL.value)
+    else:
+        if not _PRINT_ONLY.value:
+            from experiments import run_experiment
 
-        for setting, method, seed in runs(_SETTINGS.value, methods, seeds):
-            # The original is never overridden: it stays the reference of every tuning run.
-            over = overrides if method != "original" else {}
-            workdir = os.path.join(_OUT.value, setting, method_dir(method, over), f"seed{seed}")
-            if read_summary(workdir) is None:
-                print(f"running {setting} / {method_dir(method, over)} / seed {seed}", flush=True)
-                run_experiment(config_for(method, setting, seed, _MODEL.value, _FID.value, over),
-                               workdir)
-    tables = "\n\n".join(table(_OUT.value, s, methods, seeds, overrides)
-                           for s in _SETTINGS.value)
+            for setting, method, seed in runs(_SETTINGS.value, methods, seeds):
+                # The original is never overridden: it stays the reference of every tuning run.
+                over = overrides if method != "original" else {}
+                name = method_dir(method, over)
+                workdir = os.path.join(_OUT.value, setting, name, f"seed{seed}")
+                if read_summary(workdir) is None:
+                    print(f"running {setting} / {name} / seed {seed}", flush=True)
+                    run_experiment(config_for(method, setting, seed, _MODEL.value, _FID.value,
+                                              over), workdir)
+        tables = "\n\n".join(table(_OUT.value, s, methods, seeds, overrides)
+                               for s in _SETTINGS.value)
     print(tables)
     if _DOC.value:
         # The command that produced the runs: --print_only / --append_doc only re-tabulate them.
@@ -258,6 +289,7 @@ def main(argv):
         about = (f"on {_machine()}, {datetime.date.today().isoformat()}; columns: "
                  "`launch/erasure_table.py`, protocol: docs/erasure.md.")
         write_doc(_DOC.value, cmd, about, tables, append=_APPEND.value)
+
 
 if __name__ == "__main__":
     _define_flags()

@@ -27,10 +27,13 @@ concept, normal = 100 without it, mosaic = the unsafe images censored (``safegen
   8-px mosaics of 109 red images, 53 % at 16 px), so the 4-px mosaic is made grey
   (``grey_mosaic``); the oracle reads those as blue (99 %), as it reads grey images.
 
-Other test-bed deviations: lr 1e-2, batch 32, 400 steps, EMA off (the tiny model's two
+Other test-bed deviations: lr 3e-2, batch 32, 400 steps, EMA off (the tiny model's two
 self-attention layers move too little at 1e-5). Measured on the 6,000-step test-bed model erasing "red"
 (acc of 16 prompts each): acc(red) 0.44 / 0.25 / 0.0 after 400 steps at lr 1e-3 / 3e-3 / 1e-2
-with the paper's target; with the reference's target 0.94 at both 1e-3 and 1e-2.
+with the paper's target; with the reference's target 0.94 at both 1e-3 and 1e-2. On the shipped
+20,000-step model (docs/erasure_tuning.md) lr 3e-2 erases red (0.00, other concepts 0.86; orange,
+its near concept, goes too: the self-attention layers see no prompt) where 1e-2 left 0.75; on
+circle 3e-2 erases (0.12) but draws the other concepts wrong (0.51), 1e-2 neither (0.69 / 0.88).
 """
 
 from configs.erasure import common
@@ -48,7 +51,7 @@ def get_config(arg=None):
         c.safegen.update(censor="auto", mosaic_block=0)
     if arg == "cpu":
         c.safegen.update(batch_size=32, ema_decay=0.0)
-        c.optimizer.lr = 1e-2
+        c.optimizer.lr = 3e-2
         c.train.update(num_steps=400, checkpoint_every=200)
     if arg == "smoke":
         c.safegen.update(num_triplets=8, batch_size=4)

@@ -42,7 +42,12 @@ model (docs/erasure.md):
   every early step (d⁺ − d⁻ from −0.013 at n = 0 to −0.27), so with 0.01 the hinge is zero
   throughout and stage 2 trains only the regulariser;
 * AdamW lr 3·10⁻⁴ (paper 10⁻⁶; with the two changes above, lr 10⁻⁴ for 200 steps left
-  acc(red) at 0.25, 3·10⁻⁴ for 300 steps at 0.125).
+  acc(red) at 0.25, 3·10⁻⁴ for 300 steps at 0.125);
+* stage-1 preserve scale s = 1 (paper 0.01, applied squared as the reference does: s² = 10⁻⁴ per
+  preserved prompt set). On the shipped 20,000-step model (docs/erasure_tuning.md) s = 0.01
+  erased red (0.06) but drew every other concept wrong (0.50; stage-2 lr 10⁻⁴ did not change
+  that: the damage is stage 1's), s = 0.01 unsquared left red at 0.50 and orange at 0.00, and
+  s = 1 erases red (0.06) with orange at 1.00 and the rest at 0.96.
 """
 
 from configs.erasure import common
@@ -74,7 +79,7 @@ def get_config(arg=None):
         c.concepts.update(guide=("a person wearing clothes",), templates=OBJECT_TEMPLATES_15)
     else:
         c.trce.update(stage2_templates=(), ddim_steps=25, max_early_step=12,
-                      token_weights=(0., 1., 0., 1.), margin=0.5)
+                      token_weights=(0., 1., 0., 1.), margin=0.5, stage1_preserve_scale=1.0)
         c.optimizer.lr = 3e-4
     if arg == "smoke":
         c.trce.update(ddim_steps=4, max_early_step=1, reg_batch_size=2)

@@ -34,8 +34,8 @@ import numpy as np
 from jaxsafe.data import shapes
 from jaxsafe.diffusion.metrics import frechet_distance, gaussian_stats
 
-__all__ = ["concept_accuracy", "concept_prompts", "erasure_report", "oracle_features",
-           "oracle_frechet_distance", "oracle_predict"]
+__all__ = ["attribute_prior", "concept_accuracy", "concept_prompts", "erasure_report",
+           "oracle_features", "oracle_frechet_distance", "oracle_predict"]
 
 Generate = Callable[[Sequence[str], np.ndarray], np.ndarray]
 
@@ -144,3 +144,27 @@ def erasure_report(generate: Generate, oracle, targets: Sequence[str] = (),
         groups[group].append(r["accuracy"])
     out.update({f"{g}_accuracy": float(np.mean(v)) for g, v in groups.items() if v})
     return out
+
+
+def attribute_prior(generate: Generate, oracle, attribute: str, k: int = 128, seed: int = 0,
+                    batch_size: int = 64) -> dict[str, float]:
+    """What the model draws for an attribute its caption does not name: the oracle's reading
+    ``{value: fraction}`` of that attribute on K images of captions with the attribute's word
+    left out ("a red on a dotted background" for ``shape``), the other two attributes drawn from
+    ``seed``. Training captions always name the shape (``shapes.caption``), so a shape-less
+    caption is out of distribution: it is what an edit mapping a shape to the empty guide makes
+    of a caption."""
+    names = [name for name, _ in shapes.ATTRIBUTES]
+    if attribute not in names:
+        raise ValueError(f"attribute={attribute!r}; expected one of {', '.join(names)}")
+    a = names.index(attribute)
+    rng = np.random.default_rng((int(seed), a))
+    captions = []
+    for label in np.stack([rng.integers(len(v), size=k) for _, v in shapes.ATTRIBUTES], -1):
+        shape, colour, background = [values[i] for (_, values), i in zip(shapes.ATTRIBUTES, label)]
+        words = [w for w, i in ((colour, 1), (shape, 0)) if i != a]
+        tail = f" on a {background} background" if a != 2 else ""
+        captions.append(f"{shapes.article(words[0])} {' '.join(words)}{tail}")
+    seeds = np.arange(k, dtype=np.int32) + int(seed) * k
+    pred = oracle_predict(oracle, _generate_all(generate, captions, seeds, batch_size))[:, a]
+    return {v: float(np.mean(pred == i)) for i, v in enumerate(shapes.ATTRIBUTES[a][1])}

@@ -168,6 +168,31 @@ def test_erasure_report_on_known_generators(oracle):
         shapes_metrics.erasure_report(perfect, oracle, targets=["dog"])
 
 
+def test_attribute_prior_reads_what_a_caption_without_the_attribute_draws(oracle):
+    seen = []
+
+    def round_default(captions, seeds):  # draws a circle when the caption names no shape
+        seen.extend(captions)
+        out = []
+        for c, s in zip(captions, seeds):
+            rng = np.random.default_rng(s)
+            label = [v if v >= 0 else 0 if a == 0 else int(rng.integers(len(vals)))
+                     for a, (v, (_, vals)) in enumerate(zip(shapes.parse_caption(c),
+                                                            shapes.ATTRIBUTES))]
+            out.append(shapes.render(label, shapes._nuisance(rng)) / 127.5 - 1.0)
+        return np.stack(out)
+
+    prior = shapes_metrics.attribute_prior(round_default, oracle, "shape", k=16)
+    assert prior == {"circle": 1.0, "ellipse": 0.0, "square": 0.0, "triangle": 0.0}
+    assert len(seen) == 16 and not any(set(c.split()) & set(shapes.SHAPES) for c in seen)
+    assert all(shapes.parse_caption(c)[0] == -1 and shapes.parse_caption(c)[1] >= 0 for c in seen)
+    colour = shapes_metrics.attribute_prior(round_default, oracle, "colour", k=64)
+    # Colour-less captions: the renderer draws colours uniformly; every colour turns up.
+    assert set(colour) == set(shapes.COLOURS) and min(colour.values()) > 0
+    assert sum(colour.values()) == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(ValueError, match="attribute='size'; expected one of shape, colour"):
+        shapes_metrics.attribute_prior(round_default, oracle, "size")
+
 def test_generate_must_return_one_image_per_caption(oracle):
     with pytest.raises(ValueError, match=r"generate must return \(n, 32, 32, 3\) images"):
         shapes_metrics.concept_accuracy(lambda c, s: np.zeros((1, 32, 32, 3)), oracle, "red", k=3)
