@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 
 import numpy as np
@@ -285,7 +286,7 @@ def main(argv):
     if _DOC.value:
         # The command that produced the runs: --print_only / --append_doc only re-tabulate them.
         args = [a for a in sys.argv[1:] if not a.startswith(("--print_only", "--append_doc"))]
-        cmd = "python -m launch.erasure_table " + " ".join(args)
+        cmd = "python -m launch.erasure_table " + " ".join(shlex.quote(a) for a in args)
         about = (f"on {_machine()}, {datetime.date.today().isoformat()}; columns: "
                  "`launch/erasure_table.py`, protocol: docs/erasure.md.")
         write_doc(_DOC.value, cmd, about, tables, append=_APPEND.value)

@@ -37,11 +37,18 @@ def heldout_loss(pipe: pipeline.Pipeline, apply: Callable, encode: Callable, par
     from jaxsafe.data import shapes
 
     bad = {shapes.CONCEPTS[w] for w in exclude}
-    data = shapes.ShapesDataset(1).arrays(0, 2 * n if bad else n)
-    keep = np.flatnonzero([not any((a, v) in bad for a, v in enumerate(label))
-                           for label in data["label"]])[:n]
+    # Draw candidates until n are free of the excluded concepts (two colours out of four leave
+    # about half), at most 16 n.
+    size = n
+    while True:
+        data = shapes.ShapesDataset(1).arrays(0, size)
+        keep = np.flatnonzero([not any((a, v) in bad for a, v in enumerate(label))
+                               for label in data["label"]])[:n]
+        if len(keep) == n or size >= 16 * n:
+            break
+        size *= 2
     if len(keep) < n:
-        raise ValueError(f"only {len(keep)} of {2 * n} held-out images are free of {exclude}")
+        raise ValueError(f"only {len(keep)} of {size} held-out images are free of {exclude}")
     data = {k: np.asarray(v)[keep] for k, v in data.items()}
     z0 = pipe.encode_image(jnp.asarray(data["image"], jnp.float32) / 127.5 - 1.0)
     k_t, k_e = jax.random.split(jax.random.key(seed))
