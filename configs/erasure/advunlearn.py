@@ -35,7 +35,7 @@ the colour, docs/erasure_tuning.md); the retain
 set is every short caption that names no target (``jaxsafe.erasure.prompts.testbed_retain``;
 near concepts stay in). Deviations for the tiny model on 2 CPU cores (about 5 minutes): lr 3e-3
 (the tiny text encoder barely moves at 1e-5; on the shipped model, with the caption forms,
-acc(red) 0.50 at 1e-3 and 0.38 at 3e-3, docs/erasure_tuning.md), 300 iterations with 50 of warm-up, 5 attack steps
+3e-3 erased more than 1e-3 and 1e-2 damaged the other concepts, docs/erasure_tuning.md), 300 iterations with 50 of warm-up, 5 attack steps
 at lr 1e-2 (attack budget K·lr = 0.05 per coordinate against the paper's 30 × 1e-3 = 0.03; the
 test bed's token embeddings have std 0.04), 25 DDIM steps (the test bed's sampler).
 """

@@ -31,9 +31,8 @@ Other test-bed deviations: lr 3e-2, batch 32, 400 steps, EMA off (the tiny model
 self-attention layers move too little at 1e-5). Measured on the 6,000-step test-bed model erasing "red"
 (acc of 16 prompts each): acc(red) 0.44 / 0.25 / 0.0 after 400 steps at lr 1e-3 / 3e-3 / 1e-2
 with the paper's target; with the reference's target 0.94 at both 1e-3 and 1e-2. On the shipped
-20,000-step model (docs/erasure_tuning.md) lr 3e-2 erases red (0.00, other concepts 0.86; orange,
-its near concept, goes too: the self-attention layers see no prompt) where 1e-2 left 0.75; on
-circle 3e-2 erases (0.12) but draws the other concepts wrong (0.51), 1e-2 neither (0.69 / 0.88).
+20,000-step model 1e-2 no longer erased red and 3e-2 does, orange (its near concept) with it:
+the self-attention layers see no prompt (docs/erasure_tuning.md).
 """
 
 from configs.erasure import common

@@ -44,10 +44,9 @@ model (docs/erasure.md):
 * AdamW lr 3·10⁻⁴ (paper 10⁻⁶; with the two changes above, lr 10⁻⁴ for 200 steps left
   acc(red) at 0.25, 3·10⁻⁴ for 300 steps at 0.125);
 * stage-1 preserve scale s = 1 (paper 0.01, applied squared as the reference does: s² = 10⁻⁴ per
-  preserved prompt set). On the shipped 20,000-step model (docs/erasure_tuning.md) s = 0.01
-  erased red (0.06) but drew every other concept wrong (0.50; stage-2 lr 10⁻⁴ did not change
-  that: the damage is stage 1's), s = 0.01 unsquared left red at 0.50 and orange at 0.00, and
-  s = 1 erases red (0.06) with orange at 1.00 and the rest at 0.96.
+  preserved prompt set). On the shipped 20,000-step model s = 0.01 erased red but drew the other
+  concepts wrong, a stage-2 lr of 10⁻⁴ did not change that (the damage is stage 1's), and s = 1
+  erases red and keeps the rest (docs/erasure_tuning.md).
 """
 
 from configs.erasure import common
