@@ -1,0 +1,181 @@
+r"""Score identity Distillation (SiD): a one-step generator distilled data-free from a diffusion
+teacher.
+
+Zhou, Zheng, Wang, Yin, Huang, "Score identity Distillation: Exponentially Fast Distillation of
+Pretrained Diffusion Models for One-Step Generation", ICML 2024 (arXiv:2404.04057); reference
+code ``mingyuanzhou/SiD`` (``training/sid_loss.py``, ``training/sid_training_loop.py``,
+``sid_train.py``, ``run_sid.sh``). Three EDM denoisers D(x; σ, c) of one architecture: the
+frozen teacher f_φ, the fake-score network f_ψ and the generator G_θ, both initialised from the
+teacher.
+
+* Generator: x_g = G_θ(z, c) = D_θ(σ_init z; σ_init, c), z ~ N(0, I), σ_init = 2.5
+  (``sid_training_loop.py`` G calls; ``--init_sigma``).
+* Fake-score step (``sid_loss.py`` ``__call__``): EDM's denoising loss on stop-gradient
+  generator samples, ln σ ~ N(P_mean, P_std²), λ(σ) Σ_pixels ‖f_ψ(x_g + σ n; σ, c) − x_g‖².
+* Generator step (``sid_loss.py`` ``generator_loss``): x_t = x_g + σ n with
+  σ = σ(t) = (σ_max^{1/ρ} + (1 − t)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, t = u · t_max / 1000,
+  u ~ U(0, 1) (σ_min = 0.002, σ_max = 80, ρ = 7, t_max = 800: σ ≤ 24.4), and per example
+
+      L_θ = Σ_pixels (f_φ − f_ψ) ⊙ ((f_φ − x_g) − α (f_φ − f_ψ)) / ω,   ω = sg(mean |x_g − f_φ|),
+
+  α = 1.2, ω floored at 1e-5. Only ω is stop-gradient: the gradient reaches θ through x_g and,
+  through x_t, through the inputs of the frozen f_φ and f_ψ (whose parameters do not move in
+  this step). With α = 1 the loss is (f_φ − f_ψ) ⊙ (f_ψ − x_g) / ω. The reference sums over
+  pixels, averages over the batch and multiplies the generator loss by ``lsg`` = 100.
+* One f_ψ step, then one G step per iteration, each with fresh z and labels; Adam β₁ = 0,
+  β₂ = 0.999 for both; EMA of G.
+
+Score Forgetting Distillation (``jaxsafe.diffusion.sfd``) is this step with more than one term:
+each term names the condition G and f_ψ see, the condition the teacher sees and a weight.
+
+A PFGM++ teacher (augmentation dimension ``D``; None = EDM) perturbs with its own kernel,
+x_t = x_g + n, n ~ p_r(· | 0), r = σ√D, in both losses (``pfgmpp.perturbation``); SiD's identity
+is derived for Gaussian perturbations (D → ∞), so a finite D is an extension of this library.
+
+Deviations: the reference also feeds EDM's geometric augmentation (p = 0.12) to the fake-score
+loss and replaces non-finite gradients by finite numbers; neither is done here (the test beds
+have no augmentation pipeline; a non-finite loss stops the trainer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsafe.diffusion import edm, pfgmpp
+
+__all__ = ["SiDTerm", "fake_score_loss", "generator_loss", "generator_sigma", "karras_sigma",
+           "make_sid_step", "one_step", "pair_optimizer"]
+
+# denoise(params, x, sigma, cond, dropout_key or None) -> D(x; σ, cond)
+Denoise = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
+
+
+def karras_sigma(t, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    """σ(t) = (σ_max^{1/ρ} + (1 − t)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ: σ(0) = σ_min, σ(1) = σ_max
+    (EDM's sampling curve, continuous in t; ``sid_loss.py`` ``generator_loss``)."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + (1 - t) * (lo - hi)) ** rho
+
+
+def generator_sigma(rng, batch: int, tmax: float = 800.0, **curve) -> jax.Array:
+    """The generator loss's noise levels: σ(u · t_max / 1000), u ~ U(0, 1), (batch,)."""
+    return karras_sigma(jax.random.uniform(rng, (batch,)) * tmax / 1000.0, **curve)
+
+
+def one_step(denoise: Denoise, params, z, cond, sigma_init: float = 2.5, key=None):
+    """x_g = D(σ_init z; σ_init, cond): the one-step generator."""
+    sigma = jnp.full((z.shape[0],), sigma_init, z.dtype)
+    return denoise(params, sigma_init * z, sigma, cond, key)
+
+
+def _sum_pixels(x):
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+def generator_loss(x_g, f_phi, f_psi, alpha: float = 1.2) -> jax.Array:
+    """SiD's per-example generator loss (module docstring), summed over pixels, (B,)."""
+    axes = tuple(range(1, x_g.ndim))
+    omega = jax.lax.stop_gradient(
+        jnp.maximum(jnp.mean(jnp.abs(x_g - f_phi), axis=axes, keepdims=True), 1e-5))
+    d = f_phi - f_psi
+    return _sum_pixels(d * ((f_phi - x_g) - alpha * d) / omega)
+
+
+def fake_score_loss(denoise: Denoise, psi, x_g, cond, rng, *, D=None, P_mean: float = -1.2,
+                    P_std: float = 1.2, sigma_data: float = edm.SIGMA_DATA, key=None):
+    """The fake-score loss, (B,): EDM's (PFGM++'s for finite ``D``) denoising loss
+    ``pfgmpp.denoising_loss`` of f_ψ on stop-gradient generator samples; ``key``: f_ψ's dropout."""
+    return pfgmpp.denoising_loss(lambda x, s, c: denoise(psi, x, s, c, key),
+                                 jax.lax.stop_gradient(x_g), rng, D=D, P_mean=P_mean, P_std=P_std,
+                                 sigma_data=sigma_data, class_labels=cond)
+
+
+class SiDTerm(NamedTuple):
+    """One batch of a step: ``cond`` for G and f_ψ, ``teacher_cond`` for f_φ, and its weight
+    (SiD: one term, the teacher at the same condition, weight 1)."""
+
+    cond: Any
+    teacher_cond: Any
+    weight: float = 1.0
+
+
+def pair_optimizer(g: optax.GradientTransformation,
+                   psi: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The optimizer state of params ``{"G", "psi"}``: ``{"G": g.init, "psi": psi.init}``.
+    Its update is not used: :func:`make_sid_step` updates each network with its own."""
+
+    def init(params):
+        return {"G": g.init(params["G"]), "psi": psi.init(params["psi"])}
+
+    def update(updates, state, params=None):
+        raise NotImplementedError("G and ψ are updated one after the other by sid.make_sid_step")
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTerm]], *,
+                  g_optimizer: optax.GradientTransformation,
+                  psi_optimizer: optax.GradientTransformation, latent_shape: Sequence[int],
+                  batch_size: int, alpha: float = 1.2, sigma_init: float = 2.5,
+                  tmax: float = 800.0, g_loss_scale: float = 100.0, D=None, P_mean: float = -1.2,
+                  P_std: float = 1.2, sigma_data: float = edm.SIGMA_DATA,
+                  ema_beta: Callable[[jax.Array], jax.Array] | None = None):
+    """The trainer's ``step_fn(state, batch, rng)`` of SiD (and SFD): one f_ψ update, then one G
+    update, each on fresh ``terms(key)`` (conditions drawn per step; no data is read, the batch
+    is ignored), each term ``batch_size`` samples. ``state.params = {"G", "psi"}``,
+    ``state.frozen = {"teacher"}``, ``state.opt_state`` from :func:`pair_optimizer`,
+    ``state.extra["ema"]`` the EMA of G with decay ``ema_beta(step)`` (none: not kept). Losses:
+    pixel sums averaged over the batch, the generator's times ``g_loss_scale`` (the reference's
+    ``lsg``), each term's times its weight."""
+    shape = (batch_size,) + tuple(latent_shape)
+
+    def psi_loss(psi, G, key):
+        k_terms, key = jax.random.split(key)
+        total = 0.0
+        for i, term in enumerate(terms(k_terms)):
+            k_z, k_loss, k_drop = jax.random.split(jax.random.fold_in(key, i), 3)
+            x_g = one_step(denoise, G, jax.random.normal(k_z, shape), term.cond, sigma_init)
+            total += term.weight * jnp.mean(fake_score_loss(
+                denoise, psi, x_g, term.cond, k_loss, D=D, P_mean=P_mean, P_std=P_std,
+                sigma_data=sigma_data, key=k_drop))
+        return total
+
+    def g_loss(G, psi, teacher, key):
+        k_terms, key = jax.random.split(key)
+        total = 0.0
+        for i, term in enumerate(terms(k_terms)):
+            k_z, k_sigma, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, i), 4)
+            x_g = one_step(denoise, G, jax.random.normal(k_z, shape), term.cond, sigma_init,
+                           k_drop)
+            sigma = generator_sigma(k_sigma, batch_size, tmax).astype(x_g.dtype)
+            x_t = x_g + pfgmpp.perturbation(k_noise, x_g.shape, sigma, D, dtype=x_g.dtype)
+            f_phi = denoise(teacher, x_t, sigma, term.teacher_cond, None)
+            f_psi = denoise(psi, x_t, sigma, term.cond, None)
+            total += term.weight * jnp.mean(generator_loss(x_g, f_phi, f_psi, alpha))
+        return g_loss_scale * total
+
+    def step(state, batch, rng):
+        del batch
+        k_psi, k_g = jax.random.split(rng)
+        params, opt = state.params, state.opt_state
+        loss_psi, grads = jax.value_and_grad(psi_loss)(params["psi"], params["G"], k_psi)
+        updates, opt_psi = psi_optimizer.update(grads, opt["psi"], params["psi"])
+        psi = optax.apply_updates(params["psi"], updates)
+        loss_g, grads = jax.value_and_grad(g_loss)(params["G"], psi, state.frozen["teacher"], k_g)
+        updates, opt_g = g_optimizer.update(grads, opt["G"], params["G"])
+        G = optax.apply_updates(params["G"], updates)
+        extra = state.extra
+        if ema_beta is not None:
+            beta = ema_beta(state.step)
+            extra = {**extra, "ema": jax.tree.map(lambda e, p: beta * e + (1 - beta) * p,
+                                                  extra["ema"], G)}
+        new = state.replace(step=state.step + 1, params={"G": G, "psi": psi},
+                            opt_state={"G": opt_g, "psi": opt_psi}, extra=extra)
+        return new, {"loss": loss_g, "loss_fake_score": loss_psi}
+
+    return step
