@@ -48,13 +48,14 @@ def main(argv):
     )
     from experiments import pfgmpp
     from jaxsafe import parallel, train
+    from jaxsafe.diffusion import image_model
 
     config = load_config(_CONFIG.value, _VARIANT.value)
     mesh = parallel.make_mesh()
     peak = matmul_peak_flops()
-    model = pfgmpp.build_model(config)
+    model = image_model.build_model(config)
     graphdef, params, frozen = train.split_model(model)
-    shape = pfgmpp.image_shape(config.data)
+    shape = image_model.image_shape(config.data)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"machine: {machine()}")
     print(f"config: {_CONFIG.value}:{_VARIANT.value}  image {shape}  D={config.pfgmpp.D}  "
@@ -92,7 +93,7 @@ def main(argv):
     n = _SAMPLE_BATCH.value
     if n:
         labels = jnp.zeros((n,), jnp.int32)
-        sample = pfgmpp.make_sample_fn(graphdef, config)
+        sample = image_model.make_sample_fn(graphdef, config)
         t0 = time.perf_counter()
         compiled = sample.lower(params, frozen, jax.random.key(0), labels).compile()
         compile_s = time.perf_counter() - t0
@@ -101,8 +102,8 @@ def main(argv):
         def denoise(params, x, sigma):
             net = nnx.merge(graphdef, params, frozen)
             net.eval()
-            y = pfgmpp.one_hot(labels, config)
-            return pfgmpp.make_denoiser(net, config.pfgmpp.sigma_data)(x, sigma, y)
+            y = image_model.one_hot(labels, config)
+            return image_model.make_denoiser(net, config.pfgmpp.sigma_data)(x, sigma, y)
 
         x0, s0 = jnp.zeros((n,) + shape), jnp.ones((n,))
         one = jax.jit(denoise).lower(params, x0, s0).compile()

@@ -39,36 +39,6 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/sa
 flags.mark_flags_as_required(["workdir"])
 
 
-def load_config(workdir: str, config=None):
-    if config is not None:
-        return config
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; pass --config=<the training config file>")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def load_model(config, workdir: str, *, use_ema: bool = True, step: int | None = None):
-    """`(graphdef, params, frozen, step)` of a checkpoint in `workdir/checkpoints`."""
-    from flax import nnx
-
-    from experiments import pfgmpp
-    from jaxsafe import train
-
-    ckpt = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"no checkpoints directory {ckpt}")
-    step, tree = train.load_arrays(ckpt, step)
-    abstract = nnx.eval_shape(lambda: pfgmpp.build_model(config, nnx.Rngs(0)))
-    graphdef, params, frozen = train.split_model(abstract)
-    params = pfgmpp.restore_like(params, tree["extra"]["ema"] if use_ema else tree["params"])
-    frozen = pfgmpp.restore_like(frozen, tree["frozen"])
-    return graphdef, params, frozen, step
-
-
 def quantizable(resolution: int):
     """PFGM++ generate_quant.py's choice of tensors, on this library's leaf names."""
     full = f"{resolution}x{resolution}"
@@ -87,29 +57,29 @@ def sample_workdir(workdir: str, config=None, *, num: int = 64, batch: int = 256
     import jax
     import numpy as np
 
-    from experiments import pfgmpp
     from jaxsafe.data import images
-    from jaxsafe.diffusion import quantize_params
+    from jaxsafe.diffusion import image_model, quantize_params
 
-    config = load_config(workdir, config)
-    graphdef, params, frozen, ckpt_step = load_model(config, workdir, use_ema=use_ema, step=step)
+    config = image_model.load_config(workdir, config)
+    graphdef, params, frozen, ckpt_step = image_model.load_model(config, workdir, use_ema=use_ema,
+                                                                 step=step)
     D = config.pfgmpp.D if D is None else D
     out = out or os.path.join(workdir, "samples")
     os.makedirs(out, exist_ok=True)
     fd = None
     if config.data.name == "digits":
-        features, _, stats = pfgmpp.digits_features(config.data.resolution)
-        fd = lambda x: pfgmpp.frechet_distance_to(stats, np.asarray(features(x)))
+        features, _, stats = image_model.digits_features(config.data.resolution)
+        fd = lambda x: image_model.frechet_distance_to(stats, np.asarray(features(x)))
     rows = []
     for alpha, b in itertools.product(alphas, bits):
         alpha, b = float(alpha), int(b)
         if alpha < 0 or b < 0:
             raise ValueError(f"alpha and bits must be >= 0, got alpha={alpha}, bits={b}")
         p = quantize_params(params, b, include=quantizable(config.data.resolution)) if b else params
-        sample_fn = pfgmpp.make_sample_fn(graphdef, config, D=D, num_steps=steps,
+        sample_fn = image_model.make_sample_fn(graphdef, config, D=D, num_steps=steps,
                                           noise_injection_alpha=alpha)
-        x, labels = pfgmpp.generate(sample_fn, p, frozen, jax.random.key(seed), num,
-                                    min(batch, num), pfgmpp.num_classes(config))
+        x, labels = image_model.generate(sample_fn, p, frozen, jax.random.key(seed), num,
+                                         min(batch, num), image_model.num_classes(config))
         name = os.path.join(out, f"samples_a{alpha:g}_b{b}")
         images.save_png(name + ".png", images.image_grid(x[:100]), scale=4 if x.shape[1] <= 32 else 1)
         np.savez(name + ".npz", images=images.to_uint8(x), labels=labels)

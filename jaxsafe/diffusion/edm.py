@@ -29,13 +29,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 __all__ = [
     "SIGMA_DATA",
     "as_batch_sigma",
     "denoise",
     "edm_sigma_steps",
+    "ema_beta",
+    "ema_update",
     "loss_weight",
+    "lr_schedule",
+    "nan_to_num_grads",
     "precondition",
     "sample_training_sigma",
 ]
@@ -134,3 +139,35 @@ def edm_sigma_steps(
     t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
     t = np.concatenate([t, [0.0]])
     return jnp.asarray(t, dtype=_float_dtype(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedules of EDM's training loop (training/training_loop.py)
+
+
+def ema_beta(step, batch_size: int, halflife_kimg: float, rampup_ratio: float | None):
+    """β_t = 0.5^(B / max(h_t, 1e-8)), h_t = min(halflife_kimg·1000, t·B·rampup_ratio)."""
+    h = jnp.asarray(halflife_kimg * 1000.0, jnp.float32)
+    if rampup_ratio is not None:
+        h = jnp.minimum(h, jnp.asarray(step, jnp.float32) * batch_size * rampup_ratio)
+    return 0.5 ** (batch_size / jnp.maximum(h, 1e-8))
+
+
+def ema_update(ema, params, beta):
+    """θ_ema ← β θ_ema + (1 − β) θ (EDM's `p_net.lerp(p_ema, β)`)."""
+    return jax.tree.map(lambda e, p: (p + beta * (e - p)).astype(e.dtype), ema, params)
+
+
+def lr_schedule(lr: float, batch_size: int, rampup_kimg: float):
+    """optax schedule of the update count t: lr · min(t B / max(rampup_kimg·1000, 1e-8), 1)."""
+    def schedule(count):
+        nimg = jnp.asarray(count, jnp.float32) * batch_size
+        return lr * jnp.minimum(nimg / max(rampup_kimg * 1000.0, 1e-8), 1.0)
+
+    return schedule
+
+
+def nan_to_num_grads() -> optax.GradientTransformation:
+    """EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5) on every gradient entry."""
+    return optax.stateless(lambda g, _: jax.tree.map(
+        lambda x: jnp.nan_to_num(x, nan=0.0, posinf=1e5, neginf=-1e5), g))

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import pfgmpp
-from jaxsafe.diffusion import schedulers, t2i
+from jaxsafe.diffusion import image_model, schedulers, t2i
 from jaxsafe.train import split_model
 
 
@@ -37,12 +36,12 @@ def test_t2i_sampler_compiles_once_per_shape(compile_log):
 @pytest.mark.slow
 def test_pfgmpp_sample_fn_compiles_once_per_shape(compile_log):
     config = importlib.import_module("configs.pfgmpp.cifar10_d128").get_config("smoke")
-    graphdef, params, frozen = split_model(pfgmpp.build_model(config))
-    sample_fn = pfgmpp.make_sample_fn(graphdef, config, num_steps=2)
+    graphdef, params, frozen = split_model(image_model.build_model(config))
+    sample_fn = image_model.make_sample_fn(graphdef, config, num_steps=2)
     with compile_log() as names:
-        x, _ = pfgmpp.generate(sample_fn, params, frozen, jax.random.key(0), num=6, batch_size=2)
+        x, _ = image_model.generate(sample_fn, params, frozen, jax.random.key(0), num=6, batch_size=2)
         assert names.count("jit(sample)") == 1, names
-        pfgmpp.generate(sample_fn, params, frozen, jax.random.key(1), num=3, batch_size=3)
+        image_model.generate(sample_fn, params, frozen, jax.random.key(1), num=3, batch_size=3)
         assert names.count("jit(sample)") == 2, names
     assert x.shape[0] == 6 and np.all(np.isfinite(x))
     # Three batches drawn with different keys: different images.

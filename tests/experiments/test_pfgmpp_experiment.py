@@ -13,6 +13,7 @@ import pytest
 
 from experiments import pfgmpp, run_experiment
 from jaxsafe import parallel, train
+from jaxsafe.diffusion import edm, image_model
 
 # Its module fixtures train reference runs once: with `--dist loadgroup` (.ci/run) all of this
 # module's tests share one worker, so they are not trained twice.
@@ -38,18 +39,18 @@ def edm_beta(cur_nimg, batch, halflife_kimg, rampup_ratio):
 class EMATest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_ema_beta_matches_edm(self):
-        beta = self.variant(lambda t: pfgmpp.ema_beta(t, 512, 500.0, 0.05))
+        beta = self.variant(lambda t: edm.ema_beta(t, 512, 500.0, 0.05))
         for t in (0, 1, 10, 1000, 19_531, 100_000):
             np.testing.assert_allclose(beta(t), edm_beta(t * 512, 512, 500.0, 0.05), rtol=1e-6, atol=1e-9)
         assert float(beta(0)) == 0.0  # the first EMA value is the first updated weights
-        no_rampup = self.variant(lambda t: pfgmpp.ema_beta(t, 64, 20.0, None))
+        no_rampup = self.variant(lambda t: edm.ema_beta(t, 64, 20.0, None))
         np.testing.assert_allclose(no_rampup(3), 0.5 ** (64 / 20_000), rtol=1e-6, atol=1e-7)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_ema_update_is_a_lerp(self):
         ema = {"w": jnp.array([1.0, -2.0, 4.0])}
         params = {"w": jnp.array([3.0, 0.0, 4.0])}
-        out = self.variant(pfgmpp.ema_update)(ema, params, 0.75)
+        out = self.variant(edm.ema_update)(ema, params, 0.75)
         np.testing.assert_allclose(out["w"], 0.75 * np.array([1, -2, 4]) + 0.25 * np.array([3, 0, 4]),
                                    atol=0)  # exact: dyadic values
 
@@ -68,7 +69,7 @@ def test_after_update_uses_the_image_count_before_the_step():
 class WarmupTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_lr_schedule_matches_edm(self):
-        schedule = self.variant(pfgmpp.lr_schedule(1e-3, 512, 10_000.0))
+        schedule = self.variant(edm.lr_schedule(1e-3, 512, 10_000.0))
         for t in (0, 1, 100, 19_531, 19_532, 50_000):
             np.testing.assert_allclose(schedule(t), 1e-3 * min(t * 512 / 1e7, 1), rtol=1e-6, atol=1e-10)
 
@@ -85,7 +86,7 @@ def test_optimizer_warms_up_and_cleans_gradients():
         updates, state = opt.update(grads, state, params)
         lr_t = 0.1 * min(t * 1000 / 4000, 1)
         np.testing.assert_allclose(updates, -lr_t * np.sign(grads), rtol=1e-4, atol=1e-7)
-    nan_to_num = pfgmpp.nan_to_num_grads()
+    nan_to_num = edm.nan_to_num_grads()
     cleaned, _ = nan_to_num.update(jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.5]), nan_to_num.init(None))
     np.testing.assert_array_equal(cleaned, [0.0, 1e5, -1e5, 1.5])
     cfg.grad_clip = 1.0
@@ -145,7 +146,7 @@ def test_config_errors_are_named():
     c = config()
     c.model.dtype = "float16"
     with pytest.raises(ValueError, match=r"model.dtype='float16'; expected one of \('float32', 'bfloat16'\)"):
-        pfgmpp.build_model(c)
+        image_model.build_model(c)
 
 
 # --- training end to end ----------------------------------------------------------------------
@@ -175,8 +176,8 @@ def test_short_run_lowers_the_loss_and_reports_fd(trained):
     step, tree = train.load_arrays(str(workdir / "checkpoints"))
     assert step == 40
     batch = {"image": jnp.asarray(task.train_data[0]["image"])}
-    trained_params = pfgmpp.restore_like(task.params, tree["params"])
-    ema_params = pfgmpp.restore_like(task.params, tree["extra"]["ema"])
+    trained_params = image_model.restore_like(task.params, tree["params"])
+    ema_params = image_model.restore_like(task.params, tree["extra"]["ema"])
     before = fixed_loss(task, task.params, batch)
     assert fixed_loss(task, trained_params, batch) < 0.7 * before
     assert fixed_loss(task, ema_params, batch) < before
@@ -239,22 +240,22 @@ def test_quantisation_selects_the_reference_tensors():
 def test_restore_like_names_the_mismatch():
     template = {"a": {"kernel": jnp.zeros((2, 3))}}
     with pytest.raises(ValueError, match=r"checkpoint lacks tensor 'a/kernel'"):
-        pfgmpp.restore_like(template, {"b": {"kernel": np.zeros((2, 3))}})
+        image_model.restore_like(template, {"b": {"kernel": np.zeros((2, 3))}})
     with pytest.raises(ValueError, match=r"'a/kernel' has shape \(3, 2\), model needs \(2, 3\)"):
-        pfgmpp.restore_like(template, {"a": {"kernel": np.zeros((3, 2))}})
-    out = pfgmpp.restore_like(template, {"a": {"kernel": np.ones((2, 3))}})
+        image_model.restore_like(template, {"a": {"kernel": np.zeros((3, 2))}})
+    out = image_model.restore_like(template, {"a": {"kernel": np.ones((2, 3))}})
     np.testing.assert_array_equal(out["a"]["kernel"], 1.0)
 
 
 def test_launcher_config_round_trips_through_config_json(tmp_path):
-    from launch.sample import load_config
+    from jaxsafe.diffusion.image_model import load_config
 
     with pytest.raises(FileNotFoundError, match=r"config.json not found; pass --config"):
         load_config(str(tmp_path))
     c = config("cifar10_edm", "cpu")
     (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=2, sort_keys=True))
     back = load_config(str(tmp_path))
-    assert back.pfgmpp.D == float("inf") and pfgmpp.augmentation_dim(back.pfgmpp.D) is None
+    assert back.pfgmpp.D == float("inf") and image_model.augmentation_dim(back.pfgmpp.D) is None
     assert tuple(back.model.channel_mult) == tuple(c.model.channel_mult)
     assert back.data.data_dir is None and back.train.batch_size == c.train.batch_size
 
@@ -284,7 +285,7 @@ def test_unconditional_branch_of_a_conditional_model_is_zero_labels():
     model = SongUNet(8, 1, 1, label_dim=3, model_channels=8, channel_mult=(1,), num_blocks=1,
                      attn_resolutions=(), dropout=0.0, rngs=nnx.Rngs(0))
     model.eval()
-    denoiser = pfgmpp.make_denoiser(model, 0.5)
+    denoiser = image_model.make_denoiser(model, 0.5)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
     sigma = jnp.array([0.5, 2.0])
     np.testing.assert_array_equal(denoiser(x, sigma, None), denoiser(x, sigma, jnp.zeros((2, 3))))
