@@ -62,7 +62,8 @@ def main(argv):
     forget = {0: 1} if _FORGET.value else None
     terms = sfd.class_terms(k, b, forget=forget)
     step = sid.make_sid_step(denoise, terms, g_optimizer=tx, psi_optimizer=tx, latent_shape=shape,
-                             batch_size=b, D=im.augmentation_dim(tc.pfgmpp.D),
+                             batch_size=b,
+                             kernel=sid.edm_kernel(D=im.augmentation_dim(tc.pfgmpp.D)),
                              ema_beta=lambda n: edm.ema_beta(n, b, 500.0, 0.05))
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     task = train.Task(graphdef=graphdef, params={"G": copy(params), "psi": copy(params)},

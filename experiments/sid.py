@@ -73,10 +73,10 @@ def build(config, mesh) -> Task:
         denoise, sfd.class_terms(k, b, forget=forget_map(config),
                                  forget_weight=config.sfd.forget_weight),
         g_optimizer=g_tx, psi_optimizer=psi_tx, latent_shape=im.image_shape(tc.data),
-        batch_size=b, alpha=config.sid.alpha, sigma_init=config.sid.sigma_init,
-        tmax=config.sid.tmax, g_loss_scale=config.sid.g_loss_scale,
-        D=im.augmentation_dim(tc.pfgmpp.D), P_mean=tc.pfgmpp.P_mean, P_std=tc.pfgmpp.P_std,
-        sigma_data=tc.pfgmpp.sigma_data,
+        batch_size=b, alpha=config.sid.alpha, g_loss_scale=config.sid.g_loss_scale,
+        kernel=sid.edm_kernel(sigma_init=config.sid.sigma_init, tmax=config.sid.tmax,
+                              D=im.augmentation_dim(tc.pfgmpp.D), P_mean=tc.pfgmpp.P_mean,
+                              P_std=tc.pfgmpp.P_std, sigma_data=tc.pfgmpp.sigma_data),
         ema_beta=lambda n: edm.ema_beta(n, b, e.halflife_kimg, e.rampup_ratio or None))
 
     def copy(t):

@@ -25,6 +25,10 @@ teacher.
 * One f_ψ step, then one G step per iteration, each with fresh z and labels; Adam β₁ = 0,
   β₂ = 0.999 for both; EMA of G.
 
+The noise of the teacher family is a :class:`Kernel`: :func:`edm_kernel` (the above) or
+:func:`vp_kernel` (DDPM / latent diffusion, SFD's Stable Diffusion code: the one-step generator
+is the x₀ prediction at the pure-noise latent of step t_init = 625, t ~ U{20, …, 979}).
+
 Score Forgetting Distillation (``jaxsafe.diffusion.sfd``) is this step with more than one term:
 each term names the condition G and f_ψ see, the condition the teacher sees and a weight.
 
@@ -48,8 +52,9 @@ import optax
 
 from jaxsafe.diffusion import edm, pfgmpp
 
-__all__ = ["SiDTerm", "fake_score_loss", "generator_loss", "generator_sigma", "karras_sigma",
-           "make_sid_step", "one_step", "pair_optimizer"]
+__all__ = ["Kernel", "SiDTerm", "edm_kernel", "fake_score_loss", "generator_loss",
+           "generator_sigma", "karras_sigma", "make_sid_step", "one_step", "pair_optimizer",
+           "vp_kernel"]
 
 # denoise(params, x, sigma, cond, dropout_key or None) -> D(x; σ, cond)
 Denoise = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
@@ -104,6 +109,70 @@ class SiDTerm(NamedTuple):
     weight: float = 1.0
 
 
+class Kernel(NamedTuple):
+    """How a teacher family adds noise, for :func:`make_sid_step`; ``denoise`` always predicts
+    x₀ at the kernel's noise level (σ for EDM, the timestep for VP/DDPM).
+
+    * ``generate(denoise, G, z, cond, key)``: the one-step sample x_g;
+    * ``levels(key, batch)``: the generator loss's noise levels;
+    * ``perturb(key, x, levels)``: x_t;
+    * ``fake_loss(denoise, psi, x_g, cond, key, dropout_key)``: f_ψ's per-example loss on
+      stop-gradient samples.
+    """
+
+    generate: Callable
+    levels: Callable
+    perturb: Callable
+    fake_loss: Callable
+
+
+def edm_kernel(*, sigma_init: float = 2.5, tmax: float = 800.0, D=None, P_mean: float = -1.2,
+               P_std: float = 1.2, sigma_data: float = edm.SIGMA_DATA) -> Kernel:
+    """SiD's EDM / PFGM++ setting (module docstring)."""
+    return Kernel(
+        generate=lambda denoise, G, z, cond, key: one_step(denoise, G, z, cond, sigma_init, key),
+        levels=lambda key, batch: generator_sigma(key, batch, tmax),
+        perturb=lambda key, x, sigma: x + pfgmpp.perturbation(key, x.shape, sigma.astype(x.dtype),
+                                                              D, dtype=x.dtype),
+        fake_loss=lambda denoise, psi, x_g, cond, key, drop: fake_score_loss(
+            denoise, psi, x_g, cond, key, D=D, P_mean=P_mean, P_std=P_std,
+            sigma_data=sigma_data, key=drop))
+
+
+def vp_kernel(alphas_cumprod, *, t_init: int = 625, t_min: int = 20,
+              t_max: int = 980) -> Kernel:
+    r"""SFD's DDPM / latent-diffusion setting (``SD/training/sd_util.py`` ``sid_sd_sampler``,
+    ``training_loop.py``; ``DDPM/runners/diffusion.py``): x_g = f(√(1 − ᾱ_{t_init}) z; t_init),
+    the pure-noise latent of step t_init; t ~ U{t_min, …, t_max − 1} for both losses;
+    x_t = √ᾱ_t x + √(1 − ᾱ_t) ε; f_ψ's loss the reference's ε-MSE ‖ε_ψ − ε‖², written on the
+    x₀ prediction as ᾱ_t / (1 − ᾱ_t) · ‖f_ψ − x‖² (the same number)."""
+    abar = jnp.asarray(alphas_cumprod, jnp.float32)
+
+    def coef(t, x):
+        a = abar[t].reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        return jnp.sqrt(a), jnp.sqrt(1 - a)
+
+    def generate(denoise, G, z, cond, key):
+        t = jnp.full((z.shape[0],), t_init, jnp.int32)
+        return denoise(G, jnp.sqrt(1 - abar[t_init]).astype(z.dtype) * z, t, cond, key)
+
+    def perturb(key, x, t):
+        a, b = coef(t, x)
+        return a * x + b * jax.random.normal(key, x.shape, x.dtype)
+
+    def fake_loss(denoise, psi, x_g, cond, key, drop):
+        x = jax.lax.stop_gradient(x_g)
+        k_t, k_n = jax.random.split(key)
+        t = jax.random.randint(k_t, (x.shape[0],), t_min, t_max)
+        snr = abar[t] / (1 - abar[t])
+        return snr.astype(x.dtype) * _sum_pixels((denoise(psi, perturb(k_n, x, t), t, cond, drop)
+                                                  - x) ** 2)
+
+    return Kernel(generate=generate,
+                  levels=lambda key, batch: jax.random.randint(key, (batch,), t_min, t_max),
+                  perturb=perturb, fake_loss=fake_loss)
+
+
 def pair_optimizer(g: optax.GradientTransformation,
                    psi: optax.GradientTransformation) -> optax.GradientTransformation:
     """The optimizer state of params ``{"G", "psi"}``: ``{"G": g.init, "psi": psi.init}``.
@@ -121,9 +190,8 @@ def pair_optimizer(g: optax.GradientTransformation,
 def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTerm]], *,
                   g_optimizer: optax.GradientTransformation,
                   psi_optimizer: optax.GradientTransformation, latent_shape: Sequence[int],
-                  batch_size: int, alpha: float = 1.2, sigma_init: float = 2.5,
-                  tmax: float = 800.0, g_loss_scale: float = 100.0, D=None, P_mean: float = -1.2,
-                  P_std: float = 1.2, sigma_data: float = edm.SIGMA_DATA,
+                  batch_size: int, kernel: Kernel | None = None, alpha: float = 1.2,
+                  g_loss_scale: float = 100.0,
                   ema_beta: Callable[[jax.Array], jax.Array] | None = None):
     """The trainer's ``step_fn(state, batch, rng)`` of SiD (and SFD): one f_ψ update, then one G
     update, each on fresh ``terms(key)`` (conditions drawn per step; no data is read, the batch
@@ -131,18 +199,19 @@ def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTer
     ``state.frozen = {"teacher"}``, ``state.opt_state`` from :func:`pair_optimizer`,
     ``state.extra["ema"]`` the EMA of G with decay ``ema_beta(step)`` (none: not kept). Losses:
     pixel sums averaged over the batch, the generator's times ``g_loss_scale`` (the reference's
-    ``lsg``), each term's times its weight."""
+    ``lsg``), each term's times its weight. ``kernel``: the teacher's noise (default
+    :func:`edm_kernel` with SiD's settings)."""
     shape = (batch_size,) + tuple(latent_shape)
+    kernel = kernel or edm_kernel()
 
     def psi_loss(psi, G, key):
         k_terms, key = jax.random.split(key)
         total = 0.0
         for i, term in enumerate(terms(k_terms)):
             k_z, k_loss, k_drop = jax.random.split(jax.random.fold_in(key, i), 3)
-            x_g = one_step(denoise, G, jax.random.normal(k_z, shape), term.cond, sigma_init)
-            total += term.weight * jnp.mean(fake_score_loss(
-                denoise, psi, x_g, term.cond, k_loss, D=D, P_mean=P_mean, P_std=P_std,
-                sigma_data=sigma_data, key=k_drop))
+            x_g = kernel.generate(denoise, G, jax.random.normal(k_z, shape), term.cond, None)
+            total += term.weight * jnp.mean(kernel.fake_loss(denoise, psi, x_g, term.cond,
+                                                             k_loss, k_drop))
         return total
 
     def g_loss(G, psi, teacher, key):
@@ -150,12 +219,11 @@ def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTer
         total = 0.0
         for i, term in enumerate(terms(k_terms)):
             k_z, k_sigma, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, i), 4)
-            x_g = one_step(denoise, G, jax.random.normal(k_z, shape), term.cond, sigma_init,
-                           k_drop)
-            sigma = generator_sigma(k_sigma, batch_size, tmax).astype(x_g.dtype)
-            x_t = x_g + pfgmpp.perturbation(k_noise, x_g.shape, sigma, D, dtype=x_g.dtype)
-            f_phi = denoise(teacher, x_t, sigma, term.teacher_cond, None)
-            f_psi = denoise(psi, x_t, sigma, term.cond, None)
+            x_g = kernel.generate(denoise, G, jax.random.normal(k_z, shape), term.cond, k_drop)
+            level = kernel.levels(k_sigma, batch_size)
+            x_t = kernel.perturb(k_noise, x_g, level)
+            f_phi = denoise(teacher, x_t, level, term.teacher_cond, None)
+            f_psi = denoise(psi, x_t, level, term.cond, None)
             total += term.weight * jnp.mean(generator_loss(x_g, f_phi, f_psi, alpha))
         return g_loss_scale * total
 

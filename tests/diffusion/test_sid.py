@@ -184,3 +184,37 @@ def test_pair_optimizer_refuses_a_joint_update():
     assert set(state) == {"G", "psi"}
     with pytest.raises(NotImplementedError, match="updated one after the other"):
         tx.update(params, state, params)
+
+
+def test_vp_kernel_generates_from_pure_noise_and_its_fake_loss_is_the_epsilon_mse():
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)).astype(np.float32)
+    kernel = sid.vp_kernel(abar, t_init=625, t_min=20, t_max=980)
+    params = tiny_params(0)
+
+    def eps_net(p, x, t, cond):  # an ε-predicting network; its x₀ prediction is the denoiser
+        c_noise = t.astype(jnp.float32) / 1000
+        flat = x.reshape(x.shape[0], -1) @ p["W"] + c_noise[:, None] * p["b"] + cond @ p["E"]
+        return flat.reshape(x.shape)
+
+    def x0(p, x, t, cond, key):
+        a = jnp.asarray(abar)[t][:, None, None, None]
+        return (x - jnp.sqrt(1 - a) * eps_net(p, x, t, cond)) / jnp.sqrt(a)
+
+    cond = jax.nn.one_hot(jnp.arange(4) % K, K)
+    z = jax.random.normal(jax.random.key(0), (4, *SHAPE))
+    x_g = kernel.generate(x0, params, z, cond, None)
+    x_T = np.sqrt(1 - abar[625]) * np.asarray(z)
+    np.testing.assert_allclose(np.asarray(x_g), np.asarray(
+        x0(params, jnp.asarray(x_T), jnp.full((4,), 625), cond, None)), rtol=1e-5, atol=1e-5)
+    # f_ψ's loss: the reference's ε-MSE on x_t = √ᾱ x + √(1 − ᾱ) ε, t ~ U{20..979}.
+    key = jax.random.key(1)
+    loss = np.asarray(kernel.fake_loss(x0, params, x_g, cond, key, None))
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.randint(k_t, (4,), 20, 980)
+    eps = jax.random.normal(k_n, x_g.shape)
+    a = jnp.asarray(abar)[t][:, None, None, None]
+    x_t = jnp.sqrt(a) * x_g + jnp.sqrt(1 - a) * eps
+    hand = np.sum(np.asarray(eps_net(params, x_t, t, cond) - eps) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(loss, hand, rtol=1e-3, atol=1e-4)
+    levels = np.asarray(kernel.levels(jax.random.key(2), 4096))
+    assert levels.min() >= 20 and levels.max() <= 979 and levels.max() > 970
