@@ -192,7 +192,8 @@ def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTer
                   psi_optimizer: optax.GradientTransformation, latent_shape: Sequence[int],
                   batch_size: int, kernel: Kernel | None = None, alpha: float = 1.2,
                   g_loss_scale: float = 100.0,
-                  ema_beta: Callable[[jax.Array], jax.Array] | None = None):
+                  ema_beta: Callable[[jax.Array], jax.Array] | None = None,
+                  generator_denoise: Denoise | None = None):
     """The trainer's ``step_fn(state, batch, rng)`` of SiD (and SFD): one f_ψ update, then one G
     update, each on fresh ``terms(key)`` (conditions drawn per step; no data is read, the batch
     is ignored), each term ``batch_size`` samples. ``state.params = {"G", "psi"}``,
@@ -200,16 +201,18 @@ def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTer
     ``state.extra["ema"]`` the EMA of G with decay ``ema_beta(step)`` (none: not kept). Losses:
     pixel sums averaged over the batch, the generator's times ``g_loss_scale`` (the reference's
     ``lsg``), each term's times its weight. ``kernel``: the teacher's noise (default
-    :func:`edm_kernel` with SiD's settings)."""
+    :func:`edm_kernel` with SiD's settings). ``generator_denoise``: G's own denoiser where it
+    differs from f_φ's and f_ψ's (SFD's text version guides f_φ and f_ψ, not G)."""
     shape = (batch_size,) + tuple(latent_shape)
     kernel = kernel or edm_kernel()
+    g_denoise = generator_denoise or denoise
 
     def psi_loss(psi, G, key):
         k_terms, key = jax.random.split(key)
         total = 0.0
         for i, term in enumerate(terms(k_terms)):
             k_z, k_loss, k_drop = jax.random.split(jax.random.fold_in(key, i), 3)
-            x_g = kernel.generate(denoise, G, jax.random.normal(k_z, shape), term.cond, None)
+            x_g = kernel.generate(g_denoise, G, jax.random.normal(k_z, shape), term.cond, None)
             total += term.weight * jnp.mean(kernel.fake_loss(denoise, psi, x_g, term.cond,
                                                              k_loss, k_drop))
         return total
@@ -219,7 +222,7 @@ def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTer
         total = 0.0
         for i, term in enumerate(terms(k_terms)):
             k_z, k_sigma, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, i), 4)
-            x_g = kernel.generate(denoise, G, jax.random.normal(k_z, shape), term.cond, k_drop)
+            x_g = kernel.generate(g_denoise, G, jax.random.normal(k_z, shape), term.cond, k_drop)
             level = kernel.levels(k_sigma, batch_size)
             x_t = kernel.perturb(k_noise, x_g, level)
             f_phi = denoise(teacher, x_t, level, term.teacher_cond, None)

@@ -59,7 +59,7 @@ def _run(tmp_path, methods):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("methods", [("esd", "spm", "safegen"), ("advunlearn", "trce"),
+@pytest.mark.parametrize("methods", [("esd", "spm", "safegen"), ("advunlearn", "trce", "sfd"),
                                      ("uce", "rece", "safree", "original")])
 def test_every_method_runs_on_eight_devices(tmp_path, methods):
     """Each method's 8-device run edits exactly the network it is meant to (the UNet; the text
@@ -68,7 +68,8 @@ def test_every_method_runs_on_eight_devices(tmp_path, methods):
     results = _run(tmp_path, methods)
     assert sorted(results) == sorted(methods)
     expected = {"esd": ["unet"], "safegen": ["unet"], "trce": ["unet"], "uce": ["unet"],
-                "rece": ["unet"], "advunlearn": ["text_encoder"], "spm": [], "safree": [],
+                "rece": ["unet"], "advunlearn": ["text_encoder"], "sfd": ["unet"], "spm": [],
+                "safree": [],
                 "original": []}
     assert {m: r["changed"] for m, r in results.items()} == {m: expected[m] for m in methods}
     for m, r in results.items():
