@@ -10,10 +10,10 @@ reference's ``retain_texts``).
 
 Scores (``rece.scorer``): ``""`` on the test bed is the oracle's accuracy of the erased concepts
 on prompts and seeds of ``rece.score_seed`` (not the evaluation's ``eval.seed``); with
-``rece.other_tolerance > 0`` a round is admissible only if the accuracy of the
-``concepts.preserve`` concepts stays within that of the starting (UCE) model. A user scorer is
-``"package.module:function"``, called as ``function(config, pipe)`` with ``pipe.model`` holding
-the round's edit, returning a score (lower is better for ``select = "min"``) or
+``rece.other_tolerance > 0`` a round is admissible only if the mean accuracy of every other
+test-bed concept (:func:`other_concepts`) stays within that of the starting (UCE) model. A user
+scorer is ``"package.module:function"``, called as ``function(config, pipe)`` with ``pipe.model``
+holding the round's edit, returning a score (lower is better for ``select = "min"``) or
 ``(score, admissible)``. With no scorer (a real model and no function given) the last round is
 kept. Config: ``configs/erasure/rece.py``.
 """
@@ -34,6 +34,16 @@ from jaxsafe.erasure import evaluation, prompts, rece
 from jaxsafe.erasure import model as em
 
 
+def other_concepts(erase) -> list[str]:
+    """Every test-bed concept word but the erased ones and their synonyms: what a round must not
+    damage. The erased attribute's other values alone (the preserve set) missed rounds that drew
+    every colour and background wrong while erasing a shape (docs/erasure.md)."""
+    from jaxsafe.data import shapes
+
+    gone = {shapes.CONCEPTS[w] for w in erase}
+    return [w for w, key in shapes.CONCEPTS.items() if key not in gone]
+
+
 def _testbed_scorer(config, pipe):
     """Oracle accuracy of the erased concepts (and admissibility by the preserved ones)."""
     from jaxsafe.data import shapes_metrics
@@ -42,10 +52,7 @@ def _testbed_scorer(config, pipe):
     r = config.rece
     oracle = oracle_lib.load()
     generate = None
-    others = prompts.preserve_words(config.concepts) if r.other_tolerance > 0 else []
-    if r.other_tolerance > 0 and not others:
-        raise ValueError("rece.other_tolerance > 0 needs config.concepts.preserve concepts to "
-                         "measure")
+    others = other_concepts(config.concepts.erase) if r.other_tolerance > 0 else []
     first_other = []
 
     def accuracy(gen, words):

@@ -27,8 +27,8 @@ Settings of the authors' code (``CharlesGong12/RECE``: ``train.py``, ``train_obj
 Test bed (``cpu``): erase ``red`` (``configs/erasure/common.py``) in the test bed's templates
 with the object setting, starting from UCE's test-bed edit (the other colours preserved); the
 score is the oracle's accuracy of red on 16 prompts of seed 1 (the evaluation uses seed 0), a
-round admissible if the other colours' accuracy stays within 0.1 of UCE's; RECE's retain set is
-the empty prompt and the other colours' prompts (the reference's ``--preserve_concepts``).
+round admissible if every other concept's mean accuracy stays within 0.1 of UCE's; RECE's retain
+set is the empty prompt and the other colours' prompts (the reference's ``--preserve_concepts``).
 Otherwise the paper's object setting, unchanged.
 """
 

@@ -235,3 +235,14 @@ def test_rece_erases_red_on_the_trained_test_bed(tmp_path):
     admissible = [s for s, ok in zip(out["round_scores"], out["round_admissible"]) if ok]
     assert out["round_admissible"][out["best_round"]]
     assert out["round_scores"][out["best_round"]] == min(admissible)
+
+
+def test_rounds_are_judged_on_every_other_concept():
+    from experiments.erase_rece import other_concepts
+
+    others = other_concepts(["square"])
+    assert "square" not in others and "box" not in others  # the erased concept and its synonym
+    # Not only the other shapes: colours and backgrounds are what a bad round damaged.
+    assert {"circle", "ellipse", "triangle", "red", "blue", "plain", "dotted"} <= set(others)
+    assert set(other_concepts(["red", "green"])) >= {"orange", "blue", "square"}
+    assert not {"red", "green"} & set(other_concepts(["red", "green"]))
