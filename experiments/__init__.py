@@ -49,7 +49,9 @@ def run_experiment(config, workdir: str) -> dict:
     checkpoint) and ``summarize``s; writes the summary, with the wall-clock time of ``edit``
     (whatever it does, evaluation included; an edit reports its own ``erase_seconds``) or of
     build + training (``summarize`` excluded) as ``run_seconds``, to ``summary.json`` and returns
-    it."""
+    it. A pre-empted run (SIGTERM: the trainer saved a checkpoint and stopped early) writes no
+    summary, which would pass for the finished run's, and returns
+    ``{"experiment", "preempted_at": step}``; a rerun resumes."""
     module = get(config.experiment)
     if not hasattr(module, "edit") and not hasattr(module, "build"):
         raise ValueError(f"experiment {config.experiment!r} defines neither build nor edit")
@@ -66,6 +68,11 @@ def run_experiment(config, workdir: str) -> dict:
         task = module.build(config, mesh)
         state = train.run(task, config.train, workdir, mesh)
         seconds = time.perf_counter() - t0
+        step = int(parallel.fetch(state.step))
+        if step < config.train.num_steps:
+            # Pre-empted (SIGTERM): the checkpoint is saved; a summary of the unfinished model
+            # would pass for the finished run's, so none is written. A rerun resumes.
+            return {"experiment": config.experiment, "preempted_at": step}
         summary = (dict(module.summarize(config, state, task, workdir))
                    if hasattr(module, "summarize") else {})
     summary = {"experiment": config.experiment, "variant": config.get("variant", ""),

@@ -278,8 +278,11 @@ def main(argv):
                 workdir = os.path.join(_OUT.value, setting, name, f"seed{seed}")
                 if read_summary(workdir) is None:
                     print(f"running {setting} / {name} / seed {seed}", flush=True)
-                    run_experiment(config_for(method, setting, seed, _MODEL.value, _FID.value,
-                                              over), workdir)
+                    done = run_experiment(config_for(method, setting, seed, _MODEL.value,
+                                                     _FID.value, over), workdir)
+                    if "preempted_at" in done:
+                        print(f"pre-empted in {workdir}; rerun the command to resume")
+                        return
         tables = "\n\n".join(table(_OUT.value, s, methods, seeds, overrides)
                                for s in _SETTINGS.value)
     print(tables)

@@ -75,6 +75,36 @@ def test_a_build_experiment_trains_then_summarizes_with_the_workdir(fake, tmp_pa
     assert experiments.run_experiment(_config("trainer"), str(tmp_path))["step"] == 6
 
 
+def test_a_preempted_run_writes_no_summary_and_a_rerun_finishes(fake, tmp_path, monkeypatch):
+    import signal
+
+    import jax
+
+    def sigterm_at_step_2(step):
+        if int(step) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def build(config, mesh):
+        def loss(p, f, e, b, r):
+            return jnp.sum((p["w"] - 1.0) ** 2), ({}, e)
+
+        def after(st):  # SIGTERM during step 2: the trainer saves there and stops
+            jax.debug.callback(sigterm_at_step_2, st.step)
+            return st.extra
+
+        return train.Task(graphdef=None, params={"w": jnp.zeros(2)}, frozen={},
+                          optimizer=optax.sgd(0.25), loss_fn=loss,
+                          train_data={"x": np.zeros((1, 1), np.float32)}, after_update=after)
+
+    fake["trainer"] = types.SimpleNamespace(build=build, summarize=lambda *a: {"done": True})
+    out = experiments.run_experiment(_config("trainer"), str(tmp_path))
+    assert out == {"experiment": "trainer", "preempted_at": 2}
+    assert not (tmp_path / "summary.json").exists()
+    # The rerun resumes at step 2 (no SIGTERM after it) and finishes with a summary.
+    assert experiments.run_experiment(_config("trainer"), str(tmp_path))["done"] is True
+    assert (tmp_path / "summary.json").exists()
+
+
 def test_an_experiment_with_neither_is_refused(fake, tmp_path):
     fake["empty"] = types.SimpleNamespace()
     with pytest.raises(ValueError, match="experiment 'empty' defines neither build nor edit"):
