@@ -200,35 +200,42 @@ def make_sid_step(denoise: Denoise, terms: Callable[[jax.Array], Sequence[SiDTer
     ``state.frozen = {"teacher"}``, ``state.opt_state`` from :func:`pair_optimizer`,
     ``state.extra["ema"]`` the EMA of G with decay ``ema_beta(step)`` (none: not kept). Losses:
     pixel sums averaged over the batch, the generator's times ``g_loss_scale`` (the reference's
-    ``lsg``), each term's times its weight. ``kernel``: the teacher's noise (default
+    ``lsg``), each term's times its weight; the terms run as one concatenated batch (keys:
+    ``k_psi, k_g = split(rng)``; in each phase ``k_terms, k = split(k_phase)``, then
+    ``split(k, 3)`` (f_ψ: z, loss, dropout) or ``split(k, 4)`` (G: z, level, noise, dropout)).
+    ``kernel``: the teacher's noise (default
     :func:`edm_kernel` with SiD's settings). ``generator_denoise``: G's own denoiser where it
     differs from f_φ's and f_ψ's (SFD's text version guides f_φ and f_ψ, not G)."""
-    shape = (batch_size,) + tuple(latent_shape)
     kernel = kernel or edm_kernel()
     g_denoise = generator_denoise or denoise
 
+    def stacked(key):
+        """The terms as one batch (one trace of each network per phase): the conditions
+        concatenated and each row's weight, its term's weight over ``batch_size``."""
+        ts = list(terms(key))
+        cat = (lambda xs: None if xs[0] is None else jnp.concatenate(xs))  # noqa: E731
+        w = jnp.concatenate([jnp.full((batch_size,), t.weight / batch_size) for t in ts])
+        return cat([t.cond for t in ts]), cat([t.teacher_cond for t in ts]), w
+
     def psi_loss(psi, G, key):
         k_terms, key = jax.random.split(key)
-        total = 0.0
-        for i, term in enumerate(terms(k_terms)):
-            k_z, k_loss, k_drop = jax.random.split(jax.random.fold_in(key, i), 3)
-            x_g = kernel.generate(g_denoise, G, jax.random.normal(k_z, shape), term.cond, None)
-            total += term.weight * jnp.mean(kernel.fake_loss(denoise, psi, x_g, term.cond,
-                                                             k_loss, k_drop))
-        return total
+        cond, _, w = stacked(k_terms)
+        k_z, k_loss, k_drop = jax.random.split(key, 3)
+        z = jax.random.normal(k_z, (w.shape[0],) + tuple(latent_shape))
+        x_g = kernel.generate(g_denoise, G, z, cond, None)
+        return jnp.sum(w * kernel.fake_loss(denoise, psi, x_g, cond, k_loss, k_drop))
 
     def g_loss(G, psi, teacher, key):
         k_terms, key = jax.random.split(key)
-        total = 0.0
-        for i, term in enumerate(terms(k_terms)):
-            k_z, k_sigma, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, i), 4)
-            x_g = kernel.generate(g_denoise, G, jax.random.normal(k_z, shape), term.cond, k_drop)
-            level = kernel.levels(k_sigma, batch_size)
-            x_t = kernel.perturb(k_noise, x_g, level)
-            f_phi = denoise(teacher, x_t, level, term.teacher_cond, None)
-            f_psi = denoise(psi, x_t, level, term.cond, None)
-            total += term.weight * jnp.mean(generator_loss(x_g, f_phi, f_psi, alpha))
-        return g_loss_scale * total
+        cond, teacher_cond, w = stacked(k_terms)
+        k_z, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
+        z = jax.random.normal(k_z, (w.shape[0],) + tuple(latent_shape))
+        x_g = kernel.generate(g_denoise, G, z, cond, k_drop)
+        level = kernel.levels(k_sigma, w.shape[0])
+        x_t = kernel.perturb(k_noise, x_g, level)
+        f_phi = denoise(teacher, x_t, level, teacher_cond, None)
+        f_psi = denoise(psi, x_t, level, cond, None)
+        return g_loss_scale * jnp.sum(w * generator_loss(x_g, f_phi, f_psi, alpha))
 
     def step(state, batch, rng):
         del batch

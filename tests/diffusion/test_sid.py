@@ -100,7 +100,7 @@ def test_first_fake_score_step_is_the_edm_loss_gradient_and_the_teacher_gets_non
     k_psi, _ = jax.random.split(rng)
     k_terms, key = jax.random.split(k_psi)
     labels = _terms(k_terms)[0].cond
-    k_z, k_loss, _ = jax.random.split(jax.random.fold_in(key, 0), 3)
+    k_z, k_loss, _ = jax.random.split(key, 3)
     # G = the teacher: x_g is the teacher's one-step output at σ_init = 2.5.
     z = jax.random.normal(k_z, (4, *SHAPE))
     x_g = tiny_denoise(teacher, 2.5 * z, jnp.full((4,), 2.5), labels, None)
@@ -142,7 +142,7 @@ def test_generator_gradient_flows_through_the_frozen_networks_inputs():
     _, k_g = jax.random.split(rng)
     k_terms, key = jax.random.split(k_g)
     labels = _terms(k_terms)[0].cond
-    k_z, k_sigma, k_noise, _ = jax.random.split(jax.random.fold_in(key, 0), 4)
+    k_z, k_sigma, k_noise, _ = jax.random.split(key, 4)
     z = jax.random.normal(k_z, (4, *SHAPE))
     sigma = sid.generator_sigma(k_sigma, 4, 800.0)
     n = sigma[:, None, None, None] * jax.random.normal(k_noise, z.shape)
@@ -218,3 +218,27 @@ def test_vp_kernel_generates_from_pure_noise_and_its_fake_loss_is_the_epsilon_ms
     np.testing.assert_allclose(loss, hand, rtol=1e-3, atol=1e-4)
     levels = np.asarray(kernel.levels(jax.random.key(2), 4096))
     assert levels.min() >= 20 and levels.max() <= 979 and levels.max() > 970
+
+
+def test_terms_run_as_one_batch_each_weighted_by_its_mean():
+    teacher = tiny_params(0)
+    a = jax.nn.one_hot(jnp.zeros(4, jnp.int32), K)
+    b = jax.nn.one_hot(jnp.ones(4, jnp.int32), K)
+
+    def terms(key):
+        return [sid.SiDTerm(a, a, 1.0), sid.SiDTerm(b, a, 0.25)]
+
+    step = sid.make_sid_step(tiny_denoise, terms, g_optimizer=optax.sgd(0.0),
+                             psi_optimizer=optax.sgd(0.0), latent_shape=SHAPE, batch_size=4)
+    rng = jax.random.key(11)
+    _, metrics = jax.jit(step)(_state(teacher, teacher, teacher, optax.sgd(0.0), optax.sgd(0.0)),
+                               None, rng)
+    k_psi, _ = jax.random.split(rng)
+    _, key = jax.random.split(k_psi)
+    k_z, k_loss, k_drop = jax.random.split(key, 3)
+    cond = jnp.concatenate([a, b])
+    z = jax.random.normal(k_z, (8, *SHAPE))
+    x_g = sid.one_step(tiny_denoise, teacher, z, cond)
+    rows = np.asarray(sid.fake_score_loss(tiny_denoise, teacher, x_g, cond, k_loss, key=k_drop))
+    np.testing.assert_allclose(float(metrics["loss_fake_score"]),
+                               rows[:4].mean() + 0.25 * rows[4:].mean(), rtol=1e-5, atol=1e-5)
