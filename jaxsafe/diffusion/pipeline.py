@@ -148,11 +148,32 @@ def make_generator(pipe: Pipeline, apply: Callable, encode: Callable, **sampling
                               decode=lambda _, z: pipe.decode(z), **sampling)
 
 
+_GENERATORS: dict = {}  # (folder, graphdef, sampling) -> generate; see generator()
+_MAX_GENERATORS = 8
+
+
 def generator(pipe: Pipeline, graphdef, **sampling):
     """:func:`make_generator` for states of a :class:`T2I` split with ``graphdef``:
-    ``generate(state, prompts, seeds)``, ``state`` a tuple of the split's states."""
-    return make_generator(pipe, lambda s, x, t, e: nnx.merge(graphdef, *s)(x, t, e),
-                          lambda s, ids: nnx.merge(graphdef, *s).encode(ids), **sampling)
+    ``generate(state, prompts, seeds)``, ``state`` a tuple of the split's states.
+
+    The same (model folder, graph, sampling settings) get the same function back within a
+    process, so its compiled sampler is reused: every edit of one model (the erasure table runs
+    dozens) shares one compilation instead of paying ~10-20 s each. The weights are arguments;
+    what is baked in (tokenizer, scheduler, decoder) is the folder's."""
+    try:
+        key = (pipe.folder, graphdef, tuple(sorted(sampling.items())))
+        hash(key)
+    except TypeError:  # an unhashable setting: no reuse
+        key = None
+    if key is not None and key in _GENERATORS:
+        return _GENERATORS[key]
+    out = make_generator(pipe, lambda s, x, t, e: nnx.merge(graphdef, *s)(x, t, e),
+                         lambda s, ids: nnx.merge(graphdef, *s).encode(ids), **sampling)
+    if key is not None:
+        if len(_GENERATORS) >= _MAX_GENERATORS:
+            _GENERATORS.pop(next(iter(_GENERATORS)))
+        _GENERATORS[key] = out
+    return out
 
 
 def _primary_writes(name: str):

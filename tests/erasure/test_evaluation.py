@@ -38,3 +38,27 @@ def test_the_fd_compares_with_the_original_model_on_independent_seeds(tiny_pipe)
                                ["red"], **kw)
     floor = evaluation.evaluate(tiny_pipe, lambda c, s: gen((state,), c, s), ["red"], **kw)
     assert abs(same["oracle_fd"]) < 1e-3 < floor["oracle_fd"]
+
+
+def test_one_generator_per_model_folder_and_settings_with_the_weights_as_arguments(tiny_folder):
+    import jax
+    from flax import nnx
+
+    from jaxsafe.diffusion import pipeline
+
+    a, b = pipeline.load(tiny_folder), pipeline.load(tiny_folder)
+    (ga, sa), (gb, _) = nnx.split(a.model), nnx.split(b.model)
+    sampling = dict(kind="ddim", num_inference_steps=2, guidance_scale=4.0, batch_size=4)
+    gen = pipeline.generator(a, ga, **sampling)
+    assert pipeline.generator(b, gb, **sampling) is gen  # compiled once
+    assert pipeline.generator(a, ga, **{**sampling, "guidance_scale": 3.0}) is not gen
+    # Weights are arguments: an edited state through the shared function draws what a fresh
+    # generator of that state draws.
+    edited = jax.tree.map(lambda x: x * 0.9, sa)
+    fresh = pipeline.make_generator(
+        a, lambda s, x, t, e: nnx.merge(ga, *s)(x, t, e),
+        lambda s, ids: nnx.merge(ga, *s).encode(ids), **sampling)
+    caps, seeds = ["a red square", "a blue circle"], np.array([1, 2])
+    np.testing.assert_allclose(gen((edited,), caps, seeds), fresh((edited,), caps, seeds),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(gen((edited,), caps, seeds), gen((sa,), caps, seeds), atol=1e-3)
