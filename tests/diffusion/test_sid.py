@@ -63,12 +63,13 @@ def test_omega_is_stop_gradient():
 
 
 def test_karras_sigma_ends_and_generator_sigma_range():
-    np.testing.assert_allclose(float(sid.karras_sigma(0.0)), 0.002, rtol=1e-6)
-    np.testing.assert_allclose(float(sid.karras_sigma(1.0)), 80.0, rtol=1e-6)
+    np.testing.assert_allclose(float(sid.karras_sigma(0.0)), 0.002, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(float(sid.karras_sigma(1.0)), 80.0, rtol=1e-6, atol=1e-4)
     # EDM's sampling levels are the same curve at t = 1 − i/(N − 1).
     steps = np.asarray(edm.edm_sigma_steps(18))[:-1]
     t = 1 - np.arange(18) / 17
-    np.testing.assert_allclose(np.asarray(sid.karras_sigma(jnp.asarray(t))), steps, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sid.karras_sigma(jnp.asarray(t))), steps, rtol=1e-5,
+                               atol=1e-8)
     s = np.asarray(sid.generator_sigma(jax.random.key(0), 4096, tmax=800))
     top = float(sid.karras_sigma(0.8))
     assert s.min() >= 0.002 and s.max() <= top and s.max() > 0.9 * top
