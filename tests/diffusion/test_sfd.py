@@ -38,6 +38,7 @@ def _step(terms):
                                      batch_size=4))
 
 
+@pytest.mark.slow
 def test_sfd_with_the_override_equal_to_the_forgotten_class_is_sid():
     teacher, psi, G = tiny_params(0), tiny_params(1), tiny_params(2)
     state = _state(G, psi, teacher, optax.sgd(0.05), optax.sgd(0.05))

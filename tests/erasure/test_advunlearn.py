@@ -227,6 +227,7 @@ def test_testbed_retain_names_no_target_and_parses():
     assert "an orange ellipse" in testbed_retain(["red"])  # the near concept is retained
 
 
+@pytest.mark.slow
 def test_concept_prompts_are_the_template_forms_and_the_paper_keeps_the_bare_word(tiny_folder):
     from configs.erasure import advunlearn as cfg
     from experiments.erase_advunlearn import build

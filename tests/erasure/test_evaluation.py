@@ -40,6 +40,7 @@ def test_the_fd_compares_with_the_original_model_on_independent_seeds(tiny_pipe)
     assert abs(same["oracle_fd"]) < 1e-3 < floor["oracle_fd"]
 
 
+@pytest.mark.slow
 def test_one_generator_per_model_folder_and_settings_with_the_weights_as_arguments(tiny_folder):
     import jax
     from flax import nnx

@@ -21,6 +21,7 @@ def smoke(tiny_folder):
     return c
 
 
+@pytest.mark.slow
 def test_override_prompts_replace_the_erased_word_by_its_guide(tiny_folder):
     c = smoke(tiny_folder)
     pairs = prompts.prompt_pairs(c.concepts)
@@ -37,6 +38,7 @@ def test_override_prompts_replace_the_erased_word_by_its_guide(tiny_folder):
     assert all(n.startswith("unet/") for n in named_leaves(task.params["G"]))
 
 
+@pytest.mark.slow
 def test_one_step_generator_is_the_x0_prediction_at_t_init(tiny_folder):
     from flax import nnx
 
