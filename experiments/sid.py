@@ -5,12 +5,15 @@ The teacher is a ``launch.train`` run of ``configs/pfgmpp`` (``teacher.workdir``
 weights); G and f_ψ start as copies of it. ``state.params = {"G", "psi"}``,
 ``state.frozen = {"teacher", "rest"}`` (the teacher's weights and the non-trained state of the
 architecture), ``state.extra["ema"]`` the EMA of G with EDM's half-life schedule. No data are
-read. ``sfd.forget`` (with ``sfd.override``) turns SiD into SFD.
+read. ``sfd.forget`` (with ``sfd.override``) turns SiD into SFD. ``init.workdir`` (a run of this
+experiment) starts G from that run's EMA generator and f_ψ from its fake score instead of the
+teacher: SFD's two-stage variant (SiD first, then forgetting; the reference's "SFD-Two-Stage").
 
 Evaluator (digits teachers): the one-step EMA generator's Fréchet distance on the digits
 classifier's features against all real digits, the teacher's (``sampler.num_steps`` Heun steps,
 computed once) next to it, and per label the digits classifier's accuracy on one-step samples of
-that label (``acc/<k>``): for a forgotten label the rate at which it is still drawn.
+that label (``acc/<k>``): for a forgotten label the rate at which it is still drawn, and
+``override/<k>`` the rate at which it is drawn as its override label.
 """
 
 from __future__ import annotations
@@ -37,6 +40,23 @@ def teacher(config):
     graphdef, params, rest, _ = im.load_model(tc, config.teacher.workdir,
                                               step=config.teacher.step or None)
     return tc, graphdef, params, rest
+
+
+def stage_one(config, params):
+    """``(G, ψ)``: copies of the teacher's ``params``, or the EMA generator and the fake score
+    of the run in ``init.workdir`` (checkpoint ``init.step``, 0 = the latest)."""
+    init = config.get("init") or {}
+    if not init.get("workdir"):
+        return jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, params)
+    from jaxsafe import train
+
+    ckpt = f"{init.workdir}/checkpoints"
+    _, tree = train.load_arrays(ckpt, init.get("step") or None)
+    if "ema" not in tree.get("extra", {}) or "psi" not in tree.get("params", {}):
+        raise ValueError(f"init.workdir {init.workdir!r}: not a run of experiments/sid.py "
+                         "(its checkpoint has no G EMA and fake score)")
+    return (im.restore_like(params, tree["extra"]["ema"]),
+            im.restore_like(params, tree["params"]["psi"]))
 
 
 def make_denoise(graphdef, rest, tc) -> sid.Denoise:
@@ -79,17 +99,15 @@ def build(config, mesh) -> Task:
                               P_std=tc.pfgmpp.P_std, sigma_data=tc.pfgmpp.sigma_data),
         ema_beta=lambda n: edm.ema_beta(n, b, e.halflife_kimg, e.rampup_ratio or None))
 
-    def copy(t):
-        return jax.tree.map(jnp.copy, t)
-
+    G, psi = stage_one(config, params)
     evaluators = ({"samples": make_evaluator(config, tc, graphdef, denoise)}
                   if config.eval.num_samples else {})
-    return Task(graphdef=graphdef, params={"G": copy(params), "psi": copy(params)},
+    return Task(graphdef=graphdef, params={"G": G, "psi": psi},
                 frozen={"teacher": params, "rest": rest},
                 optimizer=sid.pair_optimizer(g_tx, psi_tx),
                 # No data: the trainer's fixed batch is a placeholder, one row per batch shard.
                 train_data={"unused": np.zeros((batch_shards(mesh),), np.float32)},
-                extra={"ema": copy(params)}, step_fn=step, evaluators=evaluators)
+                extra={"ema": jax.tree.map(jnp.copy, G)}, step_fn=step, evaluators=evaluators)
 
 
 def one_step_sampler(denoise, sigma_init: float, shape):
@@ -147,6 +165,8 @@ def make_evaluator(config, tc, graphdef, denoise):
                     cache["classifier"] = jax.jit(lambda v: jnp.argmax(net(v), -1))
                 pred = np.asarray(cache["classifier"](jnp.asarray(x)))
                 out.update({f"acc/{c}": float(np.mean(pred[y == c] == c)) for c in range(k)})
+                out.update({f"override/{c}": float(np.mean(pred[y == c] == o))
+                            for c, o in forget_map(config).items()})
         return out
 
     return evaluate

@@ -27,6 +27,7 @@ def base(arg) -> ml_collections.ConfigDict:
     c.experiment = "sid"
     c.variant = arg
     c.teacher = dict(workdir="", step=0)  # 0: the latest checkpoint
+    c.init = dict(workdir="", step=0)  # a SiD run to start G and f_ψ from (two-stage SFD)
     c.sid = dict(alpha=1.2, sigma_init=2.5, tmax=800.0, g_loss_scale=100.0)
     c.sfd = dict(forget=(), override=(), forget_weight=0.01)  # no forget: SiD
     c.optimizer = dict(lr_g=1e-5, lr_psi=1e-5, b1=0.0, b2=0.999, eps=1e-8)
@@ -40,8 +41,8 @@ def base(arg) -> ml_collections.ConfigDict:
         c.optimizer.update(lr_g=1e-4, lr_psi=1e-4)
         c.ema.update(halflife_kimg=5.0)
         c.eval.update(num_samples=500, batch_size=250, grid=100)
-        c.train.update(batch_size=64, num_steps=2000, log_every=50, eval_every=500,
-                       checkpoint_every=500)
+        c.train.update(batch_size=32, num_steps=1500, log_every=50, eval_every=500,
+                       checkpoint_every=250)
     if arg == "smoke":
         c.optimizer.update(lr_g=1e-4, lr_psi=1e-4)
         c.ema.update(halflife_kimg=0.1)

@@ -10,6 +10,7 @@ import pytest
 
 from experiments import run_experiment
 from jaxsafe import train
+from jaxsafe.treepath import named_leaves
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +34,17 @@ def sfd_config(teacher, steps):
     return c
 
 
-def test_sfd_trains_g_and_psi_keeps_the_teacher_and_reports_per_label(teacher, tmp_path):
-    summary = run_experiment(sfd_config(teacher, 4), str(tmp_path))
+@pytest.fixture(scope="module")
+def sfd_run(teacher, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sfd_run")
+    return str(workdir), run_experiment(sfd_config(teacher, 4), str(workdir))
+
+
+def test_sfd_trains_g_and_psi_keeps_the_teacher_and_reports_per_label(teacher, sfd_run):
+    workdir, summary = sfd_run
     assert {f"acc/{k}" for k in range(10)} <= set(summary) and "fd" in summary
-    assert "teacher_fd" in summary
-    _, tree = train.load_arrays(str(tmp_path / "checkpoints"))
+    assert "teacher_fd" in summary and set(summary) >= {"override/0"}
+    _, tree = train.load_arrays(f"{workdir}/checkpoints")
     _, t_tree = train.load_arrays(f"{teacher}/checkpoints")
     # The frozen teacher is the teacher run's EMA; G and ψ started there and moved apart.
     chex.assert_trees_all_equal(tree["frozen"]["teacher"], t_tree["extra"]["ema"])
@@ -46,6 +53,24 @@ def test_sfd_trains_g_and_psi_keeps_the_teacher_and_reports_per_label(teacher, t
     assert any(not np.array_equal(a, b) for a, b in zip(g, t))
     assert any(not np.array_equal(a, b) for a, b in zip(psi, t))
     assert any(not np.array_equal(a, b) for a, b in zip(g, psi))
+
+
+def test_two_stage_starts_g_from_the_runs_ema_and_psi_from_its_fake_score(teacher, sfd_run):
+    from experiments import sid
+
+    c = sfd_config(teacher, 4)
+    _, _, params, _ = sid.teacher(c)
+    c.init.workdir = sfd_run[0]
+    G, psi = sid.stage_one(c, params)
+    _, tree = train.load_arrays(f"{sfd_run[0]}/checkpoints")
+    for got, want in ((G, tree["extra"]["ema"]), (psi, tree["params"]["psi"])):
+        got, want = named_leaves(got), named_leaves(want)
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
+    c.init.workdir = teacher  # a pfgmpp run has an EMA but no fake score
+    with pytest.raises(ValueError, match="not a run of experiments/sid.py"):
+        sid.stage_one(c, params)
 
 
 def test_resume_after_a_stop_is_bit_identical_for_the_three_networks(teacher, tmp_path):
