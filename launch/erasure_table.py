@@ -45,13 +45,13 @@ METHODS = {
     "original": ("original", "cpu"), "ESD-u": ("esd", "cpu"), "ESD-x": ("esd", "x_cpu"),
     "ESD-x-strict": ("esd", "xs_cpu"), "UCE": ("uce", "cpu"), "RECE": ("rece", "cpu"),
     "TRCE": ("trce", "cpu"), "SPM": ("spm", "cpu"), "AdvUnlearn": ("advunlearn", "cpu"),
-    "SafeGen": ("safegen", "cpu"), "SAFREE": ("safree", "cpu"),
+    "SafeGen": ("safegen", "cpu"), "SAFREE": ("safree", "cpu"), "SFD": ("sfd", "cpu"),
 }
 # setting -> erased concepts. "colours": two colours at once, for the methods in MULTI.
 SETTINGS = {"red": ("red",), "square": ("square",), "circle": ("circle",),
             "colours": ("red", "green")}
 MULTI = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE", "SPM",
-         "AdvUnlearn")
+         "AdvUnlearn", "SFD")
 ERASED_MAX, OTHER_MIN = 0.2, 0.8
 
 

@@ -32,7 +32,7 @@ def get_config(arg=None):
         c.sfd.guidance = c.sampling.guidance_scale  # the test bed's sampling guidance
         c.optimizer.update(lr_g=1e-4, lr_psi=1e-4, eps=1e-8)
     if arg == "cpu":
-        c.train.update(batch_size=32, num_steps=1000, checkpoint_every=250)
+        c.train.update(batch_size=8, num_steps=300, checkpoint_every=100)
     if arg == "smoke":
         c.train.update(batch_size=4, num_steps=2, checkpoint_every=2)
     return c

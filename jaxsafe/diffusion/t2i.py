@@ -72,17 +72,19 @@ def _check_inputs(cond_emb, uncond_emb, seeds):
     if cond_emb.ndim != 3:
         raise ValueError(f"cond_emb must be (B, L, D), got shape {cond_emb.shape}.")
     b = cond_emb.shape[0]
-    if uncond_emb.ndim != 3 or uncond_emb.shape[0] not in (1, b) or uncond_emb.shape[1:] != cond_emb.shape[1:]:
-        raise ValueError(f"uncond_emb must be (B, L, D) or (1, L, D) with (L, D) = {cond_emb.shape[1:]} "
-                         f"as cond_emb, got shape {uncond_emb.shape}.")
+    if (uncond_emb.ndim != 3 or uncond_emb.shape[0] not in (1, b)
+            or uncond_emb.shape[1:] != cond_emb.shape[1:]):
+        raise ValueError(f"uncond_emb must be (B, L, D) or (1, L, D) with (L, D) = "
+                         f"{cond_emb.shape[1:]} as cond_emb, got shape {uncond_emb.shape}.")
     if seeds.shape != (b,) or not jnp.issubdtype(seeds.dtype, jnp.integer):
         raise ValueError(f"seeds must be an integer array of shape ({b},) (one per prompt), "
                          f"got {seeds.dtype} {seeds.shape}.")
 
 
-def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.SchedulerConfig, *, kind: str = "ddim",
-                     num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                     latent_shape: Sequence[int] = (64, 64, 4), decode: Callable | None = None, eta: float = 0.0):
+def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.SchedulerConfig, *,
+                     kind: str = "ddim", num_inference_steps: int = 50,
+                     guidance_scale: float = 7.5, latent_shape: Sequence[int] = (64, 64, 4),
+                     decode: Callable | None = None, eta: float = 0.0):
     """A jitted `sample(params, cond_emb, uncond_emb, seeds) -> images or latents`.
 
     Args:
@@ -100,7 +102,9 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
 
     The sampler's arguments: `params` (passed through to unet_apply and decode), `cond_emb`
     (B, L, D) prompt embeddings, `uncond_emb` (B, L, D) or (1, L, D) negative-prompt (or empty
-    prompt) embeddings, `seeds` (B,) integers.
+    prompt) embeddings, `seeds` (B,) integers, and optionally `x_T` (B, H, W, C), the starting
+    latents in place of the seeds' noise (One More Step's output, `jaxsafe.diffusion.oms`; the
+    loop scales them by `init_noise_sigma` as diffusers does with a pipeline's `latents=`).
     """
     if kind not in schedulers.KINDS:
         raise ValueError(f"kind must be one of {schedulers.KINDS}, got {kind!r}.")
@@ -111,8 +115,9 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
     guided = guidance_scale != 1
     stochastic = kind == "ddpm" or (kind == "ddim" and eta != 0)
 
-    def sample(params, cond_emb, uncond_emb, seeds):
-        cond_emb, uncond_emb, seeds = jnp.asarray(cond_emb), jnp.asarray(uncond_emb), jnp.asarray(seeds)
+    def sample(params, cond_emb, uncond_emb, seeds, x_T=None):
+        cond_emb, uncond_emb = jnp.asarray(cond_emb), jnp.asarray(uncond_emb)
+        seeds = jnp.asarray(seeds)
         _check_inputs(cond_emb, uncond_emb, seeds)
         b = cond_emb.shape[0]
         uncond_emb = jnp.broadcast_to(uncond_emb, cond_emb.shape).astype(cond_emb.dtype)
@@ -126,8 +131,12 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
             return classifier_free_guidance(out[:b], out[b:], guidance_scale)
 
         _, k_steps = _seed_keys(seeds)
-        x_T = initial_noise(seeds, latent_shape)
-        latents = schedulers.sample_loop(scheduler_config, kind, denoise, x_T, num_inference_steps, eta=eta,
+        if x_T is None:
+            x_T = initial_noise(seeds, latent_shape)
+        elif x_T.shape != (b, *latent_shape):
+            raise ValueError(f"x_T: expected shape {(b, *latent_shape)}, got {x_T.shape}")
+        latents = schedulers.sample_loop(scheduler_config, kind, denoise, x_T,
+                                         num_inference_steps, eta=eta,
                                          rng=k_steps if stochastic else None)
         return latents if decode is None else decode(params, latents)
 
@@ -148,13 +157,15 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
     ``apply(params, x, t, emb)`` is the denoiser, ``encode(params, ids) -> emb`` the text
     encoder, ``tokenize(texts) -> ids`` the tokenizer, ``decode(params, z)`` the latent decoder.
     Classifier-free guidance runs against ``negative_prompt`` (default the empty prompt) or one
-    negative prompt per prompt, encoded by ``encode_negative`` (default ``encode``; SAFREE encodes
-    its prompts filtered and its negative prompt plain). ``aux(params, ids, emb)`` gives per-prompt values (e.g. SPM's
-    transport strength), then passed to ``apply`` as a fifth argument. Calls are padded to a
-    multiple of ``batch_size`` (one compiled program); with ``mesh`` the batch size is rounded
-    up to a multiple of its batch shards and each batch is split over them. Image k depends on
-    (prompts[k], seeds[k], its negative prompt) only (:func:`make_t2i_sampler`'s per-sample
-    seeds), so padding and batching change nothing.
+    negative prompt per prompt, encoded by ``encode_negative`` (default ``encode``; SAFREE
+    encodes its prompts filtered and its negative prompt plain). ``aux(params, ids, emb)``
+    gives per-prompt values (e.g. SPM's transport strength), then passed to ``apply`` as a
+    fifth argument. Calls are padded to a multiple of ``batch_size`` (one compiled program);
+    with ``mesh`` the batch size is rounded up to a multiple of its batch shards and each
+    batch is split over them. Image k depends on (prompts[k], seeds[k], its negative prompt)
+    only (:func:`make_t2i_sampler`'s per-sample
+    seeds), so padding and batching change nothing. ``x_T`` (one latent per prompt) replaces
+    the seeds' starting noise (the seeds still draw DDPM / DDIM-η noise).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -180,12 +191,18 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
         # Host arrays: device_put splits them over the mesh's devices directly.
         return jnp.asarray(x) if sharding is None else jax.device_put(np.asarray(x), sharding)
 
-    def generate(params, prompts, seeds, negative_prompts=None):
+    def generate(params, prompts, seeds, negative_prompts=None, x_T=None):
         prompts, seeds = list(prompts), np.asarray(seeds, np.int32).reshape(-1)
         if len(prompts) != len(seeds):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and "
                              f"{len(seeds)} seeds")
         n, pad = len(prompts), -len(prompts) % batch_size
+        if x_T is not None:
+            x_T = np.asarray(x_T, np.float32)
+            if x_T.shape != (n, *latent_shape):
+                raise ValueError(f"x_T: expected one latent per prompt, shape "
+                                 f"{(n, *tuple(latent_shape))}, got {x_T.shape}")
+            x_T = np.concatenate([x_T, np.zeros((pad, *x_T.shape[1:]), np.float32)])
         ids = np.asarray(tokenize(prompts + [""] * pad))
         seeds = np.concatenate([seeds, np.zeros(pad, np.int32)])
         if negative_prompts is None:
@@ -204,8 +221,9 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
             if neg_ids is not None:
                 uncond = enc_negative(params, put(neg_ids[rows]))
             p = params if aux is None else (params, values)
-            out.append(np.asarray(parallel.fetch(sampler(p, emb, uncond,
-                                                         put(seeds[rows])))))
+            start = None if x_T is None else put(x_T[rows])
+            out.append(np.asarray(parallel.fetch(sampler(p, emb, uncond, put(seeds[rows]),
+                                                         start))))
         return np.concatenate(out)[:n]
 
     return generate

@@ -26,6 +26,10 @@ Configuration notes (checked against diffusers 0.42 and the hub config.json file
   ``scheduler/scheduler_config.json``); it is carried here for the samplers and losses.
 * Parameter counts (``nnx.eval_shape``, equal to diffusers' ``sum(p.numel())``): SD 1.5
   859,520,964; SD 2.1 865,910,724.
+* ``time_conditioning=False`` is One More Step's ``UNet2DConditionWoCTModel`` (Hu et al.,
+  CVPR 2024; ``mhh0318/OneMoreStep`` ``diffusers_patch/models/unet_2d_condition_woct.py``): the
+  same network without the time embedding and the resnets' ``time_emb_proj``, called without a
+  timestep (it serves one virtual step, :mod:`jaxsafe.diffusion.oms`).
 * Unsupported diffusers options (class/addition embeddings, dual or only-cross attention,
   scale-shift time norm, dropout, ...) are rejected by :meth:`UNet2DConditionConfig.from_dict`.
 """
@@ -58,6 +62,7 @@ __all__ = ["UNet2DConditionConfig", "UNet2DConditionModel", "sd15_unet_config",
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+WOCT_CLASS = "UNet2DConditionWoCTModel"  # One More Step's time-free UNet
 
 # diffusers config keys this implementation does not model, with the only value it supports.
 _FIXED_DIFFUSERS_KEYS: dict[str, Any] = {
@@ -102,6 +107,7 @@ class UNet2DConditionConfig:
     transformer_layers_per_block: int | tuple[int, ...] = 1
     upcast_attention: bool = False
     prediction_type: str = "epsilon"
+    time_conditioning: bool = True  # False: OMS's UNet2DConditionWoCTModel (module docstring)
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -150,17 +156,22 @@ class UNet2DConditionConfig:
         """From a diffusers ``unet/config.json`` dict; unknown keys are ignored, unsupported
         settings raise ``ValueError`` naming the key."""
         check_fixed_keys(d, _FIXED_DIFFUSERS_KEYS, "UNet2DConditionModel")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"time_conditioning"}
         kwargs = {k: _tuple(v) for k, v in d.items() if k in names}
+        kwargs["time_conditioning"] = d.get("_class_name") != WOCT_CLASS
         if kwargs.get("sample_size") is None:
             kwargs.pop("sample_size", None)
         return cls(**kwargs)
 
     def to_diffusers_dict(self) -> dict:
         """The ``config.json`` content diffusers' ``from_pretrained`` reads."""
-        d = {k: list(v) if isinstance(v, tuple) else v
-             for k, v in dataclasses.asdict(self).items() if k != "prediction_type"}
-        return {"_class_name": "UNet2DConditionModel", **d}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+             if k not in ("prediction_type", "time_conditioning")}
+        if not self.time_conditioning:
+            for k in ("flip_sin_to_cos", "freq_shift"):
+                del d[k]
+        name = "UNet2DConditionModel" if self.time_conditioning else WOCT_CLASS
+        return {"_class_name": name, **d}
 
 
 def sd15_unet_config() -> UNet2DConditionConfig:
@@ -194,7 +205,7 @@ class UNet2DConditionModel(nnx.Module):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         ch = cfg.block_out_channels
         n = len(ch)
-        time_dim = 4 * ch[0]
+        time_dim = 4 * ch[0] if cfg.time_conditioning else None
         common = dict(temb_channels=time_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
 
         def make_attention(heads, layers, channels):
@@ -210,7 +221,8 @@ class UNet2DConditionModel(nnx.Module):
                                      cfg.transformer_layers[level])
 
         self.conv_in = conv2d(cfg.in_channels, ch[0], **kw)
-        self.time_embedding = TimestepEmbedding(ch[0], time_dim, **kw)
+        self.time_embedding = (TimestepEmbedding(ch[0], time_dim, **kw)
+                               if cfg.time_conditioning else None)
         self.down_blocks = nnx.List([
             DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=cfg.layers_per_block,
                         add_downsample=i < n - 1,
@@ -234,15 +246,20 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
         self.conv_out = conv2d(ch[0], cfg.out_channels, **kw)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array,
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | None,
                  encoder_hidden_states: jax.Array) -> jax.Array:
         cfg = self.config
         b = self._check_inputs(sample, encoder_hidden_states)
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
-        t_emb = get_timestep_embedding(t, cfg.block_out_channels[0],
-                                       flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                       downscale_freq_shift=cfg.freq_shift)
-        emb = self.time_embedding(t_emb.astype(self.dtype or sample.dtype))
+        if cfg.time_conditioning != (timesteps is not None):
+            raise ValueError("timesteps: a time-conditioned UNet needs them; a time-free one "
+                             f"({WOCT_CLASS}) takes None")
+        emb = None
+        if cfg.time_conditioning:
+            t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
+            t_emb = get_timestep_embedding(t, cfg.block_out_channels[0],
+                                           flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                           downscale_freq_shift=cfg.freq_shift)
+            emb = self.time_embedding(t_emb.astype(self.dtype or sample.dtype))
         context = encoder_hidden_states
         h = self.conv_in(sample)
         skips = [h]

@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
-from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from jaxsafe.nn.unet2d_condition import WOCT_CLASS, UNet2DConditionConfig, UNet2DConditionModel
 from jaxsafe.weights.convert import (
     CheckpointError,
     load_params,
@@ -75,7 +75,7 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from e
 
 
-def _component_dir(folder: Path | str, name: str) -> Path:
+def component_dir(folder: Path | str, name: str) -> Path:
     """``folder/name`` for a pipeline folder, or ``folder`` itself if it is the component."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -131,12 +131,16 @@ def _scheduler_config(component_dir: Path) -> dict | None:
     return None
 
 
-def load_unet(folder, *, variant: str | None = None, dtype=None, param_dtype=jnp.float32
+def load_unet(folder, *, variant: str | None = None, dtype=None, param_dtype=jnp.float32,
+              component: str = "unet", time_conditioning: bool = True,
               ) -> tuple[UNet2DConditionModel, UNet2DConditionConfig]:
-    """The UNet of a pipeline folder (or of a ``unet/`` folder)."""
-    d = _component_dir(folder, "unet")
+    """The UNet of a pipeline folder (or of a ``unet/`` folder); ``component="oms_module",
+    time_conditioning=False``: One More Step's time-free ``UNet2DConditionWoCTModel``."""
+    d = component_dir(folder, component)
     raw = _read_json(d / "config.json")
-    _check_class(raw, d, "UNet2DConditionModel")
+    _check_class(raw, d, "UNet2DConditionModel" if time_conditioning else WOCT_CLASS)
+    if raw.get("_class_name") is None:
+        raw = {**raw, "_class_name": "UNet2DConditionModel" if time_conditioning else WOCT_CLASS}
     sched = _scheduler_config(d)
     if sched and "prediction_type" in sched and "prediction_type" not in raw:
         raw = {**raw, "prediction_type": sched["prediction_type"]}
@@ -149,7 +153,7 @@ def load_unet(folder, *, variant: str | None = None, dtype=None, param_dtype=jnp
 def load_vae(folder, *, variant: str | None = None, dtype=None, param_dtype=jnp.float32
              ) -> tuple[AutoencoderKL, AutoencoderKLConfig]:
     """The VAE of a pipeline folder (or of a ``vae/`` folder)."""
-    d = _component_dir(folder, "vae")
+    d = component_dir(folder, "vae")
     raw = _read_json(d / "config.json")
     _check_class(raw, d, "AutoencoderKL")
     cfg = AutoencoderKLConfig.from_dict(raw)
@@ -164,7 +168,7 @@ def load_text_encoder(folder, *, variant: str | None = None, dtype=None,
 
     Keys may carry transformers' ``text_model.`` prefix (hub files, transformers 4.x) or not.
     """
-    d = _component_dir(folder, "text_encoder")
+    d = component_dir(folder, "text_encoder")
     raw = _read_json(d / "config.json")
     _check_class(raw, d, "CLIPTextModel", key="architectures")
     cfg = CLIPTextConfig.from_dict(raw)
