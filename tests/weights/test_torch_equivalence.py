@@ -220,3 +220,31 @@ def test_mismatched_reference_checkpoint_names_the_tensor(tmp_path):
                                               r"shape \(32, 32\), expected \(32, 24\)"):
         load_unet(tmp_path)
 
+
+
+def test_time_free_unet_matches_diffusers_without_its_time_path(tmp_path):
+    # OMS's UNet2DConditionWoCTModel is diffusers' UNet2DConditionModel with the time embedding
+    # and every resnet's time_emb_proj removed (unet_2d_condition_woct.py U:283-287, U:640):
+    # the reference is that model with those modules deleted, saved under the WoCT class name.
+    from safetensors.torch import save_file
+
+    ref = perturb(diffusers.UNet2DConditionModel(**SD1_UNET))
+    del ref.time_embedding
+    ref.time_embedding = lambda *args, **kwargs: None
+    for m in ref.modules():
+        if isinstance(m, diffusers.models.resnet.ResnetBlock2D):
+            del m.time_emb_proj
+            m.time_emb_proj = None
+    d = tmp_path / "oms_module"
+    d.mkdir()
+    config = {**dict(ref.config), "_class_name": "UNet2DConditionWoCTModel"}
+    (d / "config.json").write_text(json.dumps(config, default=list))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              str(d / "diffusion_pytorch_model.safetensors"))
+    model, cfg = load_unet(tmp_path, component="oms_module", time_conditioning=False)
+    assert not cfg.time_conditioning
+    x, t, c = unet_inputs(SD1_UNET["cross_attention_dim"])
+    want = torch_unet_out(ref, x, t, c)  # the timestep reaches nothing
+    assert_close(nnx.jit(lambda m, x, c: m(x, None, c))(model, x, c), want)
+    with pytest.raises(ValueError, match="_class_name='UNet2DConditionWoCTModel', expected"):
+        load_unet(tmp_path / "oms_module")
