@@ -3,7 +3,8 @@ r"""Mean ± sample standard deviation of summary values over runs (seeds), as a 
     python -m launch.summarize --runs='/tmp/sfd/seed*' --keys=acc/0,override/0,fd
 
 Each run directory's ``summary.json`` (written by ``launch.train`` / ``launch.erase``); a key
-ending in ``*`` averages the keys it matches per run first (``acc/*``). One row per key.
+that is an ``fnmatch`` pattern averages the keys it matches per run first (``acc/[1-9]``). One
+row per key.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import numpy as np
 from absl import app, flags
 
 _RUNS = flags.DEFINE_string("runs", None, "Glob of run directories (quote it).", required=True)
-_KEYS = flags.DEFINE_list("keys", None, "Summary keys; a trailing * averages matches per run.",
-                          required=True)
+_KEYS = flags.DEFINE_list("keys", None, "Summary keys; a pattern (acc/*, acc/[1-9]) averages "
+                          "its matches per run.", required=True)
 
 
 def values(summaries: list[dict], key: str) -> np.ndarray:
     """One value per run: the key's, or the mean of the keys ``key`` matches (``fnmatch``)."""
     out = []
     for s in summaries:
-        names = [k for k in s if fnmatch.fnmatch(k, key)] if "*" in key else [key]
+        names = [k for k in s if fnmatch.fnmatch(k, key)] if set("*?[") & set(key) else [key]
         missing = [k for k in names if k not in s] or ([] if names else [key])
         if missing:
             raise KeyError(f"summary has no {missing[0]!r}")

@@ -11,6 +11,7 @@ def test_values_and_table_by_hand():
     assert list(summarize.values(RUNS, "fd")) == [10.0, 14.0]
     # acc/* per run: (0 + 1) / 2 and (0.5 + 0.5) / 2.
     assert list(summarize.values(RUNS, "acc/*")) == [0.5, 0.5]
+    assert list(summarize.values(RUNS, "acc/[1-9]")) == [1.0, 0.5]
     out = summarize.table(RUNS, ["fd", "acc/0"])
     # fd: mean 12, sample sd sqrt(((10-12)^2 + (14-12)^2) / 1) = 2.83.
     assert "| fd | 2 | 12 ± 2.8 |" in out
