@@ -52,12 +52,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxsafe.data import shapes, shapes_metrics
 from jaxsafe.diffusion import pipeline, schedulers, t2i
 from jaxsafe.nn import oracle as oracle_lib
+from jaxsafe.optim import clipped_adamw
 from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxsafe.nn.patch_pca import PatchPCA, fit_patch_pca
 from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
@@ -85,6 +85,15 @@ class TestbedModel(nnx.Module):
         return self.unet(z_t, t, self.text_encoder(input_ids)["last_hidden_state"])
 
 
+def tokenizer(config):
+    """The word tokenizer of the config's world (``data.world``, default grey)."""
+    return shapes.tokenizer(config.data.max_length, config.data.get("world", "grey"))
+
+
+def dataset(config, seed: int, **kw) -> shapes.ShapesDataset:
+    return shapes.ShapesDataset(seed, world=config.data.get("world", "grey"), **kw)
+
+
 def text_config(config, tokenizer) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=tokenizer.vocab_size,
                           max_position_embeddings=tokenizer.max_length,
@@ -109,7 +118,7 @@ def scheduler_config(config) -> schedulers.SchedulerConfig:
 def build_model(config, tokenizer) -> TestbedModel:
     """The model with a freshly fitted latent map (a checkpoint's or export's replaces it)."""
     lat = config.latent
-    images = shapes.ShapesDataset(config.data.train_seed).arrays(0, lat.fit_images)["image"]
+    images = dataset(config, config.data.train_seed).arrays(0, lat.fit_images)["image"]
     pca = PatchPCA(*fit_patch_pca(images / 127.5 - 1.0, lat.patch, lat.components), lat.patch)
     return TestbedModel(text_config(config, tokenizer), unet_config(config), pca,
                         rngs=nnx.Rngs(config.train.seed))
@@ -135,12 +144,6 @@ def make_loss_fn(graphdef, sched: schedulers.SchedulerConfig, empty_ids: np.ndar
     return loss_fn
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    lr = optax.warmup_constant_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(lr, weight_decay=cfg.weight_decay))
-
-
 def make_generator(graphdef, config, tokenizer, mesh=None):
     """``generate((params, frozen), captions, seeds) -> (n, 32, 32, 3)`` images in [−1, 1]:
     ``t2i.make_generator`` (DDIM, classifier-free guidance against the empty prompt) with the
@@ -159,7 +162,8 @@ def make_generator(graphdef, config, tokenizer, mesh=None):
 
 def make_heldout_evaluator(graphdef, config, tokenizer):
     """Denoising loss of the EMA weights on fixed held-out data, t and ε (no caption dropout)."""
-    data = shapes.ShapesDataset(config.data.heldout_seed).arrays(0, config.eval.heldout_examples)
+    data = dataset(config, config.data.heldout_seed).arrays(
+        0, config.eval.heldout_examples)
     images = data["image"].astype(np.float32) / 127.5 - 1.0
     ids = tokenizer(data["caption"])
     loss_fn = make_loss_fn(graphdef, scheduler_config(config), tokenizer(""), 0.0)
@@ -190,17 +194,17 @@ def _trainable(config):
 
 
 def build(config, mesh) -> Task:
-    tok = shapes.tokenizer(config.data.max_length)
+    tok = tokenizer(config)
     model = build_model(config, tok)
     graphdef, params, frozen = split_model(model, _trainable(config))
-    data = shapes.ShapesDataset(config.data.train_seed, shape_weights=config.data.shape_weights)
+    data = dataset(config, config.data.train_seed, shape_weights=config.data.shape_weights)
     train = shapes.shapes_batches(data, tok,
                                   config.data.batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count())
     generate = make_generator(graphdef, config, tok, mesh)
     return Task(
         graphdef=graphdef, params=params, frozen=frozen,
-        optimizer=make_optimizer(config.optimizer),
+        optimizer=clipped_adamw(config.optimizer),
         loss_fn=make_loss_fn(graphdef, scheduler_config(config), tok(""),
                              config.data.caption_dropout),
         train_data=train, extra={"ema": jax.tree.map(jnp.copy, params)},
@@ -232,7 +236,7 @@ def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
     """Per-concept generation accuracy (``shapes_metrics.erasure_report`` with no target) and
     the oracle Fréchet distance between ``eval.fid_samples`` generations for held-out captions
     and the held-out images themselves."""
-    tok = shapes.tokenizer(config.data.max_length)
+    tok = tokenizer(config)
     oracle = oracle or oracle_lib.load()
     generate = make_generator(graphdef, config, tok)
 
@@ -241,7 +245,7 @@ def evaluate_model(config, graphdef, params, frozen, oracle=None) -> dict:
 
     e = config.eval
     out = shapes_metrics.erasure_report(gen, oracle, k=e.samples_per_concept, seed=e.seed)
-    real = shapes.ShapesDataset(config.data.heldout_seed).arrays(0, e.fid_samples)
+    real = dataset(config, config.data.heldout_seed).arrays(0, e.fid_samples)
     seeds = np.arange(e.fid_samples) + 10**6  # not the seeds of the concept prompts
     fake = np.concatenate([gen(real["caption"][i:i + 64], seeds[i:i + 64])
                            for i in range(0, e.fid_samples, 64)])
@@ -257,7 +261,7 @@ def export(config, graphdef, params, frozen, folder: str) -> str:
     .export_testbed``); ``pipeline.load(folder)`` reads it back."""
     model = nnx.merge(graphdef, fetch(params), fetch(frozen))
     return pipeline.export_testbed(model.unet, model.text_encoder, scheduler_config(config),
-                                   shapes.tokenizer(config.data.max_length), model.latent, folder)
+                                   tokenizer(config), model.latent, folder)
 
 
 def restore(config, workdir: str, step: int | None = None, ema: bool = True):
@@ -267,8 +271,8 @@ def restore(config, workdir: str, step: int | None = None, ema: bool = True):
     from jaxsafe import train
     from jaxsafe.treepath import named_leaves, replace_by_name
 
-    graphdef, params, frozen = split_model(build_model(config, shapes.tokenizer(
-        config.data.max_length)), _trainable(config))
+    graphdef, params, frozen = split_model(build_model(config, tokenizer(config)),
+                                           _trainable(config))
     step, raw = train.load_arrays(os.path.join(workdir, "checkpoints"), step)
 
     def fill(like, stored, what):

@@ -13,13 +13,17 @@ Variants (`--config=configs/t2i/testbed.py:<arg>`):
   cpu (default)  the test-bed model: 20,000 steps, the ellipse drawn twice as often as each
                  other shape (docs/testbed.md: the command, its time and its figures);
   smoke          seconds, for tests: a narrower model, 8 steps of batch 4;
+  lightness      the One More Step test bed (docs/oms.md): the lightness world ("on a black /
+                 white background") with Stable Diffusion's scaled-linear schedule (β 0.00085 to
+                 0.012, terminal SNR 0.0047), 12,000 steps;
+  lightness_smoke  the same in seconds, for tests;
   oracle         trains the oracle classifier (experiment `train_testbed_oracle`, ~30 minutes);
   oracle_smoke   the oracle run in seconds, for tests.
 """
 
 import ml_collections
 
-VARIANTS = ("cpu", "smoke", "oracle", "oracle_smoke")
+VARIANTS = ("cpu", "smoke", "lightness", "lightness_smoke", "oracle", "oracle_smoke")
 
 
 def _train(num_steps: int, every: int, seed: int = 0) -> dict:
@@ -58,7 +62,7 @@ def get_config(arg=None):
     # because a model trained on the uniform stream drew it as its near concept, the circle
     # (docs/testbed.md).
     c.data = dict(train_seed=0, heldout_seed=1, batch_size=32, max_length=12,
-                  caption_dropout=0.1, shape_weights=(1.0, 2.0, 1.0, 1.0))
+                  caption_dropout=0.1, shape_weights=(1.0, 2.0, 1.0, 1.0), world="grey")
     c.latent = dict(patch=4, components=12, fit_images=1000)
     c.text_encoder = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -80,7 +84,12 @@ def get_config(arg=None):
     c.eval = dict(heldout_examples=256, samples_per_concept=16, fid_samples=256, seed=0)
     c.train = _train(20000, 1000)
     c.mesh = dict(data=-1, fsdp=1)
-    if arg == "smoke":
+    if arg.startswith("lightness"):
+        c.data.world = "lightness"
+        # SD's schedule (v1 scheduler_config.json): ᾱ_T = 0.0047, the flaw OMS fixes.
+        c.scheduler.update(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        c.train = _train(12000, 1000)
+    if arg.endswith("smoke"):
         c.data.batch_size = 4
         c.latent.fit_images = 32
         c.text_encoder.update(hidden_size=32, intermediate_size=64)

@@ -24,6 +24,13 @@ Everything is a pure function of ``(seed, index)`` through ``np.random.default_r
 index))``, so ``ShapesDataset(seed)[i]`` is random access and ``shapes_batches(...)[step]`` is the
 batch of training step ``step`` on any number of hosts. Train and held-out splits are different
 seeds (by convention 0 = train, 1 = held out).
+
+The ``"lightness"`` world (``world=`` of :class:`ShapesDataset`, :func:`example`,
+:func:`tokenizer`) adds two background values, ``"black"`` and ``"white"``: a plain background
+whose grey level is mapped from the grey world's 170..220 onto 10..40 or 235..255, so that a
+caption pins the image's global brightness (the One More Step test bed, docs/oms.md). Its
+background index runs over ``BACKGROUNDS + LIGHTNESS`` (5 values, drawn uniformly); the grey
+world's streams, vocabulary and concepts are unchanged by its existence.
 """
 
 from __future__ import annotations
@@ -33,10 +40,10 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
-    "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COLOUR_RGB", "CONCEPTS", "NEAR", "RESOLUTION",
-    "SHAPES", "SYNONYMS", "VOCABULARY", "ShapesDataset", "article", "caption", "concept_words",
-    "example",
-    "parse_caption", "render", "shapes_batches", "tokenizer",
+    "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COLOUR_RGB", "CONCEPTS", "LIGHTNESS",
+    "LIGHTNESS_LEVELS", "NEAR", "RESOLUTION", "SHAPES", "SYNONYMS", "VOCABULARY", "WORLDS",
+    "ShapesDataset", "article", "caption", "concept_words", "example", "parse_caption", "render",
+    "shapes_batches", "tokenizer",
 ]
 
 RESOLUTION = 32
@@ -44,6 +51,11 @@ SHAPES = ("circle", "ellipse", "square", "triangle")
 COLOURS = ("red", "orange", "green", "blue")
 BACKGROUNDS = ("plain", "striped", "dotted")
 ATTRIBUTES = (("shape", SHAPES), ("colour", COLOURS), ("background", BACKGROUNDS))
+#: The lightness world's extra background values and the grey-level ranges they map onto.
+LIGHTNESS = ("black", "white")
+LIGHTNESS_LEVELS = {"black": (10.0, 40.0), "white": (235.0, 255.0)}
+WORLDS = ("grey", "lightness")
+GREY_LEVELS = (170.0, 220.0)  # the grey world's background level range (``_nuisance``)
 #: Caption word -> the concept it denotes.
 SYNONYMS = {"box": "square"}
 #: Each concept's visually nearest other concept (collateral-damage probes).
@@ -61,9 +73,19 @@ SUPERSAMPLE = 4
 PERIOD = 6.0  # stripe / dot lattice period in pixels
 
 
+def _check_world(world: str) -> str:
+    if world not in WORLDS:
+        raise ValueError(f"world={world!r}; expected one of {WORLDS}")
+    return world
+
+
+def _backgrounds(world: str) -> tuple[str, ...]:
+    return BACKGROUNDS + (LIGHTNESS if _check_world(world) == "lightness" else ())
+
+
 def _check_label(label) -> tuple[int, int, int]:
     label = tuple(int(v) for v in np.asarray(label).reshape(-1))
-    sizes = tuple(len(v) for _, v in ATTRIBUTES)
+    sizes = (len(SHAPES), len(COLOURS), len(BACKGROUNDS) + len(LIGHTNESS))
     if len(label) != 3 or not all(0 <= v < n for v, n in zip(label, sizes)):
         raise ValueError(f"label must be (shape, colour, background) indices below {sizes}, "
                          f"got {label}")
@@ -93,9 +115,13 @@ def _shape_mask(shape: int, u, v, cx, cy, r, vertical: bool):
 
 def _background(kind: int, u, v, params) -> np.ndarray:
     level, dark, vertical_stripes, phase_u, phase_v = params
-    if BACKGROUNDS[kind] == "plain":
+    name = _backgrounds("lightness")[kind]
+    if name in LIGHTNESS:  # plain, its level mapped linearly from the grey range
+        (g0, g1), (l0, l1) = GREY_LEVELS, LIGHTNESS_LEVELS[name]
+        level, dark_here = l0 + (level - g0) * (l1 - l0) / (g1 - g0), np.zeros((), bool)
+    elif name == "plain":
         dark_here = np.zeros((), bool)
-    elif BACKGROUNDS[kind] == "striped":
+    elif name == "striped":
         w = u if vertical_stripes else v
         dark_here = np.floor((w + phase_u) / (PERIOD / 2)) % 2 == 1
     else:
@@ -109,7 +135,7 @@ def _nuisance(rng: np.random.Generator) -> dict:
     """The continuous latent factors of one image, drawn in a fixed order (determinism)."""
     return dict(centre=rng.uniform(12.0, 20.0, 2), r=rng.uniform(6.5, 9.0),
                 vertical=bool(rng.random() < 0.5), rgb_jitter=rng.uniform(-10.0, 10.0, 3),
-                bg=(rng.uniform(170.0, 220.0), rng.uniform(70.0, 100.0), bool(rng.random() < 0.5),
+                bg=(rng.uniform(*GREY_LEVELS), rng.uniform(70.0, 100.0), bool(rng.random() < 0.5),
                     rng.uniform(0.0, PERIOD), rng.uniform(0.0, PERIOD)))
 
 
@@ -154,22 +180,22 @@ def caption(label, rng: np.random.Generator, *, mention_colour: bool | None = No
     words = ([COLOURS[colour]] if mention_colour else []) + [noun]
     words = [article(words[0])] + words
     if mention_background:
-        words += ["on", "a", BACKGROUNDS[background], "background"]
+        words += ["on", "a", _backgrounds("lightness")[background], "background"]
     return " ".join(words)
 
 
 def parse_caption(text: str) -> tuple[int, int, int]:
     """(shape, colour, background) indices a caption names, -1 for an attribute it leaves out.
 
-    Raises ValueError for a word outside VOCABULARY or two values of one attribute.
+    Raises ValueError for a word outside VOCABULARY (+ LIGHTNESS) or two values of one attribute.
     """
     out = [-1, -1, -1]
     for word in text.lower().split():
-        if word not in VOCABULARY:
+        if word not in VOCABULARY + LIGHTNESS:
             raise ValueError(f"caption {text!r}: unknown word {word!r}; vocabulary: "
-                             f"{', '.join(VOCABULARY)}")
-        if word in CONCEPTS:
-            a, i = CONCEPTS[word]
+                             f"{', '.join(VOCABULARY + LIGHTNESS)}")
+        if word in CONCEPTS or word in LIGHTNESS:
+            a, i = CONCEPTS.get(word) or (2, len(BACKGROUNDS) + LIGHTNESS.index(word))
             if out[a] not in (-1, i):
                 raise ValueError(f"caption {text!r} names two values of attribute "
                                  f"{ATTRIBUTES[a][0]!r}")
@@ -196,17 +222,18 @@ def _shape_probabilities(shape_weights) -> np.ndarray | None:
     return w / w.sum()
 
 
-def example(seed: int, index: int, shape_weights=None) -> dict:
+def example(seed: int, index: int, shape_weights=None, world: str = "grey") -> dict:
     """Example ``index`` of the stream ``seed``: ``{'image': uint8 (32, 32, 3), 'label': int32
     (3,), 'caption': str}``. ``shape_weights`` (one per shape, default uniform) rebalances the
-    shape draw; the uniform stream is unchanged by its existence."""
+    shape draw; the uniform stream is unchanged by its existence. ``world="lightness"`` draws the
+    background from 5 values (module docstring)."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     rng = np.random.default_rng((int(seed), int(index)))
     p = _shape_probabilities(shape_weights)
-    label = tuple(int(rng.integers(len(values))) if p is None or a > 0
-                  else int(rng.choice(len(values), p=p))
-                  for a, (_, values) in enumerate(ATTRIBUTES))
+    sizes = (len(SHAPES), len(COLOURS), len(_backgrounds(world)))
+    label = tuple(int(rng.integers(n)) if p is None or a > 0 else int(rng.choice(n, p=p))
+                  for a, n in enumerate(sizes))
     nuisance = _nuisance(rng)
     text = caption(label, rng)
     return {"image": render(label, nuisance), "label": np.asarray(label, np.int32),
@@ -215,14 +242,16 @@ def example(seed: int, index: int, shape_weights=None) -> dict:
 
 class ShapesDataset(Sequence):
     """The first ``num_examples`` examples of stream ``seed`` (random access, nothing stored),
-    optionally with ``shape_weights`` (see :func:`example`)."""
+    optionally with ``shape_weights`` and ``world`` (see :func:`example`)."""
 
-    def __init__(self, seed: int = 0, num_examples: int = 2**31 - 1, shape_weights=None):
+    def __init__(self, seed: int = 0, num_examples: int = 2**31 - 1, shape_weights=None,
+                 world: str = "grey"):
         if num_examples < 1:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         _shape_probabilities(shape_weights)  # fail at construction, not at the first item
         self.seed, self.num_examples = int(seed), int(num_examples)
         self.shape_weights = None if shape_weights is None else tuple(map(float, shape_weights))
+        self.world = _check_world(world)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -232,7 +261,7 @@ class ShapesDataset(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} examples")
-        return example(self.seed, i % len(self), self.shape_weights)
+        return example(self.seed, i % len(self), self.shape_weights, self.world)
 
     def arrays(self, start: int, count: int) -> dict:
         """Examples ``start .. start + count - 1`` stacked: image (n, 32, 32, 3) uint8, label
@@ -275,9 +304,11 @@ def shapes_batches(dataset: ShapesDataset, tokenizer, batch_size: int, *,
     return grain.MapDataset.range(2**62).map(load)
 
 
-def tokenizer(max_length: int = 12):
-    """The test bed's :class:`~jaxsafe.data.word_tokenizer.WordTokenizer` over VOCABULARY (the
-    longest caption is 7 words; 12 leaves room for longer attack / erasure prompts)."""
+def tokenizer(max_length: int = 12, world: str = "grey"):
+    """The test bed's :class:`~jaxsafe.data.word_tokenizer.WordTokenizer` over VOCABULARY, plus
+    LIGHTNESS in the lightness world (the longest caption is 7 words; 12 leaves room for longer
+    attack / erasure prompts)."""
     from jaxsafe.data.word_tokenizer import WordTokenizer
 
-    return WordTokenizer(VOCABULARY, max_length)
+    return WordTokenizer(VOCABULARY + (LIGHTNESS if _check_world(world) == "lightness" else ()),
+                         max_length)

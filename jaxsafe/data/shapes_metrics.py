@@ -34,8 +34,9 @@ import numpy as np
 from jaxsafe.data import shapes
 from jaxsafe.diffusion.metrics import frechet_distance, gaussian_stats
 
-__all__ = ["attribute_prior", "concept_accuracy", "concept_prompts", "erasure_report",
-           "oracle_features", "oracle_frechet_distance", "oracle_predict"]
+__all__ = ["attribute_prior", "brightness", "concept_accuracy", "concept_prompts",
+           "erasure_report", "lightness_prompts", "lightness_report", "oracle_features",
+           "oracle_frechet_distance", "oracle_predict"]
 
 Generate = Callable[[Sequence[str], np.ndarray], np.ndarray]
 
@@ -168,3 +169,45 @@ def attribute_prior(generate: Generate, oracle, attribute: str, k: int = 128, se
     seeds = np.arange(k, dtype=np.int32) + int(seed) * k
     pred = oracle_predict(oracle, _generate_all(generate, captions, seeds, batch_size))[:, a]
     return {v: float(np.mean(pred == i)) for i, v in enumerate(shapes.ATTRIBUTES[a][1])}
+
+
+def brightness(images) -> np.ndarray:
+    """Mean pixel value of each image on the 0..255 scale (images in [-1, 1])."""
+    x = np.asarray(images, np.float64)
+    return (x.reshape(len(x), -1).mean(-1) + 1.0) * 127.5
+
+
+def lightness_prompts(lightness: str, k: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """``k`` prompts "a <colour> <shape> on a <lightness> background" of the lightness world,
+    cycling through the 16 (shape, colour) pairs in an order drawn from ``(seed, lightness)``,
+    and their (k, 3) labels."""
+    if lightness not in shapes.LIGHTNESS:
+        raise ValueError(f"lightness={lightness!r}; expected one of {shapes.LIGHTNESS}")
+    pairs = [(s, c) for s in range(len(shapes.SHAPES)) for c in range(len(shapes.COLOURS))]
+    rng = np.random.default_rng((int(seed), 0x1167, shapes.LIGHTNESS.index(lightness)))
+    order = np.concatenate([rng.permutation(len(pairs)) for _ in range(-(-k // len(pairs)))])
+    bg = len(shapes.BACKGROUNDS) + shapes.LIGHTNESS.index(lightness)
+    labels = np.array([(*pairs[i], bg) for i in order[:k]], np.int32)
+    captions = [f"{shapes.article(shapes.COLOURS[c])} {shapes.COLOURS[c]} {shapes.SHAPES[s]} on a "
+                f"{lightness} background" for s, c, _ in labels]
+    return captions, labels
+
+
+def lightness_report(generate: Generate, oracle, k: int = 64, seed: int = 0,
+                     batch_size: int = 64) -> dict:
+    """For each lightness word w ("black", "white"): ``k`` images of :func:`lightness_prompts`
+    (image j with sampler seed ``seed · k + j``, the same for every w), their mean
+    ``brightness/<w>`` (0..255) and the oracle's shape and colour accuracy (``shape/<w>``,
+    ``colour/<w>``; the oracle has no black/white background class, so that attribute is not
+    scored). One More Step's measurement (Hu et al., CVPR 2024, Sec. 3): a schedule with
+    non-zero terminal SNR pulls both words' brightness toward the middle."""
+    out = {}
+    seeds = np.arange(k, dtype=np.int32) + int(seed) * k
+    for w in shapes.LIGHTNESS:
+        captions, labels = lightness_prompts(w, k, seed)
+        images = _generate_all(generate, captions, seeds, batch_size)
+        pred = oracle_predict(oracle, images)
+        out[f"brightness/{w}"] = float(brightness(images).mean())
+        out[f"shape/{w}"] = float(np.mean(pred[:, 0] == labels[:, 0]))
+        out[f"colour/{w}"] = float(np.mean(pred[:, 1] == labels[:, 1]))
+    return out

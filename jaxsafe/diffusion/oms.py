@@ -38,7 +38,7 @@ import numpy as np
 from jaxsafe.diffusion import schedulers, t2i
 
 __all__ = ["NOISE_SCALES", "OMS", "first_alpha_bar", "guide", "initial_latents", "load",
-           "loss", "step", "x0_from_v"]
+           "loss", "save", "step", "x0_from_v"]
 
 NOISE_SCALES = ("code", "paper")
 
@@ -105,30 +105,34 @@ class OMS:
 
     model: object
     tokenize: Callable[[Sequence[str]], np.ndarray]
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def latents(self, prompts: Sequence[str], seeds, *, scheduler, kind: str,
                 num_inference_steps: int, guidance_scale: float = 1.0,
                 noise: str = "code") -> np.ndarray:
         """x_{τ₀} for ``prompts`` (the OMS prompts: the base prompts, or others for the
-        low-frequency control), to pass as the base generator's ``x_T``."""
+        low-frequency control), to pass as the base generator's ``x_T``. The compiled step is
+        kept per (ᾱ_{τ₀}, guidance, noise), so repeated calls do not recompile."""
         from flax import nnx
 
         graphdef, state = nnx.split(self.model)
         cfg = self.model.unet.config
         shape = (cfg.sample_size, cfg.sample_size, cfg.in_channels)
         a = first_alpha_bar(scheduler, kind, num_inference_steps)
+        key = (a, float(guidance_scale), noise)
+        if key not in self._compiled:
+            @jax.jit
+            def run(state, ids, uncond_ids, seeds):
+                m = nnx.merge(graphdef, state)
+                return initial_latents(lambda _, x, e: m(x, None, e), None, m.encode(ids),
+                                       m.encode(uncond_ids), seeds, latent_shape=shape,
+                                       alpha_bar_tau0=a, guidance_scale=guidance_scale,
+                                       noise=noise)
 
-        @jax.jit
-        def run(state, ids, uncond_ids, seeds):
-            m = nnx.merge(graphdef, state)
-            return initial_latents(lambda _, x, e: m(x, None, e), None, m.encode(ids),
-                                   m.encode(uncond_ids), seeds, latent_shape=shape,
-                                   alpha_bar_tau0=a,
-                                   guidance_scale=guidance_scale, noise=noise)
-
+            self._compiled[key] = run
         ids = jnp.asarray(self.tokenize(list(prompts)))
-        return np.asarray(run(state, ids, jnp.asarray(self.tokenize([""])),
-                              jnp.asarray(seeds, jnp.int32)))
+        return np.asarray(self._compiled[key](state, ids, jnp.asarray(self.tokenize([""])),
+                                              jnp.asarray(seeds, jnp.int32)))
 
 
 def _has_weights(d: Path) -> bool:
@@ -195,6 +199,32 @@ def load(folder, *, text_encoder_folder=None, latent_channels: int | None = None
         tok_dir = te_folder / "tokenizer"
     tokenize = _tokenizer(tok_dir, tcfg.max_position_embeddings)
     return OMS(model=T2I(unet, text_encoder), tokenize=tokenize)
+
+
+def save(folder, unet, text_encoder, tokenizer) -> str:
+    """Writes an OMS folder that :func:`load` reads without ``text_encoder_folder``:
+    ``oms_module/`` (``UNet2DConditionWoCTModel`` config + safetensors), ``oms_text_encoder/``
+    with its weights, ``oms_tokenizer/`` (a test-bed word tokenizer's ``save``) and
+    ``model_index.json`` naming them as the published modules do; atomically (written to a
+    temporary sibling, then renamed). Returns the folder."""
+    from jaxsafe.diffusion.pipeline import atomic_folder
+    from jaxsafe.nn.unet2d_condition import WOCT_CLASS
+    from jaxsafe.weights import diffusers
+
+    if unet.config.time_conditioning:
+        raise ValueError("oms.save: the module must be time-free "
+                         "(UNet2DConditionConfig(time_conditioning=False))")
+    with atomic_folder(str(folder)) as tmp:
+        tmp = Path(tmp)
+        diffusers.save_unet(unet, unet.config, tmp / "oms_module")
+        diffusers.save_text_encoder(text_encoder, text_encoder.config, tmp / "oms_text_encoder")
+        tokenizer.save(str(tmp / "oms_tokenizer"))
+        index = {"_class_name": "OMSPipeline",
+                 "oms_module": ["unet_2d_condition_woct", WOCT_CLASS],
+                 "oms_text_encoder": ["transformers", "CLIPTextModel"],
+                 "oms_tokenizer": ["jaxsafe", "WordTokenizer"]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return str(Path(folder).resolve())
 
 
 def _tokenizer(d: Path, max_positions: int) -> Callable:

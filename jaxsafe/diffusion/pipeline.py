@@ -12,6 +12,7 @@ load it as they load the original. :func:`generator` is ``t2i.make_generator`` f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +34,8 @@ from jaxsafe.nn.unet2d_condition import UNet2DConditionModel
 
 SHIPPED_TESTBED = str(Path(__file__).resolve().parent.parent / "data" / "assets"
                       / "testbed_model")
+#: The lightness-world test bed with SD's scaled-linear schedule (One More Step, docs/oms.md).
+LIGHTNESS_TESTBED = str(Path(SHIPPED_TESTBED).parent / "testbed_lightness")
 
 
 class T2I(nnx.Module):
@@ -204,11 +207,7 @@ def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
     atomically (module docstring); on process 0 only, the others wait for it."""
     from jaxsafe.weights import diffusers
 
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
-    try:
+    with atomic_folder(out) as tmp:
         shutil.copytree(pipe.folder, tmp, dirs_exist_ok=True)
         if unet is not None:
             diffusers.save_unet(unet, unet.config, os.path.join(tmp, "unet"))
@@ -218,13 +217,25 @@ def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
         for rel, data in (extra_files or {}).items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
             Path(tmp, rel).write_bytes(data)
+    return os.path.abspath(out)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str):
+    """Yields a temporary sibling of ``out`` to write into; on success it replaces ``out``, on
+    any error (or kill) ``out`` is untouched and the temporary folder is removed."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+    try:
+        yield tmp
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 @_primary_writes("jaxsafe.pipeline.export_testbed")

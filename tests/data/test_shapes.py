@@ -1,9 +1,10 @@
 """The captioned shapes set: determinism, caption ⇔ label ⇔ pixels, batches for grain."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsafe.data import shapes
+from jaxsafe.data import shapes, shapes_metrics
 
 # The world, typed in independently of the module.
 SHAPE_WORDS = {0: {"circle"}, 1: {"ellipse"}, 2: {"square", "box"}, 3: {"triangle"}}
@@ -155,3 +156,57 @@ def test_shape_weights_rebalance_the_shape_draw_only():
         sh.ShapesDataset(0, shape_weights=(1, 1, 1))
     with pytest.raises(ValueError, match="shape_weights must be 4 non-negative numbers"):
         sh.ShapesDataset(0, shape_weights=(0, 0, 0, 0))
+
+
+# The lightness world (One More Step's test bed).
+
+
+def test_lightness_backgrounds_are_flat_at_their_levels_and_the_grey_world_is_unchanged():
+    grey = shapes.ShapesDataset(0).arrays(0, 40)
+    assert np.all(grey["label"][:, 2] < len(shapes.BACKGROUNDS))
+    data = shapes.ShapesDataset(0, world="lightness").arrays(0, 300)
+    bg = data["label"][:, 2]
+    assert set(bg.tolist()) == set(range(5))
+    for i, (word, (lo, hi)) in enumerate(shapes.LIGHTNESS_LEVELS.items()):
+        images = data["image"][bg == len(shapes.BACKGROUNDS) + i].astype(np.float64)
+        # The shape covers under a third of the image: the median pixel is the background.
+        med = np.median(images.reshape(len(images), -1, 3), axis=1)
+        assert np.all(med >= np.floor(lo)) and np.all(med <= np.ceil(hi)), word
+        np.testing.assert_array_equal(med[:, 0], med[:, 1])  # grey: equal channels
+        assert all(f"on a {word} background" in c or "background" not in c
+                   for c, b in zip(data["caption"], bg) if b == len(shapes.BACKGROUNDS) + i)
+
+
+def test_lightness_words_parse_and_tokenize_only_in_their_world():
+    assert shapes.parse_caption("a red circle on a black background") == (0, 0, 3)
+    assert shapes.parse_caption("a white background") == (-1, -1, 4)
+    with pytest.raises(ValueError, match="two values of attribute 'background'"):
+        shapes.parse_caption("a circle on a black white background")
+    assert shapes.tokenizer().vocab_size == len(shapes.VOCABULARY) + 3  # PAD, SOT, EOT
+    tok = shapes.tokenizer(world="lightness")
+    assert tok.vocab_size == len(shapes.VOCABULARY) + 2 + 3
+    with pytest.raises(ValueError, match="black"):
+        shapes.tokenizer()(["a black background"])
+    tok(["a black background"])
+    with pytest.raises(ValueError, match=r"world='dark'; expected one of \('grey', 'lightness'\)"):
+        shapes.ShapesDataset(0, world="dark")
+
+
+def test_lightness_prompts_cover_every_pair_and_the_report_scores_them():
+    captions, labels = shapes_metrics.lightness_prompts("white", 32, seed=3)
+    assert [shapes.parse_caption(c) for c in captions] == [tuple(x) for x in labels]
+    assert len({tuple(x) for x in labels[:16]}) == 16  # one cycle of all (shape, colour) pairs
+
+    class FixedOracle:  # always answers (circle, red, plain)
+        def predict(self, x):
+            return jnp.zeros((x.shape[0], 3), jnp.int32)
+
+    level = {"black": -0.8, "white": 0.6}
+
+    def generate(caps, seeds):
+        return np.stack([np.full((32, 32, 3), level[c.split()[-2]], np.float32) for c in caps])
+
+    out = shapes_metrics.lightness_report(generate, FixedOracle(), k=16, seed=1, batch_size=5)
+    for w, v in level.items():
+        np.testing.assert_allclose(out[f"brightness/{w}"], (v + 1) * 127.5, atol=1e-3)
+        assert out[f"shape/{w}"] == 0.25 and out[f"colour/{w}"] == 0.25  # 1 value in 4

@@ -159,6 +159,38 @@ def test_load_needs_the_named_text_encoder_and_checks_widths(oms_folder, tmp_pat
         oms.load(tmp_path)
 
 
+def test_save_writes_a_self_contained_folder_atomically(oms_folder, tmp_path):
+    _, model = oms_folder
+    pipe = pipeline.load()
+    out = tmp_path / "trained"
+    oms.save(out, model, pipe.model.text_encoder, pipe.tokenizer)
+    loaded = oms.load(out, latent_channels=12)  # no text_encoder_folder: it holds the weights
+    for part, want in (("unet", model), ("text_encoder", pipe.model.text_encoder)):
+        got = named_leaves(nnx.state(getattr(loaded.model, part), nnx.Param))
+        ref = named_leaves(nnx.state(want, nnx.Param))
+        assert set(got) == set(ref)
+        for k in ref:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), k)
+    prompts = ["a red square on a plain background", ""]
+    np.testing.assert_array_equal(loaded.tokenize(prompts), pipe.tokenize(prompts))
+    assert json.loads((out / "oms_module" / "config.json").read_text())["_class_name"] == (
+        "UNet2DConditionWoCTModel")
+
+    class Broken:  # a tokenizer whose save fails half-way through the folder
+        def save(self, path):
+            raise OSError("disk full")
+
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(OSError, match="disk full"):
+        oms.save(out, model, pipe.model.text_encoder, Broken())
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["trained"]  # no temporary left behind
+    timed = UNet2DConditionModel(UNet2DConditionConfig(**{**TINY_OMS, "time_conditioning": True}),
+                                 rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="the module must be time-free"):
+        oms.save(tmp_path / "x", timed, pipe.model.text_encoder, pipe.tokenizer)
+
+
 @pytest.mark.slow
 def test_oms_latents_then_the_base_sampler(oms_folder):
     folder, _ = oms_folder
