@@ -31,7 +31,9 @@ setuptools.setup(
         "aeon>=1.0",  # ships UCR/UEA .ts files used offline (located, never imported)
     ],
     package_data={"jaxsafe": ["data/assets/*", "data/assets/testbed_model/*",
-                              "data/assets/testbed_model/*/*"]},
+                              "data/assets/testbed_model/*/*",
+                              "data/assets/testbed_lightness/*",
+                              "data/assets/testbed_lightness/*/*"]},
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbformat>=5.9", "nbclient>=0.10",
                  "ipykernel>=6.29"],

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxsafe.attacks.tokens import optimise
 from jaxsafe.diffusion import schedulers
 from jaxsafe.erasure.esd import esd_target, partial_sample
 from jaxsafe.erasure.preservation import retain_mse
@@ -156,26 +157,12 @@ def soft_prompt_attack(objective: Callable[[jax.Array, jax.Array], jax.Array], a
                        key: jax.Array, *, steps: int, lr: float,
                        method: str = "pgd") -> tuple[jax.Array, jax.Array]:
     """``(δ, losses)``: ``steps`` Adam steps (lr ``lr``) minimising ``objective(δ, key_i)`` from
-    ``adv0``, ``key_i = fold_in(key, i)``; ``method="fast_at"`` steps on sign(∇). ``losses[i]`` is
-    the objective at step i, before its update. A fresh Adam state each call, as the reference's
-    per-attack ``torch.optim.Adam``."""
+    ``adv0`` (``jaxsafe.attacks.tokens.optimise``, the loop every attack shares);
+    ``method="fast_at"`` steps on sign(∇)."""
     if method not in ATTACK_METHODS:
         raise ValueError(f"method={method!r}; expected one of {ATTACK_METHODS}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    opt = optax.adam(lr)
-
-    def body(i, carry):
-        adv, opt_state, losses = carry
-        loss, g = jax.value_and_grad(objective)(adv, jax.random.fold_in(key, i))
-        if method == "fast_at":
-            g = jnp.sign(g)
-        updates, opt_state = opt.update(g, opt_state, adv)
-        return optax.apply_updates(adv, updates), opt_state, losses.at[i].set(loss)
-
-    adv, _, losses = jax.lax.fori_loop(
-        0, steps, body, (adv0, opt.init(adv0), jnp.zeros((steps,), jnp.float32)))
-    return adv, losses
+    return optimise(objective, adv0, key, steps=steps, optimizer=optax.adam(lr),
+                    grad_transform=jnp.sign if method == "fast_at" else None)
 
 
 # --------------------------------------------------------------------------------------------
