@@ -31,10 +31,9 @@ embedding of c_e (of c_r), the retain samples sharing the concept's n as in the 
 reference samples with the UNet being unlearned and the *original* text encoder's embedding;
 when only the text encoder trains that UNet is the frozen one, so the two agree.
 
-The attack needs the text encoder to take token *embeddings*: :func:`encode_embeddings` runs a
-``CLIPTextModel``'s layers from given (B, L, D) token embeddings (position embeddings added,
-causal mask, final LayerNorm), equal to ``text_encoder(ids)["last_hidden_state"]`` for the true
-token embeddings (:func:`token_embeddings`).
+The attack runs the text encoder from token embeddings and shares its optimisation loop with
+every other prompt attack (``jaxsafe.attacks.tokens``: ``encode_embeddings``, ``insert_prefix``,
+``optimise``).
 
 Deviations from the reference code (documented in ``configs/erasure/advunlearn.py`` too):
 
@@ -58,11 +57,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsafe.attacks.tokens import optimise
+from jaxsafe.attacks.tokens import (check_prefix_fits, encode_embeddings, insert_prefix,
+                                    optimise, token_embeddings)
 from jaxsafe.diffusion import schedulers
 from jaxsafe.erasure.esd import esd_target, partial_sample
 from jaxsafe.erasure.preservation import retain_mse
 
+# The prompt-attack pieces live in jaxsafe.attacks.tokens (one implementation for every
+# attack); they are re-exported here for AdvUnlearn's users.
 __all__ = ["ATTACK_INITS", "ATTACK_METHODS", "AdvUnlearn", "check_prefix_fits",
            "encode_embeddings", "insert_prefix", "make_advunlearn", "soft_prompt_attack",
            "text_encoder_selection", "token_embeddings"]
@@ -70,56 +72,6 @@ __all__ = ["ATTACK_INITS", "ATTACK_METHODS", "AdvUnlearn", "check_prefix_fits",
 ATTACK_METHODS = ("pgd", "fast_at")
 ATTACK_INITS = ("random", "latest")
 COMPONENTS = ("all", "attn", "ffn")
-
-
-# --------------------------------------------------------------------------------------------
-# The text encoder from token embeddings.
-
-
-def token_embeddings(text_encoder, ids: jax.Array) -> jax.Array:
-    """The (B, L, D) token ("word") embeddings of ids (B, L): ``token_embedding(ids)``, without
-    the position embeddings."""
-    ids = jnp.asarray(ids)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"ids: expected integer (B, L), got {ids.dtype} {ids.shape}")
-    return text_encoder.embeddings.token_embedding(ids)
-
-
-def encode_embeddings(text_encoder, inputs_embeds: jax.Array) -> jax.Array:
-    """``last_hidden_state`` (B, L, D) of a ``jaxsafe.nn.clip_text.CLIPTextModel`` run from token
-    embeddings ``inputs_embeds`` (B, L, D) (``transformers``' ``inputs_embeds``): position
-    embeddings added, every encoder layer (causal self-attention), the final LayerNorm."""
-    cfg = text_encoder.config
-    x = jnp.asarray(inputs_embeds)
-    if x.ndim != 3 or x.shape[1] > cfg.max_position_embeddings or x.shape[2] != cfg.hidden_size:
-        raise ValueError(f"inputs_embeds: expected (B, L, {cfg.hidden_size}) with L <= "
-                         f"{cfg.max_position_embeddings}, got {x.shape}")
-    h = x + text_encoder.embeddings.position_embedding(jnp.arange(x.shape[1]))[None]
-    for layer in text_encoder.encoder.layers:
-        h = layer(h)
-    return text_encoder.final_layer_norm(h)
-
-
-def insert_prefix(word_embeds: jax.Array, adv: jax.Array) -> jax.Array:
-    """``[SOT, δ_1…δ_k, w_1…w_{L−k−1}]``: the k adversarial embeddings ``adv`` (k, D) inserted
-    after the start token of ``word_embeds`` (B, L, D), the last k positions dropped (padding when
-    :func:`check_prefix_fits` holds)."""
-    b, n, d = word_embeds.shape
-    if adv.ndim != 2 or adv.shape[1] != d or not 1 <= adv.shape[0] <= n - 2:
-        raise ValueError(f"adv: expected (k, {d}) with 1 <= k <= {n - 2}, got {adv.shape}")
-    k = adv.shape[0]
-    adv = jnp.broadcast_to(adv.astype(word_embeds.dtype), (b, k, d))
-    return jnp.concatenate([word_embeds[:, :1], adv, word_embeds[:, 1:n - k]], axis=1)
-
-
-def check_prefix_fits(lengths, k: int, max_length: int, prompts=None) -> None:
-    """Raises ValueError unless every prompt (token count with SOT and EOT, ``lengths``) keeps its
-    EOT after a k-token prefix in ``max_length`` positions."""
-    for i, n in enumerate(lengths):
-        if int(n) + k > max_length:
-            name = repr(prompts[i]) if prompts is not None else f"prompt {i}"
-            raise ValueError(f"{name} has {int(n)} tokens: with a {k}-token adversarial prefix it "
-                             f"exceeds the text encoder's {max_length} positions")
 
 
 # --------------------------------------------------------------------------------------------
