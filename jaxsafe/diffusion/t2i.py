@@ -31,8 +31,8 @@ import numpy as np
 from jaxsafe import parallel
 from jaxsafe.diffusion import schedulers
 
-__all__ = ["classifier_free_guidance", "initial_noise", "make_decode", "make_generator",
-           "make_t2i_sampler"]
+__all__ = ["classifier_free_guidance", "composed_guidance", "initial_noise", "make_decode",
+           "make_generator", "make_t2i_sampler"]
 
 # Stable Diffusion 1.x's VAE latent scale (AutoencoderKL config `scaling_factor`).
 SD_SCALING_FACTOR = 0.18215
@@ -41,6 +41,15 @@ SD_SCALING_FACTOR = 0.18215
 def classifier_free_guidance(eps_uncond, eps_cond, scale):
     """ε̃ = ε_∅ + s (ε_c − ε_∅)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def composed_guidance(eps_uncond, eps_conds, weights):
+    """ε̃ = ε_∅ + Σ_j w_j (ε_{c_j} − ε_∅) (composable diffusion, Liu et al., ECCV 2022; concept
+    arithmetic, Petsiuk & Saenko, ECCV 2024, eq. 2): ``eps_conds`` (J, B, ...), ``weights``
+    (B, J). Weights (s, 0, …, 0) are classifier-free guidance with the first prompt."""
+    w = jnp.moveaxis(jnp.asarray(weights, eps_uncond.dtype), -1, 0)
+    w = w.reshape(w.shape + (1,) * (eps_uncond.ndim - 1))
+    return eps_uncond + jnp.sum(w * (eps_conds - eps_uncond[None]), axis=0)
 
 
 def _seed_keys(seeds):
@@ -68,14 +77,17 @@ def make_decode(vae_decode: Callable, scaling_factor: float = SD_SCALING_FACTOR)
     return decode
 
 
-def _check_inputs(cond_emb, uncond_emb, seeds):
-    if cond_emb.ndim != 3:
+def _check_inputs(cond_emb, uncond_emb, seeds, weights=None):
+    if weights is None and cond_emb.ndim != 3:
         raise ValueError(f"cond_emb must be (B, L, D), got shape {cond_emb.shape}.")
+    if weights is not None and (cond_emb.ndim != 4 or weights.shape != cond_emb.shape[:2]):
+        raise ValueError(f"with weights, cond_emb must be (B, J, L, D) and weights (B, J), got "
+                         f"{cond_emb.shape} and {weights.shape}.")
     b = cond_emb.shape[0]
     if (uncond_emb.ndim != 3 or uncond_emb.shape[0] not in (1, b)
-            or uncond_emb.shape[1:] != cond_emb.shape[1:]):
+            or uncond_emb.shape[1:] != cond_emb.shape[-2:]):
         raise ValueError(f"uncond_emb must be (B, L, D) or (1, L, D) with (L, D) = "
-                         f"{cond_emb.shape[1:]} as cond_emb, got shape {uncond_emb.shape}.")
+                         f"{cond_emb.shape[-2:]} as cond_emb, got shape {uncond_emb.shape}.")
     if seeds.shape != (b,) or not jnp.issubdtype(seeds.dtype, jnp.integer):
         raise ValueError(f"seeds must be an integer array of shape ({b},) (one per prompt), "
                          f"got {seeds.dtype} {seeds.shape}.")
@@ -104,7 +116,9 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
     (B, L, D) prompt embeddings, `uncond_emb` (B, L, D) or (1, L, D) negative-prompt (or empty
     prompt) embeddings, `seeds` (B,) integers, and optionally `x_T` (B, H, W, C), the starting
     latents in place of the seeds' noise (One More Step's output, `jaxsafe.diffusion.oms`; the
-    loop scales them by `init_noise_sigma` as diffusers does with a pipeline's `latents=`).
+    loop scales them by `init_noise_sigma` as diffusers does with a pipeline's `latents=`), and
+    `weights` (B, J) with `cond_emb` (B, J, L, D): J prompts composed per sample,
+    ε̃ = ε_∅ + Σ_j w_j (ε_j − ε_∅) (:func:`composed_guidance`; `guidance_scale` is then unused).
     """
     if kind not in schedulers.KINDS:
         raise ValueError(f"kind must be one of {schedulers.KINDS}, got {kind!r}.")
@@ -115,20 +129,28 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
     guided = guidance_scale != 1
     stochastic = kind == "ddpm" or (kind == "ddim" and eta != 0)
 
-    def sample(params, cond_emb, uncond_emb, seeds, x_T=None):
+    def sample(params, cond_emb, uncond_emb, seeds, x_T=None, weights=None):
         cond_emb, uncond_emb = jnp.asarray(cond_emb), jnp.asarray(uncond_emb)
         seeds = jnp.asarray(seeds)
-        _check_inputs(cond_emb, uncond_emb, seeds)
+        weights = None if weights is None else jnp.asarray(weights)
+        _check_inputs(cond_emb, uncond_emb, seeds, weights)
         b = cond_emb.shape[0]
-        uncond_emb = jnp.broadcast_to(uncond_emb, cond_emb.shape).astype(cond_emb.dtype)
-        emb = jnp.concatenate([uncond_emb, cond_emb]) if guided else cond_emb
+        # Composed: the J prompts side by side, prompt-major, after the unconditional half.
+        conds = (cond_emb if weights is None
+                 else jnp.swapaxes(cond_emb, 0, 1).reshape((-1,) + cond_emb.shape[2:]))
+        copies = conds.shape[0] // b + 1  # network evaluations per sample and step (guided)
+        uncond_emb = jnp.broadcast_to(uncond_emb, (b,) + conds.shape[1:]).astype(conds.dtype)
+        emb = jnp.concatenate([uncond_emb, conds]) if guided or weights is not None else conds
 
         def denoise(x, t):
-            x_in = jnp.concatenate([x, x]) if guided else x
+            if not guided and weights is None:
+                return unet_apply(params, x, jnp.full((b,), t), emb)
+            x_in = jnp.concatenate([x] * copies)
             out = unet_apply(params, x_in, jnp.full((x_in.shape[0],), t), emb)
-            if not guided:
-                return out
-            return classifier_free_guidance(out[:b], out[b:], guidance_scale)
+            if weights is None:
+                return classifier_free_guidance(out[:b], out[b:], guidance_scale)
+            return composed_guidance(out[:b], out[b:].reshape((copies - 1, b) + out.shape[1:]),
+                                     weights)
 
         _, k_steps = _seed_keys(seeds)
         if x_T is None:
