@@ -41,5 +41,7 @@ setuptools.setup(
         "torch": ["torch==2.13.0", "diffusers>=0.30", "transformers>=4.40"],
         "tfds": ["tensorflow-datasets>=4.9"],  # CIFAR-10 / FFHQ via tfds.data_source
         "ptbxl": ["wfdb>=4.1"],
+        # The nudity judge of the attacks (ships its ONNX detector; jaxsafe.attacks.judges).
+        "nudenet": ["nudenet>=3.4"],
     },
 )
