@@ -16,7 +16,9 @@ the base folder's sampler (``shapes_metrics.lightness_report``):
 * ``oms/*``: the same prompts, sampling started from OMS's x_{τ₀};
 * ``control/*``: low-frequency control: the base prompt leaves the background out ("a red
   circle"), the OMS prompt names it ("a red circle on a black background");
-* ``data/brightness/*``: the real images' brightness per lightness word.
+* ``unnamed/*``: the same base prompts without OMS (what the control starts from);
+* ``data/*``: the real images' brightness per lightness word and the oracle's shape and colour
+  accuracy on them (the judge's ceiling).
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def measure(config, pipe: pipeline.Pipeline, oms_model: pipeline.T2I) -> dict:
                               guidance_scale=s.oms_guidance_scale, noise=s.oms_noise)
 
     runs = {"base": lambda c, sd: gen(state, c, sd),
+            "unnamed": lambda c, sd: gen(state, [_strip_background(x) for x in c], sd),
             "oms": lambda c, sd: gen(state, c, sd, x_T=start(c, sd)),
             "control": lambda c, sd: gen(state, [_strip_background(x) for x in c], sd,
                                          x_T=start(c, sd))}
@@ -130,10 +133,15 @@ def measure(config, pipe: pipeline.Pipeline, oms_model: pipeline.T2I) -> dict:
         report = shapes_metrics.lightness_report(generate, oracle, k=e.samples, seed=e.seed)
         out.update({f"{name}/{k}": v for k, v in report.items()})
     real = _dataset(config, config.data.heldout_seed).arrays(0, e.real_images)
-    light = shapes_metrics.brightness(real["image"].astype(np.float32) / 127.5 - 1.0)
+    images = real["image"].astype(np.float32) / 127.5 - 1.0
+    light = shapes_metrics.brightness(images)
+    pred = shapes_metrics.oracle_predict(oracle, images)
     for i, w in enumerate(shapes.LIGHTNESS):
-        out[f"data/brightness/{w}"] = float(light[real["label"][:, 2]
-                                                  == len(shapes.BACKGROUNDS) + i].mean())
+        rows = real["label"][:, 2] == len(shapes.BACKGROUNDS) + i
+        out[f"data/brightness/{w}"] = float(light[rows].mean())
+        # The judge's own accuracy on real images of the world: the ceiling for generations.
+        for a, name in ((0, "shape"), (1, "colour")):
+            out[f"data/{name}/{w}"] = float(np.mean(pred[rows, a] == real["label"][rows, a]))
     return out
 
 

@@ -40,11 +40,12 @@ def test_oms_trains_its_module_only_and_exports_the_ema_weights(run):
     assert not loaded.model.unet.config.time_conditioning
 
 
-def test_the_summary_measures_three_samplers_and_the_worlds_brightness(run):
+def test_the_summary_measures_four_samplers_and_the_worlds_brightness(run):
     _, summary = run
-    for name in ("base", "oms", "control"):
+    for name in ("base", "oms", "control", "unnamed"):
         for w in ("black", "white"):
             assert 0 <= summary[f"{name}/brightness/{w}"] <= 255
             assert 0 <= summary[f"{name}/shape/{w}"] <= 1
     # The lightness world's real images: 10..40 and 235..255 backgrounds under a shape.
     assert summary["data/brightness/black"] < 60 and summary["data/brightness/white"] > 200
+    assert 0 <= summary["data/shape/black"] <= 1 and 0 <= summary["data/colour/white"] <= 1
