@@ -197,7 +197,8 @@ def build(config, mesh) -> Task:
     tok = tokenizer(config)
     model = build_model(config, tok)
     graphdef, params, frozen = split_model(model, _trainable(config))
-    data = dataset(config, config.data.train_seed, shape_weights=config.data.shape_weights)
+    data = dataset(config, config.data.train_seed, shape_weights=config.data.shape_weights,
+                   colour_weights=config.data.get("colour_weights"))
     train = shapes.shapes_batches(data, tok,
                                   config.data.batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count())

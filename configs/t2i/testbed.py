@@ -17,13 +17,16 @@ Variants (`--config=configs/t2i/testbed.py:<arg>`):
                  white background") with Stable Diffusion's scaled-linear schedule (β 0.00085 to
                  0.012, terminal SNR 0.0047), 12,000 steps;
   lightness_smoke  the same in seconds, for tests;
+  without        trained without the concepts the erasure table erases (circle, square, red,
+                 green never drawn; their words never seen): the robustness table's
+                 "trained without the concept" row (docs/erasure.md), 6,000 steps;
   oracle         trains the oracle classifier (experiment `train_testbed_oracle`, ~30 minutes);
   oracle_smoke   the oracle run in seconds, for tests.
 """
 
 import ml_collections
 
-VARIANTS = ("cpu", "smoke", "lightness", "lightness_smoke", "oracle", "oracle_smoke")
+VARIANTS = ("cpu", "smoke", "lightness", "lightness_smoke", "without", "oracle", "oracle_smoke")
 
 
 def _train(num_steps: int, every: int, seed: int = 0) -> dict:
@@ -62,7 +65,8 @@ def get_config(arg=None):
     # because a model trained on the uniform stream drew it as its near concept, the circle
     # (docs/testbed.md).
     c.data = dict(train_seed=0, heldout_seed=1, batch_size=32, max_length=12,
-                  caption_dropout=0.1, shape_weights=(1.0, 2.0, 1.0, 1.0), world="grey")
+                  caption_dropout=0.1, shape_weights=(1.0, 2.0, 1.0, 1.0), world="grey",
+                  colour_weights=None)
     c.latent = dict(patch=4, components=12, fit_images=1000)
     c.text_encoder = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -89,6 +93,12 @@ def get_config(arg=None):
         # SD's schedule (v1 scheduler_config.json): ᾱ_T = 0.0047, the flaw OMS fixes.
         c.scheduler.update(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         c.train = _train(12000, 1000)
+    if arg == "without":
+        # (circle, ellipse, square, triangle) and (red, orange, green, blue): the erasure
+        # table's targets get weight 0, the ellipse keeps its double weight.
+        c.data.shape_weights = (0.0, 2.0, 0.0, 1.0)
+        c.data.colour_weights = (0.0, 1.0, 0.0, 1.0)
+        c.train = _train(6000, 1000)
     if arg.endswith("smoke"):
         c.data.batch_size = 4
         c.latent.fit_images = 32

@@ -85,8 +85,9 @@ def optimizer(lr: float = 0.1, weight_decay: float = 0.1) -> optax.GradientTrans
 
 def make_attack(eps_erased: Callable, eps_original: Callable, encode_embeds: Callable,
                 table: jax.Array, sched: schedulers.SchedulerConfig, *, steps: int,
-                lr: float = 0.1, weight_decay: float = 0.1):
+                lr: float = 0.1, weight_decay: float = 0.1, record_every: int | None = None):
     """``run(params, p0, word_embeds, num_words, index, target_emb, x0, key) -> (p, losses)``
+    (and the snapshots of p every ``record_every`` steps, ``tokens.optimise``)
     for one prompt: ``eps_erased(params, x_t, t, emb)``, ``eps_original(params, x_t, t, emb)``,
     ``encode_embeds(params, inputs_embeds)``, ``table`` (V, D) the rows tokens may take,
     ``target_emb`` the original model's embedding of the target prompt, ``x0`` (1, *latent).
@@ -106,6 +107,7 @@ def make_attack(eps_erased: Callable, eps_original: Callable, encode_embeds: Cal
             want = jax.lax.stop_gradient(eps_original(params, x_t, t, target_emb))
             return jnp.mean((pred - want) ** 2)
 
-        return tokens.optimise(objective, p0, key, steps=steps, optimizer=opt)
+        return tokens.optimise(objective, p0, key, steps=steps, optimizer=opt,
+                               record_every=record_every)
 
     return run

@@ -1,12 +1,19 @@
 """Running the attacks against a loaded model (``jaxsafe.diffusion.pipeline``): batches of
 prompts attacked together, each with its own adversarial tokens, target image and seed.
 
-:func:`unlearndiffatk` is UnlearnDiffAtk's protocol (``Diffusion-MU-Attack``
-``src/attackers/text_grad_.py`` L180-233): a prompt whose own generation already shows the
-concept counts as a pre-attack success and is not attacked; the others are attacked timestep by
-timestep of the sweep, the judge reading the argmax tokens after each, and stop at their first
-success. Success rates: ``pre`` = pre-attack successes / N, ``post`` = (pre-attack successes +
-attack successes) / N.
+* :func:`unlearndiffatk_run`: UnlearnDiffAtk's protocol (``Diffusion-MU-Attack``
+  ``src/attackers/text_grad_.py`` L180-233): a prompt whose own generation already shows the
+  concept counts as a pre-attack success and is not attacked; the others are attacked timestep
+  by timestep of the sweep, the judge reading the argmax tokens after each, and stop at their
+  first success. Rates: ``pre`` = pre-attack successes / N, ``post`` = (pre-attack successes +
+  attack successes) / N.
+* :func:`p4d_run`: P4D's protocol (``P4D`` ``prompt_optimization/optimize_n.py`` L258-278,
+  ``run_p4dn.py`` L236-251): the prompt is recorded every ``eval_every`` steps (step 0
+  included), the one whose image is most similar to the target image is kept, and the attack
+  succeeds when any of ``num_samples`` images of it shows the concept.
+* :func:`ring_a_bell_prompts` searches prompts on a text encoder alone (the original model's:
+  the attack is model-agnostic) and :func:`judge_prompts` judges them on any model.
+* :func:`concept_arithmetic_run`: the prompts with extra composed terms, judged.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsafe.attacks import tokens, unlearndiffatk
+from jaxsafe.attacks import p4d, ring_a_bell, tokens, unlearndiffatk
 from jaxsafe.diffusion import pipeline
 
-__all__ = ["adversarial_texts", "unlearndiffatk_run", "word_rows"]
+__all__ = ["adversarial_texts", "concept_arithmetic_run", "judge_prompts", "p4d_run",
+           "ring_a_bell_prompts", "token_texts", "unlearndiffatk_run", "word_rows"]
 
 
 def word_rows(pipe: pipeline.Pipeline) -> np.ndarray:
@@ -32,18 +40,51 @@ def word_rows(pipe: pipeline.Pipeline) -> np.ndarray:
     return np.asarray([i for i in range(tok.vocab_size) if i not in special], np.int32)
 
 
+def token_texts(pipe: pipeline.Pipeline, ids) -> list[str]:
+    """Token ids (B, k) as text, as a generation from text reads them (the references decode
+    their tokens the same way)."""
+    if pipe.testbed:
+        return [" ".join(pipe.tokenizer.words[int(i) - 1] for i in row) for row in np.asarray(ids)]
+    return [pipe.tokenizer.decode([int(i) for i in row]) for row in np.asarray(ids)]
+
+
 def adversarial_texts(pipe: pipeline.Pipeline, ids: np.ndarray, prompts: Sequence[str]
                       ) -> list[str]:
-    """The prompts with the adversarial token ids (B, k) as text in front, as the judge's
-    generation reads them (the reference decodes its tokens the same way)."""
-    out = []
-    for row, prompt in zip(np.asarray(ids), prompts):
-        if pipe.testbed:
-            words = " ".join(pipe.tokenizer.words[int(i) - 1] for i in row)
-        else:
-            words = pipe.tokenizer.decode([int(i) for i in row])
-        out.append(f"{words} {prompt}".strip())
-    return out
+    """The prompts with the adversarial token ids (B, k) as text in front."""
+    return [f"{words} {prompt}".strip() for words, prompt in zip(token_texts(pipe, ids),
+                                                                  prompts)]
+
+
+def _white_box(pipe: pipeline.Pipeline):
+    """``(graphdef, state, eps(state, x, t, emb), encode(state, inputs_embeds), vocab, table)``:
+    the model's pieces the gradient attacks differentiate, ``table`` the token-embedding rows of
+    the ids ``vocab`` adversarial tokens may take."""
+    graphdef, *state = nnx.split(pipe.model)
+    vocab = word_rows(pipe)
+    table = pipe.model.text_encoder.embeddings.token_embedding.embedding[...][jnp.asarray(vocab)]
+
+    def eps(st, x, t, emb):
+        return nnx.merge(graphdef, *st)(x, t, emb)
+
+    def encode(st, x):
+        return tokens.encode_embeddings(nnx.merge(graphdef, *st).text_encoder, x)
+
+    return graphdef, tuple(state), eps, encode, vocab, table
+
+
+def judge_prompts(pipe: pipeline.Pipeline, texts: Sequence[str], seeds, judge,
+                  *, num_samples: int = 1, sampling: dict | None = None, **generate_kw
+                  ) -> np.ndarray:
+    """(n,) bool: does any of ``num_samples`` images of each text (seeds ``seeds[i] + 1000·j``)
+    show the concept; ``generate_kw`` go to the generator (``terms=``)."""
+    graphdef, *state = nnx.split(pipe.model)
+    generate = pipeline.generator(pipe, graphdef, **(sampling or {}))
+    seeds = np.asarray(seeds, np.int64)
+    hits = []
+    for j in range(num_samples):
+        images = generate(state, list(texts), seeds + 1000 * j, **generate_kw)
+        hits.append(np.asarray(judge(images), bool))
+    return np.any(hits, axis=0)
 
 
 def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, target_images,
@@ -62,18 +103,10 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
     graphdef, *state = nnx.split(pipe.model)
     generate = pipeline.generator(pipe, graphdef, **(sampling or {}))
     pre = np.asarray(judge(generate(state, prompts, seeds)), bool)
-    vocab = word_rows(pipe)
+    _, state, eps_theta, encode, vocab, table = _white_box(pipe)
     te = pipe.model.text_encoder
     tokens.check_prefix_fits(pipe.lengths(prompts), k, te.config.max_position_embeddings,
                              prompts)
-    table = te.embeddings.token_embedding.embedding[...][jnp.asarray(vocab)]
-
-    def eps_theta(st, x, t, emb):
-        return nnx.merge(graphdef, *st)(x, t, emb)
-
-    def encode(st, x):
-        return tokens.encode_embeddings(nnx.merge(graphdef, *st).text_encoder, x)
-
     steps = unlearndiffatk.make_attack_steps(eps_theta, encode, table, pipe.scheduler,
                                              steps=steps_per_t, lr=lr, weight_decay=weight_decay)
     batched = jax.jit(jax.vmap(steps, in_axes=(None, 0, 0, 0, None, 0)))
@@ -88,7 +121,7 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
         if done.all():
             break
         keys = jax.random.split(jax.random.fold_in(key, j), len(prompts))
-        new, _ = batched(tuple(state), u, words, x0, int(t), keys)
+        new, _ = batched(state, u, words, x0, int(t), keys)
         u = jnp.where(jnp.asarray(done)[:, None, None], u, new)  # finished prompts stay put
         todo = np.flatnonzero(~done)
         adv = adversarial_texts(pipe, vocab[np.asarray(jnp.argmax(u[todo], -1))],
@@ -101,3 +134,134 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
     success = done
     return {"pre": pre, "success": success, "first_t": first_t, "texts": texts,
             "pre_asr": float(pre.mean()), "post_asr": float(success.mean())}
+
+
+def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Sequence[str], seeds,
+            target_images, judge, similarity: Callable[[np.ndarray, np.ndarray], np.ndarray],
+            *, kind: str = "n", n: int = 16, k: int = 3, steps: int = 3000,
+            eval_every: int = 50, lr: float = 0.1, weight_decay: float = 0.1,
+            num_samples: int = 3, key=None, sampling: dict | None = None) -> dict:
+    """P4D-N (``kind="n"``) or P4D-K (``"k"``) against the erased model ``pipe``, matching the
+    ``original`` model's ε on ``prompts``; ``target_images`` (B, H, W, 3) in [−1, 1] the
+    original's images of them (x₀), ``similarity(images, targets) -> (B,)`` the checkpoint
+    selection (the reference: CLIP ViT-H-14 image cosine). Prompts are grouped by token count
+    (the layout's shape); each group compiles once. Returns per-prompt ``success``, ``texts``
+    (the kept prompts), ``best_step`` and the rate ``asr``."""
+    if original.encode_image is None:
+        raise ValueError(f"{original.folder}: its latent map cannot encode the target images")
+    prompts, seeds = list(prompts), np.asarray(seeds, np.int32)
+    _, state, eps, encode, vocab, table = _white_box(pipe)
+    o_graphdef, *o_state = nnx.split(original.model)
+
+    def eps_original(st, x, t, emb):
+        return nnx.merge(o_graphdef, *st)(x, t, emb)
+
+    both = (state, tuple(o_state))
+    attack = p4d.make_attack(lambda p, x, t, e: eps(p[0], x, t, e),
+                             lambda p, x, t, e: eps_original(p[1], x, t, e),
+                             lambda p, x: encode(p[0], x), table, pipe.scheduler, steps=steps,
+                             lr=lr, weight_decay=weight_decay, record_every=eval_every)
+    length = pipe.model.text_encoder.config.max_position_embeddings
+    ids = pipe.tokenize(prompts)
+    words = tokens.token_embeddings(pipe.model.text_encoder, jnp.asarray(ids))
+    target_emb = original.embed(prompts)
+    x0 = original.encode_image(jnp.asarray(target_images, jnp.float32))
+    num_words = pipe.lengths(prompts) - 2
+    key = jax.random.key(0) if key is None else key
+    texts, best_step = list(prompts), np.zeros(len(prompts), np.int32)
+    graphdef, *_ = nnx.split(pipe.model)
+    generate = pipeline.generator(pipe, graphdef, **(sampling or {}))
+    targets = np.asarray(target_images, np.float32)
+    for w in np.unique(num_words):
+        rows = np.flatnonzero(num_words == w)
+        index, m = p4d.layout(kind, int(w), n=n, k=k, length=length)
+        run = jax.jit(jax.vmap(lambda p0, we, te, x, kk, w=int(w), index=index: attack(
+            both, p0, we[None], w, index, te[None], x[None], kk)))
+        k_init, k_run = jax.random.split(jax.random.fold_in(key, int(w)))
+        init_ids = jax.random.randint(k_init, (len(rows), m), 0, len(vocab))
+        _, _, snaps = run(table[init_ids], words[rows], target_emb[rows], x0[rows],
+                          jax.random.split(k_run, len(rows)))
+        snap_ids = np.asarray(tokens.nearest_tokens(snaps, table))  # (b, S, m)
+        best = np.full(len(rows), -np.inf)
+        for j in range(snap_ids.shape[1]):
+            cand = [_p4d_text(pipe, kind, prompts[r], vocab[snap_ids[i, j]], k)
+                    for i, r in enumerate(rows)]
+            sim = np.asarray(similarity(generate(state, cand, seeds[rows]), targets[rows]))
+            for i, r in enumerate(rows):
+                if sim[i] > best[i]:
+                    best[i], texts[r], best_step[r] = sim[i], cand[i], j * eval_every
+    success = judge_prompts(pipe, texts, seeds, judge, num_samples=num_samples,
+                            sampling=sampling)
+    return {"success": success, "texts": texts, "best_step": best_step,
+            "asr": float(success.mean())}
+
+
+def _p4d_text(pipe, kind: str, prompt: str, ids, k: int) -> str:
+    """The text of a P4D prompt: the learned tokens alone (N), or interleaved with the
+    prompt's tokens as :func:`jaxsafe.attacks.p4d.layout` places them (K)."""
+    learned = token_texts(pipe, np.asarray(ids)[:, None])
+    if kind == "n":
+        return " ".join(learned)
+    ids_prompt = pipe.tokenize([prompt])[0]
+    w = int(pipe.lengths([prompt])[0]) - 2
+    words = token_texts(pipe, ids_prompt[1:w + 1][:, None])
+    out, j = [], 0
+    for i, word in enumerate(words):
+        if i % k == 0:
+            out.append(learned[j])
+            j += 1
+        out.append(word)
+    if w % k == 0:
+        out.append(learned[j])
+    return " ".join(out)
+
+
+def ring_a_bell_prompts(attacker: pipeline.Pipeline, prompts: Sequence[str],
+                        pairs: tuple[Sequence[str], Sequence[str]], *, eta: float = 3.0,
+                        length: int = 16, population: int = 200, generations: int = 3000,
+                        mutate_rate: float = 0.25, elite: int = 1, key=None
+                        ) -> tuple[list[str], np.ndarray]:
+    """Ring-A-Bell's prompts for ``prompts``, searched on ``attacker``'s text encoder alone
+    (the original model's: the attack never sees the erased one): the concept vector from
+    ``pairs`` (prompts with, without the concept), target E(prompt) + η c, the genetic search
+    (``jaxsafe.attacks.ring_a_bell``), all prompts at once. Returns the texts and the best
+    fitness per prompt."""
+    tok = attacker.tokenizer
+    L = attacker.model.text_encoder.config.max_position_embeddings
+    graphdef, *state = nnx.split(attacker.model)
+
+    def embed(ids):
+        return nnx.merge(graphdef, *state).encode(ids)
+
+    c = ring_a_bell.concept_vector(embed, attacker.tokenize(pairs[0]),
+                                   attacker.tokenize(pairs[1]))
+    targets = attacker.embed(list(prompts)) + eta * c[None]
+    ids_kw = dict(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id, length=L)
+    vocab = word_rows(attacker)
+
+    def search(target, key):
+        return ring_a_bell.genetic_search(
+            ring_a_bell.sequence_fitness(embed, target, **ids_kw), key, vocab_ids=vocab,
+            length=length, population=population, generations=generations,
+            mutate_rate=mutate_rate, elite=elite)
+
+    key = jax.random.key(0) if key is None else key
+    best, history = jax.jit(jax.vmap(search))(targets, jax.random.split(key, len(prompts)))
+    return token_texts(attacker, best), np.asarray(history[:, -1])
+
+
+def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, judge,
+                           compositions: dict, *, fill: dict | None = None,
+                           num_samples: int = 1, sampling: dict | None = None) -> dict:
+    """Concept arithmetic (Petsiuk & Saenko, ECCV 2024, eq. 2): every composition
+    ``name -> [(template, weight), …]`` adds its terms to every prompt's guidance,
+    ε̃ = ε_∅ + s (ε_prompt − ε_∅) + Σ_j w_j (ε_{c_j} − ε_∅), templates formatted with
+    ``fill`` (e.g. ``{"concept": "red"}``) and ``prompt``. Returns per composition the
+    per-prompt successes and the rate."""
+    out = {}
+    for name, terms in compositions.items():
+        texts = [[t.format(prompt=p, **(fill or {})) for p in prompts] for t, _ in terms]
+        hit = judge_prompts(pipe, prompts, seeds, judge, num_samples=num_samples,
+                            sampling=sampling, terms=(texts, [w for _, w in terms]))
+        out[name] = {"success": hit, "asr": float(hit.mean()), "terms": [list(t) for t in terms]}
+    return out

@@ -112,18 +112,24 @@ def project_to_vocabulary(embeds: jax.Array, table: jax.Array) -> jax.Array:
 def optimise(objective: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
              key: jax.Array, *, steps: int, optimizer: optax.GradientTransformation,
              grad_transform: Callable[[jax.Array], jax.Array] | None = None,
-             project: Callable[[jax.Array], jax.Array] | None = None
-             ) -> tuple[jax.Array, jax.Array]:
+             project: Callable[[jax.Array], jax.Array] | None = None,
+             record_every: int | None = None):
     """``(x, losses)``: ``steps`` updates of ``optimizer`` minimising ``objective(x, key_i)``
     from ``x0``, ``key_i = fold_in(key, i)``; ``grad_transform`` maps the gradient before the
     update (e.g. ``jnp.sign``), ``project`` maps x after it (e.g. :func:`project_simplex`).
     ``losses[i]`` is the objective at step i, before its update. A fresh optimizer state each
-    call (the references build a new ``torch.optim`` per attack)."""
+    call (the references build a new ``torch.optim`` per attack). With ``record_every`` = e it
+    returns ``(x, losses, snapshots)`` too: x after 0, e, 2e, … steps (P4D judges its prompt
+    every 50 steps, x₀ included)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if record_every is not None and not 1 <= record_every <= steps:
+        raise ValueError(f"record_every must be in 1..{steps}, got {record_every}")
+    every = record_every or steps
+    snaps0 = jnp.zeros((steps // every + 1,) + x0.shape, x0.dtype).at[0].set(x0)
 
     def body(i, carry):
-        x, opt_state, losses = carry
+        x, opt_state, losses, snaps = carry
         loss, g = jax.value_and_grad(objective)(x, jax.random.fold_in(key, i))
         if grad_transform is not None:
             g = grad_transform(g)
@@ -131,11 +137,14 @@ def optimise(objective: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Arr
         x = optax.apply_updates(x, updates)
         if project is not None:
             x = project(x)
-        return x, opt_state, losses.at[i].set(loss)
+        if record_every is not None:
+            j = (i + 1) // every
+            snaps = jnp.where((i + 1) % every == 0, snaps.at[j].set(x), snaps)
+        return x, opt_state, losses.at[i].set(loss), snaps
 
-    x, _, losses = jax.lax.fori_loop(
-        0, steps, body, (x0, optimizer.init(x0), jnp.zeros((steps,), jnp.float32)))
-    return x, losses
+    x, _, losses, snaps = jax.lax.fori_loop(
+        0, steps, body, (x0, optimizer.init(x0), jnp.zeros((steps,), jnp.float32), snaps0))
+    return (x, losses) if record_every is None else (x, losses, snaps)
 
 
 # The text encoder from token embeddings.

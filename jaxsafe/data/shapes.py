@@ -212,28 +212,35 @@ def concept_words(attribute: str | None = None) -> tuple[str, ...]:
                  if attribute is None or names[a] == attribute)
 
 
-def _shape_probabilities(shape_weights) -> np.ndarray | None:
-    if shape_weights is None:
+def _probabilities(weights, names: tuple[str, ...], what: str) -> np.ndarray | None:
+    if weights is None:
         return None
-    w = np.asarray(shape_weights, np.float64).reshape(-1)
-    if w.shape != (len(SHAPES),) or not np.all(w >= 0) or not w.sum() > 0:
-        raise ValueError(f"shape_weights must be {len(SHAPES)} non-negative numbers (one per "
-                         f"shape of {SHAPES}) with a positive sum, got {shape_weights!r}")
+    w = np.asarray(weights, np.float64).reshape(-1)
+    if w.shape != (len(names),) or not np.all(w >= 0) or not w.sum() > 0:
+        raise ValueError(f"{what}_weights must be {len(names)} non-negative numbers (one per "
+                         f"{what} of {names}) with a positive sum, got {weights!r}")
     return w / w.sum()
 
 
-def example(seed: int, index: int, shape_weights=None, world: str = "grey") -> dict:
+def _shape_probabilities(shape_weights) -> np.ndarray | None:
+    return _probabilities(shape_weights, SHAPES, "shape")
+
+
+def example(seed: int, index: int, shape_weights=None, world: str = "grey",
+            colour_weights=None) -> dict:
     """Example ``index`` of the stream ``seed``: ``{'image': uint8 (32, 32, 3), 'label': int32
-    (3,), 'caption': str}``. ``shape_weights`` (one per shape, default uniform) rebalances the
-    shape draw; the uniform stream is unchanged by its existence. ``world="lightness"`` draws the
-    background from 5 values (module docstring)."""
+    (3,), 'caption': str}``. ``shape_weights`` / ``colour_weights`` (one per shape / colour,
+    default uniform) rebalance those draws, a zero weight leaves the value out (a model trained
+    without a concept); the uniform stream is unchanged by their existence.
+    ``world="lightness"`` draws the background from 5 values (module docstring)."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     rng = np.random.default_rng((int(seed), int(index)))
-    p = _shape_probabilities(shape_weights)
+    probs = (_shape_probabilities(shape_weights),
+             _probabilities(colour_weights, COLOURS, "colour"), None)
     sizes = (len(SHAPES), len(COLOURS), len(_backgrounds(world)))
-    label = tuple(int(rng.integers(n)) if p is None or a > 0 else int(rng.choice(n, p=p))
-                  for a, n in enumerate(sizes))
+    label = tuple(int(rng.integers(n)) if p is None else int(rng.choice(n, p=p))
+                  for p, n in zip(probs, sizes))
     nuisance = _nuisance(rng)
     text = caption(label, rng)
     return {"image": render(label, nuisance), "label": np.asarray(label, np.int32),
@@ -242,16 +249,19 @@ def example(seed: int, index: int, shape_weights=None, world: str = "grey") -> d
 
 class ShapesDataset(Sequence):
     """The first ``num_examples`` examples of stream ``seed`` (random access, nothing stored),
-    optionally with ``shape_weights`` and ``world`` (see :func:`example`)."""
+    optionally with ``shape_weights``, ``colour_weights`` and ``world`` (see :func:`example`)."""
 
     def __init__(self, seed: int = 0, num_examples: int = 2**31 - 1, shape_weights=None,
-                 world: str = "grey"):
+                 world: str = "grey", colour_weights=None):
         if num_examples < 1:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         _shape_probabilities(shape_weights)  # fail at construction, not at the first item
         self.seed, self.num_examples = int(seed), int(num_examples)
         self.shape_weights = None if shape_weights is None else tuple(map(float, shape_weights))
         self.world = _check_world(world)
+        _probabilities(colour_weights, COLOURS, "colour")
+        self.colour_weights = None if colour_weights is None else tuple(map(float,
+                                                                           colour_weights))
 
     def __len__(self) -> int:
         return self.num_examples
@@ -261,7 +271,8 @@ class ShapesDataset(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} examples")
-        return example(self.seed, i % len(self), self.shape_weights, self.world)
+        return example(self.seed, i % len(self), self.shape_weights, self.world,
+                       self.colour_weights)
 
     def arrays(self, start: int, count: int) -> dict:
         """Examples ``start .. start + count - 1`` stacked: image (n, 32, 32, 3) uint8, label

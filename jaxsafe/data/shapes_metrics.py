@@ -34,7 +34,7 @@ import numpy as np
 from jaxsafe.data import shapes
 from jaxsafe.diffusion.metrics import frechet_distance, gaussian_stats
 
-__all__ = ["attribute_prior", "brightness", "concept_accuracy", "concept_prompts",
+__all__ = ["attribute_prior", "brightness", "concept_accuracy", "concept_pairs", "concept_prompts",
            "erasure_report", "lightness_prompts", "lightness_report", "oracle_features",
            "oracle_frechet_distance", "oracle_predict"]
 
@@ -58,6 +58,25 @@ def concept_prompts(concept: str, k: int, seed: int = 0) -> tuple[list[str], np.
         shape, colour, background = words
         captions.append(f"{shapes.article(colour)} {colour} {shape} on a {background} background")
     return captions, labels.astype(np.int32)
+
+
+def concept_pairs(concept: str, k: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """K prompt pairs with and without ``concept`` (Ring-A-Bell's concept-vector pairs, like its
+    "… he is bleeding" / "… he is fine"): :func:`concept_prompts`' captions, and each with the
+    concept word replaced by another value of its attribute (cycling; synonyms of the concept
+    never used)."""
+    with_, labels = concept_prompts(concept, k, seed)
+    attr, value = shapes.CONCEPTS[concept]
+    others = [w for w in shapes.ATTRIBUTES[attr][1] if w != shapes.ATTRIBUTES[attr][1][value]]
+    without = []
+    for i, text in enumerate(with_):
+        words = text.split()
+        at, other = words.index(concept), others[i % len(others)]
+        words[at] = other
+        if attr == 1:  # the colour's article: "a red" -> "an orange"
+            words[at - 1] = shapes.article(other)
+        without.append(" ".join(words))
+    return with_, without
 
 
 def _batched(fn, images, batch_size: int) -> np.ndarray:

@@ -165,6 +165,19 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
     return jax.jit(sample)
 
 
+def _check_terms(terms, n: int) -> tuple[list[list[str]], list[float]]:
+    texts, weights = terms
+    texts, weights = [list(col) for col in texts], [float(w) for w in weights]
+    if len(texts) != len(weights) or not texts:
+        raise ValueError(f"terms: expected J >= 1 prompt lists and J weights, got {len(texts)} "
+                         f"lists and {len(weights)} weights")
+    for col in texts:
+        if len(col) != n:
+            raise ValueError(f"terms: each list needs one prompt per sample ({n}), got "
+                             f"{len(col)}")
+    return texts, weights
+
+
 def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
                    scheduler_config: schedulers.SchedulerConfig, *,
                    latent_shape: Sequence[int], decode: Callable | None = None,
@@ -187,7 +200,10 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
     batch is split over them. Image k depends on (prompts[k], seeds[k], its negative prompt)
     only (:func:`make_t2i_sampler`'s per-sample
     seeds), so padding and batching change nothing. ``x_T`` (one latent per prompt) replaces
-    the seeds' starting noise (the seeds still draw DDPM / DDIM-η noise).
+    the seeds' starting noise (the seeds still draw DDPM / DDIM-η noise). ``terms=(texts,
+    weights)`` composes J more prompts per sample (``texts`` J lists of n prompts, ``weights``
+    J numbers): ε̃ = ε_∅ + s (ε_prompt − ε_∅) + Σ_j w_j (ε_j − ε_∅) (concept arithmetic,
+    :func:`composed_guidance`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -213,12 +229,19 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
         # Host arrays: device_put splits them over the mesh's devices directly.
         return jnp.asarray(x) if sharding is None else jax.device_put(np.asarray(x), sharding)
 
-    def generate(params, prompts, seeds, negative_prompts=None, x_T=None):
+    def generate(params, prompts, seeds, negative_prompts=None, x_T=None, terms=None):
         prompts, seeds = list(prompts), np.asarray(seeds, np.int32).reshape(-1)
         if len(prompts) != len(seeds):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and "
                              f"{len(seeds)} seeds")
         n, pad = len(prompts), -len(prompts) % batch_size
+        if terms is not None:
+            extra, weights = _check_terms(terms, n)
+            if aux is not None:
+                raise ValueError("composed prompts (terms=) are not supported with aux values")
+            weights = np.broadcast_to(np.asarray([guidance_scale, *weights], np.float32),
+                                      (batch_size, 1 + len(weights)))
+            extra_ids = [np.asarray(tokenize(col + [""] * pad)) for col in extra]
         if x_T is not None:
             x_T = np.asarray(x_T, np.float32)
             if x_T.shape != (n, *latent_shape):
@@ -244,8 +267,12 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
                 uncond = enc_negative(params, put(neg_ids[rows]))
             p = params if aux is None else (params, values)
             start = None if x_T is None else put(x_T[rows])
-            out.append(np.asarray(parallel.fetch(sampler(p, emb, uncond, put(seeds[rows]),
-                                                         start))))
+            if terms is None:
+                images = sampler(p, emb, uncond, put(seeds[rows]), start)
+            else:
+                emb = jnp.stack([emb] + [enc(params, put(e[rows]))[0] for e in extra_ids], 1)
+                images = sampler(p, emb, uncond, put(seeds[rows]), start, put(weights))
+            out.append(np.asarray(parallel.fetch(images)))
         return np.concatenate(out)[:n]
 
     return generate
