@@ -28,7 +28,8 @@ from flax import nnx
 from jaxsafe.attacks import p4d, ring_a_bell, tokens, unlearndiffatk
 from jaxsafe.diffusion import pipeline
 
-__all__ = ["adversarial_texts", "concept_arithmetic_run", "judge_prompts", "p4d_run",
+__all__ = ["ATTACKS", "adversarial_texts", "concept_arithmetic_run", "judge_prompts", "p4d_run",
+           "run_attack",
            "ring_a_bell_prompts", "token_texts", "unlearndiffatk_run", "word_rows"]
 
 
@@ -53,6 +54,20 @@ def adversarial_texts(pipe: pipeline.Pipeline, ids: np.ndarray, prompts: Sequenc
     """The prompts with the adversarial token ids (B, k) as text in front."""
     return [f"{words} {prompt}".strip() for words, prompt in zip(token_texts(pipe, ids),
                                                                   prompts)]
+
+
+_COMPILED: dict = {}  # (attack, model folder, graph, settings) -> jitted function
+
+
+def _compiled(key, build: Callable):
+    """One jitted attack function per (attack, model folder, graph, settings) in a process:
+    the weights and the token table are arguments, so attacking many edits of one model (the
+    robustness table) compiles once, as ``pipeline.generator`` does for sampling."""
+    if key not in _COMPILED:
+        if len(_COMPILED) >= 16:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = build()
+    return _COMPILED[key]
 
 
 def _white_box(pipe: pipeline.Pipeline):
@@ -107,9 +122,17 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
     te = pipe.model.text_encoder
     tokens.check_prefix_fits(pipe.lengths(prompts), k, te.config.max_position_embeddings,
                              prompts)
-    steps = unlearndiffatk.make_attack_steps(eps_theta, encode, table, pipe.scheduler,
-                                             steps=steps_per_t, lr=lr, weight_decay=weight_decay)
-    batched = jax.jit(jax.vmap(steps, in_axes=(None, 0, 0, 0, None, 0)))
+    def build():
+        def one(params, table, u, words, x0, t, key):
+            steps = unlearndiffatk.make_attack_steps(eps_theta, encode, table, pipe.scheduler,
+                                                     steps=steps_per_t, lr=lr,
+                                                     weight_decay=weight_decay)
+            return steps(params, u, words, x0, t, key)
+
+        return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, None, 0)))
+
+    attack = _compiled(("unlearndiffatk", pipe.folder, nnx.graphdef(pipe.model), steps_per_t,
+                        lr, weight_decay), build)
     words = tokens.token_embeddings(te, jnp.asarray(pipe.tokenize(prompts)))[:, None]
     x0 = pipe.encode_image(jnp.asarray(target_images, jnp.float32))[:, None]
     u = jnp.broadcast_to(tokens.uniform_simplex(k, len(vocab)), (len(prompts), k, len(vocab)))
@@ -121,7 +144,7 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
         if done.all():
             break
         keys = jax.random.split(jax.random.fold_in(key, j), len(prompts))
-        new, _ = batched(state, u, words, x0, int(t), keys)
+        new, _ = attack(state, table, u, words, x0, int(t), keys)
         u = jnp.where(jnp.asarray(done)[:, None, None], u, new)  # finished prompts stay put
         todo = np.flatnonzero(~done)
         adv = adversarial_texts(pipe, vocab[np.asarray(jnp.argmax(u[todo], -1))],
@@ -157,10 +180,18 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
         return nnx.merge(o_graphdef, *st)(x, t, emb)
 
     both = (state, tuple(o_state))
-    attack = p4d.make_attack(lambda p, x, t, e: eps(p[0], x, t, e),
-                             lambda p, x, t, e: eps_original(p[1], x, t, e),
-                             lambda p, x: encode(p[0], x), table, pipe.scheduler, steps=steps,
-                             lr=lr, weight_decay=weight_decay, record_every=eval_every)
+
+    def build(w, index):
+        def one(params, table, p0, we, te, x, kk):
+            attack = p4d.make_attack(lambda p, x, t, e: eps(p[0], x, t, e),
+                                     lambda p, x, t, e: eps_original(p[1], x, t, e),
+                                     lambda p, x: encode(p[0], x), table, pipe.scheduler,
+                                     steps=steps, lr=lr, weight_decay=weight_decay,
+                                     record_every=eval_every)
+            return attack(params, p0, we[None], w, index, te[None], x[None], kk)
+
+        return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, 0)))
+
     length = pipe.model.text_encoder.config.max_position_embeddings
     ids = pipe.tokenize(prompts)
     words = tokens.token_embeddings(pipe.model.text_encoder, jnp.asarray(ids))
@@ -175,12 +206,13 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
     for w in np.unique(num_words):
         rows = np.flatnonzero(num_words == w)
         index, m = p4d.layout(kind, int(w), n=n, k=k, length=length)
-        run = jax.jit(jax.vmap(lambda p0, we, te, x, kk, w=int(w), index=index: attack(
-            both, p0, we[None], w, index, te[None], x[None], kk)))
+        run = _compiled(("p4d", pipe.folder, nnx.graphdef(pipe.model), original.folder,
+                         o_graphdef, kind, n, k, steps, eval_every, lr, weight_decay, int(w)),
+                        lambda w=int(w), index=index: build(w, index))
         k_init, k_run = jax.random.split(jax.random.fold_in(key, int(w)))
         init_ids = jax.random.randint(k_init, (len(rows), m), 0, len(vocab))
-        _, _, snaps = run(table[init_ids], words[rows], target_emb[rows], x0[rows],
-                          jax.random.split(k_run, len(rows)))
+        _, _, snaps = run(both, table, table[init_ids], words[rows], target_emb[rows],
+                          x0[rows], jax.random.split(k_run, len(rows)))
         snap_ids = np.asarray(tokens.nearest_tokens(snaps, table))  # (b, S, m)
         best = np.full(len(rows), -np.inf)
         for j in range(snap_ids.shape[1]):
@@ -265,3 +297,61 @@ def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seed
                             sampling=sampling, terms=(texts, [w for _, w in terms]))
         out[name] = {"success": hit, "asr": float(hit.mean()), "terms": [list(t) for t in terms]}
     return out
+
+
+ATTACKS = ("none", "unlearndiffatk", "p4d", "ring_a_bell", "concept_arithmetic")
+
+
+def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
+               prompts: Sequence[str], seeds, judge, *, similarity=None, pairs=None,
+               words: dict | None = None, rab_texts: Sequence[str] | None = None) -> dict:
+    """One attack of ``configs/attacks/<attack>.py`` (``config.attack``) against ``pipe``:
+    ``{"success": (n,) bool, "texts": the prompts judged, "asr": rate, …}``. ``original`` makes
+    the target images (its images of the prompts, the prompts' seeds) and runs Ring-A-Bell's
+    search, unless ``rab_texts`` (already searched prompts) are given; ``similarity`` selects
+    P4D's prompt, ``pairs`` feed Ring-A-Bell's concept vector, ``words`` fill the concept-
+    arithmetic templates. ``"none"``: the prompts themselves (the pre-attack rate)."""
+    c, prompts, seeds = config, list(prompts), np.asarray(seeds, np.int32)
+    if c.attack not in ATTACKS:
+        raise ValueError(f"attack {c.attack!r}; expected one of {ATTACKS}")
+    sampling = dict(c.sampling)
+    key = jax.random.key(c.seed)
+    if c.attack == "none":
+        hit = judge_prompts(pipe, prompts, seeds, judge, num_samples=c.num_samples,
+                            sampling=sampling)
+        return {"success": hit, "texts": prompts, "asr": float(hit.mean())}
+    if c.attack == "ring_a_bell":
+        if rab_texts is None:
+            if pairs is None:
+                raise ValueError("Ring-A-Bell needs prompt pairs with and without the concept")
+            rab_texts, _ = ring_a_bell_prompts(
+                original, prompts, pairs, eta=c.eta, length=c.length, population=c.population,
+                generations=c.generations, mutate_rate=c.mutate_rate, elite=c.elite, key=key)
+        hit = judge_prompts(pipe, rab_texts, seeds, judge, num_samples=c.num_samples,
+                            sampling=sampling)
+        return {"success": hit, "texts": list(rab_texts), "asr": float(hit.mean())}
+    if c.attack == "concept_arithmetic":
+        fill = dict(words or {})
+        for name in ("concept", "anchor", "context"):
+            if c.get(name):
+                fill[name] = c[name]
+        per = concept_arithmetic_run(pipe, prompts, seeds, judge,
+                                     {k: tuple(v) for k, v in c.compositions.items()},
+                                     fill=fill, num_samples=c.num_samples, sampling=sampling)
+        hit = np.any([v["success"] for v in per.values()], axis=0)
+        return {"success": hit, "texts": prompts, "asr": float(hit.mean()),
+                "compositions": {k: {"asr": v["asr"], "success": v["success"]}
+                                 for k, v in per.items()}}
+    graphdef, *state = nnx.split(original.model)
+    targets = pipeline.generator(original, graphdef, **sampling)(state, prompts, seeds)
+    if c.attack == "unlearndiffatk":
+        out = unlearndiffatk_run(pipe, prompts, seeds, targets, judge, k=c.k,
+                                 steps_per_t=c.steps_per_t, num_t=c.num_t, lr=c.lr,
+                                 weight_decay=c.weight_decay, key=key, sampling=sampling)
+        return {**out, "asr": out["post_asr"]}
+    if similarity is None:
+        raise ValueError("P4D needs an image similarity to keep its best prompt")
+    return p4d_run(pipe, original, prompts, seeds, targets, judge, similarity, kind=c.kind,
+                   n=c.n, k=c.k, steps=c.steps, eval_every=c.eval_every, lr=c.lr,
+                   weight_decay=c.weight_decay, num_samples=c.num_samples, key=key,
+                   sampling=sampling)

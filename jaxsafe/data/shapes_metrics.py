@@ -34,7 +34,8 @@ import numpy as np
 from jaxsafe.data import shapes
 from jaxsafe.diffusion.metrics import frechet_distance, gaussian_stats
 
-__all__ = ["attribute_prior", "brightness", "concept_accuracy", "concept_pairs", "concept_prompts",
+__all__ = ["attribute_prior", "brightness", "composition_words", "concept_accuracy",
+           "concept_pairs", "concept_prompts",
            "erasure_report", "lightness_prompts", "lightness_report", "oracle_features",
            "oracle_frechet_distance", "oracle_predict"]
 
@@ -77,6 +78,21 @@ def concept_pairs(concept: str, k: int, seed: int = 0) -> tuple[list[str], list[
             words[at - 1] = shapes.article(other)
         without.append(" ".join(words))
     return with_, without
+
+
+def composition_words(concept: str) -> dict:
+    """The words concept-arithmetic templates take on the test bed
+    (``configs/attacks/concept_arithmetic.py``): ``concept``; ``context``, a word of the other
+    attribute the erasure table never erases (a colour's context: "triangle"; a shape's:
+    "blue"); ``sibling0..2``, the other values of its attribute; ``anchor``, its near concept
+    (or the first sibling)."""
+    attr, value = shapes.CONCEPTS[concept]
+    if attr not in (0, 1):
+        raise ValueError(f"{concept!r}: compositions are defined for shapes and colours")
+    siblings = [w for i, w in enumerate(shapes.ATTRIBUTES[attr][1]) if i != value]
+    return {"concept": concept, "context": "triangle" if attr == 1 else "blue",
+            "anchor": shapes.NEAR.get(concept, siblings[0]),
+            **{f"sibling{i}": w for i, w in enumerate(siblings)}}
 
 
 def _batched(fn, images, batch_size: int) -> np.ndarray:

@@ -1,0 +1,231 @@
+r"""The robustness table of docs/erasure.md: every attack against every erased test-bed model.
+
+    python -m launch.robustness_table --table=/tmp/erasure_table \
+        --without=/tmp/testbed_without/export --out=/tmp/robustness --seeds=0,1,2 \
+        --doc=docs/robustness_table.md
+
+reads the erased models that ``launch.erasure_table`` exported (``<table>/<setting>/<method>/
+seed<k>/export``) and, for every setting, method and seed, attacks them with every column of
+``COLUMNS`` (``configs/attacks/<attack>.py:testbed``) on ``--num_prompts`` prompts per erased
+concept (``shapes_metrics.concept_prompts`` with seed 100 + k, sampler seeds 10,000 k + i),
+judged by the oracle (does the image show the prompt's erased concept). Rows: the unedited
+model (``original``, where attacks should succeed almost always) and a model trained without
+the concepts (``--without``: ``configs/t2i/testbed.py:without``, where they should almost
+never). A cell is the attack success rate, mean ± sample standard deviation over the seeds;
+"no attack" is the pre-attack rate (the erasure table's erased accuracy, with the table's
+fewer sampling steps). Ring-A-Bell searches once per setting and seed on the original model's
+text encoder and the prompts it finds are judged on every model (it never sees the erased
+ones). A finished (setting, method, seed) is a JSON file in ``--out`` and is not run again.
+
+Attacked: the methods whose export is a plain denoiser (``ATTACKED``). SPM (adapters with a
+prompt-dependent strength), SAFREE (a sampling-time filter) and SFD (a one-step generator, no
+ε prediction) need their own samplers inside the attacks' gradients; they are not in this
+table (docs/attacks.md).
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+COLUMNS = (("no attack", "none", {}), ("UnlearnDiffAtk", "unlearndiffatk", {}),
+           ("P4D-N", "p4d", {"kind": "n"}), ("P4D-K", "p4d", {"kind": "k"}),
+           ("Ring-A-Bell", "ring_a_bell", {}), ("concept arithmetic", "concept_arithmetic", {}))
+ATTACKED = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE", "AdvUnlearn",
+            "SafeGen")
+WITHOUT = "trained without"
+
+
+def _define_flags() -> None:
+    global _TABLE, _WITHOUT, _OUT, _SEEDS, _SETTINGS, _METHODS, _NUM, _DOC, _PRINT_ONLY, _VARIANT
+    _TABLE = flags.DEFINE_string("table", None, "launch.erasure_table's --out directory.")
+    _WITHOUT = flags.DEFINE_string("without", "", "Export of the model trained without the "
+                                   "concepts (no such row when empty).")
+    _OUT = flags.DEFINE_string("out", None, "Directory of the results.")
+    _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+    _SETTINGS = flags.DEFINE_list("settings", ["red", "square", "circle", "colours"],
+                                  "Settings (launch.erasure_table.SETTINGS).")
+    _METHODS = flags.DEFINE_list("methods", list(ATTACKED), "Methods to attack.")
+    _NUM = flags.DEFINE_integer("num_prompts", 8, "Prompts per erased concept.")
+    _VARIANT = flags.DEFINE_string("variant", "testbed", "configs/attacks/*.py variant.")
+    _DOC = flags.DEFINE_string("doc", "", "Markdown file to write the tables to.")
+    _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Only tabulate the finished runs.")
+    flags.mark_flags_as_required(["table", "out"])
+
+
+def attack_config(attack: str, variant: str = "testbed", **overrides):
+    """``configs/attacks/<attack>.py:<variant>`` with ``overrides``; "none": the judge's
+    sampling only."""
+    import importlib
+
+    from configs.attacks import common
+
+    if attack == "none":
+        return common.base("none", variant)
+    c = importlib.import_module(f"configs.attacks.{attack}").get_config(variant)
+    c.update(overrides)
+    return c
+
+
+def _digest(folder: str, parts=("latent", "tokenizer", "scheduler")) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        for root, _, files in sorted(os.walk(os.path.join(folder, part))):
+            for name in sorted(files):
+                with open(os.path.join(root, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+def load_model(base, folder: str):
+    """The model in ``folder`` as a pipeline; an edit of ``base`` (same latent map, tokenizer
+    and scheduler files) shares ``base``'s folder key, so compiled samplers and attacks are
+    reused across the table's models."""
+    import dataclasses
+
+    from jaxsafe.diffusion import pipeline
+
+    loaded = pipeline.load(folder)
+    if _digest(folder) == _digest(base.folder):
+        return dataclasses.replace(base, model=loaded.model)
+    return loaded
+
+
+def model_folder(table_dir: str, setting: str, method: str, seed: int, without: str) -> str:
+    if method == WITHOUT:
+        return without
+    return os.path.join(table_dir, setting, method, f"seed{seed}", "export")
+
+
+def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, rab: dict,
+                 variant: str = "testbed") -> dict:
+    """Every column against ``pipe`` for the erased concepts of ``setting``: per column the
+    pooled per-prompt successes, the rate, the texts and the seconds it took."""
+    import jax
+
+    from jaxsafe.attacks import judges, run
+    from jaxsafe.data import shapes_metrics
+    from launch.erasure_table import SETTINGS
+
+    def similarity(a, b):
+        fa, fb = (shapes_metrics.oracle_features(oracle, x) for x in (a, b))
+        unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+        return np.sum(unit(fa) * unit(fb), -1)
+
+    out = {}
+    for name, attack, overrides in COLUMNS:
+        config = attack_config(attack, variant, **overrides)
+        hits, texts, start = [], [], time.time()
+        for concept in SETTINGS[setting]:
+            prompts, _ = shapes_metrics.concept_prompts(concept, num_prompts, seed=100 + seed)
+            seeds = 10_000 * seed + np.arange(num_prompts)
+            if attack == "ring_a_bell" and concept not in rab:
+                pairs = shapes_metrics.concept_pairs(concept, config.num_pairs, seed=200 + seed)
+                rab[concept], _ = run.ring_a_bell_prompts(
+                    base, prompts, pairs, eta=config.eta, length=config.length,
+                    population=config.population, generations=config.generations,
+                    mutate_rate=config.mutate_rate, elite=config.elite,
+                    key=jax.random.key(seed))
+            r = run.run_attack(config, pipe, base, prompts, seeds,
+                               judges.oracle_judge(concept, oracle), similarity=similarity,
+                               words=shapes_metrics.composition_words(concept),
+                               rab_texts=rab.get(concept))
+            hits += [bool(h) for h in r["success"]]
+            texts += list(r["texts"])
+        out[name] = {"asr": float(np.mean(hits)), "success": hits, "texts": texts,
+                     "seconds": time.time() - start}
+    return out
+
+
+def _cell(xs) -> str:
+    if not xs:
+        return "–"
+    sd = np.std(xs, ddof=1) if len(xs) > 1 else 0.0
+    return f"{np.mean(xs):.2f} ± {sd:.2f}"
+
+
+def table(out: str, setting: str, methods, seeds) -> str:
+    from launch.erasure_table import SETTINGS
+
+    lines = [f"**Erasing {' + '.join(SETTINGS[setting])}**: attack success rate "
+             "(the oracle sees the erased concept) ↓", "",
+             "| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for m in methods:
+        results = []
+        for k in seeds:
+            path = os.path.join(out, setting, m, f"seed{k}.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    results.append(json.load(f))
+        if results:
+            lines.append(f"| {m} | {len(results)} | " + " | ".join(
+                _cell([r[c[0]]["asr"] for r in results if c[0] in r]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)  # a killed run leaves no half-written result
+
+
+def main(argv):
+    del argv
+    from jaxsafe.diffusion import pipeline
+    from jaxsafe.nn import oracle as oracle_lib
+    from launch.erasure_table import MULTI, SETTINGS
+
+    seeds = [int(s) for s in _SEEDS.value]
+    methods = list(_METHODS.value) + ([WITHOUT] if _WITHOUT.value else [])
+    for s in _SETTINGS.value:
+        if s not in SETTINGS:
+            raise app.UsageError(f"--settings: unknown setting {s!r}; known: {', '.join(SETTINGS)}")
+    if not _PRINT_ONLY.value:
+        base = pipeline.load()
+        oracle = oracle_lib.load()
+        for seed in seeds:  # seed by seed: a table cut short has every cell at the first seeds
+            for setting in _SETTINGS.value:
+                rab: dict = {}
+                for m in methods:
+                    if setting == "colours" and m not in MULTI + (WITHOUT,):
+                        continue
+                    path = os.path.join(_OUT.value, setting, m, f"seed{seed}.json")
+                    if os.path.exists(path):
+                        continue
+                    folder = model_folder(_TABLE.value, setting, m, seed, _WITHOUT.value)
+                    if not os.path.isdir(folder):  # e.g. still training: a rerun fills it in
+                        print(f"{setting} {m} seed {seed}: no model at {folder}, skipped",
+                              flush=True)
+                        continue
+                    start = time.time()
+                    result = attack_model(base, load_model(base, folder), setting, seed,
+                                          _NUM.value, oracle, rab, _VARIANT.value)
+                    _write_json(path, result)
+                    print(f"{setting} {m} seed {seed}: " + ", ".join(
+                        f"{k} {v['asr']:.2f}" for k, v in result.items())
+                        + f" ({time.time() - start:.0f} s)", flush=True)
+    tables = "\n\n".join(table(_OUT.value, s, methods, seeds) for s in _SETTINGS.value)
+    print(tables)
+    if _DOC.value:
+        cmd = "python -m launch.robustness_table " + " ".join(shlex.quote(a)
+                                                              for a in sys.argv[1:])
+        with open(_DOC.value, "w", encoding="utf-8") as f:
+            f.write(f"# Test-bed robustness table\n\nProduced by\n\n```\n{cmd}\n```\n\n"
+                    f"on {platform.machine()}, {os.cpu_count()} cores, "
+                    f"{datetime.date.today()}; protocol: `launch/robustness_table.py`, "
+                    f"docs/attacks.md.\n\n{tables}\n")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
