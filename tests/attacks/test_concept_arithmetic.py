@@ -42,3 +42,22 @@ def test_composed_sampler_with_weights_s_0_is_classifier_free_guidance():
     assert np.abs(np.asarray(other - plain)).max() > 1e-3
     with pytest.raises(ValueError, match=r"weights \(B, J\)"):
         sample(None, emb, unc, seeds, weights=jnp.ones((2, 3)))
+
+
+def test_concept_pairs_swap_only_the_concept_and_composition_words():
+    from jaxsafe.data import shapes, shapes_metrics
+
+    for concept in ("red", "square", "circle"):
+        with_, without = shapes_metrics.concept_pairs(concept, 9, seed=3)
+        attr, value = shapes.CONCEPTS[concept]
+        for a, b in zip(with_, without):
+            la, lb = shapes.parse_caption(a), shapes.parse_caption(b)
+            assert la[attr] == value and lb[attr] != value
+            assert [x for i, x in enumerate(la) if i != attr] == [
+                x for i, x in enumerate(lb) if i != attr]
+        words = shapes_metrics.composition_words(concept)
+        siblings = {words[f"sibling{i}"] for i in range(3)}
+        assert concept not in siblings and len(siblings) == 3
+        assert {shapes.CONCEPTS[w] for w in siblings} == {
+            k for k in {v for v in shapes.CONCEPTS.values()} if k[0] == attr} - {(attr, value)}
+    assert shapes_metrics.composition_words("red")["anchor"] == "orange"

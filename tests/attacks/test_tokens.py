@@ -90,3 +90,22 @@ def test_optimise_finds_the_minimum_keeps_losses_and_projects():
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         tokens.optimise(objective, jnp.zeros(4), jax.random.key(0), steps=0,
                         optimizer=optax.adam(0.1))
+
+
+def test_recorded_snapshots_are_the_iterates_of_shorter_runs():
+    target = jnp.asarray([0.3, -1.2, 2.0])
+
+    def objective(x, key):
+        return jnp.sum((x - target) ** 2) + 0.1 * jnp.sum(x * jax.random.normal(key, x.shape))
+
+    opt = optax.adam(0.05)
+    x0, key = jnp.zeros(3), jax.random.key(4)
+    x, _, snaps = tokens.optimise(objective, x0, key, steps=12, optimizer=opt, record_every=4)
+    assert snaps.shape == (4, 3)
+    np.testing.assert_array_equal(np.asarray(snaps[0]), np.asarray(x0))
+    np.testing.assert_allclose(np.asarray(snaps[-1]), np.asarray(x), atol=1e-7)
+    for j in (1, 2):
+        xj, _ = tokens.optimise(objective, x0, key, steps=4 * j, optimizer=opt)
+        np.testing.assert_allclose(np.asarray(snaps[j]), np.asarray(xj), atol=1e-6)
+    with pytest.raises(ValueError, match="record_every must be in 1..12, got 13"):
+        tokens.optimise(objective, x0, key, steps=12, optimizer=opt, record_every=13)

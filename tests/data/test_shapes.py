@@ -210,3 +210,21 @@ def test_lightness_prompts_cover_every_pair_and_the_report_scores_them():
     for w, v in level.items():
         np.testing.assert_allclose(out[f"brightness/{w}"], (v + 1) * 127.5, atol=1e-3)
         assert out[f"shape/{w}"] == 0.25 and out[f"colour/{w}"] == 0.25  # 1 value in 4
+
+
+def test_zero_weights_leave_concepts_out_of_the_stream():
+    from configs.t2i import testbed
+
+    c = testbed.get_config("without")
+    ds = shapes.ShapesDataset(0, shape_weights=c.data.shape_weights,
+                              colour_weights=c.data.colour_weights)
+    items = ds.arrays(0, 300)
+    assert set(items["label"][:, 0]) == {1, 3} and set(items["label"][:, 1]) == {1, 3}
+    banned = {"circle", "square", "box", "red", "green"}
+    assert not any(banned & set(text.split()) for text in items["caption"])
+    # None is the uniform stream, unchanged by the option's existence
+    plain = shapes.ShapesDataset(0).arrays(0, 20)
+    again = shapes.ShapesDataset(0, colour_weights=None).arrays(0, 20)
+    np.testing.assert_array_equal(plain["image"], again["image"])
+    with pytest.raises(ValueError, match="colour_weights must be 4 non-negative numbers"):
+        shapes.ShapesDataset(0, colour_weights=(1.0, 0.0))

@@ -1,0 +1,176 @@
+r"""Attacks a text-to-image model with adversarial prompts: any attack of ``configs/attacks/``.
+
+    python -m launch.attack --config=configs/attacks/unlearndiffatk.py:testbed \
+        --model=/tmp/esd_red --prompts=prompts.txt --judge=oracle:red --out=/tmp/uda_red
+    python -m launch.attack --config=configs/attacks/p4d.py:sd --config.kind=k \
+        --model=/path/to/esd-nudity --original=/path/to/stable-diffusion-v1-4 \
+        --prompts=nudity.tsv --judge=nudenet --out=/tmp/p4d_k
+
+``--model`` is a diffusers-layout folder (a Stable Diffusion checkpoint or a test-bed export)
+or an erasure workdir (``launch.erase``'s, its ``export/`` is used); ``--original`` (default:
+the shipped test bed) is the unedited model: its images of the prompts are UnlearnDiffAtk's and
+P4D's targets, its text encoder runs Ring-A-Bell's search. ``--prompts``: one prompt per line,
+or ``prompt<TAB>seed`` (the judge's generation seed; default the line number). ``--judge``:
+``oracle:<concept>`` (the test bed) or ``nudenet`` (extra ``jaxsafe[nudenet]``). Ring-A-Bell's
+concept vector reads ``--pairs`` (``with<TAB>without`` lines; on the test bed with an oracle
+judge, ``shapes_metrics.concept_pairs`` by default); concept arithmetic takes
+``--compositions=file.json`` in place of the config's.
+
+Writes to ``--out``: ``summary.json`` (the config, the rate, per prompt the success and the
+judged prompt), ``prompts.txt`` (the adversarial prompts) and ``images.png`` (their
+generations). Bad input (a missing folder, an unknown judge, an empty prompt file) is one line
+on stderr and exit status 2; ``--debug`` shows the traceback.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.",
+                                          lock_config=False)
+_MODEL = flags.DEFINE_string("model", None, "Attacked model folder or erasure workdir.")
+_ORIGINAL = flags.DEFINE_string("original", "", "Unedited model (default: the shipped test bed).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file (prompt[<TAB>seed] per line).")
+_JUDGE = flags.DEFINE_string("judge", None, "oracle:<concept> or nudenet.")
+_PAIRS = flags.DEFINE_string("pairs", "", "Ring-A-Bell pairs (with<TAB>without per line).")
+_COMPOSITIONS = flags.DEFINE_string("compositions", "", "Concept-arithmetic JSON file.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of input errors.")
+flags.mark_flags_as_required(["config", "model", "prompts", "judge", "out"])
+
+
+def read_prompts(path: str) -> tuple[list[str], list[int]]:
+    """Prompts and seeds of a prompt file (module docstring)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts: no file {path!r}")
+    prompts, seeds = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            text, _, seed = line.rstrip("\n").partition("\t")
+            try:
+                seeds.append(int(seed) if seed.strip() else len(prompts))
+            except ValueError:
+                raise ValueError(f"--prompts {path}:{n}: the seed {seed!r} is not an "
+                                 "integer") from None
+            prompts.append(text.strip())
+    if not prompts:
+        raise ValueError(f"--prompts: {path!r} holds no prompt")
+    return prompts, seeds
+
+
+def read_pairs(path: str) -> tuple[list[str], list[str]]:
+    with_, without = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                a, sep, b = line.rstrip("\n").partition("\t")
+                if not sep:
+                    raise ValueError(f"--pairs {path}:{n}: expected with<TAB>without")
+                with_.append(a.strip())
+                without.append(b.strip())
+    return with_, without
+
+
+def make_judge(spec: str):
+    """``(judge, concept)`` of a ``--judge`` value."""
+    from jaxsafe.attacks import judges
+
+    kind, _, concept = spec.partition(":")
+    if kind == "oracle" and concept:
+        return judges.oracle_judge(concept), concept
+    if kind == "nudenet" and not concept:
+        return judges.nudenet_judge(), None
+    raise ValueError(f"--judge {spec!r}: expected oracle:<concept> or nudenet")
+
+
+def model_folder(path: str) -> str:
+    """A model folder, or the export of an erasure workdir."""
+    if os.path.isdir(os.path.join(path, "export")) and not os.path.exists(
+            os.path.join(path, "model_index.json")):
+        return os.path.join(path, "export")
+    return path
+
+
+def run(config, model: str, original: str, prompts_path: str, judge_spec: str, out: str,
+        pairs_path: str = "", compositions_path: str = "") -> dict:
+    import numpy as np
+
+    from jaxsafe.attacks import run as attacks
+    from jaxsafe.data import images as images_lib
+    from jaxsafe.data import shapes_metrics
+    from jaxsafe.diffusion import pipeline
+    from jaxsafe.nn import oracle as oracle_lib
+
+    prompts, seeds = read_prompts(prompts_path)
+    judge, concept = make_judge(judge_spec)
+    if compositions_path:
+        with open(compositions_path, encoding="utf-8") as f:
+            config.compositions = {k: tuple(map(tuple, v)) for k, v in json.load(f).items()}
+    pipe = pipeline.load(model_folder(model))
+    base = pipeline.load(original or None)
+    pairs, similarity, words = None, None, None
+    if pairs_path:
+        pairs = read_pairs(pairs_path)
+    if concept is not None:  # the test bed
+        oracle = oracle_lib.load()
+        num = config.get("num_pairs", 16)
+        pairs = pairs or shapes_metrics.concept_pairs(concept, num)
+        words = shapes_metrics.composition_words(concept)
+
+        def similarity(a, b):
+            fa, fb = (shapes_metrics.oracle_features(oracle, x) for x in (a, b))
+            fa /= np.maximum(np.linalg.norm(fa, axis=-1, keepdims=True), 1e-12)
+            fb /= np.maximum(np.linalg.norm(fb, axis=-1, keepdims=True), 1e-12)
+            return np.sum(fa * fb, -1)
+    else:
+        def similarity(a, b):  # P4D's CLIP image cosine needs CLIP; pixels in its place
+            a, b = (np.reshape(x, (len(x), -1)) for x in (a, b))
+            return np.sum(a * b, -1) / np.maximum(
+                np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    result = attacks.run_attack(config, pipe, base, prompts, seeds, judge,
+                                similarity=similarity, pairs=pairs, words=words)
+    from flax import nnx
+
+    graphdef, *state = nnx.split(pipe.model)
+    gen = pipeline.generator(pipe, graphdef, **dict(config.sampling))
+    images = gen(state, result["texts"], np.asarray(seeds))
+    os.makedirs(out, exist_ok=True)
+    images_lib.save_png(os.path.join(out, "images.png"), images_lib.image_grid(images),
+                        scale=4 if pipe.testbed else 1)
+    with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(result["texts"]) + "\n")
+    summary = {"attack": config.attack, "variant": config.variant, "model": pipe.folder,
+               "original": base.folder, "judge": judge_spec, "asr": result["asr"],
+               "pre_asr": result.get("pre_asr"),
+               "prompts": [{"prompt": p, "seed": int(s), "adversarial": t, "success": bool(h)}
+                           for p, s, t, h in zip(prompts, seeds, result["texts"],
+                                                 result["success"])],
+               "config": config.to_dict()}
+    if "compositions" in result:
+        summary["compositions"] = {k: v["asr"] for k, v in result["compositions"].items()}
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        summary = run(_CONFIG.value, _MODEL.value, _ORIGINAL.value, _PROMPTS.value,
+                      _JUDGE.value, _OUT.value, _PAIRS.value, _COMPOSITIONS.value)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if _DEBUG.value:
+            raise
+        print(f"attack: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({k: summary[k] for k in ("attack", "asr", "pre_asr")}))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,34 @@
+"""The robustness table's launcher: an edit of the base model shares its compiled functions,
+and the table's cells are the mean ± sample deviation of the stored rates."""
+
+import json
+import shutil
+
+import numpy as np
+
+from jaxsafe.diffusion import pipeline
+from launch import robustness_table as rt
+
+
+def test_an_exported_copy_shares_the_base_folder_key(tmp_path):
+    base = pipeline.load()
+    copy = tmp_path / "export"
+    shutil.copytree(pipeline.SHIPPED_TESTBED, copy)
+    loaded = rt.load_model(base, str(copy))
+    assert loaded.folder == base.folder and loaded.model is not base.model
+    (copy / "scheduler" / "scheduler_config.json").write_text(
+        (copy / "scheduler" / "scheduler_config.json").read_text().replace("0.02", "0.021"))
+    assert rt.load_model(base, str(copy)).folder == str(copy)
+
+
+def test_cells_are_mean_and_sample_deviation_over_seeds(tmp_path):
+    names = [c[0] for c in rt.COLUMNS]
+    for seed, rate in enumerate((0.25, 0.75)):
+        path = tmp_path / "red" / "UCE" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({n: {"asr": rate} for n in names}))
+    text = rt.table(str(tmp_path), "red", ["UCE", "ESD-u"], [0, 1, 2])
+    row = [line for line in text.splitlines() if line.startswith("| UCE")]
+    sd = np.std([0.25, 0.75], ddof=1)
+    assert row == ["| UCE | 2 | " + " | ".join([f"0.50 ± {sd:.2f}"] * len(names)) + " |"]
+    assert "ESD-u" not in text
