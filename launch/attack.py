@@ -29,17 +29,24 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.",
-                                          lock_config=False)
-_MODEL = flags.DEFINE_string("model", None, "Attacked model folder or erasure workdir.")
-_ORIGINAL = flags.DEFINE_string("original", "", "Unedited model (default: the shipped test bed).")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file (prompt[<TAB>seed] per line).")
-_JUDGE = flags.DEFINE_string("judge", None, "oracle:<concept> or nudenet.")
-_PAIRS = flags.DEFINE_string("pairs", "", "Ring-A-Bell pairs (with<TAB>without per line).")
-_COMPOSITIONS = flags.DEFINE_string("compositions", "", "Concept-arithmetic JSON file.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of input errors.")
-flags.mark_flags_as_required(["config", "model", "prompts", "judge", "out"])
+
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs as a program (tests import this module
+    next to launchers that define flags of the same names)."""
+    global _CONFIG, _MODEL, _ORIGINAL, _PROMPTS, _JUDGE, _PAIRS, _COMPOSITIONS, _OUT, _DEBUG
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.",
+                                              lock_config=False)
+    _MODEL = flags.DEFINE_string("model", None, "Attacked model folder or erasure workdir.")
+    _ORIGINAL = flags.DEFINE_string("original", "", "Unedited model (default: the shipped "
+                                    "test bed).")
+    _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file (prompt[<TAB>seed] per line).")
+    _JUDGE = flags.DEFINE_string("judge", None, "oracle:<concept> or nudenet.")
+    _PAIRS = flags.DEFINE_string("pairs", "", "Ring-A-Bell pairs (with<TAB>without per line).")
+    _COMPOSITIONS = flags.DEFINE_string("compositions", "", "Concept-arithmetic JSON file.")
+    _OUT = flags.DEFINE_string("out", None, "Output directory.")
+    _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of input errors.")
+    flags.mark_flags_as_required(["config", "model", "prompts", "judge", "out"])
 
 
 def read_prompts(path: str) -> tuple[list[str], list[int]]:
@@ -173,4 +180,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from jaxsafe.diffusion import pipeline
 from launch import robustness_table as rt
@@ -32,3 +33,22 @@ def test_cells_are_mean_and_sample_deviation_over_seeds(tmp_path):
     sd = np.std([0.25, 0.75], ddof=1)
     assert row == ["| UCE | 2 | " + " | ".join([f"0.50 ± {sd:.2f}"] * len(names)) + " |"]
     assert "ESD-u" not in text
+
+
+def test_launcher_inputs_fail_with_messages_naming_the_problem(tmp_path):
+    from launch import attack
+
+    with pytest.raises(ValueError, match="concept 'purple' is not a test-bed concept"):
+        attack.make_judge("oracle:purple")
+    with pytest.raises(FileNotFoundError, match="--prompts: no file"):
+        attack.read_prompts(str(tmp_path / "missing.txt"))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\tseven\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: the seed 'seven' is not an integer"):
+        attack.read_prompts(str(bad))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        attack.read_prompts(str(tmp_path / "empty.txt"))
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "export").mkdir()
+    assert attack.model_folder(str(tmp_path / "ws")) == str(tmp_path / "ws" / "export")

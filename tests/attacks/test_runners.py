@@ -94,16 +94,12 @@ def test_the_launcher_writes_prompts_images_and_summary(tmp_path):
     assert (tmp_path / "out" / "images.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--judge=oracle"], "attack: error: --judge 'oracle': expected oracle:<concept> or nudenet"),
-    (["--judge=oracle:purple"], "attack: error: concept 'purple' is not a test-bed concept"),
-])
-def test_the_launcher_rejects_bad_input_in_one_line(tmp_path, args, message):
+def test_the_launcher_rejects_bad_input_in_one_line(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     r = _attack(tmp_path, "--config=configs/attacks/p4d.py:smoke",
                 f"--model={pipeline.SHIPPED_TESTBED}", f"--prompts={prompts}",
-                f"--out={tmp_path / 'o'}", *args)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith(message)
-    assert "Traceback" not in r.stderr
+                f"--out={tmp_path / 'o'}", "--judge=oracle")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "attack: error: --judge 'oracle': expected oracle:<concept> or nudenet")
