@@ -72,6 +72,19 @@ def test_p4d_k_keeps_the_prompt_words_between_its_tokens(pipe):
     assert out["asr"] == float(np.mean(out["success"]))
 
 
+def test_p4d_n_finds_the_concept_on_the_unedited_model_from_random_tokens(pipe):
+    """P4D-N's prompt is 8 free tokens only: the original model must be driven to the target's
+    concept by optimisation (the random start is judged too, and mostly loses)."""
+    prompts, _ = shapes_metrics.concept_prompts("red", 4, seed=100)
+    graphdef, *state = nnx.split(pipe.model)
+    targets = pipeline.generator(pipe, graphdef, **SAMPLING)(state, prompts, np.arange(4))
+    out = run.p4d_run(pipe, pipe, prompts, np.arange(4), targets, judges.oracle_judge("red"),
+                      lambda a, b: -np.abs(a - b).mean((1, 2, 3)), kind="n", n=8, steps=100,
+                      eval_every=100, num_samples=1, sampling=SAMPLING)
+    assert out["success"].sum() >= 3, out["texts"]
+    assert (out["best_step"] == 100).sum() >= 3
+
+
 def _attack(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "launch.attack", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
