@@ -17,10 +17,11 @@ fewer sampling steps). Ring-A-Bell searches once per setting and seed on the ori
 text encoder and the prompts it finds are judged on every model (it never sees the erased
 ones). A finished (setting, method, seed) is a JSON file in ``--out`` and is not run again.
 
-Attacked: the methods whose export is a plain denoiser (``ATTACKED``). SPM (adapters with a
+Every method of the erasure table is attacked (``ATTACKED``). SPM (adapters with a
 prompt-dependent strength), SAFREE (a sampling-time filter) and SFD (a one-step generator, no
-ε prediction) need their own samplers inside the attacks' gradients; they are not in this
-table (docs/attacks.md).
+ε prediction) sample their own way (``OWN_SAMPLER``): they get the columns that only generate
+from text (no attack, Ring-A-Bell) through their own samplers; the gradient attacks and the
+composed guidance would need those samplers inside them (docs/attacks.md).
 """
 
 import datetime
@@ -39,7 +40,10 @@ COLUMNS = (("no attack", "none", {}), ("UnlearnDiffAtk", "unlearndiffatk", {}),
            ("P4D-N", "p4d", {"kind": "n"}), ("P4D-K", "p4d", {"kind": "k"}),
            ("Ring-A-Bell", "ring_a_bell", {}), ("concept arithmetic", "concept_arithmetic", {}))
 ATTACKED = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE", "AdvUnlearn",
-            "SafeGen")
+            "SafeGen", "SPM", "SAFREE", "SFD")
+# Methods that sample their own way: only the columns that generate from text (no attack,
+# Ring-A-Bell) run on them, through the method's sampler (:func:`own_sampler`).
+OWN_SAMPLER = ("SPM", "SAFREE", "SFD")
 WITHOUT = "trained without"
 
 
@@ -98,6 +102,49 @@ def load_model(base, folder: str):
     return loaded
 
 
+def own_sampler(method: str, folder: str, sampling: dict):
+    """``generate(texts, seeds)`` of an SPM, SAFREE or SFD export with the method's own
+    sampler (its experiment's functions), ``sampling`` the judge's settings."""
+    import ml_collections
+    from flax import nnx
+
+    from jaxsafe.diffusion import pipeline
+
+    if method == "SPM":
+        from experiments import erase_spm
+
+        pipe, transport = erase_spm.load(folder)
+        graphdef, state = nnx.split(pipe.model)
+        gen = erase_spm.make_spm_generator(pipe, graphdef, transport, **sampling)
+        return lambda texts, seeds: gen((state,), texts, seeds)
+    if method == "SAFREE":
+        from experiments import erase_safree
+
+        with open(os.path.join(os.path.dirname(folder), "config.json"), encoding="utf-8") as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        config.sampling.update(sampling)
+        pipe = pipeline.load(folder)
+        graphdef, state = nnx.split(pipe.model)
+        C = erase_safree.toxic_embeddings(pipe, erase_safree.keywords(config),
+                                          config.safree.pooling)
+        apply, encode, encode_negative = erase_safree.safree_functions(config, pipe, graphdef, C)
+        gen = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
+                                      negative_prompt=erase_safree.negative_prompt(config),
+                                      **sampling)
+        return lambda texts, seeds: gen((state,), texts, seeds)
+    if method == "SFD":
+        from experiments import erase_sfd
+
+        with open(os.path.join(folder, "sfd.json"), encoding="utf-8") as f:
+            t_init = json.load(f)["t_init"]
+        pipe = pipeline.load(folder)
+        graphdef, unet, rest = nnx.split(pipe.model, erase_sfd._unet, ...)
+        gen = erase_sfd.one_step_generator(pipe, graphdef, rest, t_init,
+                                           sampling.get("batch_size", 64))
+        return lambda texts, seeds: gen(unet, texts, seeds)
+    raise ValueError(f"{method!r} samples with the model's own sampler")
+
+
 def model_folder(table_dir: str, setting: str, method: str, seed: int, without: str) -> str:
     if method == WITHOUT:
         return without
@@ -105,9 +152,10 @@ def model_folder(table_dir: str, setting: str, method: str, seed: int, without: 
 
 
 def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, rab: dict,
-                 variant: str = "testbed") -> dict:
+                 variant: str = "testbed", generate=None) -> dict:
     """Every column against ``pipe`` for the erased concepts of ``setting``: per column the
-    pooled per-prompt successes, the rate, the texts and the seconds it took."""
+    pooled per-prompt successes, the rate, the texts and the seconds it took. With
+    ``generate`` (a method's own sampler) only the columns of ``run.BLACK_BOX``."""
     import jax
 
     from jaxsafe.attacks import judges, run
@@ -121,6 +169,8 @@ def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, 
 
     out = {}
     for name, attack, overrides in COLUMNS:
+        if generate is not None and attack not in run.BLACK_BOX:
+            continue
         config = attack_config(attack, variant, **overrides)
         hits, texts, start = [], [], time.time()
         for concept in SETTINGS[setting]:
@@ -136,7 +186,7 @@ def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, 
             r = run.run_attack(config, pipe, base, prompts, seeds,
                                judges.oracle_judge(concept, oracle), similarity=similarity,
                                words=shapes_metrics.composition_words(concept),
-                               rab_texts=rab.get(concept))
+                               rab_texts=rab.get(concept), generate=generate)
             hits += [bool(h) for h in r["success"]]
             texts += list(r["texts"])
         out[name] = {"asr": float(np.mean(hits)), "success": hits, "texts": texts,
@@ -208,8 +258,13 @@ def main(argv):
                               flush=True)
                         continue
                     start = time.time()
-                    result = attack_model(base, load_model(base, folder), setting, seed,
-                                          _NUM.value, oracle, rab, _VARIANT.value)
+                    if m in OWN_SAMPLER:
+                        sampling = dict(attack_config("none", _VARIANT.value).sampling)
+                        pipe, generate = base, own_sampler(m, folder, sampling)
+                    else:
+                        pipe, generate = load_model(base, folder), None
+                    result = attack_model(base, pipe, setting, seed, _NUM.value, oracle, rab,
+                                          _VARIANT.value, generate)
                     _write_json(path, result)
                     print(f"{setting} {m} seed {seed}: " + ", ".join(
                         f"{k} {v['asr']:.2f}" for k, v in result.items())

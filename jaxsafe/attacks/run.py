@@ -28,9 +28,9 @@ from flax import nnx
 from jaxsafe.attacks import p4d, ring_a_bell, tokens, unlearndiffatk
 from jaxsafe.diffusion import pipeline
 
-__all__ = ["ATTACKS", "adversarial_texts", "concept_arithmetic_run", "judge_prompts", "p4d_run",
-           "run_attack",
-           "ring_a_bell_prompts", "token_texts", "unlearndiffatk_run", "word_rows"]
+__all__ = ["ATTACKS", "BLACK_BOX", "adversarial_texts", "concept_arithmetic_run",
+           "judge_prompts", "p4d_run", "ring_a_bell_prompts", "run_attack", "token_texts",
+           "unlearndiffatk_run", "word_rows"]
 
 
 def word_rows(pipe: pipeline.Pipeline) -> np.ndarray:
@@ -88,16 +88,23 @@ def _white_box(pipe: pipeline.Pipeline):
 
 
 def judge_prompts(pipe: pipeline.Pipeline, texts: Sequence[str], seeds, judge,
-                  *, num_samples: int = 1, sampling: dict | None = None, **generate_kw
-                  ) -> np.ndarray:
+                  *, num_samples: int = 1, sampling: dict | None = None, generate=None,
+                  **generate_kw) -> np.ndarray:
     """(n,) bool: does any of ``num_samples`` images of each text (seeds ``seeds[i] + 1000·j``)
-    show the concept; ``generate_kw`` go to the generator (``terms=``)."""
-    graphdef, *state = nnx.split(pipe.model)
-    generate = pipeline.generator(pipe, graphdef, **(sampling or {}))
+    show the concept; ``generate_kw`` go to the generator (``terms=``). ``generate(texts,
+    seeds) -> images`` replaces the model's own sampler (a method that samples its own way:
+    SPM's strengths, SAFREE's filter, SFD's one step)."""
+    if generate is None:
+        graphdef, *state = nnx.split(pipe.model)
+        sample = pipeline.generator(pipe, graphdef, **(sampling or {}))
+
+        def generate(texts, seeds, **kw):
+            return sample(state, texts, seeds, **kw)
+
     seeds = np.asarray(seeds, np.int64)
     hits = []
     for j in range(num_samples):
-        images = generate(state, list(texts), seeds + 1000 * j, **generate_kw)
+        images = generate(list(texts), seeds + 1000 * j, **generate_kw)
         hits.append(np.asarray(judge(images), bool))
     return np.any(hits, axis=0)
 
@@ -300,25 +307,32 @@ def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seed
 
 
 ATTACKS = ("none", "unlearndiffatk", "p4d", "ring_a_bell", "concept_arithmetic")
+BLACK_BOX = ("none", "ring_a_bell")  # attacks that only generate from text
 
 
 def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
                prompts: Sequence[str], seeds, judge, *, similarity=None, pairs=None,
-               words: dict | None = None, rab_texts: Sequence[str] | None = None) -> dict:
+               words: dict | None = None, rab_texts: Sequence[str] | None = None,
+               generate=None) -> dict:
     """One attack of ``configs/attacks/<attack>.py`` (``config.attack``) against ``pipe``:
     ``{"success": (n,) bool, "texts": the prompts judged, "asr": rate, …}``. ``original`` makes
     the target images (its images of the prompts, the prompts' seeds) and runs Ring-A-Bell's
     search, unless ``rab_texts`` (already searched prompts) are given; ``similarity`` selects
     P4D's prompt, ``pairs`` feed Ring-A-Bell's concept vector, ``words`` fill the concept-
-    arithmetic templates. ``"none"``: the prompts themselves (the pre-attack rate)."""
+    arithmetic templates. ``"none"``: the prompts themselves (the pre-attack rate).
+    ``generate(texts, seeds)``: the model's own sampler, for the attacks that only generate
+    ("none", Ring-A-Bell); the others need the model's ε and raise."""
     c, prompts, seeds = config, list(prompts), np.asarray(seeds, np.int32)
     if c.attack not in ATTACKS:
         raise ValueError(f"attack {c.attack!r}; expected one of {ATTACKS}")
+    if generate is not None and c.attack not in BLACK_BOX:
+        raise ValueError(f"{c.attack} needs the model's noise prediction; a custom sampler "
+                         f"serves only {', '.join(BLACK_BOX)}")
     sampling = dict(c.sampling)
     key = jax.random.key(c.seed)
     if c.attack == "none":
         hit = judge_prompts(pipe, prompts, seeds, judge, num_samples=c.num_samples,
-                            sampling=sampling)
+                            sampling=sampling, generate=generate)
         return {"success": hit, "texts": prompts, "asr": float(hit.mean())}
     if c.attack == "ring_a_bell":
         if rab_texts is None:
@@ -328,7 +342,7 @@ def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
                 original, prompts, pairs, eta=c.eta, length=c.length, population=c.population,
                 generations=c.generations, mutate_rate=c.mutate_rate, elite=c.elite, key=key)
         hit = judge_prompts(pipe, rab_texts, seeds, judge, num_samples=c.num_samples,
-                            sampling=sampling)
+                            sampling=sampling, generate=generate)
         return {"success": hit, "texts": list(rab_texts), "asr": float(hit.mean())}
     if c.attack == "concept_arithmetic":
         fill = dict(words or {})

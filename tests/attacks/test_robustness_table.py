@@ -52,3 +52,26 @@ def test_launcher_inputs_fail_with_messages_naming_the_problem(tmp_path):
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "export").mkdir()
     assert attack.model_folder(str(tmp_path / "ws")) == str(tmp_path / "ws" / "export")
+
+
+def test_a_method_sampler_serves_the_generating_attacks_only():
+    from configs.attacks import unlearndiffatk
+    from jaxsafe.attacks import run
+
+    calls = []
+
+    def generate(texts, seeds):  # image k is "positive" when its seed is odd
+        calls.append((list(texts), list(seeds)))
+        return np.where((np.asarray(seeds) % 2 == 1)[:, None, None, None], 1.0, -1.0) * np.ones(
+            (len(texts), 2, 2, 3))
+
+    judge = lambda x: np.asarray(x)[:, 0, 0, 0] > 0
+    hit = run.judge_prompts(None, ["a", "b", "c"], [0, 1, 2], judge, num_samples=2,
+                            generate=generate)
+    np.testing.assert_array_equal(hit, [False, True, False])  # seeds + 1000 keep the parity
+    assert calls == [(["a", "b", "c"], [0, 1, 2]), (["a", "b", "c"], [1000, 1001, 1002])]
+    config = unlearndiffatk.get_config("smoke")
+    with pytest.raises(ValueError, match="unlearndiffatk needs the model's noise prediction"):
+        run.run_attack(config, None, None, ["a"], [0], judge, generate=generate)
+    with pytest.raises(ValueError, match="'UCE' samples with the model's own sampler"):
+        rt.own_sampler("UCE", "/nowhere", {})
