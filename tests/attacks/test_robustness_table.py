@@ -24,14 +24,20 @@ def test_an_exported_copy_shares_the_base_folder_key(tmp_path):
 
 def test_cells_are_mean_and_sample_deviation_over_seeds(tmp_path):
     names = [c[0] for c in rt.COLUMNS]
-    for seed, rate in enumerate((0.25, 0.75)):
+    plain = [True, False, False, False]
+    attacked = {0: [False, True, False, False], 1: [True, True, True, False]}
+    for seed in (0, 1):
         path = tmp_path / "red" / "UCE" / f"seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({n: {"asr": rate} for n in names}))
+        result = {n: {"success": attacked[seed]} for n in names}
+        result["no attack"] = {"success": plain}
+        path.write_text(json.dumps(result))
     text = rt.table(str(tmp_path), "red", ["UCE", "ESD-u"], [0, 1, 2])
     row = [line for line in text.splitlines() if line.startswith("| UCE")]
-    sd = np.std([0.25, 0.75], ddof=1)
-    assert row == ["| UCE | 2 | " + " | ".join([f"0.50 ± {sd:.2f}"] * len(names)) + " |"]
+    # an attack's rate counts the prompts the plain prompt already wins: 2/4 and 3/4
+    sd = np.std([0.5, 0.75], ddof=1)
+    assert row == ["| UCE | 2 | 0.25 ± 0.00 | " + " | ".join(
+        [f"0.62 ± {sd:.2f}"] * (len(names) - 1)) + " |"]
     assert "ESD-u" not in text
 
 
