@@ -21,9 +21,9 @@ and the prompts it finds are judged on every model (it never sees the erased one
 
 Every method of the erasure table is attacked (``ATTACKED``). SPM (adapters with a
 prompt-dependent strength), SAFREE (a sampling-time filter) and SFD (a one-step generator, no
-ε prediction) sample their own way (``OWN_SAMPLER``): they get the columns that only generate
-from text (no attack, Ring-A-Bell) through their own samplers; the gradient attacks and the
-composed guidance would need those samplers inside them (docs/attacks.md).
+ε prediction) sample their own way (``OWN_SAMPLER``): every generation an attack judges goes
+through their own samplers, the gradient attacks differentiate their plain denoisers, and
+concept arithmetic (a composition of the plain sampler) is not run on them (docs/attacks.md).
 """
 
 import datetime
@@ -43,8 +43,10 @@ COLUMNS = (("no attack", "none", {}), ("UnlearnDiffAtk", "unlearndiffatk", {}),
            ("Ring-A-Bell", "ring_a_bell", {}), ("concept arithmetic", "concept_arithmetic", {}))
 ATTACKED = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE", "AdvUnlearn",
             "SafeGen", "SPM", "SAFREE", "SFD")
-# Methods that sample their own way: only the columns that generate from text (no attack,
-# Ring-A-Bell) run on them, through the method's sampler (:func:`own_sampler`).
+# Methods that sample their own way (:func:`own_sampler`): every generation an attack judges
+# goes through the method's sampler; the gradient attacks differentiate the method's plain
+# denoiser (SPM's adapters at full strength, SAFREE's unfiltered model, SFD's generator network
+# as an ε predictor); concept arithmetic, which composes the plain sampler, is not run.
 OWN_SAMPLER = ("SPM", "SAFREE", "SFD")
 WITHOUT = "trained without"
 
@@ -105,8 +107,9 @@ def load_model(base, folder: str):
 
 
 def own_sampler(method: str, folder: str, sampling: dict):
-    """``generate(texts, seeds)`` of an SPM, SAFREE or SFD export with the method's own
-    sampler (its experiment's functions), ``sampling`` the judge's settings."""
+    """``(pipe, generate(texts, seeds))`` of an SPM, SAFREE or SFD export: the loaded model
+    (SPM's with its adapters) and the method's own sampler (its experiment's functions),
+    ``sampling`` the judge's settings."""
     import ml_collections
     from flax import nnx
 
@@ -118,7 +121,7 @@ def own_sampler(method: str, folder: str, sampling: dict):
         pipe, transport = erase_spm.load(folder)
         graphdef, state = nnx.split(pipe.model)
         gen = erase_spm.make_spm_generator(pipe, graphdef, transport, **sampling)
-        return lambda texts, seeds: gen((state,), texts, seeds)
+        return pipe, lambda texts, seeds: gen((state,), texts, seeds)
     if method == "SAFREE":
         from experiments import erase_safree
 
@@ -133,7 +136,7 @@ def own_sampler(method: str, folder: str, sampling: dict):
         gen = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
                                       negative_prompt=erase_safree.negative_prompt(config),
                                       **sampling)
-        return lambda texts, seeds: gen((state,), texts, seeds)
+        return pipe, lambda texts, seeds: gen((state,), texts, seeds)
     if method == "SFD":
         from experiments import erase_sfd
 
@@ -143,7 +146,7 @@ def own_sampler(method: str, folder: str, sampling: dict):
         graphdef, unet, rest = nnx.split(pipe.model, erase_sfd._unet, ...)
         gen = erase_sfd.one_step_generator(pipe, graphdef, rest, t_init,
                                            sampling.get("batch_size", 64))
-        return lambda texts, seeds: gen(unet, texts, seeds)
+        return pipe, lambda texts, seeds: gen(unet, texts, seeds)
     raise ValueError(f"{method!r} samples with the model's own sampler")
 
 
@@ -157,7 +160,7 @@ def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, 
                  variant: str = "testbed", generate=None) -> dict:
     """Every column against ``pipe`` for the erased concepts of ``setting``: per column the
     pooled per-prompt successes, the rate, the texts and the seconds it took. With
-    ``generate`` (a method's own sampler) only the columns of ``run.BLACK_BOX``."""
+    ``generate`` (a method's own sampler) every column but concept arithmetic."""
     import jax
 
     from jaxsafe.attacks import judges, run
@@ -171,7 +174,7 @@ def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, 
 
     out = {}
     for name, attack, overrides in COLUMNS:
-        if generate is not None and attack not in run.BLACK_BOX:
+        if generate is not None and attack == "concept_arithmetic":
             continue
         config = attack_config(attack, variant, **overrides)
         hits, texts, start = [], [], time.time()
@@ -269,7 +272,9 @@ def main(argv):
                     start = time.time()
                     if m in OWN_SAMPLER:
                         sampling = dict(attack_config("none", _VARIANT.value).sampling)
-                        pipe, generate = base, own_sampler(m, folder, sampling)
+                        pipe, generate = own_sampler(m, folder, sampling)
+                        if m != "SPM":  # plain weights: share the base's compiled attacks
+                            pipe = load_model(base, folder)
                     else:
                         pipe, generate = load_model(base, folder), None
                     result = attack_model(base, pipe, setting, seed, _NUM.value, oracle, rab,

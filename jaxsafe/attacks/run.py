@@ -28,7 +28,7 @@ from flax import nnx
 from jaxsafe.attacks import p4d, ring_a_bell, tokens, unlearndiffatk
 from jaxsafe.diffusion import pipeline
 
-__all__ = ["ATTACKS", "BLACK_BOX", "adversarial_texts", "concept_arithmetic_run",
+__all__ = ["ATTACKS", "adversarial_texts", "concept_arithmetic_run",
            "judge_prompts", "p4d_run", "ring_a_bell_prompts", "run_attack", "token_texts",
            "unlearndiffatk_run", "word_rows"]
 
@@ -87,6 +87,16 @@ def _white_box(pipe: pipeline.Pipeline):
     return graphdef, tuple(state), eps, encode, vocab, table
 
 
+def _sampler(pipe: pipeline.Pipeline, sampling: dict | None, generate=None):
+    """``generate(texts, seeds, **kw) -> images``: ``generate`` itself when given (a method's
+    own sampler), else the model's guided sampler."""
+    if generate is not None:
+        return generate
+    graphdef, *state = nnx.split(pipe.model)
+    sample = pipeline.generator(pipe, graphdef, **(sampling or {}))
+    return lambda texts, seeds, **kw: sample(state, list(texts), seeds, **kw)
+
+
 def judge_prompts(pipe: pipeline.Pipeline, texts: Sequence[str], seeds, judge,
                   *, num_samples: int = 1, sampling: dict | None = None, generate=None,
                   **generate_kw) -> np.ndarray:
@@ -94,13 +104,7 @@ def judge_prompts(pipe: pipeline.Pipeline, texts: Sequence[str], seeds, judge,
     show the concept; ``generate_kw`` go to the generator (``terms=``). ``generate(texts,
     seeds) -> images`` replaces the model's own sampler (a method that samples its own way:
     SPM's strengths, SAFREE's filter, SFD's one step)."""
-    if generate is None:
-        graphdef, *state = nnx.split(pipe.model)
-        sample = pipeline.generator(pipe, graphdef, **(sampling or {}))
-
-        def generate(texts, seeds, **kw):
-            return sample(state, texts, seeds, **kw)
-
+    generate = _sampler(pipe, sampling, generate)
     seeds = np.asarray(seeds, np.int64)
     hits = []
     for j in range(num_samples):
@@ -113,7 +117,7 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
                        judge: Callable[[np.ndarray], np.ndarray], *, k: int = 3,
                        steps_per_t: int = 40, num_t: int = 50, lr: float = 0.01,
                        weight_decay: float = 0.1, key=None,
-                       sampling: dict | None = None) -> dict:
+                       sampling: dict | None = None, generate=None) -> dict:
     """UnlearnDiffAtk against the (erased) model ``pipe``: ``target_images`` (B, H, W, 3) in
     [−1, 1] are the original model's images of ``prompts`` (x₀ = their latents), ``seeds`` the
     judge's generation seeds, ``sampling`` the generator's settings. Returns per-prompt
@@ -122,9 +126,8 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
     if pipe.encode_image is None:
         raise ValueError(f"{pipe.folder}: its latent map cannot encode the target images")
     prompts, seeds = list(prompts), np.asarray(seeds, np.int32)
-    graphdef, *state = nnx.split(pipe.model)
-    generate = pipeline.generator(pipe, graphdef, **(sampling or {}))
-    pre = np.asarray(judge(generate(state, prompts, seeds)), bool)
+    generate = _sampler(pipe, sampling, generate)
+    pre = np.asarray(judge(generate(prompts, seeds)), bool)
     _, state, eps_theta, encode, vocab, table = _white_box(pipe)
     te = pipe.model.text_encoder
     tokens.check_prefix_fits(pipe.lengths(prompts), k, te.config.max_position_embeddings,
@@ -156,7 +159,7 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
         todo = np.flatnonzero(~done)
         adv = adversarial_texts(pipe, vocab[np.asarray(jnp.argmax(u[todo], -1))],
                                 [prompts[i] for i in todo])
-        hit = np.asarray(judge(generate(state, adv, seeds[todo])), bool)
+        hit = np.asarray(judge(generate(adv, seeds[todo])), bool)
         for i, a, h in zip(todo, adv, hit):
             texts[i] = a
             if h:
@@ -170,7 +173,8 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
             target_images, judge, similarity: Callable[[np.ndarray, np.ndarray], np.ndarray],
             *, kind: str = "n", n: int = 16, k: int = 3, steps: int = 3000,
             eval_every: int = 50, lr: float = 0.1, weight_decay: float = 0.1,
-            num_samples: int = 3, key=None, sampling: dict | None = None) -> dict:
+            num_samples: int = 3, key=None, sampling: dict | None = None,
+            generate=None) -> dict:
     """P4D-N (``kind="n"``) or P4D-K (``"k"``) against the erased model ``pipe``, matching the
     ``original`` model's ε on ``prompts``; ``target_images`` (B, H, W, 3) in [−1, 1] the
     original's images of them (x₀), ``similarity(images, targets) -> (B,)`` the checkpoint
@@ -207,8 +211,7 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
     num_words = pipe.lengths(prompts) - 2
     key = jax.random.key(0) if key is None else key
     texts, best_step = list(prompts), np.zeros(len(prompts), np.int32)
-    graphdef, *_ = nnx.split(pipe.model)
-    generate = pipeline.generator(pipe, graphdef, **(sampling or {}))
+    generate = _sampler(pipe, sampling, generate)
     targets = np.asarray(target_images, np.float32)
     for w in np.unique(num_words):
         rows = np.flatnonzero(num_words == w)
@@ -225,12 +228,12 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
         for j in range(snap_ids.shape[1]):
             cand = [_p4d_text(pipe, kind, prompts[r], vocab[snap_ids[i, j]], k)
                     for i, r in enumerate(rows)]
-            sim = np.asarray(similarity(generate(state, cand, seeds[rows]), targets[rows]))
+            sim = np.asarray(similarity(generate(cand, seeds[rows]), targets[rows]))
             for i, r in enumerate(rows):
                 if sim[i] > best[i]:
                     best[i], texts[r], best_step[r] = sim[i], cand[i], j * eval_every
     success = judge_prompts(pipe, texts, seeds, judge, num_samples=num_samples,
-                            sampling=sampling)
+                            sampling=sampling, generate=generate)
     return {"success": success, "texts": texts, "best_step": best_step,
             "asr": float(success.mean())}
 
@@ -307,7 +310,6 @@ def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seed
 
 
 ATTACKS = ("none", "unlearndiffatk", "p4d", "ring_a_bell", "concept_arithmetic")
-BLACK_BOX = ("none", "ring_a_bell")  # attacks that only generate from text
 
 
 def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
@@ -320,14 +322,16 @@ def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
     search, unless ``rab_texts`` (already searched prompts) are given; ``similarity`` selects
     P4D's prompt, ``pairs`` feed Ring-A-Bell's concept vector, ``words`` fill the concept-
     arithmetic templates. ``"none"``: the prompts themselves (the pre-attack rate).
-    ``generate(texts, seeds)``: the model's own sampler, for the attacks that only generate
-    ("none", Ring-A-Bell); the others need the model's ε and raise."""
+    ``generate(texts, seeds)``: the model's own sampler (SPM's strengths, SAFREE's filter,
+    SFD's one step) for every generation the attack judges; the gradient attacks then
+    differentiate ``pipe``'s plain denoiser. Concept arithmetic composes the plain sampler's
+    guidance and refuses a custom one."""
     c, prompts, seeds = config, list(prompts), np.asarray(seeds, np.int32)
     if c.attack not in ATTACKS:
         raise ValueError(f"attack {c.attack!r}; expected one of {ATTACKS}")
-    if generate is not None and c.attack not in BLACK_BOX:
-        raise ValueError(f"{c.attack} needs the model's noise prediction; a custom sampler "
-                         f"serves only {', '.join(BLACK_BOX)}")
+    if generate is not None and c.attack == "concept_arithmetic":
+        raise ValueError("concept arithmetic composes the model's guided sampler; a custom "
+                         "sampler cannot take its terms")
     sampling = dict(c.sampling)
     key = jax.random.key(c.seed)
     if c.attack == "none":
@@ -361,11 +365,12 @@ def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
     if c.attack == "unlearndiffatk":
         out = unlearndiffatk_run(pipe, prompts, seeds, targets, judge, k=c.k,
                                  steps_per_t=c.steps_per_t, num_t=c.num_t, lr=c.lr,
-                                 weight_decay=c.weight_decay, key=key, sampling=sampling)
+                                 weight_decay=c.weight_decay, key=key, sampling=sampling,
+                                 generate=generate)
         return {**out, "asr": out["post_asr"]}
     if similarity is None:
         raise ValueError("P4D needs an image similarity to keep its best prompt")
     return p4d_run(pipe, original, prompts, seeds, targets, judge, similarity, kind=c.kind,
                    n=c.n, k=c.k, steps=c.steps, eval_every=c.eval_every, lr=c.lr,
                    weight_decay=c.weight_decay, num_samples=c.num_samples, key=key,
-                   sampling=sampling)
+                   sampling=sampling, generate=generate)

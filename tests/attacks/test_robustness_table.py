@@ -60,8 +60,8 @@ def test_launcher_inputs_fail_with_messages_naming_the_problem(tmp_path):
     assert attack.model_folder(str(tmp_path / "ws")) == str(tmp_path / "ws" / "export")
 
 
-def test_a_method_sampler_serves_the_generating_attacks_only():
-    from configs.attacks import unlearndiffatk
+def test_a_method_sampler_judges_every_generation():
+    from configs.attacks import concept_arithmetic
     from jaxsafe.attacks import run
 
     calls = []
@@ -76,8 +76,8 @@ def test_a_method_sampler_serves_the_generating_attacks_only():
                             generate=generate)
     np.testing.assert_array_equal(hit, [False, True, False])  # seeds + 1000 keep the parity
     assert calls == [(["a", "b", "c"], [0, 1, 2]), (["a", "b", "c"], [1000, 1001, 1002])]
-    config = unlearndiffatk.get_config("smoke")
-    with pytest.raises(ValueError, match="unlearndiffatk needs the model's noise prediction"):
+    config = concept_arithmetic.get_config("smoke")
+    with pytest.raises(ValueError, match="a custom sampler cannot take its terms"):
         run.run_attack(config, None, None, ["a"], [0], judge, generate=generate)
     with pytest.raises(ValueError, match="'UCE' samples with the model's own sampler"):
         rt.own_sampler("UCE", "/nowhere", {})
