@@ -92,6 +92,16 @@ def _digest(folder: str, parts=("latent", "tokenizer", "scheduler")) -> str:
     return h.hexdigest()
 
 
+def shared(base, pipe):
+    """``pipe`` under ``base``'s folder key when its latent map, tokenizer and scheduler files
+    are ``base``'s (the compiled functions' cache key; see :func:`load_model`)."""
+    import dataclasses
+
+    if _digest(pipe.folder) == _digest(base.folder):
+        return dataclasses.replace(pipe, folder=base.folder)
+    return pipe
+
+
 def load_model(base, folder: str):
     """The model in ``folder`` as a pipeline; an edit of ``base`` (same latent map, tokenizer
     and scheduler files) shares ``base``'s folder key, so compiled samplers and attacks are
@@ -100,10 +110,9 @@ def load_model(base, folder: str):
 
     from jaxsafe.diffusion import pipeline
 
-    loaded = pipeline.load(folder)
-    if _digest(folder) == _digest(base.folder):
-        return dataclasses.replace(base, model=loaded.model)
-    return loaded
+    loaded = shared(base, pipeline.load(folder))
+    return dataclasses.replace(base, model=loaded.model) if loaded.folder == base.folder \
+        else loaded
 
 
 def own_sampler(method: str, folder: str, sampling: dict):
@@ -273,8 +282,10 @@ def main(argv):
                     if m in OWN_SAMPLER:
                         sampling = dict(attack_config("none", _VARIANT.value).sampling)
                         pipe, generate = own_sampler(m, folder, sampling)
-                        if m != "SPM":  # plain weights: share the base's compiled attacks
-                            pipe = load_model(base, folder)
+                        # SFD, SAFREE: plain weights, the base's compiled attacks; SPM: the
+                        # base's files, so its compiled attacks are shared across SPM models.
+                        pipe = (shared(base, pipe) if m == "SPM"
+                                else load_model(base, folder))
                     else:
                         pipe, generate = load_model(base, folder), None
                     result = attack_model(base, pipe, setting, seed, _NUM.value, oracle, rab,
