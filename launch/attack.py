@@ -16,10 +16,13 @@ concept vector reads ``--pairs`` (``with<TAB>without`` lines; on the test bed wi
 judge, ``shapes_metrics.concept_pairs`` by default); concept arithmetic takes
 ``--compositions=file.json`` in place of the config's.
 
-Writes to ``--out``: ``summary.json`` (the config, the rate, per prompt the success and the
-judged prompt), ``prompts.txt`` (the adversarial prompts) and ``images.png`` (their
-generations). Bad input (a missing folder, an unknown judge, an empty prompt file) is one line
-on stderr and exit status 2; ``--debug`` shows the traceback.
+An SPM, SAFREE or SFD export (its ``spm.json`` / ``safree.json`` / ``sfd.json``) is judged
+through the method's own sampler, the gradient attacks differentiating its plain denoiser
+(docs/attacks.md). Writes to ``--out``: ``summary.json`` (the config, the rate, per prompt the
+success and the judged prompt; concept arithmetic: each composition's rate),
+``prompts.txt`` (the adversarial prompts) and ``images.png`` (their generations; concept
+arithmetic: of the plain prompts). Bad input (a missing folder, an unknown judge, an empty
+prompt file) is one line on stderr and exit status 2; ``--debug`` shows the traceback.
 """
 
 import json
@@ -118,7 +121,15 @@ def run(config, model: str, original: str, prompts_path: str, judge_spec: str, o
     if compositions_path:
         with open(compositions_path, encoding="utf-8") as f:
             config.compositions = {k: tuple(map(tuple, v)) for k, v in json.load(f).items()}
-    pipe = pipeline.load(model_folder(model))
+    from launch.robustness_table import own_sampler, own_sampler_method
+
+    folder = model_folder(model)
+    method = own_sampler_method(folder)
+    generate = None
+    if method is None:
+        pipe = pipeline.load(folder)
+    else:  # SPM, SAFREE, SFD: judged through the method's own sampler (docs/attacks.md)
+        pipe, generate = own_sampler(method, folder, dict(config.sampling))
     base = pipeline.load(original or None)
     pairs, similarity, words = None, None, None
     if pairs_path:
@@ -140,12 +151,10 @@ def run(config, model: str, original: str, prompts_path: str, judge_spec: str, o
             return np.sum(a * b, -1) / np.maximum(
                 np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
     result = attacks.run_attack(config, pipe, base, prompts, seeds, judge,
-                                similarity=similarity, pairs=pairs, words=words)
-    from flax import nnx
-
-    graphdef, *state = nnx.split(pipe.model)
-    gen = pipeline.generator(pipe, graphdef, **dict(config.sampling))
-    images = gen(state, result["texts"], np.asarray(seeds))
+                                similarity=similarity, pairs=pairs, words=words,
+                                generate=generate)
+    images = attacks.sampler(pipe, dict(config.sampling), generate)(result["texts"],
+                                                                      np.asarray(seeds))
     os.makedirs(out, exist_ok=True)
     images_lib.save_png(os.path.join(out, "images.png"), images_lib.image_grid(images),
                         scale=4 if pipe.testbed else 1)

@@ -115,6 +115,16 @@ def load_model(base, folder: str):
         else loaded
 
 
+#: The file that marks an export of a method with its own sampler.
+OWN_SAMPLER_FILES = {"SPM": "spm.json", "SAFREE": "safree.json", "SFD": "sfd.json"}
+
+
+def own_sampler_method(folder: str) -> str | None:
+    """The method of ``OWN_SAMPLER`` whose export ``folder`` is, or None."""
+    return next((m for m, f in OWN_SAMPLER_FILES.items()
+                 if os.path.exists(os.path.join(folder, f))), None)
+
+
 def own_sampler(method: str, folder: str, sampling: dict):
     """``(pipe, generate(texts, seeds))`` of an SPM, SAFREE or SFD export: the loaded model
     (SPM's with its adapters) and the method's own sampler (its experiment's functions),
@@ -134,9 +144,12 @@ def own_sampler(method: str, folder: str, sampling: dict):
     if method == "SAFREE":
         from experiments import erase_safree
 
-        with open(os.path.join(os.path.dirname(folder), "config.json"), encoding="utf-8") as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        config.sampling.update(sampling)
+        with open(os.path.join(folder, "safree.json"), encoding="utf-8") as f:
+            saved = json.load(f)  # the filter's settings, keywords and negative prompt resolved
+        config = ml_collections.ConfigDict({
+            "safree": {k: v for k, v in saved.items()
+                       if k not in ("method", "latent_re_attention")},
+            "sampling": {"kind": "ddim", **sampling}})
         pipe = pipeline.load(folder)
         graphdef, state = nnx.split(pipe.model)
         C = erase_safree.toxic_embeddings(pipe, erase_safree.keywords(config),

@@ -29,7 +29,8 @@ from jaxsafe.attacks import p4d, ring_a_bell, tokens, unlearndiffatk
 from jaxsafe.diffusion import pipeline
 
 __all__ = ["ATTACKS", "adversarial_texts", "concept_arithmetic_run",
-           "judge_prompts", "p4d_run", "ring_a_bell_prompts", "run_attack", "token_texts",
+           "judge_prompts", "p4d_run", "ring_a_bell_prompts", "run_attack", "sampler",
+           "token_texts",
            "unlearndiffatk_run", "word_rows"]
 
 
@@ -87,7 +88,7 @@ def _white_box(pipe: pipeline.Pipeline):
     return graphdef, tuple(state), eps, encode, vocab, table
 
 
-def _sampler(pipe: pipeline.Pipeline, sampling: dict | None, generate=None):
+def sampler(pipe: pipeline.Pipeline, sampling: dict | None, generate=None):
     """``generate(texts, seeds, **kw) -> images``: ``generate`` itself when given (a method's
     own sampler), else the model's guided sampler."""
     if generate is not None:
@@ -104,7 +105,7 @@ def judge_prompts(pipe: pipeline.Pipeline, texts: Sequence[str], seeds, judge,
     show the concept; ``generate_kw`` go to the generator (``terms=``). ``generate(texts,
     seeds) -> images`` replaces the model's own sampler (a method that samples its own way:
     SPM's strengths, SAFREE's filter, SFD's one step)."""
-    generate = _sampler(pipe, sampling, generate)
+    generate = sampler(pipe, sampling, generate)
     seeds = np.asarray(seeds, np.int64)
     hits = []
     for j in range(num_samples):
@@ -126,7 +127,7 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
     if pipe.encode_image is None:
         raise ValueError(f"{pipe.folder}: its latent map cannot encode the target images")
     prompts, seeds = list(prompts), np.asarray(seeds, np.int32)
-    generate = _sampler(pipe, sampling, generate)
+    generate = sampler(pipe, sampling, generate)
     pre = np.asarray(judge(generate(prompts, seeds)), bool)
     _, state, eps_theta, encode, vocab, table = _white_box(pipe)
     te = pipe.model.text_encoder
@@ -211,7 +212,7 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
     num_words = pipe.lengths(prompts) - 2
     key = jax.random.key(0) if key is None else key
     texts, best_step = list(prompts), np.zeros(len(prompts), np.int32)
-    generate = _sampler(pipe, sampling, generate)
+    generate = sampler(pipe, sampling, generate)
     targets = np.asarray(target_images, np.float32)
     for w in np.unique(num_words):
         rows = np.flatnonzero(num_words == w)

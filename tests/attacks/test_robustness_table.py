@@ -81,3 +81,34 @@ def test_a_method_sampler_judges_every_generation():
         run.run_attack(config, None, None, ["a"], [0], judge, generate=generate)
     with pytest.raises(ValueError, match="'UCE' samples with the model's own sampler"):
         rt.own_sampler("UCE", "/nowhere", {})
+
+
+@pytest.mark.slow
+def test_a_safree_export_is_judged_through_its_own_filter(tmp_path):
+    """The SAFREE sampler rebuilt from the export's safree.json alone draws what the erasure
+    run's own sampler draws, and differs from the unfiltered model."""
+    from flax import nnx
+
+    from configs.erasure import safree as safree_config
+    from experiments import erase_safree
+
+    c = safree_config.get_config("smoke")
+    c.eval.enabled = False
+    c.concepts.erase = ("red",)
+    export = erase_safree.edit(c, str(tmp_path))["export"]
+    assert rt.own_sampler_method(export) == "SAFREE"
+    assert rt.own_sampler_method(pipeline.SHIPPED_TESTBED) is None
+    sampling = dict(num_inference_steps=4, guidance_scale=4.0, batch_size=4)
+    pipe, generate = rt.own_sampler("SAFREE", export, sampling)
+    prompts, seeds = ["a red circle on a plain background", "a red square"], np.arange(2)
+    c.sampling.update(sampling)
+    graphdef, state = nnx.split(pipe.model)
+    C = erase_safree.toxic_embeddings(pipe, erase_safree.keywords(c), c.safree.pooling)
+    apply, encode, encode_negative = erase_safree.safree_functions(c, pipe, graphdef, C)
+    reference = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
+                                        negative_prompt=erase_safree.negative_prompt(c),
+                                        **sampling)((state,), prompts, seeds)
+    got = generate(prompts, seeds)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    plain = pipeline.generator(pipe, graphdef, **sampling)((state,), prompts, seeds)
+    assert np.abs(got - plain).max() > 1e-2
