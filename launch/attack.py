@@ -169,8 +169,10 @@ def run(config, model: str, original: str, prompts_path: str, judge_spec: str, o
                "config": config.to_dict()}
     if "compositions" in result:
         summary["compositions"] = {k: v["asr"] for k, v in result["compositions"].items()}
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+    tmp = os.path.join(out, "summary.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out, "summary.json"))  # written last, whole or not at all
     return summary
 
 
