@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsafe.diffusion import pipeline, schedulers, sid
+from jaxsafe.diffusion import pipeline, schedulers, sid, t2i
 from jaxsafe.diffusion.sid import SiDTerm
 from jaxsafe.erasure import evaluation, prompts
 from jaxsafe.erasure import model as em
@@ -107,27 +107,47 @@ def build(config, mesh) -> Task:
 
 
 def one_step_generator(pipe, graphdef, rest, t_init: int, batch_size: int = 64):
-    """``generate(unet_params, captions, seeds) -> images``: G's x₀ at the pure-noise latent of
-    step ``t_init``, decoded; image k's noise from ``seeds[k]`` alone."""
+    """``generate(unet_params, captions, seeds, terms=None) -> images``: G's x₀ at the
+    pure-noise latent of step ``t_init``, decoded; image k's noise from ``seeds[k]`` alone.
+
+    ``terms=(texts, weights)`` composes J more prompts at the one step (concept arithmetic,
+    Petsiuk & Saenko, ECCV 2024, eq. 2, with G's own unguided s = 1):
+    x̂₀ = x₀(p) + Σ_j w_j (x₀(c_j) − x₀(∅)); x₀ is affine in ε at a fixed x_t, so this is
+    the composition of the ε predictions."""
     abar = schedulers.alphas_cumprod(pipe.scheduler)
     plain, _ = denoisers(graphdef, rest, abar, None, 1.0)
 
     @jax.jit
-    def run(p, ids, seeds):
-        emb = nnx.merge(graphdef, p, rest).encode(ids)
+    def run(p, ids, seeds, weights):
+        # ids: (1 + J, B, L), the prompts then the terms; weights: (J,), unused when J = 0.
         z = jax.vmap(lambda k: jax.random.normal(jax.random.key(k), pipe.latent_shape))(seeds)
-        t = jnp.full((ids.shape[0],), t_init, jnp.int32)
-        return pipe.decode(plain(p, jnp.sqrt(1 - abar[t_init]) * z, t, emb, None))
+        rows = ids.shape[0] + (ids.shape[0] > 1)  # ∅ joins when terms are composed
+        b = ids.shape[1]
+        flat = ids.reshape((-1, ids.shape[-1]))
+        if rows > ids.shape[0]:
+            flat = jnp.concatenate([jnp.broadcast_to(jnp.asarray(pipe.tokenize([""])),
+                                                     (b, ids.shape[-1])), flat])
+        emb = nnx.merge(graphdef, p, rest).encode(flat)
+        x = jnp.tile(jnp.sqrt(1 - abar[t_init]) * z, (rows, 1, 1, 1))
+        x0 = plain(p, x, jnp.full((rows * b,), t_init, jnp.int32), emb, None)
+        if rows > 1:
+            x0 = x0.reshape((rows, b) + x0.shape[1:])
+            w = jnp.broadcast_to(jnp.concatenate([jnp.ones(1), weights]), (b, rows - 1))
+            x0 = t2i.composed_guidance(x0[0], x0[1:], w)
+        return pipe.decode(x0)
 
-    def generate(p, captions, seeds):
+    def generate(p, captions, seeds, terms=None):
+        captions, seeds = list(captions), np.asarray(seeds)
+        extra, weights = ([], []) if terms is None else t2i.check_terms(terms, len(captions))
         out = []
         for i in range(0, len(captions), batch_size):
-            c = list(captions[i:i + batch_size])
-            n = len(c)
-            c += [""] * (batch_size - n)  # one compiled shape
-            sd = np.zeros(batch_size, np.int32)
-            sd[:n] = np.asarray(seeds[i:i + batch_size])
-            out.append(np.asarray(fetch(run(p, jnp.asarray(pipe.tokenize(c)), sd)))[:n])
+            cols = [c[i:i + batch_size] for c in [captions] + extra]
+            n = len(cols[0])
+            ids = np.stack([pipe.tokenize(c + [""] * (batch_size - n)) for c in cols])
+            sd = np.zeros(batch_size, np.int32)  # one compiled shape
+            sd[:n] = seeds[i:i + batch_size]
+            out.append(np.asarray(fetch(run(p, jnp.asarray(ids), sd,
+                                            jnp.asarray(weights, jnp.float32))))[:n])
         return np.concatenate(out)
 
     return generate

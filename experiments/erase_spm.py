@@ -94,7 +94,8 @@ def attach_adapters(pipe: pipeline.Pipeline, rank: int, alpha: float, seed: int 
 
 def spm_apply(graphdef, state: tuple, x, t, emb, gamma):
     """ε of the adapted T2I module ``nnx.merge(graphdef, *state)`` with per-prompt strength
-    ``gamma`` (B,); a batch of 2B ([uncond; cond], classifier-free guidance) repeats it."""
+    ``gamma``: one value per row of ``x``, or per prompt (B,) when ``x`` is the 2B rows of
+    classifier-free guidance ([uncond; cond]), which repeat it."""
     model = nnx.merge(graphdef, *state)
     b, g = x.shape[0], gamma.shape[0]
     if b == 2 * g:

@@ -22,8 +22,8 @@ and the prompts it finds are judged on every model (it never sees the erased one
 Every method of the erasure table is attacked (``ATTACKED``). SPM (adapters with a
 prompt-dependent strength), SAFREE (a sampling-time filter) and SFD (a one-step generator, no
 ε prediction) sample their own way (``OWN_SAMPLER``): every generation an attack judges goes
-through their own samplers, the gradient attacks differentiate their plain denoisers, and
-concept arithmetic (a composition of the plain sampler) is not run on them (docs/attacks.md).
+through their own samplers (concept arithmetic's terms too), and the gradient attacks
+differentiate their plain denoisers (docs/attacks.md).
 """
 
 import datetime
@@ -46,7 +46,8 @@ ATTACKED = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE",
 # Methods that sample their own way (:func:`own_sampler`): every generation an attack judges
 # goes through the method's sampler; the gradient attacks differentiate the method's plain
 # denoiser (SPM's adapters at full strength, SAFREE's unfiltered model, SFD's generator network
-# as an ε predictor); concept arithmetic, which composes the plain sampler, is not run.
+# as an ε predictor). Concept arithmetic composes inside their samplers: each of SPM's terms
+# with its own transport strength, SAFREE's filtered like the prompt, SFD's at its one step.
 OWN_SAMPLER = ("SPM", "SAFREE", "SFD")
 WITHOUT = "trained without"
 
@@ -126,9 +127,10 @@ def own_sampler_method(folder: str) -> str | None:
 
 
 def own_sampler(method: str, folder: str, sampling: dict):
-    """``(pipe, generate(texts, seeds))`` of an SPM, SAFREE or SFD export: the loaded model
-    (SPM's with its adapters) and the method's own sampler (its experiment's functions),
-    ``sampling`` the judge's settings."""
+    """``(pipe, generate(texts, seeds, terms=None))`` of an SPM, SAFREE or SFD export: the
+    loaded model (SPM's with its adapters) and the method's own sampler (its experiment's
+    functions), ``sampling`` the judge's settings; ``terms`` composes prompts (concept
+    arithmetic) inside it."""
     import ml_collections
     from flax import nnx
 
@@ -140,7 +142,7 @@ def own_sampler(method: str, folder: str, sampling: dict):
         pipe, transport = erase_spm.load(folder)
         graphdef, state = nnx.split(pipe.model)
         gen = erase_spm.make_spm_generator(pipe, graphdef, transport, **sampling)
-        return pipe, lambda texts, seeds: gen((state,), texts, seeds)
+        return pipe, lambda texts, seeds, **kw: gen((state,), texts, seeds, **kw)
     if method == "SAFREE":
         from experiments import erase_safree
 
@@ -158,7 +160,7 @@ def own_sampler(method: str, folder: str, sampling: dict):
         gen = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
                                       negative_prompt=erase_safree.negative_prompt(config),
                                       **sampling)
-        return pipe, lambda texts, seeds: gen((state,), texts, seeds)
+        return pipe, lambda texts, seeds, **kw: gen((state,), texts, seeds, **kw)
     if method == "SFD":
         from experiments import erase_sfd
 
@@ -168,7 +170,7 @@ def own_sampler(method: str, folder: str, sampling: dict):
         graphdef, unet, rest = nnx.split(pipe.model, erase_sfd._unet, ...)
         gen = erase_sfd.one_step_generator(pipe, graphdef, rest, t_init,
                                            sampling.get("batch_size", 64))
-        return pipe, lambda texts, seeds: gen(unet, texts, seeds)
+        return pipe, lambda texts, seeds, **kw: gen(unet, texts, seeds, **kw)
     raise ValueError(f"{method!r} samples with the model's own sampler")
 
 
@@ -179,10 +181,10 @@ def model_folder(table_dir: str, setting: str, method: str, seed: int, without: 
 
 
 def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, rab: dict,
-                 variant: str = "testbed", generate=None) -> dict:
-    """Every column against ``pipe`` for the erased concepts of ``setting``: per column the
-    pooled per-prompt successes, the rate, the texts and the seconds it took. With
-    ``generate`` (a method's own sampler) every column but concept arithmetic."""
+                 variant: str = "testbed", generate=None, columns=None) -> dict:
+    """The columns named in ``columns`` (default every one) against ``pipe`` for the erased
+    concepts of ``setting``: per column the pooled per-prompt successes, the rate, the texts
+    and the seconds it took; ``generate`` a method's own sampler."""
     import jax
 
     from jaxsafe.attacks import judges, run
@@ -196,7 +198,7 @@ def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, 
 
     out = {}
     for name, attack, overrides in COLUMNS:
-        if generate is not None and attack == "concept_arithmetic":
+        if columns is not None and name not in columns:
             continue
         config = attack_config(attack, variant, **overrides)
         hits, texts, start = [], [], time.time()
@@ -284,7 +286,12 @@ def main(argv):
                     if setting == "colours" and m not in MULTI + (WITHOUT,):
                         continue
                     path = os.path.join(_OUT.value, setting, m, f"seed{seed}.json")
-                    if os.path.exists(path):
+                    done = {}
+                    if os.path.exists(path):  # a result from before a column was added
+                        with open(path, encoding="utf-8") as f:
+                            done = json.load(f)
+                    missing = [c[0] for c in COLUMNS if c[0] not in done]
+                    if not missing:
                         continue
                     folder = model_folder(_TABLE.value, setting, m, seed, _WITHOUT.value)
                     if not os.path.isdir(folder):  # e.g. still training: a rerun fills it in
@@ -301,11 +308,12 @@ def main(argv):
                                 else load_model(base, folder))
                     else:
                         pipe, generate = load_model(base, folder), None
-                    result = attack_model(base, pipe, setting, seed, _NUM.value, oracle, rab,
-                                          _VARIANT.value, generate)
+                    new = attack_model(base, pipe, setting, seed, _NUM.value, oracle, rab,
+                                       _VARIANT.value, generate, missing)
+                    result = {c[0]: {**done, **new}[c[0]] for c in COLUMNS}
                     _write_json(path, result)
                     print(f"{setting} {m} seed {seed}: " + ", ".join(
-                        f"{k} {v['asr']:.2f}" for k, v in result.items())
+                        f"{k} {v['asr']:.2f}" for k, v in new.items())
                         + f" ({time.time() - start:.0f} s)", flush=True)
     tables = "\n\n".join(table(_OUT.value, s, methods, seeds) for s in _SETTINGS.value)
     print(tables)

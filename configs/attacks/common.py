@@ -1,8 +1,9 @@
 """What every attack config shares: the variants and the judge's sampling settings.
 
-Variants: ``sd`` the authors' released defaults for Stable Diffusion v1.4; ``testbed`` the
-robustness table's budget on the CPU test bed (docs/erasure.md: smaller budgets, so the whole
-table runs on 2 cores; each cut is listed in docs/attacks.md); ``smoke`` seconds, for tests.
+Variants: ``sd`` (the default) the authors' released defaults for Stable Diffusion v1.4;
+``testbed`` the robustness table's budget on the CPU test bed (docs/erasure.md: smaller
+budgets, so the whole table runs on 2 cores; each cut is listed in docs/attacks.md);
+``smoke`` seconds, for tests.
 """
 
 import ml_collections
@@ -11,7 +12,7 @@ VARIANTS = ("sd", "testbed", "smoke")
 
 
 def base(attack: str, arg: str | None) -> ml_collections.ConfigDict:
-    arg = arg or "testbed"
+    arg = arg or "sd"
     if arg not in VARIANTS:
         raise ValueError(f"config argument {arg!r}; expected one of {VARIANTS}")
     c = ml_collections.ConfigDict()

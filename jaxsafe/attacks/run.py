@@ -295,17 +295,20 @@ def ring_a_bell_prompts(attacker: pipeline.Pipeline, prompts: Sequence[str],
 
 def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, judge,
                            compositions: dict, *, fill: dict | None = None,
-                           num_samples: int = 1, sampling: dict | None = None) -> dict:
+                           num_samples: int = 1, sampling: dict | None = None,
+                           generate=None) -> dict:
     """Concept arithmetic (Petsiuk & Saenko, ECCV 2024, eq. 2): every composition
     ``name -> [(template, weight), …]`` adds its terms to every prompt's guidance,
     ε̃ = ε_∅ + s (ε_prompt − ε_∅) + Σ_j w_j (ε_{c_j} − ε_∅), templates formatted with
     ``fill`` (e.g. ``{"concept": "red"}``) and ``prompt``. Returns per composition the
-    per-prompt successes and the rate."""
+    per-prompt successes and the rate. ``generate`` (a method's own sampler) must take the
+    same ``terms=`` (SPM's, SAFREE's and SFD's do)."""
     out = {}
     for name, terms in compositions.items():
         texts = [[t.format(prompt=p, **(fill or {})) for p in prompts] for t, _ in terms]
         hit = judge_prompts(pipe, prompts, seeds, judge, num_samples=num_samples,
-                            sampling=sampling, terms=(texts, [w for _, w in terms]))
+                            sampling=sampling, generate=generate,
+                            terms=(texts, [w for _, w in terms]))
         out[name] = {"success": hit, "asr": float(hit.mean()), "terms": [list(t) for t in terms]}
     return out
 
@@ -325,14 +328,11 @@ def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
     arithmetic templates. ``"none"``: the prompts themselves (the pre-attack rate).
     ``generate(texts, seeds)``: the model's own sampler (SPM's strengths, SAFREE's filter,
     SFD's one step) for every generation the attack judges; the gradient attacks then
-    differentiate ``pipe``'s plain denoiser. Concept arithmetic composes the plain sampler's
-    guidance and refuses a custom one."""
+    differentiate ``pipe``'s plain denoiser, and concept arithmetic passes its terms to it
+    (``generate(texts, seeds, terms=)``)."""
     c, prompts, seeds = config, list(prompts), np.asarray(seeds, np.int32)
     if c.attack not in ATTACKS:
         raise ValueError(f"attack {c.attack!r}; expected one of {ATTACKS}")
-    if generate is not None and c.attack == "concept_arithmetic":
-        raise ValueError("concept arithmetic composes the model's guided sampler; a custom "
-                         "sampler cannot take its terms")
     sampling = dict(c.sampling)
     key = jax.random.key(c.seed)
     if c.attack == "none":
@@ -356,7 +356,8 @@ def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
                 fill[name] = c[name]
         per = concept_arithmetic_run(pipe, prompts, seeds, judge,
                                      {k: tuple(v) for k, v in c.compositions.items()},
-                                     fill=fill, num_samples=c.num_samples, sampling=sampling)
+                                     fill=fill, num_samples=c.num_samples, sampling=sampling,
+                                     generate=generate)
         hit = np.any([v["success"] for v in per.values()], axis=0)
         return {"success": hit, "texts": prompts, "asr": float(hit.mean()),
                 "compositions": {k: {"asr": v["asr"], "success": v["success"]}

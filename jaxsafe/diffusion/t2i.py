@@ -165,7 +165,9 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
     return jax.jit(sample)
 
 
-def _check_terms(terms, n: int) -> tuple[list[list[str]], list[float]]:
+def check_terms(terms, n: int) -> tuple[list[list[str]], list[float]]:
+    """``terms=(texts, weights)`` of a generator checked for ``n`` samples: J lists of n
+    prompts and J weights, as lists."""
     texts, weights = terms
     texts, weights = [list(col) for col in texts], [float(w) for w in weights]
     if len(texts) != len(weights) or not texts:
@@ -195,7 +197,9 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
     negative prompt per prompt, encoded by ``encode_negative`` (default ``encode``; SAFREE
     encodes its prompts filtered and its negative prompt plain). ``aux(params, ids, emb)``
     gives per-prompt values (e.g. SPM's transport strength), then passed to ``apply`` as a
-    fifth argument. Calls are padded to a multiple of ``batch_size`` (one compiled program);
+    fifth argument (B values under guidance, which the unconditional half repeats; with
+    ``terms`` one per network row, (2 + J)·B: the prompt's for ∅ and itself, then each
+    composed prompt's own). Calls are padded to a multiple of ``batch_size`` (one compiled program);
     with ``mesh`` the batch size is rounded up to a multiple of its batch shards and each
     batch is split over them. Image k depends on (prompts[k], seeds[k], its negative prompt)
     only (:func:`make_t2i_sampler`'s per-sample
@@ -236,9 +240,7 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
                              f"{len(seeds)} seeds")
         n, pad = len(prompts), -len(prompts) % batch_size
         if terms is not None:
-            extra, weights = _check_terms(terms, n)
-            if aux is not None:
-                raise ValueError("composed prompts (terms=) are not supported with aux values")
+            extra, weights = check_terms(terms, n)
             weights = np.broadcast_to(np.asarray([guidance_scale, *weights], np.float32),
                                       (batch_size, 1 + len(weights)))
             extra_ids = [np.asarray(tokenize(col + [""] * pad)) for col in extra]
@@ -270,7 +272,10 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
             if terms is None:
                 images = sampler(p, emb, uncond, put(seeds[rows]), start)
             else:
-                emb = jnp.stack([emb] + [enc(params, put(e[rows]))[0] for e in extra_ids], 1)
+                more = [enc(params, put(e[rows])) for e in extra_ids]
+                emb = jnp.stack([emb] + [e for e, _ in more], 1)
+                if aux is not None:  # one value per network row: [∅ (the prompt's); prompt; terms]
+                    p = (params, jnp.concatenate([values, values] + [v for _, v in more]))
                 images = sampler(p, emb, uncond, put(seeds[rows]), start, put(weights))
             out.append(np.asarray(parallel.fetch(images)))
         return np.concatenate(out)[:n]

@@ -66,8 +66,8 @@ def test_a_method_sampler_judges_every_generation():
 
     calls = []
 
-    def generate(texts, seeds):  # image k is "positive" when its seed is odd
-        calls.append((list(texts), list(seeds)))
+    def generate(texts, seeds, **kw):  # image k is "positive" when its seed is odd
+        calls.append((list(texts), list(seeds), kw))
         return np.where((np.asarray(seeds) % 2 == 1)[:, None, None, None], 1.0, -1.0) * np.ones(
             (len(texts), 2, 2, 3))
 
@@ -75,10 +75,15 @@ def test_a_method_sampler_judges_every_generation():
     hit = run.judge_prompts(None, ["a", "b", "c"], [0, 1, 2], judge, num_samples=2,
                             generate=generate)
     np.testing.assert_array_equal(hit, [False, True, False])  # seeds + 1000 keep the parity
-    assert calls == [(["a", "b", "c"], [0, 1, 2]), (["a", "b", "c"], [1000, 1001, 1002])]
-    config = concept_arithmetic.get_config("smoke")
-    with pytest.raises(ValueError, match="a custom sampler cannot take its terms"):
-        run.run_attack(config, None, None, ["a"], [0], judge, generate=generate)
+    assert calls == [(["a", "b", "c"], [0, 1, 2], {}),
+                     (["a", "b", "c"], [1000, 1001, 1002], {})]
+    # Concept arithmetic hands its composed terms to the method's sampler.
+    calls.clear()
+    config = concept_arithmetic.get_config("smoke")  # {"bare": (("{concept}", 4.0),)}
+    out = run.run_attack(config, None, None, ["a red x", "a red y"], [3, 4], judge,
+                         words={"concept": "red"}, generate=generate)
+    assert calls == [(["a red x", "a red y"], [3, 4], {"terms": ([["red", "red"]], [4.0])})]
+    np.testing.assert_array_equal(out["success"], [True, False])
     with pytest.raises(ValueError, match="'UCE' samples with the model's own sampler"):
         rt.own_sampler("UCE", "/nowhere", {})
 
@@ -107,8 +112,11 @@ def test_a_safree_export_is_judged_through_its_own_filter(tmp_path):
     apply, encode, encode_negative = erase_safree.safree_functions(c, pipe, graphdef, C)
     reference = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
                                         negative_prompt=erase_safree.negative_prompt(c),
-                                        **sampling)((state,), prompts, seeds)
+                                        **sampling)
     got = generate(prompts, seeds)
-    np.testing.assert_allclose(got, reference, atol=1e-5)
+    np.testing.assert_allclose(got, reference((state,), prompts, seeds), atol=1e-5)
+    terms = ([["red", "a red ellipse"]], [2.0])  # concept arithmetic's terms, filtered alike
+    np.testing.assert_allclose(generate(prompts, seeds, terms=terms),
+                               reference((state,), prompts, seeds, terms=terms), atol=1e-5)
     plain = pipeline.generator(pipe, graphdef, **sampling)((state,), prompts, seeds)
     assert np.abs(got - plain).max() > 1e-2

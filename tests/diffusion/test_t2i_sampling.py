@@ -31,22 +31,29 @@ def toy_unet(params, x, t, emb):
 PARAMS = {"w": np.float32(0.3), "a": np.float32(0.7)}
 
 
-def np_ddim_cfg(x_T, cond, uncond, scale, n=5):
-    """DDIM (η = 0) with CFG in float64, SD schedule, leading spacing + offset 1, as diffusers."""
+def np_ddim(x_T, eps_fn, n=5):
+    """DDIM (η = 0) in float64 with ε = eps_fn(x, t), SD schedule, leading spacing + offset 1,
+    as diffusers."""
     ab = _ab()
     x = x_T.astype(np.float64)
     ratio = 1000 // n
     for t in np.arange(n)[::-1] * ratio + 1:
-        tt = np.full((x.shape[0],), t)
-        e_c = toy_unet_np(PARAMS, x, tt, cond)
-        eps = e_c
-        if uncond is not None:
-            e_u = toy_unet_np(PARAMS, x, tt, uncond)
-            eps = e_u + scale * (e_c - e_u)
+        eps = eps_fn(x, np.full((x.shape[0],), t))
         a, a_prev = ab[t], (ab[t - ratio] if t - ratio >= 0 else ab[0])
         x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
         x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
     return x
+
+
+def np_ddim_cfg(x_T, cond, uncond, scale, n=5):
+    def eps(x, t):
+        e_c = toy_unet_np(PARAMS, x, t, cond)
+        if uncond is None:
+            return e_c
+        e_u = toy_unet_np(PARAMS, x, t, uncond)
+        return e_u + scale * (e_c - e_u)
+
+    return np_ddim(x_T, eps, n)
 
 
 def _emb(b, seed):
@@ -157,3 +164,41 @@ def test_input_errors(ddim_sampler):
         t2i.make_t2i_sampler(toy_unet, SD, num_inference_steps=0)
     with pytest.raises(ValueError, match=r"scaling_factor must be > 0"):
         t2i.make_decode(lambda p, z: z, 0.0)
+
+
+def test_composed_terms_take_their_own_aux_values():
+    """``make_generator`` with per-prompt values (SPM's transport strength) and ``terms``: each
+    composed prompt's ε uses its own value, ∅ the prompt's, against a float64 DDIM loop of
+    ε̃ = ε_∅ + s (ε_p − ε_∅) + w (ε_q − ε_∅)."""
+    words = {"": 0, "red": 1, "blue": 2, "circle": 3, "square": 4}
+
+    def tokenize(texts):
+        return np.array([[words[w] for w in (t.split() + [""] * L)[:L]] for t in texts], np.int32)
+
+    def encode(params, ids):
+        return jnp.asarray(ids, jnp.float32)[..., None] * jnp.linspace(0.1, 1.0, D)
+
+    def gamma(ids):
+        return 1.0 + 0.25 * np.asarray(ids)[:, 0]
+
+    gen = t2i.make_generator(lambda p, x, t, e, v: v[:, None, None, None] * toy_unet(p, x, t, e),
+                             encode, tokenize, SD, latent_shape=LATENT, num_inference_steps=5,
+                             guidance_scale=3.0, batch_size=2,
+                             aux=lambda p, ids, emb: 1.0 + 0.25 * ids[:, 0].astype(jnp.float32))
+    prompts, others, seeds = ["red circle", "blue square", "circle"], ["blue", "square", "red"], \
+        np.array([5, 6, 7], np.int32)
+    got = gen(PARAMS, prompts, seeds, terms=([others], [0.7]))
+
+    emb = {k: np.asarray(encode(None, tokenize(v)), np.float64)
+           for k, v in (("p", prompts), ("q", others), ("u", [""] * 3))}
+    g_p, g_q = gamma(tokenize(prompts))[:, None, None, None], \
+        gamma(tokenize(others))[:, None, None, None]
+
+    def eps(x, t):
+        e_u, e_p = (g_p * toy_unet_np(PARAMS, x, t, emb[k]) for k in "up")
+        e_q = g_q * toy_unet_np(PARAMS, x, t, emb["q"])
+        return e_u + 3.0 * (e_p - e_u) + 0.7 * (e_q - e_u)
+
+    want = np_ddim(np.asarray(t2i.initial_noise(seeds, LATENT)), eps)
+    assert np.abs(g_q - g_p).max() > 0.2  # the terms' values differ from the prompts'
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

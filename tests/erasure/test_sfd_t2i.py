@@ -58,6 +58,21 @@ def test_one_step_generator_is_the_x0_prediction_at_t_init(tiny_folder):
     # Batching and padding change nothing: image k depends on its caption and seed only.
     alone = gen(params, ["a green box"], np.array([5]))
     np.testing.assert_allclose(alone[0], images[2], rtol=1e-5, atol=1e-5)
+    # Concept arithmetic at the one step, by hand for the first caption: the x₀ of each prompt
+    # at the same latent, x̂₀ = x₀(p) + 0.8 (x₀(c) − x₀(∅)), decoded.
+    captions, seeds = ["a red square", "a blue circle", "a green box"], np.array([3, 4, 5])
+    composed = gen(params, captions, seeds, terms=([["red", "circle", "box"]], [0.8]))
+    z = jax.random.normal(jax.random.key(3), pipe.latent_shape)[None]
+    x_t = np.sqrt(1 - abar[625]) * z
+
+    def x0_of(text):
+        e = pipe.model(x_t, np.array([625]), pipe.embed([text]))
+        return (x_t - np.sqrt(1 - abar[625]) * e) / np.sqrt(abar[625])
+
+    want = x0_of("a red square") + 0.8 * (x0_of("red") - x0_of(""))
+    np.testing.assert_allclose(composed[0], np.asarray(pipe.decode(want))[0], rtol=1e-4,
+                               atol=1e-4)
+    assert np.abs(composed[0] - images[0]).max() > 1e-2
 
 
 @pytest.mark.slow
