@@ -3,13 +3,15 @@
 `run(task, config, workdir, mesh)`:
   * builds the `TrainState`, shards it with the task's rules, and resumes from the latest
     checkpoint in `workdir/checkpoints` when there is one;
-  * compiles one program that runs `config.steps_per_call` steps in a `lax.scan` (1 = a plain
-    step), jitted with explicit in/out shardings and the state donated;
+  * compiles the `config.steps_per_call` = K steps of one call, jitted with explicit in/out
+    shardings and the state donated, lowered as `config.lowering` says (:func:`lowering`): one
+    program of K steps in a `lax.scan`, or a host loop over the one-step program;
   * logs metrics (JSONL + TensorBoard), runs evaluators, saves checkpoints periodically, at the
     end and on SIGTERM; stops on a non-finite metric before that state can be saved.
 
 Config fields (`config.train` in the experiment configs): num_steps, steps_per_call, log_every,
-eval_every, checkpoint_every, keep_checkpoints, seed, async_checkpointing, fsdp_min_size.
+eval_every, checkpoint_every, keep_checkpoints, seed, async_checkpointing, fsdp_min_size, and
+optionally lowering (default "auto").
 """
 
 import concurrent.futures
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 from jax import lax
+from jax.extend import core as jex_core
 
 from jaxsafe.parallel import sharding as sh
 from jaxsafe.parallel.distributed import is_primary
@@ -49,29 +52,95 @@ def is_fixed_batch(train_data) -> bool:
     return not isinstance(train_data, grain.MapDataset)
 
 
+LOWERINGS = ("auto", "scan", "loop")
+
+
+def _has_convolution(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        if any(_has_convolution(getattr(sub, "jaxpr", sub))
+               for sub in jex_core.jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def lowering(choice: str, step, state, batch) -> str:
+    """How K steps per call run: "scan" (one program, the K steps in a `lax.scan`) or "loop"
+    (the one-step program called K times from the host). "auto" picks "loop" for a step with
+    a convolution on XLA:CPU, else "scan": XLA:CPU runs a convolution inside a while loop off
+    its fast path, measured 24-40x slower per step (docs/benchmarks.md, "Steps per call"),
+    while a loop of calls keeps the one-step program's speed and compile time; everywhere else
+    the scan saves the per-call dispatch (the grokking MLP: 1.7-2.1x at K = 100)."""
+    if choice not in LOWERINGS:
+        raise ValueError(f"train.lowering={choice!r}; expected one of {LOWERINGS}")
+    if choice != "auto":
+        return choice
+    if jax.default_backend() != "cpu":
+        return "scan"
+    return "loop" if _has_convolution(jax.make_jaxpr(step)(state, batch).jaxpr) else "scan"
+
+
+class _Loop:
+    """K calls of the compiled one-step program behind the K-step program's interface:
+    `(state, batches) -> (state, metrics stacked (K, ...))`; cost and memory analyses are the
+    one step's."""
+
+    def __init__(self, compiled, take, k: int, fixed_batch: bool):
+        self.compiled, self.take, self.k, self.fixed = compiled, take, k, fixed_batch
+
+    def __call__(self, state, batches):
+        metrics = []
+        for i in range(self.k):
+            state, m = self.compiled(state, batches if self.fixed else self.take(batches, i))
+            metrics.append(m)
+        return state, jax.tree.map(lambda *xs: jax.numpy.concatenate(xs), *metrics)
+
+    def __getattr__(self, name):  # cost_analysis, memory_analysis, as_text, ...
+        return getattr(self.compiled, name)
+
+
 def compile_train_step(task: Task, state: TrainState, batch, mesh, steps_per_call: int,
-                       fixed_batch: bool):
-    """AOT-compiles `steps_per_call` steps; returns `(compiled, state_shardings, seconds)`."""
+                       fixed_batch: bool, lowering_choice: str = "auto"):
+    """AOT-compiles `steps_per_call` steps (lowered per :func:`lowering`); returns
+    `(compiled, state_shardings, seconds)`, `compiled(state, batch) -> (state, metrics)` with
+    metrics stacked over the steps. `batch` has a leading axis of K unless `fixed_batch` or K
+    is 1."""
     step = task.step_fn or default_step(task)
 
     def one(s, b):
         return step(s, b, s.key())
 
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    stacked = steps_per_call > 1 and not fixed_batch
+    one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                             batch) if stacked else batch
+    how = "scan" if steps_per_call == 1 else lowering(lowering_choice, one, state, one_batch)
+
     def call(s, batches):
-        if steps_per_call == 1:
+        if steps_per_call == 1 or how == "loop":
             s, m = one(s, batches)
             return s, jax.tree.map(lambda x: x[None], m)
         if fixed_batch:
             return lax.scan(lambda c, _: one(c, batches), s, length=steps_per_call)
         return lax.scan(one, s, batches)
 
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    jitted = jax.jit(call, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
-    return compiled, state_sh, time.perf_counter() - t0
+    if how == "scan":
+        jitted = jax.jit(call, in_shardings=(state_sh, batch_sh),
+                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+        return jitted.lower(state, batch).compile(), state_sh, time.perf_counter() - t0
+    one_sh = batch_sh if fixed_batch else sh.batch_sharding(mesh)
+    take = jax.jit(lambda b, i: jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, False),
+                                             b), out_shardings=one_sh)
+    if stacked:
+        one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype,
+                                                                sharding=one_sh), batch)
+    jitted = jax.jit(call, in_shardings=(state_sh, one_sh),
+                     out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+    compiled = jitted.lower(state, one_batch).compile()
+    return _Loop(compiled, take, steps_per_call, fixed_batch), state_sh, time.perf_counter() - t0
 
 
 def place_state(state: TrainState, mesh, rules=(), min_size: int = 2**10) -> TrainState:
@@ -139,8 +208,9 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
     fixed_global = sh.global_batch(task.train_data, mesh) if fixed else None
     to_device = (lambda b: fixed_global) if fixed else (lambda b: sh.global_batch(b, mesh, leading))
     compiled, _, compile_s = compile_train_step(
-        task, state, to_device(host_batch(start)), mesh, k, fixed)
-    logging.info("compiled %d step(s) per call in %.1fs", k, compile_s)
+        task, state, to_device(host_batch(start)), mesh, k, fixed, cfg.get("lowering", "auto"))
+    logging.info("compiled %d step(s) per call (%s) in %.1fs", k,
+                 "loop" if isinstance(compiled, _Loop) else "scan", compile_s)
 
     def evaluate(step):
         for name, fn in task.evaluators.items():

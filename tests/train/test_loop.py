@@ -68,15 +68,25 @@ def assert_trees_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("dataset", [False, True])
-def test_scan_equals_single_steps_and_loss_decreases(tmp_path, mesh, dataset):
+@pytest.mark.parametrize("dataset,lowering", [(False, "scan"), (True, "scan"), (False, "loop"),
+                                              (True, "loop")])
+def test_k_steps_per_call_equal_single_steps_and_loss_decreases(tmp_path, mesh, dataset,
+                                                                 lowering):
     s1 = train.run(make_task(dataset=dataset), cfg(), str(tmp_path / "a"), mesh)
-    s4 = train.run(make_task(dataset=dataset), cfg(steps_per_call=4, log_every=4), str(tmp_path / "b"), mesh)
+    s4 = train.run(make_task(dataset=dataset),
+                   cfg(steps_per_call=4, log_every=4, lowering=lowering), str(tmp_path / "b"),
+                   mesh)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  params_of(s1), params_of(s4))
     assert int(s4.step) == 8 and int(s4.extra["count"]) == 8
     rows = train.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
+    rows4 = train.read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows4] == [4, 8]
+    # the K-th step's own metrics come back from a K-step call
+    np.testing.assert_allclose([r["train/loss"] for r in rows4],
+                               [rows[3]["train/loss"], rows[7]["train/loss"]], rtol=1e-5,
+                               atol=1e-6)
     if not dataset:  # minibatch losses are too noisy over 8 steps to compare
         assert rows[-1]["train/loss"] < rows[0]["train/loss"]
 
@@ -134,3 +144,19 @@ def test_train_step_compiles_once(tmp_path, mesh, compile_log, dataset):
         train.run(make_task(dataset=dataset), cfg(num_steps=16, steps_per_call=2, log_every=2),
                   str(tmp_path), mesh)
         assert names.count("jit(call)") == 2, names
+
+
+def test_auto_lowering_loops_over_a_convolution_on_cpu_and_scans_an_mlp():
+    from jaxsafe.train import loop
+
+    x = jnp.ones((2, 3, 16))
+    conv = lambda w, b: jax.grad(lambda v: jax.lax.conv_general_dilated(
+        b, v, (1,), "SAME").sum())(w)
+    mlp = lambda w, b: jax.grad(lambda v: jnp.tanh(b.reshape(2, -1) @ v).sum())(w)
+    assert jax.default_backend() == "cpu"
+    assert loop.lowering("auto", conv, jnp.ones((4, 3, 3)), x) == "loop"
+    assert loop.lowering("auto", mlp, jnp.ones((48, 5)), x) == "scan"
+    assert loop.lowering("scan", conv, jnp.ones((4, 3, 3)), x) == "scan"
+    with pytest.raises(ValueError, match=r"train.lowering='unroll'; expected one of "
+                                         r"\('auto', 'scan', 'loop'\)"):
+        loop.lowering("unroll", mlp, jnp.ones((48, 5)), x)
