@@ -66,6 +66,23 @@ def time_calls(call, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def alternate(arms: dict, rounds: int = 3) -> dict:
+    """Seconds per call of each arm, the arms timed in turn (A B A B ...) so that drift of the
+    machine (other load, clocks) falls on all of them alike: ``arms`` name -> (call, n), each
+    round times ``n`` calls of every arm (:func:`time_calls`, whose warm-up call runs in the
+    first round only). Returns name -> the ``rounds`` figures."""
+    out = {name: [] for name in arms}
+    for name, (call, _) in arms.items():
+        jax.block_until_ready(call())
+    for _ in range(rounds):
+        for name, (call, n) in arms.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                jax.block_until_ready(call())
+            out[name].append((time.perf_counter() - t0) / n)
+    return out
+
+
 def fmt_bytes(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 

@@ -1,7 +1,7 @@
 r"""Training throughput of SimCLR pre-training with and without DBPM (experiments/dbpm.py).
 
     python -m benchmarks.contrastive [--config=configs/dbpm/har.py:cpu] \
-        [--data=synthetic:7352,128,9,6] [--k=1,8] [--lowering=auto|scan|loop]
+        [--data=synthetic:7352,128,9,6] [--k=1,8] [--lowering=auto|scan|loop] [--reference]
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python -m benchmarks.contrastive --mesh_data=8
 
@@ -17,7 +17,9 @@ at the same speed.
 channels in K classes (the default has UCI-HAR's shapes), so the benchmark needs no download and
 DBPM's memory has a paper-sized N. `--data=config` uses the config's own data set.
 Cost analysis does not multiply a `lax.scan` body by its trip count, so FLOPs per step come from
-a one-step program.
+a one-step program. ``--reference`` adds the authors' SimCLR step in PyTorch
+(``benchmarks/reference/contrastive.py``; the ``torch`` extra) with the same shapes, timed in
+turn with the jaxsafe arms, and prints each arm's ratio to it (> 1: jaxsafe faster).
 """
 
 
@@ -28,7 +30,9 @@ _DATA = flags.DEFINE_string("data", "synthetic:7352,128,9,6", "synthetic:N,T,C,K
 _K = flags.DEFINE_list("k", ["1", "8"], "Steps per compiled call, one row each.")
 _LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
                               "How K > 1 steps run (jaxsafe.train.loop.lowering).")
-_CALLS = flags.DEFINE_integer("calls", 5, "Timed calls per arm at K = 4 (scaled by 4 / K).")
+_CALLS = flags.DEFINE_integer("calls", 5, "Timed calls per round at K = 4 (scaled by 4 / K).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of the arms timed in turn (A B A B).")
+_REFERENCE = flags.DEFINE_bool("reference", False, "Also time DBPM's SimCLR step in PyTorch.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Override the config's batch size (0: keep).")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Size of the mesh's data axis.")
 _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Size of the mesh's fsdp axis.")
@@ -65,8 +69,12 @@ def stacked_batch(data, k: int, mesh):
 
 def main(argv):
     del argv
-    from benchmarks.common import (cost_flops, fmt_bytes, load_config, machine, matmul_peak_flops,
-                                   memory_bytes, time_calls)
+    import jax
+
+    import numpy as np
+
+    from benchmarks.common import (alternate, cost_flops, fmt_bytes, load_config, machine,
+                                   matmul_peak_flops, memory_bytes)
     from experiments import dbpm
     from jaxsafe import parallel, train
 
@@ -81,7 +89,7 @@ def main(argv):
     print(f"config: {_CONFIG.value}  data: {_DATA.value}  mesh: {dict(mesh.shape)}  "
           f"lowering: {_LOWERING.value}")
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    results = {}
+    rows, arms = {}, {}
     for arm, enabled in (("simclr", False), ("simclr+dbpm", True)):
         config = load_config(_CONFIG.value)
         with config.unlocked():
@@ -92,36 +100,57 @@ def main(argv):
         n = task.extra["memory"]["recorded"].shape[1]
         tc = config.train
         flops = None
+        initial = train.place_state(train.init_state(task.params, task.frozen, task.optimizer,
+                                                     task.extra, tc.seed), mesh,
+                                    task.sharding_rules, tc.fsdp_min_size)
         for k in map(int, _K.value):
-            state = train.place_state(train.init_state(task.params, task.frozen, task.optimizer,
-                                                       task.extra, tc.seed), mesh,
-                                      task.sharding_rules, tc.fsdp_min_size)
+            state = jax.tree.map(lambda x: x.copy(), initial)  # each K's calls donate theirs
             batch = stacked_batch(task.train_data, k, mesh)
-            if flops is None:  # cost analysis is of the partitioned (per-device) program
-                one = stacked_batch(task.train_data, 1, mesh)
-                flops = cost_flops(train.compile_train_step(task, state, one, mesh, 1,
-                                                            False)[0]) * mesh.size
             compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, k, False,
                                                               _LOWERING.value)
+            if flops is None:  # cost analysis is of the partitioned (per-device) program
+                one = compiled if k == 1 else train.compile_train_step(
+                    task, state, stacked_batch(task.train_data, 1, mesh), mesh, 1, False)[0]
+                flops = cost_flops(one) * mesh.size
             box = [state]
 
-            def call():
+            def call(compiled=compiled, batch=batch, box=box):
                 box[0], metrics = compiled(box[0], batch)
                 return metrics
 
-            sec = time_calls(call, max(2, _CALLS.value * 4 // k))
-            steps_s = k / sec
-            results[arm, k] = steps_s
-            achieved = flops * steps_s
-            print(f"{arm:12s} K={k:<2d} N={n} B={config.batch_size}  "
-                  f"compile {compile_s:6.2f} s  {steps_s:7.3f} steps/s  "
-                  f"{steps_s * config.batch_size:8.1f} samples/s  {achieved / 1e9:7.2f} GFLOP/s "
-                  f"({100 * achieved / peak:5.1f} % of matmul peak)  "
-                  f"peak memory {fmt_bytes(memory_bytes(compiled))}", flush=True)
-    for k in map(int, _K.value):
-        overhead = results["simclr", k] / results["simclr+dbpm", k] - 1
-        print(f"DBPM overhead at K={k}: {100 * overhead:+.1f} % time per step")
+            arms[arm, k] = (call, max(1, _CALLS.value * 4 // k))
+            rows[arm, k] = (f"N={n} B={config.batch_size}", config.batch_size, flops, compile_s,
+                            fmt_bytes(memory_bytes(compiled)))
+    if _REFERENCE.value:
+        from benchmarks.reference import contrastive as reference
+        from benchmarks.reference import torch_threads
 
+        x = task.train_data[0]["x"]
+        print(f"PyTorch reference: {reference.__name__}, {torch_threads()} threads")
+        arms["torch", 1] = (reference.make_step(config, x.shape[0] * jax.process_count(),
+                                                x.shape[1], x.shape[2], dbpm.MODELS)[0],
+                            _CALLS.value)
+        rows["torch", 1] = (f"N=-    B={config.batch_size}", config.batch_size, flops, 0.0,
+                            "n/a")
+    seconds = alternate(arms, _ROUNDS.value)
+    steps_s = {key: key[1] / np.median(v) for key, v in seconds.items()}
+    for (arm, k), (label, b, flops, compile_s, memory) in rows.items():
+        spread = [key[1] / s for key in [(arm, k)] for s in seconds[arm, k]]
+        achieved = flops * steps_s[arm, k]
+        print(f"{arm:12s} K={k:<2d} {label}  compile {compile_s:6.2f} s  "
+              f"{steps_s[arm, k]:7.3f} steps/s (rounds {min(spread):.3f}-{max(spread):.3f})  "
+              f"{steps_s[arm, k] * b:8.1f} samples/s  {achieved / 1e9:7.2f} GFLOP/s "
+              f"({100 * achieved / peak:5.1f} % of matmul peak)  peak memory {memory}"
+              + (f"  {steps_s[arm, k] / steps_s['torch', 1]:5.2f}x the reference"
+                 if ("torch", 1) in steps_s and arm != "torch" else ""))
+    steps_s.pop(("torch", 1), None)
+    for k in map(int, _K.value):
+        overhead = steps_s["simclr", k] / steps_s["simclr+dbpm", k] - 1
+        print(f"DBPM overhead at K={k}: {100 * overhead:+.1f} % time per step")
+    base = min(map(int, _K.value))
+    for (arm, k), v in steps_s.items():
+        if k != base:
+            print(f"{arm} K={k} against K={base}: {v / steps_s[arm, base]:.3f}x steps/s")
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,11 +1,12 @@
 r"""Training and sampling throughput of the PFGM++ / EDM SongUNet (DDPM++ CIFAR-10 by default).
 
     python -m benchmarks.diffusion [--config=configs/pfgmpp/cifar10_d128.py] [--variant=paper] \
-        [--batch_sizes=4,8] [--sample_batch=4] [--steps=3]
+        [--batch_sizes=4,8] [--sample_batch=4] [--steps=3] [--k=1,8] [--lowering=auto]
 
 Training: one full optimizer step of the experiment (PFGM++ loss, Adam with warm-up, nan_to_num,
 EMA update), jitted by the trainer's `compile_train_step`, on a synthetic batch of the config's
-image shape; per batch size it prints compile time, images/s, XLA's planned peak memory and the
+image shape; per batch size and steps per call K (lowered as the trainer lowers them,
+``--lowering``; the K's timed in turn) it prints compile time, images/s, XLA's planned peak memory and the
 achieved FLOP/s (cost analysis of the step × steps/s) against the measured f32 matmul peak.
 Sampling: the 18-step Heun sampler (35 network evaluations) from the PFGM++ prior, jitted whole;
 its FLOPs are those of one denoiser call × (2N − 1), because XLA's cost analysis counts a
@@ -20,7 +21,10 @@ _CONFIG = flags.DEFINE_string("config", "configs/pfgmpp/cifar10_d128.py", "PFGM+
 _VARIANT = flags.DEFINE_string("variant", "paper", "Config argument (paper / cpu / smoke).")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["4", "8"], "Training batch sizes.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 4, "Sampling batch size (0 = skip).")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement (after one warm-up).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per measurement (after one warm-up).")
+_K = flags.DEFINE_list("k", ["1"], "Training steps per compiled call, one row each.")
+_LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
+                              "How K > 1 steps run (jaxsafe.train.loop.lowering).")
 
 
 def load_config(path, arg):
@@ -38,7 +42,10 @@ def main(argv):
     import jax.numpy as jnp
     from flax import nnx
 
+    import numpy as np
+
     from benchmarks.common import (
+        alternate,
         cost_flops,
         fmt_bytes,
         machine,
@@ -75,20 +82,31 @@ def main(argv):
                           loss_fn=pfgmpp.make_loss_fn(graphdef, config), train_data=batch,
                           extra={"ema": jax.tree.map(jnp.copy, p)},
                           after_update=pfgmpp.make_after_update(config))
-        state = train.place_state(train.init_state(p, f, task.optimizer, task.extra), mesh)
+        initial = train.place_state(train.init_state(p, f, task.optimizer, task.extra), mesh)
         placed = parallel.global_batch(batch, mesh)
-        compiled, _, compile_s = train.compile_train_step(task, state, placed, mesh, 1, True)
-        box = [state]
+        arms, rows, flops = {}, {}, None
+        for k in map(int, _K.value):
+            state = jax.tree.map(lambda x: x.copy(), initial)  # each K's calls donate theirs
+            compiled, _, compile_s = train.compile_train_step(task, state, placed, mesh, k, True,
+                                                              _LOWERING.value)
+            if flops is None:  # cost analysis: the partitioned (per-device) one-step program
+                one = compiled if k == 1 else train.compile_train_step(
+                    task, jax.tree.map(lambda x: x.copy(), initial), placed, mesh, 1, True)[0]
+                flops = cost_flops(one) * mesh.size
+            box = [state]
 
-        def call(box=box, compiled=compiled, placed=placed):
-            box[0], metrics = compiled(box[0], placed)
-            return metrics
+            def call(box=box, compiled=compiled, placed=placed):
+                box[0], metrics = compiled(box[0], placed)
+                return metrics
 
-        sec = time_calls(call, _STEPS.value)
-        flops = cost_flops(compiled) * mesh.size
-        print(f"train  batch {b:4d}  compile {compile_s:6.1f} s  {b / sec:8.2f} images/s  "
-              f"{sec:7.3f} s/step  {flops / sec / 1e9:7.2f} GFLOP/s ({100 * flops / sec / peak:5.1f} % "
-              f"of matmul peak)  peak memory {fmt_bytes(memory_bytes(compiled))}")
+            arms[k] = (call, max(1, _STEPS.value // k))
+            rows[k] = (compile_s, fmt_bytes(memory_bytes(compiled)))
+        seconds = alternate(arms, rounds=1 if len(arms) == 1 else 3)
+        for k, (compile_s, memory) in rows.items():
+            sec = float(np.median(seconds[k])) / k  # per step
+            print(f"train  batch {b:4d}  K={k:<2d} compile {compile_s:6.1f} s  "
+                  f"{b / sec:8.2f} images/s  {sec:7.3f} s/step  {flops / sec / 1e9:7.2f} GFLOP/s "
+                  f"({100 * flops / sec / peak:5.1f} % of matmul peak)  peak memory {memory}")
 
     n = _SAMPLE_BATCH.value
     if n:
