@@ -83,6 +83,17 @@ def alternate(arms: dict, rounds: int = 3) -> dict:
     return out
 
 
+def stacked_batch(data, k: int, mesh):
+    """The first ``k`` batches of ``data`` on the mesh as the trainer feeds a ``k``-step call:
+    one batch as it is for K = 1, else stacked on a leading axis of ``k``."""
+    from jaxsafe import parallel
+
+    if k == 1:
+        return parallel.global_batch(data[0], mesh)
+    host = jax.tree.map(lambda *xs: np.stack(xs), *[data[s] for s in range(k)])
+    return parallel.global_batch(host, mesh, leading=1)
+
+
 def fmt_bytes(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 

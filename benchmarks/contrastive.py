@@ -53,20 +53,6 @@ def synthetic(spec):
     return ts.TimeSeriesData(split(n), split(max(k, n // 4)), tuple(map(str, range(k))))
 
 
-def stacked_batch(data, k: int, mesh):
-    """The first ``k`` batches of ``data`` on the mesh as the trainer feeds a ``k``-step call:
-    one batch as it is for K = 1, else stacked on a leading axis of ``k``."""
-    import jax
-    import numpy as np
-
-    from jaxsafe import parallel
-
-    if k == 1:
-        return parallel.global_batch(data[0], mesh)
-    host = jax.tree.map(lambda *xs: np.stack(xs), *[data[s] for s in range(k)])
-    return parallel.global_batch(host, mesh, leading=1)
-
-
 def main(argv):
     del argv
     import jax
@@ -74,7 +60,7 @@ def main(argv):
     import numpy as np
 
     from benchmarks.common import (alternate, cost_flops, fmt_bytes, load_config, machine,
-                                   matmul_peak_flops, memory_bytes)
+                                   matmul_peak_flops, memory_bytes, stacked_batch)
     from experiments import dbpm
     from jaxsafe import parallel, train
 

@@ -1,4 +1,4 @@
-"""benchmarks/contrastive.py feeds each K as the trainer does: one batch as it is at K = 1 (the
+"""benchmarks/contrastive.py (`common.stacked_batch`) feeds each K as the trainer does: one batch as it is at K = 1 (the
 K = 1 run used to keep a leading axis of 1 and fail), K batches stacked otherwise."""
 
 import os
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import contrastive
+from benchmarks.common import stacked_batch
 from jaxsafe import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,9 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_batches_are_stacked_only_beyond_one_step():
     data = [{"x": np.full((4, 5, 3), s, np.float32)} for s in range(3)]
     mesh = parallel.make_mesh()
-    one = contrastive.stacked_batch(data, 1, mesh)
+    one = stacked_batch(data, 1, mesh)
     assert one["x"].shape == (4, 5, 3)
-    three = contrastive.stacked_batch(data, 3, mesh)
+    three = stacked_batch(data, 3, mesh)
     assert three["x"].shape == (3, 4, 5, 3)
     np.testing.assert_array_equal(np.asarray(three["x"])[:, 0, 0, 0], [0.0, 1.0, 2.0])
 

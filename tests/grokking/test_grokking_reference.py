@@ -15,9 +15,18 @@ from jaxsafe import parallel, train  # noqa: E402
 from jaxsafe.treepath import named_leaves  # noqa: E402
 
 
+@pytest.fixture
+def restore_x64():
+    """The float64 setting switches jax_enable_x64 on (grokking.build): switch it back so it
+    does not leak into the tests that run after this one in the same process."""
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
 @pytest.mark.parametrize("setting,perp", [("stablemax", "per_tensor"),
                                           ("softmax_float32", None)])
-def test_one_reference_step_equals_the_jaxsafe_step(setting, perp):
+def test_one_reference_step_equals_the_jaxsafe_step(setting, perp, restore_x64):
     config = load_config(f"configs/grokking/{setting}.py:smoke")
     with config.unlocked():
         config.optimizer.perp = perp
