@@ -6,8 +6,9 @@ r"""Training and sampling throughput of the PFGM++ / EDM SongUNet (DDPM++ CIFAR-
 Training: one full optimizer step of the experiment (PFGM++ loss, Adam with warm-up, nan_to_num,
 EMA update), jitted by the trainer's `compile_train_step`, on a synthetic batch of the config's
 image shape; per batch size and steps per call K (lowered as the trainer lowers them,
-``--lowering``; the K's timed in turn) it prints compile time, images/s, XLA's planned peak memory and the
-achieved FLOP/s (cost analysis of the step × steps/s) against the measured f32 matmul peak.
+``--lowering``; the K's timed in turn) it prints compile time, images/s, XLA's planned peak
+memory and the achieved FLOP/s (cost analysis of the step × steps/s) against the measured f32
+matmul peak.
 Sampling: the 18-step Heun sampler (35 network evaluations) from the PFGM++ prior, jitted whole;
 its FLOPs are those of one denoiser call × (2N − 1), because XLA's cost analysis counts a
 `fori_loop` body once.

@@ -1,5 +1,6 @@
-"""benchmarks/contrastive.py (`common.stacked_batch`) feeds each K as the trainer does: one batch as it is at K = 1 (the
-K = 1 run used to keep a leading axis of 1 and fail), K batches stacked otherwise."""
+"""benchmarks/contrastive.py (`common.stacked_batch`) feeds each K as the trainer does: one
+batch as it is at K = 1 (the K = 1 run used to keep a leading axis of 1 and fail), K batches
+stacked otherwise."""
 
 import os
 import subprocess
