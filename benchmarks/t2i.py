@@ -12,7 +12,10 @@ Random weights (throughput does not depend on them). Per model it prints:
   peak memory. Cost analysis does not multiply a scan body by its trip count, so the sampler's
   achieved FLOP/s is N × (UNet step FLOPs) (+ decode FLOPs) per sample batch over its time;
 * achieved FLOP/s against the measured f32 matmul peak of the host.
-Text encoding is not timed (the sampler takes prompt embeddings).
+Text encoding is not timed (the sampler takes prompt embeddings). ``--reference`` times
+diffusers' UNet2DConditionModel of the same config (``benchmarks/reference/unet.py``; the
+``torch`` extra) in turn with jaxsafe's UNet step (A B A B) and prints the ratio (> 1: jaxsafe
+faster).
 """
 
 import importlib.util
@@ -31,6 +34,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet co
 _DECODE = flags.DEFINE_bool("decode", False, "sd15: decode the latents with the SD VAE (random weights); "
                             "the test bed always decodes (a reshape).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed calls of each program (after one warm-up call).")
+_REFERENCE = flags.DEFINE_bool("reference", False, "Also time diffusers' UNet step (PyTorch), in "
+                                 "turn with jaxsafe's, and print the ratio.")
 _TESTBED_CONFIG = flags.DEFINE_string("testbed_config", "configs/t2i/testbed.py", "Test-bed config file.")
 
 
@@ -42,7 +47,8 @@ def sd15(dtype):
 
     cfg = sd15_unet_config()
     graphdef, params, n = random_model(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return {"name": "SD 1.5 UNet (64×64×4 latents, 512² images)", "graphdef": graphdef, "params": params,
+    return {"name": "SD 1.5 UNet (64×64×4 latents, 512² images)", "config": cfg,
+            "graphdef": graphdef, "params": params,
             "n_params": n, "scheduler": SchedulerConfig(), "latent_shape": (64, 64, 4), "context": (77, 768),
             "kind": "ddim", "steps": 2, "guidance": 7.5, "batch": 1}
 
@@ -70,7 +76,7 @@ def testbed(dtype, path):
     basis = jnp.asarray(np.random.default_rng(0).standard_normal((cfg.in_channels, 3 * p * p)),
                         jnp.float32)
     return {"name": f"test-bed UNet ({path}:cpu, 8×8×{cfg.in_channels} patch-PCA latents of 32² "
-                    "images)", "graphdef": graphdef,
+                    "images)", "config": cfg, "graphdef": graphdef,
             "params": params, "n_params": n, "scheduler": tb.scheduler_config(c),
             "latent_shape": (cfg.sample_size, cfg.sample_size, cfg.in_channels),
             "context": (c.data.max_length, c.text_encoder.hidden_size), "kind": s.kind,
@@ -132,6 +138,21 @@ def run(m, peak):
           f"{sec * 1e3:9.1f} ms/step  {step_flops / 1e9:8.1f} GFLOP/step  "
           f"{step_flops / sec / 1e9:7.1f} GFLOP/s ({100 * step_flops / sec / peak:5.1f} % of matmul peak)  "
           f"peak memory {fmt_bytes(memory_bytes(step))}")
+
+    if _REFERENCE.value:
+        import numpy as np
+
+        from benchmarks.common import alternate
+        from benchmarks.reference import torch_threads
+        from benchmarks.reference.unet import make_forward
+
+        ref, _ = make_forward(m["config"], rows, m["latent_shape"], m["context"])
+        print(f"  PyTorch reference: diffusers UNet2DConditionModel, {torch_threads()} threads")
+        sec = alternate({"jaxsafe": (lambda: step(params, x, t, emb), _REPS.value),
+                         "diffusers": (ref, _REPS.value)}, rounds=3)
+        a, r = float(np.median(sec["jaxsafe"])), float(np.median(sec["diffusers"]))
+        print(f"  UNet step, timed in turn: jaxsafe {a * 1e3:9.1f} ms  diffusers {r * 1e3:9.1f} ms  "
+              f"{r / a:5.2f}x the reference")
 
     decode_flops = 0.0
     if _DECODE.value and decode is not None:

@@ -20,10 +20,13 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxsafe import compilation_cache as cache
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Erasure config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, the edited model "
                                "and metrics.")
+_CACHE = flags.DEFINE_string("compilation_cache", None, cache.FLAG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,6 +38,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from experiments import run_experiment
 
+    cache.enable(_CACHE.value)
     summary = run_experiment(_CONFIG.value, _WORKDIR.value)
     logging.info("erasure: %s", json.dumps(summary, sort_keys=True, default=float))
     print(json.dumps(summary, indent=1, sort_keys=True, default=float))

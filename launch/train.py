@@ -13,6 +13,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxsafe import compilation_cache as cache
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -21,6 +23,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CACHE = flags.DEFINE_string("compilation_cache", None, cache.FLAG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,6 +41,8 @@ def main(argv):
 
     from experiments import run_experiment
     from jaxsafe.parallel import is_primary
+
+    cache.enable(_CACHE.value)
 
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,57 @@
+"""The launchers' persistent compilation cache: where it goes, and that a second process with
+the same program loads it instead of compiling (JAX logs the cache hit)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxsafe import compilation_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_directory_precedence(monkeypatch, tmp_path):
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        monkeypatch.setenv("JAXSAFE_XLA_CACHE", str(tmp_path / "a"))
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "b"))
+        assert compilation_cache.enable() == str(tmp_path / "a")
+        monkeypatch.delenv("JAXSAFE_XLA_CACHE")
+        assert compilation_cache.enable() == str(tmp_path / "b")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "b")
+        assert compilation_cache.enable(str(tmp_path / "c"), 2.5) == str(tmp_path / "c")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.5
+        assert os.path.isdir(tmp_path / "c")
+        assert compilation_cache.enable("") is None
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        assert compilation_cache.DEFAULT_DIR.endswith(os.path.join(".cache", "jaxsafe", "xla"))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+@pytest.mark.slow
+def test_a_rerun_of_the_launcher_loads_its_programs_from_the_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXSAFE_XLA_CACHE")}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+    def train(workdir):
+        return subprocess.run(
+            [sys.executable, "-m", "launch.train",
+             "--config=configs/grokking/softmax_float32.py:smoke", f"--workdir={workdir}",
+             f"--compilation_cache={tmp_path / 'cache'}", "--verbosity=1"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    first = train(tmp_path / "one")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert os.listdir(tmp_path / "cache")  # the compiled programs were stored
+    second = train(tmp_path / "two")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Persistent compilation cache hit" in second.stderr
+    assert "Persistent compilation cache hit" not in first.stderr
