@@ -209,8 +209,9 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
     to_device = (lambda b: fixed_global) if fixed else (lambda b: sh.global_batch(b, mesh, leading))
     compiled, _, compile_s = compile_train_step(
         task, state, to_device(host_batch(start)), mesh, k, fixed, cfg.get("lowering", "auto"))
-    logging.info("compiled %d step(s) per call (%s) in %.1fs", k,
-                 "loop" if isinstance(compiled, _Loop) else "scan", compile_s)
+    logging.info("compiled %d step(s) per call%s in %.1fs", k,
+                 "" if k == 1 else " (loop)" if isinstance(compiled, _Loop) else " (scan)",
+                 compile_s)
 
     def evaluate(step):
         for name, fn in task.evaluators.items():
