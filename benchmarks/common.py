@@ -83,6 +83,40 @@ def alternate(arms: dict, rounds: int = 3) -> dict:
     return out
 
 
+def k_step_arms(task, initial, batch_for, mesh, ks, lowering: str = "auto",
+                calls: int = 4, fixed_batch: bool = True):
+    """One timing arm per steps-per-call K of the trainer's compiled step
+    (``jaxsafe.train.compile_train_step`` with ``lowering``), for :func:`alternate`.
+
+    ``initial`` is the placed train state (copied per K: each K's calls donate theirs);
+    ``batch_for(k)`` the placed batch of a K-step call. Returns ``(arms, rows, flops)``:
+    ``arms[k] = (call, n)`` with ``n`` calls of about ``calls`` steps in all, ``rows[k] =
+    (compile seconds, planned peak memory)`` and the one-step program's FLOPs over the mesh.
+    Divide an arm's seconds per call by K for seconds per step."""
+    from jaxsafe import train
+
+    arms, rows, flops = {}, {}, None
+    for k in ks:
+        state = jax.tree.map(lambda x: x.copy(), initial)
+        batch = batch_for(k)
+        compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, k,
+                                                          fixed_batch, lowering)
+        if flops is None:  # cost analysis: the partitioned (per-device) one-step program
+            one = compiled if k == 1 else train.compile_train_step(
+                task, jax.tree.map(lambda x: x.copy(), initial), batch_for(1), mesh, 1,
+                fixed_batch)[0]
+            flops = cost_flops(one) * mesh.size
+        box = [state]
+
+        def call(box=box, compiled=compiled, batch=batch):
+            box[0], metrics = compiled(box[0], batch)
+            return metrics
+
+        arms[k] = (call, max(1, calls // k))
+        rows[k] = (compile_s, fmt_bytes(memory_bytes(compiled)))
+    return arms, rows, flops
+
+
 def stacked_batch(data, k: int, mesh):
     """The first ``k`` batches of ``data`` on the mesh as the trainer feeds a ``k``-step call:
     one batch as it is for K = 1, else stacked on a leading axis of ``k``."""

@@ -1,7 +1,8 @@
 r"""Training and sampling throughput of the PFGM++ / EDM SongUNet (DDPM++ CIFAR-10 by default).
 
     python -m benchmarks.diffusion [--config=configs/pfgmpp/cifar10_d128.py] [--variant=paper] \
-        [--batch_sizes=4,8] [--sample_batch=4] [--steps=3] [--k=1,8] [--lowering=auto]
+        [--batch_sizes=4,8] [--sample_batch=4] [--steps=3] [--k=1,8] [--lowering=auto] \
+        [--reference]
 
 Training: one full optimizer step of the experiment (PFGM++ loss, Adam with warm-up, nan_to_num,
 EMA update), jitted by the trainer's `compile_train_step`, on a synthetic batch of the config's
@@ -12,6 +13,10 @@ matmul peak.
 Sampling: the 18-step Heun sampler (35 network evaluations) from the PFGM++ prior, jitted whole;
 its FLOPs are those of one denoiser call × (2N − 1), because XLA's cost analysis counts a
 `fori_loop` body once.
+``--reference`` times the authors' step and sampler written in PyTorch
+(``benchmarks/reference/diffusion.py``: EDM's DDPM++ SongUNet and EDMPrecond, the PFGM++
+perturbation, Adam, ``nan_to_num``, EMA; EDM's Heun sampler) in turn with jaxsafe's (A B A B)
+and prints the ratio (> 1: jaxsafe faster).
 """
 
 import importlib.util
@@ -26,6 +31,9 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per measurement (after on
 _K = flags.DEFINE_list("k", ["1"], "Training steps per compiled call, one row each.")
 _LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
                               "How K > 1 steps run (jaxsafe.train.loop.lowering).")
+_REFERENCE = flags.DEFINE_bool("reference", False, "Also time the authors' training step and Heun "
+                               "sampler in PyTorch (benchmarks/reference/diffusion.py) in turn "
+                               "with jaxsafe's, and print the ratio.")
 
 
 def load_config(path, arg):
@@ -49,6 +57,7 @@ def main(argv):
         alternate,
         cost_flops,
         fmt_bytes,
+        k_step_arms,
         machine,
         matmul_peak_flops,
         memory_bytes,
@@ -70,6 +79,13 @@ def main(argv):
           f"params {n_params:,}")
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
 
+    kwargs = image_model.songunet_kwargs(config)
+    d = float("inf") if image_model.augmentation_dim(config.pfgmpp.D) is None else config.pfgmpp.D
+    if _REFERENCE.value:
+        from benchmarks.reference import diffusion as reference
+        from benchmarks.reference import torch_threads
+
+        threads = torch_threads()
     for b in map(int, _BATCHES.value):
         with config.unlocked():
             config.train.batch_size = b
@@ -85,29 +101,26 @@ def main(argv):
                           after_update=pfgmpp.make_after_update(config))
         initial = train.place_state(train.init_state(p, f, task.optimizer, task.extra), mesh)
         placed = parallel.global_batch(batch, mesh)
-        arms, rows, flops = {}, {}, None
-        for k in map(int, _K.value):
-            state = jax.tree.map(lambda x: x.copy(), initial)  # each K's calls donate theirs
-            compiled, _, compile_s = train.compile_train_step(task, state, placed, mesh, k, True,
-                                                              _LOWERING.value)
-            if flops is None:  # cost analysis: the partitioned (per-device) one-step program
-                one = compiled if k == 1 else train.compile_train_step(
-                    task, jax.tree.map(lambda x: x.copy(), initial), placed, mesh, 1, True)[0]
-                flops = cost_flops(one) * mesh.size
-            box = [state]
-
-            def call(box=box, compiled=compiled, placed=placed):
-                box[0], metrics = compiled(box[0], placed)
-                return metrics
-
-            arms[k] = (call, max(1, _STEPS.value // k))
-            rows[k] = (compile_s, fmt_bytes(memory_bytes(compiled)))
+        arms, rows, flops = k_step_arms(task, initial, lambda k: placed, mesh,
+                                        list(map(int, _K.value)), _LOWERING.value, _STEPS.value)
+        if _REFERENCE.value:
+            arms["torch"] = (reference.make_train_step(
+                kwargs, b, shape, D=d, P_mean=config.pfgmpp.P_mean, P_std=config.pfgmpp.P_std,
+                sigma_data=config.pfgmpp.sigma_data, lr=config.optimizer.lr,
+                lr_rampup_kimg=config.optimizer.lr_rampup_kimg,
+                ema_halflife_kimg=config.ema.halflife_kimg,
+                ema_rampup_ratio=config.ema.rampup_ratio)[0], _STEPS.value)
         seconds = alternate(arms, rounds=1 if len(arms) == 1 else 3)
+        ref = float(np.median(seconds.pop("torch"))) if _REFERENCE.value else None
         for k, (compile_s, memory) in rows.items():
             sec = float(np.median(seconds[k])) / k  # per step
             print(f"train  batch {b:4d}  K={k:<2d} compile {compile_s:6.1f} s  "
                   f"{b / sec:8.2f} images/s  {sec:7.3f} s/step  {flops / sec / 1e9:7.2f} GFLOP/s "
-                  f"({100 * flops / sec / peak:5.1f} % of matmul peak)  peak memory {memory}")
+                  f"({100 * flops / sec / peak:5.1f} % of matmul peak)  peak memory {memory}"
+                  + (f"  {ref / sec:5.2f}x the reference" if ref else ""))
+        if ref:
+            print(f"train  batch {b:4d}  PyTorch reference ({threads} threads): "
+                  f"{b / ref:8.2f} images/s  {ref:7.3f} s/step")
 
     n = _SAMPLE_BATCH.value
     if n:
@@ -136,6 +149,18 @@ def main(argv):
         one_s = time_calls(lambda: one(params, x0, s0), _STEPS.value)
         print(f"  one denoiser call outside the loop: {one_s:.3f} s; x NFE = {one_s * nfe:.2f} s "
               f"vs {sec:.2f} s for the sampler")
+        if _REFERENCE.value:
+            net = reference.song_unet(**kwargs)
+            theirs = reference.make_sampler(
+                net, n, shape, D=d, sigma_data=config.pfgmpp.sigma_data,
+                num_steps=config.sampler.num_steps, sigma_min=config.sampler.sigma_min,
+                sigma_max=config.sampler.sigma_max, rho=config.sampler.rho)
+            seconds = alternate({
+                "jaxsafe": (lambda: compiled(params, frozen, jax.random.key(0), labels), 1),
+                "torch": (theirs, 1)}, rounds=3)
+            a, r = (float(np.median(seconds[arm])) for arm in ("jaxsafe", "torch"))
+            print(f"  sampler timed in turn: jaxsafe {n / a:.3f} images/s  PyTorch ({threads} "
+                  f"threads) {n / r:.3f} images/s  {r / a:5.2f}x the reference")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 r"""Cost of concept erasure: closed-form edits at SD scale and ESD training steps.
 
-    python -m benchmarks.erasure --what=edit             # UCE (and RECE) on SD 1.4's 16 attn2 layers
-    python -m benchmarks.erasure --what=esd_testbed      # ESD-u / ESD-x steps/s on the shipped test bed
-    python -m benchmarks.erasure --what=esd_sd15         # ESD-x step on the SD 1.5 UNet (random weights)
+    python -m benchmarks.erasure --what=edit          # UCE (and RECE), SD 1.4's 16 attn2 layers
+    python -m benchmarks.erasure --what=esd_testbed   # ESD-u / ESD-x steps/s, shipped test bed
+    python -m benchmarks.erasure --what=esd_sd15      # ESD-x step, SD 1.5 UNet (random weights)
+    python -m benchmarks.erasure --what=edit,esd_sd15 --reference   # + the authors' PyTorch arms
 
 * edit: the key/value projections of SD 1.4's 16 cross-attention layers (W: 320/640/1280 × 768,
   32 matrices, random N(0, 0.02²)), one erased prompt's 76 token rows mapped onto the guide's,
@@ -10,12 +11,17 @@ r"""Cost of concept erasure: closed-form edits at SD scale and ESD training step
   XLA cost-analysis FLOPs. RECE: one round = the closed-form adversarial embedding over all 32
   matrices plus a UCE edit (``jaxsafe.erasure.rece``).
 * esd_testbed: the trainer's compiled step of ``configs/erasure/esd.py:cpu`` (ESD-u) and
-  ``:x_cpu`` (ESD-x) on the shipped test-bed model; the step's cost varies with the random number
-  n of partial-sampling DDIM steps, so the mean over ``--steps`` steps is reported.
+  ``:x_cpu`` (ESD-x) on the shipped test-bed model, K steps per call (``--k``, timed in turn);
+  the step's cost varies with the random number n of partial-sampling DDIM steps, so the mean
+  over ``--steps`` steps is reported.
 * esd_sd15: split in its two parts, since one full step on a CPU takes minutes: the update (three
   frozen UNet calls and the trained UNet's forward and backward on ESD-x's parameters, Adam) at
   n = 0, and one guided DDIM step of the partial sampling (UNet on batch 2); a full step costs
   update + n × guided step with E[n] = (N − 1)/2 = 24.5 for N = 50. Batch 1, 64×64×4 latents.
+
+``--reference`` times the authors' UCE edit and ESD-x update written in PyTorch
+(``benchmarks/reference/erasure.py``) in turn with jaxsafe's (A B A B) and prints the ratio
+(> 1: jaxsafe faster). The guided sampling step is the UNet step of ``benchmarks/t2i.py``.
 """
 
 import time
@@ -26,6 +32,12 @@ _WHAT = flags.DEFINE_list("what", ["edit", "esd_testbed"], "edit, esd_testbed, e
 _PRESERVE = flags.DEFINE_integer("preserve", 20, "Preserved prompts in the UCE/RECE edit.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed ESD steps on the test bed.")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed calls of the other programs.")
+_K = flags.DEFINE_list("k", ["1", "8"], "esd_testbed: steps per compiled call, one row each.")
+_LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
+                              "How K > 1 steps run (jaxsafe.train.loop.lowering).")
+_REFERENCE = flags.DEFINE_bool("reference", False, "Also time the authors' PyTorch UCE edit and "
+                               "ESD-x update (benchmarks/reference/erasure.py) in turn with "
+                               "jaxsafe's, and print the ratio.")
 
 SD14_XATTN_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640,
                      320, 320, 320)  # down (2 per level), mid, up (3 per level): 16 layers
@@ -58,6 +70,11 @@ def bench_edit(peak):
           f"{flops / 1e9:.2f} GFLOP, {flops / sec / 1e9:.1f} GFLOP/s "
           f"({100 * flops / sec / peak:.1f} % of matmul peak), peak memory "
           f"{fmt_bytes(memory_bytes(compiled))}")
+    if _REFERENCE.value:
+        from benchmarks.reference import erasure as reference
+
+        _vs_reference("UCE edit", lambda: compiled(ks, c_e, c_g, c_p),
+                      lambda: reference.uce_edit(ks, c_e, c_g, c_p, lam=0.5), "ms", 1e3)
     try:
         from jaxsafe.erasure import rece
     except ImportError:
@@ -71,36 +88,50 @@ def bench_edit(peak):
           f"({100 * flops / sec / peak:.1f} % of matmul peak)")
 
 
+def _vs_reference(what, ours, theirs, unit="s", scale=1.0):
+    """Times jaxsafe's and the PyTorch reference's call in turn (A B A B) and prints the ratio."""
+    import numpy as np
+
+    from benchmarks.common import alternate
+    from benchmarks.reference import torch_threads
+
+    threads = torch_threads()
+    sec = alternate({"jaxsafe": (ours, _REPS.value),
+                     "reference": (theirs, _REPS.value)}, rounds=3)
+    a, r = float(np.median(sec["jaxsafe"])), float(np.median(sec["reference"]))
+    print(f"  {what}, timed in turn: jaxsafe {a * scale:.1f} {unit}  PyTorch ({threads} threads) "
+          f"{r * scale:.1f} {unit}  {r / a:.2f}x the reference")
+
+
 def bench_esd_testbed(peak):
     import jax
+    import numpy as np
 
-    from benchmarks.common import cost_flops, fmt_bytes, memory_bytes
+    from benchmarks.common import alternate, k_step_arms
     from configs.erasure import esd as esd_config
     from experiments import erase_esd
     from jaxsafe import parallel
-    from jaxsafe.train import compile_train_step, init_state, place_state
+    from jaxsafe.train import init_state, place_state
 
     mesh = parallel.make_mesh(-1, 1)
+    ks = list(map(int, _K.value))
     for arg in ("cpu", "x_cpu"):
         c = esd_config.get_config(arg)
         task = erase_esd.build(c, mesh)
         state = place_state(init_state(task.params, task.frozen, task.optimizer, task.extra),
                             mesh, (), c.train.fsdp_min_size)
         batch = parallel.global_batch(task.train_data, mesh)
-        compiled, _, comp_s = compile_train_step(task, state, batch, mesh, 1, True)
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for _ in range(_STEPS.value):
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-        sec = (time.perf_counter() - t0) / _STEPS.value
+        arms, rows, flops = k_step_arms(task, state, lambda k: batch, mesh, ks, _LOWERING.value,
+                                        _STEPS.value)
+        seconds = alternate(arms, rounds=1 if len(arms) == 1 else 3)
         n_train = sum(x.size for x in jax.tree.leaves(task.params))
-        print(f"ESD ({c.esd.train_method}) on the test bed: {n_train:,} trained parameters, "
-              f"compile {comp_s:.1f} s, {1 / sec:.2f} steps/s (mean of {_STEPS.value}, N = "
-              f"{c.esd.ddim_steps} partial DDIM steps), {c.train.num_steps} steps = "
-              f"{c.train.num_steps * sec:.0f} s, peak memory {fmt_bytes(memory_bytes(compiled))}, "
-              f"{cost_flops(compiled) / 1e9:.2f} GFLOP/step outside the sampling loop")
+        for k, (comp_s, memory) in rows.items():
+            sec = float(np.median(seconds[k])) / k
+            print(f"ESD ({c.esd.train_method}) on the test bed  K={k:<2d}: {n_train:,} trained "
+                  f"parameters, compile {comp_s:.1f} s, {1 / sec:.2f} steps/s (mean of "
+                  f"{max(1, _STEPS.value // k) * k}, N = {c.esd.ddim_steps} partial DDIM steps), "
+                  f"{c.train.num_steps} steps = {c.train.num_steps * sec:.0f} s, peak memory "
+                  f"{memory}, {flops / 1e9:.2f} GFLOP/step outside the sampling loop")
 
 
 def bench_esd_sd15(peak):
@@ -129,7 +160,7 @@ def bench_esd_sd15(peak):
         num_inference_steps=1, latent_shape=(64, 64, 4))  # N = 1: n = 0, no sampling
     tx = optax.adam(1e-5)
     emb = jax.random.normal(jax.random.key(1), (3, 1, 77, 768))
-    batch = {"c_e": emb[0], "c_from": emb[1], "uncond": emb[2]}
+    batch = {"c_e": emb[0], "uncond": emb[2]}  # ESD's guide: the empty prompt
 
     def update(p, o, f):
         loss, g = jax.value_and_grad(lambda q: loss_fn(q, f, {}, batch, jax.random.key(0))[0])(p)
@@ -146,6 +177,11 @@ def bench_esd_sd15(peak):
           f"trained): compile {comp_s:.1f} s, {sec:.2f} s/update, {flops / 1e9:.0f} GFLOP, "
           f"{flops / sec / 1e9:.1f} GFLOP/s ({100 * flops / sec / peak:.1f} % of matmul peak), "
           f"peak memory {fmt_bytes(memory_bytes(compiled))}")
+    if _REFERENCE.value:
+        from benchmarks.reference import erasure as reference
+
+        theirs, _ = reference.make_esd_x_update(cfg, (64, 64, 4), (77, 768))
+        _vs_reference("ESD-x update", lambda: compiled(train, opt, frozen), theirs)
 
     def guided(p, x, e):
         out = nnx.merge(graphdef, p, rest)(jnp.concatenate([x, x]), jnp.full((2,), 500),

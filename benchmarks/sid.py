@@ -1,12 +1,13 @@
 r"""SiD / SFD distillation and one-step sampling throughput against the teacher's Heun sampler.
 
     python -m benchmarks.sid [--teacher=configs/pfgmpp/cifar10_cond_edm.py] [--variant=cpu] \
-        [--batch=64] [--sample_batch=256] [--steps=3] [--forget]
+        [--batch=64] [--sample_batch=256] [--steps=3] [--forget] [--k=1,8] [--lowering=auto]
 
 The teacher architecture of ``--teacher:--variant`` at random initialisation (speed does not
 depend on the weights). Distillation: one iteration of ``jaxsafe.diffusion.sid.make_sid_step``
 (f_ψ update then G update, EMA), with SFD's two batches under ``--forget``, jitted by the
-trainer's ``compile_train_step``: compile time, iterations/s, generated images/s, XLA's planned
+trainer's ``compile_train_step`` with K iterations per call (``--k``, one row each, the K's timed
+in turn): compile time, iterations/s, generated images/s, XLA's planned
 peak memory, achieved FLOP/s (cost analysis × iterations/s) against the measured f32 matmul peak.
 Sampling: the one-step generator against the teacher's ``sampler.num_steps``-step Heun sampler
 (NFE 2N − 1), images/s of both at ``--sample_batch``.
@@ -21,6 +22,9 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Distillation batch size (per term)."
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 256, "Sampling batch size (0 = skip).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement (after one warm-up).")
 _FORGET = flags.DEFINE_bool("forget", False, "SFD: forget class 0 (override 1).")
+_K = flags.DEFINE_list("k", ["1", "8"], "Iterations per compiled call, one row each.")
+_LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
+                              "How K > 1 iterations run (jaxsafe.train.loop.lowering).")
 
 
 def main(argv):
@@ -31,13 +35,14 @@ def main(argv):
     import jax.numpy as jnp
     import optax
 
+    import numpy as np
+
     from benchmarks.common import (
-        cost_flops,
-        fmt_bytes,
+        alternate,
+        k_step_arms,
         load_config,
         machine,
         matmul_peak_flops,
-        memory_bytes,
         time_calls,
     )
     from experiments import sid as sid_exp
@@ -73,20 +78,17 @@ def main(argv):
     state = train.place_state(train.init_state(task.params, task.frozen, task.optimizer,
                                                task.extra), mesh)
     placed = parallel.global_batch(task.train_data, mesh)
-    compiled, _, compile_s = train.compile_train_step(task, state, placed, mesh, 1, True)
-    box = [state]
-
-    def call():
-        box[0], metrics = compiled(box[0], placed)
-        return metrics
-
-    sec = time_calls(call, _STEPS.value)
-    flops = cost_flops(compiled) * mesh.size
+    ks = list(map(int, _K.value))
+    arms, rows, flops = k_step_arms(task, state, lambda k: placed, mesh, ks, _LOWERING.value,
+                                    _STEPS.value * max(ks))
+    seconds = alternate(arms, rounds=1 if len(arms) == 1 else 3)
     n_terms = 2 if forget else 1
-    print(f"{'SFD' if forget else 'SiD'} iteration  batch {b} x {n_terms} term(s)  compile "
-          f"{compile_s:6.1f} s  {1 / sec:7.3f} it/s  {2 * n_terms * b / sec:8.1f} generated "
-          f"images/s  {flops / sec / 1e9:7.2f} GFLOP/s ({100 * flops / sec / peak:5.1f} % of "
-          f"matmul peak)  peak memory {fmt_bytes(memory_bytes(compiled))}")
+    for k, (compile_s, memory) in rows.items():
+        sec = float(np.median(seconds[k])) / k  # per iteration
+        print(f"{'SFD' if forget else 'SiD'} iteration  batch {b} x {n_terms} term(s)  K={k:<2d} "
+              f"compile {compile_s:6.1f} s  {1 / sec:7.3f} it/s  {2 * n_terms * b / sec:8.1f} "
+              f"generated images/s  {flops / sec / 1e9:7.2f} GFLOP/s "
+              f"({100 * flops / sec / peak:5.1f} % of matmul peak)  peak memory {memory}")
 
     n = _SAMPLE_BATCH.value
     if n:

@@ -1,9 +1,10 @@
 r"""Cost of the text-to-image test bed: training steps and guided DDIM sampling.
 
     python -m benchmarks.t2i_testbed [--config=configs/t2i/testbed.py:cpu] [--steps=20] \
-        [--pixel_space]
+        [--k=1,8] [--lowering=auto] [--pixel_space]
 
-Prints, for the test bed's train step (the trainer's compiled program, one step per call):
+Prints, for the test bed's train step (the trainer's compiled program, K steps per call, one row
+per ``--k``, the K's timed in turn):
 compile time, steps/s and images/s, achieved FLOP/s (XLA cost analysis × steps/s) against the
 measured f32 matmul peak, XLA's planned peak memory; for the sampler (DDIM, classifier-free
 guidance, ``sampling.num_inference_steps`` steps, ``sampling.batch_size`` images per call):
@@ -20,6 +21,9 @@ _CONFIG = flags.DEFINE_string("config", "configs/t2i/testbed.py:cpu", "Test-bed 
 _STEPS = flags.DEFINE_integer("steps", 20, "Train steps timed.")
 _SAMPLE_CALLS = flags.DEFINE_integer("sample_calls", 2, "Sampler calls timed.")
 _PIXEL = flags.DEFINE_bool("pixel_space", False, "Also time a pixel-space UNet step.")
+_K = flags.DEFINE_list("k", ["1", "8"], "Train steps per compiled call, one row each.")
+_LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
+                              "How K > 1 steps run (jaxsafe.train.loop.lowering).")
 
 
 def pixel_space_step(config, peak):
@@ -65,12 +69,12 @@ def main(argv):
     import numpy as np
 
     from benchmarks.common import (
-        cost_flops,
-        fmt_bytes,
+        alternate,
+        k_step_arms,
         load_config,
         machine,
         matmul_peak_flops,
-        memory_bytes,
+        stacked_batch,
         time_calls,
     )
     from experiments import t2i_testbed as tb
@@ -91,20 +95,17 @@ def main(argv):
     state = train.place_state(train.init_state(task.params, task.frozen, task.optimizer,
                                                task.extra, tc.seed), mesh, task.sharding_rules,
                               tc.fsdp_min_size)
-    batch = parallel.global_batch(task.train_data[0], mesh)
-    compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, 1, False)
-    box = [state]
-
-    def call():
-        box[0], metrics = compiled(box[0], batch)
-        return metrics
-
-    sec = time_calls(call, _STEPS.value)
-    flops = cost_flops(compiled)
-    print(f"train step: compile {compile_s:.1f} s, {1 / sec:.3f} steps/s, "
-          f"{config.data.batch_size / sec:.1f} images/s, {flops / sec / 1e9:.2f} GFLOP/s "
-          f"({100 * flops / sec / peak:.1f} % of matmul peak), {flops / 1e9:.2f} GFLOP/step, "
-          f"peak memory {fmt_bytes(memory_bytes(compiled))}")
+    ks = list(map(int, _K.value))
+    arms, rows, flops = k_step_arms(task, state, lambda k: stacked_batch(task.train_data, k, mesh),
+                                    mesh, ks, _LOWERING.value, _STEPS.value, fixed_batch=False)
+    seconds = alternate(arms, rounds=1 if len(arms) == 1 else 3)
+    for k, (compile_s, memory) in rows.items():
+        sec = float(np.median(seconds[k])) / k
+        print(f"train step K={k:<2d}: compile {compile_s:.1f} s, {1 / sec:.3f} steps/s, "
+              f"{config.data.batch_size / sec:.1f} images/s, {flops / sec / 1e9:.2f} GFLOP/s "
+              f"({100 * flops / sec / peak:.1f} % of matmul peak), {flops / 1e9:.2f} GFLOP/step, "
+              f"peak memory {memory}")
+    box = [jax.tree.map(lambda x: x.copy(), state)]
 
     tok = tb.shapes.tokenizer(config.data.max_length)
     generate = tb.make_generator(task.graphdef, config, tok)

@@ -30,6 +30,8 @@ def build(config, mesh) -> Task:
     n = len(pairs)
     emb = np.asarray(pipe.embed([a for a, _ in pairs] + [b for _, b in pairs] + [""]))
     batch = {"c_e": emb[:n], "c_from": emb[n:2 * n], "uncond": np.repeat(emb[2 * n:], n, 0)}
+    if all(b == "" for _, b in pairs):
+        del batch["c_from"]  # ESD's own setting: the frozen model runs on two conditions
     return Task(graphdef=graphdef, params=params, frozen=frozen,
                 optimizer=optax.adam(config.optimizer.lr),
                 loss_fn=em.random_rows(loss_fn, e.batch_size),

@@ -33,21 +33,27 @@ def num_classes(config) -> int:
     return config.data.num_classes if config.data.cond else 0
 
 
-def build_model(config, rngs: nnx.Rngs | None = None) -> songunet.SongUNet:
+def songunet_kwargs(config) -> dict:
+    """SongUNet's arguments from ``config.model`` and ``config.data`` (dtype and rngs apart)."""
     m = config.model
-    if m.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={m.dtype!r}; expected one of {tuple(DTYPES)}")
     h, _, c = image_shape(config.data)
-    return songunet.SongUNet(
-        h, c, c, label_dim=num_classes(config), augment_dim=0,
-        model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
+    return dict(
+        img_resolution=h, in_channels=c, out_channels=c, label_dim=num_classes(config),
+        augment_dim=0, model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
         channel_mult_emb=m.channel_mult_emb, num_blocks=m.num_blocks,
         attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
         label_dropout=m.label_dropout, embedding_type=m.embedding_type,
         channel_mult_noise=m.channel_mult_noise, encoder_type=m.encoder_type,
-        decoder_type=m.decoder_type, resample_filter=tuple(m.resample_filter),
-        dtype=None if m.dtype == "float32" else DTYPES[m.dtype],
-        rngs=rngs or nnx.Rngs(config.train.seed))
+        decoder_type=m.decoder_type, resample_filter=tuple(m.resample_filter))
+
+
+def build_model(config, rngs: nnx.Rngs | None = None) -> songunet.SongUNet:
+    m = config.model
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={m.dtype!r}; expected one of {tuple(DTYPES)}")
+    return songunet.SongUNet(**songunet_kwargs(config),
+                             dtype=None if m.dtype == "float32" else DTYPES[m.dtype],
+                             rngs=rngs or nnx.Rngs(config.train.seed))
 
 
 def augmentation_dim(D):

@@ -97,7 +97,9 @@ def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
         (so a trained text encoder receives gradients); otherwise it holds embeddings.
 
     Batch: ``c_e`` (B, L, D), ``c_from`` (B, L, D), ``uncond`` (B or 1, L, D) — or the ids above —
-    and ``z0`` (B, H, W, C) for ``source="data"``. Metrics: ``esd_target_gap`` =
+    and ``z0`` (B, H, W, C) for ``source="data"``. Without ``c_from`` (``ids_from``) the guide is
+    the empty prompt, ε*(c_from) = ε*(∅), and the frozen model runs on two conditions, not three
+    (ESD's own setting: its two frozen calls). Metrics: ``esd_target_gap`` =
     ‖ε*(c_e) − target‖² (how far the frozen model is from the target; constant in θ).
     """
     if source not in SOURCES:
@@ -107,13 +109,17 @@ def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
     T = sched.num_train_timesteps
 
     def loss_fn(params, frozen, extra, batch, rng):
+        guided = ("c_from" if embed is None else "ids_from") in batch
         if embed is None:
-            c_e, c_from, uncond = batch["c_e"], batch["c_from"], batch["uncond"]
+            c_e, uncond = batch["c_e"], batch["uncond"]
+            c_from = batch["c_from"] if guided else None
             c_e_star = c_e
         else:
             c_e = embed(params, frozen, batch["ids_e"])
-            c_e_star, c_from, uncond = (jax.lax.stop_gradient(embed(params, frozen, batch[k]))
-                                        for k in ("ids_e", "ids_from", "ids_uncond"))
+            c_e_star, uncond = (jax.lax.stop_gradient(embed(params, frozen, batch[k]))
+                                for k in ("ids_e", "ids_uncond"))
+            c_from = (jax.lax.stop_gradient(embed(params, frozen, batch["ids_from"]))
+                      if guided else None)
         b = c_e.shape[0]
         uncond = jnp.broadcast_to(uncond, c_e.shape)
         k_n, k_x, k_t = jax.random.split(rng, 3)
@@ -130,10 +136,12 @@ def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
                 sampler = lambda x, t, e: eps_star(frozen, x, t, e)
             x_t, t = partial_sample(sampler, sched, x_T, jax.lax.stop_gradient(c_e_star),
                                     uncond, start_guidance, num_inference_steps, n)
-        # One batched call of the frozen model for its three conditions.
-        star = eps_star(frozen, jnp.concatenate([x_t] * 3), jnp.concatenate([t] * 3),
-                        jnp.concatenate([c_from, c_e_star, uncond]))
-        e_from, e_e, e_u = star[:b], star[b:2 * b], star[2 * b:]
+        # One batched call of the frozen model for its conditions.
+        conds = [c_e_star, uncond] + ([c_from] if guided else [])
+        star = eps_star(frozen, jnp.concatenate([x_t] * len(conds)),
+                        jnp.concatenate([t] * len(conds)), jnp.concatenate(conds))
+        e_e, e_u = star[:b], star[b:2 * b]
+        e_from = star[2 * b:] if guided else e_u
         target = jax.lax.stop_gradient(esd_target(e_from, e_e, e_u, eta))
         pred = eps_theta(params, frozen, x_t, t, c_e)
         loss = jnp.mean((pred - target) ** 2)

@@ -25,8 +25,9 @@ Equations (``x`` a feature map, ``c`` the text context, ``e`` the time embedding
   ``emb = [sin(t f), cos(t f)]`` (``[cos, sin]`` with ``flip_sin_to_cos``), ``s = freq_shift``;
   then ``linear_2(silu(linear_1(emb)))``.
 
-Attention uses ``jax.nn.dot_product_attention`` (logits and softmax in float32 also under bf16,
-which is what diffusers' ``upcast_attention``/``upcast_softmax`` ask for). GroupNorm/LayerNorm use
+Attention is ``jaxsafe.nn.attention.dot_product_attention`` (chunked, memory-linear on the host;
+cuDNN's on a GPU under bf16; logits and softmax in float32 also under bf16, which is what
+diffusers' ``upcast_attention``/``upcast_softmax`` ask for). GroupNorm/LayerNorm use
 two-pass variance like PyTorch. Initialisation is Flax's default (LeCun normal kernels, zero
 biases); PyTorch's uniform init differs but checkpoints overwrite every parameter.
 """
@@ -41,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+
+from jaxsafe.nn import attention
 
 __all__ = [
     "GEGLU", "SD_SHARDING_RULES", "Attention", "BasicTransformerBlock", "DownBlock2D",
@@ -216,7 +219,7 @@ class Attention(nnx.Module):
         context = x if context is None else context
         split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        o = jax.nn.dot_product_attention(q, k, v)
+        o = attention.dot_product_attention(q, k, v)
         out = self.to_out[0](o.reshape(*o.shape[:2], -1))
         if spatial:
             out = out.reshape(b, hh, ww, c) + residual

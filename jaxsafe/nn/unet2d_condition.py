@@ -21,7 +21,7 @@ Configuration notes (checked against diffusers 0.42 and the hub config.json file
   ``UNet2DConditionModel.__init__``): SD 1.5 ``8`` -> 8 heads of width 40/80/160; SD 2.1
   ``(5, 10, 20, 20)`` -> heads of width 64. Up blocks use the reversed tuple.
 * ``upcast_attention`` is carried for the config round trip only: attention logits and softmax
-  are always computed in float32 here (``jax.nn.dot_product_attention``), also in bf16.
+  are always computed in float32 here (``jaxsafe.nn.attention``), also in bf16.
 * ``prediction_type`` is not a UNet property in diffusers (it lives in
   ``scheduler/scheduler_config.json``); it is carried here for the samplers and losses.
 * Parameter counts (``nnx.eval_shape``, equal to diffusers' ``sum(p.numel())``): SD 1.5

@@ -81,6 +81,28 @@ def test_data_source_loss_equals_an_independent_computation():
                                rtol=1e-4, atol=5e-6)
 
 
+def test_without_c_from_the_guide_is_the_empty_prompt_in_two_frozen_rows_per_example():
+    """A batch without ``c_from`` gives the loss of ``c_from = uncond``, and the frozen model
+    sees 2B rows instead of 3B (ESD's two frozen calls)."""
+    w_star, w = jnp.array([0.5, -0.4]), jnp.array([0.9, 0.2])
+    rows = []
+
+    def star(f, x, t, e):
+        rows.append(x.shape[0])
+        return _toy_eps(w_star)(x, t, e)
+
+    loss_fn = esd.make_esd_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e), star, SCHED,
+                                eta=1.5, source="data")
+    batch = _embs()
+    batch["z0"] = np.random.default_rng(3).standard_normal((2, *LATENT)).astype(np.float32)
+    guided, _ = loss_fn(w, None, {}, {**batch, "c_from": batch["uncond"]}, jax.random.key(5))
+    assert rows == [6]
+    plain = {k: v for k, v in batch.items() if k != "c_from"}
+    loss, _ = loss_fn(w, None, {}, plain, jax.random.key(5))
+    assert rows == [6, 4]
+    np.testing.assert_allclose(float(loss), float(guided), rtol=1e-6, atol=1e-8)
+
+
 def test_gradient_flows_only_through_the_trained_prediction():
     """The target is stop-gradiented: d loss/dθ = 2/N Σ (ε_θ − target) dε_θ/dθ."""
     w_star = jnp.array([0.5, -0.4])
