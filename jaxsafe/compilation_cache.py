@@ -9,12 +9,17 @@ under ``min_compile_secs`` are not stored).
 """
 
 import os
+import sys
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxsafe", "xla")
 #: The help of the launchers' ``--compilation_cache`` flag.
 FLAG_HELP = ("XLA's persistent compilation cache directory (default: $JAXSAFE_XLA_CACHE or "
              "~/.cache/jaxsafe/xla; empty: off): a rerun loads the compiled programs instead "
              "of compiling them again.")
+
+
+class CacheDirError(OSError):
+    """The cache directory cannot be created (the message names it and why)."""
 
 
 def enable(directory: str | None = None, min_compile_secs: float | None = None) -> str | None:
@@ -31,7 +36,21 @@ def enable(directory: str | None = None, min_compile_secs: float | None = None) 
         return None
     if min_compile_secs is None:
         min_compile_secs = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise CacheDirError(f"compilation cache directory {directory!r} cannot be created: "
+                            f"{e.strerror or e}") from e
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     return directory
+
+
+def enable_or_exit(directory: str | None = None) -> str | None:
+    """:func:`enable` for a launcher: an unusable directory is one line on stderr and exit
+    status 2, not a traceback."""
+    try:
+        return enable(directory)
+    except CacheDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -38,7 +38,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from experiments import run_experiment
 
-    cache.enable(_CACHE.value)
+    cache.enable_or_exit(_CACHE.value)
     summary = run_experiment(_CONFIG.value, _WORKDIR.value)
     logging.info("erasure: %s", json.dumps(summary, sort_keys=True, default=float))
     print(json.dumps(summary, indent=1, sort_keys=True, default=float))

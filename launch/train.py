@@ -42,7 +42,7 @@ def main(argv):
     from experiments import run_experiment
     from jaxsafe.parallel import is_primary
 
-    cache.enable(_CACHE.value)
+    cache.enable_or_exit(_CACHE.value)
 
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

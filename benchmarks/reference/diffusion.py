@@ -236,7 +236,7 @@ def make_train_step(model_kwargs, batch, image_shape, *, D=128.0, P_mean=-1.2, P
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.copy_(p.detach().lerp(p_ema, beta))
-        return float(loss.mean())
+        return float(loss.detach().mean())
 
     return call, net
 

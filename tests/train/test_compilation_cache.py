@@ -55,3 +55,24 @@ def test_a_rerun_of_the_launcher_loads_its_programs_from_the_cache(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Persistent compilation cache hit" in second.stderr
     assert "Persistent compilation cache hit" not in first.stderr
+
+
+def test_an_unusable_directory_is_one_line_and_exit_status_2(tmp_path):
+    """A cache path below a regular file cannot be created: the launcher says so in one line
+    naming the path, exits 2 and prints no traceback."""
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "cache"
+    with pytest.raises(compilation_cache.CacheDirError,
+                       match=f"compilation cache directory '{bad}' cannot be created: Not a "
+                             "directory"):
+        compilation_cache.enable(str(bad))
+    r = subprocess.run([sys.executable, "-m", "launch.train",
+                        "--config=configs/grokking/softmax_float32.py:smoke",
+                        f"--workdir={tmp_path / 'w'}", f"--compilation_cache={bad}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: compilation cache directory '{bad}' cannot be created: "
+                      "Not a directory"]
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
