@@ -34,10 +34,11 @@ def uce_edit(kernels, erase_rows, guide_rows, preserve_rows=None, *, lam=0.5, er
             v = c_g @ w.T
             mat1 += erase_scale * (v[:, :, None] @ c_e[:, None, :]).sum(0)
             mat2 += erase_scale * (c_e[:, :, None] @ c_e[:, None, :]).sum(0)
-            if c_p is not None:
-                v_p = c_p @ w.T
-                mat1 += preserve_scale * (v_p[:, :, None] @ c_p[:, None, :]).sum(0)
-                mat2 += preserve_scale * (c_p[:, :, None] @ c_p[:, None, :]).sum(0)
+            # The authors loop over the preserved prompts, one prompt's token rows at a time.
+            for rows in ([] if c_p is None else torch.split(c_p, len(c_e))):
+                v_p = rows @ w.T
+                mat1 += preserve_scale * (v_p[:, :, None] @ rows[:, None, :]).sum(0)
+                mat2 += preserve_scale * (rows[:, :, None] @ rows[:, None, :]).sum(0)
             out[name] = (mat1 @ torch.inverse(mat2)).T.numpy()
         return out
 

@@ -244,13 +244,20 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        *lead, c = x.shape
-        g = x.astype(jnp.float32).reshape(*lead, self.num_groups, c // self.num_groups)
-        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-        mean = g.mean(axes, keepdims=True)
-        var = jnp.square(g - mean).mean(axes, keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        # Two passes as above, each reduced per channel over the spatial axes first (C stays the
+        # contiguous axis) and then over the group's channels; the normalisation and the affine
+        # are then one multiply-add per element. On XLA:CPU this ran 1.6-3.7x faster than
+        # reducing a (..., G, C/G) view (docs/benchmarks.md, "The conv nets").
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        spatial = tuple(range(1, x.ndim - 1))
+        n = math.prod(x.shape[1:-1]) * (c // g)
+        per_channel = lambda t: jnp.repeat(t.reshape(b, g, c // g).sum(-1), c // g, axis=1)
+        xf = x.astype(jnp.float32)
+        mean = per_channel(xf.sum(spatial)) / n
+        d = xf - mean.reshape(b, *(1,) * len(spatial), c)
+        var = per_channel(jnp.square(d).sum(spatial)) / n
+        a = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        return (d * a.reshape(b, *(1,) * len(spatial), c) + self.bias[...]).astype(x.dtype)
 
 
 def _linear(in_features, out_features, *, use_bias=True, param_dtype, rngs):
