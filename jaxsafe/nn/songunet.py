@@ -140,9 +140,9 @@ def resample_filter_2d(resample_filter: Sequence[float]) -> np.ndarray:
 
 
 # The FIR filter f f^T / (sum f)^2 is separable, g g^T with g = f / sum f, so both resamplings
-# run as k shifted multiply-adds per axis, which XLA fuses into one elementwise pass. As a
-# depthwise convolution (feature_group_count = C) XLA:CPU took 12-71 ms per call at 32x32x256
-# against under 1 ms this way (docs/benchmarks.md).
+# run as k shifted multiply-adds per axis, which XLA fuses into one elementwise pass; XLA:CPU
+# runs the depthwise convolution (feature_group_count = C) far slower (docs/benchmarks.md,
+# benchmarks/conv_ops.py).
 def _fir_axis_down(x, g, padding, axis):
     widths = [(padding, padding) if a == axis else (0, 0) for a in range(x.ndim)]
     x = jnp.pad(x, widths)
@@ -246,8 +246,8 @@ class GroupNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # Two passes as above, each reduced per channel over the spatial axes first (C stays the
         # contiguous axis) and then over the group's channels; the normalisation and the affine
-        # are then one multiply-add per element. On XLA:CPU this ran 1.6-3.7x faster than
-        # reducing a (..., G, C/G) view (docs/benchmarks.md, "The conv nets").
+        # are then one multiply-add per element. XLA:CPU runs this faster than reductions over
+        # a (..., G, C/G) view (docs/benchmarks.md, "The conv nets").
         b, c, g = x.shape[0], x.shape[-1], self.num_groups
         spatial = tuple(range(1, x.ndim - 1))
         n = math.prod(x.shape[1:-1]) * (c // g)
