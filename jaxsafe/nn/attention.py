@@ -20,9 +20,9 @@
 ``"auto"`` (the default) uses cuDNN on a GPU where it supports the dtype and width, the chunked
 form on the host (XLA:CPU) once both ``T_q`` and ``T_k`` reach ``CHUNKED_MIN_TOKENS`` (about
 the crossover measured there, docs/benchmarks.md; cross-attention over 77 text tokens stays with
-XLA's), and XLA's otherwise: on TPUs and GPUs a sequential loop over tiles would idle the chip. Logits,
-softmax and the backward's ``P``/``dS`` are float32 also for bfloat16 inputs, as with diffusers'
-``upcast_attention``/``upcast_softmax``.
+XLA's), and XLA's otherwise: on TPUs and GPUs a sequential loop over tiles would idle the chip.
+Logits, softmax and the backward's ``P``/``dS`` are float32 also for bfloat16 inputs, as with
+diffusers' ``upcast_attention``/``upcast_softmax``.
 """
 
 from __future__ import annotations
