@@ -18,9 +18,11 @@ import numpy as np
 
 
 def uce_edit(kernels, erase_rows, guide_rows, preserve_rows=None, *, lam=0.5, erase_scale=1.0,
-             preserve_scale=1.0):
+             preserve_scale=1.0, prompt_rows=None):
     """UCE on Flax-layout kernels (name -> (d_in, d_out) arrays); returns the new kernels as
-    NumPy arrays, same layout, for comparison with ``jaxsafe.erasure.closed_form.uce_edit``."""
+    NumPy arrays, same layout, for comparison with ``jaxsafe.erasure.closed_form.uce_edit``.
+    ``preserve_rows`` are taken ``prompt_rows`` at a time (one prompt's token rows, as the
+    authors loop; default: the erased prompt's row count); the sums do not depend on it."""
     import torch
 
     with torch.no_grad():
@@ -35,7 +37,7 @@ def uce_edit(kernels, erase_rows, guide_rows, preserve_rows=None, *, lam=0.5, er
             mat1 += erase_scale * (v[:, :, None] @ c_e[:, None, :]).sum(0)
             mat2 += erase_scale * (c_e[:, :, None] @ c_e[:, None, :]).sum(0)
             # The authors loop over the preserved prompts, one prompt's token rows at a time.
-            for rows in ([] if c_p is None else torch.split(c_p, len(c_e))):
+            for rows in ([] if c_p is None else torch.split(c_p, prompt_rows or len(c_e))):
                 v_p = rows @ w.T
                 mat1 += preserve_scale * (v_p[:, :, None] @ rows[:, None, :]).sum(0)
                 mat2 += preserve_scale * (rows[:, :, None] @ rows[:, None, :]).sum(0)
