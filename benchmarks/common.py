@@ -10,6 +10,12 @@ import numpy as np
 
 
 def machine() -> str:
+    """The machine line every benchmark prints first. It also retains freed host memory, as
+    the launchers do (jaxsafe.host_memory), so that every arm, the PyTorch reference
+    included, runs under the allocator settings a launcher uses."""
+    from jaxsafe import host_memory
+
+    retained = host_memory.retain()
     dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     try:
@@ -20,7 +26,8 @@ def machine() -> str:
     import os
 
     return (f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), host: {os.cpu_count()} cores "
-            f"{cpu}, jax {jax.__version__}")
+            f"{cpu}, jax {jax.__version__}, freed host memory "
+            f"{'retained' if retained else 'returned (glibc defaults)'}")
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:

@@ -2,11 +2,12 @@ r"""Training and sampling throughput of the PFGM++ / EDM SongUNet (DDPM++ CIFAR-
 
     python -m benchmarks.diffusion [--config=configs/pfgmpp/cifar10_d128.py] [--variant=paper] \
         [--batch_sizes=4,8] [--sample_batch=4] [--steps=3] [--k=1,8] [--lowering=auto] \
-        [--reference]
+        [--augment=0.12] [--reference]
 
 Training: one full optimizer step of the experiment (PFGM++ loss, Adam with warm-up, nan_to_num,
 EMA update), jitted by the trainer's `compile_train_step`, on a synthetic batch of the config's
-image shape; per batch size and steps per call K (lowered as the trainer lowers them,
+image shape, with EDM's augmentation at probability ``--augment`` (default 0, as the PyTorch
+reference arm, which has no augmentation pipeline); per batch size and steps per call K (lowered as the trainer lowers them,
 ``--lowering``; the K's timed in turn) it prints compile time, images/s, XLA's planned peak
 memory and the achieved FLOP/s (cost analysis of the step × steps/s) against the measured f32
 matmul peak.
@@ -31,6 +32,8 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per measurement (after on
 _K = flags.DEFINE_list("k", ["1"], "Training steps per compiled call, one row each.")
 _LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
                               "How K > 1 steps run (jaxsafe.train.loop.lowering).")
+_AUGMENT = flags.DEFINE_float("augment", 0.0, "EDM's augmentation probability in the step "
+                               "(0: off, as in the PyTorch reference arm).")
 _REFERENCE = flags.DEFINE_bool("reference", False, "Also time the authors' training step and Heun "
                                "sampler in PyTorch (benchmarks/reference/diffusion.py) in turn "
                                "with jaxsafe's, and print the ratio.")
@@ -68,6 +71,10 @@ def main(argv):
     from jaxsafe.diffusion import image_model
 
     config = load_config(_CONFIG.value, _VARIANT.value)
+    if _REFERENCE.value and _AUGMENT.value:
+        raise app.UsageError("--reference times the step without augmentation: --augment=0")
+    with config.unlocked():
+        config.augment.p = _AUGMENT.value
     mesh = parallel.make_mesh()
     peak = matmul_peak_flops()
     model = image_model.build_model(config)
@@ -76,7 +83,7 @@ def main(argv):
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"machine: {machine()}")
     print(f"config: {_CONFIG.value}:{_VARIANT.value}  image {shape}  D={config.pfgmpp.D}  "
-          f"params {n_params:,}")
+          f"augment p={config.augment.p}  params {n_params:,}")
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
 
     kwargs = image_model.songunet_kwargs(config)

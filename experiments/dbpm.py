@@ -158,6 +158,7 @@ def make_loss_fn(graphdef, config, mesh):
     t = config.temperature
     cfg = dbpm_config(config)
     aug = config.augment
+    variant = augment.variant_kwargs(aug.variant)
     faulty_views = config.bad_pairs.faulty_fraction > 0
     if mesh.size > 1:
         per_pair = functools.partial(ntxent_per_pair_sharded, temperature=t, mesh=mesh)
@@ -167,9 +168,11 @@ def make_loss_fn(graphdef, config, mesh):
     def loss_fn(params, frozen, extra, batch, rng):
         k_weak, k_strong, k_destroy = jax.random.split(rng, 3)
         x = batch["x"]
-        u = augment.weak(k_weak, x, scale_sigma=aug.scale_sigma)
+        u = augment.weak(k_weak, x, scale_sigma=aug.scale_sigma,
+                         scale_mean=variant["scale_mean"], per_timestep=aug.per_timestep)
         v = augment.strong(k_strong, x, jitter_sigma=aug.jitter_sigma,
-                           max_segments=aug.max_segments)
+                           max_segments=variant["max_segments"],
+                           min_segments=variant["min_segments"])
         if faulty_views:
             v = jnp.where(batch["faulty"][:, None, None],
                           destroy_signal(k_destroy, x, config.bad_pairs.faulty_view), v)

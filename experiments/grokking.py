@@ -31,7 +31,7 @@ LOSSES = {"softmax": grokking.softmax_cross_entropy, "stablemax": grokking.stabl
 def load_data(cfg) -> dict:
     if cfg.name == "modular":
         return algorithmic.modular_arithmetic(p=cfg.p, op=cfg.op, train_fraction=cfg.train_fraction,
-                                              seed=cfg.seed)
+                                              seed=cfg.seed, first_operand=cfg.first_operand)
     if cfg.name == "sparse_parity":
         return algorithmic.sparse_parity(n=cfg.n, k=cfg.k, num_train=cfg.num_train,
                                          num_test=cfg.num_test, seed=cfg.seed)
@@ -93,8 +93,20 @@ def loss_dtype(name: str):
     return {"float32": jnp.float32, "float64": jnp.float64}[name]
 
 
+def sc_dtype(loss_cfg):
+    """The dtype Softmax Collapse is measured in: ``loss.sc_dtype``, a dtype name or "loss"
+    (the loss's own dtype). The reference measures it at ``--softmax_precision`` (default 32),
+    which is also the loss's precision for softmax but not for StableMax (always float64)."""
+    name = loss_cfg.sc_dtype
+    if name == "loss":
+        return loss_dtype(loss_cfg.dtype)
+    if name not in ("float32", "float64"):
+        raise ValueError(f"loss.sc_dtype={name!r}; expected 'float32', 'float64' or 'loss'")
+    return loss_dtype(name)
+
+
 def make_loss_fn(graphdef, config):
-    dtype = loss_dtype(config.loss.dtype)
+    dtype, collapse_dtype = loss_dtype(config.loss.dtype), sc_dtype(config.loss)
     cross_entropy = functools.partial(LOSSES[config.loss.name], dtype=dtype)
 
     def loss_fn(params, frozen, extra, batch, rng):
@@ -107,7 +119,7 @@ def make_loss_fn(graphdef, config):
         correct = (jnp.argmax(logits, -1) == batch["y"]) * mask
         metrics = {
             "accuracy": jnp.sum(correct) / n,
-            "sc_fraction": grokking.softmax_collapse_fraction(logits, dtype, mask=mask),
+            "sc_fraction": grokking.softmax_collapse_fraction(logits, collapse_dtype, mask=mask),
             "zero_loss_fraction": grokking.zero_loss_fraction(per_example, mask=mask),
         }
         return loss.astype(jnp.float32), (metrics, extra)
@@ -116,7 +128,7 @@ def make_loss_fn(graphdef, config):
 
 
 def make_evaluator(graphdef, config, data: dict):
-    dtype = loss_dtype(config.loss.dtype)
+    dtype, collapse_dtype = loss_dtype(config.loss.dtype), sc_dtype(config.loss)
     cross_entropy = functools.partial(LOSSES[config.loss.name], dtype=dtype)
 
     @jax.jit
@@ -126,7 +138,7 @@ def make_evaluator(graphdef, config, data: dict):
         logits = model(x)
         return {"loss": jnp.mean(cross_entropy(logits, y)).astype(jnp.float32),
                 "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-                "sc_fraction": grokking.softmax_collapse_fraction(logits, dtype)}
+                "sc_fraction": grokking.softmax_collapse_fraction(logits, collapse_dtype)}
 
     def run(state):
         out = {}

@@ -18,9 +18,10 @@ averaged over the batch (EDM's `loss.sum() / batch_size`). The training loop fol
   The EMA lives in `TrainState.extra['ema']`, is updated in `Task.after_update` and checkpointed
   with the run, so a resumed run's EMA equals an uninterrupted one's.
 
-Not implemented: EDM's non-leaky augmentation pipeline (`--augment=0.12/0.15`, with the network's
-`augment_dim = 9` conditioning); the configs set augment_dim = 0 and say so. Class-conditional
-models get one-hot labels (`data.cond`).
+With `augment.p > 0` (the paper configs: EDM's `--augment=0.12`, 0.15 on FFHQ) each clean image
+passes through EDM's non-leaky augmentation (`jaxsafe.diffusion.augment`), the loss's target is
+the augmented image and the network gets its 9 labels (`augment_dim = 9`); sampling passes none.
+Class-conditional models get one-hot labels (`data.cond`).
 
 Evaluators: `samples` draws `eval.num_samples` images with the EMA weights (`eval.use_ema`) and
 the Heun sampler from the PFGM++ prior of the same D, and returns a grid image; with
@@ -38,7 +39,7 @@ import optax
 from flax import nnx
 
 from jaxsafe.data import images
-from jaxsafe.diffusion import edm, pfgmpp
+from jaxsafe.diffusion import augment, edm, pfgmpp
 from jaxsafe.diffusion import image_model as im
 from jaxsafe.nn import songunet
 from jaxsafe.parallel import fetch
@@ -81,13 +82,18 @@ def load_source(cfg):
 def make_loss_fn(graphdef, config):
     p = config.pfgmpp
     D = im.augmentation_dim(p.D)
+    aug_p = im.augment_p(config)
 
     def loss_fn(params, frozen, extra, batch, rng):
         model = nnx.merge(graphdef, params, frozen)
-        k_loss, k_dropout = jax.random.split(rng)
-        denoiser = im.make_denoiser(model, p.sigma_data, nnx.Rngs(dropout=k_dropout))
+        k_loss, k_dropout, k_aug = jax.random.split(rng, 3)
+        images, labels = batch["image"], None
+        if aug_p > 0:
+            keys = jax.random.split(k_aug, images.shape[0])
+            images, labels = jax.vmap(lambda k, x: augment.augment(k, x, aug_p))(keys, images)
+        denoiser = im.make_denoiser(model, p.sigma_data, nnx.Rngs(dropout=k_dropout), labels)
         per_example = pfgmpp.denoising_loss(
-            denoiser, batch["image"], k_loss, D=D, P_mean=p.P_mean, P_std=p.P_std,
+            denoiser, images, k_loss, D=D, P_mean=p.P_mean, P_std=p.P_std,
             sigma_data=p.sigma_data, class_labels=im.one_hot(batch.get("label"), config))
         return jnp.mean(per_example), ({}, extra)
 

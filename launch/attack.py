@@ -179,6 +179,9 @@ def run(config, model: str, original: str, prompts_path: str, judge_spec: str, o
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxsafe import host_memory
+
+    host_memory.retain()  # XLA's temporaries stay mapped between calls
     try:
         summary = run(_CONFIG.value, _MODEL.value, _ORIGINAL.value, _PROMPTS.value,
                       _JUDGE.value, _OUT.value, _PAIRS.value, _COMPOSITIONS.value)

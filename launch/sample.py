@@ -101,6 +101,9 @@ def main(argv):
     from jaxsafe.train.metrics import quiet_orbax
 
     quiet_orbax()
+    from jaxsafe import host_memory
+
+    host_memory.retain()  # XLA's temporaries stay mapped between calls
     sample_workdir(_WORKDIR.value, _CONFIG.value, num=_NUM.value, batch=_BATCH.value, D=_D.value,
                    steps=_STEPS.value, alphas=_ALPHA.value, bits=_BITS.value,
                    use_ema=not _NO_EMA.value, step=_CKPT_STEP.value, seed=_SEED.value,

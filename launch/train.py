@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxsafe import compilation_cache as cache
+from jaxsafe import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -43,6 +44,7 @@ def main(argv):
     from jaxsafe.parallel import is_primary
 
     cache.enable_or_exit(_CACHE.value)
+    host_memory.retain()  # XLA's temporaries stay mapped between calls
 
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

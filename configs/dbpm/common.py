@@ -1,11 +1,12 @@
 """Shared pieces of the DBPM configs (Lan et al., ICLR 2024; reference config/config_ecg.yaml).
 
 Paper / reference values: SimCLR with the ResNet-34-style 1-D encoder (final fc to 256), a
-projection head 256 -> 512 -> 256, NT-Xent with t = 0.2, the TS-TCC augmentations (scaling
-sigma 1.1; permutation into up to 8 segments + jitter sigma 0.8), Adam lr 3e-4, batch 512,
-80 epochs of which the first 50 are DBPM's warm-up, thresholds beta_np = 2, beta_fp = 3 (run.sh:
---cutnp 2 --cutfp 3), DBPM's plain-mean memory statistic (`mode='mean'`, the paper's equation;
-'epoch_weighted' is the reference code's variant), 5 seeds in the paper.
+projection head 256 -> 512 -> 256, NT-Xent with t = 0.2, the authors' augmentations
+(`augment.variant='dbpm'`, dataset.py: scaling N(1, 1.1^2) per time step; permutation into 2..8
+segments + jitter sigma 0.8; 'ts_tcc' is TS-TCC's: mean 2, 1..7 segments), Adam lr 3e-4, batch
+512, 80 epochs of which the first 50 are DBPM's warm-up, thresholds beta_np = 2, beta_fp = 3
+(run.sh: --cutnp 2 --cutfp 3), the reference code's epoch-weighted memory statistic
+(`mode='epoch_weighted'`; 'mean' is the paper's equation), 5 seeds in the paper.
 
 Variants of every setting (`--config=configs/dbpm/<setting>.py:<arg>`):
   (none) / paper  the paper's hyper-parameters on that dataset;
@@ -40,11 +41,11 @@ def base(arg: str | None) -> ml_collections.ConfigDict:
                   task="diagnostic", resplit=0.0, standardize=True, seed=0)
     c.model = dict(name="resnet34", widths=(64,), blocks=(1,), features=256, head_hidden=512,
                    head_out=256)
-    c.augment = dict(scale_sigma=1.1, jitter_sigma=0.8, max_segments=8)
+    c.augment = dict(variant="dbpm", scale_sigma=1.1, jitter_sigma=0.8, per_timestep=True)
     c.temperature = 0.2
     c.batch_size = 512
     c.epochs = 80
-    c.dbpm = dict(enabled=True, warmup=50, beta_np=2.0, beta_fp=3.0, mode="mean",
+    c.dbpm = dict(enabled=True, warmup=50, beta_np=2.0, beta_fp=3.0, mode="epoch_weighted",
                   normalized=False)
     c.bad_pairs = dict(noisy_fraction=0.0, faulty_fraction=0.0, faulty_view="shuffle", seed=0)
     c.optimizer = dict(lr=3e-4)

@@ -23,11 +23,14 @@ def base(arg: str | None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.experiment = "grokking"
     c.variant = arg
-    c.data = dict(name="modular", p=113, op="add", train_fraction=0.4, seed=42,
+    # first_operand 0: all p*p pairs (the reference's MLP data); its transformer data uses 1..p-1.
+    c.data = dict(name="modular", p=113, op="add", train_fraction=0.4, seed=42, first_operand=0,
                   n=43, k=3, num_train=1000, num_test=1000)
     c.model = dict(name="mlp", hidden=(200, 200), use_bias=False, alpha=1.0,
                    d_model=128, num_heads=4, dim_feedforward=2048, dropout=0.1)
-    c.loss = dict(name="softmax", dtype="float32")
+    # sc_dtype: Softmax Collapse is measured at the reference's --softmax_precision (default 32)
+    # whatever the loss dtype; "loss" measures it in the loss's dtype.
+    c.loss = dict(name="softmax", dtype="float32", sc_dtype="float32")
     c.optimizer = dict(name="adamw", lr=0.01, b1=0.9, b2=0.99, eps=1e-25, weight_decay=0.0,
                        momentum=0.0, perp=ml_collections.FieldReference(None, field_type=str),
                        perp_rescale=True)

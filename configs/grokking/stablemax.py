@@ -1,5 +1,8 @@
 """StableMax cross-entropy (float64), no weight decay (paper Fig. 1): groks without regularisation.
 
+Softmax Collapse is measured in float32, as the reference's default `--softmax_precision 32`
+does for this run (its StableMax always computes in float64).
+
 lr 0.01, betas (0.9, 0.999), eps 1e-25, 80,000 full-batch steps (Fig. 4: 100,000; arg
 `product` gives the product-mod-113 run of Fig. 4). `cpu`: 5,000 steps.
 """

@@ -7,8 +7,9 @@ ramp-up ratio 0.05, dropout 0.13, 200 Mimg of training, DDPM++ (model_channels 1
 channel_mult (2, 2, 2), 4 blocks per resolution, attention at 16×16, positional embedding,
 (1, 1) resampling filter), P_mean −1.2, P_std 1.2, σ_data 0.5; Heun sampling with 18 steps
 (NFE 35), σ ∈ [0.002, 80], ρ = 7 (40 steps on FFHQ-64). FFHQ-64: batch 256, lr 2e-4, dropout
-0.05, channel_mult (1, 2, 2, 2). Deviation: EDM's augmentation pipeline (p = 0.12 / 0.15, with
-augment_dim 9) is not implemented, so `augment_dim` is 0 here.
+0.05, channel_mult (1, 2, 2, 2); EDM's non-leaky augmentation with p = 0.12 (0.15 on FFHQ) and
+its 9 labels fed to the network (`augment_dim` 9). The cpu and smoke variants train without it
+(`augment.p = 0`: minutes on 8x8/16x16 digits, where flips and rotations change the digit).
 
 Variants of every setting (`--config=configs/pfgmpp/<setting>.py:<arg>`):
   (none) / paper  the paper's run;
@@ -49,6 +50,7 @@ def base(arg: str | None, D: float) -> ml_collections.ConfigDict:
                   resolution=32, channels=3, flip=False, cond=False, num_classes=10, seed=0)
     c.model = ddpmpp()
     c.pfgmpp = dict(D=float(D), P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    c.augment = dict(p=0.12)  # EDM's train.py --augment (0.15 on FFHQ)
     c.optimizer = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, lr_rampup_kimg=10_000.0,
                        grad_clip=0.0, nan_to_num=True)
     c.ema = dict(halflife_kimg=500.0, rampup_ratio=0.05)
@@ -75,6 +77,7 @@ def finish(c) -> ml_collections.ConfigDict:
     if c.variant == "paper":
         return c
     c.data.update(name="digits", split="all", resolution=16, flip=False)  # flips change digits
+    c.augment.p = 0.0
     c.eval.update(feature_net="digits", num_samples=256, batch_size=256, grid=100)
     c.sampler.num_steps = 18
     if c.variant == "cpu":

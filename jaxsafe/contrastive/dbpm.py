@@ -1,8 +1,9 @@
 """Dynamic Bad Pair Mining (DBPM): find and down-weight bad positive pairs.
 
 Lan, Yan, Hong & Feng, "Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair
-Mining Approach", ICLR 2024 (arXiv:2302.03357); reference code github.com/mqwfrog/DBPM
-(its trainer's ``memory_module`` dict and re-weighting loop). A plug-in with no learnable
+Mining Approach", ICLR 2024 (arXiv:2302.03357); the authors' code
+github.com/lanxiang1017/DynamicBadPairMining_ICLR24 (``models/dbpm_model.py``: the trainer's
+``memory_module`` dict and re-weighting loop). A plug-in with no learnable
 parameters on top of any per-pair contrastive loss ``L_(i,e)`` of pair ``(u_i, v_i)`` at epoch
 ``e`` (here :func:`jaxsafe.contrastive.ntxent_per_pair`).
 
@@ -12,7 +13,8 @@ mask, so it is a pytree of arrays carried, sharded and checkpointed with the tra
 
 **Identification.** At epoch ``e``, from the epochs before it,
 
-    m_(i,e) = 1/(e-1) sum_{e'=1}^{e-1} L_(i,e')             (paper: plain mean; mode='mean')
+    m_(i,e) = 1/(e-1) sum_{e'=1}^{e-1} (e'/E) L_(i,e')      (authors' code; mode='epoch_weighted')
+    m_(i,e) = 1/(e-1) sum_{e'=1}^{e-1} L_(i,e')             (paper's text: plain mean; mode='mean')
     mu_e    = 1/N sum_i m_(i,e)
     sigma_e = sqrt(1/N sum_i (m_(i,e) - mu_e)^2)            (population std, like np.std)
     noisy positive pair  (NP):  m_(i,e) <= t_np = mu_e - beta_np sigma_e
@@ -39,7 +41,7 @@ module's).
 
 Reference-code details and where this module differs:
 
-* ``mode='epoch_weighted'`` reproduces the reference's
+* ``mode='epoch_weighted'`` (the default) reproduces the reference's
   ``np.mean(np.array(v) * [(1 + k) / max_epochs for k in range(epoch)])``:
   ``m_i = 1/n_i sum_{e'<e} ((e'+1)/E) L_(i,e')``. The weights do *not* sum to one, so this is
   not a weighted average: ``m_i`` shrinks by about ``(e+1)/(2E)`` relative to the plain mean
@@ -87,7 +89,8 @@ class DBPMConfig:
       num_epochs: total training epochs ``E`` (80); the memory has one row per epoch.
       beta_np: noisy-pair threshold ``t_np = mu - beta_np sigma`` (2.0).
       beta_fp: faulty-pair threshold ``t_fp = mu + beta_fp sigma`` (3.0).
-      mode: ``'mean'`` (paper) or ``'epoch_weighted'`` (reference code), see module docstring.
+      mode: ``'epoch_weighted'`` (authors' code) or ``'mean'`` (paper's equation), see the
+        module docstring.
       normalized: use the peak-normalised Gaussian in (0, 1] instead of the density.
     """
 
@@ -95,7 +98,7 @@ class DBPMConfig:
     num_epochs: int = 80
     beta_np: float = 2.0
     beta_fp: float = 3.0
-    mode: str = "mean"
+    mode: str = "epoch_weighted"
     normalized: bool = False
 
     def __post_init__(self):
@@ -200,7 +203,7 @@ def _summary(memory: dict, epoch, mode: str):
     return m, mu, sigma, seen
 
 
-def statistics(memory: dict, epoch, mode: str = "mean"):
+def statistics(memory: dict, epoch, mode: str = "epoch_weighted"):
     """``(m (N,), mu_e, sigma_e)`` from the epochs before ``epoch``.
 
     ``m_i`` is the plain mean of instance ``i``'s recorded losses (``mode='mean'``, paper) or
@@ -214,7 +217,7 @@ def statistics(memory: dict, epoch, mode: str = "mean"):
 
 
 def flags(memory: dict, epoch, *, warmup: int = 50, beta_np: float = 2.0,
-          beta_fp: float = 3.0, mode: str = "mean"):
+          beta_fp: float = 3.0, mode: str = "epoch_weighted"):
     """Noisy and faulty pairs, ``(N,)`` bool each: ``m_i <= t_np`` and ``m_i >= t_fp``.
 
     ``t_np = mu_e - beta_np sigma_e``, ``t_fp = mu_e + beta_fp sigma_e``. All ``False`` while
@@ -234,7 +237,7 @@ def gaussian_weight(loss, mu, sigma, normalized: bool = False):
 
 
 def pair_weights(per_pair_loss, instance_ids, memory: dict, epoch, *, warmup: int = 50,
-                 beta_np: float = 2.0, beta_fp: float = 3.0, mode: str = "mean",
+                 beta_np: float = 2.0, beta_fp: float = 3.0, mode: str = "epoch_weighted",
                  normalized: bool = False):
     """DBPM weights ``w_(i,e)`` of a batch, ``(B,)``, stop-gradient; 1 for unflagged pairs.
 

@@ -68,17 +68,21 @@ def modular_arithmetic(
     op: str = "add",
     train_fraction: float = 0.4,
     seed: int = 0,
+    first_operand: int = 0,
 ) -> dict[str, Split]:
-    """All ``p*p`` equations ``a op b = c (mod p)``, shuffled and split.
+    """All equations ``a op b = c (mod p)`` with ``a, b`` in ``first_operand .. p-1``, shuffled
+    and split.
 
     Args:
       p: Modulus (the paper uses 113). Must be ``>= 2``.
       op: One of ``'add'``, ``'product'``, ``'subtract'``.
-      train_fraction: Fraction of the ``p*p`` pairs used for training, in
-        ``(0, 1)``. The train split has ``int(train_fraction * p * p)`` examples.
+      train_fraction: Fraction of the pairs used for training, in ``(0, 1)``. The
+        train split has ``int(train_fraction * number of pairs)`` examples.
         The paper's main runs use 0.4 (reference ``run_main_experiments.sh``;
         the reference argparse default is 0.3).
       seed: Seed of the ``numpy`` permutation used for the split.
+      first_operand: 0 (all ``p*p`` pairs, the reference's ``AlgorithmicDataset`` for the MLP)
+        or 1 (the ``(p-1)^2`` pairs of ``1 .. p-1``, its ``AlgorithmicDatasetTransformer``).
 
     Returns:
       ``{'train': {'x', 'y'}, 'test': {'x', 'y'}}`` where ``x`` is an ``int32``
@@ -93,11 +97,15 @@ def modular_arithmetic(
     if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 2:
         raise ValueError(f"p must be an integer >= 2, got {p!r}.")
     p = int(p)
-    total = p * p
+    if first_operand not in (0, 1):
+        raise ValueError(f"first_operand must be 0 or 1, got {first_operand!r}.")
+    n = p - first_operand
+    total = n * n
     n_train, _ = _split_sizes(total, train_fraction)
 
-    # a is the outer loop, b the inner one (index = a * p + b), as in the reference.
-    a, b = np.divmod(np.arange(total, dtype=np.int64), p)
+    # a is the outer loop, b the inner one (index = a * n + b), as in the reference.
+    a, b = np.divmod(np.arange(total, dtype=np.int64), n)
+    a, b = a + first_operand, b + first_operand
     y = np.mod(MODULAR_OPS[op](a, b), p)  # np.mod is non-negative for p > 0
     x = np.stack([a, b], axis=1).astype(np.int32)
     y = y.astype(np.int32)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsafe.data import images
-from jaxsafe.diffusion import edm, metrics, pfgmpp, samplers
+from jaxsafe.diffusion import augment, edm, metrics, pfgmpp, samplers
 from jaxsafe.nn import songunet
 from jaxsafe.parallel import fetch
 from jaxsafe.treepath import named_leaves, path_name
@@ -33,13 +33,21 @@ def num_classes(config) -> int:
     return config.data.num_classes if config.data.cond else 0
 
 
+def augment_p(config) -> float:
+    """EDM's augmentation probability ``config.augment.p`` (0, off, when the config has none)."""
+    aug = config.get("augment")
+    return float(aug.p) if aug is not None else 0.0
+
+
 def songunet_kwargs(config) -> dict:
-    """SongUNet's arguments from ``config.model`` and ``config.data`` (dtype and rngs apart)."""
+    """SongUNet's arguments from ``config.model`` and ``config.data`` (dtype and rngs apart);
+    ``augment_dim`` is EDM's 9 augmentation labels when ``config.augment.p > 0``."""
     m = config.model
     h, _, c = image_shape(config.data)
     return dict(
         img_resolution=h, in_channels=c, out_channels=c, label_dim=num_classes(config),
-        augment_dim=0, model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
+        augment_dim=augment.NUM_LABELS if augment_p(config) > 0 else 0,
+        model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
         channel_mult_emb=m.channel_mult_emb, num_blocks=m.num_blocks,
         attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
         label_dropout=m.label_dropout, embedding_type=m.embedding_type,
@@ -67,8 +75,9 @@ def one_hot(labels, config):
     return jax.nn.one_hot(labels, num_classes(config), dtype=jnp.float32)
 
 
-def make_denoiser(model, sigma_data: float, rngs: nnx.Rngs | None = None):
-    """D(x; σ, labels) = EDM's preconditioned `model` (dropout keys from `rngs`, if training).
+def make_denoiser(model, sigma_data: float, rngs: nnx.Rngs | None = None, augment_labels=None):
+    """D(x; σ, labels) = EDM's preconditioned `model` (dropout keys from `rngs`, if training;
+    `augment_labels` (B, 9) of EDM's augmentation, if training with it; None at sampling).
 
     As in EDM's `EDMPrecond`, `labels=None` on a class-conditional model means all-zero labels
     (the unconditional branch that label dropout trains), which classifier-free guidance uses.
@@ -76,7 +85,7 @@ def make_denoiser(model, sigma_data: float, rngs: nnx.Rngs | None = None):
     def F(x_in, c_noise, labels):
         if labels is None and model.label_dim:
             labels = jnp.zeros((x_in.shape[0], model.label_dim), x_in.dtype)
-        return model(x_in, c_noise, labels, rngs=rngs).astype(x_in.dtype)
+        return model(x_in, c_noise, labels, augment_labels, rngs=rngs).astype(x_in.dtype)
 
     return lambda x, sigma, labels: edm.denoise(F, x, sigma, labels, sigma_data=sigma_data)
 

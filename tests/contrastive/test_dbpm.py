@@ -1,7 +1,11 @@
 """DBPM memory, statistics, thresholds and weights against hand computations on a fixed history.
 
 The Gaussian weights are checked with ``scipy.stats.norm(mu, sd).pdf`` (what the reference code
-calls) and the epoch-weighted mean with the reference's formula written out in NumPy."""
+calls) and the epoch-weighted mean with the reference's formula written out in NumPy. The hand
+computations use the paper's plain mean (``mode='mean'``, bound below); the default,
+epoch-weighted mode has its own tests."""
+
+import functools
 
 import chex
 import jax
@@ -11,15 +15,11 @@ import pytest
 from scipy.stats import norm
 
 from jaxsafe.contrastive import dbpm
-from jaxsafe.contrastive.dbpm import (
-    DBPMConfig,
-    flags,
-    init_memory,
-    pair_weights,
-    record,
-    reweight,
-    statistics,
-)
+from jaxsafe.contrastive.dbpm import DBPMConfig, init_memory, record, reweight
+
+flags = functools.partial(dbpm.flags, mode="mean")
+pair_weights = functools.partial(dbpm.pair_weights, mode="mean")
+statistics = functools.partial(dbpm.statistics, mode="mean")
 
 # Losses of N = 8 instances in epochs 0 and 1 (of E = 4). Per-instance plain means:
 # m = [1, 2, 2, 2, 2, 2, 2, 5]: mu = 18/8 = 2.25,
@@ -97,6 +97,13 @@ class MemoryTest(chex.TestCase):
 
 
 class StatisticsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_default_is_the_epoch_weighted_mean(self):
+        # The authors' code: m_i = mean_e ((e + 1) / E) L_(i,e); instance 1 (losses 1, 3):
+        # (1/4 + 6/4) / 2 = 0.875.
+        m, _, _ = self.variant(dbpm.statistics)(_memory(), 2)
+        np.testing.assert_allclose(m[1], 0.875, rtol=1e-6, atol=0)  # exact: 7 / 8
+
     @chex.variants(with_jit=True, without_jit=True)
     def test_plain_mean_matches_hand_computation(self):
         m, mu, sigma = self.variant(statistics)(_memory(), 2)
@@ -240,7 +247,7 @@ class FlagsAndWeightsTest(chex.TestCase):
 class ReweightTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_reweight_loss_memory_and_metrics(self):
-        cfg = DBPMConfig(warmup=2, num_epochs=E, beta_np=1.0, beta_fp=2.0)
+        cfg = DBPMConfig(warmup=2, num_epochs=E, beta_np=1.0, beta_fp=2.0, mode="mean")
         mem = _memory()
         ids = np.array([7, 3, 0, 5], np.int32)
         loss = np.array([4.0, 1.0, 0.3, 2.6], np.float32)
@@ -257,7 +264,7 @@ class ReweightTest(chex.TestCase):
                                    atol=5e-7)
 
     def test_reweight_ignores_padding_rows(self):
-        cfg = DBPMConfig(warmup=2, num_epochs=E, beta_np=1.0, beta_fp=2.0)
+        cfg = DBPMConfig(warmup=2, num_epochs=E, beta_np=1.0, beta_fp=2.0, mode="mean")
         ids = np.array([7, 3, 0, 5], np.int32)
         loss = np.array([4.0, 1.0, 0.3, 2.6], np.float32)
         valid = np.array([True, True, False, False])
@@ -271,8 +278,8 @@ class ReweightTest(chex.TestCase):
     def test_config_defaults_and_validation(self):
         cfg = DBPMConfig()
         assert (cfg.warmup, cfg.num_epochs, cfg.beta_np, cfg.beta_fp, cfg.mode,
-                cfg.normalized) == (50, 80, 2.0, 3.0, "mean", False)
-        assert cfg.kwargs() == dict(warmup=50, beta_np=2.0, beta_fp=3.0, mode="mean")
+                cfg.normalized) == (50, 80, 2.0, 3.0, "epoch_weighted", False)
+        assert cfg.kwargs() == dict(warmup=50, beta_np=2.0, beta_fp=3.0, mode="epoch_weighted")
         with pytest.raises(ValueError, match=r"mode='weighted'; expected one of"):
             DBPMConfig(mode="weighted")
         with pytest.raises(ValueError, match=r"warmup=90; expected 0 <= warmup <= num_epochs=80"):

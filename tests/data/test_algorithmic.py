@@ -79,6 +79,21 @@ def test_modular_errors():
         modular_arithmetic(p=2, train_fraction=0.1)  # int(0.4) == 0 train examples
 
 
+def test_modular_operands_from_one():
+    # The reference's AlgorithmicDatasetTransformer: every (a, b) with 1 <= a, b <= p - 1 once.
+    p = 7
+    d = modular_arithmetic(p=p, op="add", train_fraction=0.5, seed=3, first_operand=1)
+    x = np.concatenate([d["train"]["x"], d["test"]["x"]])
+    y = np.concatenate([d["train"]["y"], d["test"]["y"]])
+    pairs = sorted(map(tuple, x.tolist()))
+    assert pairs == [(a, b) for a in range(1, p) for b in range(1, p)]
+    assert len(d["train"]["y"]) == int(0.5 * 36)
+    for (a, b), c in zip(x.tolist(), y.tolist()):
+        assert c == (a + b) % p
+    with pytest.raises(ValueError, match=r"first_operand must be 0 or 1, got 2"):
+        modular_arithmetic(p=p, first_operand=2)
+
+
 def test_one_hot_operands():
     x = np.array([[0, 0], [3, 4], [4, 1]], dtype=np.int32)
     oh = one_hot_operands(x, 5)

@@ -47,6 +47,7 @@ def test_the_cifar10_network_has_jaxsafes_parameter_count():
     from jaxsafe.diffusion import image_model
 
     config = load_config("configs/pfgmpp/cifar10_d128.py:paper")
+    config.augment.p = 0.0  # the reference arm has no augmentation pipeline (map_augment)
     kwargs = image_model.songunet_kwargs(config)
     ours = nnx.eval_shape(lambda: image_model.build_model(config))
     count = sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))

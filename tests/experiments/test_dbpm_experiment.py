@@ -26,7 +26,9 @@ def test_paper_configs_hold_the_paper_values(setting):
     assert c.optimizer.lr == 3e-4 and c.temperature == 0.2
     assert (c.model.name, c.model.features, c.model.head_hidden, c.model.head_out) == (
         "resnet34", 256, 512, 256)
-    assert (c.augment.scale_sigma, c.augment.jitter_sigma, c.augment.max_segments) == (1.1, 0.8, 8)
+    assert (c.augment.variant, c.augment.scale_sigma, c.augment.jitter_sigma,
+            c.augment.per_timestep) == ("dbpm", 1.1, 0.8, True)
+    assert c.dbpm.mode == "epoch_weighted"
 
 
 def test_cpu_variant_scales_the_warmup_with_the_run():

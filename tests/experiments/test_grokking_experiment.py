@@ -15,6 +15,7 @@ import pytest
 from experiments import grokking, run_experiment
 from jaxsafe import parallel, train
 from jaxsafe.data import one_hot_operands
+from jaxsafe.grokking import softmax_collapse_fraction
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ["adamw", "perp_adamw", "softmax_float32", "softmax_float64", "stablemax",
@@ -45,6 +46,27 @@ def test_paper_configs_hold_the_paper_values(setting):
     assert (c.loss.name, c.loss.dtype) == want["loss"]
     assert (c.data.p, c.data.op, c.data.train_fraction) == (113, "add", 0.4)
     assert o.perp == ("per_tensor" if setting == "perp_adamw" else None)
+    # Softmax Collapse at the reference's --softmax_precision: 64 only in the float64 softmax
+    # run; StableMax runs at the default 32. The transformer's data start at operand 1.
+    assert c.loss.sc_dtype == ("float64" if setting == "softmax_float64" else "float32")
+    assert c.data.first_operand == (1 if setting == "weight_decay" else 0)
+
+
+def test_softmax_collapse_is_measured_in_the_configured_dtype():
+    # Logits with a gap of 20: exp(-20) = 2.1e-9 is below float32's half-ulp of 1 (6e-8), so the
+    # row collapses in float32 but not in float64.
+    logits = np.zeros((4, 5), np.float32)
+    logits[:, 0] = 20.0
+    with jax.enable_x64(True):
+        for sc, want in (("float32", 1.0), ("float64", 0.0), ("loss", 0.0)):
+            c = config("stablemax", "smoke")
+            c.loss.sc_dtype = sc
+            dtype = grokking.sc_dtype(c.loss)
+            assert float(softmax_collapse_fraction(logits, dtype)) == want
+    c.loss.sc_dtype = "float16"
+    with pytest.raises(ValueError, match=r"loss.sc_dtype='float16'; expected 'float32', "
+                                         r"'float64' or 'loss'"):
+        grokking.sc_dtype(c.loss)
 
 
 def test_padded_full_batch_loss_equals_unpadded_mean():

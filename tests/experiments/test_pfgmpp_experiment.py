@@ -274,6 +274,20 @@ def test_class_conditional_smoke_feeds_one_hot_labels():
                                                             "label": batch["label"][:8]}, jax.random.key(0))
 
 
+def test_augmentation_labels_reach_the_network():
+    # augment.p > 0: a 9-label map_augment layer, and the loss depends on it (its gradient is
+    # non-zero); p = 0 builds none. The smoke U-Net has no dropout-free path to compare, so the
+    # check is the gradient, which is exactly 0 if the labels never reach the embedding.
+    c = config("cifar10_d128")
+    c.augment.p = 1.0
+    task = pfgmpp.build(c, parallel.make_mesh())
+    assert task.params["map_augment"]["kernel"].shape == (9, c.model.model_channels)
+    grads = jax.grad(lambda p: task.loss_fn(p, task.frozen, task.extra, task.train_data[0],
+                                            jax.random.key(0))[0])(task.params)
+    assert float(jnp.abs(grads["map_augment"]["kernel"]).sum()) > 0
+    assert "map_augment" not in pfgmpp.build(config("cifar10_d128"), parallel.make_mesh()).params
+
+
 @pytest.mark.slow
 def test_unconditional_branch_of_a_conditional_model_is_zero_labels():
     """EDMPrecond semantics: labels=None on a class-conditional net means all-zero labels, so
