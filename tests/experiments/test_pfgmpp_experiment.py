@@ -274,6 +274,7 @@ def test_class_conditional_smoke_feeds_one_hot_labels():
                                                             "label": batch["label"][:8]}, jax.random.key(0))
 
 
+@pytest.mark.slow  # 35 s, mostly compiling the augmented step's gradient
 def test_augmentation_labels_reach_the_network():
     # augment.p > 0: a 9-label map_augment layer, and the loss depends on it (its gradient is
     # non-zero); p = 0 builds none. The smoke U-Net has no dropout-free path to compare, so the
