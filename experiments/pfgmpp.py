@@ -27,7 +27,10 @@ Evaluators: `samples` draws `eval.num_samples` images with the EMA weights (`eva
 the Heun sampler from the PFGM++ prior of the same D, and returns a grid image; with
 `eval.feature_net = 'digits'` it also reports the Fréchet distance between the shipped digits
 classifier's features of the samples and of all 1,797 real digits (`fd`), next to the FD of the
-same number of real digits (`fd_real`, the floor set by the sample size).
+same number of real digits (`fd_real`, the floor set by the sample size); with
+`eval.feature_net = 'inception'` it reports the FID (`fid`) of the samples against the statistics
+file `eval.fid_ref` (`launch.fid_stats`), with the FID Inception of `eval.fid_weights` (empty:
+`$JAXSAFE_FID_INCEPTION`).
 """
 
 from __future__ import annotations
@@ -39,14 +42,14 @@ import optax
 from flax import nnx
 
 from jaxsafe.data import images
-from jaxsafe.diffusion import augment, edm, pfgmpp
+from jaxsafe.diffusion import augment, edm, fid, pfgmpp
 from jaxsafe.diffusion import image_model as im
-from jaxsafe.nn import songunet
+from jaxsafe.nn import inception, songunet
 from jaxsafe.parallel import fetch
 from jaxsafe.train import Task, split_model
 
 DATA_SOURCES = ("digits", "tfds", "folder")
-FEATURE_NETS = ("digits", "none")
+FEATURE_NETS = ("digits", "inception", "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +126,13 @@ def make_evaluator(graphdef, config):
     if ev.feature_net == "digits" and config.data.name != "digits":
         raise ValueError("eval.feature_net='digits' needs data.name='digits'")
     sample_fn = im.make_sample_fn(graphdef, config)
-    fd = None
+    fd = inception_fn = None
+    if ev.feature_net == "inception":  # both files checked now, not at the first evaluation
+        if not ev.get("fid_ref"):
+            raise ValueError("eval.feature_net='inception' needs eval.fid_ref (statistics of "
+                             "launch.fid_stats)")
+        fid.load_stats(ev.fid_ref)
+        inception_fn = fid.feature_fn(inception.load(ev.get("fid_weights") or None))
     if ev.feature_net == "digits":
         features, real, stats = im.digits_features(config.data.resolution)
         subset = np.random.default_rng(ev.seed).choice(len(real), ev.num_samples, replace=False)
@@ -144,6 +153,8 @@ def make_evaluator(graphdef, config):
             feats = np.concatenate([np.asarray(features(jnp.asarray(x[i:i + ev.batch_size])))
                                     for i in range(0, len(x), ev.batch_size)])
             out.update(fd=im.frechet_distance_to(stats, feats), fd_real=fd_real)
+        if inception_fn is not None:
+            out["fid"] = fid.fid(fid.features(inception_fn, x, ev.batch_size), ev.fid_ref)
         last.clear()
         last[step] = out
         return out

@@ -10,6 +10,10 @@ and `--bits` (post-training b-bit quantisation of the weights; 0 = full precisio
 `samples_a{α}_b{bits}.png` and `.npz` (`images` uint8 NHWC, `labels`) to `--out` (default
 `<workdir>/samples`), and, for digits models, prints the Fréchet distance on the digits
 classifier's features against all 1,797 real digits (`summary.json` holds the table).
+`--fid_ref=stats.npz` adds the FID of every setting against reference statistics of
+`launch.fid_stats` (or pytorch-fid's `--save-stats`), with the FID Inception of
+`--fid_weights` / `$JAXSAFE_FID_INCEPTION` (`launch.convert_fid_inception`); a missing file is
+one line on stderr and exit status 2 before anything is sampled.
 
 Quantisation follows PFGM++'s generate_quant.py: only conv / linear kernels, excluding norms,
 the embedding `affine` layers, the mapping network and the layers at full image resolution.
@@ -19,16 +23,19 @@ D defaults to the trained one; sampling a D-trained model with another D is allo
 import itertools
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints, config.json).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: <workdir>/config.json).",
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Config file (default: <workdir>/config.json).",
                                           lock_config=True)
 _NUM = flags.DEFINE_integer("num", 64, "Samples per setting.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Sampling batch size.")
-_D = flags.DEFINE_float("D", None, "Augmentation dimension for sampling (inf = EDM); default: trained D.")
+_D = flags.DEFINE_float("D", None,
+                        "Augmentation dimension for sampling (inf = EDM); default: trained D.")
 _STEPS = flags.DEFINE_integer("steps", None, "Heun steps (default: config.sampler.num_steps).")
 _ALPHA = flags.DEFINE_list("alpha", ["0"], "Noise-injection strengths α.")
 _BITS = flags.DEFINE_list("bits", ["0"], "Weight quantisation bits (0 = none).")
@@ -36,6 +43,11 @@ _NO_EMA = flags.DEFINE_bool("no_ema", False, "Use the raw weights instead of the
 _CKPT_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/samples).")
+_FID_REF = flags.DEFINE_string("fid_ref", None, "FID reference statistics (.npz of "
+                               "launch.fid_stats or pytorch-fid): adds each setting's FID.")
+_FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "FID Inception safetensors "
+                                   "(default: $JAXSAFE_FID_INCEPTION).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -52,14 +64,26 @@ def quantizable(resolution: int):
 
 def sample_workdir(workdir: str, config=None, *, num: int = 64, batch: int = 256, D=None,
                    steps: int | None = None, alphas=(0.0,), bits=(0,), use_ema: bool = True,
-                   step: int | None = None, seed: int = 0, out: str | None = None) -> list[dict]:
-    """Samples every (α, bits) combination; returns one row per combination (see module doc)."""
+                   step: int | None = None, seed: int = 0, out: str | None = None,
+                   fid_ref: str | None = None, fid_weights: str | None = None) -> list[dict]:
+    """Samples every (α, bits) combination; returns one row per combination (see module doc).
+
+    With ``fid_ref`` each row also has ``fid``: the FID Inception's distance of the samples to
+    those statistics (weights from ``fid_weights`` or ``$JAXSAFE_FID_INCEPTION``).
+    """
     import jax
     import numpy as np
 
     from jaxsafe.data import images
     from jaxsafe.diffusion import image_model, quantize_params
 
+    inception_fn = None
+    if fid_ref:  # both files are checked before any sampling
+        from jaxsafe.diffusion import fid
+        from jaxsafe.nn import inception
+
+        fid.load_stats(fid_ref)
+        inception_fn = fid.feature_fn(inception.load(fid_weights))
     config = image_model.load_config(workdir, config)
     graphdef, params, frozen, ckpt_step = image_model.load_model(config, workdir, use_ema=use_ema,
                                                                  step=step)
@@ -81,15 +105,19 @@ def sample_workdir(workdir: str, config=None, *, num: int = 64, batch: int = 256
         x, labels = image_model.generate(sample_fn, p, frozen, jax.random.key(seed), num,
                                          min(batch, num), image_model.num_classes(config))
         name = os.path.join(out, f"samples_a{alpha:g}_b{b}")
-        images.save_png(name + ".png", images.image_grid(x[:100]), scale=4 if x.shape[1] <= 32 else 1)
+        images.save_png(name + ".png", images.image_grid(x[:100]),
+                        scale=4 if x.shape[1] <= 32 else 1)
         np.savez(name + ".npz", images=images.to_uint8(x), labels=labels)
-        row = dict(checkpoint_step=int(ckpt_step), D=float(D), steps=steps or config.sampler.num_steps,
-                   alpha=alpha, bits=b, ema=use_ema, num=num, png=name + ".png", npz=name + ".npz")
+        row = dict(checkpoint_step=int(ckpt_step), D=float(D),
+                   steps=steps or config.sampler.num_steps, alpha=alpha, bits=b, ema=use_ema,
+                   num=num, png=name + ".png", npz=name + ".npz")
         if fd is not None:
             row["fd"] = fd(x)
+        if inception_fn is not None:
+            row["fid"] = fid.fid(fid.features(inception_fn, x, min(batch, 64)), fid_ref)
         rows.append(row)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                       if k not in ("png", "npz")), flush=True)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items() if k not in ("png", "npz")), flush=True)
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
     return rows
@@ -104,10 +132,16 @@ def main(argv):
     from jaxsafe import host_memory
 
     host_memory.retain()  # XLA's temporaries stay mapped between calls
-    sample_workdir(_WORKDIR.value, _CONFIG.value, num=_NUM.value, batch=_BATCH.value, D=_D.value,
-                   steps=_STEPS.value, alphas=_ALPHA.value, bits=_BITS.value,
-                   use_ema=not _NO_EMA.value, step=_CKPT_STEP.value, seed=_SEED.value,
-                   out=_OUT.value)
+    try:
+        sample_workdir(_WORKDIR.value, _CONFIG.value, num=_NUM.value, batch=_BATCH.value,
+                       D=_D.value, steps=_STEPS.value, alphas=_ALPHA.value, bits=_BITS.value,
+                       use_ema=not _NO_EMA.value, step=_CKPT_STEP.value, seed=_SEED.value,
+                       out=_OUT.value, fid_ref=_FID_REF.value, fid_weights=_FID_WEIGHTS.value)
+    except (ValueError, FileNotFoundError) as e:
+        if _DEBUG.value:
+            raise
+        print(f"sample: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

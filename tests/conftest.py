@@ -73,3 +73,22 @@ def compile_log():
     """`with compile_log() as names:` collects the name of every XLA compilation (each jit cache
     miss, whether or not the persistent cache then supplies the executable) in the block."""
     return _count
+
+
+@pytest.fixture(scope="session")
+def random_fid_inception(tmp_path_factory):
+    """A randomly initialised FID Inception safetensors file, written as
+    launch.convert_fid_inception writes pytorch-fid's (torch names and layouts); its kernels
+    He-scaled (×√2 over NNX's LeCun init) so features stay O(1) through 94 ReLU layers."""
+    import numpy as np
+    from flax import nnx
+
+    from jaxsafe.nn import inception
+    from jaxsafe.weights import convert
+
+    path = tmp_path_factory.mktemp("inception") / "fid_inception.safetensors"
+    model = inception.FIDInceptionV3(rngs=nnx.Rngs(0))
+    params = {k: np.asarray(v) * (np.sqrt(2.0) if k.endswith("kernel") else 1.0)
+              for k, v in convert.model_params(model).items()}
+    convert.write_safetensors(convert.params_to_state_dict(params), path)
+    return str(path)

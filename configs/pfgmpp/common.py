@@ -55,8 +55,11 @@ def base(arg: str | None, D: float) -> ml_collections.ConfigDict:
                        grad_clip=0.0, nan_to_num=True)
     c.ema = dict(halflife_kimg=500.0, rampup_ratio=0.05)
     c.sampler = dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
-    # FID needs Inception weights (not available offline): paper runs log sample grids only.
-    c.eval = dict(num_samples=64, batch_size=64, grid=64, feature_net="none", use_ema=True, seed=0)
+    # FID needs the user's Inception weights and statistics (docs/diffusion.md, "FID"):
+    # --config.eval.feature_net=inception --config.eval.fid_ref=cifar10_train.npz
+    # --config.eval.num_samples=50000. Without them the paper runs log sample grids only.
+    c.eval = dict(num_samples=64, batch_size=64, grid=64, feature_net="none", use_ema=True, seed=0,
+                  fid_ref="", fid_weights="")
     c.train = dict(batch_size=512, num_steps=390_625,  # 200 Mimg / 512
                    steps_per_call=5, log_every=100, eval_every=10_000, checkpoint_every=5_000,
                    keep_checkpoints=3, seed=0, async_checkpointing=True, fsdp_min_size=2**14)

@@ -11,6 +11,7 @@ NNX leaf (shape)               PyTorch leaf (shape)               transform
 ``scale`` (Layer/GroupNorm)    ``weight``                         --
 ``embedding`` ``(V, D)``       ``weight`` ``(V, D)``              --
 ``bias``                       ``bias``                           --
+``mean`` / ``var`` (frozen BN)   ``running_mean`` / ``running_var``  --
 =============================  =================================  ==============================
 
 A Linear kernel may also be read from a ``(out, in, 1, 1)`` tensor (1x1-conv-shaped attention
@@ -36,7 +37,8 @@ __all__ = [
     "read_safetensors", "state_dict_to_params", "to_torch", "torch_key", "write_safetensors",
 ]
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+         "mean": "running_mean", "var": "running_var"}
 
 
 class CheckpointError(ValueError):

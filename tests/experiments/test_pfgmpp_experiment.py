@@ -3,6 +3,7 @@ a short offline training run (loss falls, FD evaluator), exact resume with the E
 sampling launcher (PNG/npz, noise injection, quantisation)."""
 
 import importlib
+import types
 
 import chex
 import jax
@@ -225,6 +226,43 @@ def test_sample_launcher_writes_grids_and_probes_robustness(trained, tmp_path):
     assert not np.array_equal(first[(0.0, 2)], first[(0.0, 0)])
     with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
         sample.sample_workdir(str(tmp_path), config=c)
+
+
+@pytest.mark.slow
+def test_inception_evaluator_and_sample_launcher_agree_on_fid(trained, tmp_path,
+                                                             random_fid_inception):
+    """Training's evaluator and launch.sample reach the same samples by different code: their
+    FIDs against one statistics file must agree."""
+    from jaxsafe.data import images
+    from jaxsafe.diffusion import fid
+    from jaxsafe.nn import inception
+    from launch import sample
+
+    c, workdir, _ = trained
+    ref = str(tmp_path / "digits.npz")
+    fn = fid.feature_fn(inception.load(random_fid_inception))
+    fid.save_stats(ref, *fid.source_stats(fn, images.digits(8)["image"][:64], 32), num=64,
+                   source="digits")
+    c = c.copy_and_resolve_references()
+    c.eval.update(feature_net="inception", fid_ref=ref, fid_weights=random_fid_inception)
+    task = pfgmpp.build(c, parallel.make_mesh())
+    step, tree = train.load_arrays(str(workdir / "checkpoints"))
+    ema = image_model.restore_like(task.params, tree["extra"]["ema"])
+    state = types.SimpleNamespace(step=jnp.asarray(step), extra={"ema": ema}, frozen=task.frozen,
+                                  params=None)
+    out = task.evaluators["samples"](state)
+    rows = sample.sample_workdir(str(workdir), num=c.eval.num_samples, batch=c.eval.batch_size,
+                                 seed=c.eval.seed, out=str(tmp_path / "s"), fid_ref=ref,
+                                 fid_weights=random_fid_inception)
+    assert rows[0]["checkpoint_step"] == step and rows[0]["fid"] > 1e-3
+    np.testing.assert_allclose(out["fid"], rows[0]["fid"], rtol=1e-4, atol=1e-6)
+
+
+def test_inception_evaluator_needs_a_statistics_file():
+    c = config()
+    c.eval.feature_net = "inception"
+    with pytest.raises(ValueError, match="eval.feature_net='inception' needs eval.fid_ref"):
+        pfgmpp.build(c, parallel.make_mesh())
 
 
 def test_quantisation_selects_the_reference_tensors():
