@@ -40,7 +40,7 @@ def _define_flags() -> None:
     global _CONFIG, _MODEL, _ORIGINAL, _PROMPTS, _JUDGE, _PAIRS, _COMPOSITIONS, _OUT, _DEBUG
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.",
                                               lock_config=False)
-    _MODEL = flags.DEFINE_string("model", None, "Attacked model folder or erasure workdir.")
+    _MODEL = flags.DEFINE_string("model", None, "Attacked model folder, hub id or erasure workdir.")
     _ORIGINAL = flags.DEFINE_string("original", "", "Unedited model (default: the shipped "
                                     "test bed).")
     _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file (prompt[<TAB>seed] per line).")

@@ -3,7 +3,8 @@
 Variants of each ``configs/erasure/<method>.py`` (``--config=configs/erasure/<method>.py:<arg>``):
 
 * no argument — the paper's setting on Stable Diffusion 1.4 (``--config.model.folder`` must name
-  a diffusers-layout SD 1.4 folder, e.g. a local copy of ``CompVis/stable-diffusion-v1-4``);
+  a diffusers-layout SD 1.4 folder or its hub id, ``CompVis/stable-diffusion-v1-4[@revision]``,
+  read from the hub cache or downloaded where the network allows: ``jaxsafe.weights.hub``);
 * ``cpu`` — the miniature test bed (``jaxsafe/data/assets/testbed_model``), erasing ``red``
   (its near concept: ``orange``), with the erasure metrics (docs/erasure.md); erase ``square``
   (synonym ``box``) instead with ``--config.concepts.erase='("square",)'``;

@@ -102,12 +102,15 @@ def _encode(text_encoder, ids):
     return text_encoder(ids)["last_hidden_state"]
 
 
-def load(folder: str | None = None) -> Pipeline:
-    """The pipeline in ``folder`` (default: the shipped test-bed model)."""
+def load(folder: str | None = None, *, revision: str | None = None,
+         variant: str | None = None) -> Pipeline:
+    """The pipeline in ``folder`` (default: the shipped test-bed model), a diffusers-layout folder
+    or a hub id ``org/name[@revision]`` (``jaxsafe.weights.hub.resolve``); ``variant`` picks
+    ``*.<variant>.safetensors`` weights (``fp16``)."""
     from jaxsafe.data.word_tokenizer import WordTokenizer
-    from jaxsafe.weights import diffusers
+    from jaxsafe.weights import diffusers, hub
 
-    folder = str(folder or SHIPPED_TESTBED)
+    folder = hub.resolve(str(folder or SHIPPED_TESTBED), revision=revision, variant=variant)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder {folder!r} not found: expected a diffusers-layout "
                                 "folder (a Stable Diffusion checkpoint or a test-bed export)")
@@ -116,7 +119,7 @@ def load(folder: str | None = None) -> Pipeline:
     index = json.loads(Path(folder, "model_index.json").read_text())
     testbed = "testbed_latent" in index
     parts = diffusers.load_pipeline(folder, components=("unet", "text_encoder")
-                                    + (() if testbed else ("vae", "tokenizer")))
+                                    + (() if testbed else ("vae", "tokenizer")), variant=variant)
     for name in ("unet", "text_encoder"):
         if name not in parts:
             raise FileNotFoundError(f"{folder}: no {name}/ component")

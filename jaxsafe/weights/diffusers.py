@@ -206,8 +206,11 @@ def load_pipeline(folder, *, components: Sequence[str] | None = None, variant: s
     Returns ``dict(unet=UNet2DConditionModel, vae=AutoencoderKL, text_encoder=CLIPTextModel,
     tokenizer=CLIPTokenizer, scheduler_config=dict, model_index=dict)``; components the folder
     lacks are absent (``components`` restricts the set further). Configs are ``model.config``.
+    ``folder`` may be a hub id ``org/name[@revision]`` (``jaxsafe.weights.hub.resolve``).
     """
-    folder = Path(folder)
+    from jaxsafe.weights import hub
+
+    folder = Path(hub.resolve(str(folder), variant=variant))
     if not folder.is_dir():
         raise FileNotFoundError(f"pipeline folder {str(folder)!r} not found")
     index = _read_json(folder / "model_index.json")
