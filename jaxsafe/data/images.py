@@ -167,7 +167,8 @@ class ImageFolderSource(Sequence):
 
 
 def tfds_source(name: str = "cifar10", split: str = "train", data_dir: str | None = None):
-    """``tfds.data_source(name, split=split, data_dir=data_dir)``: items ``{'image', 'label', 'id'}``.
+    """``tfds.data_source(name, split=split, data_dir=data_dir)``: items such as ``{'image',
+    'label', 'id'}``.
 
     Never downloads: prepare the dataset once where there is network (``tfds build cifar10
     --file_format=array_record``) and pass its ``data_dir``.
@@ -176,6 +177,12 @@ def tfds_source(name: str = "cifar10", split: str = "train", data_dir: str | Non
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError("the TFDS source needs `pip install tensorflow-datasets`") from e
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared under {str(builder.data_dir)!r}; prepare it "
+            f"where there is network: tfds build {name} --file_format=array_record "
+            f"--data_dir=<dir>")
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 

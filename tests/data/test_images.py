@@ -150,17 +150,6 @@ def test_image_folder_errors(tmp_path):
         src[0]
 
 
-def test_tfds_source_through_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
-        src = images.tfds_source("cifar10", "train")
-        assert len(src) == 8
-        batch = images.image_batches(src, 4, seed=0, flip=True)[1]
-    assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].shape == (4,)
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-    assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
-
-
 def test_image_grid_places_images_row_major_with_gaps():
     x = np.stack([np.full((2, 3, 1), v, np.float32) for v in (-1.0, 1.0, 0.0)])
     grid = images.image_grid(x, cols=2, gap=1)
