@@ -20,7 +20,7 @@ from jaxsafe.train import Task
 
 
 def build(config, mesh) -> Task:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     a = config.advunlearn
     sel = au.text_encoder_selection(tuple(a.layers) or None, a.component,
                                     a.final_layer_norm)

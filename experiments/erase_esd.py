@@ -16,7 +16,7 @@ from jaxsafe.train import Task
 
 
 def build(config, mesh) -> Task:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     e = config.esd
     graphdef, params, frozen = em.split_trainable(
         pipe.model, ep.nnx_filter(ep.selection(e.train_method, "unet")))

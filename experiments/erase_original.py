@@ -10,7 +10,7 @@ from jaxsafe.erasure import evaluation
 
 
 def edit(config, workdir: str) -> dict:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     out = {"erase_seconds": 0.0, "export": pipeline.save(pipe, os.path.join(workdir, "export"))}
     if config.eval.enabled and pipe.testbed:
         graphdef, state = nnx.split(pipe.model)

@@ -103,7 +103,7 @@ def scorer(config, pipe):
 
 
 def edit(config, workdir: str) -> dict:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     r, concepts = config.rece, config.concepts
     t0 = time.perf_counter()
     c_e, c_g = em.erase_rows(pipe, prompts.prompt_pairs(concepts))

@@ -126,7 +126,7 @@ def triplet_latents(config, pipe) -> dict:
 
 
 def build(config, mesh) -> Task:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     g, o = config.safegen, config.optimizer
     graphdef, params, frozen = em.split_trainable(
         pipe.model, ep.nnx_filter(ep.selection("selfattn", "unet")))

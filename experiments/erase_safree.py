@@ -138,7 +138,7 @@ def probe(config, pipe, graphdef, state, C, captions) -> dict:
 
 
 def edit(config, workdir: str) -> dict:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     t0 = time.perf_counter()
     graphdef, state = nnx.split(pipe.model)
     C = jax.block_until_ready(toxic_embeddings(pipe, keywords(config), config.safree.pooling))

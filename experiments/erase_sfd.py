@@ -61,7 +61,7 @@ def denoisers(graphdef, rest, abar, uncond, guidance: float):
 
 
 def build(config, mesh) -> Task:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     s = config.sfd
     retain = list(s.retain_prompts)
     if not retain:
@@ -154,7 +154,7 @@ def one_step_generator(pipe, graphdef, rest, t_init: int, batch_size: int = 64):
 
 
 def summarize(config, state, task, workdir) -> dict:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     G = fetch(state.params["G"])
     rest = fetch(state.frozen["rest"])
     model = nnx.merge(task.graphdef, G, rest)

@@ -116,7 +116,7 @@ def make_spm_generator(pipe: pipeline.Pipeline, graphdef, transport: Transport, 
 
 
 def build(config, mesh) -> Task:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     s = config.spm
     attach_adapters(pipe, s.rank, s.alpha, config.train.seed)
     sel = ep.nnx_filter(lambda n: n.startswith("unet/") and adapters.is_adapter_param(n))
@@ -212,7 +212,7 @@ def evaluate(config, pipe: pipeline.Pipeline, model: nnx.Module, transport: Tran
 def summarize(config, state, task, workdir) -> dict:
     from jaxsafe.parallel import fetch
 
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     model = em.trained_model(task.graphdef, fetch(state.params), fetch(state.frozen))
     out = {}
     if workdir:

@@ -101,7 +101,7 @@ def apply_stage1(config, pipe) -> dict:
 
 
 def build(config, mesh) -> Task:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     t = config.trce
     kv_original = jax.tree.map(jnp.copy, nnx.state(pipe.model, _KV))
     apply_stage1(config, pipe)

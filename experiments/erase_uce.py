@@ -15,7 +15,7 @@ from jaxsafe.erasure import model as em
 
 
 def edit(config, workdir: str) -> dict:
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     t0 = time.perf_counter()
     new = em.uce_edit(pipe, config.concepts, config.uce)
     seconds = time.perf_counter() - t0

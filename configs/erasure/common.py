@@ -30,7 +30,9 @@ def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.Con
     c = ml_collections.ConfigDict()
     c.experiment = experiment
     c.variant = arg or "paper"
-    c.model = dict(folder="")  # "" = the shipped test bed (cpu/smoke); required for the paper
+    # folder: a diffusers folder or hub id ("" = the shipped test bed: cpu/smoke; required for
+    # the paper); revision / variant ("fp16") of a hub id ("" = main / full precision).
+    c.model = dict(folder="", revision="", variant="")
     # templates: prompt forms "...{}..." the concept words are put into (none: the words alone).
     # guide: one guide prompt for all erased concepts, or one per concept ("" = unconditional).
     c.concepts = dict(erase=tuple(paper_erase), guide=("",), preserve=(), templates=())

@@ -145,6 +145,13 @@ def load(folder: str | None = None, *, revision: str | None = None,
                     folder=folder, testbed=testbed)
 
 
+def from_config(model_config) -> Pipeline:
+    """:func:`load` of a config's ``model`` block: ``folder`` (a folder or hub id; "" = the
+    shipped test bed), ``revision`` and ``variant`` ("" = none)."""
+    get = lambda k: model_config.get(k) or None  # noqa: E731
+    return load(get("folder"), revision=get("revision"), variant=get("variant"))
+
+
 def make_generator(pipe: Pipeline, apply: Callable, encode: Callable, **sampling):
     """``t2i.make_generator`` with the pipeline's tokenizer, scheduler, latent shape and decoder:
     ``generate(params, prompts, seeds, negative_prompts=None)`` with the (edited) denoiser

@@ -149,7 +149,7 @@ def summarize(config, state, task, workdir: str, mesh=None) -> dict:
     metrics."""
     from jaxsafe.parallel import fetch
 
-    pipe = pipeline.load(config.model.folder or None)
+    pipe = pipeline.from_config(config.model)
     params, frozen = fetch(state.params), fetch(state.frozen)
     model = erasure_model.trained_model(task.graphdef, params, frozen)
     trained = {n.split("/")[0] for n in named_leaves(params)}

@@ -96,8 +96,8 @@ def test_a_stable_diffusion_folder_needs_retain_prompts(tiny_folder, monkeypatch
     c = smoke(tiny_folder)
     real = pipeline.load
 
-    def not_testbed(folder=None):
-        p = real(folder)
+    def not_testbed(folder=None, **kwargs):
+        p = real(folder, **kwargs)
         p.testbed = False
         return p
 
