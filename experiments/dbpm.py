@@ -1,10 +1,10 @@
 """DBPM (Lan et al., ICLR 2024): SimCLR pre-training of a 1-D ResNet with Dynamic Bad Pair Mining.
 
 "Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair Mining Approach"
-(arXiv:2302.03357; reference code github.com/mqwfrog/DBPM, `models/dbpm_model.py`). Each step
-takes a batch of `B` instances `x_i` with their dataset ids, draws the two views
-`u_i = weak(x_i)`, `v_i = strong(x_i)` (`jaxsafe.contrastive.augment`), projects them with
-`g(f(.))` (encoder `f` = 1-D ResNet, head `g`) and minimises
+(arXiv:2302.03357; reference code github.com/lanxiang1017/DynamicBadPairMining_ICLR24,
+`models/dbpm_model.py`). Each step takes a batch of `B` instances `x_i` with their dataset ids,
+draws the two views `u_i = weak(x_i)`, `v_i = strong(x_i)` (`jaxsafe.contrastive.augment`),
+projects them with `g(f(.))` (encoder `f` = 1-D ResNet, head `g`) and minimises
 
     L = 1/B sum_i w_(i,e) l_i,      l_i = NT-Xent of the pair (u_i, v_i), t = 0.2,
 

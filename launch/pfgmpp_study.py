@@ -122,12 +122,10 @@ def markdown(alpha_table: dict, bits_table: dict, alphas, bits) -> str:
 
 
 def plot(alpha_table: dict, bits_table: dict, alphas, bits, path: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: headless, no global state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
     bit_x = [32 if int(b) == 0 else int(b) for b in bits]
     panels = ((axes[0], alpha_table, [float(a) for a in alphas], "noise injection α"),
               (axes[1], bits_table, bit_x, "weight bits (32 = float)"))
@@ -143,7 +141,6 @@ def plot(alpha_table: dict, bits_table: dict, alphas, bits, path: str) -> None:
     axes[1].invert_xaxis()  # fewer bits to the right: stronger perturbation, as for α
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv):

@@ -1,90 +1,76 @@
-"""Writes the Colab notebooks from the cell sources below (keeps them reviewable as code).
+"""Writes the Colab notebooks from their cell sources in ``notebooks/cells/<name>.py``.
 
-    python notebooks/make_notebooks.py
+    python notebooks/make_notebooks.py                # sources only (outputs dropped)
+    python notebooks/make_notebooks.py --execute      # and run them, keeping the outputs
+
+``--execute`` runs every notebook top to bottom at the size ``JAXSAFE_NOTEBOOK_SIZE`` (default
+``cpu``: the few-minute demo whose outputs are committed, so they render on the repository page;
+``smoke``: seconds, what CI runs), and saves each notebook's last figure as the README's
+gallery image ``docs/images/gallery_<name>.png``. ``--only=name,...`` restricts the set.
 """
 
+import argparse
+import base64
+import importlib
 import os
+import sys
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_notebook
 
-SETUP = """\
-import sys
-JAXSAFE_REPO = "https://github.com/jaxsafe/jaxsafe"  # set to the repository you cloned from
-if "google.colab" in sys.modules:  # Colab: install jaxsafe and work from its checkout
-    !git clone -q {JAXSAFE_REPO} /content/jaxsafe && pip install -q -e /content/jaxsafe
-    %cd /content/jaxsafe
-"""
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+NAMES = ("grokking", "pfgmpp", "dbpm", "t2i_testbed", "erasure")
 
-GROKKING = [
-    new_markdown_cell(
-        "# Grokking at the Edge of Numerical Stability, in JAX\n\n"
-        "Prieto et al. (ICLR 2025) show that without regularisation, softmax cross-entropy "
-        "pushes the logits along the *naive loss minimisation* direction until the float32 sum "
-        "of `exp(z - max z)` rounds to exactly 1 (**Softmax Collapse**, SC) and learning stops. "
-        "Two fixes: **StableMax** (a softmax with `s(x) = x + 1` / `1/(1 - x)` in place of `exp`) "
-        "and **⊥Grad** (drop the gradient's component along the weights). This notebook checks "
-        "both numerically and reruns the paper's ⊥AdamW-vs-AdamW comparison at a small scale."),
-    new_code_cell(SETUP),
-    new_code_cell(
-        "import jax, jax.numpy as jnp, numpy as np\n"
-        "from jaxsafe import grokking, optim\n"
-        "# A confident, correct prediction with a logit gap of 30:\n"
-        "logits = jnp.array([[30.0, 0.0, 0.0]])\n"
-        "labels = jnp.array([0])\n"
-        "sm = grokking.softmax_cross_entropy(logits, labels)\n"
-        "st = grokking.stablemax_cross_entropy(logits, labels)\n"
-        "print('softmax CE:', sm, ' stablemax CE:', st)\n"
-        "print('SC fraction (float32):', grokking.softmax_collapse_fraction(logits))\n"
-        "assert float(sm[0]) == 0.0 and float(st[0]) > 0  # softmax gives no gradient signal"),
-    new_markdown_cell("StableMax is softmax applied to `sign(x)·log1p|x|`, and its gradient is "
-                      "finite everywhere, including at `x = 1` where a naive `where` gives NaN:"),
-    new_code_cell(
-        "x = jnp.array([-1e30, -1.0, 0.0, 1.0, 1e30])\n"
-        "print(jax.vmap(jax.grad(grokking.s))(x))\n"
-        "np.testing.assert_allclose(grokking.stablemax(x), jax.nn.softmax(jnp.sign(x) * jnp.log1p(jnp.abs(x))), rtol=1e-5)"),
-    new_markdown_cell("⊥Grad as an optax transformation: the update is orthogonal to the weights."),
-    new_code_cell(
-        "import optax\n"
-        "params = {'w': jnp.array([1.0, 2.0, 3.0])}\n"
-        "grads = {'w': jnp.array([1.0, 1.0, 0.0])}\n"
-        "tx = optim.perpgrad()\n"
-        "g_perp, _ = tx.update(grads, tx.init(params), params)\n"
-        "print(g_perp, 'dot with w:', jnp.vdot(g_perp['w'], params['w']))\n"
-        "assert abs(float(jnp.vdot(g_perp['w'], params['w']))) < 1e-5"),
-    new_markdown_cell("## ⊥AdamW vs AdamW on addition mod 113 (40 % training data)\n\n"
-                      "The `cpu` configs run 2,000 full-batch steps each (about a minute on two "
-                      "CPU cores); `smoke` runs in seconds."),
-    new_code_cell(
-        "SIZE = 'smoke'  # 'cpu' for the full demo\n"
-        "import tempfile, os\n"
-        "from experiments import run_experiment\n"
-        "from configs.grokking import adamw, perp_adamw\n"
-        "from jaxsafe.train import read_jsonl\n"
-        "workdir = tempfile.mkdtemp()\n"
-        "finals, logs = {}, {}\n"
-        "for name, module in [('AdamW', adamw), ('⊥AdamW', perp_adamw)]:\n"
-        "    wd = os.path.join(workdir, module.__name__.rsplit('.', 1)[-1])\n"
-        "    finals[name] = run_experiment(module.get_config(SIZE), wd)\n"
-        "    logs[name] = read_jsonl(os.path.join(wd, 'metrics.jsonl'))\n"
-        "finals"),
-    new_code_cell(
-        "from jaxsafe.train.plots import plot_runs\n"
-        "from IPython.display import Image\n"
-        "png = os.path.join(workdir, 'grokking.png')\n"
-        "plot_runs(logs, [('accuracy', ['eval/train_accuracy', 'eval/test_accuracy']),\n"
-        "                 ('train loss', ['train/loss']), ('softmax collapse', ['train/sc_fraction'])],\n"
-        "          png, log_y=('train loss',))\n"
-        "Image(png)"),
-]
+
+def build(name: str):
+    """The notebook ``name`` from ``notebooks/cells/<name>.py`` (no outputs)."""
+    sys.path.insert(0, HERE)
+    try:
+        cells = importlib.import_module(f"cells.{name}").CELLS
+    finally:
+        sys.path.remove(HERE)
+    return new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "colab": {"provenance": []}})
+
+
+def execute(nb, timeout: int = 1800):
+    import nbclient
+
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": REPO}}).execute()
+    return nb
+
+
+def save_gallery(nb, name: str) -> str | None:
+    """Writes the notebook's last PNG output to docs/images/gallery_<name>.png."""
+    pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    if not pngs:
+        return None
+    path = os.path.join(REPO, "docs", "images", f"gallery_{name}.png")
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(pngs[-1]))
+    return path
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    nb = new_notebook(cells=GROKKING, metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "colab": {"provenance": []}})
-    nbformat.write(nb, os.path.join(here, "grokking.ipynb"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true")
+    parser.add_argument("--only", default=",".join(NAMES))
+    args = parser.parse_args()
+    for name in args.only.split(","):
+        if name not in NAMES:
+            parser.error(f"--only: unknown notebook {name!r}; known: {', '.join(NAMES)}")
+        nb = build(name)
+        if args.execute:
+            execute(nb)
+            save_gallery(nb, name)
+        path = os.path.join(HERE, f"{name}.ipynb")
+        nbformat.write(nb, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""DBPM's SimCLR training step in PyTorch, after Lan et al. (ICLR 2024), github.com/mqwfrog/DBPM:
-``models/resnet.py`` (the 1-D ResNet: conv7 stem without bias → BN → ReLU, BasicBlocks
-conv3-BN-ReLU-conv3-BN + shortcut (conv1-BN when the shape changes), global average pool, ``fc``)
+"""DBPM's SimCLR training step in PyTorch, after Lan et al. (ICLR 2024),
+github.com/lanxiang1017/DynamicBadPairMining_ICLR24: ``models/resnet.py`` (the 1-D ResNet: conv7
+stem without bias → BN → ReLU, BasicBlocks conv3-BN-ReLU-conv3-BN + shortcut (conv1-BN when the
+shape changes), global average pool, ``fc``)
 and the trainer's projection head (Linear → ReLU → Linear), the symmetric NT-Xent over the
 2B − 1 candidates (temperature ``config.temperature``) and Adam (``config.optimizer.lr``).
 

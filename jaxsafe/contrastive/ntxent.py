@@ -15,10 +15,10 @@ pair ``(u_i, v_i)``, so it symmetrises the two directions:
     L_i = 1/2 [ l(z_i^u -> z_i^v) + l(z_i^v -> z_i^u) ]                      (``ntxent_per_pair``)
 
 with ``t = 0.2``. This is exactly the reference code (``models/loss.py::InfoNCE`` in
-github.com/mqwfrog/DBPM: ``F.normalize``, ``neg`` summed over the ``2B x 2B`` similarity
-matrix minus the diagonal and the positive, ``-log(pos / (pos + neg))``, then the mean of the
-two directions per instance). Here it is computed as ``logsumexp - positive`` in float32, which
-is the same quantity without the overflow of ``exp(1/t)`` products.
+github.com/lanxiang1017/DynamicBadPairMining_ICLR24: ``F.normalize``, ``neg`` summed over the
+``2B x 2B`` similarity matrix minus the diagonal and the positive, ``-log(pos / (pos + neg))``,
+then the mean of the two directions per instance). Here it is computed as ``logsumexp -
+positive`` in float32, which is the same quantity without the overflow of ``exp(1/t)`` products.
 
 ``ntxent_per_pair_sharded`` computes the same ``L_i`` when the batch is split over devices:
 every device all-gathers the normalised projections (the negatives) and computes the rows of

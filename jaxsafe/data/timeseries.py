@@ -2,7 +2,7 @@
 
 The data used by Dynamic Bad Pair Mining (Lan et al., "Towards Enhancing Time Series Contrastive
 Learning: A Dynamic Bad Pair Mining Approach", ICLR 2024; reference code
-github.com/mqwfrog/DBPM, mirrored as lanxiang1017/DynamicBadPairMining_ICLR24): PTB-XL, UCI-HAR,
+github.com/lanxiang1017/DynamicBadPairMining_ICLR24): PTB-XL, UCI-HAR,
 Sleep-EDF and Epilepsy, plus the UCR/UEA archive's `.ts` files. Every loader returns a
 `TimeSeriesData`: `x` float32 `(N, T, C)` (time before channels, as the encoders take it) and `y`
 int32 `(N,)` class indices, or float32 `(N, K)` multi-hot labels for PTB-XL.

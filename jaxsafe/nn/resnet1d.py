@@ -3,7 +3,7 @@
 Lan et al., "Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair Mining
 Approach", ICLR 2024 (arXiv:2302.03357) use a ResNet-34-style 1-D CNN. Reference:
 ``models/resnet.py`` (``ResNet34 = ResNet(BasicBlock, [3, 4, 6, 3])``) and the trainer's
-``head`` in github.com/mqwfrog/DBPM:
+``head`` in github.com/lanxiang1017/DynamicBadPairMining_ICLR24:
 
     stem:   Conv1d(C, 64, k=7, stride 1, pad 3, no bias) -> BN -> ReLU          (no max-pool)
     stages: widths (64, 128, 256, 512), (3, 4, 6, 3) BasicBlocks, first block of stages 2-4

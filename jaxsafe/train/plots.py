@@ -1,9 +1,11 @@
-"""PNG plots of `metrics.jsonl` logs, one line per run."""
+"""PNG plots of `metrics.jsonl` logs, one line per run.
 
-import matplotlib
+Figures are built with matplotlib's object API (``Figure``), not pyplot: nothing here selects a
+backend or touches pyplot's global state, so it works headless (pods, CI) and leaves a notebook's
+inline plotting alone.
+"""
 
-matplotlib.use("Agg")  # no display on pods and CI
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def plot_runs(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]], path: str,
@@ -13,7 +15,8 @@ def plot_runs(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]], 
     Rows lacking a key are skipped, so train metrics (every step) and evaluations (every N
     steps) can share a figure.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, (title, keys) in zip(axes[0], panels):
         for r, (run, rows) in enumerate(runs.items()):
@@ -30,4 +33,3 @@ def plot_runs(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]], 
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
