@@ -103,6 +103,7 @@ def test_fid_stats_launcher_and_the_real_images_score_zero(random_fid_inception,
     assert fid.fid(fid.features(fn, images.digits(16)["image"][24:48], 8), str(out)) > 1e-2 * scale
 
 
+@pytest.mark.slow
 def test_launchers_name_missing_fid_files_in_one_line(tmp_path):
     env_free = {k: v for k, v in os.environ.items() if k != inception.WEIGHTS_ENV}
     r = subprocess.run([sys.executable, "-m", "launch.fid_stats", "--source=digits",

@@ -258,6 +258,7 @@ def test_inception_evaluator_and_sample_launcher_agree_on_fid(trained, tmp_path,
     np.testing.assert_allclose(out["fid"], rows[0]["fid"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_inception_evaluator_needs_a_statistics_file():
     c = config()
     c.eval.feature_net = "inception"

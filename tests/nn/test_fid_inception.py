@@ -58,6 +58,7 @@ def test_converter_keeps_the_network_and_drops_head_and_counters(converted):
         np.testing.assert_array_equal(written[k], sd[k].numpy())
 
 
+@pytest.mark.slow
 def test_matches_pytorch_fid_inception_on_random_weights(converted):
     sd, out, _ = converted
     net = inception.load(str(out))
@@ -71,6 +72,7 @@ def test_matches_pytorch_fid_inception_on_random_weights(converted):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_grey_images_are_the_grey_rgb_image(converted):
     _, out, _ = converted
     net = inception.load(str(out))
