@@ -37,7 +37,8 @@ def main(argv):
     peak = matmul_peak_flops()
     print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     model = inception.FIDInceptionV3(rngs=nnx.Rngs(0))
-    params = {k: np.asarray(v) * (np.sqrt(2.0) if k.endswith("kernel") else 1.0)
+    gain = lambda k: np.float32(np.sqrt(2.0) if k.endswith("kernel") else 1.0)  # noqa: E731
+    params = {k: np.asarray(v, np.float32) * gain(k)
               for k, v in convert.model_params(model).items()}
     model = convert.load_params(inception.abstract(), params)
     graphdef, state = nnx.split(model)

@@ -20,7 +20,7 @@ from nbformat.v4 import new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-NAMES = ("grokking", "pfgmpp", "dbpm", "t2i_testbed", "erasure")
+NAMES = ("grokking", "pfgmpp", "dbpm", "t2i_testbed", "erasure", "attacks", "sid_sfd", "oms")
 
 
 def build(name: str):

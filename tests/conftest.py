@@ -88,7 +88,8 @@ def random_fid_inception(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("inception") / "fid_inception.safetensors"
     model = inception.FIDInceptionV3(rngs=nnx.Rngs(0))
-    params = {k: np.asarray(v) * (np.sqrt(2.0) if k.endswith("kernel") else 1.0)
+    gain = lambda k: np.float32(np.sqrt(2.0) if k.endswith("kernel") else 1.0)  # noqa: E731
+    params = {k: np.asarray(v, np.float32) * gain(k)
               for k, v in convert.model_params(model).items()}
     convert.write_safetensors(convert.params_to_state_dict(params), path)
     return str(path)
