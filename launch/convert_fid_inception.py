@@ -14,7 +14,6 @@ Errors are one line on stderr with exit status 2 (``--debug`` shows the tracebac
 """
 
 import os
-import sys
 
 from absl import app, flags
 
@@ -56,14 +55,11 @@ def convert_file(pth: str, out: str) -> int:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from launch.user_errors import one_line
+
     out = os.path.expanduser(_OUT.value)
-    try:
+    with one_line("convert_fid_inception", _DEBUG.value):
         n = convert_file(os.path.expanduser(_PTH.value), out)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if _DEBUG.value:
-            raise
-        print(f"convert_fid_inception: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {n} tensors to {out}")
 
 

@@ -15,7 +15,6 @@ holds ``mu``, ``sigma`` (pytorch-fid's keys), ``num`` and ``source``; ``launch/s
 """
 
 import os
-import sys
 
 from absl import app, flags
 
@@ -55,7 +54,9 @@ def main(argv):
     from jaxsafe import host_memory
 
     host_memory.retain()
-    try:
+    from launch.user_errors import one_line
+
+    with one_line("fid_stats", _DEBUG.value):
         from jaxsafe.diffusion import fid
         from jaxsafe.nn import inception
 
@@ -64,11 +65,6 @@ def main(argv):
         num = _NUM.value or len(source)
         mu, sigma = fid.source_stats(fn, source, _BATCH.value, num)
         fid.save_stats(_OUT.value, mu, sigma, num=num, source=_SOURCE.value)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if _DEBUG.value:
-            raise
-        print(f"fid_stats: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {_OUT.value}: {num} images of {_SOURCE.value}")
 
 

@@ -2,7 +2,6 @@
 runnable top to bottom at the smoke size (their cells assert the numerics they show)."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
