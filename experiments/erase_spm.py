@@ -150,8 +150,6 @@ def build(config, mesh) -> Task:
 
 def export(pipe: pipeline.Pipeline, unet: nnx.Module, config, out: str) -> str:
     """Writes ``out``: a copy of ``pipe``'s folder with the adapter file and its settings."""
-    from safetensors.numpy import save
-
     tensors = {k: np.asarray(v) for k, v in adapters.adapter_params(unet).items()}
     settings = {"method": "SPM", "rank": int(config.spm.rank), "alpha": float(config.spm.alpha),
                 "concepts": list(config.concepts.erase), "adapter_file": ADAPTER_FILE,
@@ -159,19 +157,19 @@ def export(pipe: pipeline.Pipeline, unet: nnx.Module, config, out: str) -> str:
                 "transport": {"enabled": bool(config.spm.transport),
                               "power": int(config.spm.transport_power),
                               "metric": "max(clipcos, tokenuni)"}}
-    return pipeline.save(pipe, out, extra_files={
-        ADAPTER_FILE: save(tensors, metadata={"format": "pt"}),
+    return pipeline.save(pipe, out, extra_tensors={ADAPTER_FILE: tensors}, extra_files={
         SETTINGS_FILE: json.dumps(settings, indent=1).encode()})
 
 
 def load(folder: str) -> tuple[pipeline.Pipeline, Transport]:
     """The pipeline of an SPM export with its adapters re-attached, and its transport."""
+    from jaxsafe.files import read_json
     from jaxsafe.weights.convert import read_safetensors
 
     settings_file = Path(folder, SETTINGS_FILE)
     if not settings_file.is_file():
         raise FileNotFoundError(f"{settings_file} not found: not an SPM export")
-    settings = json.loads(settings_file.read_text())
+    settings = read_json(settings_file, "an SPM export's settings")
     pipe = pipeline.load(folder)
     attach_adapters(pipe, settings["rank"], settings["alpha"])
     adapters.load_adapter_params(pipe.model.unet,

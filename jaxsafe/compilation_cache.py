@@ -9,7 +9,6 @@ under ``min_compile_secs`` are not stored).
 """
 
 import os
-import sys
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxsafe", "xla")
 #: The help of the launchers' ``--compilation_cache`` flag.
@@ -44,13 +43,3 @@ def enable(directory: str | None = None, min_compile_secs: float | None = None) 
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     return directory
-
-
-def enable_or_exit(directory: str | None = None) -> str | None:
-    """:func:`enable` for a launcher: an unusable directory is one line on stderr and exit
-    status 2, not a traceback."""
-    try:
-        return enable(directory)
-    except CacheDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

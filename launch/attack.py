@@ -27,17 +27,17 @@ prompt file) is one line on stderr and exit status 2; ``--debug`` shows the trac
 
 import json
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import user_errors
 
 
 def _define_flags() -> None:
     """The command's flags, defined only when it runs as a program (tests import this module
     next to launchers that define flags of the same names)."""
-    global _CONFIG, _MODEL, _ORIGINAL, _PROMPTS, _JUDGE, _PAIRS, _COMPOSITIONS, _OUT, _DEBUG
+    global _CONFIG, _MODEL, _ORIGINAL, _PROMPTS, _JUDGE, _PAIRS, _COMPOSITIONS, _OUT
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.",
                                               lock_config=False)
     _MODEL = flags.DEFINE_string("model", None, "Attacked model folder, hub id or erasure workdir.")
@@ -48,7 +48,6 @@ def _define_flags() -> None:
     _PAIRS = flags.DEFINE_string("pairs", "", "Ring-A-Bell pairs (with<TAB>without per line).")
     _COMPOSITIONS = flags.DEFINE_string("compositions", "", "Concept-arithmetic JSON file.")
     _OUT = flags.DEFINE_string("out", None, "Output directory.")
-    _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of input errors.")
     flags.mark_flags_as_required(["config", "model", "prompts", "judge", "out"])
 
 
@@ -86,6 +85,19 @@ def read_pairs(path: str) -> tuple[list[str], list[str]]:
     return with_, without
 
 
+def read_compositions(path: str) -> dict:
+    """Concept arithmetic's compositions of a ``--compositions`` file: a JSON object name ->
+    list of [prompt, guidance weight] terms (configs/attacks/concept_arithmetic.py)."""
+    from jaxsafe.files import read_json
+
+    raw = read_json(path, "--compositions")
+    try:
+        return {str(k): tuple((str(p), float(w)) for p, w in v) for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"--compositions {path}: expected a JSON object name -> list of "
+                         "[prompt, weight] pairs") from None
+
+
 def make_judge(spec: str):
     """``(judge, concept)`` of a ``--judge`` value."""
     from jaxsafe.attacks import judges
@@ -119,8 +131,7 @@ def run(config, model: str, original: str, prompts_path: str, judge_spec: str, o
     prompts, seeds = read_prompts(prompts_path)
     judge, concept = make_judge(judge_spec)
     if compositions_path:
-        with open(compositions_path, encoding="utf-8") as f:
-            config.compositions = {k: tuple(map(tuple, v)) for k, v in json.load(f).items()}
+        config.compositions = read_compositions(compositions_path)
     from launch.robustness_table import own_sampler, own_sampler_method
 
     folder = model_folder(model)
@@ -182,17 +193,11 @@ def main(argv):
     from jaxsafe import host_memory
 
     host_memory.retain()  # XLA's temporaries stay mapped between calls
-    try:
-        summary = run(_CONFIG.value, _MODEL.value, _ORIGINAL.value, _PROMPTS.value,
-                      _JUDGE.value, _OUT.value, _PAIRS.value, _COMPOSITIONS.value)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if _DEBUG.value:
-            raise
-        print(f"attack: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = run(_CONFIG.value, _MODEL.value, _ORIGINAL.value, _PROMPTS.value, _JUDGE.value,
+                  _OUT.value, _PAIRS.value, _COMPOSITIONS.value)
     print(json.dumps({k: summary[k] for k in ("attack", "asr", "pre_asr")}))
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    user_errors.run(main)

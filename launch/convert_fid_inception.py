@@ -17,12 +17,13 @@ import os
 
 from absl import app, flags
 
+from launch import user_errors
+
 
 def _define_flags() -> None:
-    global _PTH, _OUT, _DEBUG
+    global _PTH, _OUT
     _PTH = flags.DEFINE_string("pth", None, "pytorch-fid's pt_inception-2015-12-05-*.pth.")
     _OUT = flags.DEFINE_string("out", None, "Output .safetensors file.")
-    _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks.")
     flags.mark_flags_as_required(["pth", "out"])
 
 
@@ -46,23 +47,18 @@ def convert_file(pth: str, out: str) -> int:
     state = {k: v.detach().float().numpy() for k, v in raw.items()
              if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     inception.from_state_dict(state, source=pth)  # names and shapes, before anything is written
-    tmp = out + ".tmp"
-    convert.write_safetensors(state, tmp)
-    os.replace(tmp, out)
+    convert.write_safetensors(state, out)  # whole or not at all, with the tensors' checksums
     return len(state)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from launch.user_errors import one_line
-
     out = os.path.expanduser(_OUT.value)
-    with one_line("convert_fid_inception", _DEBUG.value):
-        n = convert_file(os.path.expanduser(_PTH.value), out)
+    n = convert_file(os.path.expanduser(_PTH.value), out)
     print(f"wrote {n} tensors to {out}")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    user_errors.run(main)

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from jaxsafe import compilation_cache as cache
 from jaxsafe import host_memory
+from launch import user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Erasure config file.",
                                           lock_config=True)
@@ -39,7 +40,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from experiments import run_experiment
 
-    cache.enable_or_exit(_CACHE.value)
+    cache.enable(_CACHE.value)
     host_memory.retain()  # XLA's temporaries stay mapped between calls
     summary = run_experiment(_CONFIG.value, _WORKDIR.value)
     logging.info("erasure: %s", json.dumps(summary, sort_keys=True, default=float))
@@ -47,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

@@ -29,7 +29,6 @@ Tuning a ``:cpu`` setting (docs/erasure.md records each such measurement under i
 
 import ast
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -39,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxsafe.data import shapes
+from launch import user_errors
 
 # name -> (configs/erasure/<module>.py, variant)
 METHODS = {
@@ -158,11 +158,10 @@ def _cell(xs, fmt):
 
 
 def read_summary(workdir: str) -> dict | None:
+    from jaxsafe.files import read_json
+
     path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, "a run's summary") if os.path.exists(path) else None
 
 
 def table(out: str, setting: str, methods, seeds, overrides: dict | None = None) -> str:
@@ -297,4 +296,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    user_errors.run(main)

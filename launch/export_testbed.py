@@ -4,17 +4,20 @@ r"""Exports a trained test-bed run (`configs/t2i/testbed.py`) as a diffusers-lay
         [--step=N] [--evaluate] [--config=configs/t2i/testbed.py:cpu]
 
 Reads `<workdir>/config.json` (written by `launch.train`; `--config` instead, e.g. to sample
-with other settings) and the latest checkpoint's EMA weights, writes `unet/`, `text_encoder/`, `scheduler/`, `tokenizer/` and `model_index.json`
-(`experiments.t2i_testbed.export`). `--evaluate` also prints the held-out metrics: per-concept
-generation accuracy, oracle Fréchet distance (and writes them to `<out>/testbed_metrics.json`),
-and the per-concept table of docs/testbed.md.
+with other settings) and the latest checkpoint's EMA weights, writes `unet/`, `text_encoder/`,
+`scheduler/`, `tokenizer/` and `model_index.json` (`experiments.t2i_testbed.export`).
+`--evaluate` also prints the held-out metrics: per-concept generation accuracy, oracle Fréchet
+distance (and writes them to `<out>/testbed_metrics.json`), and the per-concept table of
+docs/testbed.md. Bad input is one line on stderr and exit status 2 (`--debug`: the traceback).
 """
 
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from launch import user_errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of launch.train.")
 _OUT = flags.DEFINE_string("out", None, "Export folder (default <workdir>/export).")
@@ -30,6 +33,7 @@ def main(argv):
     import ml_collections
 
     from experiments import t2i_testbed as tb
+    from jaxsafe.files import read_json
     from jaxsafe.train.metrics import quiet_orbax
 
     quiet_orbax()
@@ -40,8 +44,7 @@ def main(argv):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r} not found: --workdir must be a launch.train run "
                                     "directory of configs/t2i/testbed.py")
-        with open(path, encoding="utf-8") as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(read_json(path, "the run's config"))
     if config.experiment != "t2i_testbed":
         raise ValueError(f"{path}: experiment={config.experiment!r}; expected 't2i_testbed'")
     graphdef, params, frozen, step = tb.restore(config, _WORKDIR.value, _STEP.value)
@@ -60,7 +63,8 @@ def concept_table(metrics: dict) -> str:
     """The per-concept markdown table of docs/testbed.md from the metrics."""
     from jaxsafe.data import shapes
 
-    lines = ["| attribute | concept | accuracy (that attribute right) | all three attributes right |",
+    lines = ["| attribute | concept | accuracy (that attribute right) "
+             "| all three attributes right |",
              "| --- | --- | --- | --- |"]
     for w, (a, _) in shapes.CONCEPTS.items():
         name = shapes.ATTRIBUTES[a][0]
@@ -71,4 +75,4 @@ def concept_table(metrics: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

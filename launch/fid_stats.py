@@ -18,9 +18,11 @@ import os
 
 from absl import app, flags
 
+from launch import user_errors
+
 
 def _define_flags() -> None:
-    global _SOURCE, _OUT, _WEIGHTS, _RESOLUTION, _DATA_DIR, _NUM, _BATCH, _DEBUG
+    global _SOURCE, _OUT, _WEIGHTS, _RESOLUTION, _DATA_DIR, _NUM, _BATCH
     _SOURCE = flags.DEFINE_string("source", None, "tfds:<name>[:<split>], folder:<path> or digits.")
     _OUT = flags.DEFINE_string("out", None, "Output .npz.")
     _WEIGHTS = flags.DEFINE_string("weights", None, "FID Inception safetensors "
@@ -29,7 +31,6 @@ def _define_flags() -> None:
     _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
     _NUM = flags.DEFINE_integer("num", None, "Use the first NUM images (default: all).")
     _BATCH = flags.DEFINE_integer("batch", 64, "Inception batch size.")
-    _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks.")
     flags.mark_flags_as_required(["source", "out"])
 
 
@@ -54,20 +55,17 @@ def main(argv):
     from jaxsafe import host_memory
 
     host_memory.retain()
-    from launch.user_errors import one_line
+    from jaxsafe.diffusion import fid
+    from jaxsafe.nn import inception
 
-    with one_line("fid_stats", _DEBUG.value):
-        from jaxsafe.diffusion import fid
-        from jaxsafe.nn import inception
-
-        source = open_source(_SOURCE.value, _RESOLUTION.value, _DATA_DIR.value)
-        fn = fid.feature_fn(inception.load(_WEIGHTS.value))
-        num = _NUM.value or len(source)
-        mu, sigma = fid.source_stats(fn, source, _BATCH.value, num)
-        fid.save_stats(_OUT.value, mu, sigma, num=num, source=_SOURCE.value)
+    source = open_source(_SOURCE.value, _RESOLUTION.value, _DATA_DIR.value)
+    fn = fid.feature_fn(inception.load(_WEIGHTS.value))
+    num = _NUM.value or len(source)
+    mu, sigma = fid.source_stats(fn, source, _BATCH.value, num)
+    fid.save_stats(_OUT.value, mu, sigma, num=num, source=_SOURCE.value)
     print(f"wrote {_OUT.value}: {num} images of {_SOURCE.value}")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    user_errors.run(main)

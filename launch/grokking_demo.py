@@ -11,7 +11,9 @@ training set, drifts into Softmax Collapse and does not generalise; ⊥AdamW gen
 import importlib
 import os
 
-from absl import app, flags
+from absl import flags
+
+from launch import user_errors
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxsafe_demo", "Output directory.")
 _SIZE = flags.DEFINE_enum("size", "cpu", ["cpu", "smoke"], "Config variant.")
@@ -42,9 +44,10 @@ def main(argv):
     ], png, log_y=("train loss",))
     for name, final in finals.items():
         print(f"{name:8s} train accuracy {final['train_accuracy']:.3f}  "
-              f"test accuracy {final['test_accuracy']:.3f}  SC fraction {final['train_sc_fraction']:.3f}")
+              f"test accuracy {final['test_accuracy']:.3f}  "
+              f"SC fraction {final['train_sc_fraction']:.3f}")
     print(f"plot: {png}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

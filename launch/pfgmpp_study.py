@@ -24,6 +24,9 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from launch import user_errors
+
+
 def _define_flags() -> None:
     global _OUT, _DS, _SEEDS, _ALPHA, _BITS, _NUM, _STEPS, _PNG, _TABLE
     _OUT = flags.DEFINE_string("out", None, "Directory of the runs.")
@@ -170,4 +173,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    user_errors.run(main)

@@ -38,6 +38,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from launch import user_errors
+
 COLUMNS = (("no attack", "none", {}), ("UnlearnDiffAtk", "unlearndiffatk", {}),
            ("P4D-N", "p4d", {"kind": "n"}), ("P4D-K", "p4d", {"kind": "k"}),
            ("Ring-A-Bell", "ring_a_bell", {}), ("concept arithmetic", "concept_arithmetic", {}))
@@ -135,6 +137,7 @@ def own_sampler(method: str, folder: str, sampling: dict):
     from flax import nnx
 
     from jaxsafe.diffusion import pipeline
+    from jaxsafe.files import read_json
 
     if method == "SPM":
         from experiments import erase_spm
@@ -146,8 +149,8 @@ def own_sampler(method: str, folder: str, sampling: dict):
     if method == "SAFREE":
         from experiments import erase_safree
 
-        with open(os.path.join(folder, "safree.json"), encoding="utf-8") as f:
-            saved = json.load(f)  # the filter's settings, keywords and negative prompt resolved
+        # the filter's settings, keywords and negative prompt resolved
+        saved = read_json(os.path.join(folder, "safree.json"), "a SAFREE export's settings")
         config = ml_collections.ConfigDict({
             "safree": {k: v for k, v in saved.items()
                        if k not in ("method", "latent_re_attention")},
@@ -164,8 +167,11 @@ def own_sampler(method: str, folder: str, sampling: dict):
     if method == "SFD":
         from experiments import erase_sfd
 
-        with open(os.path.join(folder, "sfd.json"), encoding="utf-8") as f:
-            t_init = json.load(f)["t_init"]
+        saved = read_json(os.path.join(folder, "sfd.json"), "an SFD export's settings")
+        if not isinstance(saved, dict) or "t_init" not in saved:
+            raise ValueError(f"{os.path.join(folder, 'sfd.json')}: expected a JSON object "
+                             "with 't_init'")
+        t_init = saved["t_init"]
         pipe = pipeline.load(folder)
         graphdef, unet, rest = nnx.split(pipe.model, erase_sfd._unet, ...)
         gen = erase_sfd.one_step_generator(pipe, graphdef, rest, t_init,
@@ -329,4 +335,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    user_errors.run(main)

@@ -23,10 +23,11 @@ D defaults to the trained one; sampling a D-trained model with another D is allo
 import itertools
 import json
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from launch import user_errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints, config.json).")
 _CONFIG = config_flags.DEFINE_config_file("config", None,
@@ -47,7 +48,6 @@ _FID_REF = flags.DEFINE_string("fid_ref", None, "FID reference statistics (.npz 
                                "launch.fid_stats or pytorch-fid): adds each setting's FID.")
 _FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "FID Inception safetensors "
                                    "(default: $JAXSAFE_FID_INCEPTION).")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -132,17 +132,11 @@ def main(argv):
     from jaxsafe import host_memory
 
     host_memory.retain()  # XLA's temporaries stay mapped between calls
-    try:
-        sample_workdir(_WORKDIR.value, _CONFIG.value, num=_NUM.value, batch=_BATCH.value,
-                       D=_D.value, steps=_STEPS.value, alphas=_ALPHA.value, bits=_BITS.value,
-                       use_ema=not _NO_EMA.value, step=_CKPT_STEP.value, seed=_SEED.value,
-                       out=_OUT.value, fid_ref=_FID_REF.value, fid_weights=_FID_WEIGHTS.value)
-    except (ValueError, FileNotFoundError) as e:
-        if _DEBUG.value:
-            raise
-        print(f"sample: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sample_workdir(_WORKDIR.value, _CONFIG.value, num=_NUM.value, batch=_BATCH.value, D=_D.value,
+                   steps=_STEPS.value, alphas=_ALPHA.value, bits=_BITS.value,
+                   use_ema=not _NO_EMA.value, step=_CKPT_STEP.value, seed=_SEED.value,
+                   out=_OUT.value, fid_ref=_FID_REF.value, fid_weights=_FID_WEIGHTS.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

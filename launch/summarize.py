@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import json
 import os
 
 import numpy as np
 from absl import app, flags
+
+from launch import user_errors
 
 _RUNS = flags.DEFINE_string("runs", None, "Glob of run directories (quote it).", required=True)
 _KEYS = flags.DEFINE_list("keys", None, "Summary keys; a pattern (acc/*, acc/[1-9]) averages "
@@ -52,10 +53,9 @@ def main(argv):
     if not dirs or missing:
         raise app.UsageError(f"--runs={_RUNS.value}: " + (
             f"no summary.json in {missing[0]}" if missing else "matches no directory"))
-    summaries = []
-    for f in files:
-        with open(f, encoding="utf-8") as fh:
-            summaries.append(json.load(fh))
+    from jaxsafe.files import read_json
+
+    summaries = [read_json(f, "a run's summary") for f in files]
     try:
         print(table(summaries, _KEYS.value))
     except KeyError as e:
@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

@@ -8,8 +8,12 @@ generated samples): random shifts of up to one pixel and Gaussian pixel noise of
 Adam, lr 1e-3, batch 128, weight decay 1e-4.
 """
 
+import os
+
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from launch import user_errors
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the .npz (default: the shipped asset).")
 _STEPS = flags.DEFINE_integer("steps", 2000, "Optimizer steps.")
@@ -38,6 +42,13 @@ def main(argv):
     from jaxsafe.data import images
     from jaxsafe.nn import digits_classifier as dc
 
+    out = _OUT.value or dc.DEFAULT_WEIGHTS
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):  # before training, not after it
+        raise FileNotFoundError(f"--out {out!r}: no folder {folder!r}")
+    if _STEPS.value < 1:
+        raise ValueError(f"--steps={_STEPS.value}: expected at least 1")
+
     train = images.digits(dc.RESOLUTION, "train")
     test = images.digits(dc.RESOLUTION, "test")
     x_train, y_train = images.to_float(train["image"]), train["label"]
@@ -64,10 +75,9 @@ def main(argv):
                   f"{accuracy(model, x_test, y_test):.4f}")
     print(f"train accuracy {accuracy(model, x_train, y_train):.4f}, "
           f"held-out test accuracy {accuracy(model, x_test, y_test):.4f} ({len(y_test)} images)")
-    out = _OUT.value or dc.DEFAULT_WEIGHTS
     dc.save(model, out)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

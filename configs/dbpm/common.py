@@ -52,7 +52,8 @@ def base(arg: str | None) -> ml_collections.ConfigDict:
     c.probe = dict(steps=300, l2=1e-4)
     # -1: derived from the epoch length in experiments/dbpm.py (see its docstring).
     c.train = dict(num_steps=-1, steps_per_call=-1, log_every=-1, eval_every=-1,
-                   checkpoint_every=-1, keep_checkpoints=3, seed=0, async_checkpointing=True,
+                   checkpoint_every=-1, keep_checkpoints=3, seed=0,
+                   verify_checkpoints=True, async_checkpointing=True,
                    fsdp_min_size=2**10)
     c.mesh = dict(data=-1, fsdp=1)
     return c

@@ -41,7 +41,8 @@ def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.Con
     c.eval = dict(enabled=False, samples_per_concept=16, fid_samples=256, heldout_examples=256,
                   seed=0)
     c.train = dict(num_steps=1000, steps_per_call=1, log_every=50, eval_every=0,
-                   checkpoint_every=250, keep_checkpoints=1, seed=0, async_checkpointing=False,
+                   checkpoint_every=250, keep_checkpoints=1, seed=0,
+                   verify_checkpoints=True, async_checkpointing=False,
                    fsdp_min_size=2**14)
     c.mesh = dict(data=-1, fsdp=1)
     if arg in ("cpu", "smoke"):

@@ -35,7 +35,8 @@ def base(arg: str | None) -> ml_collections.ConfigDict:
                        momentum=0.0, perp=ml_collections.FieldReference(None, field_type=str),
                        perp_rescale=True)
     c.train = dict(num_steps=1000, steps_per_call=100, log_every=100, eval_every=100,
-                   checkpoint_every=1000, keep_checkpoints=3, seed=42, async_checkpointing=True,
+                   checkpoint_every=1000, keep_checkpoints=3, seed=42,
+                   verify_checkpoints=True, async_checkpointing=True,
                    fsdp_min_size=2**10)
     c.mesh = dict(data=-1, fsdp=1)
     return c

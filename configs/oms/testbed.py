@@ -41,7 +41,8 @@ def get_config(arg=None):
                       oms_guidance_scale=1.0, oms_noise="code")
     c.eval = dict(heldout_examples=256, samples=128, real_images=1000, seed=0)
     c.train = dict(num_steps=3000, steps_per_call=1, log_every=500, eval_every=500,
-                   checkpoint_every=500, keep_checkpoints=2, seed=0, async_checkpointing=True,
+                   checkpoint_every=500, keep_checkpoints=2, seed=0,
+                   verify_checkpoints=True, async_checkpointing=True,
                    fsdp_min_size=2**14)
     c.mesh = dict(data=-1, fsdp=1)
     if arg == "smoke":

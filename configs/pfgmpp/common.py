@@ -62,7 +62,8 @@ def base(arg: str | None, D: float) -> ml_collections.ConfigDict:
                   fid_ref="", fid_weights="")
     c.train = dict(batch_size=512, num_steps=390_625,  # 200 Mimg / 512
                    steps_per_call=5, log_every=100, eval_every=10_000, checkpoint_every=5_000,
-                   keep_checkpoints=3, seed=0, async_checkpointing=True, fsdp_min_size=2**14)
+                   keep_checkpoints=3, seed=0,
+                   verify_checkpoints=True, async_checkpointing=True, fsdp_min_size=2**14)
     c.mesh = dict(data=-1, fsdp=1)
     return c
 

@@ -35,7 +35,7 @@ def base(arg) -> ml_collections.ConfigDict:
     c.eval = dict(num_samples=64, batch_size=64, grid=64, seed=0, teacher_fd=True)
     c.train = dict(batch_size=256, num_steps=800_000_000 // 256, steps_per_call=1,
                    log_every=100, eval_every=10_000, checkpoint_every=5_000, keep_checkpoints=3,
-                   seed=0, async_checkpointing=True, fsdp_min_size=2**14)
+                   seed=0, verify_checkpoints=True, async_checkpointing=True, fsdp_min_size=2**14)
     c.mesh = dict(data=-1, fsdp=1)
     if arg == "cpu":
         c.optimizer.update(lr_g=1e-4, lr_psi=1e-4)

@@ -34,7 +34,7 @@ def _train(num_steps: int, every: int, seed: int = 0) -> dict:
     # the same step called on its own (jax 0.10.2), so scanning steps only pays off elsewhere.
     return dict(num_steps=num_steps, steps_per_call=1, log_every=every,
                 eval_every=every, checkpoint_every=every, keep_checkpoints=2, seed=seed,
-                async_checkpointing=True, fsdp_min_size=2**14)
+                verify_checkpoints=True, async_checkpointing=True, fsdp_min_size=2**14)
 
 
 def _oracle(arg: str) -> ml_collections.ConfigDict:

@@ -95,6 +95,8 @@ def _parse_header(tag: str, rest: str, where: str, header: dict) -> None:
             header[tag] = int(rest)
         except ValueError:
             raise ValueError(f"{where}: @{tag} needs an integer, got {rest!r}") from None
+        if header[tag] < 1:
+            raise ValueError(f"{where}: @{tag} must be at least 1, got {header[tag]}")
     elif tag == "problemname":
         header[tag] = rest
     elif tag == "classlabel":
@@ -114,11 +116,17 @@ def _parse_values(text: str, where: str) -> np.ndarray:
     if not text:
         return np.zeros(0, np.float32)
     try:
-        return np.array([math.nan if v.strip() == "?" else float(v) for v in text.split(",")],
-                        np.float32)
+        values = np.array([math.nan if v.strip() == "?" else float(v) for v in text.split(",")],
+                          np.float32)
     except ValueError:
         bad = next(v for v in text.split(",") if v.strip() != "?" and not _is_float(v))
         raise ValueError(f"{where}: could not parse value {bad.strip()!r} as a number") from None
+    infinite = np.flatnonzero(np.isinf(values))
+    if infinite.size:  # standardising would turn the whole channel into NaN, then into zeros
+        bad = text.split(",")[infinite[0]].strip()
+        raise ValueError(f"{where}: value {bad!r} is infinite (or beyond float32's range); a "
+                         "missing value is written '?'")
+    return values
 
 
 def _is_float(v: str) -> bool:
@@ -169,8 +177,8 @@ def read_ts(path: str) -> TsFile:
                 *fields, label = fields
                 label = label.strip()
                 if header["classlabel"] is not None and label not in header["classlabel"]:
-                    raise ValueError(f"{where}: class label {label!r} is not one of the @classLabel "
-                                     f"labels {list(header['classlabel'])}")
+                    raise ValueError(f"{where}: class label {label!r} is not one of the "
+                                     f"@classLabel labels {list(header['classlabel'])}")
                 labels.append(label)
             if dims is None:
                 dims = len(fields)
@@ -180,6 +188,8 @@ def read_ts(path: str) -> TsFile:
                                  f"{len(fields) + has_label} field(s)")
             series = [_parse_values(v, where) for v in fields]
             length = max(len(s) for s in series)
+            if length == 0:
+                raise ValueError(f"{where}: the series has no values")
             if header.get("equallength") and "serieslength" in header and \
                     length != header["serieslength"]:
                 raise ValueError(f"{where}: series has {length} values, but @seriesLength is "
@@ -405,10 +415,20 @@ def load_sleep_edf(directory: str, *, test_fraction: float = 0.2, seed: int = 0)
     def read(ids):
         xs, ys = [], []
         for i in sorted(ids):
-            with np.load(files[i]) as z:
+            try:
+                z = np.load(files[i])
+            except (OSError, EOFError, ValueError) as e:
+                raise ValueError(f"{files[i]}: cannot read as .npz ({e})") from e
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError(f"{files[i]}: expected an .npz archive with 'x' and 'y', got "
+                                 "a single array")
+            with z:
                 if "x" not in z or "y" not in z:
                     raise ValueError(f"{files[i]}: expected arrays 'x' and 'y', got {list(z)}")
                 x = z["x"].astype(np.float32)
+                if np.isinf(x).any():
+                    raise ValueError(f"{files[i]}: 'x' holds infinite values (NaN marks a "
+                                     "missing one)")
                 xs.append(x[..., None] if x.ndim == 2 else x)
                 ys.append(z["y"].astype(np.int32))
         return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
@@ -494,7 +514,8 @@ def contrastive_batches(arrays: dict, batch_size: int, *, seed: int = 0, process
     n = next(iter(arrays.values())).shape[0]
     for k, v in arrays.items():
         if v.shape[0] != n:
-            raise ValueError(f"all arrays need the same leading size; {k!r} has {v.shape[0]} != {n}")
+            raise ValueError(f"all arrays need the same leading size; {k!r} has {v.shape[0]} "
+                             f"!= {n}")
     if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
         raise ValueError(f"batch_size={batch_size!r}; expected an integer in [1, {n}] (the number "
                          "of instances)")

@@ -65,8 +65,8 @@ class WordTokenizer:
         words = text.lower().split()
         unknown = [w for w in words if w not in self.vocab or w in (PAD, SOT, EOT)]
         if unknown:
-            raise ValueError(f"unknown word {unknown[0]!r} in {text!r}; vocabulary: "
-                             f"{', '.join(self.words)}")
+            raise ValueError(f"unknown word {unknown[0]!r} in {text!r}: not in the test-bed "
+                             f"tokenizer's vocabulary ({', '.join(self.words)})")
         if len(words) + 2 > self.max_length:
             raise ValueError(f"{text!r} has {len(words)} words; at most max_length - 2 = "
                              f"{self.max_length - 2} fit")
@@ -109,10 +109,14 @@ class WordTokenizer:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"tokenizer file {p!r} not found (written by "
                                         "WordTokenizer.save)")
-        with open(paths[0], encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(paths[1], encoding="utf-8") as f:
-            config = json.load(f)
+        from jaxsafe.files import read_json
+
+        vocab, config = (read_json(p, "a WordTokenizer file") for p in paths)
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise ValueError(f"{paths[0]}: expected a JSON object word -> integer id")
+        if not isinstance(config, dict) or not isinstance(config.get("model_max_length"), int):
+            raise ValueError(f"{paths[1]}: expected a JSON object with an integer "
+                             "'model_max_length'")
         n = len(vocab) - 3
         words = sorted((w for w in vocab if w not in (PAD, SOT, EOT)), key=vocab.get)
         tok = cls(words, config["model_max_length"])

@@ -13,6 +13,7 @@ Inception graph, whose features differ slightly from pytorch-fid's). Our files a
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 
 import jax
@@ -100,21 +101,32 @@ def load_stats(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID reference statistics {path!r} not found (make them with "
                                 "`python -m launch.fid_stats`)")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle
+        with open(path, "rb") as fh:
+            npy = fh.read(6) == b"\x93NUMPY"
+        raise ValueError(f"{path}: cannot read as .npz (" + (
+            "it is a single .npy array)" if npy else "not a zip archive: damaged, or not "
+            "written by launch.fid_stats or pytorch-fid's --save-stats)"))
     try:
         f = np.load(path)
-    except (OSError, EOFError, ValueError) as e:  # np.load on a damaged or non-npz file
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # a damaged archive
         raise ValueError(f"{path}: cannot read as .npz ({e})") from e
-    if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: cannot read as .npz (it is a single .npy array)")
     with f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path}: FID statistics need 'mu' and 'sigma', found "
                              f"{sorted(f.files)}")
-        mu, sigma = f["mu"], f["sigma"]
+        try:
+            mu, sigma = f["mu"], f["sigma"]
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: cannot read 'mu' and 'sigma' ({e})") from e
     d = mu.shape[0] if mu.ndim == 1 else -1
     if d < 1 or sigma.shape != (d, d):
         raise ValueError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not (d,) and "
                          "(d, d)")
+    for name, x in (("mu", mu), ("sigma", sigma)):
+        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+            raise ValueError(f"{path}: {name!r} holds non-finite values (or is not numeric): "
+                             "damaged statistics would make every FID NaN")
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 

@@ -7,7 +7,6 @@ and the benchmarks.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -162,16 +161,26 @@ def restore_like(template, raw):
 
 
 def load_config(workdir: str, config=None):
-    """``config``, or the ``config.json`` that ``launch.train`` wrote into ``workdir``."""
-    if config is not None:
-        return config
+    """``config``, or the ``config.json`` that ``launch.train`` wrote into ``workdir``; either
+    must be a PFGM++/EDM run's (``experiment='pfgmpp'``)."""
     import ml_collections
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; pass --config=<the training config file>")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    from jaxsafe.files import read_json
+
+    where = "--config"
+    if config is None:
+        where = os.path.join(workdir, "config.json")
+        if not os.path.exists(where):
+            raise FileNotFoundError(f"{where} not found; pass --config=<the training config "
+                                    "file>")
+        config = read_json(where, "the run's config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: expected a JSON object (the run's config)")
+        config = ml_collections.ConfigDict(config)
+    if config.get("experiment") != "pfgmpp":
+        raise ValueError(f"{where}: experiment={config.get('experiment')!r}; expected a "
+                         "PFGM++/EDM run (experiment='pfgmpp', configs/pfgmpp/)")
+    return config
 
 
 def load_model(config, workdir: str, *, use_ema: bool = True, step: int | None = None):

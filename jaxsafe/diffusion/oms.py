@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsafe.diffusion import schedulers, t2i
+from jaxsafe.files import read_json
 
 __all__ = ["NOISE_SCALES", "OMS", "first_alpha_bar", "guide", "initial_latents", "load",
            "loss", "save", "step", "x0_from_v"]
@@ -169,7 +170,7 @@ def load(folder, *, text_encoder_folder=None, latent_channels: int | None = None
                                 "folder")
     d = folder / "oms_module"
     ucfg = UNet2DConditionConfig.from_dict(
-        {**json.loads((d / "config.json").read_text()), "_class_name": WOCT_CLASS})
+        {**read_json(d / "config.json"), "_class_name": WOCT_CLASS})
     te_dir = folder / "oms_text_encoder"
     if te_dir.is_dir() and _has_weights(te_dir):
         te_folder, tok_dir = te_dir, folder / "oms_tokenizer"
@@ -177,7 +178,7 @@ def load(folder, *, text_encoder_folder=None, latent_channels: int | None = None
         if text_encoder_folder is None:
             named = ""
             if (te_dir / "config.json").is_file():
-                c = json.loads((te_dir / "config.json").read_text())
+                c = read_json(te_dir / "config.json")
                 named = f" (its config names {c.get('_name_or_path')}/{c.get('subfolder', '')})"
             raise FileNotFoundError(f"{te_dir}: no text-encoder weights{named}; pass "
                                     "text_encoder_folder=<a local copy of that model>")
@@ -185,7 +186,7 @@ def load(folder, *, text_encoder_folder=None, latent_channels: int | None = None
         tok_dir = te_folder / "tokenizer"
     # Widths first: a mismatch is named before any weights are read.
     te_config = diffusers.component_dir(te_folder, "text_encoder") / "config.json"
-    width = CLIPTextConfig.from_dict(json.loads(te_config.read_text())).hidden_size
+    width = CLIPTextConfig.from_dict(read_json(te_config)).hidden_size
     if width != ucfg.cross_attention_dim:
         raise ValueError(f"OMS text encoder ({te_folder}) has width {width}; the OMS "
                          f"module's cross_attention_dim is {ucfg.cross_attention_dim}")
@@ -231,7 +232,7 @@ def _tokenizer(d: Path, max_positions: int) -> Callable:
     """The test bed's word tokenizer (its ``tokenizer_config.json`` says so), else
     transformers' CLIP tokenizer padded to the text encoder's length."""
     cfg = d / "tokenizer_config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("tokenizer_class") == "WordTokenizer":
+    if cfg.is_file() and read_json(cfg).get("tokenizer_class") == "WordTokenizer":
         from jaxsafe.data.word_tokenizer import WordTokenizer
 
         return WordTokenizer.load(str(d))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsafe.diffusion import schedulers, t2i
+from jaxsafe.files import read_json
 from jaxsafe.nn import patch_pca
 from jaxsafe.nn.clip_text import CLIPTextModel
 from jaxsafe.nn.unet2d_condition import UNet2DConditionModel
@@ -116,7 +116,7 @@ def load(folder: str | None = None, *, revision: str | None = None,
                                 "folder (a Stable Diffusion checkpoint or a test-bed export)")
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"{folder}/model_index.json not found: not a diffusers folder")
-    index = json.loads(Path(folder, "model_index.json").read_text())
+    index = read_json(os.path.join(folder, "model_index.json"), "the pipeline's index")
     testbed = "testbed_latent" in index
     parts = diffusers.load_pipeline(folder, components=("unet", "text_encoder")
                                     + (() if testbed else ("vae", "tokenizer")), variant=variant)
@@ -211,11 +211,13 @@ def _primary_writes(name: str):
 
 @_primary_writes("jaxsafe.pipeline.save")
 def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
-         extra_files: dict[str, bytes] | None = None) -> str:
+         extra_files: dict[str, bytes] | None = None,
+         extra_tensors: dict[str, dict[str, np.ndarray]] | None = None) -> str:
     """Writes ``out`` as a copy of the source folder with the edited ``unet`` / ``text_encoder``
-    (NNX modules; None keeps the original files) and ``extra_files`` (relative path -> bytes),
-    atomically (module docstring); on process 0 only, the others wait for it."""
-    from jaxsafe.weights import diffusers
+    (NNX modules; None keeps the original files), ``extra_files`` (relative path -> bytes) and
+    ``extra_tensors`` (relative path -> tensors, a checksummed safetensors file), atomically
+    (module docstring); on process 0 only, the others wait for it."""
+    from jaxsafe.weights import convert, diffusers
 
     with atomic_folder(out) as tmp:
         shutil.copytree(pipe.folder, tmp, dirs_exist_ok=True)
@@ -227,6 +229,9 @@ def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
         for rel, data in (extra_files or {}).items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
             Path(tmp, rel).write_bytes(data)
+        for rel, tensors in (extra_tensors or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
+            convert.write_safetensors(tensors, os.path.join(tmp, rel))
     return os.path.abspath(out)
 
 

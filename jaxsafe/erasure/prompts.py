@@ -56,13 +56,18 @@ def testbed_templates(attribute: int) -> list[str]:
     return sorted(forms)
 
 
+def _concept(word: str, why: str) -> tuple[int, int]:
+    """``shapes.CONCEPTS[word]``; a ValueError saying ``why`` a test-bed word was needed."""
+    if word not in shapes.CONCEPTS:
+        raise ValueError(f"{why} need test-bed concept words; got {word!r}, which is not one of "
+                         f"the test bed's concepts ({', '.join(shapes.CONCEPTS)})")
+    return shapes.CONCEPTS[word]
+
+
 def _forms(templates: Sequence[str], word: str) -> list[str]:
     if list(templates) != [TESTBED_TEMPLATES]:
         return list(templates)
-    if word not in shapes.CONCEPTS:
-        raise ValueError(f"templates {TESTBED_TEMPLATES!r} need test-bed concept words; got "
-                         f"{word!r}")
-    return testbed_templates(shapes.CONCEPTS[word][0])
+    return testbed_templates(_concept(word, f"templates {TESTBED_TEMPLATES!r}")[0])
 
 
 def expand(templates: Sequence[str], words: Sequence[str], like: str | None = None) -> list[str]:
@@ -82,7 +87,7 @@ def preserve_words(concepts) -> list[str]:
         if w != SAME_ATTRIBUTE:
             out.append(w)
             continue
-        erased = {shapes.CONCEPTS[e] for e in concepts.erase}
+        erased = {_concept(e, f"preserve {SAME_ATTRIBUTE!r}") for e in concepts.erase}
         for a in sorted({a for a, _ in erased}):
             out += [v for i, v in enumerate(shapes.ATTRIBUTES[a][1]) if (a, i) not in erased]
     return out
@@ -125,7 +130,7 @@ def testbed_keywords(concepts: Sequence[str]) -> list[str]:
     words = list(concepts) + [w for w, c in shapes.SYNONYMS.items() if c in concepts]
     out = []
     for w in dict.fromkeys(words):
-        kind = shapes.ATTRIBUTES[shapes.CONCEPTS[w][0]][0]
+        kind = shapes.ATTRIBUTES[_concept(w, "the test bed's keyword phrases")[0]][0]
         if kind == "shape":
             out += [w, with_article(w)] + [with_article(f"{c} {w}") for c in shapes.COLOURS]
         elif kind == "colour":

@@ -90,5 +90,14 @@ def load(folder: str) -> PatchPCA:
     if not os.path.exists(path):
         raise FileNotFoundError(f"latent map {path!r} not found: folder must be a test-bed "
                                 "export (jaxsafe.diffusion.pipeline.export_testbed)")
-    with np.load(path) as f:
+    try:
+        f = np.load(path)
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the latent map as .npz ({e})") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an .npz archive, got a single array")
+    with f:
+        missing = [k for k in ("mean", "basis", "scale", "patch") if k not in f]
+        if missing:
+            raise ValueError(f"{path}: the latent map lacks {missing} (has {sorted(f.files)})")
         return PatchPCA(f["mean"], f["basis"], f["scale"], int(f["patch"]))

@@ -1,21 +1,101 @@
-"""Multi-host start-up.
+"""Multi-host start-up, and stopping cleanly when another process dies.
 
 On TPU pods and SLURM clusters `jax.distributed.initialize()` finds the coordinator itself; on
 plain machines (and in our two-process localhost tests) pass the address, process count and id.
 CPU processes exchange collectives through gloo.
+
+When one process of a run dies, the others would wait in their next collective (gloo on CPU
+can wait indefinitely) until JAX's coordination service notices the missing heartbeats and
+aborts them with a C++ stack trace. A watchdog thread here exchanges its own heartbeats through
+the coordination service's key-value store and, after `heartbeat_timeout_s / 2` without news
+from a peer, prints one line naming the silent process and exits with `EXIT_PEER_LOST`
+(EX_TEMPFAIL: restarting every process resumes from the last checkpoint), before JAX's abort at
+`heartbeat_timeout_s`.
 """
+
+import os
+import sys
+import threading
+import time
 
 import jax
 
+EXIT_PEER_LOST = 75  # sysexits.h EX_TEMPFAIL: a rerun of all processes resumes
+
+_watchdog = None
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """Calls `jax.distributed.initialize` once; must run before any other JAX call."""
+               process_id: int | None = None, *, heartbeat_timeout_s: int = 100,
+               prog: str = "jaxsafe") -> None:
+    """Calls `jax.distributed.initialize` once (before any other JAX call) and, with more than
+    one process, starts the watchdog; `prog` starts its error line."""
+    global _watchdog
+    if heartbeat_timeout_s < 2:
+        raise ValueError(f"heartbeat_timeout_s={heartbeat_timeout_s}: must be at least 2 s")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+    if jax.process_count() > 1 and _watchdog is None:
+        _watchdog = _Watchdog(prog, heartbeat_timeout_s / 2)
+        _watchdog.start()
 
 
 def is_primary() -> bool:
     """True on the process that writes logs, metrics and plots."""
     return jax.process_index() == 0
+
+
+def await_peer_verdict() -> None:
+    """Called on an error: returns once every peer has sent a new heartbeat (they are alive:
+    the error is this process's own), else the watchdog names the dead one and exits the
+    process first. Without a watchdog (one process) it returns at once."""
+    if _watchdog is None:
+        return
+    before = dict(_watchdog.seen)
+    deadline = time.monotonic() + _watchdog.timeout + 2 * _watchdog.period
+    while time.monotonic() < deadline:
+        if all(_watchdog.seen[j][0] != value for j, (value, _) in before.items()):
+            return
+        time.sleep(_watchdog.period / 4)
+
+
+class _Watchdog(threading.Thread):
+    def __init__(self, prog: str, timeout: float):
+        super().__init__(name="jaxsafe-peer-watchdog", daemon=True)
+        from jax._src import distributed  # the client jax.distributed.initialize created
+
+        self.client = distributed.global_state.client
+        self.prog, self.timeout = prog, timeout
+        self.period = max(0.2, timeout / 5)
+        self.me, self.n = jax.process_index(), jax.process_count()
+        self.seen = {j: (None, time.monotonic()) for j in range(self.n) if j != self.me}
+
+    def _fail(self, why: str) -> None:
+        sys.stderr.write(f"{self.prog}: error: {why}; stopping process {self.me} too (rerun all "
+                         f"{self.n} processes to resume from the last checkpoint)\n")
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_LOST)  # the main thread may be blocked in a collective forever
+
+    def run(self) -> None:
+        beat, seen = 0, self.seen  # peer -> (last heartbeat read, when it changed)
+        while True:
+            beat += 1
+            try:
+                self.client.key_value_set(f"jaxsafe/heartbeat/{self.me}", str(beat),
+                                          allow_overwrite=True)
+            except Exception:  # the coordination service lives in process 0
+                self._fail(f"lost the coordinator (process 0 of {self.n}): it has probably died")
+            now = time.monotonic()
+            for j, (value, since) in seen.items():
+                try:
+                    new = self.client.key_value_try_get(f"jaxsafe/heartbeat/{j}")
+                except Exception:  # not written yet
+                    new = None
+                if new != value:
+                    seen[j] = (new, now)
+                elif now - since > self.timeout:
+                    self._fail(f"process {j} of {self.n} sent no heartbeat for "
+                               f"{now - since:.0f} s: it has probably died")
+            time.sleep(self.period)

@@ -7,11 +7,13 @@
     shardings and the state donated, lowered as `config.lowering` says (:func:`lowering`): one
     program of K steps in a `lax.scan`, or a host loop over the one-step program;
   * logs metrics (JSONL + TensorBoard), runs evaluators, saves checkpoints periodically, at the
-    end and on SIGTERM; stops on a non-finite metric before that state can be saved.
+    end and on SIGTERM; stops on a non-finite metric before that state can be saved; resumes from
+    the newest checkpoint that passes its checksums, moving damaged ones aside.
 
 Config fields (`config.train` in the experiment configs): num_steps, steps_per_call, log_every,
 eval_every, checkpoint_every, keep_checkpoints, seed, async_checkpointing, fsdp_min_size, and
-optionally lowering (default "auto").
+optionally lowering (default "auto") and verify_checkpoints (default True: checksums written with
+every checkpoint and checked on resume, `jaxsafe.train.checkpoint`).
 """
 
 import concurrent.futures
@@ -183,7 +185,8 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
     fixed = is_fixed_batch(task.train_data)
     writer = MetricWriter(workdir, enabled=is_primary())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
-                        save_every=cfg.checkpoint_every, async_save=cfg.async_checkpointing)
+                        save_every=cfg.checkpoint_every, async_save=cfg.async_checkpointing,
+                        verify=cfg.get("verify_checkpoints", True))
 
     state = init_state(task.params, task.frozen, task.optimizer, task.extra, cfg.seed)
     state = place_state(state, mesh, task.sharding_rules, cfg.fsdp_min_size)
@@ -242,9 +245,11 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
             bad = _first_non_finite(metrics, step)
             if bad is not None:
                 name, value, at = bad
+                last = ckpt.latest_step()
                 raise NonFiniteError(
                     f"non-finite {name} = {value} at step {at}; stopped without saving this state "
-                    f"(last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory})")
+                    + (f"(last good checkpoint: step {last} in {ckpt.directory})"
+                       if last is not None else "(no checkpoint saved yet)"))
             for i in range(k):
                 s = step + i + 1
                 if cfg.log_every and s % cfg.log_every == 0:

@@ -17,12 +17,21 @@ NNX leaf (shape)               PyTorch leaf (shape)               transform
 A Linear kernel may also be read from a ``(out, in, 1, 1)`` tensor (1x1-conv-shaped attention
 weights of converted original-LDM checkpoints). Any missing, unexpected or wrongly shaped tensor
 raises :class:`CheckpointError` naming it.
+
+Every safetensors file jaxsafe writes (:func:`write_safetensors`, the one writer) carries the
+CRC-32 of each tensor's bytes in its header metadata (``CHECKSUM_KEY``: a JSON object tensor
+name -> ``zlib.crc32``), and :func:`read_safetensors` (the one reader) verifies them: a damaged
+tensor, a truncated file or a damaged header raises :class:`CheckpointError` naming the file
+(and the tensor). Files of other tools have no such metadata and load unverified.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,9 +42,13 @@ from flax import nnx
 from jaxsafe.treepath import named_leaves, path_name
 
 __all__ = [
-    "CheckpointError", "from_torch", "load_params", "model_params", "params_to_state_dict",
-    "read_safetensors", "state_dict_to_params", "to_torch", "torch_key", "write_safetensors",
+    "CHECKSUM_KEY", "CheckpointError", "from_torch", "load_params", "model_params",
+    "params_to_state_dict", "read_safetensors", "state_dict_to_params", "to_torch", "torch_key",
+    "write_safetensors",
 ]
+
+#: The safetensors header metadata key of the per-tensor CRC-32 checksums (module docstring).
+CHECKSUM_KEY = "jaxsafe.crc32"
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
          "mean": "running_mean", "var": "running_var"}
@@ -159,9 +172,9 @@ def load_params(abstract_model: nnx.Module, params: Mapping[str, np.ndarray]) ->
 
 
 def read_safetensors(files: Path | str | Sequence[Path | str]) -> dict[str, np.ndarray]:
-    """Reads one or more safetensors files into numpy (memory-mapped), naming the file on error."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Reads one or more safetensors files into numpy, verifying the tensors' checksums where
+    the file has them (module docstring); errors name the file (and the tensor)."""
+    from safetensors import SafetensorError, safe_open
 
     files = [files] if isinstance(files, (str, Path)) else list(files)
     out: dict[str, np.ndarray] = {}
@@ -169,15 +182,45 @@ def read_safetensors(files: Path | str | Sequence[Path | str]) -> dict[str, np.n
         if not f.is_file():
             raise FileNotFoundError(f"safetensors file {str(f)!r} not found")
         try:
-            part = load_file(f)
-        except (SafetensorError, OSError, ValueError) as e:
+            with safe_open(str(f), framework="np") as handle:
+                metadata = handle.metadata() or {}
+                part = {k: handle.get_tensor(k) for k in handle.keys()}
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e}); "
                                   "is it truncated or corrupted?") from e
+        _verify_checksums(part, metadata.get(CHECKSUM_KEY), f)
         dup = set(part) & set(out)
         if dup:
             raise CheckpointError(f"{f}: tensor(s) {_listing(dup)} also appear in another shard")
         out.update(part)
     return out
+
+
+def _crc32(array: np.ndarray) -> int:
+    """CRC-32 of the bytes safetensors stores for ``array`` (C order, little-endian)."""
+    a = np.ascontiguousarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"))
+    return zlib.crc32(a.reshape(-1).view(np.uint8))
+
+
+def _verify_checksums(tensors: Mapping[str, np.ndarray], stored: str | None, file: Path) -> None:
+    if stored is None:  # written by another tool: nothing to verify against
+        return
+    try:
+        sums = json.loads(stored)
+        if not isinstance(sums, dict) or not all(isinstance(v, int) for v in sums.values()):
+            raise ValueError("not an object of integers")
+    except ValueError as e:
+        raise CheckpointError(f"{file}: damaged header: its {CHECKSUM_KEY!r} metadata is not "
+                              f"a JSON object tensor -> CRC-32 ({e})") from None
+    if set(sums) != set(tensors):
+        odd = set(sums) ^ set(tensors)
+        raise CheckpointError(f"{file}: damaged header: the checksums and the tensors disagree "
+                              f"on the tensor names ({_listing(odd)})")
+    for name in sorted(tensors):
+        crc = _crc32(tensors[name])
+        if crc != sums[name]:
+            raise CheckpointError(f"{file}: tensor {name!r} fails its CRC-32 check (stored "
+                                  f"{sums[name]:08x}, read {crc:08x}); the file is damaged")
 
 
 def read_sharded_index(index_file: Path) -> list[Path]:
@@ -190,8 +233,22 @@ def read_sharded_index(index_file: Path) -> list[Path]:
 
 
 def write_safetensors(state_dict: Mapping[str, np.ndarray], file: Path | str) -> None:
-    """Writes with ``{'format': 'pt'}`` metadata, which transformers requires to load the file."""
+    """Writes ``file`` (whole or not at all: a temporary sibling, then renamed) with the
+    tensors' checksums (module docstring) and ``{'format': 'pt'}`` metadata, which transformers
+    requires to load the file."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(file),
-              metadata={"format": "pt"})
+    tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    metadata = {"format": "pt",
+                CHECKSUM_KEY: json.dumps({k: _crc32(v) for k, v in sorted(tensors.items())})}
+    file = os.fspath(file)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(file) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(file)))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsafe.files import read_json
 from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from jaxsafe.nn.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxsafe.nn.unet2d_condition import WOCT_CLASS, UNet2DConditionConfig, UNet2DConditionModel
@@ -67,12 +68,13 @@ ALIASES = {"tokenizer": ("CLIPTokenizerFast",)}  # loaded with CLIPTokenizer all
 
 
 def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise FileNotFoundError(f"{str(file)!r} not found")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from e
+        value = read_json(file)
+    except ValueError as e:  # FileNotFoundError passes
+        raise CheckpointError(str(e)) from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def component_dir(folder: Path | str, name: str) -> Path:
@@ -192,7 +194,12 @@ def load_tokenizer(folder):
             or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())):
         raise FileNotFoundError(f"tokenizer files not found in {str(d)!r}: expected "
                                 "'vocab.json' and 'merges.txt', or 'tokenizer.json'")
-    return CLIPTokenizer.from_pretrained(str(d))
+    try:
+        return CLIPTokenizer.from_pretrained(str(d))
+    except Exception as e:  # noqa: BLE001 (transformers raises bare Exception, OSError, ...)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"tokenizer files in {str(d)!r} cannot be read as a CLIP tokenizer "
+                         f"({type(e).__name__}: {first})") from e
 
 
 _LOADERS: dict[str, Callable] = {"unet": load_unet, "vae": load_vae,

@@ -20,7 +20,8 @@ def test_linear_resize_matrix_matches_jax_image_resize(n_out):
     r = images.linear_resize_matrix(8, n_out)
     want = jax.image.resize(x, (n_out, n_out), "linear")
     np.testing.assert_allclose(r @ x @ r.T, want, atol=1e-6)
-    np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-12)  # a partition of unity: constants stay constant
+    # A partition of unity: constants stay constant.
+    np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-12)
 
 
 def test_digits_are_the_sklearn_images_upsampled(digits16):
@@ -48,7 +49,8 @@ def test_digits_splits_are_disjoint_and_cover_all(digits16):
 def test_digits_bad_arguments():
     with pytest.raises(ValueError, match="resolution must be a positive multiple of 8, got 12"):
         images.digits(12)
-    with pytest.raises(ValueError, match=r"split='val'; expected one of \('all', 'train', 'test'\)"):
+    with pytest.raises(ValueError,
+                       match=r"split='val'; expected one of \('all', 'train', 'test'\)"):
         images.digits(16, "val")
 
 
@@ -145,6 +147,12 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no .png/.jpg/.jpeg files under"):
         images.ImageFolderSource(str(tmp_path), 8)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(ValueError, match=r"cannot read image '.*broken.png'"):
+        images.ImageFolderSource(str(tmp_path), 8)  # found at construction, before training
+    # A valid header with a damaged body is found when the image is read.
+    write(tmp_path / "broken.png", np.random.default_rng(0).integers(0, 256, (32, 32, 3),
+                                                                      dtype=np.uint8))
+    (tmp_path / "broken.png").write_bytes((tmp_path / "broken.png").read_bytes()[:-500])
     src = images.ImageFolderSource(str(tmp_path), 8)
     with pytest.raises(ValueError, match=r"cannot read image '.*broken.png'"):
         src[0]

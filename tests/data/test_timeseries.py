@@ -81,6 +81,12 @@ def test_read_ts_multivariate_unequal_lengths_pad_with_nan(tmp_path):
     (UNIVARIATE.replace("@data\n", ""), r"u\.ts:10: data before the @data tag"),
     (UNIVARIATE + "@missing false\n", r"u\.ts:14: header tag '@missing' after @data"),
     (UNIVARIATE.split("@data")[0] + "@data\n", r"u\.ts: no series after @data"),
+    (UNIVARIATE.replace("4,3,?,1:down", "4,inf,2,1:down"),
+     r"u\.ts:12: value 'inf' is infinite \(or beyond float32's range\)"),
+    (UNIVARIATE.replace("4,3,?,1:down", "4,1e39,2,1:down"), r"u\.ts:12: value '1e39' is infinite"),
+    (UNIVARIATE.replace("4,3,?,1:down", ":down"), r"u\.ts:12: the series has no values"),
+    (UNIVARIATE.replace("@seriesLength 4", "@seriesLength 0"),
+     r"u\.ts:\d+: @serieslength must be at least 1, got 0"),
 ])
 def test_read_ts_malformed_files_name_the_line(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -117,7 +123,8 @@ def test_test_labels_outside_train_classes_fail(tmp_path):
         ts.load_ucr_uea(str(tmp_path), "X")
 
 
-# The sets documented in ts.BUNDLED, as listed by the UCR/UEA archive (timeseriesclassification.com).
+# The sets documented in ts.BUNDLED, as listed by the UCR/UEA archive
+# (timeseriesclassification.com).
 ARCHIVE = {"BasicMotions": (40, 40, 100, 6, 4), "GunPoint": (50, 150, 150, 1, 2),
            "ItalyPowerDemand": (67, 1029, 24, 1, 2), "ArrowHead": (36, 175, 251, 1, 3),
            "JapaneseVowels": (270, 370, 29, 12, 9), "OSULeaf": (200, 242, 427, 1, 6)}
@@ -202,7 +209,8 @@ def test_uci_har_missing_signal_file_is_named(tmp_path):
     root = tmp_path / "UCI HAR Dataset"
     write_har(root)
     os.remove(root / "test" / "Inertial Signals" / "total_acc_z_test.txt")
-    with pytest.raises(FileNotFoundError, match=r"UCI-HAR: expected the file .*total_acc_z_test\.txt"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"UCI-HAR: expected the file .*total_acc_z_test\.txt"):
         ts.load_uci_har(str(root))
 
 

@@ -53,8 +53,14 @@ def test_bad_statistics_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"'mu' \(3,\) and 'sigma' \(4, 4\) are not"):
         fid.load_stats(str(tmp_path / "shape.npz"))
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.npz: cannot read as .npz"):
+    with pytest.raises(ValueError, match=r"junk.npz: cannot read as .npz \(not a zip archive"):
         fid.load_stats(str(tmp_path / "junk.npz"))
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"one.npy: cannot read as .npz \(it is a single .npy"):
+        fid.load_stats(str(tmp_path / "one.npy"))
+    np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan]), sigma=np.eye(2))
+    with pytest.raises(ValueError, match="nan.npz: 'mu' holds non-finite values"):
+        fid.load_stats(str(tmp_path / "nan.npz"))
     np.savez(tmp_path / "ok.npz", mu=np.zeros(3), sigma=np.eye(3))
     with pytest.raises(ValueError, match="features have 2 dimensions, .*ok.npz has 3"):
         fid.fid(np.zeros((4, 2)), str(tmp_path / "ok.npz"))

@@ -72,7 +72,7 @@ def test_an_unusable_directory_is_one_line_and_exit_status_2(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: compilation cache directory '{bad}' cannot be created: "
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert errors == [f"train: error: compilation cache directory '{bad}' cannot be created: "
                       "Not a directory"]
     assert not os.path.exists(tmp_path / "w" / "checkpoints")

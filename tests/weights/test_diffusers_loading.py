@@ -287,3 +287,12 @@ def test_tokenizer(tmp_path):
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     # Lower-cased, 'c a' merged, end-of-word suffixes, padded with EOT (SD 1.x convention).
     assert ids == [bos, vocab["a</w>"], vocab["ca"], vocab["t</w>"], eos, eos, eos]
+
+
+def test_unreadable_tokenizer_files_are_one_clear_error(tmp_path):
+    pytest.importorskip("transformers", reason="CLIP tokenisation uses transformers")
+    (tmp_path / "vocab.json").write_text("{not json")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match=r"tokenizer files in '.*' cannot be read as a CLIP "
+                                         "tokenizer"):
+        load_tokenizer(tmp_path)
