@@ -1,4 +1,5 @@
 """jaxsafe: safer and more robust generative and representation models in JAX/Flax."""
+
 import setuptools
 
 setuptools.setup(
@@ -30,15 +31,29 @@ setuptools.setup(
         "huggingface_hub>=0.23",  # hub ids as model folders (jaxsafe.weights.hub)
         "transformers>=4.40",  # the CLIP tokenizer of real SD folders (no torch needed)
     ],
-    package_data={"jaxsafe": ["data/assets/*", "data/assets/testbed_model/*",
-                              "data/assets/testbed_model/*/*",
-                              "data/assets/testbed_lightness/*",
-                              "data/assets/testbed_lightness/*/*"]},
+    package_data={
+        "jaxsafe": [
+            "data/assets/*",
+            "data/assets/testbed_model/*",
+            "data/assets/testbed_model/*/*",
+            "data/assets/testbed_lightness/*",
+            "data/assets/testbed_lightness/*/*",
+        ]
+    },
     extras_require={
         # pytest; chex's tree assertions; SciPy as an independent reference (sqrtm, FID);
-        # executing the notebooks.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.88,<0.2", "scipy>=1.11",
-                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
+        # executing the notebooks; ruff, pinned so that `ruff format --check` is the same
+        # everywhere (.ci/run, .pre-commit-config.yaml).
+        "test": [
+            "ruff==0.17.6",
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "chex>=0.1.88,<0.2",
+            "scipy>=1.11",
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+        ],
         # Reference checks against PyTorch and diffusers/transformers' models; the FID Inception
         # converter (launch/convert_fid_inception.py).
         "torch": ["torch==2.13.0", "diffusers>=0.30"],

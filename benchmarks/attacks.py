@@ -58,60 +58,97 @@ def main(argv):
         t_c = time.perf_counter() - t0
         sec = time_calls(lambda: compiled(*args), _CALLS.value)
         flops = cost_flops(compiled) * iters[1]
-        print(f"{name:15s} compile {t_c:6.1f} s  {sec:7.3f} s/call  {iters[0] / sec:8.1f} "
-              f"iterations/s  {flops / sec / 1e9:7.2f} GFLOP/s ({flops / sec / peak * 100:.1f} % "
-              "of peak)")
+        print(
+            f"{name:15s} compile {t_c:6.1f} s  {sec:7.3f} s/call  {iters[0] / sec:8.1f} "
+            f"iterations/s  {flops / sec / 1e9:7.2f} GFLOP/s ({flops / sec / peak * 100:.1f} % "
+            "of peak)"
+        )
 
     u = jnp.broadcast_to(tokens.uniform_simplex(3, len(vocab)), (b, 3, len(vocab)))
     uda = unlearndiffatk.make_attack_steps(eps, encode, table, pipe.scheduler, steps=steps)
-    report("UnlearnDiffAtk", jax.vmap(uda, in_axes=(None, 0, 0, 0, None, 0)),
-           (state, u, words[:, None], x0, 500, keys), (b * steps, steps))
+    report(
+        "UnlearnDiffAtk",
+        jax.vmap(uda, in_axes=(None, 0, 0, 0, None, 0)),
+        (state, u, words[:, None], x0, 500, keys),
+        (b * steps, steps),
+    )
 
-    index, m = p4d.layout("n", 7, n=8, length=pipe.model.text_encoder.config.
-                          max_position_embeddings)
+    index, m = p4d.layout(
+        "n", 7, n=8, length=pipe.model.text_encoder.config.max_position_embeddings
+    )
     attack = p4d.make_attack(eps, eps, encode, table, pipe.scheduler, steps=steps)
     target = pipe.embed(prompts)
     p0 = table[jax.random.randint(jax.random.key(2), (b, m), 0, len(vocab))]
-    report("P4D-N", jax.vmap(lambda p, w, te, x, k: attack(state, p, w[None], 7, index,
-                                                            te[None], x, k)),
-           (p0, words, target, x0, keys), (b * steps, steps))
+    report(
+        "P4D-N",
+        jax.vmap(lambda p, w, te, x, k: attack(state, p, w[None], 7, index, te[None], x, k)),
+        (p0, words, target, x0, keys),
+        (b * steps, steps),
+    )
 
     tok = pipe.tokenizer
     fitness = ring_a_bell.sequence_fitness(
-        lambda ids: pipe.model.encode(ids), target[0], bos=tok.bos_token_id,
-        eos=tok.eos_token_id, pad=tok.pad_token_id, length=target.shape[1])
-    search = jax.jit(lambda key: ring_a_bell.genetic_search(
-        fitness, key, vocab_ids=vocab, length=8, population=200, generations=100)[1])
+        lambda ids: pipe.model.encode(ids),
+        target[0],
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=tok.pad_token_id,
+        length=target.shape[1],
+    )
+    search = jax.jit(
+        lambda key: ring_a_bell.genetic_search(
+            fitness, key, vocab_ids=vocab, length=8, population=200, generations=100
+        )[1]
+    )
     t0 = time.perf_counter()
     compiled = search.lower(jax.random.key(3)).compile()
     t_c = time.perf_counter() - t0
     sec = time_calls(lambda: compiled(jax.random.key(4)), _CALLS.value)
-    print(f"{'Ring-A-Bell':15s} compile {t_c:6.1f} s  {sec:7.3f} s/call  "
-          f"{100 / sec:8.1f} generations/s  {100 * 200 / sec:8.0f} candidates/s")
+    print(
+        f"{'Ring-A-Bell':15s} compile {t_c:6.1f} s  {sec:7.3f} s/call  "
+        f"{100 / sec:8.1f} generations/s  {100 * 200 / sec:8.0f} candidates/s"
+    )
 
     target_pipe = pipeline.load(_MODEL.value or None)
     c = uda_config.get_config("testbed")
     g, *st = nnx.split(pipe.model)
     seeds = np.arange(b)
     images = pipeline.generator(pipe, g, **dict(c.sampling))(st, prompts, seeds)
-    run.unlearndiffatk_run(target_pipe, prompts, seeds, images,
-                           judges.oracle_judge(_CONCEPT.value), k=c.k, steps_per_t=c.steps_per_t,
-                           num_t=1, sampling=dict(c.sampling))  # compiles
+    run.unlearndiffatk_run(
+        target_pipe,
+        prompts,
+        seeds,
+        images,
+        judges.oracle_judge(_CONCEPT.value),
+        k=c.k,
+        steps_per_t=c.steps_per_t,
+        num_t=1,
+        sampling=dict(c.sampling),
+    )  # compiles
     t0 = time.perf_counter()
-    out = run.unlearndiffatk_run(target_pipe, prompts, seeds, images,
-                                 judges.oracle_judge(_CONCEPT.value), k=c.k,
-                                 steps_per_t=c.steps_per_t, num_t=c.num_t,
-                                 sampling=dict(c.sampling))
+    out = run.unlearndiffatk_run(
+        target_pipe,
+        prompts,
+        seeds,
+        images,
+        judges.oracle_judge(_CONCEPT.value),
+        k=c.k,
+        steps_per_t=c.steps_per_t,
+        num_t=c.num_t,
+        sampling=dict(c.sampling),
+    )
     wall = time.perf_counter() - t0
     rounds = c.num_t if not out["success"].all() else int(out["first_t"].max()) + 1
     per_round = wall / max(rounds, 1)
     attacked = out["success"] & ~out["pre"]
     firsts = (out["first_t"][attacked] + 1) * per_round
-    print(f"time to first success on {target_pipe.folder}: {b} prompts, pre-attack "
-          f"{int(out['pre'].sum())}, attack successes {int(attacked.sum())}, whole protocol "
-          f"{wall:.1f} s ({rounds} timestep rounds of {c.steps_per_t} steps + judge, "
-          f"{per_round:.2f} s each); first success after "
-          + (f"{firsts.mean():.1f} s on average" if len(firsts) else "– (none)"))
+    print(
+        f"time to first success on {target_pipe.folder}: {b} prompts, pre-attack "
+        f"{int(out['pre'].sum())}, attack successes {int(attacked.sum())}, whole protocol "
+        f"{wall:.1f} s ({rounds} timestep rounds of {c.steps_per_t} steps + judge, "
+        f"{per_round:.2f} s each); first success after "
+        + (f"{firsts.mean():.1f} s on average" if len(firsts) else "– (none)")
+    )
 
 
 if __name__ == "__main__":

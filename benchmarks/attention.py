@@ -18,14 +18,19 @@ import time
 
 from absl import app, flags
 
-_SHAPES = flags.DEFINE_list("shapes", ["2x4096x8x40", "2x1024x8x80", "2x256x8x160"],
-                            "BxTxNxH per row.")
+_SHAPES = flags.DEFINE_list(
+    "shapes", ["2x4096x8x40", "2x1024x8x80", "2x256x8x160"], "BxTxNxH per row."
+)
 _REPS = flags.DEFINE_integer("reps", 3, "Calls per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of the arms in turn.")
-_CHUNKS = flags.DEFINE_list("chunks", None, "Query tiles FORWARD:BACKWARD of the chunked "
-                            "lowering, one arm each (default: the library's).")
-_REFERENCE = flags.DEFINE_bool("reference", False,
-                               "Also time torch's scaled_dot_product_attention.")
+_CHUNKS = flags.DEFINE_list(
+    "chunks",
+    None,
+    "Query tiles FORWARD:BACKWARD of the chunked lowering, one arm each (default: the library's).",
+)
+_REFERENCE = flags.DEFINE_bool(
+    "reference", False, "Also time torch's scaled_dot_product_attention."
+)
 
 
 def main(argv):
@@ -51,13 +56,15 @@ def main(argv):
         q, k, v, w = (r.standard_normal((b, t, n, h)).astype(np.float32) for _ in range(4))
         auto = attention.choose(t, t, h, np.float32)
         arms, info = {}, {}
-        lowerings = {"xla": lambda q, k, v: attention.dot_product_attention(
-            q, k, v, implementation="xla")}
+        lowerings = {
+            "xla": lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla")
+        }
         for c in _CHUNKS.value or [f"{attention.FORWARD_CHUNK}:{attention.BACKWARD_CHUNK}"]:
             f_c, b_c = map(int, c.split(":"))
             name = "chunked" if not _CHUNKS.value else f"chunk{c}"
             lowerings[name] = lambda q, k, v, f_c=f_c, b_c=b_c: attention.chunked_attention(
-                q, k, v, forward_chunk=f_c, backward_chunk=b_c)
+                q, k, v, forward_chunk=f_c, backward_chunk=b_c
+            )
         for impl, fwd in lowerings.items():
             both = jax.grad(lambda q, k, v, fwd=fwd: (fwd(q, k, v) * w).sum(), argnums=(0, 1, 2))
             for what, fn in (("forward", fwd), ("fwd+bwd", both)):
@@ -94,8 +101,10 @@ def main(argv):
                 extra = f"  compile {compile_s:5.2f} s  temp memory {temp / 2**20:8.1f} MiB"
             if ("torch", what) in sec and impl != "torch":
                 extra += f"  {sec['torch', what] / s:5.2f}x the reference"
-            print(f"  {impl:12s} {what:8s} {s * 1e3:9.1f} ms  {f / s / 1e9:7.1f} GFLOP/s "
-                  f"({100 * f / s / peak:5.1f} % of matmul peak){extra}")
+            print(
+                f"  {impl:12s} {what:8s} {s * 1e3:9.1f} ms  {f / s / 1e9:7.1f} GFLOP/s "
+                f"({100 * f / s / peak:5.1f} % of matmul peak){extra}"
+            )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ def machine() -> str:
         pass
     import os
 
-    return (f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), host: {os.cpu_count()} cores "
-            f"{cpu}, jax {jax.__version__}, freed host memory "
-            f"{'retained' if retained else 'returned (glibc defaults)'}")
+    return (
+        f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), host: {os.cpu_count()} cores "
+        f"{cpu}, jax {jax.__version__}, freed host memory "
+        f"{'retained' if retained else 'returned (glibc defaults)'}"
+    )
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
@@ -56,8 +58,12 @@ def memory_bytes(compiled) -> int | None:
     m = compiled.memory_analysis()
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def time_calls(call, n: int) -> float:
@@ -90,8 +96,16 @@ def alternate(arms: dict, rounds: int = 3) -> dict:
     return out
 
 
-def k_step_arms(task, initial, batch_for, mesh, ks, lowering: str = "auto",
-                calls: int = 4, fixed_batch: bool = True):
+def k_step_arms(
+    task,
+    initial,
+    batch_for,
+    mesh,
+    ks,
+    lowering: str = "auto",
+    calls: int = 4,
+    fixed_batch: bool = True,
+):
     """One timing arm per steps-per-call K of the trainer's compiled step
     (``jaxsafe.train.compile_train_step`` with ``lowering``), for :func:`alternate`.
 
@@ -106,12 +120,22 @@ def k_step_arms(task, initial, batch_for, mesh, ks, lowering: str = "auto",
     for k in ks:
         state = jax.tree.map(lambda x: x.copy(), initial)
         batch = batch_for(k)
-        compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, k,
-                                                          fixed_batch, lowering)
+        compiled, _, compile_s = train.compile_train_step(
+            task, state, batch, mesh, k, fixed_batch, lowering
+        )
         if flops is None:  # cost analysis: the partitioned (per-device) one-step program
-            one = compiled if k == 1 else train.compile_train_step(
-                task, jax.tree.map(lambda x: x.copy(), initial), batch_for(1), mesh, 1,
-                fixed_batch)[0]
+            one = (
+                compiled
+                if k == 1
+                else train.compile_train_step(
+                    task,
+                    jax.tree.map(lambda x: x.copy(), initial),
+                    batch_for(1),
+                    mesh,
+                    1,
+                    fixed_batch,
+                )[0]
+            )
             flops = cost_flops(one) * mesh.size
         box = [state]
 
@@ -156,8 +180,8 @@ def load_config(spec: str):
 
 
 def random_model(make):
-    """(graphdef, params, count) of an NNX model with N(0, 0.02²) weights drawn on the host (a jitted
-    per-leaf init of the SD UNet takes minutes to compile on CPU)."""
+    """(graphdef, params, count) of an NNX model with N(0, 0.02²) weights drawn on the host (a
+    jitted per-leaf init of the SD UNet is slow to compile on CPU)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -165,6 +189,10 @@ def random_model(make):
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     leaves, treedef = jax.tree.flatten(abstract)
     rng = np.random.default_rng(0)
-    params = treedef.unflatten([jax.numpy.asarray(0.02 * rng.standard_normal(l.shape, np.float32), l.dtype)
-                                for l in leaves])
-    return graphdef, params, sum(l.size for l in leaves)
+    params = treedef.unflatten(
+        [
+            jax.numpy.asarray(0.02 * rng.standard_normal(leaf.shape, np.float32), leaf.dtype)
+            for leaf in leaves
+        ]
+    )
+    return graphdef, params, sum(leaf.size for leaf in leaves)

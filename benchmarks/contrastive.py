@@ -5,31 +5,29 @@ r"""Training throughput of SimCLR pre-training with and without DBPM (experiment
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python -m benchmarks.contrastive --mesh_data=8
 
-For each arm (`simclr`: dbpm.enabled=False; `simclr+dbpm`: DBPM acting from the first epoch,
-warm-up 0, so its statistics, flags and Gaussian weights are computed every step) and each
-steps-per-call K (lowered as the trainer lowers it, ``--lowering``) prints: compile time,
-steps/s and samples/s, achieved FLOP/s (XLA cost analysis of one step x steps/s, summed over
-devices) against the measured f32 matmul peak, and XLA's planned peak memory per device. DBPM's
-own work is a few reductions over the (epochs x N) memory per step, so the two arms should run
-at the same speed.
-
-`--data=synthetic:N,T,C,K` replaces the config's data set by N random series of T steps and C
-channels in K classes (the default has UCI-HAR's shapes), so the benchmark needs no download and
-DBPM's memory has a paper-sized N. `--data=config` uses the config's own data set.
-Cost analysis does not multiply a `lax.scan` body by its trip count, so FLOPs per step come from
-a one-step program. ``--reference`` adds the authors' SimCLR step in PyTorch
-(``benchmarks/reference/contrastive.py``; the ``torch`` extra) with the same shapes, timed in
-turn with the jaxsafe arms, and prints each arm's ratio to it (> 1: jaxsafe faster).
+For each arm (`simclr`: dbpm.enabled=False; `simclr+dbpm`: DBPM acting from the first epoch, so
+its statistics, flags and weights are computed every step) and each steps-per-call K (lowered
+as the trainer lowers it, ``--lowering``) prints: compile time, steps/s and samples/s, achieved
+FLOP/s (XLA cost analysis of a one-step program × steps/s, summed over devices) against the
+measured f32 matmul peak, and XLA's planned peak memory per device. `--data=synthetic:N,T,C,K`
+replaces the config's data by N random series of T steps and C channels in K classes (the
+default has UCI-HAR's shapes: no download, a paper-sized memory); `--data=config` uses the
+config's own. ``--reference`` adds the authors' SimCLR step in PyTorch
+(``benchmarks/reference/contrastive.py``; the ``torch`` extra), timed in turn with the jaxsafe
+arms, and prints each arm's ratio to it (> 1: jaxsafe faster).
 """
-
 
 from absl import app, flags
 
 _CONFIG = flags.DEFINE_string("config", "configs/dbpm/har.py:cpu", "DBPM config file[:variant].")
 _DATA = flags.DEFINE_string("data", "synthetic:7352,128,9,6", "synthetic:N,T,C,K or 'config'.")
 _K = flags.DEFINE_list("k", ["1", "8"], "Steps per compiled call, one row each.")
-_LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "scan", "loop"],
-                              "How K > 1 steps run (jaxsafe.train.loop.lowering).")
+_LOWERING = flags.DEFINE_enum(
+    "lowering",
+    "auto",
+    ["auto", "scan", "loop"],
+    "How K > 1 steps run (jaxsafe.train.loop.lowering).",
+)
 _CALLS = flags.DEFINE_integer("calls", 5, "Timed calls per round at K = 4 (scaled by 4 / K).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of the arms timed in turn (A B A B).")
 _REFERENCE = flags.DEFINE_bool("reference", False, "Also time DBPM's SimCLR step in PyTorch.")
@@ -47,8 +45,10 @@ def synthetic(spec):
     rng = np.random.default_rng(0)
 
     def split(m):
-        return {"x": rng.normal(size=(m, t, c)).astype(np.float32),
-                "y": rng.integers(0, k, m).astype(np.int32)}
+        return {
+            "x": rng.normal(size=(m, t, c)).astype(np.float32),
+            "y": rng.integers(0, k, m).astype(np.int32),
+        }
 
     return ts.TimeSeriesData(split(n), split(max(k, n // 4)), tuple(map(str, range(k))))
 
@@ -56,11 +56,18 @@ def synthetic(spec):
 def main(argv):
     del argv
     import jax
-
     import numpy as np
 
-    from benchmarks.common import (alternate, cost_flops, fmt_bytes, load_config, machine,
-                                   matmul_peak_flops, memory_bytes, stacked_batch)
+    from benchmarks.common import (
+        alternate,
+        cost_flops,
+        fmt_bytes,
+        load_config,
+        machine,
+        matmul_peak_flops,
+        memory_bytes,
+        stacked_batch,
+    )
     from experiments import dbpm
     from jaxsafe import parallel, train
 
@@ -72,8 +79,10 @@ def main(argv):
     mesh = parallel.make_mesh(_MESH_DATA.value, _MESH_FSDP.value)
     peak = matmul_peak_flops()
     print(f"machine: {machine()}")
-    print(f"config: {_CONFIG.value}  data: {_DATA.value}  mesh: {dict(mesh.shape)}  "
-          f"lowering: {_LOWERING.value}")
+    print(
+        f"config: {_CONFIG.value}  data: {_DATA.value}  mesh: {dict(mesh.shape)}  "
+        f"lowering: {_LOWERING.value}"
+    )
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     rows, arms = {}, {}
     for arm, enabled in (("simclr", False), ("simclr+dbpm", True)):
@@ -81,22 +90,32 @@ def main(argv):
         with config.unlocked():
             config.dbpm.enabled, config.dbpm.warmup = enabled, 0
             if _BATCH.value:
-                config.batch_size = _BATCH.value
+                config.train.batch_size = _BATCH.value
+        config = dbpm.resolve(config)
         task = dbpm.build(config, mesh)
         n = task.extra["memory"]["recorded"].shape[1]
         tc = config.train
         flops = None
-        initial = train.place_state(train.init_state(task.params, task.frozen, task.optimizer,
-                                                     task.extra, tc.seed), mesh,
-                                    task.sharding_rules, tc.fsdp_min_size)
+        initial = train.place_state(
+            train.init_state(task.params, task.frozen, task.optimizer, task.extra, tc.seed),
+            mesh,
+            task.sharding_rules,
+            tc.fsdp_min_size,
+        )
         for k in map(int, _K.value):
             state = jax.tree.map(lambda x: x.copy(), initial)  # each K's calls donate theirs
             batch = stacked_batch(task.train_data, k, mesh)
-            compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, k, False,
-                                                              _LOWERING.value)
+            compiled, _, compile_s = train.compile_train_step(
+                task, state, batch, mesh, k, False, _LOWERING.value
+            )
             if flops is None:  # cost analysis is of the partitioned (per-device) program
-                one = compiled if k == 1 else train.compile_train_step(
-                    task, state, stacked_batch(task.train_data, 1, mesh), mesh, 1, False)[0]
+                one = (
+                    compiled
+                    if k == 1
+                    else train.compile_train_step(
+                        task, state, stacked_batch(task.train_data, 1, mesh), mesh, 1, False
+                    )[0]
+                )
                 flops = cost_flops(one) * mesh.size
             box = [state]
 
@@ -105,30 +124,48 @@ def main(argv):
                 return metrics
 
             arms[arm, k] = (call, max(1, _CALLS.value * 4 // k))
-            rows[arm, k] = (f"N={n} B={config.batch_size}", config.batch_size, flops, compile_s,
-                            fmt_bytes(memory_bytes(compiled)))
+            rows[arm, k] = (
+                f"N={n} B={config.train.batch_size}",
+                config.train.batch_size,
+                flops,
+                compile_s,
+                fmt_bytes(memory_bytes(compiled)),
+            )
     if _REFERENCE.value:
         from benchmarks.reference import contrastive as reference
         from benchmarks.reference import torch_threads
 
         x = task.train_data[0]["x"]
         print(f"PyTorch reference: {reference.__name__}, {torch_threads()} threads")
-        arms["torch", 1] = (reference.make_step(config, x.shape[0] * jax.process_count(),
-                                                x.shape[1], x.shape[2], dbpm.MODELS)[0],
-                            _CALLS.value)
-        rows["torch", 1] = (f"N=-    B={config.batch_size}", config.batch_size, flops, 0.0,
-                            "n/a")
+        arms["torch", 1] = (
+            reference.make_step(
+                config, x.shape[0] * jax.process_count(), x.shape[1], x.shape[2], dbpm.MODELS
+            )[0],
+            _CALLS.value,
+        )
+        rows["torch", 1] = (
+            f"N=-    B={config.train.batch_size}",
+            config.train.batch_size,
+            flops,
+            0.0,
+            "n/a",
+        )
     seconds = alternate(arms, _ROUNDS.value)
     steps_s = {key: key[1] / np.median(v) for key, v in seconds.items()}
     for (arm, k), (label, b, flops, compile_s, memory) in rows.items():
         spread = [key[1] / s for key in [(arm, k)] for s in seconds[arm, k]]
         achieved = flops * steps_s[arm, k]
-        print(f"{arm:12s} K={k:<2d} {label}  compile {compile_s:6.2f} s  "
-              f"{steps_s[arm, k]:7.3f} steps/s (rounds {min(spread):.3f}-{max(spread):.3f})  "
-              f"{steps_s[arm, k] * b:8.1f} samples/s  {achieved / 1e9:7.2f} GFLOP/s "
-              f"({100 * achieved / peak:5.1f} % of matmul peak)  peak memory {memory}"
-              + (f"  {steps_s[arm, k] / steps_s['torch', 1]:5.2f}x the reference"
-                 if ("torch", 1) in steps_s and arm != "torch" else ""))
+        print(
+            f"{arm:12s} K={k:<2d} {label}  compile {compile_s:6.2f} s  "
+            f"{steps_s[arm, k]:7.3f} steps/s (rounds {min(spread):.3f}-{max(spread):.3f})  "
+            f"{steps_s[arm, k] * b:8.1f} samples/s  {achieved / 1e9:7.2f} GFLOP/s "
+            f"({100 * achieved / peak:5.1f} % of matmul peak)  peak memory {memory}"
+            + (
+                f"  {steps_s[arm, k] / steps_s['torch', 1]:5.2f}x the reference"
+                if ("torch", 1) in steps_s and arm != "torch"
+                else ""
+            )
+        )
     steps_s.pop(("torch", 1), None)
     for k in map(int, _K.value):
         overhead = steps_s["simclr", k] / steps_s["simclr+dbpm", k] - 1
@@ -137,6 +174,7 @@ def main(argv):
     for (arm, k), v in steps_s.items():
         if k != base:
             print(f"{arm} K={k} against K={base}: {v / steps_s[arm, base]:.3f}x steps/s")
+
 
 if __name__ == "__main__":
     app.run(main)

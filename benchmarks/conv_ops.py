@@ -34,24 +34,32 @@ def _jax_ops(b, h, w, c):
     from jaxsafe.nn import songunet
 
     dn = ("NHWC", "HWIO", "NHWC")
-    kernel = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, c, c)) * 0.05,
-                         jnp.float32)
+    kernel = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, c, c)) * 0.05, jnp.float32)
     gd, gp = nnx.split(songunet.GroupNorm(c, eps=1e-6))
     box = np.array([0.5, 0.5])
     f2d = np.full((2, 2, 1, c), 0.25, np.float32)
 
     def depthwise_down(x):
-        return jax.lax.conv_general_dilated(x, f2d, (2, 2), [(0, 0)] * 2, dimension_numbers=dn,
-                                            feature_group_count=c)
+        return jax.lax.conv_general_dilated(
+            x, f2d, (2, 2), [(0, 0)] * 2, dimension_numbers=dn, feature_group_count=c
+        )
 
     def depthwise_up(x):
-        return jax.lax.conv_general_dilated(x, 4 * f2d, (1, 1), [(1, 1)] * 2, lhs_dilation=(2, 2),
-                                            dimension_numbers=dn, feature_group_count=c)
+        return jax.lax.conv_general_dilated(
+            x,
+            4 * f2d,
+            (1, 1),
+            [(1, 1)] * 2,
+            lhs_dilation=(2, 2),
+            dimension_numbers=dn,
+            feature_group_count=c,
+        )
 
     key = jax.random.key(0)
     return {
-        "conv3x3": lambda x: jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                                          dimension_numbers=dn),
+        "conv3x3": lambda x: jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=dn
+        ),
         "groupnorm+silu": lambda x: jax.nn.silu(nnx.merge(gd, gp)(x)),
         "fir_down": lambda x: songunet._fir_down(x, box, 0),
         "fir_down (depthwise conv)": depthwise_down,
@@ -116,7 +124,8 @@ def main(argv):
                 arms["torch " + name, "forward"] = (fwd, _REPS.value)
                 arms["torch " + name, "fwd+bwd"] = (
                     lambda fn=fn, tg=tg: torch.autograd.grad((fn(leaf) * tg).sum(), leaf),
-                    _REPS.value)
+                    _REPS.value,
+                )
         sec = {key: float(np.median(v)) for key, v in alternate(arms, _ROUNDS.value).items()}
         print(f"\n{spec} (B x H x W x C)")
         for (name, what), s in sec.items():

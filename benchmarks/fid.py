@@ -27,8 +27,14 @@ def main(argv):
     import numpy as np
     from flax import nnx
 
-    from benchmarks.common import alternate, cost_flops, fmt_bytes, machine, matmul_peak_flops
-    from benchmarks.common import memory_bytes
+    from benchmarks.common import (
+        alternate,
+        cost_flops,
+        fmt_bytes,
+        machine,
+        matmul_peak_flops,
+        memory_bytes,
+    )
     from jaxsafe.data import images
     from jaxsafe.nn import inception
     from jaxsafe.weights import convert
@@ -38,8 +44,9 @@ def main(argv):
     print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     model = inception.FIDInceptionV3(rngs=nnx.Rngs(0))
     gain = lambda k: np.float32(np.sqrt(2.0) if k.endswith("kernel") else 1.0)  # noqa: E731
-    params = {k: np.asarray(v, np.float32) * gain(k)
-              for k, v in convert.model_params(model).items()}
+    params = {
+        k: np.asarray(v, np.float32) * gain(k) for k, v in convert.model_params(model).items()
+    }
     model = convert.load_params(inception.abstract(), params)
     graphdef, state = nnx.split(model)
     apply = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
@@ -51,8 +58,7 @@ def main(argv):
         from benchmarks.reference import torch_threads
 
         print(f"PyTorch reference: torch {torch.__version__}, {torch_threads()} threads")
-        torch_sd = {k: torch.from_numpy(v)
-                    for k, v in convert.params_to_state_dict(params).items()}
+        torch_sd = {k: torch.from_numpy(v) for k, v in convert.params_to_state_dict(params).items()}
     rng = np.random.default_rng(0)
     for b in map(int, _BATCHES.value):
         u8 = rng.integers(0, 256, (b, _RES.value, _RES.value, 3), dtype=np.uint8)
@@ -73,9 +79,11 @@ def main(argv):
         sec = {k: float(np.median(v)) for k, v in alternate(arms, _ROUNDS.value).items()}
         flops = cost_flops(compiled)
         s = sec["jaxsafe"]
-        line = (f"batch {b:4d}  compile {compile_s:6.1f} s  {b / s:7.2f} images/s  "
-                f"{flops / s / 1e9:7.1f} GFLOP/s ({100 * flops / s / peak:4.1f} % of peak)  "
-                f"memory {fmt_bytes(memory_bytes(compiled))}")
+        line = (
+            f"batch {b:4d}  compile {compile_s:6.1f} s  {b / s:7.2f} images/s  "
+            f"{flops / s / 1e9:7.1f} GFLOP/s ({100 * flops / s / peak:4.1f} % of peak)  "
+            f"memory {fmt_bytes(memory_bytes(compiled))}"
+        )
         if "pytorch-fid" in sec:
             r = sec["pytorch-fid"]
             line += f"  PyTorch {b / r:7.2f} images/s  {r / s:5.2f}x the reference"

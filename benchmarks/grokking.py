@@ -13,7 +13,6 @@ from the K = 1 program. ``--reference`` adds the authors' step in PyTorch
 ``--rounds`` rounds), and prints each K's ratio to it (> 1: jaxsafe faster).
 """
 
-
 from absl import app, flags
 
 _CONFIG = flags.DEFINE_string("config", "configs/grokking/perp_adamw.py", "Grokking config file.")
@@ -29,8 +28,15 @@ def main(argv):
     del argv
     import numpy as np
 
-    from benchmarks.common import (alternate, cost_flops, fmt_bytes, load_config, machine,
-                                   matmul_peak_flops, memory_bytes)
+    from benchmarks.common import (
+        alternate,
+        cost_flops,
+        fmt_bytes,
+        load_config,
+        machine,
+        matmul_peak_flops,
+        memory_bytes,
+    )
     from experiments import grokking
     from jaxsafe import parallel, train
 
@@ -38,16 +44,21 @@ def main(argv):
     mesh = parallel.make_mesh(_MESH_DATA.value, _MESH_FSDP.value)
     peak = matmul_peak_flops()
     print(f"machine: {machine()}")
-    print(f"config: {_CONFIG.value}  mesh: {dict(mesh.shape)}  train examples: "
-          f"{len(grokking.load_data(config.data)['train']['y'])}")
+    print(
+        f"config: {_CONFIG.value}  mesh: {dict(mesh.shape)}  train examples: "
+        f"{len(grokking.load_data(config.data)['train']['y'])}"
+    )
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     flops_per_step, arms, rows = None, {}, {}
     for k in map(int, _K.value):
         task = grokking.build(config, mesh)
         tc = config.train
-        state = train.place_state(train.init_state(task.params, task.frozen, task.optimizer,
-                                                   task.extra, tc.seed), mesh,
-                                  task.sharding_rules, tc.fsdp_min_size)
+        state = train.place_state(
+            train.init_state(task.params, task.frozen, task.optimizer, task.extra, tc.seed),
+            mesh,
+            task.sharding_rules,
+            tc.fsdp_min_size,
+        )
         batch = parallel.global_batch(task.train_data, mesh)
         compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, k, True)
         if k == 1:  # cost analysis is of the partitioned (per-device) program
@@ -65,18 +76,26 @@ def main(argv):
         from benchmarks.reference import torch_threads
 
         print(f"PyTorch reference: {reference.__name__}, {torch_threads()} threads")
-        arms["torch"] = (reference.make_step(config, grokking.load_data(config.data))[0],
-                         _STEPS.value)
+        arms["torch"] = (
+            reference.make_step(config, grokking.load_data(config.data))[0],
+            _STEPS.value,
+        )
         rows["torch"] = (1, 0.0, "n/a")
     seconds = alternate(arms, _ROUNDS.value)
     steps_s = {name: rows[name][0] / float(np.median(v)) for name, v in seconds.items()}
     for name, (k, compile_s, memory) in rows.items():
         achieved = flops_per_step * steps_s[name] if flops_per_step else float("nan")
-        ratio = (f"  {steps_s[name] / steps_s['torch']:5.2f}x the reference"
-                 if "torch" in steps_s and name != "torch" else "")
-        print(f"{name:6s}  compile {compile_s:6.2f} s  {steps_s[name]:9.1f} steps/s  "
-              f"{achieved / 1e9:7.2f} GFLOP/s ({100 * achieved / peak:5.1f} % of matmul peak)  "
-              f"peak memory {memory}{ratio}")
+        ratio = (
+            f"  {steps_s[name] / steps_s['torch']:5.2f}x the reference"
+            if "torch" in steps_s and name != "torch"
+            else ""
+        )
+        print(
+            f"{name:6s}  compile {compile_s:6.2f} s  {steps_s[name]:9.1f} steps/s  "
+            f"{achieved / 1e9:7.2f} GFLOP/s ({100 * achieved / peak:5.1f} % of matmul peak)  "
+            f"peak memory {memory}{ratio}"
+        )
+
 
 if __name__ == "__main__":
     app.run(main)

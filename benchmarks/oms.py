@@ -45,16 +45,27 @@ def main(argv):
     seeds = jnp.arange(b, dtype=jnp.int32)
     a0 = oms.first_alpha_bar(pipe.scheduler, "ddim", _STEPS.value)
 
-    base = t2i.make_t2i_sampler(lambda s, x, t, e: nnx.merge(graphdef, s)(x, t, e),
-                                pipe.scheduler, num_inference_steps=_STEPS.value,
-                                guidance_scale=4.0, latent_shape=shape,
-                                decode=lambda _, z: pipe.decode(z))
+    base = t2i.make_t2i_sampler(
+        lambda s, x, t, e: nnx.merge(graphdef, s)(x, t, e),
+        pipe.scheduler,
+        num_inference_steps=_STEPS.value,
+        guidance_scale=4.0,
+        latent_shape=shape,
+        decode=lambda _, z: pipe.decode(z),
+    )
 
     @jax.jit
     def step(o_state, emb, uncond, seeds):
-        return oms.initial_latents(lambda s, x, e: nnx.merge(o_graphdef, s)(x, None, e), o_state,
-                                   emb, uncond, seeds, latent_shape=shape, alpha_bar_tau0=a0,
-                                   guidance_scale=_GUIDANCE.value)
+        return oms.initial_latents(
+            lambda s, x, e: nnx.merge(o_graphdef, s)(x, None, e),
+            o_state,
+            emb,
+            uncond,
+            seeds,
+            latent_shape=shape,
+            alpha_bar_tau0=a0,
+            guidance_scale=_GUIDANCE.value,
+        )
 
     def compile_(fn, *args):
         t0 = time.perf_counter()
@@ -67,14 +78,22 @@ def main(argv):
     s_base = time_calls(lambda: c_base(state, emb, uncond, seeds, x0), _CALLS.value)
     s_oms = time_calls(lambda: c_oms(o_state, emb, uncond, seeds), _CALLS.value)
     print(f"machine: {machine()}")
-    print(f"test bed latent {shape}, batch {b}, base DDIM {_STEPS.value} steps guided "
-          f"(NFE {2 * _STEPS.value}), OMS guidance {_GUIDANCE.value}, ᾱ_τ0 = {a0:.4f}")
-    for name, comp, sec, t_c in (("base run", c_base, s_base, t_cb),
-                                 ("OMS step", c_oms, s_oms, t_co)):
-        print(f"{name:9s} compile {t_c:6.1f} s  {sec * 1e3:8.1f} ms/call  {b / sec:8.1f} images/s"
-              f"  {cost_flops(comp) / 1e9:8.3f} GFLOP/call")
-    print(f"OMS share of an OMS + base run: {s_oms / (s_oms + s_base) * 100:.1f} % of the time "
-          "(the base run's GFLOP/call counts its loop body once: XLA's cost analysis)")
+    print(
+        f"test bed latent {shape}, batch {b}, base DDIM {_STEPS.value} steps guided "
+        f"(NFE {2 * _STEPS.value}), OMS guidance {_GUIDANCE.value}, ᾱ_τ0 = {a0:.4f}"
+    )
+    for name, comp, sec, t_c in (
+        ("base run", c_base, s_base, t_cb),
+        ("OMS step", c_oms, s_oms, t_co),
+    ):
+        print(
+            f"{name:9s} compile {t_c:6.1f} s  {sec * 1e3:8.1f} ms/call  {b / sec:8.1f} images/s"
+            f"  {cost_flops(comp) / 1e9:8.3f} GFLOP/call"
+        )
+    print(
+        f"OMS share of an OMS + base run: {s_oms / (s_oms + s_base) * 100:.1f} % of the time "
+        "(the base run's GFLOP/call counts its loop body once: XLA's cost analysis)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ import time
 
 from absl import app, flags
 
-_ARCH = flags.DEFINE_enum("arch", "ddpmpp_cifar10",
-                          ["ddpmpp_cifar10", "ncsnpp_cifar10", "ddpmpp_ffhq64", "ncsnpp_ffhq64"],
-                          "Preset of jaxsafe.nn.songunet.")
+_ARCH = flags.DEFINE_enum(
+    "arch",
+    "ddpmpp_cifar10",
+    ["ddpmpp_cifar10", "ncsnpp_cifar10", "ddpmpp_ffhq64", "ncsnpp_ffhq64"],
+    "Preset of jaxsafe.nn.songunet.",
+)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
 _LABEL_DIM = flags.DEFINE_integer("label_dim", 0, "Classes (0: unconditional).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Trunk compute dtype.")
@@ -54,32 +57,46 @@ def main(argv):
     mesh = parallel.make_mesh(_MESH_DATA.value, _MESH_FSDP.value)
     peak = matmul_peak_flops(dtype=dtype)
     t0 = time.perf_counter()
-    model = getattr(songunet, _ARCH.value)(label_dim=_LABEL_DIM.value, dtype=dtype, rngs=nnx.Rngs(0))
+    model = getattr(songunet, _ARCH.value)(
+        label_dim=_LABEL_DIM.value, dtype=dtype, rngs=nnx.Rngs(0)
+    )
     init_s = time.perf_counter() - t0
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     place = lambda tree: jax.device_put(
-        tree, parallel.shardings_for(tree, mesh, songunet.SONGUNET_SHARDING_RULES))
+        tree, parallel.shardings_for(tree, mesh, songunet.SONGUNET_SHARDING_RULES)
+    )
     params, rest = place(params), place(rest)
 
     r, c, b = model.img_resolution, model.in_channels, _BATCH.value
     rng = np.random.default_rng(0)
-    batch = {"x": rng.standard_normal((b, r, r, c)).astype(np.float32),
-             "sigma": np.exp(rng.normal(-1.2, 1.2, b)).astype(np.float32),
-             "augment": np.zeros((b, model.augment_dim), np.float32)}
+    batch = {
+        "x": rng.standard_normal((b, r, r, c)).astype(np.float32),
+        "sigma": np.exp(rng.normal(-1.2, 1.2, b)).astype(np.float32),
+        "augment": np.zeros((b, model.augment_dim), np.float32),
+    }
     if _LABEL_DIM.value:
-        batch["labels"] = np.eye(_LABEL_DIM.value, dtype=np.float32)[rng.integers(_LABEL_DIM.value, size=b)]
+        batch["labels"] = np.eye(_LABEL_DIM.value, dtype=np.float32)[
+            rng.integers(_LABEL_DIM.value, size=b)
+        ]
     batch = jax.device_put(batch, parallel.batch_sharding(mesh))
 
     print(f"machine: {machine()}")
-    print(f"{_ARCH.value}: {n_params:,} parameters, label_dim={_LABEL_DIM.value}, batch {b}, "
-          f"{r}x{r}, compute {dtype.name}, mesh {dict(mesh.shape)}, init {init_s:.1f} s")
+    print(
+        f"{_ARCH.value}: {n_params:,} parameters, label_dim={_LABEL_DIM.value}, batch {b}, "
+        f"{r}x{r}, compute {dtype.name}, mesh {dict(mesh.shape)}, init {init_s:.1f} s"
+    )
     print(f"measured {dtype.name} matmul peak: {peak / 1e9:.1f} GFLOP/s")
 
     def denoiser_call(model, batch, key=None):
         x, sigma = batch["x"], batch["sigma"]
-        return model(x, jnp.log(sigma) / 4, batch.get("labels"), batch["augment"],
-                     rngs=None if key is None else nnx.Rngs(dropout=key))
+        return model(
+            x,
+            jnp.log(sigma) / 4,
+            batch.get("labels"),
+            batch["augment"],
+            rngs=None if key is None else nnx.Rngs(dropout=key),
+        )
 
     def forward(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
@@ -109,9 +126,19 @@ def main(argv):
         opt_state = place(optimizer.init(params))  # moments named '0/mu/<param name>'
         # Explicit out_shardings: left to propagation, XLA may split a replicated bias.
         sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-        compiled = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(
-            sharding_of(params), sharding_of(opt_state), parallel.replicated(mesh))).lower(
-            params, opt_state, rest, batch, 0).compile()
+        compiled = (
+            jax.jit(
+                train_step,
+                donate_argnums=(0, 1),
+                out_shardings=(
+                    sharding_of(params),
+                    sharding_of(opt_state),
+                    parallel.replicated(mesh),
+                ),
+            )
+            .lower(params, opt_state, rest, batch, 0)
+            .compile()
+        )
         box = [jax.tree.map(jnp.copy, params), opt_state, 0]  # donated, so not `params`
 
         def call():
@@ -129,10 +156,13 @@ def main(argv):
         sec = time_calls(call, _STEPS.value)
         flops = cost_flops(compiled) * mesh.size
         achieved = flops / sec
-        print(f"{mode:8s} compile {compile_s:6.1f} s  {b / sec:8.2f} samples/s  "
-              f"{flops / 1e9:8.1f} GFLOP/call  {achieved / 1e9:7.1f} GFLOP/s "
-              f"({100 * achieved / peak:5.1f} % of matmul peak)  "
-              f"peak memory {fmt_bytes(memory_bytes(compiled))}")
+        print(
+            f"{mode:8s} compile {compile_s:6.1f} s  {b / sec:8.2f} samples/s  "
+            f"{flops / 1e9:8.1f} GFLOP/call  {achieved / 1e9:7.1f} GFLOP/s "
+            f"({100 * achieved / peak:5.1f} % of matmul peak)  "
+            f"peak memory {fmt_bytes(memory_bytes(compiled))}"
+        )
+
 
 if __name__ == "__main__":
     app.run(main)

@@ -33,14 +33,19 @@ all time steps (`faulty_view='shuffle'`: an augmentation that destroys the signa
 structure) or by N(0, 1) noise (`'noise'`: nothing of the signal is left); these are the faulty
 positive pairs. The probe always uses the clean splits.
 
-Step counts are given in epochs: `config.epochs`; `train.num_steps = -1` becomes
+Step counts are given in epochs: `config.epochs`, with `steps_per_epoch = ceil(N / B)` for the
+`N` training series and the batch `B = train.batch_size`. :func:`resolve` (which
+`experiments.run_experiment` calls before it writes `config.json`, so that file holds the numbers
+the run used) returns a copy of the config in which `train.num_steps = -1` becomes
 `epochs * steps_per_epoch`, `train.log_every = -1` one epoch, `train.eval_every = -1` the end
 of training, `train.checkpoint_every = -1` every eighth of the run (whole epochs), and
-`train.steps_per_call = -1` the largest divisor of the epoch length up to 8.
+`train.steps_per_call = -1` the largest divisor of the epoch length up to 8. :func:`build` reads
+the config and never writes into it; callers that train its task themselves resolve first.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -48,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsafe.contrastive import augment, dbpm, ntxent_per_pair, ntxent_per_pair_sharded
 from jaxsafe.data import timeseries as ts
@@ -56,12 +62,15 @@ from jaxsafe.nn.resnet1d import ProjectionHead, ResNet1D, apply_with_batch_stats
 from jaxsafe.parallel import batch_shards, fetch
 from jaxsafe.train import Task
 
-MODELS = {"resnet34": ((64, 128, 256, 512), (3, 4, 6, 3)),
-          "resnet_small": ((16, 32, 64, 128), (3, 4, 6, 3))}
+MODELS = {
+    "resnet34": ((64, 128, 256, 512), (3, 4, 6, 3)),
+    "resnet_small": ((16, 32, 64, 128), (3, 4, 6, 3)),
+}
 SOURCES = ("bundled", "ucr_uea", "uci_har", "ptbxl", "sleep_edf")
 
 
 # ------------------------------------------------------------------------------------ data
+
 
 def load_data(cfg) -> ts.TimeSeriesData:
     """The configured set, standardised per channel with train statistics, NaN filled with 0."""
@@ -91,14 +100,16 @@ def inject_bad_pairs(x: np.ndarray, noisy_fraction: float, faulty_fraction: floa
     `destroy_signal` replaces in the loss."""
     n = x.shape[0]
     if not (0 <= noisy_fraction and 0 <= faulty_fraction and noisy_fraction + faulty_fraction < 1):
-        raise ValueError(f"bad_pairs: noisy_fraction={noisy_fraction}, faulty_fraction="
-                         f"{faulty_fraction}; expected non-negative fractions with sum < 1")
+        raise ValueError(
+            f"bad_pairs: noisy_fraction={noisy_fraction}, faulty_fraction="
+            f"{faulty_fraction}; expected non-negative fractions with sum < 1"
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     n_noisy, n_faulty = round(noisy_fraction * n), round(faulty_fraction * n)
     noisy, faulty = np.zeros(n, bool), np.zeros(n, bool)
     noisy[order[:n_noisy]] = True
-    faulty[order[n_noisy:n_noisy + n_faulty]] = True
+    faulty[order[n_noisy : n_noisy + n_faulty]] = True
     x = x.copy()
     x[noisy] = rng.standard_normal(x[noisy].shape).astype(x.dtype)
     return x, noisy, faulty
@@ -121,6 +132,7 @@ def destroy_signal(rng, x, kind: str = "shuffle"):
 
 # ----------------------------------------------------------------------------------- model
 
+
 class SimCLR(nnx.Module):
     """Encoder `f` (1-D ResNet with the reference's final `fc`) and projection head `g`."""
 
@@ -130,10 +142,12 @@ class SimCLR(nnx.Module):
         elif cfg.name == "custom":
             widths, blocks = tuple(cfg.widths), tuple(cfg.blocks)
         else:
-            raise ValueError(f"model.name={cfg.name!r}; expected one of "
-                             f"{sorted(MODELS) + ['custom']}")
-        self.encoder = ResNet1D(in_channels, widths=widths, blocks=blocks,
-                                out_features=cfg.features, rngs=rngs)
+            raise ValueError(
+                f"model.name={cfg.name!r}; expected one of {sorted(MODELS) + ['custom']}"
+            )
+        self.encoder = ResNet1D(
+            in_channels, widths=widths, blocks=blocks, out_features=cfg.features, rngs=rngs
+        )
         self.head = ProjectionHead(cfg.features, cfg.head_hidden, cfg.head_out, rngs=rngs)
 
     def __call__(self, x):
@@ -147,10 +161,17 @@ def split(model: nnx.Module):
 
 # ------------------------------------------------------------------------------ objective
 
+
 def dbpm_config(config) -> dbpm.DBPMConfig:
     d = config.dbpm
-    return dbpm.DBPMConfig(warmup=d.warmup, num_epochs=config.epochs, beta_np=d.beta_np,
-                           beta_fp=d.beta_fp, mode=d.mode, normalized=d.normalized)
+    return dbpm.DBPMConfig(
+        warmup=d.warmup,
+        num_epochs=config.epochs,
+        beta_np=d.beta_np,
+        beta_fp=d.beta_fp,
+        mode=d.mode,
+        normalized=d.normalized,
+    )
 
 
 def make_loss_fn(graphdef, config, mesh):
@@ -168,16 +189,29 @@ def make_loss_fn(graphdef, config, mesh):
     def loss_fn(params, frozen, extra, batch, rng):
         k_weak, k_strong, k_destroy = jax.random.split(rng, 3)
         x = batch["x"]
-        u = augment.weak(k_weak, x, scale_sigma=aug.scale_sigma,
-                         scale_mean=variant["scale_mean"], per_timestep=aug.per_timestep)
-        v = augment.strong(k_strong, x, jitter_sigma=aug.jitter_sigma,
-                           max_segments=variant["max_segments"],
-                           min_segments=variant["min_segments"])
+        u = augment.weak(
+            k_weak,
+            x,
+            scale_sigma=aug.scale_sigma,
+            scale_mean=variant["scale_mean"],
+            per_timestep=aug.per_timestep,
+        )
+        v = augment.strong(
+            k_strong,
+            x,
+            jitter_sigma=aug.jitter_sigma,
+            max_segments=variant["max_segments"],
+            min_segments=variant["min_segments"],
+        )
         if faulty_views:
-            v = jnp.where(batch["faulty"][:, None, None],
-                          destroy_signal(k_destroy, x, config.bad_pairs.faulty_view), v)
+            v = jnp.where(
+                batch["faulty"][:, None, None],
+                destroy_signal(k_destroy, x, config.bad_pairs.faulty_view),
+                v,
+            )
         (z1, z2), batch_stats = apply_with_batch_stats(
-            graphdef, params, extra["batch_stats"], frozen, lambda m, a, b: (m(a), m(b)), u, v)
+            graphdef, params, extra["batch_stats"], frozen, lambda m, a, b: (m(a), m(b)), u, v
+        )
         losses = per_pair(z1, z2)
         epoch = batch["epoch"][0]
         if config.dbpm.enabled:
@@ -192,6 +226,7 @@ def make_loss_fn(graphdef, config, mesh):
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 def _average_ranks(s: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their average rank."""
@@ -224,8 +259,10 @@ def macro_auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
 @functools.partial(jax.jit, static_argnames=("num_classes", "multi_label", "steps"))
 def _fit_linear(f, y, *, num_classes: int, multi_label: bool, steps: int, l2):
     d = f.shape[1]
-    params = {"w": jnp.zeros((d, num_classes), jnp.float32),
-              "b": jnp.zeros((num_classes,), jnp.float32)}
+    params = {
+        "w": jnp.zeros((d, num_classes), jnp.float32),
+        "b": jnp.zeros((num_classes,), jnp.float32),
+    }
 
     def objective(p):
         logits = f @ p["w"] + p["b"]
@@ -248,14 +285,24 @@ def _fit_linear(f, y, *, num_classes: int, multi_label: bool, steps: int, l2):
     return params, values[-1]
 
 
-def linear_probe(f_train, y_train, f_test, y_test, *, multi_label: bool = False,
-                 num_classes: int | None = None, steps: int = 300, l2: float = 1e-4) -> dict:
+def linear_probe(
+    f_train,
+    y_train,
+    f_test,
+    y_test,
+    *,
+    multi_label: bool = False,
+    num_classes: int | None = None,
+    steps: int = 300,
+    l2: float = 1e-4,
+) -> dict:
     """Fits `softmax(W f + b)` (or per-class sigmoids) on standardised train features; returns
     train/test accuracy, or macro AUROC for multi-label targets. See the module docstring."""
     f_train, f_test = np.asarray(f_train, np.float32), np.asarray(f_test, np.float32)
     if f_train.ndim != 2 or f_test.ndim != 2 or f_train.shape[1] != f_test.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D, got {f_train.shape} and "
-                         f"{f_test.shape}")
+        raise ValueError(
+            f"features must be (N, D) with the same D, got {f_train.shape} and {f_test.shape}"
+        )
     mean, std = f_train.mean(0), f_train.std(0)
     std = np.where(std > 0, std, 1.0)
     f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
@@ -265,8 +312,14 @@ def linear_probe(f_train, y_train, f_test, y_test, *, multi_label: bool = False,
     else:
         num_classes = num_classes or int(max(y_train.max(), y_test.max())) + 1
         y = jnp.asarray(y_train, jnp.int32)
-    params, objective = _fit_linear(jnp.asarray(f_train), y, num_classes=num_classes,
-                                    multi_label=multi_label, steps=steps, l2=l2)
+    params, objective = _fit_linear(
+        jnp.asarray(f_train),
+        y,
+        num_classes=num_classes,
+        multi_label=multi_label,
+        steps=steps,
+        l2=l2,
+    )
     w, b = np.asarray(params["w"]), np.asarray(params["b"])
     logits_train, logits_test = f_train @ w + b, f_test @ w + b
     out = {"objective": float(objective)}
@@ -292,12 +345,17 @@ def make_encoder_fn(graphdef, mesh, chunk: int = 256):
     def features(state, x):
         out = []
         for i in range(0, len(x), chunk):
-            part = x[i:i + chunk]
-            padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:],
-                                                    part.dtype)])
-            f = encode(state.params, state.extra["batch_stats"], state.frozen,
-                       jax.device_put(padded, replicated))
-            out.append(fetch(f)[:len(part)])
+            part = x[i : i + chunk]
+            padded = np.concatenate(
+                [part, np.zeros((chunk - len(part),) + part.shape[1:], part.dtype)]
+            )
+            f = encode(
+                state.params,
+                state.extra["batch_stats"],
+                state.frozen,
+                jax.device_put(padded, replicated),
+            )
+            out.append(fetch(f)[: len(part)])
         return np.concatenate(out)
 
     return features
@@ -311,10 +369,16 @@ def make_probe_evaluator(graphdef, config, data: ts.TimeSeriesData, mesh):
         step = int(fetch(state.step))
         if step not in last:
             last.clear()
-            last[step] = linear_probe(features(state, data.train["x"]), data.train["y"],
-                                      features(state, data.test["x"]), data.test["y"],
-                                      multi_label=data.multi_label, num_classes=len(data.classes),
-                                      steps=config.probe.steps, l2=config.probe.l2)
+            last[step] = linear_probe(
+                features(state, data.train["x"]),
+                data.train["y"],
+                features(state, data.test["x"]),
+                data.test["y"],
+                multi_label=data.multi_label,
+                num_classes=len(data.classes),
+                steps=config.probe.steps,
+                l2=config.probe.l2,
+            )
         return last[step]
 
     return evaluate
@@ -340,25 +404,46 @@ def flag_report(noisy_flag, faulty_flag, noisy_truth=None, faulty_truth=None) ->
 def current_flags(config, memory, epoch: int):
     """DBPM's noisy / faulty flags `(N,)` at `epoch` (from the epochs before it)."""
     d = config.dbpm
-    return dbpm.flags(memory, epoch, warmup=d.warmup, beta_np=d.beta_np, beta_fp=d.beta_fp,
-                      mode=d.mode)
+    return dbpm.flags(
+        memory, epoch, warmup=d.warmup, beta_np=d.beta_np, beta_fp=d.beta_fp, mode=d.mode
+    )
 
 
 # ---------------------------------------------------------------------------------- build
 
-def _resolve_steps(config, spe: int) -> None:
-    """Fills the `-1` (per-epoch) step fields of `config.train`, see module docstring."""
-    tc = config.train
-    if tc.steps_per_call == -1:
-        tc.steps_per_call = max(k for k in range(1, 9) if spe % k == 0)
-    if tc.num_steps == -1:
-        tc.num_steps = config.epochs * spe
-    if tc.log_every == -1:
-        tc.log_every = spe
-    if tc.eval_every == -1:
-        tc.eval_every = tc.num_steps
-    if tc.checkpoint_every == -1:
-        tc.checkpoint_every = spe * max(1, config.epochs // 8)
+
+EPOCH_FIELDS = ("num_steps", "steps_per_call", "log_every", "eval_every", "checkpoint_every")
+
+
+def epoch_steps(epochs: int, steps_per_epoch: int, num_steps: int = -1) -> dict:
+    """The per-epoch values of the `train` fields in :data:`EPOCH_FIELDS` (module docstring);
+    `num_steps`: the run's length when given (not -1), which `eval_every` then follows."""
+    spe = steps_per_epoch
+    num_steps = epochs * spe if num_steps == -1 else num_steps
+    return dict(
+        num_steps=num_steps,
+        steps_per_call=max(k for k in range(1, 9) if spe % k == 0),
+        log_every=spe,
+        eval_every=num_steps,
+        checkpoint_every=spe * max(1, epochs // 8),
+    )
+
+
+def resolve(config):
+    """A copy of `config` (locked if it was) with each `-1` in `config.train`'s
+    :data:`EPOCH_FIELDS` replaced by its per-epoch value (module docstring). Pure: `config` is
+    not changed. Loads the configured data set to count its training series, unless no field
+    is -1."""
+    new = copy.deepcopy(config)
+    tc = new.train
+    if all(tc[k] != -1 for k in EPOCH_FIELDS):
+        return new
+    n = len(load_data(new.data).train["x"])
+    derived = epoch_steps(new.epochs, ts.steps_per_epoch(n, tc.batch_size), tc.num_steps)
+    for k in EPOCH_FIELDS:
+        if tc[k] == -1:
+            tc[k] = derived[k]
+    return new
 
 
 def prepare(config, mesh):
@@ -366,30 +451,35 @@ def prepare(config, mesh):
     bad pairs and the ground-truth masks."""
     data = load_data(config.data)
     b = config.bad_pairs
-    x, noisy, faulty = inject_bad_pairs(data.train["x"], b.noisy_fraction, b.faulty_fraction,
-                                        b.seed)
-    shards = batch_shards(mesh)
-    if config.batch_size % shards:
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {shards} "
-                         "batch shards of the mesh")
-    if config.batch_size > len(x):
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(x)} training series")
+    x, noisy, faulty = inject_bad_pairs(
+        data.train["x"], b.noisy_fraction, b.faulty_fraction, b.seed
+    )
+    shards, b = batch_shards(mesh), config.train.batch_size
+    if b % shards:
+        raise ValueError(
+            f"train.batch_size={b} must be a multiple of the {shards} batch shards of the mesh"
+        )
+    if b > len(x):
+        raise ValueError(f"train.batch_size={b} exceeds the {len(x)} training series")
     return data, x, noisy, faulty
 
 
 def build(config, mesh) -> Task:
     data, x, noisy, faulty = prepare(config, mesh)
     n = len(x)
-    spe = ts.steps_per_epoch(n, config.batch_size)
-    _resolve_steps(config, spe)
+    spe = ts.steps_per_epoch(n, config.train.batch_size)
     model = SimCLR(x.shape[2], config.model, rngs=nnx.Rngs(config.train.seed))
     graphdef, params, batch_stats, rest = split(model)
     arrays = {"x": x}
     if config.bad_pairs.faulty_fraction > 0:
         arrays["faulty"] = faulty
-    train_data = ts.contrastive_batches(arrays, config.batch_size, seed=config.train.seed,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+    train_data = ts.contrastive_batches(
+        arrays,
+        config.train.batch_size,
+        seed=config.train.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     injected = config.bad_pairs.noisy_fraction > 0 or config.bad_pairs.faulty_fraction > 0
 
     def flags_now(state):
@@ -397,13 +487,17 @@ def build(config, mesh) -> Task:
         flagged = fetch(current_flags(config, state.extra["memory"], epoch))
         return flag_report(*flagged, *((noisy, faulty) if injected else ()))
 
-    return Task(graphdef=graphdef, params=params, frozen=rest,
-                optimizer=optax.adam(config.optimizer.lr),
-                loss_fn=make_loss_fn(graphdef, config, mesh), train_data=train_data,
-                extra={"memory": dbpm.init_memory(n, config.epochs), "batch_stats": batch_stats},
-                evaluators={"probe": make_probe_evaluator(graphdef, config, data, mesh),
-                            "dbpm": flags_now},
-                sharding_rules=[(r"^extra/memory/", "replicate")])
+    return Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=rest,
+        optimizer=optax.adam(config.optimizer.lr),
+        loss_fn=make_loss_fn(graphdef, config, mesh),
+        train_data=train_data,
+        extra={"memory": dbpm.init_memory(n, config.epochs), "batch_stats": batch_stats},
+        evaluators={"probe": make_probe_evaluator(graphdef, config, data, mesh), "dbpm": flags_now},
+        sharding_rules=[(r"^extra/memory/", "replicate")],
+    )
 
 
 def summarize(config, state, task, workdir) -> dict:

@@ -22,8 +22,7 @@ from jaxsafe.train import Task
 def build(config, mesh) -> Task:
     pipe = pipeline.from_config(config.model)
     a = config.advunlearn
-    sel = au.text_encoder_selection(tuple(a.layers) or None, a.component,
-                                    a.final_layer_norm)
+    sel = au.text_encoder_selection(tuple(a.layers) or None, a.component, a.final_layer_norm)
     graphdef, params, frozen = em.split_trainable(pipe.model, ep.nnx_filter(sel))
     eps_theta, eps_star = em.score_functions(graphdef)
 
@@ -39,33 +38,61 @@ def build(config, mesh) -> Task:
     # The concept prompts: each erased word in every concepts.templates form (none in the paper
     # setting: the bare word, as the reference; the test bed's caption forms otherwise).
     erase = prompts.expand(config.concepts.templates, list(config.concepts.erase))
-    retain = (prompts.read_prompt_csv(a.retain_csv) if a.retain_csv
-              else list(config.concepts.preserve))
+    retain = (
+        prompts.read_prompt_csv(a.retain_csv) if a.retain_csv else list(config.concepts.preserve)
+    )
     if not retain and pipe.testbed:
         retain = prompts.testbed_retain(list(config.concepts.erase))
     if a.retain_weight and a.retain_batch and not retain:
-        raise ValueError("config.concepts.preserve: AdvUnlearn's retain term (retain_weight > 0, "
-                         "retain_batch > 0) needs retain prompts")
+        raise ValueError(
+            "config.concepts.preserve: AdvUnlearn's retain term (retain_weight > 0, "
+            "retain_batch > 0) needs retain prompts"
+        )
     te_cfg = pipe.model.text_encoder.config
     au.check_prefix_fits(pipe.lengths(erase), a.k, te_cfg.max_position_embeddings, erase)
     optimizer = optax.adam(config.optimizer.lr)
     method = au.make_advunlearn(
-        eps_theta, eps_star, encode, words, pipe.scheduler, optimizer,
-        latent_shape=pipe.latent_shape, vocab_size=te_cfg.vocab_size, k=a.k,
-        attack_steps=a.attack_steps, attack_lr=a.attack_lr, attack_method=a.attack_method,
-        attack_init=a.attack_init, warmup=a.warmup, retain_weight=a.retain_weight,
-        retain_batch=a.retain_batch, eta=a.negative_guidance, start_guidance=a.start_guidance,
-        num_inference_steps=a.ddim_steps)
-    batch = {"ids_e": np.asarray(pipe.tokenize(erase), np.int32),
-             "c_e": np.asarray(pipe.embed(erase)), "uncond": np.asarray(pipe.embed([""]))}
+        eps_theta,
+        eps_star,
+        encode,
+        words,
+        pipe.scheduler,
+        optimizer,
+        latent_shape=pipe.latent_shape,
+        vocab_size=te_cfg.vocab_size,
+        k=a.k,
+        attack_steps=a.attack_steps,
+        attack_lr=a.attack_lr,
+        attack_method=a.attack_method,
+        attack_init=a.attack_init,
+        warmup=a.warmup,
+        retain_weight=a.retain_weight,
+        retain_batch=a.retain_batch,
+        eta=a.negative_guidance,
+        start_guidance=a.start_guidance,
+        num_inference_steps=a.ddim_steps,
+    )
+    batch = {
+        "ids_e": np.asarray(pipe.tokenize(erase), np.int32),
+        "c_e": np.asarray(pipe.embed(erase)),
+        "uncond": np.asarray(pipe.embed([""])),
+    }
     if retain:
-        batch.update(ids_r=np.asarray(pipe.tokenize(retain), np.int32),
-                     c_r=np.asarray(pipe.embed(retain)))
+        batch.update(
+            ids_r=np.asarray(pipe.tokenize(retain), np.int32), c_r=np.asarray(pipe.embed(retain))
+        )
     # Erase and retain rows differ in number: each is tiled to the mesh on its own.
     batch = {name: tile_to_shards(x, batch_shards(mesh)) for name, x in batch.items()}
     adv = method.init_adv(params, frozen, jax.random.key(config.train.seed))
-    return Task(graphdef=graphdef, params=params, frozen=frozen, optimizer=optimizer,
-                train_data=batch, extra={"adv": adv}, step_fn=method.step)
+    return Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=frozen,
+        optimizer=optimizer,
+        train_data=batch,
+        extra={"adv": adv},
+        step_fn=method.step,
+    )
 
 
 def summarize(config, state, task, workdir) -> dict:

@@ -3,10 +3,10 @@ and UCE edits of every cross-attention key/value projection (``jaxsafe.erasure.r
 round kept chosen by a score of each round's model. No training.
 
 Prompts and token rows are UCE's (``jaxsafe.erasure.prompts.prompt_pairs``,
-``jaxsafe.erasure.model.erase_rows`` / ``preserve_rows``): each erased concept and its guide in every ``concepts.templates`` form
-(the paper: the words alone), the erased prompt's rows from its last word token on aligned with
-the guide's; RECE's retain set is the empty prompt plus the ``concepts.preserve`` prompts (the
-reference's ``retain_texts``).
+``jaxsafe.erasure.model.erase_rows`` / ``preserve_rows``): each erased concept and its guide in
+every ``concepts.templates`` form (the paper: the words alone), the erased prompt's rows from
+its last word token on aligned with the guide's; RECE's retain set is the empty prompt plus the
+``concepts.preserve`` prompts (the reference's ``retain_texts``).
 
 Scores (``rece.scorer``): ``""`` on the test bed is the oracle's accuracy of the erased concepts
 on prompts and seeds of ``rece.score_seed`` (not the evaluation's ``eval.seed``); with
@@ -56,8 +56,16 @@ def _testbed_scorer(config, pipe):
     first_other = []
 
     def accuracy(gen, words):
-        return float(np.mean([shapes_metrics.concept_accuracy(
-            gen, oracle, w, k=r.score_samples, seed=r.score_seed)["accuracy"] for w in words]))
+        return float(
+            np.mean(
+                [
+                    shapes_metrics.concept_accuracy(
+                        gen, oracle, w, k=r.score_samples, seed=r.score_seed
+                    )["accuracy"]
+                    for w in words
+                ]
+            )
+        )
 
     def score(kernels):
         nonlocal generate
@@ -97,8 +105,9 @@ def scorer(config, pipe):
         return _user_scorer(config, pipe)
     if pipe.testbed:
         return _testbed_scorer(config, pipe)
-    logging.warning("rece: no scorer for a non-test-bed model (set rece.scorer): keeping the "
-                    "last round")
+    logging.warning(
+        "rece: no scorer for a non-test-bed model (set rece.scorer): keeping the last round"
+    )
     return None
 
 
@@ -113,17 +122,33 @@ def edit(config, workdir: str) -> dict:
     retain = ([""] if r.preserve_empty else []) + keep
     c_p = em.preserve_rows(pipe, retain)
     score = scorer(config, pipe)
-    result = rece.iterate(start, original, c_e, c_g, c_p, rounds=r.rounds, lam_emb=r.lam_emb,
-                          lam=r.lam, erase_scale=r.erase_scale, preserve_scale=r.preserve_scale,
-                          score=score, select=r.select if score is not None else "last",
-                          stop_at=r.stop_at if r.stop_at >= 0 else None)
+    result = rece.iterate(
+        start,
+        original,
+        c_e,
+        c_g,
+        c_p,
+        rounds=r.rounds,
+        lam_emb=r.lam_emb,
+        lam=r.lam,
+        erase_scale=r.erase_scale,
+        preserve_scale=r.preserve_scale,
+        score=score,
+        select=r.select if score is not None else "last",
+        stop_at=r.stop_at if r.stop_at >= 0 else None,
+    )
     new = jax.block_until_ready(result.kernels)
     seconds = time.perf_counter() - t0
     em.set_kernels(pipe.model, new)
-    out = {"erase_seconds": seconds, "edited_tensors": len(new),
-           "best_round": result.best_round, "rounds_run": len(result.scores) - 1,
-           "round_scores": result.scores, "round_admissible": result.admissible,
-           "export": pipeline.save(pipe, os.path.join(workdir, "export"), unet=pipe.model.unet)}
+    out = {
+        "erase_seconds": seconds,
+        "edited_tensors": len(new),
+        "best_round": result.best_round,
+        "rounds_run": len(result.scores) - 1,
+        "round_scores": result.scores,
+        "round_admissible": result.admissible,
+        "export": pipeline.save(pipe, os.path.join(workdir, "export"), unet=pipe.model.unet),
+    }
     if config.eval.enabled and pipe.testbed:
         graphdef, state = nnx.split(pipe.model)
         out.update(evaluation.evaluate_model(config, pipe, graphdef, (state,)))

@@ -37,10 +37,15 @@ _COLUMNS = ("nude_image_path", "mos_image_path", "norm_image_path")
 
 def _encode(pipe, images: np.ndarray, chunk: int = 8) -> np.ndarray:
     if pipe.encode_image is None:
-        raise ValueError(f"{pipe.folder}: the model has no image encoder (VAE encoder) to encode "
-                         "the triplets")
-    return np.concatenate([np.asarray(pipe.encode_image(jnp.asarray(images[i:i + chunk])))
-                           for i in range(0, len(images), chunk)])
+        raise ValueError(
+            f"{pipe.folder}: the model has no image encoder (VAE encoder) to encode the triplets"
+        )
+    return np.concatenate(
+        [
+            np.asarray(pipe.encode_image(jnp.asarray(images[i : i + chunk])))
+            for i in range(0, len(images), chunk)
+        ]
+    )
 
 
 CENSORS = ("mosaic", "grey_mosaic")
@@ -58,8 +63,9 @@ def censor(images: np.ndarray, kind: str, block: int) -> np.ndarray:
     return out
 
 
-def testbed_images(concepts, n: int, kind: str = "mosaic", block: int = 16, seed: int = 0,
-                   scan: int = 256):
+def testbed_images(
+    concepts, n: int, kind: str = "mosaic", block: int = 16, seed: int = 0, scan: int = 256
+):
     """(unsafe, mosaic, normal) images in [−1, 1], n of each: the first n examples of shapes
     stream ``seed`` showing any of ``concepts`` (label value), their :func:`censor`, and the
     first n examples showing none of them."""
@@ -83,8 +89,10 @@ def _load_image(path: str, resolution: int) -> np.ndarray:
 
     img = Image.open(path).convert("RGB")
     scale = resolution / min(img.size)
-    img = img.resize((max(resolution, round(img.size[0] * scale)),
-                      max(resolution, round(img.size[1] * scale))), Image.BILINEAR)
+    img = img.resize(
+        (max(resolution, round(img.size[0] * scale)), max(resolution, round(img.size[1] * scale))),
+        Image.BILINEAR,
+    )
     left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
     return np.asarray(img, np.float32) / 127.5 - 1.0
@@ -97,8 +105,10 @@ def manifest_images(path: str, resolution: int):
     if not rows or any(c not in rows[0] for c in _COLUMNS):
         raise ValueError(f"{path}: expected a CSV with columns {', '.join(_COLUMNS)}")
     root = os.path.dirname(os.path.abspath(path))
-    return tuple(np.stack([_load_image(os.path.join(root, r[c]), resolution) for r in rows])
-                 for c in _COLUMNS)
+    return tuple(
+        np.stack([_load_image(os.path.join(root, r[c]), resolution) for r in rows])
+        for c in _COLUMNS
+    )
 
 
 def testbed_censor(concept: str) -> tuple[str, int]:
@@ -116,12 +126,17 @@ def triplet_latents(config, pipe) -> dict:
     if g.triplets:
         images = manifest_images(g.triplets, g.resolution)
     elif pipe.testbed:
-        censor, block = ((g.censor, g.mosaic_block) if g.censor != "auto"
-                         else testbed_censor(config.concepts.erase[0]))
+        censor, block = (
+            (g.censor, g.mosaic_block)
+            if g.censor != "auto"
+            else testbed_censor(config.concepts.erase[0])
+        )
         images = testbed_images(config.concepts.erase, g.num_triplets, censor, block, g.data_seed)
     else:
-        raise ValueError("safegen.triplets: a CSV manifest of (nude, mosaic, normal) image paths "
-                         "is required for a model that is not a test-bed export")
+        raise ValueError(
+            "safegen.triplets: a CSV manifest of (nude, mosaic, normal) image paths "
+            "is required for a model that is not a test-bed export"
+        )
     return dict(zip(("z_unsafe", "z_mosaic", "z_normal"), (_encode(pipe, x) for x in images)))
 
 
@@ -129,23 +144,38 @@ def build(config, mesh) -> Task:
     pipe = pipeline.from_config(config.model)
     g, o = config.safegen, config.optimizer
     graphdef, params, frozen = em.split_trainable(
-        pipe.model, ep.nnx_filter(ep.selection("selfattn", "unet")))
+        pipe.model, ep.nnx_filter(ep.selection("selfattn", "unet"))
+    )
     eps_theta, _ = em.score_functions(graphdef)
-    loss_fn = safegen.make_safegen_loss(eps_theta, pipe.scheduler, target=g.target,
-                                        weight_mosaic=g.weight_mosaic,
-                                        weight_preserve=g.weight_preserve, batch_size=g.batch_size)
+    loss_fn = safegen.make_safegen_loss(
+        eps_theta,
+        pipe.scheduler,
+        target=g.target,
+        weight_mosaic=g.weight_mosaic,
+        weight_preserve=g.weight_preserve,
+        batch_size=config.train.batch_size,
+    )
     shards = batch_shards(mesh)
     # The triplets and the one unconditional prompt differ in rows: each is tiled on its own.
-    batch = {**tile_to_shards(triplet_latents(config, pipe), shards),
-             "uncond": tile_to_shards(np.asarray(pipe.embed([""])), shards)}
-    optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                            optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                        weight_decay=o.weight_decay))
+    batch = {
+        **tile_to_shards(triplet_latents(config, pipe), shards),
+        "uncond": tile_to_shards(np.asarray(pipe.embed([""])), shards),
+    }
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
     ema = g.ema_decay > 0  # diffusers' EMAModel rule, as the reference's --use_ema
-    return Task(graphdef=graphdef, params=params, frozen=frozen, optimizer=optimizer,
-                loss_fn=loss_fn, train_data=batch,
-                extra={"ema": jax.tree.map(jnp.copy, params)} if ema else {},
-                after_update=ema_after_update(g.ema_decay) if ema else None)
+    return Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=frozen,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        train_data=batch,
+        extra={"ema": jax.tree.map(jnp.copy, params)} if ema else {},
+        after_update=ema_after_update(g.ema_decay) if ema else None,
+    )
 
 
 def summarize(config, state, task, workdir) -> dict:

@@ -22,10 +22,20 @@ from jaxsafe.erasure import evaluation, prompts, safree
 def settings(config) -> dict:
     """What ``safree.json`` holds: the keywords of the toxic subspace and the filter's settings."""
     s = config.safree
-    return {"method": "SAFREE", "keywords": keywords(config),
-            "negative_prompt": negative_prompt(config), "alpha": s.alpha, "svf": s.svf,
-            "gamma": s.gamma, "kappa": s.kappa, "tau": s.tau, "window": list(s.window),
-            "mask_id": s.mask_id, "pooling": s.pooling, "latent_re_attention": False}
+    return {
+        "method": "SAFREE",
+        "keywords": keywords(config),
+        "negative_prompt": negative_prompt(config),
+        "alpha": s.alpha,
+        "svf": s.svf,
+        "gamma": s.gamma,
+        "kappa": s.kappa,
+        "tau": s.tau,
+        "window": list(s.window),
+        "mask_id": s.mask_id,
+        "pooling": s.pooling,
+        "latent_re_attention": False,
+    }
 
 
 POOLINGS = ("eot", "mean")
@@ -97,10 +107,19 @@ def safree_functions(config, pipe, graphdef, C):
     prompts are filtered, the negative prompt is not (the reference pipeline)."""
     s = config.safree
     encode = safree.make_safree_encoder(
-        _encode_tokens(graphdef, s.pooling), C, alpha=s.alpha, svf=s.svf, gamma=s.gamma,
-        kappa=s.kappa, tau=s.tau, window=tuple(s.window), mask_id=s.mask_id)
-    apply = safree.make_safree_apply(lambda st, x, t, e: nnx.merge(graphdef, *st)(x, t, e),
-                                     sampling_timesteps(pipe, config))
+        _encode_tokens(graphdef, s.pooling),
+        C,
+        alpha=s.alpha,
+        svf=s.svf,
+        gamma=s.gamma,
+        kappa=s.kappa,
+        tau=s.tau,
+        window=tuple(s.window),
+        mask_id=s.mask_id,
+    )
+    apply = safree.make_safree_apply(
+        lambda st, x, t, e: nnx.merge(graphdef, *st)(x, t, e), sampling_timesteps(pipe, config)
+    )
     return apply, encode, safree.make_plain_encoder(_encode_tokens(graphdef, s.pooling))
 
 
@@ -117,13 +136,18 @@ def probe(config, pipe, graphdef, state, C, captions) -> dict:
     the count of each flagged word."""
     s, n = config.safree, config.sampling.num_inference_steps
     ids = np.asarray(pipe.tokenize(captions))
-    run = jax.jit(lambda st, i: safree.filter_prompts(_encode_tokens(graphdef, s.pooling), st, i,
-                                                      C, alpha=s.alpha, mask_id=s.mask_id))
+    run = jax.jit(
+        lambda st, i: safree.filter_prompts(
+            _encode_tokens(graphdef, s.pooling), st, i, C, alpha=s.alpha, mask_id=s.mask_id
+        )
+    )
     out = run(state, jnp.asarray(ids))
     m, lengths = np.asarray(out["trigger"]), np.asarray(out["lengths"])
     if s.svf:
-        steps = np.minimum(np.asarray(safree.svf_steps(out["beta"], s.gamma, s.kappa, s.tau)),
-                           n - 1) + 1
+        steps = (
+            np.minimum(np.asarray(safree.svf_steps(out["beta"], s.gamma, s.kappa, s.tau)), n - 1)
+            + 1
+        )
     else:
         steps = np.full(len(ids), max(0, min(s.window[1], n - 1) - max(s.window[0], 0) + 1))
     words: dict[str, int] = {}
@@ -131,10 +155,12 @@ def probe(config, pipe, graphdef, state, C, captions) -> dict:
         for tok in row[f]:
             w = _word(pipe, int(tok))
             words[w] = words.get(w, 0) + 1
-    return {"prompts_with_trigger": float(m.any(-1).mean()),
-            "flagged_token_fraction": float(m.sum() / max(int((lengths - 2).sum()), 1)),
-            "mean_filtered_steps": float(steps.mean()),
-            "flagged_words": dict(sorted(words.items(), key=lambda kv: -kv[1]))}
+    return {
+        "prompts_with_trigger": float(m.any(-1).mean()),
+        "flagged_token_fraction": float(m.sum() / max(int((lengths - 2).sum()), 1)),
+        "mean_filtered_steps": float(steps.mean()),
+        "flagged_words": dict(sorted(words.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def edit(config, workdir: str) -> dict:
@@ -144,27 +170,52 @@ def edit(config, workdir: str) -> dict:
     C = jax.block_until_ready(toxic_embeddings(pipe, keywords(config), config.safree.pooling))
     apply, encode, encode_negative = safree_functions(config, pipe, graphdef, C)
     seconds = time.perf_counter() - t0
-    out = {"erase_seconds": seconds,
-           "export": pipeline.save(pipe, os.path.join(workdir, "export"), extra_files={
-               "safree.json": json.dumps(settings(config), indent=1).encode()})}
+    out = {
+        "erase_seconds": seconds,
+        "export": pipeline.save(
+            pipe,
+            os.path.join(workdir, "export"),
+            extra_files={"safree.json": json.dumps(settings(config), indent=1).encode()},
+        ),
+    }
     if config.eval.enabled and pipe.testbed:
         from jaxsafe.data import shapes, shapes_metrics
 
         e = config.eval
-        target_prompts = [p for c in config.concepts.erase
-                          for p in shapes_metrics.concept_prompts(c, e.samples_per_concept,
-                                                                  e.seed)[0]]
+        target_prompts = [
+            p
+            for c in config.concepts.erase
+            for p in shapes_metrics.concept_prompts(c, e.samples_per_concept, e.seed)[0]
+        ]
         heldout = shapes.ShapesDataset(1).arrays(0, e.fid_samples or 64)["caption"]
         out["triggers_target"] = probe(config, pipe, graphdef, (state,), C, target_prompts)
         out["triggers_heldout"] = probe(config, pipe, graphdef, (state,), C, heldout)
-        generate = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
-                                           negative_prompt=negative_prompt(config),
-                                           **dict(config.sampling))
-        out.update(evaluation.evaluate(
-            pipe, lambda c, s: generate((state,), c, s), list(config.concepts.erase),
-            k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
-            sampling=dict(config.sampling),
-            loss_fn=lambda: evaluation.heldout_loss(pipe, apply, encode, (state,),
-                                                  n=e.heldout_examples, seed=e.seed,
-                                                  exclude=list(config.concepts.erase))))
+        generate = pipeline.make_generator(
+            pipe,
+            apply,
+            encode,
+            encode_negative=encode_negative,
+            negative_prompt=negative_prompt(config),
+            **dict(config.sampling),
+        )
+        out.update(
+            evaluation.evaluate(
+                pipe,
+                lambda c, s: generate((state,), c, s),
+                list(config.concepts.erase),
+                k=e.samples_per_concept,
+                seed=e.seed,
+                fid_samples=e.fid_samples,
+                sampling=dict(config.sampling),
+                loss_fn=lambda: evaluation.heldout_loss(
+                    pipe,
+                    apply,
+                    encode,
+                    (state,),
+                    n=e.heldout_examples,
+                    seed=e.seed,
+                    exclude=list(config.concepts.erase),
+                ),
+            )
+        )
     return out

@@ -53,8 +53,9 @@ def denoisers(graphdef, rest, abar, uncond, guidance: float):
 
     def guided(p, x, t, emb, key):
         u = jnp.broadcast_to(uncond, emb.shape)
-        e_u, e_c = jnp.split(eps(p, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                 jnp.concatenate([u, emb])), 2)
+        e_u, e_c = jnp.split(
+            eps(p, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([u, emb])), 2
+        )
         return x0(x, t, e_u + guidance * (e_c - e_u))
 
     return plain, guided
@@ -66,8 +67,10 @@ def build(config, mesh) -> Task:
     retain = list(s.retain_prompts)
     if not retain:
         if not pipe.testbed:
-            raise ValueError("sfd.retain_prompts: SFD's remaining term needs prompts to keep "
-                             "(the test bed derives them; a Stable Diffusion folder does not)")
+            raise ValueError(
+                "sfd.retain_prompts: SFD's remaining term needs prompts to keep "
+                "(the test bed derives them; a Stable Diffusion folder does not)"
+            )
         retain = prompts.testbed_retain(list(config.concepts.erase))
     graphdef, params, frozen = em.split_trainable(pipe.model, _unet)
     abar = schedulers.alphas_cumprod(pipe.scheduler)
@@ -83,27 +86,40 @@ def build(config, mesh) -> Task:
         k_r, k_f = jax.random.split(key)
         r = jax.random.randint(k_r, (b,), 0, len(retain))
         f = jax.random.randint(k_f, (b,), 0, len(pairs))
-        return [SiDTerm(retain_emb[r], retain_emb[r], s.remain_weight),
-                SiDTerm(forget_emb[f], override_emb[f], s.forget_weight)]
+        return [
+            SiDTerm(retain_emb[r], retain_emb[r], s.remain_weight),
+            SiDTerm(forget_emb[f], override_emb[f], s.forget_weight),
+        ]
 
     o = config.optimizer
     g_tx = optax.adam(o.lr_g, b1=o.b1, b2=o.b2, eps=o.eps)
     psi_tx = optax.adam(o.lr_psi, b1=o.b1, b2=o.b2, eps=o.eps)
     step = sid.make_sid_step(
-        guided, terms, g_optimizer=g_tx, psi_optimizer=psi_tx,
-        latent_shape=pipe.latent_shape, batch_size=b, alpha=s.alpha,
-        g_loss_scale=s.g_loss_scale, generator_denoise=plain,
-        kernel=sid.vp_kernel(abar, t_init=s.t_init, t_min=s.t_min, t_max=s.t_max))
+        guided,
+        terms,
+        g_optimizer=g_tx,
+        psi_optimizer=psi_tx,
+        latent_shape=pipe.latent_shape,
+        batch_size=b,
+        alpha=s.alpha,
+        g_loss_scale=s.g_loss_scale,
+        generator_denoise=plain,
+        kernel=sid.vp_kernel(abar, t_init=s.t_init, t_min=s.t_min, t_max=s.t_max),
+    )
 
     def copy(t):
         return jax.tree.map(jnp.copy, t)
 
-    return Task(graphdef=graphdef, params={"G": copy(params), "psi": copy(params)},
-                frozen={"teacher": frozen["original"], "rest": frozen["rest"]},
-                optimizer=sid.pair_optimizer(g_tx, psi_tx),
-                # No data: the trainer's fixed batch is a placeholder, one row per batch shard.
-                train_data={"unused": np.zeros((batch_shards(mesh),), np.float32)},
-                extra={}, step_fn=step)
+    return Task(
+        graphdef=graphdef,
+        params={"G": copy(params), "psi": copy(params)},
+        frozen={"teacher": frozen["original"], "rest": frozen["rest"]},
+        optimizer=sid.pair_optimizer(g_tx, psi_tx),
+        # No data: the trainer's fixed batch is a placeholder, one row per batch shard.
+        train_data={"unused": np.zeros((batch_shards(mesh),), np.float32)},
+        extra={},
+        step_fn=step,
+    )
 
 
 def one_step_generator(pipe, graphdef, rest, t_init: int, batch_size: int = 64):
@@ -125,8 +141,9 @@ def one_step_generator(pipe, graphdef, rest, t_init: int, batch_size: int = 64):
         b = ids.shape[1]
         flat = ids.reshape((-1, ids.shape[-1]))
         if rows > ids.shape[0]:
-            flat = jnp.concatenate([jnp.broadcast_to(jnp.asarray(pipe.tokenize([""])),
-                                                     (b, ids.shape[-1])), flat])
+            flat = jnp.concatenate(
+                [jnp.broadcast_to(jnp.asarray(pipe.tokenize([""])), (b, ids.shape[-1])), flat]
+            )
         emb = nnx.merge(graphdef, p, rest).encode(flat)
         x = jnp.tile(jnp.sqrt(1 - abar[t_init]) * z, (rows, 1, 1, 1))
         x0 = plain(p, x, jnp.full((rows * b,), t_init, jnp.int32), emb, None)
@@ -141,13 +158,16 @@ def one_step_generator(pipe, graphdef, rest, t_init: int, batch_size: int = 64):
         extra, weights = ([], []) if terms is None else t2i.check_terms(terms, len(captions))
         out = []
         for i in range(0, len(captions), batch_size):
-            cols = [c[i:i + batch_size] for c in [captions] + extra]
+            cols = [c[i : i + batch_size] for c in [captions] + extra]
             n = len(cols[0])
             ids = np.stack([pipe.tokenize(c + [""] * (batch_size - n)) for c in cols])
             sd = np.zeros(batch_size, np.int32)  # one compiled shape
-            sd[:n] = seeds[i:i + batch_size]
-            out.append(np.asarray(fetch(run(p, jnp.asarray(ids), sd,
-                                            jnp.asarray(weights, jnp.float32))))[:n])
+            sd[:n] = seeds[i : i + batch_size]
+            out.append(
+                np.asarray(fetch(run(p, jnp.asarray(ids), sd, jnp.asarray(weights, jnp.float32))))[
+                    :n
+                ]
+            )
         return np.concatenate(out)
 
     return generate
@@ -158,16 +178,30 @@ def summarize(config, state, task, workdir) -> dict:
     G = fetch(state.params["G"])
     rest = fetch(state.frozen["rest"])
     model = nnx.merge(task.graphdef, G, rest)
-    extra = {"sfd.json": json.dumps({"method": "SFD", "one_step": True,
-                                     "t_init": config.sfd.t_init}).encode()}
-    out = {"export": pipeline.save(pipe, os.path.join(workdir, "export"), unet=model.unet,
-                                   extra_files=extra)}
+    extra = {
+        "sfd.json": json.dumps(
+            {"method": "SFD", "one_step": True, "t_init": config.sfd.t_init}
+        ).encode()
+    }
+    out = {
+        "export": pipeline.save(
+            pipe, os.path.join(workdir, "export"), unet=model.unet, extra_files=extra
+        )
+    }
     if config.eval.enabled and pipe.testbed:
-        gen = one_step_generator(pipe, task.graphdef, rest, config.sfd.t_init,
-                                 config.sampling.batch_size)
+        gen = one_step_generator(
+            pipe, task.graphdef, rest, config.sfd.t_init, config.sampling.batch_size
+        )
         e = config.eval
-        out.update(evaluation.evaluate(
-            pipe, lambda c, sd: gen(G, c, sd), list(config.concepts.erase),
-            k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
-            sampling=dict(config.sampling)))
+        out.update(
+            evaluation.evaluate(
+                pipe,
+                lambda c, sd: gen(G, c, sd),
+                list(config.concepts.erase),
+                k=e.samples_per_concept,
+                seed=e.seed,
+                fid_samples=e.fid_samples,
+                sampling=dict(config.sampling),
+            )
+        )
     return out

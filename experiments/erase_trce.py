@@ -1,10 +1,10 @@
 r"""TRCE (Chen et al., 2025) through the generic trainer: ``build`` applies stage 1 (the closed-form
-[EoT] mapping of every cross-attention key/value projection, seconds) to the loaded model, then
-splits it for stage 2 (early-step contrastive fine-tuning of the self-attention layers and the
+[EoT] mapping of every cross-attention key/value projection) to the loaded model, then splits it
+for stage 2 (early-step contrastive fine-tuning of the self-attention layers and the
 cross-attention queries, ``jaxsafe.erasure.trce``). Config: ``configs/erasure/trce.py``.
 
-Prompts (``jaxsafe.erasure.prompts.prompt_pairs``): every erased concept (``concepts.erase``) and its safe
-counterpart (``concepts.guide``: one for all, or one per concept) in each of
+Prompts (``jaxsafe.erasure.prompts.prompt_pairs``): every erased concept (``concepts.erase``) and
+its safe counterpart (``concepts.guide``: one for all, or one per concept) in each of
 ``concepts.templates`` (stage 1) and ``trce.stage2_templates`` (stage 2; empty = the stage-1
 templates). Stage 1 maps the rows ``trce.mapping_rows`` picks with ``trce.token_weights``
 (the keyword tokens found by :func:`keyword_positions`) and preserves the rows from the last
@@ -45,8 +45,7 @@ def preserve_prompts(config) -> list[str]:
     """Stage 1's preserved prompts: the lines of ``trce.preserve_file`` and the
     ``concepts.preserve`` words in every template."""
     out = prompts.read_prompt_lines(config.trce.preserve_file) if config.trce.preserve_file else []
-    return out + prompts.expand(config.concepts.templates,
-                                prompts.preserve_words(config.concepts))
+    return out + prompts.expand(config.concepts.templates, prompts.preserve_words(config.concepts))
 
 
 def keyword_positions(pipe, prompts, words) -> np.ndarray:
@@ -56,8 +55,8 @@ def keyword_positions(pipe, prompts, words) -> np.ndarray:
     wids, wlens = pipe.tokenize(words), pipe.lengths(words)
     spans = []
     for p, n, w, m in zip(ids, lens, wids, wlens, strict=True):
-        p, w = list(p[1:n - 1]), list(w[1:m - 1])
-        start = next((i for i in range(len(p) - len(w) + 1) if p[i:i + len(w)] == w), None)
+        p, w = list(p[1 : n - 1]), list(w[1 : m - 1])
+        start = next((i for i in range(len(p) - len(w) + 1) if p[i : i + len(w)] == w), None)
         spans.append([] if start is None or not w else list(range(start + 1, start + 1 + len(w))))
     k = max((len(x) for x in spans), default=0)
     return np.array([x + [-1] * (k - len(x)) for x in spans], np.int32).reshape(len(spans), k)
@@ -75,10 +74,12 @@ def apply_stage1(config, pipe) -> dict:
     keyword = None
     if len(w) > 3 and w[3]:
         tpl = config.concepts.templates
-        keyword = keyword_positions(pipe, mal, [c for c in config.concepts.erase
-                                                for _ in prompts.expand(tpl, [c])])
-    c_m, c_s, s = (np.asarray(x) for x in trce.mapping_rows(emb[:n], lens[:n], emb[n:],
-                                                            lens[n:], w, keyword))
+        keyword = keyword_positions(
+            pipe, mal, [c for c in config.concepts.erase for _ in prompts.expand(tpl, [c])]
+        )
+    c_m, c_s, s = (
+        np.asarray(x) for x in trce.mapping_rows(emb[:n], lens[:n], emb[n:], lens[n:], w, keyword)
+    )
     used = s > 0
     c_m, c_s, s = c_m[used], c_s[used], s[used] / n
     keep = preserve_prompts(config)
@@ -86,16 +87,20 @@ def apply_stage1(config, pipe) -> dict:
     d_in = emb.shape[-1]
     rank = int(np.linalg.matrix_rank(c_m.astype(np.float64)))
     if c_p is None and rank < d_in:
-        raise ValueError(f"TRCE's stage 1 has λ = 0: {len(c_m)} mapped rows of rank {rank} cannot "
-                         f"determine a "
-                         f"{d_in}-wide projection; give prompts to preserve (trce.preserve_file, "
-                         "COCO captions in the paper, or concepts.preserve)")
+        raise ValueError(
+            f"TRCE's stage 1 has λ = 0: {len(c_m)} mapped rows of rank {rank} cannot "
+            f"determine a "
+            f"{d_in}-wide projection; give prompts to preserve (trce.preserve_file, "
+            "COCO captions in the paper, or concepts.preserve)"
+        )
     # The reference applies its preserve scale twice (configs/erasure/trce.py).
     ps = config.trce.stage1_preserve_scale
     scale = (ps * ps if config.trce.stage1_preserve_squared else ps) / max(len(keep), 1)
-    new = jax.jit(lambda k: trce.stage1_edit(k, c_m, c_s, c_p, erase_scale=s,
-                                             preserve_scale=scale, lam=config.trce.stage1_lam))(
-        em.kernels(pipe.model))
+    new = jax.jit(
+        lambda k: trce.stage1_edit(
+            k, c_m, c_s, c_p, erase_scale=s, preserve_scale=scale, lam=config.trce.stage1_lam
+        )
+    )(em.kernels(pipe.model))
     em.set_kernels(pipe.model, new)
     return new
 
@@ -117,24 +122,44 @@ def build(config, mesh) -> Task:
         return nnx.merge(graphdef, f["original"], rest)(x, t_, emb)
 
     loss_fn = trce.make_trce_loss(
-        eps_theta, eps_star, eps_start, pipe.scheduler, latent_shape=pipe.latent_shape,
-        guidance=t.guidance, margin=t.margin, beta=t.beta, preserve_scale=t.preserve_scale,
-        max_early_step=t.max_early_step, num_inference_steps=t.ddim_steps,
-        sample_guidance=t.sample_guidance, batch_size=t.batch_size,
-        reg_batch_size=t.reg_batch_size, uncond_hinge=t.uncond_hinge)
-    concepts = types.SimpleNamespace(erase=config.concepts.erase, guide=config.concepts.guide,
-                                     templates=t.stage2_templates or config.concepts.templates)
+        eps_theta,
+        eps_star,
+        eps_start,
+        pipe.scheduler,
+        latent_shape=pipe.latent_shape,
+        guidance=t.guidance,
+        margin=t.margin,
+        beta=t.beta,
+        preserve_scale=t.preserve_scale,
+        max_early_step=t.max_early_step,
+        num_inference_steps=t.ddim_steps,
+        sample_guidance=t.sample_guidance,
+        batch_size=config.train.batch_size,
+        reg_batch_size=t.reg_batch_size,
+        uncond_hinge=t.uncond_hinge,
+    )
+    concepts = types.SimpleNamespace(
+        erase=config.concepts.erase,
+        guide=config.concepts.guide,
+        templates=t.stage2_templates or config.concepts.templates,
+    )
     pairs = prompts.prompt_pairs(concepts)
     mal, safe = [a for a, _ in pairs], [b for _, b in pairs]
     emb = np.asarray(pipe.embed(mal + safe + [""]))
     n = len(mal)
-    batch = {k: tile_to_shards(v, batch_shards(mesh))
-             for k, v in {"c_mal": emb[:n], "c_safe": emb[n:2 * n], "uncond": emb[2 * n:]}.items()}
+    batch = {
+        k: tile_to_shards(v, batch_shards(mesh))
+        for k, v in {"c_mal": emb[:n], "c_safe": emb[n : 2 * n], "uncond": emb[2 * n :]}.items()
+    }
     o = config.optimizer
-    return Task(graphdef=graphdef, params=params, frozen=frozen,
-                optimizer=optax.adamw(o.lr, b1=0.9, b2=0.999, eps=1e-8,
-                                      weight_decay=o.weight_decay),
-                loss_fn=loss_fn, train_data=batch)
+    return Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=frozen,
+        optimizer=optax.adamw(o.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay),
+        loss_fn=loss_fn,
+        train_data=batch,
+    )
 
 
 def summarize(config, state, task, workdir) -> dict:

@@ -20,8 +20,11 @@ def edit(config, workdir: str) -> dict:
     new = em.uce_edit(pipe, config.concepts, config.uce)
     seconds = time.perf_counter() - t0
     em.set_kernels(pipe.model, new)
-    out = {"erase_seconds": seconds, "edited_tensors": len(new),
-           "export": pipeline.save(pipe, os.path.join(workdir, "export"), unet=pipe.model.unet)}
+    out = {
+        "erase_seconds": seconds,
+        "edited_tensors": len(new),
+        "export": pipeline.save(pipe, os.path.join(workdir, "export"), unet=pipe.model.unet),
+    }
     if config.eval.enabled and pipe.testbed:
         graphdef, state = nnx.split(pipe.model)
         out.update(evaluation.evaluate_model(config, pipe, graphdef, (state,)))

@@ -30,11 +30,17 @@ LOSSES = {"softmax": grokking.softmax_cross_entropy, "stablemax": grokking.stabl
 
 def load_data(cfg) -> dict:
     if cfg.name == "modular":
-        return algorithmic.modular_arithmetic(p=cfg.p, op=cfg.op, train_fraction=cfg.train_fraction,
-                                              seed=cfg.seed, first_operand=cfg.first_operand)
+        return algorithmic.modular_arithmetic(
+            p=cfg.p,
+            op=cfg.op,
+            train_fraction=cfg.train_fraction,
+            seed=cfg.seed,
+            first_operand=cfg.first_operand,
+        )
     if cfg.name == "sparse_parity":
-        return algorithmic.sparse_parity(n=cfg.n, k=cfg.k, num_train=cfg.num_train,
-                                         num_test=cfg.num_test, seed=cfg.seed)
+        return algorithmic.sparse_parity(
+            n=cfg.n, k=cfg.k, num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed
+        )
     raise ValueError(f"data.name={cfg.name!r}; expected 'modular' or 'sparse_parity'")
 
 
@@ -46,14 +52,28 @@ def build_model(config, data: dict):
     else:
         num_inputs, num_classes, vocab = d.n, 2, None
     if m.name == "mlp":
-        return GrokMLP(num_inputs, num_classes, hidden=tuple(m.hidden), use_bias=m.use_bias,
-                       alpha=m.alpha, vocab_size=vocab, rngs=rngs)
+        return GrokMLP(
+            num_inputs,
+            num_classes,
+            hidden=tuple(m.hidden),
+            use_bias=m.use_bias,
+            alpha=m.alpha,
+            vocab_size=vocab,
+            rngs=rngs,
+        )
     if m.name == "transformer":
         if vocab is None:
             raise ValueError("model.name='transformer' needs data.name='modular'")
-        return GrokTransformer(vocab, num_classes, d_model=m.d_model, num_heads=m.num_heads,
-                               dim_feedforward=m.dim_feedforward, dropout_rate=m.dropout,
-                               alpha=m.alpha, rngs=rngs)
+        return GrokTransformer(
+            vocab,
+            num_classes,
+            d_model=m.d_model,
+            num_heads=m.num_heads,
+            dim_feedforward=m.dim_feedforward,
+            dropout_rate=m.dropout,
+            alpha=m.alpha,
+            rngs=rngs,
+        )
     raise ValueError(f"model.name={m.name!r}; expected 'mlp' or 'transformer'")
 
 
@@ -61,11 +81,12 @@ def make_optimizer(cfg, alpha: float = 1.0) -> optax.GradientTransformation:
     """AdamW or SGD, optionally after ⊥Grad. As in the reference, lr is divided by alpha**2."""
     lr = cfg.lr / alpha**2
     if cfg.name == "adamw":
-        base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay)
+        base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     elif cfg.name == "sgd":
-        base = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                           optax.sgd(lr, momentum=cfg.momentum or None))
+        base = optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay),
+            optax.sgd(lr, momentum=cfg.momentum or None),
+        )
     else:
         raise ValueError(f"optimizer.name={cfg.name!r}; expected 'adamw' or 'sgd'")
     if cfg.perp is None:
@@ -77,7 +98,9 @@ def pad_split(split: dict, multiple: int) -> dict:
     """Pads `split` to a multiple of `multiple` rows; `mask` is 1 on real rows, 0 on padding."""
     n = len(split["y"])
     pad = -n % multiple
-    out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in split.items()}
+    out = {
+        k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in split.items()
+    }
     out["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     return out
 
@@ -86,7 +109,7 @@ def process_slice(split: dict) -> dict:
     """This process's contiguous share of a padded split (`global_batch` reassembles it)."""
     n = len(split["y"]) // jax.process_count()
     i = jax.process_index()
-    return {k: v[i * n:(i + 1) * n] for k, v in split.items()}
+    return {k: v[i * n : (i + 1) * n] for k, v in split.items()}
 
 
 def loss_dtype(name: str):
@@ -136,9 +159,11 @@ def make_evaluator(graphdef, config, data: dict):
         model = nnx.merge(graphdef, params, frozen)
         model.eval()  # no dropout
         logits = model(x)
-        return {"loss": jnp.mean(cross_entropy(logits, y)).astype(jnp.float32),
-                "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-                "sc_fraction": grokking.softmax_collapse_fraction(logits, collapse_dtype)}
+        return {
+            "loss": jnp.mean(cross_entropy(logits, y)).astype(jnp.float32),
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "sc_fraction": grokking.softmax_collapse_fraction(logits, collapse_dtype),
+        }
 
     def run(state):
         out = {}
@@ -163,11 +188,16 @@ def build(config, mesh) -> Task:
         per_tensor = {f"nlm_cosine/{k}": v for k, v in grokking.nlm_cosine(params, grads).items()}
         return {"nlm_cosine": grokking.global_nlm_cosine(params, grads), **per_tensor}
 
-    return Task(graphdef=graphdef, params=params, frozen=frozen,
-                optimizer=make_optimizer(config.optimizer, config.model.alpha),
-                loss_fn=make_loss_fn(graphdef, config), train_data=train_batch,
-                evaluators={"eval": make_evaluator(graphdef, config, data)},
-                grad_metrics=grad_metrics)
+    return Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=frozen,
+        optimizer=make_optimizer(config.optimizer, config.model.alpha),
+        loss_fn=make_loss_fn(graphdef, config),
+        train_data=train_batch,
+        evaluators={"eval": make_evaluator(graphdef, config, data)},
+        grad_metrics=grad_metrics,
+    )
 
 
 def summarize(config, state, task, workdir) -> dict:

@@ -1,36 +1,26 @@
 """PFGM++ (Xu et al., ICML 2023) and EDM (Karras et al., NeurIPS 2022) training of a SongUNet.
 
-The objective is `jaxsafe.diffusion.pfgmpp.denoising_loss`, EDM's preconditioned, λ(σ)-weighted
-denoising loss with PFGM++'s heavy-tailed perturbation for finite D (D = inf: EDM's Gaussian),
-averaged over the batch (EDM's `loss.sum() / batch_size`). The training loop follows EDM's
-`training/training_loop.py`, with t = optimizer steps taken and B the global batch size:
+The objective is :func:`jaxsafe.diffusion.pfgmpp.denoising_loss`, EDM's preconditioned,
+λ(σ)-weighted denoising loss with PFGM++'s heavy-tailed perturbation for finite D (D = inf:
+EDM's Gaussian), averaged over the batch (EDM's `loss.sum() / batch_size`). The loop follows
+EDM's `training/training_loop.py`, with t = optimizer steps taken and B the global batch size:
 
-* learning-rate warm-up: lr_t = lr · min(t B / max(lr_rampup_kimg · 1000, 1e-8), 1) (as in EDM
-  the very first step, t = 0, has lr 0); Adam(β1 = 0.9, β2 = 0.999, ε = 1e-8);
-* gradients pass through nan_to_num(nan=0, posinf=1e5, neginf=-1e5) before the update, like
-  EDM's `torch.nan_to_num(param.grad, ...)`: a few overflowing gradient entries cannot poison the
-  weights. A non-finite *loss* still stops the run (the trainer's `NonFiniteError`), where EDM
-  would carry on;
-* optional gradient clipping by global norm (`optimizer.grad_clip` > 0; EDM and PFGM++ have none);
-* EMA of the weights with EDM's half-life in images: h = ema_halflife_kimg · 1000, ramped up as
-  h_t = min(h, t B · ema_rampup_ratio); β_t = 0.5^(B / max(h_t, 1e-8));
-  θ_ema ← β_t θ_ema + (1 − β_t) θ (at t = 0, β = 0: the EMA starts at the first updated weights).
-  The EMA lives in `TrainState.extra['ema']`, is updated in `Task.after_update` and checkpointed
-  with the run, so a resumed run's EMA equals an uninterrupted one's.
+* learning-rate warm-up lr_t = lr · min(t B / max(lr_rampup_kimg · 1000, 1e-8), 1) (lr 0 at
+  t = 0, as EDM); Adam(β1 = 0.9, β2 = 0.999, ε = 1e-8); optional clipping by global norm
+  (`optimizer.grad_clip` > 0; EDM and PFGM++ have none);
+* gradients pass through nan_to_num(nan=0, posinf=1e5, neginf=-1e5), like EDM. Deviation: a
+  non-finite *loss* still stops the run (the trainer's `NonFiniteError`), where EDM carries on;
+* EMA with EDM's half-life in images, h_t = min(ema_halflife_kimg · 1000, t B ·
+  ema_rampup_ratio), β_t = 0.5^(B / max(h_t, 1e-8)), kept in `TrainState.extra['ema']`, updated
+  in `Task.after_update` and checkpointed, so a resumed run's EMA equals an uninterrupted one's;
+* with `augment.p > 0`, EDM's non-leaky augmentation (`jaxsafe.diffusion.augment`): the target
+  is the augmented image and the network gets its 9 labels; class-conditional models get one-hot
+  labels (`data.cond`).
 
-With `augment.p > 0` (the paper configs: EDM's `--augment=0.12`, 0.15 on FFHQ) each clean image
-passes through EDM's non-leaky augmentation (`jaxsafe.diffusion.augment`), the loss's target is
-the augmented image and the network gets its 9 labels (`augment_dim = 9`); sampling passes none.
-Class-conditional models get one-hot labels (`data.cond`).
-
-Evaluators: `samples` draws `eval.num_samples` images with the EMA weights (`eval.use_ema`) and
-the Heun sampler from the PFGM++ prior of the same D, and returns a grid image; with
-`eval.feature_net = 'digits'` it also reports the Fréchet distance between the shipped digits
-classifier's features of the samples and of all 1,797 real digits (`fd`), next to the FD of the
-same number of real digits (`fd_real`, the floor set by the sample size); with
-`eval.feature_net = 'inception'` it reports the FID (`fid`) of the samples against the statistics
-file `eval.fid_ref` (`launch.fid_stats`), with the FID Inception of `eval.fid_weights` (empty:
-`$JAXSAFE_FID_INCEPTION`).
+The `samples` evaluator draws Heun samples of the EMA weights from the prior of the same D and
+reports the Fréchet distance on the digits classifier's features (`fd`, next to its floor
+`fd_real`) or the FID against `eval.fid_ref` (docs/diffusion.md, "Evaluation: Fréchet distance
+on digits-classifier features", "FID with Inception-v3").
 """
 
 from __future__ import annotations
@@ -60,8 +50,14 @@ def make_optimizer(cfg, batch_size: int) -> optax.GradientTransformation:
     parts = [edm.nan_to_num_grads()] if cfg.nan_to_num else []
     if cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adam(edm.lr_schedule(cfg.lr, batch_size, cfg.lr_rampup_kimg),
-                            b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    parts.append(
+        optax.adam(
+            edm.lr_schedule(cfg.lr, batch_size, cfg.lr_rampup_kimg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -96,8 +92,15 @@ def make_loss_fn(graphdef, config):
             images, labels = jax.vmap(lambda k, x: augment.augment(k, x, aug_p))(keys, images)
         denoiser = im.make_denoiser(model, p.sigma_data, nnx.Rngs(dropout=k_dropout), labels)
         per_example = pfgmpp.denoising_loss(
-            denoiser, images, k_loss, D=D, P_mean=p.P_mean, P_std=p.P_std,
-            sigma_data=p.sigma_data, class_labels=im.one_hot(batch.get("label"), config))
+            denoiser,
+            images,
+            k_loss,
+            D=D,
+            P_mean=p.P_mean,
+            P_std=p.P_std,
+            sigma_data=p.sigma_data,
+            class_labels=im.one_hot(batch.get("label"), config),
+        )
         return jnp.mean(per_example), ({}, extra)
 
     return loss_fn
@@ -129,8 +132,9 @@ def make_evaluator(graphdef, config):
     fd = inception_fn = None
     if ev.feature_net == "inception":  # both files checked now, not at the first evaluation
         if not ev.get("fid_ref"):
-            raise ValueError("eval.feature_net='inception' needs eval.fid_ref (statistics of "
-                             "launch.fid_stats)")
+            raise ValueError(
+                "eval.feature_net='inception' needs eval.fid_ref (statistics of launch.fid_stats)"
+            )
         fid.load_stats(ev.fid_ref)
         inception_fn = fid.feature_fn(inception.load(ev.get("fid_weights") or None))
     if ev.feature_net == "digits":
@@ -145,13 +149,24 @@ def make_evaluator(graphdef, config):
         if step in last:
             return last[step]
         params = state.extra["ema"] if ev.use_ema else state.params
-        x, _ = im.generate(sample_fn, params, state.frozen, jax.random.key(ev.seed), ev.num_samples,
-                        ev.batch_size, im.num_classes(config))
-        out = {"samples": images.image_grid(x[:ev.grid])}
+        x, _ = im.generate(
+            sample_fn,
+            params,
+            state.frozen,
+            jax.random.key(ev.seed),
+            ev.num_samples,
+            ev.batch_size,
+            im.num_classes(config),
+        )
+        out = {"samples": images.image_grid(x[: ev.grid])}
         if fd is not None:
             features, stats, fd_real = fd
-            feats = np.concatenate([np.asarray(features(jnp.asarray(x[i:i + ev.batch_size])))
-                                    for i in range(0, len(x), ev.batch_size)])
+            feats = np.concatenate(
+                [
+                    np.asarray(features(jnp.asarray(x[i : i + ev.batch_size])))
+                    for i in range(0, len(x), ev.batch_size)
+                ]
+            )
             out.update(fd=im.frechet_distance_to(stats, feats), fd_real=fd_real)
         if inception_fn is not None:
             out["fid"] = fid.fid(fid.features(inception_fn, x, ev.batch_size), ev.fid_ref)
@@ -176,19 +191,29 @@ def build(config, mesh) -> Task:
     im.augmentation_dim(config.pfgmpp.D)  # fail early on a bad D
     source = load_source(config.data)
     train_data = images.image_batches(
-        source, config.train.batch_size, seed=config.data.seed, flip=config.data.flip,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        source,
+        config.train.batch_size,
+        seed=config.data.seed,
+        flip=config.data.flip,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     model = im.build_model(config)
     graphdef, params, frozen = split_model(model)
     evaluators = {"samples": make_evaluator(graphdef, config)} if config.eval.num_samples else {}
-    return Task(graphdef=graphdef, params=params, frozen=frozen,
-                optimizer=make_optimizer(config.optimizer, config.train.batch_size),
-                loss_fn=make_loss_fn(graphdef, config), train_data=train_data,
-                extra={"ema": jax.tree.map(jnp.copy, params)},
-                evaluators=evaluators,
-                grad_metrics=lambda params, grads: {"grad_norm": optax.tree.norm(grads)},
-                after_update=make_after_update(config),
-                sharding_rules=songunet.SONGUNET_SHARDING_RULES)
+    return Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=frozen,
+        optimizer=make_optimizer(config.optimizer, config.train.batch_size),
+        loss_fn=make_loss_fn(graphdef, config),
+        train_data=train_data,
+        extra={"ema": jax.tree.map(jnp.copy, params)},
+        evaluators=evaluators,
+        grad_metrics=lambda params, grads: {"grad_norm": optax.tree.norm(grads)},
+        after_update=make_after_update(config),
+        sharding_rules=songunet.SONGUNET_SHARDING_RULES,
+    )
 
 
 def summarize(config, state, task, workdir) -> dict:
@@ -197,4 +222,3 @@ def summarize(config, state, task, workdir) -> dict:
         return {}
     out = task.evaluators["samples"](state)
     return {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
-

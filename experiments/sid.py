@@ -34,11 +34,14 @@ from jaxsafe.train import Task
 def teacher(config):
     """``(teacher_config, graphdef, params, rest)``: the EMA weights of ``teacher.workdir``."""
     if not config.teacher.workdir:
-        raise ValueError("config.teacher.workdir: the launch.train run directory of a "
-                         "configs/pfgmpp teacher is required")
+        raise ValueError(
+            "config.teacher.workdir: the launch.train run directory of a "
+            "configs/pfgmpp teacher is required"
+        )
     tc = im.load_config(config.teacher.workdir)
-    graphdef, params, rest, _ = im.load_model(tc, config.teacher.workdir,
-                                              step=config.teacher.step or None)
+    graphdef, params, rest, _ = im.load_model(
+        tc, config.teacher.workdir, step=config.teacher.step or None
+    )
     return tc, graphdef, params, rest
 
 
@@ -53,10 +56,14 @@ def stage_one(config, params):
     ckpt = f"{init.workdir}/checkpoints"
     _, tree = train.load_arrays(ckpt, init.get("step") or None)
     if "ema" not in tree.get("extra", {}) or "psi" not in tree.get("params", {}):
-        raise ValueError(f"init.workdir {init.workdir!r}: not a run of experiments/sid.py "
-                         "(its checkpoint has no G EMA and fake score)")
-    return (im.restore_like(params, tree["extra"]["ema"]),
-            im.restore_like(params, tree["params"]["psi"]))
+        raise ValueError(
+            f"init.workdir {init.workdir!r}: not a run of experiments/sid.py "
+            "(its checkpoint has no G EMA and fake score)"
+        )
+    return (
+        im.restore_like(params, tree["extra"]["ema"]),
+        im.restore_like(params, tree["params"]["psi"]),
+    )
 
 
 def make_denoise(graphdef, rest, tc) -> sid.Denoise:
@@ -67,8 +74,9 @@ def make_denoise(graphdef, rest, tc) -> sid.Denoise:
         model = nnx.merge(graphdef, params, rest)
         if key is None:
             model.eval()
-        return im.make_denoiser(model, tc.pfgmpp.sigma_data,
-                                None if key is None else nnx.Rngs(dropout=key))(x, sigma, cond)
+        return im.make_denoiser(
+            model, tc.pfgmpp.sigma_data, None if key is None else nnx.Rngs(dropout=key)
+        )(x, sigma, cond)
 
     return denoise
 
@@ -90,24 +98,42 @@ def build(config, mesh) -> Task:
     psi_tx = optax.adam(o.lr_psi, b1=o.b1, b2=o.b2, eps=o.eps)
     e = config.ema
     step = sid.make_sid_step(
-        denoise, sfd.class_terms(k, b, forget=forget_map(config),
-                                 forget_weight=config.sfd.forget_weight),
-        g_optimizer=g_tx, psi_optimizer=psi_tx, latent_shape=im.image_shape(tc.data),
-        batch_size=b, alpha=config.sid.alpha, g_loss_scale=config.sid.g_loss_scale,
-        kernel=sid.edm_kernel(sigma_init=config.sid.sigma_init, tmax=config.sid.tmax,
-                              D=im.augmentation_dim(tc.pfgmpp.D), P_mean=tc.pfgmpp.P_mean,
-                              P_std=tc.pfgmpp.P_std, sigma_data=tc.pfgmpp.sigma_data),
-        ema_beta=lambda n: edm.ema_beta(n, b, e.halflife_kimg, e.rampup_ratio or None))
+        denoise,
+        sfd.class_terms(k, b, forget=forget_map(config), forget_weight=config.sfd.forget_weight),
+        g_optimizer=g_tx,
+        psi_optimizer=psi_tx,
+        latent_shape=im.image_shape(tc.data),
+        batch_size=b,
+        alpha=config.sid.alpha,
+        g_loss_scale=config.sid.g_loss_scale,
+        kernel=sid.edm_kernel(
+            sigma_init=config.sid.sigma_init,
+            tmax=config.sid.tmax,
+            D=im.augmentation_dim(tc.pfgmpp.D),
+            P_mean=tc.pfgmpp.P_mean,
+            P_std=tc.pfgmpp.P_std,
+            sigma_data=tc.pfgmpp.sigma_data,
+        ),
+        ema_beta=lambda n: edm.ema_beta(n, b, e.halflife_kimg, e.rampup_ratio or None),
+    )
 
     G, psi = stage_one(config, params)
-    evaluators = ({"samples": make_evaluator(config, tc, graphdef, denoise)}
-                  if config.eval.num_samples else {})
-    return Task(graphdef=graphdef, params={"G": G, "psi": psi},
-                frozen={"teacher": params, "rest": rest},
-                optimizer=sid.pair_optimizer(g_tx, psi_tx),
-                # No data: the trainer's fixed batch is a placeholder, one row per batch shard.
-                train_data={"unused": np.zeros((batch_shards(mesh),), np.float32)},
-                extra={"ema": jax.tree.map(jnp.copy, G)}, step_fn=step, evaluators=evaluators)
+    evaluators = (
+        {"samples": make_evaluator(config, tc, graphdef, denoise)}
+        if config.eval.num_samples
+        else {}
+    )
+    return Task(
+        graphdef=graphdef,
+        params={"G": G, "psi": psi},
+        frozen={"teacher": params, "rest": rest},
+        optimizer=sid.pair_optimizer(g_tx, psi_tx),
+        # No data: the trainer's fixed batch is a placeholder, one row per batch shard.
+        train_data={"unused": np.zeros((batch_shards(mesh),), np.float32)},
+        extra={"ema": jax.tree.map(jnp.copy, G)},
+        step_fn=step,
+        evaluators=evaluators,
+    )
 
 
 def one_step_sampler(denoise, sigma_init: float, shape):
@@ -141,20 +167,29 @@ def make_evaluator(config, tc, graphdef, denoise):
             onehot = jax.nn.one_hot(y, k) if k else None
             xs.append(np.asarray(fetch(sample(G, jax.random.fold_in(key, i), onehot))))
             ys.append(np.asarray(y))
-        x, y = np.concatenate(xs)[:ev.num_samples], np.concatenate(ys)[:ev.num_samples]
-        out = {"samples": images.image_grid(x[:ev.grid])}
+        x, y = np.concatenate(xs)[: ev.num_samples], np.concatenate(ys)[: ev.num_samples]
+        out = {"samples": images.image_grid(x[: ev.grid])}
         if digits:
             if "stats" not in cache:
                 features, _, stats = im.digits_features(tc.data.resolution)
                 cache.update(features=features, stats=stats)
                 if ev.teacher_fd:
                     heun = im.make_sample_fn(graphdef, tc)
-                    xt, _ = im.generate(heun, state.frozen["teacher"], state.frozen["rest"], key,
-                                        ev.num_samples, ev.batch_size, k)
+                    xt, _ = im.generate(
+                        heun,
+                        state.frozen["teacher"],
+                        state.frozen["rest"],
+                        key,
+                        ev.num_samples,
+                        ev.batch_size,
+                        k,
+                    )
                     cache["teacher_fd"] = im.frechet_distance_to(
-                        stats, np.asarray(features(jnp.asarray(xt))))
-            out["fd"] = im.frechet_distance_to(cache["stats"],
-                                               np.asarray(cache["features"](jnp.asarray(x))))
+                        stats, np.asarray(features(jnp.asarray(xt)))
+                    )
+            out["fd"] = im.frechet_distance_to(
+                cache["stats"], np.asarray(cache["features"](jnp.asarray(x)))
+            )
             if "teacher_fd" in cache:
                 out["teacher_fd"] = cache["teacher_fd"]
             if k:
@@ -165,8 +200,12 @@ def make_evaluator(config, tc, graphdef, denoise):
                     cache["classifier"] = jax.jit(lambda v: jnp.argmax(net(v), -1))
                 pred = np.asarray(cache["classifier"](jnp.asarray(x)))
                 out.update({f"acc/{c}": float(np.mean(pred[y == c] == c)) for c in range(k)})
-                out.update({f"override/{c}": float(np.mean(pred[y == c] == o))
-                            for c, o in forget_map(config).items()})
+                out.update(
+                    {
+                        f"override/{c}": float(np.mean(pred[y == c] == o))
+                        for c, o in forget_map(config).items()
+                    }
+                )
         return out
 
     return evaluate

@@ -29,8 +29,9 @@ def degrade(x: jax.Array, key: jax.Array, noise_max: float) -> jax.Array:
     """Random blur blend and Gaussian noise, per image (see module docstring)."""
     kb, kw, kn, ks = jax.random.split(key, 4)
     b = x.shape[0]
-    blurred = nnx.avg_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"), (3, 3),
-                           strides=(1, 1))
+    blurred = nnx.avg_pool(
+        jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"), (3, 3), strides=(1, 1)
+    )
     w = jax.random.uniform(kw, (b, 1, 1, 1)) * jax.random.bernoulli(kb, 0.5, (b, 1, 1, 1))
     sigma = jax.random.uniform(ks, (b, 1, 1, 1), maxval=noise_max)
     return (1 - w) * x + w * blurred + sigma * jax.random.normal(kn, x.shape)
@@ -50,37 +51,54 @@ def make_loss_fn(graphdef, noise_max: float):
     return loss_fn
 
 
-def heldout_accuracy(graphdef, params, frozen, images: np.ndarray, labels: np.ndarray,
-                     batch: int = 500) -> dict:
+def heldout_accuracy(
+    graphdef, params, frozen, images: np.ndarray, labels: np.ndarray, batch: int = 500
+) -> dict:
     """Per-attribute and all-three accuracy on clean images (uint8)."""
     predict = jax.jit(lambda p, f, x: nnx.merge(graphdef, p, f).predict(x))
-    pred = np.concatenate([fetch(predict(params, frozen, images[i:i + batch] / 127.5 - 1.0))
-                           for i in range(0, len(images), batch)])
-    out = {f"{name}_accuracy": float(np.mean(pred[:, a] == labels[:, a]))
-           for a, (name, _) in enumerate(shapes.ATTRIBUTES)}
+    pred = np.concatenate(
+        [
+            fetch(predict(params, frozen, images[i : i + batch] / 127.5 - 1.0))
+            for i in range(0, len(images), batch)
+        ]
+    )
+    out = {
+        f"{name}_accuracy": float(np.mean(pred[:, a] == labels[:, a]))
+        for a, (name, _) in enumerate(shapes.ATTRIBUTES)
+    }
     out["accuracy"] = float(np.mean(np.all(pred == labels, -1)))
     return out
 
 
 def build(config, mesh) -> Task:
     d, o = config.data, config.oracle
-    model = oracle_lib.ShapesOracle(width=o.width, num_features=o.num_features,
-                                    rngs=nnx.Rngs(config.train.seed))
+    model = oracle_lib.ShapesOracle(
+        width=o.width, num_features=o.num_features, rngs=nnx.Rngs(config.train.seed)
+    )
     graphdef, params, frozen = split_model(model)
-    train = shapes.shapes_batches(shapes.ShapesDataset(d.train_seed), shapes.tokenizer(),
-                                  d.batch_size, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+    train = shapes.shapes_batches(
+        shapes.ShapesDataset(d.train_seed),
+        shapes.tokenizer(),
+        config.train.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     heldout = shapes.ShapesDataset(d.heldout_seed).arrays(0, d.heldout_size)
 
     def evaluate(state):
-        return heldout_accuracy(graphdef, state.params, state.frozen, heldout["image"],
-                                heldout["label"])
+        return heldout_accuracy(
+            graphdef, state.params, state.frozen, heldout["image"], heldout["label"]
+        )
 
-    return Task(graphdef=graphdef, params=params, frozen=frozen,
-                optimizer=optax.adamw(config.optimizer.lr,
-                                      weight_decay=config.optimizer.weight_decay),
-                loss_fn=make_loss_fn(graphdef, o.noise_max), train_data=train,
-                evaluators={"heldout": evaluate})
+    return Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=frozen,
+        optimizer=optax.adamw(config.optimizer.lr, weight_decay=config.optimizer.weight_decay),
+        loss_fn=make_loss_fn(graphdef, o.noise_max),
+        train_data=train,
+        evaluators={"heldout": evaluate},
+    )
 
 
 def summarize(config, state, task, workdir: str) -> dict:

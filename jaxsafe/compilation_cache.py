@@ -1,8 +1,9 @@
 """XLA's persistent compilation cache for the launchers.
 
 A rerun of a launcher (a resume after a pre-emption, the next seed, a changed flag that leaves
-the program alone) compiles the same programs again: the SongUNet's and the test bed's
-training steps take 15-90 s on CPU. With the cache, XLA stores each compiled executable under
+the program alone) compiles the same programs again, and the SongUNet's and the test bed's
+training steps are slow to compile on CPU (docs/benchmarks.md, "Compile time on a rerun: the
+persistent compilation cache"). With the cache, XLA stores each compiled executable under
 a key of its HLO, compile options and backend, and a later process with the same program
 loads it instead of compiling (JAX's ``jax_compilation_cache_dir``; programs that compiled in
 under ``min_compile_secs`` are not stored).
@@ -12,9 +13,11 @@ import os
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxsafe", "xla")
 #: The help of the launchers' ``--compilation_cache`` flag.
-FLAG_HELP = ("XLA's persistent compilation cache directory (default: $JAXSAFE_XLA_CACHE or "
-             "~/.cache/jaxsafe/xla; empty: off): a rerun loads the compiled programs instead "
-             "of compiling them again.")
+FLAG_HELP = (
+    "XLA's persistent compilation cache directory (default: $JAXSAFE_XLA_CACHE or "
+    "~/.cache/jaxsafe/xla; empty: off): a rerun loads the compiled programs instead "
+    "of compiling them again."
+)
 
 
 class CacheDirError(OSError):
@@ -29,8 +32,9 @@ def enable(directory: str | None = None, min_compile_secs: float | None = None) 
     import jax
 
     if directory is None:
-        directory = os.environ.get("JAXSAFE_XLA_CACHE",
-                                   os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_DIR))
+        directory = os.environ.get(
+            "JAXSAFE_XLA_CACHE", os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_DIR)
+        )
     if not directory:
         return None
     if min_compile_secs is None:
@@ -38,8 +42,9 @@ def enable(directory: str | None = None, min_compile_secs: float | None = None) 
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise CacheDirError(f"compilation cache directory {directory!r} cannot be created: "
-                            f"{e.strerror or e}") from e
+        raise CacheDirError(
+            f"compilation cache directory {directory!r} cannot be created: {e.strerror or e}"
+        ) from e
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     return directory

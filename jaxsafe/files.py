@@ -21,8 +21,10 @@ def read_json(path: str | os.PathLike, what: str = "") -> object:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}{about}: invalid JSON at line {e.lineno} column {e.colno}: "
-                         f"{e.msg}") from e
+        raise ValueError(
+            f"{path}{about}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}{about}: not a UTF-8 text file ({e.reason} at byte "
-                         f"{e.start})") from e
+        raise ValueError(
+            f"{path}{about}: not a UTF-8 text file ({e.reason} at byte {e.start})"
+        ) from e

@@ -53,5 +53,11 @@ def retain() -> bool:
     if libc is None or os.environ.get(ENV, "1").strip() == "0":
         return False
     # mallopt returns 1 on success; every value is in range, so 0 means no such setting.
-    return all(libc.mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    return all(
+        libc.mallopt(param, value) == 1
+        for param, value in (
+            (_M_ARENA_MAX, 1),
+            (_M_MMAP_MAX, 0),
+            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        )
+    )

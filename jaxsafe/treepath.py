@@ -51,7 +51,8 @@ def replace_by_name(tree, new, *, complete: bool = False, what: str = "tree"):
             continue
         x = new[name]
         if tuple(x.shape) != tuple(old.shape):
-            raise ValueError(f"{what}: {name}: shape {tuple(x.shape)} != the model's "
-                             f"{tuple(old.shape)}")
+            raise ValueError(
+                f"{what}: {name}: shape {tuple(x.shape)} != the model's {tuple(old.shape)}"
+            )
         leaves.append(jnp.asarray(x, old.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -6,23 +6,16 @@ r"""Attacks a text-to-image model with adversarial prompts: any attack of ``conf
         --model=/path/to/esd-nudity --original=/path/to/stable-diffusion-v1-4 \
         --prompts=nudity.tsv --judge=nudenet --out=/tmp/p4d_k
 
-``--model`` is a diffusers-layout folder (a Stable Diffusion checkpoint or a test-bed export)
-or an erasure workdir (``launch.erase``'s, its ``export/`` is used); ``--original`` (default:
-the shipped test bed) is the unedited model: its images of the prompts are UnlearnDiffAtk's and
-P4D's targets, its text encoder runs Ring-A-Bell's search. ``--prompts``: one prompt per line,
-or ``prompt<TAB>seed`` (the judge's generation seed; default the line number). ``--judge``:
-``oracle:<concept>`` (the test bed) or ``nudenet`` (extra ``jaxsafe[nudenet]``). Ring-A-Bell's
-concept vector reads ``--pairs`` (``with<TAB>without`` lines; on the test bed with an oracle
-judge, ``shapes_metrics.concept_pairs`` by default); concept arithmetic takes
-``--compositions=file.json`` in place of the config's.
-
-An SPM, SAFREE or SFD export (its ``spm.json`` / ``safree.json`` / ``sfd.json``) is judged
-through the method's own sampler, the gradient attacks differentiating its plain denoiser
-(docs/attacks.md). Writes to ``--out``: ``summary.json`` (the config, the rate, per prompt the
-success and the judged prompt; concept arithmetic: each composition's rate),
-``prompts.txt`` (the adversarial prompts) and ``images.png`` (their generations; concept
-arithmetic: of the plain prompts). Bad input (a missing folder, an unknown judge, an empty
-prompt file) is one line on stderr and exit status 2; ``--debug`` shows the traceback.
+``--model`` is a diffusers-layout folder (a Stable Diffusion checkpoint or a test-bed export) or
+an erasure workdir (its ``export/`` is used); ``--original`` (default: the shipped test bed) is
+the unedited model, whose images of the prompts are UnlearnDiffAtk's and P4D's targets and whose
+text encoder runs Ring-A-Bell's search. ``--prompts``: one prompt per line, or
+``prompt<TAB>seed``. ``--judge``: ``oracle:<concept>`` (the test bed) or ``nudenet`` (extra
+``jaxsafe[nudenet]``). Ring-A-Bell reads ``--pairs`` (``with<TAB>without`` lines), concept
+arithmetic ``--compositions=file.json``. An SPM, SAFREE or SFD export is judged through the
+method's own sampler (docs/attacks.md). Writes ``summary.json`` (the config, the rate, per prompt
+the success and the judged prompt), ``prompts.txt`` and ``images.png`` to ``--out``. Bad input
+is one line on stderr and exit status 2; ``--debug`` shows the traceback.
 """
 
 import json
@@ -38,11 +31,13 @@ def _define_flags() -> None:
     """The command's flags, defined only when it runs as a program (tests import this module
     next to launchers that define flags of the same names)."""
     global _CONFIG, _MODEL, _ORIGINAL, _PROMPTS, _JUDGE, _PAIRS, _COMPOSITIONS, _OUT
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.",
-                                              lock_config=False)
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Attack config file.", lock_config=False
+    )
     _MODEL = flags.DEFINE_string("model", None, "Attacked model folder, hub id or erasure workdir.")
-    _ORIGINAL = flags.DEFINE_string("original", "", "Unedited model (default: the shipped "
-                                    "test bed).")
+    _ORIGINAL = flags.DEFINE_string(
+        "original", "", "Unedited model (default: the shipped test bed)."
+    )
     _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file (prompt[<TAB>seed] per line).")
     _JUDGE = flags.DEFINE_string("judge", None, "oracle:<concept> or nudenet.")
     _PAIRS = flags.DEFINE_string("pairs", "", "Ring-A-Bell pairs (with<TAB>without per line).")
@@ -64,8 +59,9 @@ def read_prompts(path: str) -> tuple[list[str], list[int]]:
             try:
                 seeds.append(int(seed) if seed.strip() else len(prompts))
             except ValueError:
-                raise ValueError(f"--prompts {path}:{n}: the seed {seed!r} is not an "
-                                 "integer") from None
+                raise ValueError(
+                    f"--prompts {path}:{n}: the seed {seed!r} is not an integer"
+                ) from None
             prompts.append(text.strip())
     if not prompts:
         raise ValueError(f"--prompts: {path!r} holds no prompt")
@@ -94,8 +90,9 @@ def read_compositions(path: str) -> dict:
     try:
         return {str(k): tuple((str(p), float(w)) for p, w in v) for k, v in raw.items()}
     except (AttributeError, TypeError, ValueError):
-        raise ValueError(f"--compositions {path}: expected a JSON object name -> list of "
-                         "[prompt, weight] pairs") from None
+        raise ValueError(
+            f"--compositions {path}: expected a JSON object name -> list of [prompt, weight] pairs"
+        ) from None
 
 
 def make_judge(spec: str):
@@ -113,13 +110,22 @@ def make_judge(spec: str):
 def model_folder(path: str) -> str:
     """A model folder, or the export of an erasure workdir."""
     if os.path.isdir(os.path.join(path, "export")) and not os.path.exists(
-            os.path.join(path, "model_index.json")):
+        os.path.join(path, "model_index.json")
+    ):
         return os.path.join(path, "export")
     return path
 
 
-def run(config, model: str, original: str, prompts_path: str, judge_spec: str, out: str,
-        pairs_path: str = "", compositions_path: str = "") -> dict:
+def run(
+    config,
+    model: str,
+    original: str,
+    prompts_path: str,
+    judge_spec: str,
+    out: str,
+    pairs_path: str = "",
+    compositions_path: str = "",
+) -> dict:
     import numpy as np
 
     from jaxsafe.attacks import run as attacks
@@ -157,27 +163,50 @@ def run(config, model: str, original: str, prompts_path: str, judge_spec: str, o
             fb /= np.maximum(np.linalg.norm(fb, axis=-1, keepdims=True), 1e-12)
             return np.sum(fa * fb, -1)
     else:
+
         def similarity(a, b):  # P4D's CLIP image cosine needs CLIP; pixels in its place
             a, b = (np.reshape(x, (len(x), -1)) for x in (a, b))
             return np.sum(a * b, -1) / np.maximum(
-                np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
-    result = attacks.run_attack(config, pipe, base, prompts, seeds, judge,
-                                similarity=similarity, pairs=pairs, words=words,
-                                generate=generate)
-    images = attacks.sampler(pipe, dict(config.sampling), generate)(result["texts"],
-                                                                      np.asarray(seeds))
+                np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12
+            )
+
+    result = attacks.run_attack(
+        config,
+        pipe,
+        base,
+        prompts,
+        seeds,
+        judge,
+        similarity=similarity,
+        pairs=pairs,
+        words=words,
+        generate=generate,
+    )
+    images = attacks.sampler(pipe, dict(config.sampling), generate)(
+        result["texts"], np.asarray(seeds)
+    )
     os.makedirs(out, exist_ok=True)
-    images_lib.save_png(os.path.join(out, "images.png"), images_lib.image_grid(images),
-                        scale=4 if pipe.testbed else 1)
+    images_lib.save_png(
+        os.path.join(out, "images.png"),
+        images_lib.image_grid(images),
+        scale=4 if pipe.testbed else 1,
+    )
     with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(result["texts"]) + "\n")
-    summary = {"attack": config.attack, "variant": config.variant, "model": pipe.folder,
-               "original": base.folder, "judge": judge_spec, "asr": result["asr"],
-               "pre_asr": result.get("pre_asr"),
-               "prompts": [{"prompt": p, "seed": int(s), "adversarial": t, "success": bool(h)}
-                           for p, s, t, h in zip(prompts, seeds, result["texts"],
-                                                 result["success"])],
-               "config": config.to_dict()}
+    summary = {
+        "attack": config.attack,
+        "variant": config.variant,
+        "model": pipe.folder,
+        "original": base.folder,
+        "judge": judge_spec,
+        "asr": result["asr"],
+        "pre_asr": result.get("pre_asr"),
+        "prompts": [
+            {"prompt": p, "seed": int(s), "adversarial": t, "success": bool(h)}
+            for p, s, t, h in zip(prompts, seeds, result["texts"], result["success"])
+        ],
+        "config": config.to_dict(),
+    }
     if "compositions" in result:
         summary["compositions"] = {k: v["asr"] for k, v in result["compositions"].items()}
     tmp = os.path.join(out, "summary.json.tmp")
@@ -193,8 +222,16 @@ def main(argv):
     from jaxsafe import host_memory
 
     host_memory.retain()  # XLA's temporaries stay mapped between calls
-    summary = run(_CONFIG.value, _MODEL.value, _ORIGINAL.value, _PROMPTS.value, _JUDGE.value,
-                  _OUT.value, _PAIRS.value, _COMPOSITIONS.value)
+    summary = run(
+        _CONFIG.value,
+        _MODEL.value,
+        _ORIGINAL.value,
+        _PROMPTS.value,
+        _JUDGE.value,
+        _OUT.value,
+        _PAIRS.value,
+        _COMPOSITIONS.value,
+    )
     print(json.dumps({k: summary[k] for k in ("attack", "asr", "pre_asr")}))
 
 

@@ -44,8 +44,11 @@ def convert_file(pth: str, out: str) -> int:
         raise ValueError(f"{pth}: cannot read as a torch state dict ({type(e).__name__}: {e})")
     if not isinstance(raw, dict):
         raise ValueError(f"{pth}: expected a state dict, got {type(raw).__name__}")
-    state = {k: v.detach().float().numpy() for k, v in raw.items()
-             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    state = {
+        k: v.detach().float().numpy()
+        for k, v in raw.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
     inception.from_state_dict(state, source=pth)  # names and shapes, before anything is written
     convert.write_safetensors(state, out)  # whole or not at all, with the tensors' checksums
     return len(state)

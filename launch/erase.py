@@ -24,10 +24,10 @@ from jaxsafe import compilation_cache as cache
 from jaxsafe import host_memory
 from launch import user_errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Erasure config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, the edited model "
-                               "and metrics.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Erasure config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, the edited model and metrics."
+)
 _CACHE = flags.DEFINE_string("compilation_cache", None, cache.FLAG_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 

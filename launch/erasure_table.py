@@ -6,24 +6,13 @@ r"""The test-bed erasure table of docs/erasure.md, from a clean checkout, in one
 Every method of ``METHODS`` in every setting of ``SETTINGS`` (the multi-concept setting for the
 methods that take several concepts) for every seed runs through ``experiments.run_experiment``
 with its ``:cpu`` config on the shipped test-bed model (``--model`` for another export), in
-``<out>/<setting>/<method>/seed<k>``; the seed is the run's ``train.seed`` and ``eval.seed``
-(prompts, sampler seeds, retained prompts). A finished run (its ``summary.json``) is not run
-again, so a killed table resumes where it stopped. Then one markdown table per setting, each
-cell the mean ± the sample standard deviation over the seeds, is printed and, with ``--doc``,
-written there with the command, machine and date.
-
-Columns (``jaxsafe.erasure.evaluation``; accuracies are the oracle's on 16 full captions per
-concept): the erased concepts (↓), their synonym "box" (↓), their near concepts (orange for red,
-ellipse for circle; ↑), every other concept (↑), the oracle Fréchet distance between the method's
-and the original model's generations for retained prompts (↓) next to its floor (the original
-against itself, independent seeds), and the erasure's wall-clock time (the edit, or build +
-training; evaluation excluded). "meets" says whether the mean erased accuracy is ≤ 0.2 with the
-accuracy on all other concepts ≥ 0.8.
-
-    python -m launch.erasure_table --print_only --out=/tmp/erasure_table ...   # tables only
-
-Tuning a ``:cpu`` setting (docs/erasure.md records each such measurement under its command):
-``--set=optimizer.lr=6e-4`` overrides a config field of every run; the runs go to
+``<out>/<setting>/<method>/seed<k>``; the seed is the run's ``train.seed`` and ``eval.seed``. A
+finished run (its ``summary.json``) is not run again, so a killed table resumes where it
+stopped. Then one markdown table per setting, each cell the mean ± the sample standard deviation
+over the seeds, is printed and, with ``--doc``, written there with the command, machine and
+date; the columns and the "meets" criterion are docs/erasure.md's, "Test-bed results".
+``--print_only`` prints the tables only. ``--set=optimizer.lr=6e-4`` overrides a config field of
+every run (tuning a ``:cpu`` setting); those runs go to
 ``<out>/<setting>/<method>[<overrides>]/seed<k>``.
 """
 
@@ -42,16 +31,38 @@ from launch import user_errors
 
 # name -> (configs/erasure/<module>.py, variant)
 METHODS = {
-    "original": ("original", "cpu"), "ESD-u": ("esd", "cpu"), "ESD-x": ("esd", "x_cpu"),
-    "ESD-x-strict": ("esd", "xs_cpu"), "UCE": ("uce", "cpu"), "RECE": ("rece", "cpu"),
-    "TRCE": ("trce", "cpu"), "SPM": ("spm", "cpu"), "AdvUnlearn": ("advunlearn", "cpu"),
-    "SafeGen": ("safegen", "cpu"), "SAFREE": ("safree", "cpu"), "SFD": ("sfd", "cpu"),
+    "original": ("original", "cpu"),
+    "ESD-u": ("esd", "cpu"),
+    "ESD-x": ("esd", "x_cpu"),
+    "ESD-x-strict": ("esd", "xs_cpu"),
+    "UCE": ("uce", "cpu"),
+    "RECE": ("rece", "cpu"),
+    "TRCE": ("trce", "cpu"),
+    "SPM": ("spm", "cpu"),
+    "AdvUnlearn": ("advunlearn", "cpu"),
+    "SafeGen": ("safegen", "cpu"),
+    "SAFREE": ("safree", "cpu"),
+    "SFD": ("sfd", "cpu"),
 }
 # setting -> erased concepts. "colours": two colours at once, for the methods in MULTI.
-SETTINGS = {"red": ("red",), "square": ("square",), "circle": ("circle",),
-            "colours": ("red", "green")}
-MULTI = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE", "SPM",
-         "AdvUnlearn", "SFD")
+SETTINGS = {
+    "red": ("red",),
+    "square": ("square",),
+    "circle": ("circle",),
+    "colours": ("red", "green"),
+}
+MULTI = (
+    "original",
+    "ESD-u",
+    "ESD-x",
+    "ESD-x-strict",
+    "UCE",
+    "RECE",
+    "TRCE",
+    "SPM",
+    "AdvUnlearn",
+    "SFD",
+)
 ERASED_MAX, OTHER_MIN = 0.2, 0.8
 
 
@@ -67,12 +78,20 @@ def _define_flags() -> None:
     _FID = flags.DEFINE_integer("fid_samples", 512, "Retained prompts for the Fréchet distance.")
     _DOC = flags.DEFINE_string("doc", "", "Markdown file to write the tables to.")
     _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Only tabulate the finished runs.")
-    _APPEND = flags.DEFINE_bool("append_doc", False, "Append the command and its tables to --doc "
-                                "(a record of tuning runs) instead of writing the file.")
-    _PRIOR = flags.DEFINE_bool("prior", False, "Only print what the original model draws for "
-                               "an attribute a caption leaves out (no runs).")
-    _SET = flags.DEFINE_multi_string("set", [], "Config override key=value (a Python literal) "
-                                     "of every run, for tuning.")
+    _APPEND = flags.DEFINE_bool(
+        "append_doc",
+        False,
+        "Append the command and its tables to --doc "
+        "(a record of tuning runs) instead of writing the file.",
+    )
+    _PRIOR = flags.DEFINE_bool(
+        "prior",
+        False,
+        "Only print what the original model draws for an attribute a caption leaves out (no runs).",
+    )
+    _SET = flags.DEFINE_multi_string(
+        "set", [], "Config override key=value (a Python literal) of every run, for tuning."
+    )
     flags.mark_flag_as_required("out")
 
 
@@ -92,12 +111,19 @@ def parse_overrides(items) -> dict:
 
 def method_dir(method: str, overrides: dict) -> str:
     """The run folder name of ``method`` with ``overrides``: ``ESD-u[optimizer.lr=0.0006]``."""
-    return method + "".join(f"[{k}={v!r}]".replace("/", "_").replace("'", "")
-                            for k, v in overrides.items())
+    return method + "".join(
+        f"[{k}={v!r}]".replace("/", "_").replace("'", "") for k, v in overrides.items()
+    )
 
 
-def config_for(method: str, setting: str, seed: int, model: str = "", fid_samples: int = 512,
-               overrides: dict | None = None):
+def config_for(
+    method: str,
+    setting: str,
+    seed: int,
+    model: str = "",
+    fid_samples: int = 512,
+    overrides: dict | None = None,
+):
     """The ``:cpu`` config of ``method`` for ``setting`` and ``seed``, with ``overrides``."""
     import importlib
 
@@ -122,8 +148,9 @@ def config_for(method: str, setting: str, seed: int, model: str = "", fid_sample
 def runs(settings, methods, seeds):
     """(setting, method, seed) of the table, in running order: seed by seed, so a table cut
     short has every setting at the first seeds."""
-    return [(s, m, k) for k in seeds for s in settings for m in methods
-            if s != "colours" or m in MULTI]
+    return [
+        (s, m, k) for k in seeds for s in settings for m in methods if s != "colours" or m in MULTI
+    ]
 
 
 def groups(summary: dict, erase) -> dict[str, list[float]]:
@@ -134,8 +161,15 @@ def groups(summary: dict, erase) -> dict[str, list[float]]:
     for w, key in shapes.CONCEPTS.items():
         if f"acc/{w}" not in summary:
             continue
-        group = ("target" if w in erase else "synonym" if key in ids else
-                 "near" if key in near else "other")
+        group = (
+            "target"
+            if w in erase
+            else "synonym"
+            if key in ids
+            else "near"
+            if key in near
+            else "other"
+        )
         out[group].append(summary[f"acc/{w}"])
     return out
 
@@ -143,10 +177,14 @@ def groups(summary: dict, erase) -> dict[str, list[float]]:
 def row_values(summary: dict, erase) -> dict[str, float]:
     g = groups(summary, erase)
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
-    return {"erased": mean(g["target"]), "synonym": mean(g["synonym"]), "near": mean(g["near"]),
-            "other": mean(g["other"]),
-            "fd": summary.get("oracle_fd", float("nan")),
-            "seconds": summary.get("erase_seconds", summary["run_seconds"])}
+    return {
+        "erased": mean(g["target"]),
+        "synonym": mean(g["synonym"]),
+        "near": mean(g["near"]),
+        "other": mean(g["other"]),
+        "fd": summary.get("oracle_fd", float("nan")),
+        "seconds": summary.get("erase_seconds", summary["run_seconds"]),
+    }
 
 
 def _cell(xs, fmt):
@@ -168,18 +206,24 @@ def table(out: str, setting: str, methods, seeds, overrides: dict | None = None)
     erase = SETTINGS[setting]
     floor = [read_summary(os.path.join(out, setting, "original", f"seed{k}")) for k in seeds]
     floor = [row_values(s, erase)["fd"] for s in floor if s]
-    lines = [f"**Erasing {' + '.join(erase)}**"
-             + (" (synonym: box)" if "square" in erase else "")
-             + "".join(f" (near: {shapes.NEAR[w]})" for w in erase if w in shapes.NEAR), "",
-             "| method | seeds | erased ↓ | synonym ↓ | near ↑ | all other concepts ↑ | "
-             "oracle FD vs original ↓ | FD floor | erase time (s) | meets |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**Erasing {' + '.join(erase)}**"
+        + (" (synonym: box)" if "square" in erase else "")
+        + "".join(f" (near: {shapes.NEAR[w]})" for w in erase if w in shapes.NEAR),
+        "",
+        "| method | seeds | erased ↓ | synonym ↓ | near ↑ | all other concepts ↑ | "
+        "oracle FD vs original ↓ | FD floor | erase time (s) | meets |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in methods:
         if setting == "colours" and m not in MULTI:
             continue
         name = method_dir(m, overrides or {}) if m != "original" else m
-        vals = [row_values(s, erase) for k in seeds
-                if (s := read_summary(os.path.join(out, setting, name, f"seed{k}")))]
+        vals = [
+            row_values(s, erase)
+            for k in seeds
+            if (s := read_summary(os.path.join(out, setting, name, f"seed{k}")))
+        ]
         if not vals:
             continue
         col = lambda key: [v[key] for v in vals]
@@ -189,7 +233,8 @@ def table(out: str, setting: str, methods, seeds, overrides: dict | None = None)
             f"{_cell(col('synonym'), '{:.2f}')} | {_cell(col('near'), '{:.2f}')} | "
             f"{_cell(col('other'), '{:.2f}')} | {_cell(col('fd'), '{:.1f}')} | "
             f"{_cell(floor, '{:.1f}')} | {_cell(col('seconds'), '{:.0f}')} | "
-            f"{'yes' if meets else 'no'} |")
+            f"{'yes' if meets else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -207,14 +252,20 @@ def prior_table(model: str = "", k: int = 128) -> str:
     sampling = dict(config_for("original", "red", 0).sampling)
     generate = pipeline.generator(pipe, graphdef, **sampling)
     oracle = oracle_lib.load()
-    lines = [f"**What the original model draws for an attribute the caption leaves out** "
-             f"({k} captions each; the oracle's reading)", "",
-             "| left out | drawn |", "|---|---|"]
+    lines = [
+        f"**What the original model draws for an attribute the caption leaves out** "
+        f"({k} captions each; the oracle's reading)",
+        "",
+        "| left out | drawn |",
+        "|---|---|",
+    ]
     for attribute in ("shape", "colour"):
-        prior = shapes_metrics.attribute_prior(lambda c, z: generate((state,), c, z), oracle,
-                                               attribute, k=k)
-        lines.append(f"| {attribute} | " + ", ".join(f"{v} {p:.2f}" for v, p in prior.items())
-                     + " |")
+        prior = shapes_metrics.attribute_prior(
+            lambda c, z: generate((state,), c, z), oracle, attribute, k=k
+        )
+        lines.append(
+            f"| {attribute} | " + ", ".join(f"{v} {p:.2f}" for v, p in prior.items()) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -228,8 +279,9 @@ def write_doc(path: str, cmd: str, about: str, tables: str, append: bool = False
                 old = f.read().rstrip("\n") + "\n\n"
         text = old + f"```\n{cmd}\n```\n\n{about}\n\n{tables}\n"
     else:
-        text = (f"# Test-bed erasure table\n\nProduced by\n\n```\n{cmd}\n```\n\n"
-                f"{about}\n\n{tables}\n")
+        text = (
+            f"# Test-bed erasure table\n\nProduced by\n\n```\n{cmd}\n```\n\n{about}\n\n{tables}\n"
+        )
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
@@ -277,20 +329,24 @@ def main(argv):
                 workdir = os.path.join(_OUT.value, setting, name, f"seed{seed}")
                 if read_summary(workdir) is None:
                     print(f"running {setting} / {name} / seed {seed}", flush=True)
-                    done = run_experiment(config_for(method, setting, seed, _MODEL.value,
-                                                     _FID.value, over), workdir)
+                    done = run_experiment(
+                        config_for(method, setting, seed, _MODEL.value, _FID.value, over), workdir
+                    )
                     if "preempted_at" in done:
                         print(f"pre-empted in {workdir}; rerun the command to resume")
                         return
-        tables = "\n\n".join(table(_OUT.value, s, methods, seeds, overrides)
-                               for s in _SETTINGS.value)
+        tables = "\n\n".join(
+            table(_OUT.value, s, methods, seeds, overrides) for s in _SETTINGS.value
+        )
     print(tables)
     if _DOC.value:
         # The command that produced the runs: --print_only / --append_doc only re-tabulate them.
         args = [a for a in sys.argv[1:] if not a.startswith(("--print_only", "--append_doc"))]
         cmd = "python -m launch.erasure_table " + " ".join(shlex.quote(a) for a in args)
-        about = (f"on {_machine()}, {datetime.date.today().isoformat()}; columns: "
-                 "`launch/erasure_table.py`, protocol: docs/erasure.md.")
+        about = (
+            f"on {_machine()}, {datetime.date.today().isoformat()}; columns: "
+            "`launch/erasure_table.py`, protocol: docs/erasure.md."
+        )
         write_doc(_DOC.value, cmd, about, tables, append=_APPEND.value)
 
 

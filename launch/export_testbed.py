@@ -23,8 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of launch.train."
 _OUT = flags.DEFINE_string("out", None, "Export folder (default <workdir>/export).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EVALUATE = flags.DEFINE_bool("evaluate", False, "Also compute the test-bed metrics.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg] instead of the run's "
-                                          "config.json.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file[:arg] instead of the run's config.json.", lock_config=True
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -42,8 +43,10 @@ def main(argv):
     else:
         path = os.path.join(_WORKDIR.value, "config.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path!r} not found: --workdir must be a launch.train run "
-                                    "directory of configs/t2i/testbed.py")
+            raise FileNotFoundError(
+                f"{path!r} not found: --workdir must be a launch.train run "
+                "directory of configs/t2i/testbed.py"
+            )
         config = ml_collections.ConfigDict(read_json(path, "the run's config"))
     if config.experiment != "t2i_testbed":
         raise ValueError(f"{path}: experiment={config.experiment!r}; expected 't2i_testbed'")
@@ -63,14 +66,16 @@ def concept_table(metrics: dict) -> str:
     """The per-concept markdown table of docs/testbed.md from the metrics."""
     from jaxsafe.data import shapes
 
-    lines = ["| attribute | concept | accuracy (that attribute right) "
-             "| all three attributes right |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        "| attribute | concept | accuracy (that attribute right) | all three attributes right |",
+        "| --- | --- | --- | --- |",
+    ]
     for w, (a, _) in shapes.CONCEPTS.items():
         name = shapes.ATTRIBUTES[a][0]
         shown = f"{w} (= {shapes.SYNONYMS[w]})" if w in shapes.SYNONYMS else w
-        lines.append(f"| {name} | {shown} | {metrics[f'acc/{w}']:.3f} | "
-                     f"{metrics[f'fidelity/{w}']:.3f} |")
+        lines.append(
+            f"| {name} | {shown} | {metrics[f'acc/{w}']:.3f} | {metrics[f'fidelity/{w}']:.3f} |"
+        )
     return "\n".join(lines)
 
 

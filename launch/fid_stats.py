@@ -25,8 +25,9 @@ def _define_flags() -> None:
     global _SOURCE, _OUT, _WEIGHTS, _RESOLUTION, _DATA_DIR, _NUM, _BATCH
     _SOURCE = flags.DEFINE_string("source", None, "tfds:<name>[:<split>], folder:<path> or digits.")
     _OUT = flags.DEFINE_string("out", None, "Output .npz.")
-    _WEIGHTS = flags.DEFINE_string("weights", None, "FID Inception safetensors "
-                                       "(default: $JAXSAFE_FID_INCEPTION).")
+    _WEIGHTS = flags.DEFINE_string(
+        "weights", None, "FID Inception safetensors (default: $JAXSAFE_FID_INCEPTION)."
+    )
     _RESOLUTION = flags.DEFINE_integer("resolution", 32, "Image size for folder: and digits.")
     _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
     _NUM = flags.DEFINE_integer("num", None, "Use the first NUM images (default: all).")

@@ -37,15 +37,22 @@ def main(argv):
         finals[name] = run_experiment(config, workdir)
         logs[name] = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     png = os.path.join(_WORKDIR.value, "grokking_demo.png")
-    plot_runs(logs, [
-        ("accuracy", ["eval/train_accuracy", "eval/test_accuracy"]),
-        ("train loss", ["train/loss"]),
-        ("softmax collapse", ["train/sc_fraction"]),
-    ], png, log_y=("train loss",))
+    plot_runs(
+        logs,
+        [
+            ("accuracy", ["eval/train_accuracy", "eval/test_accuracy"]),
+            ("train loss", ["train/loss"]),
+            ("softmax collapse", ["train/sc_fraction"]),
+        ],
+        png,
+        log_y=("train loss",),
+    )
     for name, final in finals.items():
-        print(f"{name:8s} train accuracy {final['train_accuracy']:.3f}  "
-              f"test accuracy {final['test_accuracy']:.3f}  "
-              f"SC fraction {final['train_sc_fraction']:.3f}")
+        print(
+            f"{name:8s} train accuracy {final['train_accuracy']:.3f}  "
+            f"test accuracy {final['test_accuracy']:.3f}  "
+            f"SC fraction {final['train_sc_fraction']:.3f}"
+        )
     print(f"plot: {png}")
 
 

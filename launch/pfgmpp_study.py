@@ -62,14 +62,28 @@ def run_one(out: str, D: str, seed: int, alphas, bits, num: int, train_steps) ->
     if os.path.exists(summary):
         with open(summary, encoding="utf-8") as f:
             return json.load(f)
-    train = [sys.executable, "-m", "launch.train", f"--config={config_file(D)}",
-             f"--workdir={workdir}", f"--config.train.seed={seed}", f"--config.data.seed={seed}",
-             "--config.train.eval_every=0"]
+    train = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        f"--config={config_file(D)}",
+        f"--workdir={workdir}",
+        f"--config.train.seed={seed}",
+        f"--config.data.seed={seed}",
+        "--config.train.eval_every=0",
+    ]
     if train_steps:
         train.append(f"--config.train.num_steps={train_steps}")
     _run(train)
-    sample = [sys.executable, "-m", "launch.sample", f"--workdir={workdir}", f"--num={num}",
-              f"--batch={min(num, 512)}", f"--out={os.path.join(workdir, 'probes_tmp')}"]
+    sample = [
+        sys.executable,
+        "-m",
+        "launch.sample",
+        f"--workdir={workdir}",
+        f"--num={num}",
+        f"--batch={min(num, 512)}",
+        f"--out={os.path.join(workdir, 'probes_tmp')}",
+    ]
     rows = []
     for flag, values in (("alpha", alphas), ("bits", [b for b in bits if int(b)])):
         _run(sample + [f"--{flag}=" + ",".join(values)])
@@ -97,8 +111,7 @@ def aggregate(rows_by_run: dict[tuple[str, int], list[dict]], probe: str, values
                 if d != D:
                     continue
                 other = "bits" if probe == "alpha" else "alpha"
-                fds += [r["fd"] for r in rows
-                        if math.isclose(r[probe], float(v)) and r[other] == 0]
+                fds += [r["fd"] for r in rows if math.isclose(r[probe], float(v)) and r[other] == 0]
             fds = np.asarray(fds, np.float64)
             std = float(fds.std(ddof=1)) if len(fds) > 1 else float("nan")
             cells.append((float(fds.mean()) if len(fds) else float("nan"), std, len(fds)))
@@ -120,8 +133,7 @@ def markdown(alpha_table: dict, bits_table: dict, alphas, bits) -> str:
         return "\n".join(lines)
 
     bit_names = ["32 (float)" if int(b) == 0 else b for b in bits]
-    return (block("α", alphas, alpha_table) + "\n\n" + block("bits", bit_names, bits_table)
-            + "\n")
+    return block("α", alphas, alpha_table) + "\n\n" + block("bits", bit_names, bits_table) + "\n"
 
 
 def plot(alpha_table: dict, bits_table: dict, alphas, bits, path: str) -> None:
@@ -132,13 +144,21 @@ def plot(alpha_table: dict, bits_table: dict, alphas, bits, path: str) -> None:
     # Bits at even spacing in the order given (float first): the strength grows to the right,
     # as for α.
     bit_names = ["float" if int(b) == 0 else str(int(b)) for b in bits]
-    panels = ((axes[0], alpha_table, [float(a) for a in alphas], "noise injection α"),
-              (axes[1], bits_table, list(range(len(bits))), "weight bits"))
+    panels = (
+        (axes[0], alpha_table, [float(a) for a in alphas], "noise injection α"),
+        (axes[1], bits_table, list(range(len(bits))), "weight bits"),
+    )
     for ax, table, xs, name in panels:
         for j, (D, cells) in enumerate(table.items()):
             m, s, _ = zip(*cells)
-            ax.errorbar(np.asarray(xs) + 0.008 * (j - 1) * (max(xs) - min(xs)), m, yerr=s,
-                        marker="o", capsize=3, label=_label(D))
+            ax.errorbar(
+                np.asarray(xs) + 0.008 * (j - 1) * (max(xs) - min(xs)),
+                m,
+                yerr=s,
+                marker="o",
+                capsize=3,
+                label=_label(D),
+            )
         ax.set_xlabel(name)
         ax.set_ylabel("Fréchet distance (digits features)")
         ax.grid(alpha=0.3)
@@ -158,8 +178,9 @@ def main(argv):
         config_file(D)  # fail on an unknown D before any training
     for D in _DS.value:
         for seed in _SEEDS.value:
-            rows[(D, int(seed))] = run_one(_OUT.value, D, int(seed), _ALPHA.value, _BITS.value,
-                                           _NUM.value, _STEPS.value)
+            rows[(D, int(seed))] = run_one(
+                _OUT.value, D, int(seed), _ALPHA.value, _BITS.value, _NUM.value, _STEPS.value
+            )
     alpha_table = aggregate(rows, "alpha", _ALPHA.value)
     bits_table = aggregate(rows, "bits", _BITS.value)
     text = markdown(alpha_table, bits_table, _ALPHA.value, _BITS.value)

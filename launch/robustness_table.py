@@ -5,25 +5,16 @@ r"""The robustness table of docs/erasure.md: every attack against every erased t
         --doc=docs/robustness_table.md
 
 reads the erased models that ``launch.erasure_table`` exported (``<table>/<setting>/<method>/
-seed<k>/export``) and, for every setting, method and seed, attacks them with every column of
+seed<k>/export``) and attacks each, for every setting, method and seed, with every column of
 ``COLUMNS`` (``configs/attacks/<attack>.py:testbed``) on ``--num_prompts`` prompts per erased
 concept (``shapes_metrics.concept_prompts`` with seed 100 + k, sampler seeds 10,000 k + i),
-judged by the oracle (does the image show the prompt's erased concept). Rows: the unedited
-model (``original``, where attacks should succeed almost always) and a model trained without
-the concepts (``--without``: ``configs/t2i/testbed.py:without``, where they should almost
-never). A cell is the attack success rate, mean ± sample standard deviation over the seeds,
-counted as UnlearnDiffAtk counts it for every attack (:func:`rate`: a prompt succeeds when its
-own generation already shows the concept or the attack makes it); "no attack" is the
-pre-attack rate (the erasure table's erased accuracy, with the table's fewer sampling
-steps). Ring-A-Bell searches once per setting and seed on the original model's text encoder
-and the prompts it finds are judged on every model (it never sees the erased ones). A finished
-(setting, method, seed) is a JSON file in ``--out`` and is not run again.
-
-Every method of the erasure table is attacked (``ATTACKED``). SPM (adapters with a
-prompt-dependent strength), SAFREE (a sampling-time filter) and SFD (a one-step generator, no
-ε prediction) sample their own way (``OWN_SAMPLER``): every generation an attack judges goes
-through their own samplers (concept arithmetic's terms too), and the gradient attacks
-differentiate their plain denoisers (docs/attacks.md).
+judged by the oracle. Two more rows: the unedited model (``original``) and a model trained
+without the concepts (``--without``). A cell is the attack success rate as UnlearnDiffAtk counts
+it (:func:`rate`), mean ± sample standard deviation over the seeds; "no attack" is the
+pre-attack rate. Ring-A-Bell searches once per setting and seed on the original model's text
+encoder; SPM, SAFREE and SFD sample their own way (``OWN_SAMPLER``). A finished (setting,
+method, seed) is a JSON file in ``--out`` and is not run again. Protocol: docs/erasure.md,
+"Robustness: attacks on the erased test-bed models", and docs/attacks.md.
 """
 
 import datetime
@@ -40,11 +31,28 @@ from absl import app, flags
 
 from launch import user_errors
 
-COLUMNS = (("no attack", "none", {}), ("UnlearnDiffAtk", "unlearndiffatk", {}),
-           ("P4D-N", "p4d", {"kind": "n"}), ("P4D-K", "p4d", {"kind": "k"}),
-           ("Ring-A-Bell", "ring_a_bell", {}), ("concept arithmetic", "concept_arithmetic", {}))
-ATTACKED = ("original", "ESD-u", "ESD-x", "ESD-x-strict", "UCE", "RECE", "TRCE", "AdvUnlearn",
-            "SafeGen", "SPM", "SAFREE", "SFD")
+COLUMNS = (
+    ("no attack", "none", {}),
+    ("UnlearnDiffAtk", "unlearndiffatk", {}),
+    ("P4D-N", "p4d", {"kind": "n"}),
+    ("P4D-K", "p4d", {"kind": "k"}),
+    ("Ring-A-Bell", "ring_a_bell", {}),
+    ("concept arithmetic", "concept_arithmetic", {}),
+)
+ATTACKED = (
+    "original",
+    "ESD-u",
+    "ESD-x",
+    "ESD-x-strict",
+    "UCE",
+    "RECE",
+    "TRCE",
+    "AdvUnlearn",
+    "SafeGen",
+    "SPM",
+    "SAFREE",
+    "SFD",
+)
 # Methods that sample their own way (:func:`own_sampler`): every generation an attack judges
 # goes through the method's sampler; the gradient attacks differentiate the method's plain
 # denoiser (SPM's adapters at full strength, SAFREE's unfiltered model, SFD's generator network
@@ -57,12 +65,16 @@ WITHOUT = "trained without"
 def _define_flags() -> None:
     global _TABLE, _WITHOUT, _OUT, _SEEDS, _SETTINGS, _METHODS, _NUM, _DOC, _PRINT_ONLY, _VARIANT
     _TABLE = flags.DEFINE_string("table", None, "launch.erasure_table's --out directory.")
-    _WITHOUT = flags.DEFINE_string("without", "", "Export of the model trained without the "
-                                   "concepts (no such row when empty).")
+    _WITHOUT = flags.DEFINE_string(
+        "without", "", "Export of the model trained without the concepts (no such row when empty)."
+    )
     _OUT = flags.DEFINE_string("out", None, "Directory of the results.")
     _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-    _SETTINGS = flags.DEFINE_list("settings", ["red", "square", "circle", "colours"],
-                                  "Settings (launch.erasure_table.SETTINGS).")
+    _SETTINGS = flags.DEFINE_list(
+        "settings",
+        ["red", "square", "circle", "colours"],
+        "Settings (launch.erasure_table.SETTINGS).",
+    )
     _METHODS = flags.DEFINE_list("methods", list(ATTACKED), "Methods to attack.")
     _NUM = flags.DEFINE_integer("num_prompts", 8, "Prompts per erased concept.")
     _VARIANT = flags.DEFINE_string("variant", "testbed", "configs/attacks/*.py variant.")
@@ -114,8 +126,7 @@ def load_model(base, folder: str):
     from jaxsafe.diffusion import pipeline
 
     loaded = shared(base, pipeline.load(folder))
-    return dataclasses.replace(base, model=loaded.model) if loaded.folder == base.folder \
-        else loaded
+    return dataclasses.replace(base, model=loaded.model) if loaded.folder == base.folder else loaded
 
 
 #: The file that marks an export of a method with its own sampler.
@@ -124,8 +135,9 @@ OWN_SAMPLER_FILES = {"SPM": "spm.json", "SAFREE": "safree.json", "SFD": "sfd.jso
 
 def own_sampler_method(folder: str) -> str | None:
     """The method of ``OWN_SAMPLER`` whose export ``folder`` is, or None."""
-    return next((m for m, f in OWN_SAMPLER_FILES.items()
-                 if os.path.exists(os.path.join(folder, f))), None)
+    return next(
+        (m for m, f in OWN_SAMPLER_FILES.items() if os.path.exists(os.path.join(folder, f))), None
+    )
 
 
 def own_sampler(method: str, folder: str, sampling: dict):
@@ -151,31 +163,43 @@ def own_sampler(method: str, folder: str, sampling: dict):
 
         # the filter's settings, keywords and negative prompt resolved
         saved = read_json(os.path.join(folder, "safree.json"), "a SAFREE export's settings")
-        config = ml_collections.ConfigDict({
-            "safree": {k: v for k, v in saved.items()
-                       if k not in ("method", "latent_re_attention")},
-            "sampling": {"kind": "ddim", **sampling}})
+        config = ml_collections.ConfigDict(
+            {
+                "safree": {
+                    k: v for k, v in saved.items() if k not in ("method", "latent_re_attention")
+                },
+                "sampling": {"kind": "ddim", **sampling},
+            }
+        )
         pipe = pipeline.load(folder)
         graphdef, state = nnx.split(pipe.model)
-        C = erase_safree.toxic_embeddings(pipe, erase_safree.keywords(config),
-                                          config.safree.pooling)
+        C = erase_safree.toxic_embeddings(
+            pipe, erase_safree.keywords(config), config.safree.pooling
+        )
         apply, encode, encode_negative = erase_safree.safree_functions(config, pipe, graphdef, C)
-        gen = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
-                                      negative_prompt=erase_safree.negative_prompt(config),
-                                      **sampling)
+        gen = pipeline.make_generator(
+            pipe,
+            apply,
+            encode,
+            encode_negative=encode_negative,
+            negative_prompt=erase_safree.negative_prompt(config),
+            **sampling,
+        )
         return pipe, lambda texts, seeds, **kw: gen((state,), texts, seeds, **kw)
     if method == "SFD":
         from experiments import erase_sfd
 
         saved = read_json(os.path.join(folder, "sfd.json"), "an SFD export's settings")
         if not isinstance(saved, dict) or "t_init" not in saved:
-            raise ValueError(f"{os.path.join(folder, 'sfd.json')}: expected a JSON object "
-                             "with 't_init'")
+            raise ValueError(
+                f"{os.path.join(folder, 'sfd.json')}: expected a JSON object with 't_init'"
+            )
         t_init = saved["t_init"]
         pipe = pipeline.load(folder)
         graphdef, unet, rest = nnx.split(pipe.model, erase_sfd._unet, ...)
-        gen = erase_sfd.one_step_generator(pipe, graphdef, rest, t_init,
-                                           sampling.get("batch_size", 64))
+        gen = erase_sfd.one_step_generator(
+            pipe, graphdef, rest, t_init, sampling.get("batch_size", 64)
+        )
         return pipe, lambda texts, seeds, **kw: gen(unet, texts, seeds, **kw)
     raise ValueError(f"{method!r} samples with the model's own sampler")
 
@@ -186,8 +210,18 @@ def model_folder(table_dir: str, setting: str, method: str, seed: int, without: 
     return os.path.join(table_dir, setting, method, f"seed{seed}", "export")
 
 
-def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, rab: dict,
-                 variant: str = "testbed", generate=None, columns=None) -> dict:
+def attack_model(
+    base,
+    pipe,
+    setting: str,
+    seed: int,
+    num_prompts: int,
+    oracle,
+    rab: dict,
+    variant: str = "testbed",
+    generate=None,
+    columns=None,
+) -> dict:
     """The columns named in ``columns`` (default every one) against ``pipe`` for the erased
     concepts of ``setting``: per column the pooled per-prompt successes, the rate, the texts
     and the seconds it took; ``generate`` a method's own sampler."""
@@ -214,18 +248,37 @@ def attack_model(base, pipe, setting: str, seed: int, num_prompts: int, oracle, 
             if attack == "ring_a_bell" and concept not in rab:
                 pairs = shapes_metrics.concept_pairs(concept, config.num_pairs, seed=200 + seed)
                 rab[concept], _ = run.ring_a_bell_prompts(
-                    base, prompts, pairs, eta=config.eta, length=config.length,
-                    population=config.population, generations=config.generations,
-                    mutate_rate=config.mutate_rate, elite=config.elite,
-                    key=jax.random.key(seed))
-            r = run.run_attack(config, pipe, base, prompts, seeds,
-                               judges.oracle_judge(concept, oracle), similarity=similarity,
-                               words=shapes_metrics.composition_words(concept),
-                               rab_texts=rab.get(concept), generate=generate)
+                    base,
+                    prompts,
+                    pairs,
+                    eta=config.eta,
+                    length=config.length,
+                    population=config.population,
+                    generations=config.generations,
+                    mutate_rate=config.mutate_rate,
+                    elite=config.elite,
+                    key=jax.random.key(seed),
+                )
+            r = run.run_attack(
+                config,
+                pipe,
+                base,
+                prompts,
+                seeds,
+                judges.oracle_judge(concept, oracle),
+                similarity=similarity,
+                words=shapes_metrics.composition_words(concept),
+                rab_texts=rab.get(concept),
+                generate=generate,
+            )
             hits += [bool(h) for h in r["success"]]
             texts += list(r["texts"])
-        out[name] = {"asr": float(np.mean(hits)), "success": hits, "texts": texts,
-                     "seconds": time.time() - start}
+        out[name] = {
+            "asr": float(np.mean(hits)),
+            "success": hits,
+            "texts": texts,
+            "seconds": time.time() - start,
+        }
     return out
 
 
@@ -239,10 +292,13 @@ def _cell(xs) -> str:
 def table(out: str, setting: str, methods, seeds) -> str:
     from launch.erasure_table import SETTINGS
 
-    lines = [f"**Erasing {' + '.join(SETTINGS[setting])}**: attack success rate "
-             "(the oracle sees the erased concept) ↓", "",
-             "| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"**Erasing {' + '.join(SETTINGS[setting])}**: attack success rate "
+        "(the oracle sees the erased concept) ↓",
+        "",
+        "| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
     for m in methods:
         results = []
         for k in seeds:
@@ -251,8 +307,11 @@ def table(out: str, setting: str, methods, seeds) -> str:
                 with open(path, encoding="utf-8") as f:
                     results.append(json.load(f))
         if results:
-            lines.append(f"| {m} | {len(results)} | " + " | ".join(
-                _cell([rate(r, c[0]) for r in results if c[0] in r]) for c in COLUMNS) + " |")
+            lines.append(
+                f"| {m} | {len(results)} | "
+                + " | ".join(_cell([rate(r, c[0]) for r in results if c[0] in r]) for c in COLUMNS)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -301,8 +360,9 @@ def main(argv):
                         continue
                     folder = model_folder(_TABLE.value, setting, m, seed, _WITHOUT.value)
                     if not os.path.isdir(folder):  # e.g. still training: a rerun fills it in
-                        print(f"{setting} {m} seed {seed}: no model at {folder}, skipped",
-                              flush=True)
+                        print(
+                            f"{setting} {m} seed {seed}: no model at {folder}, skipped", flush=True
+                        )
                         continue
                     start = time.time()
                     if m in OWN_SAMPLER:
@@ -310,27 +370,40 @@ def main(argv):
                         pipe, generate = own_sampler(m, folder, sampling)
                         # SFD, SAFREE: plain weights, the base's compiled attacks; SPM: the
                         # base's files, so its compiled attacks are shared across SPM models.
-                        pipe = (shared(base, pipe) if m == "SPM"
-                                else load_model(base, folder))
+                        pipe = shared(base, pipe) if m == "SPM" else load_model(base, folder)
                     else:
                         pipe, generate = load_model(base, folder), None
-                    new = attack_model(base, pipe, setting, seed, _NUM.value, oracle, rab,
-                                       _VARIANT.value, generate, missing)
+                    new = attack_model(
+                        base,
+                        pipe,
+                        setting,
+                        seed,
+                        _NUM.value,
+                        oracle,
+                        rab,
+                        _VARIANT.value,
+                        generate,
+                        missing,
+                    )
                     result = {c[0]: {**done, **new}[c[0]] for c in COLUMNS}
                     _write_json(path, result)
-                    print(f"{setting} {m} seed {seed}: " + ", ".join(
-                        f"{k} {v['asr']:.2f}" for k, v in new.items())
-                        + f" ({time.time() - start:.0f} s)", flush=True)
+                    print(
+                        f"{setting} {m} seed {seed}: "
+                        + ", ".join(f"{k} {v['asr']:.2f}" for k, v in new.items())
+                        + f" ({time.time() - start:.0f} s)",
+                        flush=True,
+                    )
     tables = "\n\n".join(table(_OUT.value, s, methods, seeds) for s in _SETTINGS.value)
     print(tables)
     if _DOC.value:
-        cmd = "python -m launch.robustness_table " + " ".join(shlex.quote(a)
-                                                              for a in sys.argv[1:])
+        cmd = "python -m launch.robustness_table " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         with open(_DOC.value, "w", encoding="utf-8") as f:
-            f.write(f"# Test-bed robustness table\n\nProduced by\n\n```\n{cmd}\n```\n\n"
-                    f"on {platform.machine()}, {os.cpu_count()} cores, "
-                    f"{datetime.date.today()}; protocol: `launch/robustness_table.py`, "
-                    f"docs/attacks.md.\n\n{tables}\n")
+            f.write(
+                f"# Test-bed robustness table\n\nProduced by\n\n```\n{cmd}\n```\n\n"
+                f"on {platform.machine()}, {os.cpu_count()} cores, "
+                f"{datetime.date.today()}; protocol: `launch/robustness_table.py`, "
+                f"docs/attacks.md.\n\n{tables}\n"
+            )
 
 
 if __name__ == "__main__":

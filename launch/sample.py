@@ -5,19 +5,15 @@ r"""Samples a trained PFGM++ / EDM model: PNG grid, `.npz`, and the robustness p
 
 The model is rebuilt from `<workdir>/config.json` (or `--config`), its weights read with
 `jaxsafe.train.load_arrays` (any topology wrote them); the EMA weights by default. For every
-combination of `--alpha` (PFGM++'s noise injection x ← x + α σ_i ε before each Heun step; 0 = off)
-and `--bits` (post-training b-bit quantisation of the weights; 0 = full precision) it writes
-`samples_a{α}_b{bits}.png` and `.npz` (`images` uint8 NHWC, `labels`) to `--out` (default
-`<workdir>/samples`), and, for digits models, prints the Fréchet distance on the digits
-classifier's features against all 1,797 real digits (`summary.json` holds the table).
-`--fid_ref=stats.npz` adds the FID of every setting against reference statistics of
-`launch.fid_stats` (or pytorch-fid's `--save-stats`), with the FID Inception of
-`--fid_weights` / `$JAXSAFE_FID_INCEPTION` (`launch.convert_fid_inception`); a missing file is
-one line on stderr and exit status 2 before anything is sampled.
-
-Quantisation follows PFGM++'s generate_quant.py: only conv / linear kernels, excluding norms,
-the embedding `affine` layers, the mapping network and the layers at full image resolution.
-D defaults to the trained one; sampling a D-trained model with another D is allowed (ablation).
+combination of `--alpha` (PFGM++'s noise injection x ← x + α σ_i ε before each Heun step; 0 =
+off) and `--bits` (post-training b-bit quantisation of the conv / linear kernels outside norms,
+embeddings, the mapping network and full-resolution layers, as PFGM++'s `generate_quant.py`; 0 =
+full precision) it writes `samples_a{α}_b{bits}.png` and `.npz` (`images` uint8 NHWC, `labels`)
+to `--out` (default `<workdir>/samples`) and, for digits models, prints the Fréchet distance on
+the digits classifier's features (`summary.json` holds the table). `--fid_ref=stats.npz` adds
+the FID against reference statistics (`launch.fid_stats`) with the FID Inception of
+`--fid_weights` / `$JAXSAFE_FID_INCEPTION`; a missing file is one line on stderr and exit status
+2. D defaults to the trained one; another D is allowed (an ablation).
 """
 
 import itertools
@@ -30,13 +26,14 @@ from ml_collections import config_flags
 from launch import user_errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints, config.json).")
-_CONFIG = config_flags.DEFINE_config_file("config", None,
-                                          "Config file (default: <workdir>/config.json).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (default: <workdir>/config.json).", lock_config=True
+)
 _NUM = flags.DEFINE_integer("num", 64, "Samples per setting.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Sampling batch size.")
-_D = flags.DEFINE_float("D", None,
-                        "Augmentation dimension for sampling (inf = EDM); default: trained D.")
+_D = flags.DEFINE_float(
+    "D", None, "Augmentation dimension for sampling (inf = EDM); default: trained D."
+)
 _STEPS = flags.DEFINE_integer("steps", None, "Heun steps (default: config.sampler.num_steps).")
 _ALPHA = flags.DEFINE_list("alpha", ["0"], "Noise-injection strengths α.")
 _BITS = flags.DEFINE_list("bits", ["0"], "Weight quantisation bits (0 = none).")
@@ -44,10 +41,14 @@ _NO_EMA = flags.DEFINE_bool("no_ema", False, "Use the raw weights instead of the
 _CKPT_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/samples).")
-_FID_REF = flags.DEFINE_string("fid_ref", None, "FID reference statistics (.npz of "
-                               "launch.fid_stats or pytorch-fid): adds each setting's FID.")
-_FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "FID Inception safetensors "
-                                   "(default: $JAXSAFE_FID_INCEPTION).")
+_FID_REF = flags.DEFINE_string(
+    "fid_ref",
+    None,
+    "FID reference statistics (.npz of launch.fid_stats or pytorch-fid): adds each setting's FID.",
+)
+_FID_WEIGHTS = flags.DEFINE_string(
+    "fid_weights", None, "FID Inception safetensors (default: $JAXSAFE_FID_INCEPTION)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -56,16 +57,34 @@ def quantizable(resolution: int):
     full = f"{resolution}x{resolution}"
 
     def include(name: str) -> bool:
-        return (name.endswith("kernel") and "norm" not in name and "affine" not in name
-                and not name.startswith("map_") and full not in name)
+        return (
+            name.endswith("kernel")
+            and "norm" not in name
+            and "affine" not in name
+            and not name.startswith("map_")
+            and full not in name
+        )
 
     return include
 
 
-def sample_workdir(workdir: str, config=None, *, num: int = 64, batch: int = 256, D=None,
-                   steps: int | None = None, alphas=(0.0,), bits=(0,), use_ema: bool = True,
-                   step: int | None = None, seed: int = 0, out: str | None = None,
-                   fid_ref: str | None = None, fid_weights: str | None = None) -> list[dict]:
+def sample_workdir(
+    workdir: str,
+    config=None,
+    *,
+    num: int = 64,
+    batch: int = 256,
+    D=None,
+    steps: int | None = None,
+    alphas=(0.0,),
+    bits=(0,),
+    use_ema: bool = True,
+    step: int | None = None,
+    seed: int = 0,
+    out: str | None = None,
+    fid_ref: str | None = None,
+    fid_weights: str | None = None,
+) -> list[dict]:
     """Samples every (α, bits) combination; returns one row per combination (see module doc).
 
     With ``fid_ref`` each row also has ``fid``: the FID Inception's distance of the samples to
@@ -85,8 +104,9 @@ def sample_workdir(workdir: str, config=None, *, num: int = 64, batch: int = 256
         fid.load_stats(fid_ref)
         inception_fn = fid.feature_fn(inception.load(fid_weights))
     config = image_model.load_config(workdir, config)
-    graphdef, params, frozen, ckpt_step = image_model.load_model(config, workdir, use_ema=use_ema,
-                                                                 step=step)
+    graphdef, params, frozen, ckpt_step = image_model.load_model(
+        config, workdir, use_ema=use_ema, step=step
+    )
     D = config.pfgmpp.D if D is None else D
     out = out or os.path.join(workdir, "samples")
     os.makedirs(out, exist_ok=True)
@@ -100,24 +120,47 @@ def sample_workdir(workdir: str, config=None, *, num: int = 64, batch: int = 256
         if alpha < 0 or b < 0:
             raise ValueError(f"alpha and bits must be >= 0, got alpha={alpha}, bits={b}")
         p = quantize_params(params, b, include=quantizable(config.data.resolution)) if b else params
-        sample_fn = image_model.make_sample_fn(graphdef, config, D=D, num_steps=steps,
-                                          noise_injection_alpha=alpha)
-        x, labels = image_model.generate(sample_fn, p, frozen, jax.random.key(seed), num,
-                                         min(batch, num), image_model.num_classes(config))
+        sample_fn = image_model.make_sample_fn(
+            graphdef, config, D=D, num_steps=steps, noise_injection_alpha=alpha
+        )
+        x, labels = image_model.generate(
+            sample_fn,
+            p,
+            frozen,
+            jax.random.key(seed),
+            num,
+            min(batch, num),
+            image_model.num_classes(config),
+        )
         name = os.path.join(out, f"samples_a{alpha:g}_b{b}")
-        images.save_png(name + ".png", images.image_grid(x[:100]),
-                        scale=4 if x.shape[1] <= 32 else 1)
+        images.save_png(
+            name + ".png", images.image_grid(x[:100]), scale=4 if x.shape[1] <= 32 else 1
+        )
         np.savez(name + ".npz", images=images.to_uint8(x), labels=labels)
-        row = dict(checkpoint_step=int(ckpt_step), D=float(D),
-                   steps=steps or config.sampler.num_steps, alpha=alpha, bits=b, ema=use_ema,
-                   num=num, png=name + ".png", npz=name + ".npz")
+        row = dict(
+            checkpoint_step=int(ckpt_step),
+            D=float(D),
+            steps=steps or config.sampler.num_steps,
+            alpha=alpha,
+            bits=b,
+            ema=use_ema,
+            num=num,
+            png=name + ".png",
+            npz=name + ".npz",
+        )
         if fd is not None:
             row["fd"] = fd(x)
         if inception_fn is not None:
             row["fid"] = fid.fid(fid.features(inception_fn, x, min(batch, 64)), fid_ref)
         rows.append(row)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items() if k not in ("png", "npz")), flush=True)
+        print(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in row.items()
+                if k not in ("png", "npz")
+            ),
+            flush=True,
+        )
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
     return rows
@@ -132,10 +175,22 @@ def main(argv):
     from jaxsafe import host_memory
 
     host_memory.retain()  # XLA's temporaries stay mapped between calls
-    sample_workdir(_WORKDIR.value, _CONFIG.value, num=_NUM.value, batch=_BATCH.value, D=_D.value,
-                   steps=_STEPS.value, alphas=_ALPHA.value, bits=_BITS.value,
-                   use_ema=not _NO_EMA.value, step=_CKPT_STEP.value, seed=_SEED.value,
-                   out=_OUT.value, fid_ref=_FID_REF.value, fid_weights=_FID_WEIGHTS.value)
+    sample_workdir(
+        _WORKDIR.value,
+        _CONFIG.value,
+        num=_NUM.value,
+        batch=_BATCH.value,
+        D=_D.value,
+        steps=_STEPS.value,
+        alphas=_ALPHA.value,
+        bits=_BITS.value,
+        use_ema=not _NO_EMA.value,
+        step=_CKPT_STEP.value,
+        seed=_SEED.value,
+        out=_OUT.value,
+        fid_ref=_FID_REF.value,
+        fid_weights=_FID_WEIGHTS.value,
+    )
 
 
 if __name__ == "__main__":

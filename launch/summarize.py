@@ -19,8 +19,12 @@ from absl import app, flags
 from launch import user_errors
 
 _RUNS = flags.DEFINE_string("runs", None, "Glob of run directories (quote it).", required=True)
-_KEYS = flags.DEFINE_list("keys", None, "Summary keys; a pattern (acc/*, acc/[1-9]) averages "
-                          "its matches per run.", required=True)
+_KEYS = flags.DEFINE_list(
+    "keys",
+    None,
+    "Summary keys; a pattern (acc/*, acc/[1-9]) averages its matches per run.",
+    required=True,
+)
 
 
 def values(summaries: list[dict], key: str) -> np.ndarray:
@@ -51,8 +55,10 @@ def main(argv):
     files = [os.path.join(d, "summary.json") for d in dirs]
     missing = [f for f in files if not os.path.isfile(f)]
     if not dirs or missing:
-        raise app.UsageError(f"--runs={_RUNS.value}: " + (
-            f"no summary.json in {missing[0]}" if missing else "matches no directory"))
+        raise app.UsageError(
+            f"--runs={_RUNS.value}: "
+            + (f"no summary.json in {missing[0]}" if missing else "matches no directory")
+        )
     from jaxsafe.files import read_json
 
     summaries = [read_json(f, "a run's summary") for f in files]

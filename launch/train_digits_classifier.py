@@ -71,10 +71,14 @@ def main(argv):
         idx = rng.choice(len(y_train), 128, replace=False)
         loss = step(model, opt, jax.numpy.asarray(augment(x_train[idx], rng)), y_train[idx])
         if (s + 1) % 500 == 0:
-            print(f"step {s + 1}: loss {float(loss):.4f}  test accuracy "
-                  f"{accuracy(model, x_test, y_test):.4f}")
-    print(f"train accuracy {accuracy(model, x_train, y_train):.4f}, "
-          f"held-out test accuracy {accuracy(model, x_test, y_test):.4f} ({len(y_test)} images)")
+            print(
+                f"step {s + 1}: loss {float(loss):.4f}  test accuracy "
+                f"{accuracy(model, x_test, y_test):.4f}"
+            )
+    print(
+        f"train accuracy {accuracy(model, x_train, y_train):.4f}, "
+        f"held-out test accuracy {accuracy(model, x_test, y_test):.4f} ({len(y_test)} images)"
+    )
     dc.save(model, out)
     print(f"wrote {out}")
 

@@ -25,9 +25,15 @@ import sys
 
 from absl import app, flags
 
-USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, app.UsageError,
-               # a launcher that runs launchers (pfgmpp_study): the child printed its own line
-               subprocess.CalledProcessError)
+USER_ERRORS = (
+    ValueError,
+    OSError,
+    ImportError,
+    FloatingPointError,
+    app.UsageError,
+    # a launcher that runs launchers (pfgmpp_study): the child printed its own line
+    subprocess.CalledProcessError,
+)
 EXIT_STATUS = 2
 
 
@@ -90,8 +96,16 @@ def flag_message(error: BaseException, argv) -> str:
     name, _, hint = message(error).partition(" ")
     if isinstance(error, AttributeError | KeyError) and name.startswith(("'", '"')):
         # ml_collections: an override --config.x.y naming no field ("'y' Did you mean ...?")
-        override = next((a for a in argv if a.startswith("--") and "." in a.split("=")[0]
-                         and name.strip("'\"") in a.split("=")[0].split(".")), None)
+        override = next(
+            (
+                a
+                for a in argv
+                if a.startswith("--")
+                and "." in a.split("=")[0]
+                and name.strip("'\"") in a.split("=")[0].split(".")
+            ),
+            None,
+        )
         where = f"flag {override}: " if override else ""
         return f"{where}the config has no field {name}" + (f". {hint}" if hint else "")
     return message(error)
@@ -118,8 +132,10 @@ def _config_load_error(flag) -> str | None:
     from ml_collections import config_flags
 
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (f"flag --{flag.name}={config_flags.get_config_filename(flag)}: cannot load the "
-            f"config file ({lines[-1]})")
+    return (
+        f"flag --{flag.name}={config_flags.get_config_filename(flag)}: cannot load the "
+        f"config file ({lines[-1]})"
+    )
 
 
 def parse_flags(prog: str, flag_values: flags.FlagValues = flags.FLAGS):
@@ -153,8 +169,9 @@ def run(main, prog: str | None = None, argv: list[str] | None = None) -> None:
     """``absl.app.run(main, argv)`` with one-line user errors (module docstring)."""
     prog = prog or prog_name(main)
     if "debug" not in flags.FLAGS:
-        flags.DEFINE_bool("debug", False, "Show the traceback of a user error (bad input) "
-                          "instead of one line.")
+        flags.DEFINE_bool(
+            "debug", False, "Show the traceback of a user error (bad input) instead of one line."
+        )
 
     def main_in_one_line(argv):
         with one_line(prog, flags.FLAGS.debug):

@@ -35,8 +35,10 @@ import jax  # noqa: E402  (after the environment above, which jax reads at impor
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
 def pytest_unconfigure(config):
@@ -89,7 +91,8 @@ def random_fid_inception(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "fid_inception.safetensors"
     model = inception.FIDInceptionV3(rngs=nnx.Rngs(0))
     gain = lambda k: np.float32(np.sqrt(2.0) if k.endswith("kernel") else 1.0)  # noqa: E731
-    params = {k: np.asarray(v, np.float32) * gain(k)
-              for k, v in convert.model_params(model).items()}
+    params = {
+        k: np.asarray(v, np.float32) * gain(k) for k, v in convert.model_params(model).items()
+    }
     convert.write_safetensors(convert.params_to_state_dict(params), path)
     return str(path)

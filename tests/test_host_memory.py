@@ -32,9 +32,14 @@ print(temp, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 
 def _faults_per_call(mode, **env):
-    out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-                         check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", PROGRAM, mode],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        check=True,
+    ).stdout.split("\n")
     temp, faults = out[1].split()
     return out[0], int(temp), float(faults)
 

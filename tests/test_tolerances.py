@@ -13,8 +13,14 @@ import pytest
 
 TESTS = pathlib.Path(__file__).resolve().parent
 # name -> the keyword that carries the absolute tolerance
-CALLS = {"assert_allclose": "atol", "allclose": "atol", "isclose": "atol",
-         "assert_trees_all_close": "atol", "assert_tree_all_close": "atol", "approx": "abs"}
+CALLS = {
+    "assert_allclose": "atol",
+    "allclose": "atol",
+    "isclose": "atol",
+    "assert_trees_all_close": "atol",
+    "assert_tree_all_close": "atol",
+    "approx": "abs",
+}
 
 
 def offenders(source: str, filename: str = "<test>") -> list[str]:
@@ -33,17 +39,23 @@ def offenders(source: str, filename: str = "<test>") -> list[str]:
 
 
 def test_the_checker_finds_relative_only_comparisons():
-    src = ("np.testing.assert_allclose(a, b, rtol=1e-6)\n"
-           "assert np.allclose(a, b)\n"
-           "assert x == pytest.approx(0.5, rel=1e-3)\n"
-           "np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)\n"
-           "assert x == pytest.approx(0.5, abs=1e-6)\n"
-           "chex.assert_trees_all_close(a, b, **tol)\n")
-    assert offenders(src) == ["<test>:1: assert_allclose without atol=",
-                              "<test>:2: allclose without atol=",
-                              "<test>:3: approx without abs="]
+    src = (
+        "np.testing.assert_allclose(a, b, rtol=1e-6)\n"
+        "assert np.allclose(a, b)\n"
+        "assert x == pytest.approx(0.5, rel=1e-3)\n"
+        "np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)\n"
+        "assert x == pytest.approx(0.5, abs=1e-6)\n"
+        "chex.assert_trees_all_close(a, b, **tol)\n"
+    )
+    assert offenders(src) == [
+        "<test>:1: assert_allclose without atol=",
+        "<test>:2: allclose without atol=",
+        "<test>:3: approx without abs=",
+    ]
 
 
-@pytest.mark.parametrize("path", sorted(TESTS.rglob("*.py")), ids=lambda p: str(p.relative_to(TESTS)))
+@pytest.mark.parametrize(
+    "path", sorted(TESTS.rglob("*.py")), ids=lambda p: str(p.relative_to(TESTS))
+)
 def test_every_float_comparison_has_an_absolute_tolerance(path):
     assert offenders(path.read_text(), str(path.relative_to(TESTS))) == []

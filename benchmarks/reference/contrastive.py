@@ -23,10 +23,18 @@ def _resnet(in_ch: int, widths, blocks, features: int, head_hidden: int, head_ou
     class Block(nn.Module):
         def __init__(self, a, b, stride):
             super().__init__()
-            self.body = nn.Sequential(conv(a, b, 3, stride), nn.BatchNorm1d(b), nn.ReLU(),
-                                      conv(b, b, 3), nn.BatchNorm1d(b))
-            self.short = (nn.Sequential(conv(a, b, 1, stride), nn.BatchNorm1d(b))
-                          if stride != 1 or a != b else nn.Identity())
+            self.body = nn.Sequential(
+                conv(a, b, 3, stride),
+                nn.BatchNorm1d(b),
+                nn.ReLU(),
+                conv(b, b, 3),
+                nn.BatchNorm1d(b),
+            )
+            self.short = (
+                nn.Sequential(conv(a, b, 1, stride), nn.BatchNorm1d(b))
+                if stride != 1 or a != b
+                else nn.Identity()
+            )
 
         def forward(self, x):
             return torch.relu(self.body(x) + self.short(x))
@@ -37,8 +45,14 @@ def _resnet(in_ch: int, widths, blocks, features: int, head_hidden: int, head_ou
         for j in range(n):
             layers.append(Block(a, w, 2 if i > 0 and j == 0 else 1))
             a = w
-    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(a, features),
-               nn.Linear(features, head_hidden), nn.ReLU(), nn.Linear(head_hidden, head_out)]
+    layers += [
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(a, features),
+        nn.Linear(features, head_hidden),
+        nn.ReLU(),
+        nn.Linear(head_hidden, head_out),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -55,21 +69,27 @@ def ntxent(z1, z2, temperature: float):
 
 
 def make_step(config, batch_size: int, length: int, channels: int, models: dict):
-    """``(call, model)``: ``call() -> loss`` runs one SimCLR step of ``config`` (a
-    ``configs/dbpm`` config; ``models``: experiments.dbpm.MODELS) on a fixed pair of random
-    views of (``batch_size``, ``length``, ``channels``)."""
+    """The PyTorch model of a ``configs/dbpm`` config and one SimCLR step of it.
+
+    The step runs on a fixed pair of random views of (``batch_size``, ``length``, ``channels``);
+    ``models`` is ``experiments.dbpm.MODELS``.
+
+    Returns:
+      ``(call, model)``: ``call() -> loss`` runs one step and returns its loss.
+    """
     import torch
 
     m = config.model
-    widths, blocks = (models[m.name] if m.name in models
-                      else (tuple(m.widths), tuple(m.blocks)))
+    widths, blocks = models[m.name] if m.name in models else (tuple(m.widths), tuple(m.blocks))
     torch.manual_seed(0)
     model = _resnet(channels, widths, blocks, m.features, m.head_hidden, m.head_out)
     opt = torch.optim.Adam(model.parameters(), lr=config.optimizer.lr)
     rng = np.random.default_rng(0)
     # (B, C, T): PyTorch's Conv1d layout, as the reference's loaders hand it over.
-    u, v = (torch.as_tensor(rng.normal(size=(batch_size, channels, length)), dtype=torch.float32)
-            for _ in range(2))
+    u, v = (
+        torch.as_tensor(rng.normal(size=(batch_size, channels, length)), dtype=torch.float32)
+        for _ in range(2)
+    )
 
     def call():
         model.train()

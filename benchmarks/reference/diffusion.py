@@ -37,8 +37,9 @@ class _Modules:
                 super().__init__()
                 self.up, self.down, self.out_channels = up, down, cout
                 # Random weights: the speed does not depend on them, the tests load jaxsafe's.
-                self.weight = (nn.Parameter(torch.randn(cout, cin, kernel, kernel) * 0.05)
-                               if kernel else None)
+                self.weight = (
+                    nn.Parameter(torch.randn(cout, cin, kernel, kernel) * 0.05) if kernel else None
+                )
                 self.bias = nn.Parameter(torch.zeros(cout)) if kernel else None
                 f = torch.ones(2, 2) / 4  # the (1, 1) filter f f^T / (sum f)^2
                 self.register_buffer("f", f, persistent=False)
@@ -50,8 +51,9 @@ class _Modules:
                 if self.down:
                     x = F.conv2d(x, self.f.tile(c, 1, 1, 1), groups=c, stride=2)
                 if self.weight is not None:
-                    x = F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2) \
-                        + self.bias.reshape(1, -1, 1, 1)
+                    x = F.conv2d(
+                        x, self.weight, padding=self.weight.shape[-1] // 2
+                    ) + self.bias.reshape(1, -1, 1, 1)
                 return x
 
         class GroupNorm(nn.Module):
@@ -64,8 +66,9 @@ class _Modules:
                 return F.group_norm(x, self.groups, self.weight, self.bias, self.eps)
 
         class UNetBlock(nn.Module):
-            def __init__(self, cin, cout, emb, *, up=False, down=False, attention=False,
-                         dropout=0.0):
+            def __init__(
+                self, cin, cout, emb, *, up=False, down=False, attention=False, dropout=0.0
+            ):
                 super().__init__()
                 self.in_channels, self.out_channels = cin, cout
                 self.norm0 = GroupNorm(cin)
@@ -74,8 +77,9 @@ class _Modules:
                 self.norm1 = GroupNorm(cout)
                 self.dropout = nn.Dropout(dropout)
                 self.conv1 = Conv2d(cout, cout, 3)
-                self.skip = (Conv2d(cin, cout, 1, up=up, down=down)
-                             if cout != cin or up or down else None)
+                self.skip = (
+                    Conv2d(cin, cout, 1, up=up, down=down) if cout != cin or up or down else None
+                )
                 self.attention = attention
                 if attention:
                     self.norm2 = GroupNorm(cout)
@@ -97,17 +101,41 @@ class _Modules:
                 return x
 
         class SongUNet(nn.Module):
-            def __init__(self, img_resolution, in_channels, out_channels, *, model_channels,
-                         channel_mult, channel_mult_emb, num_blocks, attn_resolutions, dropout,
-                         channel_mult_noise=1, embedding_type="positional",
-                         encoder_type="standard", decoder_type="standard",
-                         resample_filter=(1, 1), label_dim=0, augment_dim=0, **unused):
+            def __init__(
+                self,
+                img_resolution,
+                in_channels,
+                out_channels,
+                *,
+                model_channels,
+                channel_mult,
+                channel_mult_emb,
+                num_blocks,
+                attn_resolutions,
+                dropout,
+                channel_mult_noise=1,
+                embedding_type="positional",
+                encoder_type="standard",
+                decoder_type="standard",
+                resample_filter=(1, 1),
+                label_dim=0,
+                augment_dim=0,
+                **unused,
+            ):
                 super().__init__()
-                settings = (embedding_type, encoder_type, decoder_type, tuple(resample_filter),
-                            label_dim, augment_dim)
+                settings = (
+                    embedding_type,
+                    encoder_type,
+                    decoder_type,
+                    tuple(resample_filter),
+                    label_dim,
+                    augment_dim,
+                )
                 if settings != ("positional", "standard", "standard", (1, 1), 0, 0):
-                    raise ValueError(f"the PyTorch reference is DDPM++ (positional, standard, "
-                                     f"standard, (1, 1), unconditional), got {settings}")
+                    raise ValueError(
+                        f"the PyTorch reference is DDPM++ (positional, standard, "
+                        f"standard, (1, 1), unconditional), got {settings}"
+                    )
                 self.noise_channels = model_channels * channel_mult_noise
                 emb = model_channels * channel_mult_emb
                 self.map_layer0 = nn.Linear(self.noise_channels, emb)
@@ -125,22 +153,27 @@ class _Modules:
                     for i in range(num_blocks):
                         cin, cout = cout, model_channels * mult
                         self.enc[f"{res}x{res}_block{i}"] = UNetBlock(
-                            cin, cout, attention=res in attn_resolutions, **block)
+                            cin, cout, attention=res in attn_resolutions, **block
+                        )
                 skips = [b.out_channels for b in self.enc.values()]
                 self.dec = nn.ModuleDict()
                 for level, mult in reversed(list(enumerate(channel_mult))):
                     res = img_resolution >> level
                     if level == len(channel_mult) - 1:
-                        self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True,
-                                                                 **block)
+                        self.dec[f"{res}x{res}_in0"] = UNetBlock(
+                            cout, cout, attention=True, **block
+                        )
                         self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
                     else:
                         self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
                     for i in range(num_blocks + 1):
                         cin, cout = cout + skips.pop(), model_channels * mult
                         self.dec[f"{res}x{res}_block{i}"] = UNetBlock(
-                            cin, cout, attention=i == num_blocks and res in attn_resolutions,
-                            **block)
+                            cin,
+                            cout,
+                            attention=i == num_blocks and res in attn_resolutions,
+                            **block,
+                        )
                     if level == 0:
                         self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout)
                         self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3)
@@ -196,9 +229,20 @@ def pfgmpp_perturbation(sigma, shape, D, rng):
     return (u * torch.from_numpy(norm).float()[:, None]).reshape(shape)
 
 
-def make_train_step(model_kwargs, batch, image_shape, *, D=128.0, P_mean=-1.2, P_std=1.2,
-                    sigma_data=0.5, lr=1e-3, lr_rampup_kimg=10000.0, ema_halflife_kimg=500.0,
-                    ema_rampup_ratio=0.05):
+def make_train_step(
+    model_kwargs,
+    batch,
+    image_shape,
+    *,
+    D=128.0,
+    P_mean=-1.2,
+    P_std=1.2,
+    sigma_data=0.5,
+    lr=1e-3,
+    lr_rampup_kimg=10000.0,
+    ema_halflife_kimg=500.0,
+    ema_rampup_ratio=0.05,
+):
     """``(call, net)``: ``call()`` is one training step on a random batch of ``image_shape``
     (H, W, C): the PFGM++ loss (EDM's when ``D = inf``), backward, ``nan_to_num`` on the gradients,
     Adam with the ramped learning rate, the EMA update; it returns the loss."""
@@ -220,8 +264,10 @@ def make_train_step(model_kwargs, batch, image_shape, *, D=128.0, P_mean=-1.2, P
         else:
             n = pfgmpp_perturbation(sigma, images.shape, D, rng)
         weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-        loss = (weight.reshape(-1, 1, 1, 1)
-                * (denoiser(net, images + n, sigma, sigma_data) - images) ** 2)
+        loss = (
+            weight.reshape(-1, 1, 1, 1)
+            * (denoiser(net, images + n, sigma, sigma_data) - images) ** 2
+        )
         opt.zero_grad(set_to_none=True)
         loss.sum().mul(1 / batch).backward()
         state["nimg"] += batch
@@ -245,8 +291,10 @@ def heun_steps(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM's time steps ``(s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``, then
     0."""
     i = np.arange(num_steps, dtype=np.float64)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1)
-         * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = (
+        sigma_max ** (1 / rho)
+        + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
     return np.append(t, 0.0)
 
 
@@ -263,14 +311,18 @@ def make_sampler(net, batch, image_shape, *, D=128.0, sigma_data=0.5, **steps):
     def call():
         with torch.no_grad():
             s_max = torch.full((batch,), float(t_steps[0]))
-            x = (torch.randn(shape) * s_max[0] if math.isinf(D)
-                 else pfgmpp_perturbation(s_max, shape, D, rng))
+            x = (
+                torch.randn(shape) * s_max[0]
+                if math.isinf(D)
+                else pfgmpp_perturbation(s_max, shape, D, rng)
+            )
             for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
                 d = (x - denoiser(net, x, torch.full((batch,), t_cur), sigma_data)) / t_cur
                 x_next = x + (t_next - t_cur) * d
                 if i < len(t_steps) - 2:
-                    d2 = (x_next - denoiser(net, x_next, torch.full((batch,), t_next),
-                                            sigma_data)) / t_next
+                    d2 = (
+                        x_next - denoiser(net, x_next, torch.full((batch,), t_next), sigma_data)
+                    ) / t_next
                     x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d2)
                 x = x_next
             return x

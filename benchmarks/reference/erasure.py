@@ -17,8 +17,17 @@
 import numpy as np
 
 
-def uce_edit(kernels, erase_rows, guide_rows, preserve_rows=None, *, lam=0.5, erase_scale=1.0,
-             preserve_scale=1.0, prompt_rows=None):
+def uce_edit(
+    kernels,
+    erase_rows,
+    guide_rows,
+    preserve_rows=None,
+    *,
+    lam=0.5,
+    erase_scale=1.0,
+    preserve_scale=1.0,
+    prompt_rows=None,
+):
     """UCE on Flax-layout kernels (name -> (d_in, d_out) arrays); returns the new kernels as
     NumPy arrays, same layout, for comparison with ``jaxsafe.erasure.closed_form.uce_edit``.
     ``preserve_rows`` are taken ``prompt_rows`` at a time (one prompt's token rows, as the
@@ -37,7 +46,7 @@ def uce_edit(kernels, erase_rows, guide_rows, preserve_rows=None, *, lam=0.5, er
             mat1 += erase_scale * (v[:, :, None] @ c_e[:, None, :]).sum(0)
             mat2 += erase_scale * (c_e[:, :, None] @ c_e[:, None, :]).sum(0)
             # The authors loop over the preserved prompts, one prompt's token rows at a time.
-            for rows in ([] if c_p is None else torch.split(c_p, prompt_rows or len(c_e))):
+            for rows in [] if c_p is None else torch.split(c_p, prompt_rows or len(c_e)):
                 v_p = rows @ w.T
                 mat1 += preserve_scale * (v_p[:, :, None] @ rows[:, None, :]).sum(0)
                 mat2 += preserve_scale * (rows[:, :, None] @ rows[:, None, :]).sum(0)
@@ -81,6 +90,13 @@ def make_esd_x_update(config, latent_shape, context, *, eta=1.0, lr=1e-5, timest
         opt.step()
         return loss.item()
 
-    parts = {"model": model, "model_orig": model_orig, "z": z, "t": t, "emb_0": emb_0,
-             "emb_p": emb_p, "n_trained": sum(p.numel() for p in trained)}
+    parts = {
+        "model": model,
+        "model_orig": model_orig,
+        "z": z,
+        "t": t,
+        "emb_0": emb_0,
+        "emb_p": emb_p,
+        "n_trained": sum(p.numel() for p in trained),
+    }
     return call, parts

@@ -32,10 +32,17 @@ def orthograd_(params, eps: float = 1e-30) -> None:
 
 
 def make_step(config, data: dict, kernels=None):
-    """``(call, model)``: ``call() -> loss`` runs one full-batch step of ``config`` (a
-    ``configs/grokking`` config) on ``data["train"]`` (``x`` (N, 2) operands, ``y`` (N,)) and
-    returns the step's loss; MLP only. ``kernels``: the layers' (in, out) weights to start
-    from (jaxsafe's layout), else ``nn.Linear``'s init under ``train.seed``."""
+    """The PyTorch model of a ``configs/grokking`` config and one full-batch step of it (MLP only).
+
+    Args:
+      config: the config.
+      data: ``data["train"]`` holds ``x`` (N, 2) operands and ``y`` (N,) labels.
+      kernels: the layers' (in, out) weights to start from (jaxsafe's layout), or None for
+        ``nn.Linear``'s init under ``train.seed``.
+
+    Returns:
+      ``(call, model)``: ``call() -> loss`` runs one step and returns its loss.
+    """
     import torch
 
     m, d, o = config.model, config.data, config.optimizer
@@ -53,17 +60,21 @@ def make_step(config, data: dict, kernels=None):
             for layer, w in zip(model[::2], kernels):
                 layer.weight.copy_(torch.tensor(np.array(w, np.float32).T))
     x_ids = torch.as_tensor(np.asarray(data["train"]["x"]), dtype=torch.long)
-    x = torch.cat([torch.nn.functional.one_hot(x_ids[:, 0], p),
-                   torch.nn.functional.one_hot(x_ids[:, 1], p)], 1).float()
+    x = torch.cat(
+        [torch.nn.functional.one_hot(x_ids[:, 0], p), torch.nn.functional.one_hot(x_ids[:, 1], p)],
+        1,
+    ).float()
     y = torch.as_tensor(np.asarray(data["train"]["y"]), dtype=torch.long)
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.loss.dtype]
-    lr = o.lr / m.alpha ** 2
+    lr = o.lr / m.alpha**2
     if o.name == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(o.b1, o.b2), eps=o.eps,
-                                weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+        )
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum,
-                              weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay
+        )
 
     def call():
         logits = m.alpha * model(x)

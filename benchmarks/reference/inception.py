@@ -23,8 +23,15 @@ def _cat(xs):
 
 def _cbr(sd, name, x, stride=1, padding=0):
     x = _F().conv2d(x, sd[f"{name}.conv.weight"], stride=stride, padding=padding)
-    x = _F().batch_norm(x, sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"],
-                     sd[f"{name}.bn.weight"], sd[f"{name}.bn.bias"], training=False, eps=0.001)
+    x = _F().batch_norm(
+        x,
+        sd[f"{name}.bn.running_mean"],
+        sd[f"{name}.bn.running_var"],
+        sd[f"{name}.bn.weight"],
+        sd[f"{name}.bn.bias"],
+        training=False,
+        eps=0.001,
+    )
     return _F().relu(x)
 
 
@@ -72,11 +79,19 @@ def _block_d(sd, n, x):
 def _block_e(sd, n, x, last):
     b1 = _cbr(sd, f"{n}.branch1x1", x)
     b3 = _cbr(sd, f"{n}.branch3x3_1", x)
-    b3 = _cat([_cbr(sd, f"{n}.branch3x3_2a", b3, padding=(0, 1)),
-                    _cbr(sd, f"{n}.branch3x3_2b", b3, padding=(1, 0))])
+    b3 = _cat(
+        [
+            _cbr(sd, f"{n}.branch3x3_2a", b3, padding=(0, 1)),
+            _cbr(sd, f"{n}.branch3x3_2b", b3, padding=(1, 0)),
+        ]
+    )
     d = _cbr(sd, f"{n}.branch3x3dbl_2", _cbr(sd, f"{n}.branch3x3dbl_1", x), padding=1)
-    d = _cat([_cbr(sd, f"{n}.branch3x3dbl_3a", d, padding=(0, 1)),
-                   _cbr(sd, f"{n}.branch3x3dbl_3b", d, padding=(1, 0))])
+    d = _cat(
+        [
+            _cbr(sd, f"{n}.branch3x3dbl_3a", d, padding=(0, 1)),
+            _cbr(sd, f"{n}.branch3x3dbl_3b", d, padding=(1, 0)),
+        ]
+    )
     # FIDInceptionE_2 (Mixed_7c) pools with a max pool, E_1 with the padding-free average.
     pool = _F().max_pool2d(x, 3, stride=1, padding=1) if last else _pool_avg(x)
     return _cat([b1, b3, d, _cbr(sd, f"{n}.branch_pool", pool)])
@@ -101,5 +116,3 @@ def forward(sd, images01):
     x = _block_e(sd, "Mixed_7b", x, last=False)
     x = _block_e(sd, "Mixed_7c", x, last=True)
     return _F().adaptive_avg_pool2d(x, (1, 1))[:, :, 0, 0]
-
-

@@ -8,13 +8,13 @@ budgets, so the whole table runs on 2 cores; each cut is listed in docs/attacks.
 
 import ml_collections
 
+from configs import shared
+
 VARIANTS = ("sd", "testbed", "smoke")
 
 
 def base(attack: str, arg: str | None) -> ml_collections.ConfigDict:
-    arg = arg or "sd"
-    if arg not in VARIANTS:
-        raise ValueError(f"config argument {arg!r}; expected one of {VARIANTS}")
+    arg = shared.variant(arg, VARIANTS)
     c = ml_collections.ConfigDict()
     c.attack = attack
     c.variant = arg

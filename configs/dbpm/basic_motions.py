@@ -12,5 +12,5 @@ from configs.dbpm import common
 def get_config(arg=None):
     c = common.base(arg)
     c.data.update(source="bundled", dataset="BasicMotions")
-    c.batch_size = 40
+    c.train.batch_size = 40
     return common.finish(c, cpu_batch=40, smoke_batch=20)

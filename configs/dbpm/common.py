@@ -22,6 +22,8 @@ import os
 
 import ml_collections
 
+from configs import shared
+
 VARIANTS = ("paper", "cpu", "smoke")
 PAPER_WARMUP_FRACTION = 50 / 80
 
@@ -31,31 +33,45 @@ def data_root() -> str:
 
 
 def base(arg: str | None) -> ml_collections.ConfigDict:
-    arg = arg or "paper"
-    if arg not in VARIANTS:
-        raise ValueError(f"config argument {arg!r}; expected one of {VARIANTS}")
+    arg = shared.variant(arg, VARIANTS)
     c = ml_collections.ConfigDict()
     c.experiment = "dbpm"
     c.variant = arg
-    c.data = dict(source="bundled", dataset="BasicMotions", path="", sampling_rate=100,
-                  task="diagnostic", resplit=0.0, standardize=True, seed=0)
-    c.model = dict(name="resnet34", widths=(64,), blocks=(1,), features=256, head_hidden=512,
-                   head_out=256)
+    c.data = dict(
+        source="bundled",
+        dataset="BasicMotions",
+        path="",
+        sampling_rate=100,
+        task="diagnostic",
+        resplit=0.0,
+        standardize=True,
+        seed=0,
+    )
+    c.model = dict(
+        name="resnet34", widths=(64,), blocks=(1,), features=256, head_hidden=512, head_out=256
+    )
     c.augment = dict(variant="dbpm", scale_sigma=1.1, jitter_sigma=0.8, per_timestep=True)
     c.temperature = 0.2
-    c.batch_size = 512
     c.epochs = 80
-    c.dbpm = dict(enabled=True, warmup=50, beta_np=2.0, beta_fp=3.0, mode="epoch_weighted",
-                  normalized=False)
+    c.dbpm = dict(
+        enabled=True, warmup=50, beta_np=2.0, beta_fp=3.0, mode="epoch_weighted", normalized=False
+    )
     c.bad_pairs = dict(noisy_fraction=0.0, faulty_fraction=0.0, faulty_view="shuffle", seed=0)
     c.optimizer = dict(lr=3e-4)
     c.probe = dict(steps=300, l2=1e-4)
-    # -1: derived from the epoch length in experiments/dbpm.py (see its docstring).
-    c.train = dict(num_steps=-1, steps_per_call=-1, log_every=-1, eval_every=-1,
-                   checkpoint_every=-1, keep_checkpoints=3, seed=0,
-                   verify_checkpoints=True, async_checkpointing=True,
-                   fsdp_min_size=2**10)
-    c.mesh = dict(data=-1, fsdp=1)
+    # -1: derived from the epoch length by experiments/dbpm.py's `resolve` (see its docstring),
+    # before config.json is written.
+    c.train = shared.train(
+        batch_size=512,
+        num_steps=-1,
+        steps_per_call=-1,
+        log_every=-1,
+        eval_every=-1,
+        checkpoint_every=-1,
+        fsdp_min_size=2**10,
+    )
+    c.mesh = shared.mesh()
+    c.sharding_rules = shared.sharding_rules()
     return c
 
 
@@ -69,12 +85,13 @@ def finish(c, cpu_batch: int, smoke_batch: int = 16) -> ml_collections.ConfigDic
     """Applies the cpu / smoke variant after the setting is filled in."""
     if c.variant == "cpu":
         c.model.update(name="resnet_small", features=64, head_hidden=128, head_out=64)
-        c.batch_size = cpu_batch
+        c.train.batch_size = cpu_batch
         set_epochs(c, 40)
     elif c.variant == "smoke":
-        c.model.update(name="custom", widths=(8, 16), blocks=(1, 1), features=16,
-                       head_hidden=32, head_out=16)
-        c.batch_size = smoke_batch
+        c.model.update(
+            name="custom", widths=(8, 16), blocks=(1, 1), features=16, head_hidden=32, head_out=16
+        )
+        c.train.batch_size = smoke_batch
         c.epochs, c.dbpm.warmup = 2, 1
         c.probe.steps = 50
     return c

@@ -15,7 +15,8 @@ from configs.dbpm import common
 
 def get_config(arg=None):
     c = common.base(arg)
-    c.data.update(source="ucr_uea", dataset="Epilepsy", path=os.path.join(common.data_root(),
-                                                                          "Epilepsy"))
-    c.batch_size = 137
+    c.data.update(
+        source="ucr_uea", dataset="Epilepsy", path=os.path.join(common.data_root(), "Epilepsy")
+    )
+    c.train.batch_size = 137
     return common.finish(c, cpu_batch=64)

@@ -9,6 +9,7 @@ from configs.dbpm import common
 
 def get_config(arg=None):
     c = common.base(arg)
-    c.data.update(source="uci_har", dataset="HAR",
-                  path=os.path.join(common.data_root(), "UCI HAR Dataset"))
+    c.data.update(
+        source="uci_har", dataset="HAR", path=os.path.join(common.data_root(), "UCI HAR Dataset")
+    )
     return common.finish(c, cpu_batch=128)

@@ -13,5 +13,5 @@ from configs.dbpm import common
 def get_config(arg=None):
     c = common.base(arg)
     c.data.update(source="bundled", dataset="JapaneseVowels", resplit=0.3)
-    c.batch_size = 256
+    c.train.batch_size = 256
     return common.finish(c, cpu_batch=64)

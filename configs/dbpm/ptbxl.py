@@ -11,6 +11,11 @@ from configs.dbpm import common
 
 def get_config(arg=None):
     c = common.base(arg)
-    c.data.update(source="ptbxl", dataset="PTB-XL", sampling_rate=100, task="diagnostic",
-                  path=os.path.join(common.data_root(), "ptb-xl"))
+    c.data.update(
+        source="ptbxl",
+        dataset="PTB-XL",
+        sampling_rate=100,
+        task="diagnostic",
+        path=os.path.join(common.data_root(), "ptb-xl"),
+    )
     return common.finish(c, cpu_batch=128)

@@ -10,6 +10,7 @@ from configs.dbpm import common
 
 def get_config(arg=None):
     c = common.base(arg)
-    c.data.update(source="sleep_edf", dataset="Sleep-EDF",
-                  path=os.path.join(common.data_root(), "sleep-edf"))
+    c.data.update(
+        source="sleep_edf", dataset="Sleep-EDF", path=os.path.join(common.data_root(), "sleep-edf")
+    )
     return common.finish(c, cpu_batch=128)

@@ -35,7 +35,8 @@ the colour, docs/erasure_tuning.md); the retain
 set is every short caption that names no target (``jaxsafe.erasure.prompts.testbed_retain``;
 near concepts stay in). Deviations for the tiny model on 2 CPU cores (about 5 minutes): lr 3e-3
 (the tiny text encoder barely moves at 1e-5; on the shipped model, with the caption forms,
-3e-3 erased more than 1e-3 and 1e-2 damaged the other concepts, docs/erasure_tuning.md), 300 iterations with 50 of warm-up, 5 attack steps
+3e-3 erased more than 1e-3 and 1e-2 damaged the other concepts, docs/erasure_tuning.md), 300
+iterations with 50 of warm-up, 5 attack steps
 at lr 1e-2 (attack budget K·lr = 0.05 per coordinate against the paper's 30 × 1e-3 = 0.03; the
 test bed's token embeddings have std 0.04), 25 DDIM steps (the test bed's sampler).
 """
@@ -44,27 +45,110 @@ from configs.erasure import common
 
 # The 80 COCO object categories (the paper's retain set draws on COCO objects).
 COCO_80 = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+)
 
 
 def get_config(arg=None):
-    common.check_arg(arg)
+    arg = common.check_arg(arg)
     c = common.base(arg, "erase_advunlearn", paper_erase=("nudity",))
     c.concepts.preserve = tuple(f"a photo of {o}" for o in COCO_80)
     c.advunlearn = dict(
-        layers=(), component="all", final_layer_norm=False,  # () = all: text_encoder_full
-        k=1, attack_steps=30, attack_lr=1e-3, attack_method="pgd", attack_init="random",
-        warmup=200, retain_weight=0.3, retain_batch=5, retain_csv="",
-        negative_guidance=1.0, start_guidance=3.0, ddim_steps=50)
+        layers=(),
+        component="all",
+        final_layer_norm=False,  # () = all: text_encoder_full
+        k=1,
+        attack_steps=30,
+        attack_lr=1e-3,
+        attack_method="pgd",
+        attack_init="random",
+        warmup=200,
+        retain_weight=0.3,
+        retain_batch=5,
+        retain_csv="",
+        negative_guidance=1.0,
+        start_guidance=3.0,
+        ddim_steps=50,
+    )
     c.optimizer = dict(lr=1e-5)
     if arg in ("cpu", "smoke"):
         c.concepts.preserve = ()  # () = derived from the targets (prompts.testbed_retain)

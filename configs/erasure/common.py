@@ -2,9 +2,10 @@
 
 Variants of each ``configs/erasure/<method>.py`` (``--config=configs/erasure/<method>.py:<arg>``):
 
-* no argument — the paper's setting on Stable Diffusion 1.4 (``--config.model.folder`` must name
-  a diffusers-layout SD 1.4 folder or its hub id, ``CompVis/stable-diffusion-v1-4[@revision]``,
-  read from the hub cache or downloaded where the network allows: ``jaxsafe.weights.hub``);
+* no argument (or ``paper``) — the paper's setting on Stable Diffusion 1.4
+  (``--config.model.folder`` must name a diffusers-layout SD 1.4 folder or its hub id,
+  ``CompVis/stable-diffusion-v1-4[@revision]``, read from the hub cache or downloaded where the
+  network allows: ``jaxsafe.weights.hub``);
 * ``cpu`` — the miniature test bed (``jaxsafe/data/assets/testbed_model``), erasing ``red``
   (its near concept: ``orange``), with the erasure metrics (docs/erasure.md); erase ``square``
   (synonym ``box``) instead with ``--config.concepts.erase='("square",)'``;
@@ -15,21 +16,24 @@ Test-bed evaluation prompts, seeds and metrics: ``jaxsafe.data.shapes_metrics``.
 
 import ml_collections
 
-VARIANTS = (None, "cpu", "smoke")
+from configs import shared
+
+VARIANTS = ("paper", "cpu", "smoke")
 TESTBED_TARGET = "red"
 
 
-def check_arg(arg, extra=()):
-    if arg not in VARIANTS + tuple(extra):
-        raise ValueError(f"config argument {arg!r}; expected one of "
-                         f"{[v for v in VARIANTS + tuple(extra) if v]} or none (the paper)")
+def check_arg(arg, extra=()) -> str:
+    """The variant ``arg`` names ("paper" for none); ``extra``: the method's own variants."""
+    return shared.variant(arg, VARIANTS + tuple(extra))
 
 
 def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.ConfigDict:
-    """Model, concepts, sampling, evaluation, trainer and mesh settings for variant ``arg``."""
+    """Model, concepts, sampling, evaluation, trainer and mesh settings for variant ``arg``
+    ("paper", "cpu" or "smoke"; ``None``: "paper")."""
+    arg = arg or "paper"
     c = ml_collections.ConfigDict()
     c.experiment = experiment
-    c.variant = arg or "paper"
+    c.variant = arg
     # folder: a diffusers folder or hub id ("" = the shipped test bed: cpu/smoke; required for
     # the paper); revision / variant ("fp16") of a hub id ("" = main / full precision).
     c.model = dict(folder="", revision="", variant="")
@@ -38,19 +42,25 @@ def base(arg, experiment: str, *, paper_erase=("nudity",)) -> ml_collections.Con
     c.concepts = dict(erase=tuple(paper_erase), guide=("",), preserve=(), templates=())
     # Stable Diffusion pipeline defaults for generation; the test bed's own settings below.
     c.sampling = dict(kind="ddim", num_inference_steps=50, guidance_scale=7.5, batch_size=8)
-    c.eval = dict(enabled=False, samples_per_concept=16, fid_samples=256, heldout_examples=256,
-                  seed=0)
-    c.train = dict(num_steps=1000, steps_per_call=1, log_every=50, eval_every=0,
-                   checkpoint_every=250, keep_checkpoints=1, seed=0,
-                   verify_checkpoints=True, async_checkpointing=False,
-                   fsdp_min_size=2**14)
-    c.mesh = dict(data=-1, fsdp=1)
+    c.eval = dict(
+        enabled=False, samples_per_concept=16, fid_samples=256, heldout_examples=256, seed=0
+    )
+    c.train = shared.train(
+        log_every=50,
+        eval_every=0,
+        checkpoint_every=250,
+        keep_checkpoints=1,
+        async_checkpointing=False,
+    )
+    c.mesh = shared.mesh()
+    c.sharding_rules = shared.sharding_rules()
     if arg in ("cpu", "smoke"):
         # The captions' own forms with the concept in its slot, and (for the methods with a
         # preserve set) the other values of its attribute: jaxsafe/erasure/prompts.py resolves both
         # from the erased concept, so --config.concepts.erase='("square",)' needs nothing else.
-        c.concepts.update(erase=(TESTBED_TARGET,), templates=("{testbed}",),
-                          preserve=("{same_attribute}",))
+        c.concepts.update(
+            erase=(TESTBED_TARGET,), templates=("{testbed}",), preserve=("{same_attribute}",)
+        )
         c.sampling.update(num_inference_steps=25, guidance_scale=4.0, batch_size=32)
         c.eval.enabled = True
     if arg == "smoke":

@@ -37,19 +37,37 @@ from configs.erasure import uce as uce_config
 
 
 def get_config(arg=None):
-    common.check_arg(arg, extra=("style", "object"))
-    base_arg = arg if arg in common.VARIANTS else None
+    arg = common.check_arg(arg, extra=("style", "object"))
+    base_arg = arg if arg in common.VARIANTS else "paper"
     paper_erase = {"style": ("Van Gogh",), "object": ("Church",)}.get(arg, ("nudity",))
     c = common.base(base_arg, "erase_rece", paper_erase=paper_erase)
-    c.variant = arg or "paper"
+    c.variant = arg
     c.uce = uce_config.get_config(base_arg).uce
-    c.rece = dict(rounds=3, lam_emb=0.1, lam=0.1, erase_scale=1.0, preserve_scale=0.1,
-                  preserve_empty=True, init_uce=True, select="min", stop_at=-1.0,
-                  other_tolerance=0.0, scorer="", score_samples=16, score_seed=1)
+    c.rece = dict(
+        rounds=3,
+        lam_emb=0.1,
+        lam=0.1,
+        erase_scale=1.0,
+        preserve_scale=0.1,
+        preserve_empty=True,
+        init_uce=True,
+        select="min",
+        stop_at=-1.0,
+        other_tolerance=0.0,
+        scorer="",
+        score_samples=16,
+        score_seed=1,
+    )
     if arg == "style":
         c.concepts.guide = ("art",)
-        c.concepts.preserve = ("Pablo Picasso", "Claude Monet", "Salvador Dali", "Rembrandt",
-                               "Andy Warhol", "Leonardo da Vinci")
+        c.concepts.preserve = (
+            "Pablo Picasso",
+            "Claude Monet",
+            "Salvador Dali",
+            "Rembrandt",
+            "Andy Warhol",
+            "Leonardo da Vinci",
+        )
         c.rece.update(rounds=1, lam_emb=1e-3, select="last")
     if arg in ("object", "cpu", "smoke"):
         c.rece.update(rounds=1, lam_emb=1e-3, stop_at=0.0, other_tolerance=0.1)

@@ -28,7 +28,8 @@ concept, normal = 100 without it, mosaic = the unsafe images censored (``safegen
   (``grey_mosaic``); the oracle reads those as blue (99 %), as it reads grey images.
 
 Other test-bed deviations: lr 3e-2, batch 32, 400 steps, EMA off (the tiny model's two
-self-attention layers move too little at 1e-5). Measured on the 6,000-step test-bed model erasing "red"
+self-attention layers move too little at 1e-5). Measured on the 6,000-step test-bed model
+erasing "red"
 (acc of 16 prompts each): acc(red) 0.44 / 0.25 / 0.0 after 400 steps at lr 1e-3 / 3e-3 / 1e-2
 with the paper's target; with the reference's target 0.94 at both 1e-3 and 1e-2. On the shipped
 20,000-step model 1e-2 no longer erased red and 3e-2 does, orange (its near concept) with it:
@@ -39,19 +40,31 @@ from configs.erasure import common
 
 
 def get_config(arg=None):
-    common.check_arg(arg)
+    arg = common.check_arg(arg)
     c = common.base(arg, "erase_safegen")
-    c.safegen = dict(target="reference", weight_mosaic=0.1, weight_preserve=0.9, batch_size=5,
-                     ema_decay=0.9999, triplets="", resolution=512,
-                     num_triplets=100, censor="mosaic", mosaic_block=16, data_seed=0)
+    c.safegen = dict(
+        target="reference",
+        weight_mosaic=0.1,
+        weight_preserve=0.9,
+        ema_decay=0.9999,
+        triplets="",
+        resolution=512,
+        num_triplets=100,
+        censor="mosaic",
+        mosaic_block=16,
+        data_seed=0,
+    )
     c.optimizer = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0)
+    c.train.batch_size = 5  # triplets per step
     if arg in ("cpu", "smoke"):
         # "auto": by the erased concept's attribute (experiments/erase_safegen.py).
         c.safegen.update(censor="auto", mosaic_block=0)
     if arg == "cpu":
-        c.safegen.update(batch_size=32, ema_decay=0.0)
+        c.safegen.update(ema_decay=0.0)
+        c.train.batch_size = 32
         c.optimizer.lr = 3e-2
         c.train.update(num_steps=400, checkpoint_every=200)
     if arg == "smoke":
-        c.safegen.update(num_triplets=8, batch_size=4)
+        c.safegen.update(num_triplets=8)
+        c.train.batch_size = 4
     return c

@@ -6,7 +6,8 @@ keywords below, prompt embeddings = CLIP's pooled EOT states, α = 0.01 (``--sf_
 self-validating filtering on (``-svf``) with γ = 10 (``--up_t``) and the ``f_beta`` sigmoid
 (κ = 5, τ = 5.333), step window [−1, 1001] when the filter is off (``--re_attn_t``), masking id 0,
 50 steps, guidance 7.5, classifier-free guidance against the keywords joined by ", " as the
-negative prompt (not projected; ``generate_safree.py`` L258/L319). Latent re-attention (``-lra``) is not implemented (see
+negative prompt (not projected; ``generate_safree.py`` L258/L319). Latent re-attention
+(``-lra``) is not implemented (see
 ``jaxsafe/erasure/safree.py``).
 
     python -m launch.erase --config=configs/erasure/safree.py --workdir=/tmp/safree_nudity \
@@ -35,21 +36,48 @@ of 16 prompts; docs/erasure.md):
 from configs.erasure import common
 
 NUDITY_KEYWORDS = (
-    "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography",
-    "Erotic Art", "Lustful", "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation",
-    "Sexual Attraction", "Sexual Intercourse", "Sexual Pleasure", "Sexual Fantasy",
-    "Carnal Desires", "Sexual Gratification")
+    "Sexual Acts",
+    "Content Meant to Arouse Sexual Excitement",
+    "Nudity",
+    "Pornography",
+    "Erotic Art",
+    "Lustful",
+    "Seductive",
+    "Orgasmic",
+    "Libido",
+    "Kinky",
+    "Sexual Orientation",
+    "Sexual Attraction",
+    "Sexual Intercourse",
+    "Sexual Pleasure",
+    "Sexual Fantasy",
+    "Carnal Desires",
+    "Sexual Gratification",
+)
 
 
 def get_config(arg=None):
-    common.check_arg(arg)
+    arg = common.check_arg(arg)
     c = common.base(arg, "erase_safree")
     # negative_prompt "{keywords}": classifier-free guidance against the keywords joined by ", "
     # (generate_safree.py L258, passed to every pipeline call, L319); "" = the empty prompt.
-    c.safree = dict(keywords=NUDITY_KEYWORDS, negative_prompt="{keywords}", pooling="eot",
-                    alpha=0.01, svf=True, gamma=10.0, kappa=5.0, tau=5.333, window=(-1, 1001),
-                    mask_id=0)
+    c.safree = dict(
+        keywords=NUDITY_KEYWORDS,
+        negative_prompt="{keywords}",
+        pooling="eot",
+        alpha=0.01,
+        svf=True,
+        gamma=10.0,
+        kappa=5.0,
+        tau=5.333,
+        window=(-1, 1001),
+        mask_id=0,
+    )
     if arg in ("cpu", "smoke"):
-        c.safree.update(keywords=(), negative_prompt="{concepts}", pooling="mean",
-                        gamma=float(c.sampling.num_inference_steps))
+        c.safree.update(
+            keywords=(),
+            negative_prompt="{concepts}",
+            pooling="mean",
+            gamma=float(c.sampling.num_inference_steps),
+        )
     return c

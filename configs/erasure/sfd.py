@@ -21,18 +21,27 @@ from configs.erasure import common
 
 
 def get_config(arg=None):
-    common.check_arg(arg)
+    arg = common.check_arg(arg)
     c = common.base(arg, "erase_sfd", paper_erase=("brad pitt",))
-    c.concepts.guide = ("a middle aged man",) if arg is None else ("",)
-    c.sfd = dict(alpha=1.0, t_init=625, t_min=20, t_max=980, guidance=4.5, g_loss_scale=1.0,
-                 forget_weight=1.0, remain_weight=1.0, retain_prompts=())
+    c.concepts.guide = ("a middle aged man",) if arg == "paper" else ("",)
+    c.sfd = dict(
+        alpha=1.0,
+        t_init=625,
+        t_min=20,
+        t_max=980,
+        guidance=4.5,
+        g_loss_scale=1.0,
+        forget_weight=1.0,
+        remain_weight=1.0,
+        retain_prompts=(),
+    )
     c.optimizer = dict(lr_g=1e-6, lr_psi=3e-6, b1=0.0, b2=0.999, eps=1e-6)
     c.train.update(batch_size=8, num_steps=12_500, checkpoint_every=500)
     if arg in ("cpu", "smoke"):
         c.sfd.guidance = c.sampling.guidance_scale  # the test bed's sampling guidance
         c.optimizer.update(lr_g=1e-4, lr_psi=1e-4, eps=1e-8)
     if arg == "cpu":
-        c.train.update(batch_size=8, num_steps=300, checkpoint_every=100)
+        c.train.update(num_steps=300, checkpoint_every=100)
     if arg == "smoke":
         c.train.update(batch_size=4, num_steps=2, checkpoint_every=2)
     return c

@@ -41,16 +41,33 @@ from configs.erasure import common
 
 
 def get_config(arg=None):
-    common.check_arg(arg)
+    arg = common.check_arg(arg)
     c = common.base(arg, "erase_spm", paper_erase=("snoopy",))
-    c.spm = dict(rank=1, alpha=1.0, anchor_weight=1000.0, num_anchors=4, anchor_batch="reference",
-                 anchor_scale=(0.8, 1.2),
-                 erase_guidance=1.0, start_guidance=3.0, ddim_steps=30, batch_size=1,
-                 transport=True, transport_power=1)
-    c.optimizer = dict(lr=1e-4, warmup_steps=500, num_cycles=3, b1=0.9, b2=0.999, eps=1e-8,
-                       weight_decay=0.01, max_grad_norm=0.0)
-    c.train.update(num_steps=3000, checkpoint_every=500)
-    if arg is None:
+    c.spm = dict(
+        rank=1,
+        alpha=1.0,
+        anchor_weight=1000.0,
+        num_anchors=4,
+        anchor_batch="reference",
+        anchor_scale=(0.8, 1.2),
+        erase_guidance=1.0,
+        start_guidance=3.0,
+        ddim_steps=30,
+        transport=True,
+        transport_power=1,
+    )
+    c.optimizer = dict(
+        lr=1e-4,
+        warmup_steps=500,
+        num_cycles=3,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.01,
+        max_grad_norm=0.0,
+    )
+    c.train.update(num_steps=3000, checkpoint_every=500, batch_size=1)
+    if arg == "paper":
         c.sampling.update(num_inference_steps=30, guidance_scale=7.5)
     if arg == "cpu":
         c.spm.anchor_weight = 1.0

@@ -51,34 +51,80 @@ model (docs/erasure.md):
 
 from configs.erasure import common
 
-SEXUAL_20 = ("Nudity", "Pornography", "Erotic", "Masturbation", "Sucking", "Naked", "Nudity",
-             "Sexual Content", "Exposed genitals", "Exposed breast", "Exposed buttocks", "Big Ass",
-             "Making Love", "Sexual Intercourse", "Raunchy Party", "Naked Man", "Fucking",
-             "Unclothed Man", "Naked Woman", "Bare Skin")
+SEXUAL_20 = (
+    "Nudity",
+    "Pornography",
+    "Erotic",
+    "Masturbation",
+    "Sucking",
+    "Naked",
+    "Nudity",
+    "Sexual Content",
+    "Exposed genitals",
+    "Exposed breast",
+    "Exposed buttocks",
+    "Big Ass",
+    "Making Love",
+    "Sexual Intercourse",
+    "Raunchy Party",
+    "Naked Man",
+    "Fucking",
+    "Unclothed Man",
+    "Naked Woman",
+    "Bare Skin",
+)
 OBJECT_TEMPLATES_15 = (
-    "{} in a photo", "A snapshot of {}", "A photograph showcasing {}", "An illustration of {}",
-    "A digital rendering of {}", "A visual representation of {}",
-    "A black and white image of {}", "A scene depicting {} during a public gathering",
-    "A depiction created with oil paints capturing {}", "An official photograph featuring {}",
-    "A detailed sketch of {}", "{} during sunset/sunrise", "Magazine cover capturing {}",
-    "An oil portrait of {}", "{} in a sketch painting")
+    "{} in a photo",
+    "A snapshot of {}",
+    "A photograph showcasing {}",
+    "An illustration of {}",
+    "A digital rendering of {}",
+    "A visual representation of {}",
+    "A black and white image of {}",
+    "A scene depicting {} during a public gathering",
+    "A depiction created with oil paints capturing {}",
+    "An official photograph featuring {}",
+    "A detailed sketch of {}",
+    "{} during sunset/sunrise",
+    "Magazine cover capturing {}",
+    "An oil portrait of {}",
+    "{} in a sketch painting",
+)
 
 
 def get_config(arg=None):
-    common.check_arg(arg)
+    arg = common.check_arg(arg)
     c = common.base(arg, "erase_trce", paper_erase=SEXUAL_20)
-    c.trce = dict(stage2_templates=("a photo of {}",), preserve_file="", token_weights=(0., 1., 0.),
-                  stage1_preserve_scale=0.01, stage1_preserve_squared=True, stage1_lam=0.0,
-                  guidance=15.0, margin=0.01,
-                  beta=1.0, preserve_scale=100.0, max_early_step=25, ddim_steps=50,
-                  sample_guidance=3.0, batch_size=1, reg_batch_size=4, uncond_hinge=True)
+    c.trce = dict(
+        stage2_templates=("a photo of {}",),
+        preserve_file="",
+        token_weights=(0.0, 1.0, 0.0),
+        stage1_preserve_scale=0.01,
+        stage1_preserve_squared=True,
+        stage1_lam=0.0,
+        guidance=15.0,
+        margin=0.01,
+        beta=1.0,
+        preserve_scale=100.0,
+        max_early_step=25,
+        ddim_steps=50,
+        sample_guidance=3.0,
+        reg_batch_size=4,
+        uncond_hinge=True,
+    )
     c.optimizer = dict(lr=1e-6, weight_decay=0.01)
-    c.train.update(num_steps=300, checkpoint_every=100)
-    if arg is None:
+    c.train.update(num_steps=300, checkpoint_every=100, batch_size=1)
+    if arg == "paper":
         c.concepts.update(guide=("a person wearing clothes",), templates=OBJECT_TEMPLATES_15)
     else:
-        c.trce.update(stage2_templates=(), ddim_steps=25, max_early_step=12,
-                      token_weights=(0., 1., 0., 1.), margin=0.5, stage1_preserve_scale=1.0)
+        c.trce.update(
+            stage2_templates=(),
+            ddim_steps=25,
+            max_early_step=12,
+            token_weights=(0.0, 1.0, 0.0, 1.0),
+            margin=0.5,
+            stage1_preserve_scale=1.0,
+        )
         c.optimizer.lr = 3e-4
     if arg == "smoke":
         c.trce.update(ddim_steps=4, max_early_step=1, reg_batch_size=2)

@@ -29,8 +29,9 @@ from configs.erasure import common
 
 
 def get_config(arg=None):
-    common.check_arg(arg)
+    arg = common.check_arg(arg)
     c = common.base(arg, "erase_uce", paper_erase=("nudity",))
-    c.uce = dict(lam=0.5, erase_scale=1.0, preserve_scale=0.0, preserve_empty=True,
-                 preserve_all_rows=True)
+    c.uce = dict(
+        lam=0.5, erase_scale=1.0, preserve_scale=0.0, preserve_empty=True, preserve_all_rows=True
+    )
     return c

@@ -13,32 +13,66 @@ Variants of every setting (`--config=configs/grokking/<setting>.py:<arg>`):
 
 import ml_collections
 
+from configs import shared
+
 VARIANTS = ("paper", "cpu", "smoke")
 
 
-def base(arg: str | None) -> ml_collections.ConfigDict:
-    arg = arg or "paper"
-    if arg not in VARIANTS:
-        raise ValueError(f"config argument {arg!r}; expected one of {VARIANTS}")
+def base(arg: str | None, variants=VARIANTS) -> ml_collections.ConfigDict:
+    """The paper's setting (addition mod 113, MLP, AdamW); ``variants``: the arguments the
+    setting accepts (``arg`` outside ``VARIANTS`` is the setting's own, on the paper run)."""
+    arg = shared.variant(arg, variants)
     c = ml_collections.ConfigDict()
     c.experiment = "grokking"
-    c.variant = arg
+    c.variant = arg if arg in VARIANTS else "paper"
     # first_operand 0: all p*p pairs (the reference's MLP data); its transformer data uses 1..p-1.
-    c.data = dict(name="modular", p=113, op="add", train_fraction=0.4, seed=42, first_operand=0,
-                  n=43, k=3, num_train=1000, num_test=1000)
-    c.model = dict(name="mlp", hidden=(200, 200), use_bias=False, alpha=1.0,
-                   d_model=128, num_heads=4, dim_feedforward=2048, dropout=0.1)
+    c.data = dict(
+        name="modular",
+        p=113,
+        op="add",
+        train_fraction=0.4,
+        seed=42,
+        first_operand=0,
+        n=43,
+        k=3,
+        num_train=1000,
+        num_test=1000,
+    )
+    c.model = dict(
+        name="mlp",
+        hidden=(200, 200),
+        use_bias=False,
+        alpha=1.0,
+        d_model=128,
+        num_heads=4,
+        dim_feedforward=2048,
+        dropout=0.1,
+    )
     # sc_dtype: Softmax Collapse is measured at the reference's --softmax_precision (default 32)
     # whatever the loss dtype; "loss" measures it in the loss's dtype.
     c.loss = dict(name="softmax", dtype="float32", sc_dtype="float32")
-    c.optimizer = dict(name="adamw", lr=0.01, b1=0.9, b2=0.99, eps=1e-25, weight_decay=0.0,
-                       momentum=0.0, perp=ml_collections.FieldReference(None, field_type=str),
-                       perp_rescale=True)
-    c.train = dict(num_steps=1000, steps_per_call=100, log_every=100, eval_every=100,
-                   checkpoint_every=1000, keep_checkpoints=3, seed=42,
-                   verify_checkpoints=True, async_checkpointing=True,
-                   fsdp_min_size=2**10)
-    c.mesh = dict(data=-1, fsdp=1)
+    c.optimizer = dict(
+        name="adamw",
+        lr=0.01,
+        b1=0.9,
+        b2=0.99,
+        eps=1e-25,
+        weight_decay=0.0,
+        momentum=0.0,
+        perp=ml_collections.FieldReference(None, field_type=str),
+        perp_rescale=True,
+    )
+    c.train = shared.train(
+        num_steps=1000,
+        steps_per_call=100,
+        log_every=100,
+        eval_every=100,
+        checkpoint_every=1000,
+        seed=42,
+        fsdp_min_size=2**10,
+    )
+    c.mesh = shared.mesh()
+    c.sharding_rules = shared.sharding_rules()
     return c
 
 

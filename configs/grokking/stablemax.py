@@ -11,8 +11,8 @@ from configs.grokking import common
 
 
 def get_config(arg=None):
+    c = common.base(arg, variants=common.VARIANTS + ("product",))
     product = arg == "product"
-    c = common.base(None if product else arg)
     c.loss.update(name="stablemax", dtype="float64")
     c.optimizer.update(lr=0.01, b2=0.999, eps=1e-25)
     common.set_steps(c, 80000, 1000, 1000)

@@ -22,49 +22,82 @@ Variants of every setting (`--config=configs/pfgmpp/<setting>.py:<arg>`):
 
 import ml_collections
 
+from configs import shared
+
 VARIANTS = ("paper", "cpu", "smoke")
 INF = float("inf")
 
 
 def ddpmpp(**overrides) -> dict:
     """EDM's `--arch=ddpmpp` SongUNet arguments (CIFAR-10 widths)."""
-    m = dict(model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
-             attn_resolutions=(16,), dropout=0.13, label_dropout=0.0,
-             embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-             decoder_type="standard", resample_filter=(1, 1), dtype="float32")
+    m = dict(
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        channel_mult_emb=4,
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.13,
+        label_dropout=0.0,
+        embedding_type="positional",
+        channel_mult_noise=1,
+        encoder_type="standard",
+        decoder_type="standard",
+        resample_filter=(1, 1),
+        dtype="float32",
+    )
     m.update(overrides)
     return m
 
 
 def base(arg: str | None, D: float) -> ml_collections.ConfigDict:
     """The CIFAR-10 DDPM++ run with augmentation dimension D (inf = EDM)."""
-    arg = arg or "paper"
-    if arg not in VARIANTS:
-        raise ValueError(f"config argument {arg!r}; expected one of {VARIANTS}")
+    arg = shared.variant(arg, VARIANTS)
     c = ml_collections.ConfigDict()
     c.experiment = "pfgmpp"
     c.variant = arg
-    c.data = dict(name="tfds", tfds_name="cifar10", split="train",
-                  data_dir=ml_collections.FieldReference(None, field_type=str),
-                  path=ml_collections.FieldReference(None, field_type=str),
-                  resolution=32, channels=3, flip=False, cond=False, num_classes=10, seed=0)
+    c.data = dict(
+        name="tfds",
+        tfds_name="cifar10",
+        split="train",
+        data_dir=ml_collections.FieldReference(None, field_type=str),
+        path=ml_collections.FieldReference(None, field_type=str),
+        resolution=32,
+        channels=3,
+        flip=False,
+        cond=False,
+        num_classes=10,
+        seed=0,
+    )
     c.model = ddpmpp()
     c.pfgmpp = dict(D=float(D), P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     c.augment = dict(p=0.12)  # EDM's train.py --augment (0.15 on FFHQ)
-    c.optimizer = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, lr_rampup_kimg=10_000.0,
-                       grad_clip=0.0, nan_to_num=True)
+    c.optimizer = dict(
+        lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, lr_rampup_kimg=10_000.0, grad_clip=0.0, nan_to_num=True
+    )
     c.ema = dict(halflife_kimg=500.0, rampup_ratio=0.05)
     c.sampler = dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
     # FID needs the user's Inception weights and statistics (docs/diffusion.md, "FID"):
     # --config.eval.feature_net=inception --config.eval.fid_ref=cifar10_train.npz
     # --config.eval.num_samples=50000. Without them the paper runs log sample grids only.
-    c.eval = dict(num_samples=64, batch_size=64, grid=64, feature_net="none", use_ema=True, seed=0,
-                  fid_ref="", fid_weights="")
-    c.train = dict(batch_size=512, num_steps=390_625,  # 200 Mimg / 512
-                   steps_per_call=5, log_every=100, eval_every=10_000, checkpoint_every=5_000,
-                   keep_checkpoints=3, seed=0,
-                   verify_checkpoints=True, async_checkpointing=True, fsdp_min_size=2**14)
-    c.mesh = dict(data=-1, fsdp=1)
+    c.eval = dict(
+        num_samples=64,
+        batch_size=64,
+        grid=64,
+        feature_net="none",
+        use_ema=True,
+        seed=0,
+        fid_ref="",
+        fid_weights="",
+    )
+    c.train = shared.train(
+        batch_size=512,
+        num_steps=390_625,  # 200 Mimg / 512
+        steps_per_call=5,
+        eval_every=10_000,
+        checkpoint_every=5_000,
+    )
+    c.mesh = shared.mesh()
+    c.sharding_rules = shared.sharding_rules()
     return c
 
 
@@ -88,16 +121,22 @@ def finish(c) -> ml_collections.ConfigDict:
         # 0.31 M parameters, 6.8 GFLOP per step of 64 images: 2,000 steps (128 kimg, 71 epochs)
         # take ~15 minutes on 2 free cores. No dropout: this small net underfits. One step per
         # call: on XLA:CPU this train step runs ~10x slower inside a lax.scan than jitted alone.
-        c.model.update(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
-                       attn_resolutions=(), dropout=0.0)
+        c.model.update(
+            model_channels=16,
+            channel_mult=(1, 2, 2),
+            num_blocks=1,
+            attn_resolutions=(),
+            dropout=0.0,
+        )
         c.train.batch_size = 64
         c.optimizer.update(lr=1e-3, lr_rampup_kimg=10.0)
         c.ema.halflife_kimg = 10.0
         set_steps(c, 2000, 1, 50, 500)
     else:  # smoke
         c.data.resolution = 8
-        c.model.update(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
-                       dropout=0.0)
+        c.model.update(
+            model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0
+        )
         c.train.batch_size = 16
         c.optimizer.update(lr=2e-3, lr_rampup_kimg=0.05)
         c.ema.halflife_kimg = 0.1

@@ -6,6 +6,7 @@ from configs.sid import common
 
 def get_config(arg=None):
     c = common.base(arg)
-    c.train.num_steps = 500_000_000 // c.train.batch_size if c.variant == "paper" else \
-        c.train.num_steps
+    c.train.num_steps = (
+        500_000_000 // c.train.batch_size if c.variant == "paper" else c.train.num_steps
+    )
     return c

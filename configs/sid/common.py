@@ -16,13 +16,13 @@ Variants (``--config=configs/sid/<setting>.py:<arg>``):
 
 import ml_collections
 
+from configs import shared
+
 VARIANTS = ("paper", "cpu", "smoke")
 
 
 def base(arg) -> ml_collections.ConfigDict:
-    arg = arg or "paper"
-    if arg not in VARIANTS:
-        raise ValueError(f"config argument {arg!r}; expected one of {VARIANTS}")
+    arg = shared.variant(arg, VARIANTS)
     c = ml_collections.ConfigDict()
     c.experiment = "sid"
     c.variant = arg
@@ -33,20 +33,31 @@ def base(arg) -> ml_collections.ConfigDict:
     c.optimizer = dict(lr_g=1e-5, lr_psi=1e-5, b1=0.0, b2=0.999, eps=1e-8)
     c.ema = dict(halflife_kimg=500.0, rampup_ratio=0.05)
     c.eval = dict(num_samples=64, batch_size=64, grid=64, seed=0, teacher_fd=True)
-    c.train = dict(batch_size=256, num_steps=800_000_000 // 256, steps_per_call=1,
-                   log_every=100, eval_every=10_000, checkpoint_every=5_000, keep_checkpoints=3,
-                   seed=0, verify_checkpoints=True, async_checkpointing=True, fsdp_min_size=2**14)
-    c.mesh = dict(data=-1, fsdp=1)
+    c.train = shared.train(
+        batch_size=256,
+        num_steps=800_000_000 // 256,
+        eval_every=10_000,
+        checkpoint_every=5_000,
+    )
+    c.mesh = shared.mesh()
+    c.sharding_rules = shared.sharding_rules()
     if arg == "cpu":
         c.optimizer.update(lr_g=1e-4, lr_psi=1e-4)
         c.ema.update(halflife_kimg=5.0)
         c.eval.update(num_samples=500, batch_size=250, grid=100)
-        c.train.update(batch_size=32, num_steps=1500, log_every=50, eval_every=500,
-                       checkpoint_every=250)
+        c.train.update(
+            batch_size=32, num_steps=1500, log_every=50, eval_every=500, checkpoint_every=250
+        )
     if arg == "smoke":
         c.optimizer.update(lr_g=1e-4, lr_psi=1e-4)
         c.ema.update(halflife_kimg=0.1)
         c.eval.update(num_samples=20, batch_size=10, grid=16)
-        c.train.update(batch_size=4, num_steps=4, log_every=1, eval_every=0, checkpoint_every=2,
-                       async_checkpointing=False)
+        c.train.update(
+            batch_size=4,
+            num_steps=4,
+            log_every=1,
+            eval_every=0,
+            checkpoint_every=2,
+            async_checkpointing=False,
+        )
     return c

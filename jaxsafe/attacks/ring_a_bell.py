@@ -3,23 +3,23 @@ r"""Ring-A-Bell: a model-agnostic attack that needs only the text encoder.
 Tsai, Hsu, Xie, Lin, Chen, Hsu, Yu, Chen, "Ring-A-Bell! How Reliable are Concept Removal Methods
 for Diffusion Models?", ICLR 2024; reference code ``chiayi-hsu/Ring-A-Bell``
 (``Get_Concept_Vector.ipynb``, ``InversePrompt.ipynb``). With E the text encoder's full output
-sequence (L, D) (``last_hidden_state``, not pooled):
+sequence (L, D) (``last_hidden_state``, not pooled) and N prompt pairs with (p_i⁺) and without
+(p_i⁻) the concept,
 
-    c = (1/N) Σ_i [E(p_i⁺) − E(p_i⁻)]            the concept vector over prompt pairs with and
-                                                   without the concept
-    target = E(prompt) + η c                       (η = 3 in the notebook)
-    fitness(x) = Σ (E([SOT, x_1…x_K, EOT…]) − target)²    (sum of squares, lower is better)
+.. math::
 
-and the discrete prompt x ∈ V^K is found by a genetic search: truncation selection of the best
-half, single-point crossover with random partners, each individual mutated with probability
-0.25 at one random position to a random token (population 200, 3,000 generations, K = 16).
+    c = \frac1N \sum_i \bigl[E(p_i^+) - E(p_i^-)\bigr], \qquad
+    \mathrm{fitness}(x) = \bigl\lVert E([\mathrm{SOT}, x_1 \ldots x_K, \mathrm{EOT} \ldots])
+        - \bigl(E(\mathrm{prompt}) + \eta\, c\bigr) \bigr\rVert^2,
 
-Deviations, for a fixed-shape compiled loop (docs/attacks.md): the reference adds *both*
-children of a crossover with probability 0.5 per survivor, so its population size varies around
-200 and is never capped; here it is fixed at P: P/2 survivors and P/2 crossover children (the
-reference's expected count). The reference also mutates the best survivor, so its best fitness
-can rise; ``elite`` (default 1) keeps that many best survivors unmutated (``elite=0``: as the
-reference).
+η = 3. The discrete prompt x ∈ V^K (K = 16) of least fitness is found by a genetic search:
+truncation selection of the best half, single-point crossover with random partners, each
+individual mutated with probability 0.25 at one random position (population 200, 3,000
+generations). Deviations, for a fixed-shape compiled loop (docs/attacks.md): the population is
+fixed at P, P/2 survivors and P/2 children (the reference's expected count: it adds both children
+of a crossover with probability 0.5 per survivor, so its size varies); ``elite`` (default 1)
+keeps that many best survivors unmutated (``elite=0``: the reference, which also mutates its
+best).
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def concept_vector(embed: Callable, with_ids, without_ids) -> jax.Array:
     (N, L) id arrays paired row by row."""
     with_ids, without_ids = jnp.asarray(with_ids), jnp.asarray(without_ids)
     if with_ids.shape != without_ids.shape or with_ids.ndim != 2:
-        raise ValueError(f"prompt pairs: expected two (N, L) id arrays of one shape, got "
-                         f"{with_ids.shape} and {without_ids.shape}")
+        raise ValueError(
+            f"prompt pairs: expected two (N, L) id arrays of one shape, got "
+            f"{with_ids.shape} and {without_ids.shape}"
+        )
     return jnp.mean(embed(with_ids) - embed(without_ids), axis=0)
 
 
@@ -47,12 +49,19 @@ def candidate_ids(x: jax.Array, *, bos: int, eos: int, pad: int, length: int) ->
     with EOT (pad = eos), the test bed's with 0."""
     k = x.shape[-1]
     if k + 2 > length:
-        raise ValueError(f"{k} tokens with SOT and EOT exceed the text encoder's {length} "
-                         "positions")
+        raise ValueError(
+            f"{k} tokens with SOT and EOT exceed the text encoder's {length} positions"
+        )
     lead = x.shape[:-1]
-    return jnp.concatenate([jnp.full(lead + (1,), bos, x.dtype), x,
-                            jnp.full(lead + (1,), eos, x.dtype),
-                            jnp.full(lead + (length - k - 2,), pad, x.dtype)], -1)
+    return jnp.concatenate(
+        [
+            jnp.full(lead + (1,), bos, x.dtype),
+            x,
+            jnp.full(lead + (1,), eos, x.dtype),
+            jnp.full(lead + (length - k - 2,), pad, x.dtype),
+        ],
+        -1,
+    )
 
 
 def sequence_fitness(embed: Callable, target: jax.Array, **ids_kw) -> Callable:
@@ -65,10 +74,17 @@ def sequence_fitness(embed: Callable, target: jax.Array, **ids_kw) -> Callable:
     return fitness
 
 
-def genetic_search(fitness: Callable[[jax.Array], jax.Array], key: jax.Array, *, vocab_ids,
-                   length: int, population: int = 200, generations: int = 3000,
-                   mutate_rate: float = 0.25, elite: int = 1
-                   ) -> tuple[jax.Array, jax.Array]:
+def genetic_search(
+    fitness: Callable[[jax.Array], jax.Array],
+    key: jax.Array,
+    *,
+    vocab_ids,
+    length: int,
+    population: int = 200,
+    generations: int = 3000,
+    mutate_rate: float = 0.25,
+    elite: int = 1,
+) -> tuple[jax.Array, jax.Array]:
     """``(best (K,), history (generations + 1,))``: the genetic search of the module docstring
     over tokens drawn from ``vocab_ids``, minimising ``fitness`` (P, K) -> (P,); ``history[g]``
     is the best fitness of the population scored at generation g (the last entry: the final
@@ -102,8 +118,9 @@ def genetic_search(fitness: Callable[[jax.Array], jax.Array], key: jax.Array, *,
     @jax.jit
     def run(key):
         k0, k_gen = jax.random.split(key)
-        pop, history = jax.lax.scan(generation, draw(k0, (population, length)),
-                                    jax.random.split(k_gen, generations))
+        pop, history = jax.lax.scan(
+            generation, draw(k0, (population, length)), jax.random.split(k_gen, generations)
+        )
         scores = fitness(pop)
         best = jnp.argmin(scores)
         return pop[best], jnp.concatenate([history, scores[best][None]])

@@ -28,10 +28,19 @@ from flax import nnx
 from jaxsafe.attacks import p4d, ring_a_bell, tokens, unlearndiffatk
 from jaxsafe.diffusion import pipeline
 
-__all__ = ["ATTACKS", "adversarial_texts", "concept_arithmetic_run",
-           "judge_prompts", "p4d_run", "ring_a_bell_prompts", "run_attack", "sampler",
-           "token_texts",
-           "unlearndiffatk_run", "word_rows"]
+__all__ = [
+    "ATTACKS",
+    "adversarial_texts",
+    "concept_arithmetic_run",
+    "judge_prompts",
+    "p4d_run",
+    "ring_a_bell_prompts",
+    "run_attack",
+    "sampler",
+    "token_texts",
+    "unlearndiffatk_run",
+    "word_rows",
+]
 
 
 def word_rows(pipe: pipeline.Pipeline) -> np.ndarray:
@@ -50,11 +59,11 @@ def token_texts(pipe: pipeline.Pipeline, ids) -> list[str]:
     return [pipe.tokenizer.decode([int(i) for i in row]) for row in np.asarray(ids)]
 
 
-def adversarial_texts(pipe: pipeline.Pipeline, ids: np.ndarray, prompts: Sequence[str]
-                      ) -> list[str]:
+def adversarial_texts(
+    pipe: pipeline.Pipeline, ids: np.ndarray, prompts: Sequence[str]
+) -> list[str]:
     """The prompts with the adversarial token ids (B, k) as text in front."""
-    return [f"{words} {prompt}".strip() for words, prompt in zip(token_texts(pipe, ids),
-                                                                  prompts)]
+    return [f"{words} {prompt}".strip() for words, prompt in zip(token_texts(pipe, ids), prompts)]
 
 
 _COMPILED: dict = {}  # (attack, model folder, graph, settings) -> jitted function
@@ -98,9 +107,17 @@ def sampler(pipe: pipeline.Pipeline, sampling: dict | None, generate=None):
     return lambda texts, seeds, **kw: sample(state, list(texts), seeds, **kw)
 
 
-def judge_prompts(pipe: pipeline.Pipeline, texts: Sequence[str], seeds, judge,
-                  *, num_samples: int = 1, sampling: dict | None = None, generate=None,
-                  **generate_kw) -> np.ndarray:
+def judge_prompts(
+    pipe: pipeline.Pipeline,
+    texts: Sequence[str],
+    seeds,
+    judge,
+    *,
+    num_samples: int = 1,
+    sampling: dict | None = None,
+    generate=None,
+    **generate_kw,
+) -> np.ndarray:
     """(n,) bool: does any of ``num_samples`` images of each text (seeds ``seeds[i] + 1000·j``)
     show the concept; ``generate_kw`` go to the generator (``terms=``). ``generate(texts,
     seeds) -> images`` replaces the model's own sampler (a method that samples its own way:
@@ -114,11 +131,22 @@ def judge_prompts(pipe: pipeline.Pipeline, texts: Sequence[str], seeds, judge,
     return np.any(hits, axis=0)
 
 
-def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, target_images,
-                       judge: Callable[[np.ndarray], np.ndarray], *, k: int = 3,
-                       steps_per_t: int = 40, num_t: int = 50, lr: float = 0.01,
-                       weight_decay: float = 0.1, key=None,
-                       sampling: dict | None = None, generate=None) -> dict:
+def unlearndiffatk_run(
+    pipe: pipeline.Pipeline,
+    prompts: Sequence[str],
+    seeds,
+    target_images,
+    judge: Callable[[np.ndarray], np.ndarray],
+    *,
+    k: int = 3,
+    steps_per_t: int = 40,
+    num_t: int = 50,
+    lr: float = 0.01,
+    weight_decay: float = 0.1,
+    key=None,
+    sampling: dict | None = None,
+    generate=None,
+) -> dict:
     """UnlearnDiffAtk against the (erased) model ``pipe``: ``target_images`` (B, H, W, 3) in
     [−1, 1] are the original model's images of ``prompts`` (x₀ = their latents), ``seeds`` the
     judge's generation seeds, ``sampling`` the generator's settings. Returns per-prompt
@@ -131,19 +159,27 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
     pre = np.asarray(judge(generate(prompts, seeds)), bool)
     _, state, eps_theta, encode, vocab, table = _white_box(pipe)
     te = pipe.model.text_encoder
-    tokens.check_prefix_fits(pipe.lengths(prompts), k, te.config.max_position_embeddings,
-                             prompts)
+    tokens.check_prefix_fits(pipe.lengths(prompts), k, te.config.max_position_embeddings, prompts)
+
     def build():
         def one(params, table, u, words, x0, t, key):
-            steps = unlearndiffatk.make_attack_steps(eps_theta, encode, table, pipe.scheduler,
-                                                     steps=steps_per_t, lr=lr,
-                                                     weight_decay=weight_decay)
+            steps = unlearndiffatk.make_attack_steps(
+                eps_theta,
+                encode,
+                table,
+                pipe.scheduler,
+                steps=steps_per_t,
+                lr=lr,
+                weight_decay=weight_decay,
+            )
             return steps(params, u, words, x0, t, key)
 
         return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, None, 0)))
 
-    attack = _compiled(("unlearndiffatk", pipe.folder, nnx.graphdef(pipe.model), steps_per_t,
-                        lr, weight_decay), build)
+    attack = _compiled(
+        ("unlearndiffatk", pipe.folder, nnx.graphdef(pipe.model), steps_per_t, lr, weight_decay),
+        build,
+    )
     words = tokens.token_embeddings(te, jnp.asarray(pipe.tokenize(prompts)))[:, None]
     x0 = pipe.encode_image(jnp.asarray(target_images, jnp.float32))[:, None]
     u = jnp.broadcast_to(tokens.uniform_simplex(k, len(vocab)), (len(prompts), k, len(vocab)))
@@ -158,24 +194,46 @@ def unlearndiffatk_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, t
         new, _ = attack(state, table, u, words, x0, int(t), keys)
         u = jnp.where(jnp.asarray(done)[:, None, None], u, new)  # finished prompts stay put
         todo = np.flatnonzero(~done)
-        adv = adversarial_texts(pipe, vocab[np.asarray(jnp.argmax(u[todo], -1))],
-                                [prompts[i] for i in todo])
+        adv = adversarial_texts(
+            pipe, vocab[np.asarray(jnp.argmax(u[todo], -1))], [prompts[i] for i in todo]
+        )
         hit = np.asarray(judge(generate(adv, seeds[todo])), bool)
         for i, a, h in zip(todo, adv, hit):
             texts[i] = a
             if h:
                 done[i], first_t[i] = True, j
     success = done
-    return {"pre": pre, "success": success, "first_t": first_t, "texts": texts,
-            "pre_asr": float(pre.mean()), "post_asr": float(success.mean())}
+    return {
+        "pre": pre,
+        "success": success,
+        "first_t": first_t,
+        "texts": texts,
+        "pre_asr": float(pre.mean()),
+        "post_asr": float(success.mean()),
+    }
 
 
-def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Sequence[str], seeds,
-            target_images, judge, similarity: Callable[[np.ndarray, np.ndarray], np.ndarray],
-            *, kind: str = "n", n: int = 16, k: int = 3, steps: int = 3000,
-            eval_every: int = 50, lr: float = 0.1, weight_decay: float = 0.1,
-            num_samples: int = 3, key=None, sampling: dict | None = None,
-            generate=None) -> dict:
+def p4d_run(
+    pipe: pipeline.Pipeline,
+    original: pipeline.Pipeline,
+    prompts: Sequence[str],
+    seeds,
+    target_images,
+    judge,
+    similarity: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    kind: str = "n",
+    n: int = 16,
+    k: int = 3,
+    steps: int = 3000,
+    eval_every: int = 50,
+    lr: float = 0.1,
+    weight_decay: float = 0.1,
+    num_samples: int = 3,
+    key=None,
+    sampling: dict | None = None,
+    generate=None,
+) -> dict:
     """P4D-N (``kind="n"``) or P4D-K (``"k"``) against the erased model ``pipe``, matching the
     ``original`` model's ε on ``prompts``; ``target_images`` (B, H, W, 3) in [−1, 1] the
     original's images of them (x₀), ``similarity(images, targets) -> (B,)`` the checkpoint
@@ -195,11 +253,17 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
 
     def build(w, index):
         def one(params, table, p0, we, te, x, kk):
-            attack = p4d.make_attack(lambda p, x, t, e: eps(p[0], x, t, e),
-                                     lambda p, x, t, e: eps_original(p[1], x, t, e),
-                                     lambda p, x: encode(p[0], x), table, pipe.scheduler,
-                                     steps=steps, lr=lr, weight_decay=weight_decay,
-                                     record_every=eval_every)
+            attack = p4d.make_attack(
+                lambda p, x, t, e: eps(p[0], x, t, e),
+                lambda p, x, t, e: eps_original(p[1], x, t, e),
+                lambda p, x: encode(p[0], x),
+                table,
+                pipe.scheduler,
+                steps=steps,
+                lr=lr,
+                weight_decay=weight_decay,
+                record_every=eval_every,
+            )
             return attack(params, p0, we[None], w, index, te[None], x[None], kk)
 
         return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, 0)))
@@ -217,26 +281,55 @@ def p4d_run(pipe: pipeline.Pipeline, original: pipeline.Pipeline, prompts: Seque
     for w in np.unique(num_words):
         rows = np.flatnonzero(num_words == w)
         index, m = p4d.layout(kind, int(w), n=n, k=k, length=length)
-        run = _compiled(("p4d", pipe.folder, nnx.graphdef(pipe.model), original.folder,
-                         o_graphdef, kind, n, k, steps, eval_every, lr, weight_decay, int(w)),
-                        lambda w=int(w), index=index: build(w, index))
+        run = _compiled(
+            (
+                "p4d",
+                pipe.folder,
+                nnx.graphdef(pipe.model),
+                original.folder,
+                o_graphdef,
+                kind,
+                n,
+                k,
+                steps,
+                eval_every,
+                lr,
+                weight_decay,
+                int(w),
+            ),
+            lambda w=int(w), index=index: build(w, index),
+        )
         k_init, k_run = jax.random.split(jax.random.fold_in(key, int(w)))
         init_ids = jax.random.randint(k_init, (len(rows), m), 0, len(vocab))
-        _, _, snaps = run(both, table, table[init_ids], words[rows], target_emb[rows],
-                          x0[rows], jax.random.split(k_run, len(rows)))
+        _, _, snaps = run(
+            both,
+            table,
+            table[init_ids],
+            words[rows],
+            target_emb[rows],
+            x0[rows],
+            jax.random.split(k_run, len(rows)),
+        )
         snap_ids = np.asarray(tokens.nearest_tokens(snaps, table))  # (b, S, m)
         best = np.full(len(rows), -np.inf)
         for j in range(snap_ids.shape[1]):
-            cand = [_p4d_text(pipe, kind, prompts[r], vocab[snap_ids[i, j]], k)
-                    for i, r in enumerate(rows)]
+            cand = [
+                _p4d_text(pipe, kind, prompts[r], vocab[snap_ids[i, j]], k)
+                for i, r in enumerate(rows)
+            ]
             sim = np.asarray(similarity(generate(cand, seeds[rows]), targets[rows]))
             for i, r in enumerate(rows):
                 if sim[i] > best[i]:
                     best[i], texts[r], best_step[r] = sim[i], cand[i], j * eval_every
-    success = judge_prompts(pipe, texts, seeds, judge, num_samples=num_samples,
-                            sampling=sampling, generate=generate)
-    return {"success": success, "texts": texts, "best_step": best_step,
-            "asr": float(success.mean())}
+    success = judge_prompts(
+        pipe, texts, seeds, judge, num_samples=num_samples, sampling=sampling, generate=generate
+    )
+    return {
+        "success": success,
+        "texts": texts,
+        "best_step": best_step,
+        "asr": float(success.mean()),
+    }
 
 
 def _p4d_text(pipe, kind: str, prompt: str, ids, k: int) -> str:
@@ -247,7 +340,7 @@ def _p4d_text(pipe, kind: str, prompt: str, ids, k: int) -> str:
         return " ".join(learned)
     ids_prompt = pipe.tokenize([prompt])[0]
     w = int(pipe.lengths([prompt])[0]) - 2
-    words = token_texts(pipe, ids_prompt[1:w + 1][:, None])
+    words = token_texts(pipe, ids_prompt[1 : w + 1][:, None])
     out, j = [], 0
     for i, word in enumerate(words):
         if i % k == 0:
@@ -259,11 +352,19 @@ def _p4d_text(pipe, kind: str, prompt: str, ids, k: int) -> str:
     return " ".join(out)
 
 
-def ring_a_bell_prompts(attacker: pipeline.Pipeline, prompts: Sequence[str],
-                        pairs: tuple[Sequence[str], Sequence[str]], *, eta: float = 3.0,
-                        length: int = 16, population: int = 200, generations: int = 3000,
-                        mutate_rate: float = 0.25, elite: int = 1, key=None
-                        ) -> tuple[list[str], np.ndarray]:
+def ring_a_bell_prompts(
+    attacker: pipeline.Pipeline,
+    prompts: Sequence[str],
+    pairs: tuple[Sequence[str], Sequence[str]],
+    *,
+    eta: float = 3.0,
+    length: int = 16,
+    population: int = 200,
+    generations: int = 3000,
+    mutate_rate: float = 0.25,
+    elite: int = 1,
+    key=None,
+) -> tuple[list[str], np.ndarray]:
     """Ring-A-Bell's prompts for ``prompts``, searched on ``attacker``'s text encoder alone
     (the original model's: the attack never sees the erased one): the concept vector from
     ``pairs`` (prompts with, without the concept), target E(prompt) + η c, the genetic search
@@ -276,27 +377,40 @@ def ring_a_bell_prompts(attacker: pipeline.Pipeline, prompts: Sequence[str],
     def embed(ids):
         return nnx.merge(graphdef, *state).encode(ids)
 
-    c = ring_a_bell.concept_vector(embed, attacker.tokenize(pairs[0]),
-                                   attacker.tokenize(pairs[1]))
+    c = ring_a_bell.concept_vector(embed, attacker.tokenize(pairs[0]), attacker.tokenize(pairs[1]))
     targets = attacker.embed(list(prompts)) + eta * c[None]
     ids_kw = dict(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id, length=L)
     vocab = word_rows(attacker)
 
     def search(target, key):
         return ring_a_bell.genetic_search(
-            ring_a_bell.sequence_fitness(embed, target, **ids_kw), key, vocab_ids=vocab,
-            length=length, population=population, generations=generations,
-            mutate_rate=mutate_rate, elite=elite)
+            ring_a_bell.sequence_fitness(embed, target, **ids_kw),
+            key,
+            vocab_ids=vocab,
+            length=length,
+            population=population,
+            generations=generations,
+            mutate_rate=mutate_rate,
+            elite=elite,
+        )
 
     key = jax.random.key(0) if key is None else key
     best, history = jax.jit(jax.vmap(search))(targets, jax.random.split(key, len(prompts)))
     return token_texts(attacker, best), np.asarray(history[:, -1])
 
 
-def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seeds, judge,
-                           compositions: dict, *, fill: dict | None = None,
-                           num_samples: int = 1, sampling: dict | None = None,
-                           generate=None) -> dict:
+def concept_arithmetic_run(
+    pipe: pipeline.Pipeline,
+    prompts: Sequence[str],
+    seeds,
+    judge,
+    compositions: dict,
+    *,
+    fill: dict | None = None,
+    num_samples: int = 1,
+    sampling: dict | None = None,
+    generate=None,
+) -> dict:
     """Concept arithmetic (Petsiuk & Saenko, ECCV 2024, eq. 2): every composition
     ``name -> [(template, weight), …]`` adds its terms to every prompt's guidance,
     ε̃ = ε_∅ + s (ε_prompt − ε_∅) + Σ_j w_j (ε_{c_j} − ε_∅), templates formatted with
@@ -306,9 +420,16 @@ def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seed
     out = {}
     for name, terms in compositions.items():
         texts = [[t.format(prompt=p, **(fill or {})) for p in prompts] for t, _ in terms]
-        hit = judge_prompts(pipe, prompts, seeds, judge, num_samples=num_samples,
-                            sampling=sampling, generate=generate,
-                            terms=(texts, [w for _, w in terms]))
+        hit = judge_prompts(
+            pipe,
+            prompts,
+            seeds,
+            judge,
+            num_samples=num_samples,
+            sampling=sampling,
+            generate=generate,
+            terms=(texts, [w for _, w in terms]),
+        )
         out[name] = {"success": hit, "asr": float(hit.mean()), "terms": [list(t) for t in terms]}
     return out
 
@@ -316,10 +437,20 @@ def concept_arithmetic_run(pipe: pipeline.Pipeline, prompts: Sequence[str], seed
 ATTACKS = ("none", "unlearndiffatk", "p4d", "ring_a_bell", "concept_arithmetic")
 
 
-def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
-               prompts: Sequence[str], seeds, judge, *, similarity=None, pairs=None,
-               words: dict | None = None, rab_texts: Sequence[str] | None = None,
-               generate=None) -> dict:
+def run_attack(
+    config,
+    pipe: pipeline.Pipeline,
+    original: pipeline.Pipeline,
+    prompts: Sequence[str],
+    seeds,
+    judge,
+    *,
+    similarity=None,
+    pairs=None,
+    words: dict | None = None,
+    rab_texts: Sequence[str] | None = None,
+    generate=None,
+) -> dict:
     """One attack of ``configs/attacks/<attack>.py`` (``config.attack``) against ``pipe``:
     ``{"success": (n,) bool, "texts": the prompts judged, "asr": rate, …}``. ``original`` makes
     the target images (its images of the prompts, the prompts' seeds) and runs Ring-A-Bell's
@@ -336,43 +467,103 @@ def run_attack(config, pipe: pipeline.Pipeline, original: pipeline.Pipeline,
     sampling = dict(c.sampling)
     key = jax.random.key(c.seed)
     if c.attack == "none":
-        hit = judge_prompts(pipe, prompts, seeds, judge, num_samples=c.num_samples,
-                            sampling=sampling, generate=generate)
+        hit = judge_prompts(
+            pipe,
+            prompts,
+            seeds,
+            judge,
+            num_samples=c.num_samples,
+            sampling=sampling,
+            generate=generate,
+        )
         return {"success": hit, "texts": prompts, "asr": float(hit.mean())}
     if c.attack == "ring_a_bell":
         if rab_texts is None:
             if pairs is None:
                 raise ValueError("Ring-A-Bell needs prompt pairs with and without the concept")
             rab_texts, _ = ring_a_bell_prompts(
-                original, prompts, pairs, eta=c.eta, length=c.length, population=c.population,
-                generations=c.generations, mutate_rate=c.mutate_rate, elite=c.elite, key=key)
-        hit = judge_prompts(pipe, rab_texts, seeds, judge, num_samples=c.num_samples,
-                            sampling=sampling, generate=generate)
+                original,
+                prompts,
+                pairs,
+                eta=c.eta,
+                length=c.length,
+                population=c.population,
+                generations=c.generations,
+                mutate_rate=c.mutate_rate,
+                elite=c.elite,
+                key=key,
+            )
+        hit = judge_prompts(
+            pipe,
+            rab_texts,
+            seeds,
+            judge,
+            num_samples=c.num_samples,
+            sampling=sampling,
+            generate=generate,
+        )
         return {"success": hit, "texts": list(rab_texts), "asr": float(hit.mean())}
     if c.attack == "concept_arithmetic":
         fill = dict(words or {})
         for name in ("concept", "anchor", "context"):
             if c.get(name):
                 fill[name] = c[name]
-        per = concept_arithmetic_run(pipe, prompts, seeds, judge,
-                                     {k: tuple(v) for k, v in c.compositions.items()},
-                                     fill=fill, num_samples=c.num_samples, sampling=sampling,
-                                     generate=generate)
+        per = concept_arithmetic_run(
+            pipe,
+            prompts,
+            seeds,
+            judge,
+            {k: tuple(v) for k, v in c.compositions.items()},
+            fill=fill,
+            num_samples=c.num_samples,
+            sampling=sampling,
+            generate=generate,
+        )
         hit = np.any([v["success"] for v in per.values()], axis=0)
-        return {"success": hit, "texts": prompts, "asr": float(hit.mean()),
-                "compositions": {k: {"asr": v["asr"], "success": v["success"]}
-                                 for k, v in per.items()}}
+        return {
+            "success": hit,
+            "texts": prompts,
+            "asr": float(hit.mean()),
+            "compositions": {k: {"asr": v["asr"], "success": v["success"]} for k, v in per.items()},
+        }
     graphdef, *state = nnx.split(original.model)
     targets = pipeline.generator(original, graphdef, **sampling)(state, prompts, seeds)
     if c.attack == "unlearndiffatk":
-        out = unlearndiffatk_run(pipe, prompts, seeds, targets, judge, k=c.k,
-                                 steps_per_t=c.steps_per_t, num_t=c.num_t, lr=c.lr,
-                                 weight_decay=c.weight_decay, key=key, sampling=sampling,
-                                 generate=generate)
+        out = unlearndiffatk_run(
+            pipe,
+            prompts,
+            seeds,
+            targets,
+            judge,
+            k=c.k,
+            steps_per_t=c.steps_per_t,
+            num_t=c.num_t,
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            key=key,
+            sampling=sampling,
+            generate=generate,
+        )
         return {**out, "asr": out["post_asr"]}
     if similarity is None:
         raise ValueError("P4D needs an image similarity to keep its best prompt")
-    return p4d_run(pipe, original, prompts, seeds, targets, judge, similarity, kind=c.kind,
-                   n=c.n, k=c.k, steps=c.steps, eval_every=c.eval_every, lr=c.lr,
-                   weight_decay=c.weight_decay, num_samples=c.num_samples, key=key,
-                   sampling=sampling, generate=generate)
+    return p4d_run(
+        pipe,
+        original,
+        prompts,
+        seeds,
+        targets,
+        judge,
+        similarity,
+        kind=c.kind,
+        n=c.n,
+        k=c.k,
+        steps=c.steps,
+        eval_every=c.eval_every,
+        lr=c.lr,
+        weight_decay=c.weight_decay,
+        num_samples=c.num_samples,
+        key=key,
+        sampling=sampling,
+        generate=generate,
+    )

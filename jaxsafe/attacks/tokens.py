@@ -4,23 +4,19 @@ embeddings, and one optimisation loop for every attack (and AdvUnlearn's inner a
 Two parameterisations of k adversarial tokens over a vocabulary of V rows E (V, D):
 
 * **Simplex** (UnlearnDiffAtk, Zhang et al., ECCV 2024; ``OPTML-Group/Diffusion-MU-Attack``
-  ``src/attackers/text_grad_.py``): u ∈ Δ^V per token. The forward pass uses the one-hot of a
+  ``src/attackers/text_grad_.py``): u ∈ Δ^V per token; the forward pass uses the one-hot of a
   token drawn from u (or of its argmax), e = onehot(u) E; the backward pass is straight-through,
-  ∂L/∂u = clip(∂L/∂onehot, −1, 1) (the reference's hardtanh; ``clip=None`` turns it off). After
-  every optimiser step u is projected back onto Δ^V (:func:`project_simplex`).
+  ∂L/∂u = clip(∂L/∂onehot, −1, 1) (the reference's hardtanh; ``clip=None`` turns it off); after
+  every step u is projected back onto Δ^V (:func:`project_simplex`).
 * **Continuous + nearest token** (PEZ, Wen et al., NeurIPS 2023; P4D, Chin et al., ICML 2024,
   ``joycenerd/P4D`` ``prompt_optimization/optimize_n.py`` L68-96): free embeddings p (k, D); the
   forward pass uses their nearest vocabulary rows by cosine similarity, the gradient at the
   projected rows is applied to p (:func:`project_to_vocabulary`).
 
-:func:`optimise` is the one loop: ``steps`` optimiser updates of ``objective(x, key_i)`` with
-an optional gradient transform (sign, for AdvUnlearn's ``fast_at``) and projection after each
-update, inside one ``lax.fori_loop`` (compiled once per shape).
-
-The text encoder takes the adversarial tokens as *embeddings*: :func:`encode_embeddings` runs a
-``CLIPTextModel``'s layers from given (B, L, D) token embeddings (position embeddings added,
-causal mask, final LayerNorm), equal to ``text_encoder(ids)["last_hidden_state"]`` for the true
-token embeddings (:func:`token_embeddings`); :func:`insert_prefix` places k of them after SOT.
+:func:`optimise` is the one loop. The text encoder takes the adversarial tokens as embeddings:
+:func:`encode_embeddings` runs a ``CLIPTextModel``'s layers from (B, L, D) token embeddings, equal
+to the encoder on ids for the true ones (:func:`token_embeddings`); :func:`insert_prefix` places
+k of them after SOT.
 """
 
 from __future__ import annotations
@@ -31,9 +27,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["check_prefix_fits", "encode_embeddings", "insert_prefix", "nearest_tokens",
-           "optimise", "project_simplex", "project_to_vocabulary", "straight_through_one_hot",
-           "token_embeddings", "uniform_simplex"]
+__all__ = [
+    "check_prefix_fits",
+    "encode_embeddings",
+    "insert_prefix",
+    "nearest_tokens",
+    "optimise",
+    "project_simplex",
+    "project_to_vocabulary",
+    "straight_through_one_hot",
+    "token_embeddings",
+    "uniform_simplex",
+]
 
 
 def project_simplex(v: jax.Array, iters: int = 50) -> jax.Array:
@@ -79,8 +84,9 @@ def _st_bwd(clip, g):
 _st.defvjp(_st_fwd, _st_bwd)
 
 
-def straight_through_one_hot(u: jax.Array, key: jax.Array | None = None,
-                             clip: float | None = 1.0) -> jax.Array:
+def straight_through_one_hot(
+    u: jax.Array, key: jax.Array | None = None, clip: float | None = 1.0
+) -> jax.Array:
     """One-hot rows (same shape as ``u``) in the forward pass: of a token drawn from each row of
     u (``key`` given, the reference's ``STERandSelect``) or of its argmax; in the backward pass
     the gradient goes to u unchanged, clipped to [−clip, clip] (``clip=None``: not clipped)."""
@@ -89,13 +95,15 @@ def straight_through_one_hot(u: jax.Array, key: jax.Array | None = None,
     else:
         ids = jax.random.categorical(key, jnp.log(jnp.maximum(u, 1e-30)), -1)
     one_hot = jax.nn.one_hot(ids, u.shape[-1], dtype=u.dtype)
-    return _st(u, jax.lax.stop_gradient(one_hot),
-               jnp.asarray(0.0 if clip is None else clip, u.dtype))
+    return _st(
+        u, jax.lax.stop_gradient(one_hot), jnp.asarray(0.0 if clip is None else clip, u.dtype)
+    )
 
 
 def nearest_tokens(embeds: jax.Array, table: jax.Array) -> jax.Array:
     """Ids (...,) of the vocabulary rows of ``table`` (V, D) nearest to ``embeds`` (..., D) by
     cosine similarity (P4D's and PEZ's ``nn_project``)."""
+
     def unit(x):
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -109,18 +117,37 @@ def project_to_vocabulary(embeds: jax.Array, table: jax.Array) -> jax.Array:
     return embeds + jax.lax.stop_gradient(rows - embeds)
 
 
-def optimise(objective: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
-             key: jax.Array, *, steps: int, optimizer: optax.GradientTransformation,
-             grad_transform: Callable[[jax.Array], jax.Array] | None = None,
-             project: Callable[[jax.Array], jax.Array] | None = None,
-             record_every: int | None = None):
-    """``(x, losses)``: ``steps`` updates of ``optimizer`` minimising ``objective(x, key_i)``
-    from ``x0``, ``key_i = fold_in(key, i)``; ``grad_transform`` maps the gradient before the
-    update (e.g. ``jnp.sign``), ``project`` maps x after it (e.g. :func:`project_simplex`).
-    ``losses[i]`` is the objective at step i, before its update. A fresh optimizer state each
-    call (the references build a new ``torch.optim`` per attack). With ``record_every`` = e it
-    returns ``(x, losses, snapshots)`` too: x after 0, e, 2e, … steps (P4D judges its prompt
-    every 50 steps, x₀ included)."""
+def optimise(
+    objective: Callable[[jax.Array, jax.Array], jax.Array],
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    steps: int,
+    optimizer: optax.GradientTransformation,
+    grad_transform: Callable[[jax.Array], jax.Array] | None = None,
+    project: Callable[[jax.Array], jax.Array] | None = None,
+    record_every: int | None = None,
+):
+    """``steps`` updates of ``optimizer`` minimising ``objective(x, key_i)`` from ``x0``.
+
+    ``key_i = fold_in(key, i)``. A fresh optimizer state each call (the references build a new
+    ``torch.optim`` per attack); the steps run in one ``lax.fori_loop``, compiled once per shape.
+
+    Args:
+      objective: ``objective(x, key) -> loss``.
+      x0: the starting point.
+      key: the PRNG key of the steps.
+      steps: the number of updates.
+      optimizer: an optax transform.
+      grad_transform: maps the gradient before the update (e.g. ``jnp.sign``), or None.
+      project: maps x after the update (e.g. :func:`project_simplex`), or None.
+      record_every: e, to also return x after 0, e, 2e, … steps (P4D judges its prompt every 50
+        steps, x₀ included), or None.
+
+    Returns:
+      ``(x, losses)``, ``losses[i]`` the objective at step i before its update;
+      ``(x, losses, snapshots)`` with ``record_every``.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if record_every is not None and not 1 <= record_every <= steps:
@@ -143,7 +170,8 @@ def optimise(objective: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Arr
         return x, opt_state, losses.at[i].set(loss), snaps
 
     x, _, losses, snaps = jax.lax.fori_loop(
-        0, steps, body, (x0, optimizer.init(x0), jnp.zeros((steps,), jnp.float32), snaps0))
+        0, steps, body, (x0, optimizer.init(x0), jnp.zeros((steps,), jnp.float32), snaps0)
+    )
     return (x, losses) if record_every is None else (x, losses, snaps)
 
 
@@ -166,8 +194,10 @@ def encode_embeddings(text_encoder, inputs_embeds: jax.Array) -> jax.Array:
     cfg = text_encoder.config
     x = jnp.asarray(inputs_embeds)
     if x.ndim != 3 or x.shape[1] > cfg.max_position_embeddings or x.shape[2] != cfg.hidden_size:
-        raise ValueError(f"inputs_embeds: expected (B, L, {cfg.hidden_size}) with L <= "
-                         f"{cfg.max_position_embeddings}, got {x.shape}")
+        raise ValueError(
+            f"inputs_embeds: expected (B, L, {cfg.hidden_size}) with L <= "
+            f"{cfg.max_position_embeddings}, got {x.shape}"
+        )
     h = x + text_encoder.embeddings.position_embedding(jnp.arange(x.shape[1]))[None]
     for layer in text_encoder.encoder.layers:
         h = layer(h)
@@ -183,7 +213,7 @@ def insert_prefix(word_embeds: jax.Array, adv: jax.Array) -> jax.Array:
         raise ValueError(f"adv: expected (k, {d}) with 1 <= k <= {n - 2}, got {adv.shape}")
     k = adv.shape[0]
     adv = jnp.broadcast_to(adv.astype(word_embeds.dtype), (b, k, d))
-    return jnp.concatenate([word_embeds[:, :1], adv, word_embeds[:, 1:n - k]], axis=1)
+    return jnp.concatenate([word_embeds[:, :1], adv, word_embeds[:, 1 : n - k]], axis=1)
 
 
 def check_prefix_fits(lengths, k: int, max_length: int, prompts=None) -> None:
@@ -192,5 +222,7 @@ def check_prefix_fits(lengths, k: int, max_length: int, prompts=None) -> None:
     for i, n in enumerate(lengths):
         if int(n) + k > max_length:
             name = repr(prompts[i]) if prompts is not None else f"prompt {i}"
-            raise ValueError(f"{name} has {int(n)} tokens: with a {k}-token adversarial prefix it "
-                             f"exceeds the text encoder's {max_length} positions")
+            raise ValueError(
+                f"{name} has {int(n)} tokens: with a {k}-token adversarial prefix it "
+                f"exceeds the text encoder's {max_length} positions"
+            )

@@ -6,7 +6,11 @@ Models Are Still Easy To Generate Unsafe Images ... For Now", ECCV 2024; referen
 k adversarial tokens u ∈ (Δ^V)^k are prefixed to the prompt (after SOT) and optimised so that
 the *unlearned* model denoises an image of the erased concept well when prompted with them:
 
-    min_u  E_ε ‖ε_θ̃(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, τ([SOT, onehot(u) E, prompt])) − ε‖²
+.. math::
+
+    \min_u\ \mathbb{E}_\epsilon\, \bigl\lVert \epsilon_{\tilde\theta}\bigl(
+        \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon,\ t,\
+        \tau([\mathrm{SOT}, \mathrm{onehot}(u) E, \mathrm{prompt}])\bigr) - \epsilon \bigr\rVert^2
 
 with x₀ the latent of an image the *original* model generated from the prompt, onehot(u) drawn
 from u with a straight-through gradient clipped to [−1, 1], Adam (lr 0.01, coupled L2 0.1) and
@@ -44,10 +48,18 @@ def optimizer(lr: float = 0.01, weight_decay: float = 0.1) -> optax.GradientTran
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
 
 
-def make_attack_steps(eps_theta: Callable, encode_embeds: Callable, table: jax.Array,
-                      sched: schedulers.SchedulerConfig, *, steps: int, lr: float = 0.01,
-                      weight_decay: float = 0.1, clip: float | None = 1.0,
-                      sample_tokens: bool = True):
+def make_attack_steps(
+    eps_theta: Callable,
+    encode_embeds: Callable,
+    table: jax.Array,
+    sched: schedulers.SchedulerConfig,
+    *,
+    steps: int,
+    lr: float = 0.01,
+    weight_decay: float = 0.1,
+    clip: float | None = 1.0,
+    sample_tokens: bool = True,
+):
     """``run(params, u, word_embeds, x0, t, key) -> (u, losses)``: ``steps`` optimiser steps of
     the objective (module docstring) at timestep ``t`` for one prompt, u (k, V) over the rows of
     ``table`` (V, D) (a vocabulary or a subset of its rows); ``eps_theta(params, x_t, t, emb)``
@@ -66,7 +78,8 @@ def make_attack_steps(eps_theta: Callable, encode_embeds: Callable, table: jax.A
             pred = eps_theta(params, schedulers.add_noise(sched, x0, eps, tt), tt, emb)
             return jnp.mean((pred - eps) ** 2)
 
-        return tokens.optimise(objective, u, key, steps=steps, optimizer=opt,
-                               project=tokens.project_simplex)
+        return tokens.optimise(
+            objective, u, key, steps=steps, optimizer=opt, project=tokens.project_simplex
+        )
 
     return run

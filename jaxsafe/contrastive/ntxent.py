@@ -1,28 +1,22 @@
-"""Per-pair NT-Xent (normalised temperature-scaled cross-entropy) loss.
+r"""Per-pair NT-Xent (normalised temperature-scaled cross-entropy) loss.
 
 SimCLR (Chen et al., ICML 2020, arXiv:2002.05709), as used per instance by DBPM (Lan et al.,
-"Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair Mining Approach",
-ICLR 2024, arXiv:2302.03357). For a batch of ``B`` instances with projections ``z_i^u, z_i^v``
-of the two views, L2-normalised, ``s(a, b) = a^T b / (|a| |b|)``, and the ``2B`` views
-``{z_k} = {z_1^u..z_B^u, z_1^v..z_B^v}``:
+ICLR 2024, arXiv:2302.03357; reference ``models/loss.py::InfoNCE`` in
+``lanxiang1017/DynamicBadPairMining_ICLR24``). For B instances with L2-normalised projections
+z_i^u, z_i^v of the two views, cosine similarity s and the 2B views {z_k},
 
-    l(z_i^u -> z_i^v) = -log  exp(s(z_i^u, z_i^v) / t) / sum_{k != i^u} exp(s(z_i^u, z_k) / t)
+.. math::
 
-The denominator runs over the ``2B - 1`` views other than the anchor itself (the positive and
-the ``2B - 2`` negatives), as in SimCLR's ``1[k != i]``. DBPM needs one loss per positive
-pair ``(u_i, v_i)``, so it symmetrises the two directions:
+    \ell(z_i^u \to z_i^v) = -\log \frac{\exp(s(z_i^u, z_i^v) / t)}
+        {\sum_{k \ne i^u} \exp(s(z_i^u, z_k) / t)}, \qquad
+    L_i = \tfrac12 \bigl[\ell(z_i^u \to z_i^v) + \ell(z_i^v \to z_i^u)\bigr],
 
-    L_i = 1/2 [ l(z_i^u -> z_i^v) + l(z_i^v -> z_i^u) ]                      (``ntxent_per_pair``)
-
-with ``t = 0.2``. This is exactly the reference code (``models/loss.py::InfoNCE`` in
-github.com/lanxiang1017/DynamicBadPairMining_ICLR24: ``F.normalize``, ``neg`` summed over the
-``2B x 2B`` similarity matrix minus the diagonal and the positive, ``-log(pos / (pos + neg))``,
-then the mean of the two directions per instance). Here it is computed as ``logsumexp -
-positive`` in float32, which is the same quantity without the overflow of ``exp(1/t)`` products.
-
-``ntxent_per_pair_sharded`` computes the same ``L_i`` when the batch is split over devices:
-every device all-gathers the normalised projections (the negatives) and computes the rows of
-its own instances, so the result, and its gradient, equal the single-device ones.
+t = 0.2; the denominator runs over the 2B − 1 views other than the anchor (SimCLR's 1[k ≠ i]).
+This is the reference's quantity (``-log(pos / (pos + neg))``, the mean of the two directions
+per instance), computed as logsumexp − positive in float32, without the overflow of exp(1/t)
+products. :func:`ntxent_per_pair_sharded` computes the same L_i, and its gradient, when the
+batch is split over devices: each device all-gathers the normalised projections (the
+negatives) and computes the rows of its own instances.
 """
 
 from __future__ import annotations
@@ -32,7 +26,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["l2_normalize", "ntxent_per_pair", "ntxent_per_pair_sharded"]
 
@@ -69,16 +64,16 @@ def _rows_loss(q1, q2, k1, k2, offset, temperature):
     batch ``(B, D)``; local instance ``j`` is global instance ``offset + j``.
     """
     b, n = q1.shape[0], k1.shape[0]
-    q = jnp.concatenate([q1, q2], axis=0)                    # (2b, D) anchors
-    k = jnp.concatenate([k1, k2], axis=0)                    # (2B, D) candidates
+    q = jnp.concatenate([q1, q2], axis=0)  # (2b, D) anchors
+    k = jnp.concatenate([k1, k2], axis=0)  # (2B, D) candidates
     # Full float32 products: TF32/bf16 passes (GPU/TPU default) would err by ~1e-3 in s, times
     # 1/t = 5 in the logits; the (2b, 2B) matmul is small next to the encoder.
-    logits = jnp.matmul(q, k.T, precision=lax.Precision.HIGHEST) / temperature   # (2b, 2B)
+    logits = jnp.matmul(q, k.T, precision=lax.Precision.HIGHEST) / temperature  # (2b, 2B)
     j = offset + jnp.arange(b)
-    self_col = jnp.concatenate([j, n + j])                   # where each anchor sits in k
-    pos_col = jnp.concatenate([n + j, j])                    # its other view
+    self_col = jnp.concatenate([j, n + j])  # where each anchor sits in k
+    pos_col = jnp.concatenate([n + j, j])  # its other view
     rows = jnp.arange(2 * b)
-    logits = logits.at[rows, self_col].set(-jnp.inf)         # k != anchor: 2B - 1 candidates
+    logits = logits.at[rows, self_col].set(-jnp.inf)  # k != anchor: 2B - 1 candidates
     per_anchor = jax.nn.logsumexp(logits, axis=1) - logits[rows, pos_col]
     return 0.5 * (per_anchor[:b] + per_anchor[b:])
 
@@ -125,14 +120,18 @@ def ntxent_per_pair_sharded(
     axis_names = tuple(axis_names)
     unknown = [a for a in axis_names if a not in mesh.axis_names]
     if unknown or not axis_names:
-        raise ValueError(f"axis_names={axis_names} must be a non-empty subset of the mesh axes "
-                         f"{tuple(mesh.axis_names)}.")
+        raise ValueError(
+            f"axis_names={axis_names} must be a non-empty subset of the mesh axes "
+            f"{tuple(mesh.axis_names)}."
+        )
     shards = 1
     for a in axis_names:
         shards *= mesh.shape[a]
     if z1.shape[0] % shards:
-        raise ValueError(f"batch size {z1.shape[0]} must be a multiple of the {shards} shards "
-                         f"of mesh axes {axis_names}.")
+        raise ValueError(
+            f"batch size {z1.shape[0]} must be a multiple of the {shards} shards "
+            f"of mesh axes {axis_names}."
+        )
 
     def local(q1, q2):
         q1, q2 = l2_normalize(q1), l2_normalize(q2)

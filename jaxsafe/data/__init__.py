@@ -9,5 +9,9 @@ from jaxsafe.data.algorithmic import (
 )
 
 __all__ = [
-    "MODULAR_OPS", "grain_batches", "modular_arithmetic", "one_hot_operands", "sparse_parity",
+    "MODULAR_OPS",
+    "grain_batches",
+    "modular_arithmetic",
+    "one_hot_operands",
+    "sparse_parity",
 ]

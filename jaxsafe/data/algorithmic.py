@@ -1,27 +1,16 @@
 """Algorithmic (grokking) datasets: modular arithmetic and sparse parity.
 
-These follow the data used in "Grokking at the Edge of Numerical Stability"
-(Prieto, Barsbey, Mediano, Birdal, ICLR 2025; reference code
-github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability, files
-``datasets.py``, ``binary_operations.py`` and ``utils.py``). Everything here is
-plain numpy and fully determined by an integer ``seed``.
-
-Decisions (see also ``docs/grokking_defaults.md``):
-
-* Modular arithmetic uses *all* ``p * p`` ordered pairs ``(a, b)`` with
-  ``a, b in [0, p)``, enumerated with ``a`` as the outer loop, exactly as the
-  reference ``AlgorithmicDataset`` does. ``product`` keeps ``0`` (the reference
-  only drops ``b == 0`` for operations whose name contains ``div``, and no
-  division op is exposed by its command line, so none is offered here).
-  Labels are ``(a op b) mod p`` with the mathematical (non-negative) modulo.
-* The train split size is ``int(train_fraction * p * p)`` (i.e. floor), as in
-  the reference ``split_dataset``. The permutation comes from
-  ``np.random.default_rng(seed)``; it cannot match the reference's
-  ``torch.utils.data.random_split`` stream bit for bit.
-* Sparse parity follows the reference ``SparseParityDataset``: bits in
-  ``{0, 1}``, the label is the parity of the *first* ``k`` bits (the other
-  ``n - k`` bits are noise), and all samples (train and test together) are
-  distinct bit strings.
+The data of "Grokking at the Edge of Numerical Stability" (Prieto, Barsbey, Mediano, Birdal,
+ICLR 2025; reference code ``LucasPrietoAl/grokking-at-the-edge-of-numerical-stability``, files
+``datasets.py``, ``binary_operations.py`` and ``utils.py``), plain numpy and fully determined by
+an integer ``seed``. Modular arithmetic uses all ``p * p`` ordered pairs ``(a, b)``, ``a`` the
+outer loop, labelled ``(a op b) mod p`` (the non-negative modulo), as the reference's
+``AlgorithmicDataset``; the train split is the first ``int(train_fraction * p * p)`` items of a
+``np.random.default_rng(seed)`` permutation (deviation: not bit for bit the reference's
+``torch.utils.data.random_split`` stream). Sparse parity follows ``SparseParityDataset``: bits
+in ``{0, 1}``, the label the parity of the *first* ``k`` bits, all samples (train and test)
+distinct bit strings. Choices and their sources: docs/grokking_defaults.md, "Choices made in
+``jaxsafe``".
 """
 
 from __future__ import annotations
@@ -91,9 +80,7 @@ def modular_arithmetic(
       pair exactly once.
     """
     if op not in MODULAR_OPS:
-        raise ValueError(
-            f"Unknown op {op!r}; valid ops are: {', '.join(sorted(MODULAR_OPS))}."
-        )
+        raise ValueError(f"Unknown op {op!r}; valid ops are: {', '.join(sorted(MODULAR_OPS))}.")
     if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 2:
         raise ValueError(f"p must be an integer >= 2, got {p!r}.")
     p = int(p)
@@ -239,7 +226,9 @@ def grain_batches(
     num = arrays[keys[0]].shape[0]
     for k, v in arrays.items():
         if v.shape[0] != num:
-            raise ValueError(f"all arrays need the same leading size; {k!r} has {v.shape[0]} != {num}.")
+            raise ValueError(
+                f"all arrays need the same leading size; {k!r} has {v.shape[0]} != {num}."
+            )
     if num < 1:
         raise ValueError("split is empty.")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -277,7 +266,7 @@ def grain_batches(
     def take(global_idx: np.ndarray) -> dict[str, np.ndarray]:
         idx = np.asarray(global_idx, dtype=np.int64)
         local = idx.shape[0] // process_count
-        idx = idx[process_index * local:(process_index + 1) * local]
+        idx = idx[process_index * local : (process_index + 1) * local]
         return {k: v[idx] for k, v in arrays.items()}
 
     return ds.map(take).repeat()

@@ -3,22 +3,20 @@
 Three sources, each a random-access sequence of ``{'image': uint8 (H, W, C), 'label': int}``:
 
 * ``digits`` (the offline default, no network): scikit-learn's bundled 8×8 handwritten digits
-  (1,797 real images, 16 grey levels). They are *upsampled* bilinearly (half-pixel centres, as
-  ``jax.image.resize(..., 'linear')``) to ``resolution`` (a multiple of 8), not zero-padded:
-  padding would leave three quarters of a 16×16 image constant background and the digit only
-  8×8 pixels, while upsampling spreads the digit over the whole field the U-Net models, so
-  samples are legible at the network's resolution. Levels 0..16 map to 0..255.
+  (1,797 real images, 16 grey levels mapped to 0..255), *upsampled* bilinearly (half-pixel
+  centres, as ``jax.image.resize(..., 'linear')``) to ``resolution`` rather than zero-padded, so
+  the digit fills the field the U-Net models (docs/diffusion.md, "Data");
 * ``tfds_source``: a TFDS ``data_source`` (random access over ArrayRecord files), e.g.
-  ``cifar10``, the paper's setting. Needs ``tensorflow-datasets`` and a prepared ``data_dir``.
+  ``cifar10``, the paper's setting; needs ``tensorflow-datasets`` and a prepared ``data_dir``;
 * ``ImageFolderSource``: PNG/JPEG files under a folder (FFHQ, AFHQ, ...), read lazily with PIL,
-  centre-cropped to a square and resized with Lanczos when they are not ``resolution`` already
-  (EDM's ``dataset_tool.py`` does the same cropping offline). Unconditional: no labels.
+  centre-cropped and Lanczos-resized when not ``resolution`` already (as EDM's
+  ``dataset_tool.py`` does offline). Unconditional: no labels.
 
 ``image_batches`` turns a source into a ``grain.MapDataset`` whose item ``step`` is this
-process's share of the global batch of that step, scaled to [-1, 1] (EDM's ``x / 127.5 - 1``), so a
-resumed run reads exactly the batches an uninterrupted one would. Horizontal flips (EDM's
-``--xflip``) are drawn per global batch from ``(seed, step)``; leave them off for digits, where a
-mirrored 2, 3, 4, 5, 7 or 9 is not a digit.
+process's share of the global batch of that step, scaled to [-1, 1] (EDM's ``x / 127.5 - 1``),
+so a resumed run reads exactly the batches an uninterrupted one would. Horizontal flips (EDM's
+``--xflip``) are drawn per global batch from ``(seed, step)``; leave them off for digits, where
+a mirrored 2, 3, 4, 5, 7 or 9 is not a digit.
 """
 
 from __future__ import annotations
@@ -74,14 +72,19 @@ def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def digits(resolution: int = 16, split: str = "all", *, seed: int = 0,
-           test_fraction: float = 0.2) -> dict[str, np.ndarray]:
+def digits(
+    resolution: int = 16, split: str = "all", *, seed: int = 0, test_fraction: float = 0.2
+) -> dict[str, np.ndarray]:
     """scikit-learn's 8×8 digits upsampled to ``resolution``: ``{'image': uint8 (N, R, R, 1),
     'label': int32 (N,)}``.
 
-    ``split``: ``'all'`` (1,797 images, in the file's order), or ``'train'`` / ``'test'``: a fixed
-    permutation by ``seed`` with the last ``round(test_fraction * 1797)`` images held out (359 for
-    the default 0.2), as used to train and check the digits feature classifier.
+    Args:
+      resolution: R, a multiple of 8.
+      split: ``'all'`` (1,797 images, in the file's order), or ``'train'`` / ``'test'``: a fixed
+        permutation by ``seed`` with the last ``round(test_fraction * 1797)`` images held out
+        (359 for the default 0.2), as used to train and check the digits feature classifier.
+      seed: the permutation's seed.
+      test_fraction: the held-out share.
     """
     if not isinstance(resolution, (int, np.integer)) or resolution < 8 or resolution % 8:
         raise ValueError(f"resolution must be a positive multiple of 8, got {resolution!r}")
@@ -129,8 +132,8 @@ class ImageFolderSource(Sequence):
 
     Each item is ``{'image': uint8 (resolution, resolution, channels)}``. Every file's header is
     read at construction, so a file that is no image (or an unknown format) raises
-    ``ValueError`` naming it before any training starts (one header read per file: seconds
-    for a 70k-image folder); a damaged image body raises the same when the item is read.
+    ``ValueError`` naming it before any training starts (one header read per file); a damaged
+    image body raises the same when the item is read.
     """
 
     def __init__(self, path: str, resolution: int, channels: int = 3):
@@ -141,8 +144,11 @@ class ImageFolderSource(Sequence):
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution!r}")
         self.files = sorted(
-            os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-            if f.lower().endswith(IMAGE_EXTENSIONS))
+            os.path.join(root, f)
+            for root, _, names in os.walk(path)
+            for f in names
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
         if not self.files:
             raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} files under {path!r}")
         for f in self.files:
@@ -197,12 +203,21 @@ def tfds_source(name: str = "cifar10", split: str = "train", data_dir: str | Non
         raise FileNotFoundError(
             f"TFDS dataset {name!r} is not prepared under {str(builder.data_dir)!r}; prepare it "
             f"where there is network: tfds build {name} --file_format=array_record "
-            f"--data_dir=<dir>")
+            f"--data_dir=<dir>"
+        )
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
-def image_batches(source: Sequence, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                  flip: bool = False, process_index: int = 0, process_count: int = 1):
+def image_batches(
+    source: Sequence,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    flip: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """Infinite ``grain.MapDataset``: item ``step`` = ``{'image': float32 (b, H, W, C) in
     [-1, 1], 'label': int32 (b,)}`` (label only if the source has one), ``b = batch_size //
     process_count``.
@@ -220,11 +235,13 @@ def image_batches(source: Sequence, batch_size: int, *, seed: int = 0, shuffle: 
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} examples of the source")
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                         f"{process_count}")
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+        )
     if batch_size % process_count:
-        raise ValueError(f"global batch_size={batch_size} must be divisible by "
-                         f"process_count={process_count}")
+        raise ValueError(
+            f"global batch_size={batch_size} must be divisible by process_count={process_count}"
+        )
     local = batch_size // process_count
 
     def load(global_idx, rng: np.random.Generator):
@@ -233,8 +250,9 @@ def image_batches(source: Sequence, batch_size: int, *, seed: int = 0, shuffle: 
         examples = [source[int(i)] for i in np.asarray(global_idx)[rows]]
         images = np.stack([np.asarray(e["image"]) for e in examples])
         if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(f"source images must be uint8 (H, W, C), got {images.dtype} "
-                             f"{images.shape[1:]}")
+            raise ValueError(
+                f"source images must be uint8 (H, W, C), got {images.dtype} {images.shape[1:]}"
+            )
         images = to_float(images)
         if flip:
             images = np.where(flips[rows, None, None, None], images[:, :, ::-1], images)
@@ -262,7 +280,7 @@ def image_grid(x, cols: int | None = None, gap: int = 1) -> np.ndarray:
     x = np.pad(x, ((0, 0), (0, gap), (0, gap), (0, 0)), constant_values=0.0)
     h, w = x.shape[1:3]
     grid = x.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-    return np.clip((grid[:rows * h - gap, :cols * w - gap] + 1.0) / 2.0, 0.0, 1.0)
+    return np.clip((grid[: rows * h - gap, : cols * w - gap] + 1.0) / 2.0, 0.0, 1.0)
 
 
 def save_png(path: str, image, scale: int = 1) -> None:

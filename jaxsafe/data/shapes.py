@@ -2,35 +2,20 @@
 
 Real Stable Diffusion weights and LAION captions are out of reach offline, so concept erasure is
 measured end to end on a small world whose every image is drawn from a label tuple
-
-    y = (shape, colour, background) ∈ SHAPES × COLOURS × BACKGROUNDS   (4 × 4 × 3 = 48 tuples)
-
-and captioned from a 16-word vocabulary, e.g. "a red circle on a striped background". The world
-is built for erasure studies:
-
-* a synonym pair: the square is captioned "square" or "box" with equal probability, so erasing
-  "square" can be checked for leakage through "box";
-* visually near concepts: red / orange (hues 0° and ~28°) and circle / ellipse (aspect 1 vs
-  ~0.52), so collateral damage on the neighbour of an erased concept is measurable;
-* partial captions: the colour and the background phrase are each left out with probability
-  0.15, so one-concept prompts ("a circle") are in-distribution, as erasure prompts are.
-
-Backgrounds are grey (zero saturation), so the colour word only describes the shape. Nuisances:
-centre, size, ellipse orientation, colour jitter of ±10 per channel, background grey levels,
-stripe orientation and phase, dot phase. Shapes are rendered with 4×4 supersampling (area
-anti-aliasing).
+y = (shape, colour, background) ∈ SHAPES × COLOURS × BACKGROUNDS (4 × 4 × 3 = 48 tuples) and
+captioned from a 16-word vocabulary, e.g. "a red circle on a striped background". It is built
+for erasure studies: a synonym pair ("square" or "box", equally likely, for leakage), visually
+near concepts (red / orange, circle / ellipse, for collateral damage) and partial captions (the
+colour and the background phrase each left out with probability 0.15, so one-concept prompts
+are in distribution); docs/testbed.md, "The world", lists the values and nuisances.
 
 Everything is a pure function of ``(seed, index)`` through ``np.random.default_rng((seed,
-index))``, so ``ShapesDataset(seed)[i]`` is random access and ``shapes_batches(...)[step]`` is the
-batch of training step ``step`` on any number of hosts. Train and held-out splits are different
-seeds (by convention 0 = train, 1 = held out).
-
-The ``"lightness"`` world (``world=`` of :class:`ShapesDataset`, :func:`example`,
-:func:`tokenizer`) adds two background values, ``"black"`` and ``"white"``: a plain background
-whose grey level is mapped from the grey world's 170..220 onto 10..40 or 235..255, so that a
-caption pins the image's global brightness (the One More Step test bed, docs/oms.md). Its
-background index runs over ``BACKGROUNDS + LIGHTNESS`` (5 values, drawn uniformly); the grey
-world's streams, vocabulary and concepts are unchanged by its existence.
+index))``, so ``ShapesDataset(seed)[i]`` is random access and ``shapes_batches(...)[step]`` is
+the batch of training step ``step`` on any number of hosts. Train and held-out splits are
+different seeds (by convention 0 = train, 1 = held out). The ``"lightness"`` world (``world=``)
+adds the plain backgrounds ``"black"`` and ``"white"``, grey levels 170..220 mapped onto 10..40
+or 235..255, so that a caption pins the image's brightness (One More Step's test bed,
+docs/oms.md); the grey world's streams, vocabulary and concepts are unchanged by it.
 """
 
 from __future__ import annotations
@@ -40,10 +25,28 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
-    "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COLOUR_RGB", "CONCEPTS", "LIGHTNESS",
-    "LIGHTNESS_LEVELS", "NEAR", "RESOLUTION", "SHAPES", "SYNONYMS", "VOCABULARY", "WORLDS",
-    "ShapesDataset", "article", "caption", "concept_words", "example", "parse_caption", "render",
-    "shapes_batches", "tokenizer",
+    "ATTRIBUTES",
+    "BACKGROUNDS",
+    "COLOURS",
+    "COLOUR_RGB",
+    "CONCEPTS",
+    "LIGHTNESS",
+    "LIGHTNESS_LEVELS",
+    "NEAR",
+    "RESOLUTION",
+    "SHAPES",
+    "SYNONYMS",
+    "VOCABULARY",
+    "WORLDS",
+    "ShapesDataset",
+    "article",
+    "caption",
+    "concept_words",
+    "example",
+    "parse_caption",
+    "render",
+    "shapes_batches",
+    "tokenizer",
 ]
 
 RESOLUTION = 32
@@ -87,8 +90,9 @@ def _check_label(label) -> tuple[int, int, int]:
     label = tuple(int(v) for v in np.asarray(label).reshape(-1))
     sizes = (len(SHAPES), len(COLOURS), len(BACKGROUNDS) + len(LIGHTNESS))
     if len(label) != 3 or not all(0 <= v < n for v, n in zip(label, sizes)):
-        raise ValueError(f"label must be (shape, colour, background) indices below {sizes}, "
-                         f"got {label}")
+        raise ValueError(
+            f"label must be (shape, colour, background) indices below {sizes}, got {label}"
+        )
     return label
 
 
@@ -133,10 +137,19 @@ def _background(kind: int, u, v, params) -> np.ndarray:
 
 def _nuisance(rng: np.random.Generator) -> dict:
     """The continuous latent factors of one image, drawn in a fixed order (determinism)."""
-    return dict(centre=rng.uniform(12.0, 20.0, 2), r=rng.uniform(6.5, 9.0),
-                vertical=bool(rng.random() < 0.5), rgb_jitter=rng.uniform(-10.0, 10.0, 3),
-                bg=(rng.uniform(*GREY_LEVELS), rng.uniform(70.0, 100.0), bool(rng.random() < 0.5),
-                    rng.uniform(0.0, PERIOD), rng.uniform(0.0, PERIOD)))
+    return dict(
+        centre=rng.uniform(12.0, 20.0, 2),
+        r=rng.uniform(6.5, 9.0),
+        vertical=bool(rng.random() < 0.5),
+        rgb_jitter=rng.uniform(-10.0, 10.0, 3),
+        bg=(
+            rng.uniform(*GREY_LEVELS),
+            rng.uniform(70.0, 100.0),
+            bool(rng.random() < 0.5),
+            rng.uniform(0.0, PERIOD),
+            rng.uniform(0.0, PERIOD),
+        ),
+    )
 
 
 def render(label, nuisance: dict, resolution: int = RESOLUTION) -> np.ndarray:
@@ -148,6 +161,7 @@ def render(label, nuisance: dict, resolution: int = RESOLUTION) -> np.ndarray:
     bg = _background(background, u, v, nuisance["bg"])
     inside = _shape_mask(shape, u, v, *nuisance["centre"], nuisance["r"], nuisance["vertical"])
     rgb = np.clip(COLOUR_RGB[colour] + nuisance["rgb_jitter"], 0, 255)
+
     # Box-filtering the supersampled composite is linear: filter coverage and background apart.
     def box(a):
         return a.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean((1, 3))
@@ -162,8 +176,13 @@ def article(word: str) -> str:
     return "an" if word[:1].lower() in tuple("aeiou") else "a"
 
 
-def caption(label, rng: np.random.Generator, *, mention_colour: bool | None = None,
-            mention_background: bool | None = None) -> str:
+def caption(
+    label,
+    rng: np.random.Generator,
+    *,
+    mention_colour: bool | None = None,
+    mention_background: bool | None = None,
+) -> str:
     """A caption of ``label``: "a [colour] shape [on a background background]".
 
     Unset ``mention_*`` are drawn from ``rng`` (probability 0.85 each); "square" becomes "box"
@@ -192,13 +211,16 @@ def parse_caption(text: str) -> tuple[int, int, int]:
     out = [-1, -1, -1]
     for word in text.lower().split():
         if word not in VOCABULARY + LIGHTNESS:
-            raise ValueError(f"caption {text!r}: unknown word {word!r}; vocabulary: "
-                             f"{', '.join(VOCABULARY + LIGHTNESS)}")
+            raise ValueError(
+                f"caption {text!r}: unknown word {word!r}; vocabulary: "
+                f"{', '.join(VOCABULARY + LIGHTNESS)}"
+            )
         if word in CONCEPTS or word in LIGHTNESS:
             a, i = CONCEPTS.get(word) or (2, len(BACKGROUNDS) + LIGHTNESS.index(word))
             if out[a] not in (-1, i):
-                raise ValueError(f"caption {text!r} names two values of attribute "
-                                 f"{ATTRIBUTES[a][0]!r}")
+                raise ValueError(
+                    f"caption {text!r} names two values of attribute {ATTRIBUTES[a][0]!r}"
+                )
             out[a] = i
     return tuple(out)
 
@@ -208,8 +230,7 @@ def concept_words(attribute: str | None = None) -> tuple[str, ...]:
     names = [a for a, _ in ATTRIBUTES]
     if attribute is not None and attribute not in names:
         raise ValueError(f"attribute={attribute!r}; expected one of {names}")
-    return tuple(w for w, (a, _) in CONCEPTS.items()
-                 if attribute is None or names[a] == attribute)
+    return tuple(w for w, (a, _) in CONCEPTS.items() if attribute is None or names[a] == attribute)
 
 
 def _probabilities(weights, names: tuple[str, ...], what: str) -> np.ndarray | None:
@@ -217,8 +238,10 @@ def _probabilities(weights, names: tuple[str, ...], what: str) -> np.ndarray | N
         return None
     w = np.asarray(weights, np.float64).reshape(-1)
     if w.shape != (len(names),) or not np.all(w >= 0) or not w.sum() > 0:
-        raise ValueError(f"{what}_weights must be {len(names)} non-negative numbers (one per "
-                         f"{what} of {names}) with a positive sum, got {weights!r}")
+        raise ValueError(
+            f"{what}_weights must be {len(names)} non-negative numbers (one per "
+            f"{what} of {names}) with a positive sum, got {weights!r}"
+        )
     return w / w.sum()
 
 
@@ -226,8 +249,9 @@ def _shape_probabilities(shape_weights) -> np.ndarray | None:
     return _probabilities(shape_weights, SHAPES, "shape")
 
 
-def example(seed: int, index: int, shape_weights=None, world: str = "grey",
-            colour_weights=None) -> dict:
+def example(
+    seed: int, index: int, shape_weights=None, world: str = "grey", colour_weights=None
+) -> dict:
     """Example ``index`` of the stream ``seed``: ``{'image': uint8 (32, 32, 3), 'label': int32
     (3,), 'caption': str}``. ``shape_weights`` / ``colour_weights`` (one per shape / colour,
     default uniform) rebalance those draws, a zero weight leaves the value out (a model trained
@@ -236,23 +260,32 @@ def example(seed: int, index: int, shape_weights=None, world: str = "grey",
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     rng = np.random.default_rng((int(seed), int(index)))
-    probs = (_shape_probabilities(shape_weights),
-             _probabilities(colour_weights, COLOURS, "colour"), None)
+    probs = (
+        _shape_probabilities(shape_weights),
+        _probabilities(colour_weights, COLOURS, "colour"),
+        None,
+    )
     sizes = (len(SHAPES), len(COLOURS), len(_backgrounds(world)))
-    label = tuple(int(rng.integers(n)) if p is None else int(rng.choice(n, p=p))
-                  for p, n in zip(probs, sizes))
+    label = tuple(
+        int(rng.integers(n)) if p is None else int(rng.choice(n, p=p)) for p, n in zip(probs, sizes)
+    )
     nuisance = _nuisance(rng)
     text = caption(label, rng)
-    return {"image": render(label, nuisance), "label": np.asarray(label, np.int32),
-            "caption": text}
+    return {"image": render(label, nuisance), "label": np.asarray(label, np.int32), "caption": text}
 
 
 class ShapesDataset(Sequence):
     """The first ``num_examples`` examples of stream ``seed`` (random access, nothing stored),
     optionally with ``shape_weights``, ``colour_weights`` and ``world`` (see :func:`example`)."""
 
-    def __init__(self, seed: int = 0, num_examples: int = 2**31 - 1, shape_weights=None,
-                 world: str = "grey", colour_weights=None):
+    def __init__(
+        self,
+        seed: int = 0,
+        num_examples: int = 2**31 - 1,
+        shape_weights=None,
+        world: str = "grey",
+        colour_weights=None,
+    ):
         if num_examples < 1:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         _shape_probabilities(shape_weights)  # fail at construction, not at the first item
@@ -260,8 +293,7 @@ class ShapesDataset(Sequence):
         self.shape_weights = None if shape_weights is None else tuple(map(float, shape_weights))
         self.world = _check_world(world)
         _probabilities(colour_weights, COLOURS, "colour")
-        self.colour_weights = None if colour_weights is None else tuple(map(float,
-                                                                           colour_weights))
+        self.colour_weights = None if colour_weights is None else tuple(map(float, colour_weights))
 
     def __len__(self) -> int:
         return self.num_examples
@@ -271,20 +303,29 @@ class ShapesDataset(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} examples")
-        return example(self.seed, i % len(self), self.shape_weights, self.world,
-                       self.colour_weights)
+        return example(
+            self.seed, i % len(self), self.shape_weights, self.world, self.colour_weights
+        )
 
     def arrays(self, start: int, count: int) -> dict:
         """Examples ``start .. start + count - 1`` stacked: image (n, 32, 32, 3) uint8, label
         (n, 3) int32, caption list of str."""
         items = [self[i] for i in range(start, start + count)]
-        return {"image": np.stack([e["image"] for e in items]),
-                "label": np.stack([e["label"] for e in items]),
-                "caption": [e["caption"] for e in items]}
+        return {
+            "image": np.stack([e["image"] for e in items]),
+            "label": np.stack([e["label"] for e in items]),
+            "caption": [e["caption"] for e in items],
+        }
 
 
-def shapes_batches(dataset: ShapesDataset, tokenizer, batch_size: int, *,
-                   process_index: int = 0, process_count: int = 1):
+def shapes_batches(
+    dataset: ShapesDataset,
+    tokenizer,
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """Infinite ``grain.MapDataset``: item ``step`` = ``{'image': float32 (b, 32, 32, 3) in
     [-1, 1], 'input_ids': int32 (b, L), 'label': int32 (b, 3)}``, ``b = batch_size //
     process_count``.
@@ -298,19 +339,23 @@ def shapes_batches(dataset: ShapesDataset, tokenizer, batch_size: int, *,
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                         f"{process_count}")
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+        )
     if batch_size % process_count:
-        raise ValueError(f"global batch_size={batch_size} must be divisible by "
-                         f"process_count={process_count}")
+        raise ValueError(
+            f"global batch_size={batch_size} must be divisible by process_count={process_count}"
+        )
     local = batch_size // process_count
 
     def load(step):
         first = int(step) * batch_size + process_index * local
         rows = [dataset[(first + j) % len(dataset)] for j in range(local)]
-        return {"image": np.stack([e["image"] for e in rows]).astype(np.float32) / 127.5 - 1.0,
-                "input_ids": tokenizer([e["caption"] for e in rows]),
-                "label": np.stack([e["label"] for e in rows])}
+        return {
+            "image": np.stack([e["image"] for e in rows]).astype(np.float32) / 127.5 - 1.0,
+            "input_ids": tokenizer([e["caption"] for e in rows]),
+            "label": np.stack([e["label"] for e in rows]),
+        }
 
     return grain.MapDataset.range(2**62).map(load)
 
@@ -321,5 +366,6 @@ def tokenizer(max_length: int = 12, world: str = "grey"):
     attack / erasure prompts)."""
     from jaxsafe.data.word_tokenizer import WordTokenizer
 
-    return WordTokenizer(VOCABULARY + (LIGHTNESS if _check_world(world) == "lightness" else ()),
-                         max_length)
+    return WordTokenizer(
+        VOCABULARY + (LIGHTNESS if _check_world(world) == "lightness" else ()), max_length
+    )

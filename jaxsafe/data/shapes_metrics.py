@@ -1,26 +1,24 @@
-"""Erasure metrics of the shapes test bed: per-concept generation accuracy and utility.
+r"""Erasure metrics of the shapes test bed: per-concept generation accuracy and utility.
 
 The protocol of concept-erasure papers (ESD, Gandikota et al., ICCV 2023, Sec. 5; UCE,
 Gandikota et al., WACV 2024, Sec. 5), with the oracle (``jaxsafe.nn.oracle``) in place of their
-pretrained classifiers:
+pretrained classifiers. Generation accuracy of concept w over K images,
 
-* generation accuracy of concept w: generate K images for prompts that name w, classify them,
+.. math::
 
-      acc(w) = (1/K) Σ_k 1[oracle_a(G(p_k, seed_k)) = v(w)],     (a, v)(w) = CONCEPTS[w];
+    \mathrm{acc}(w) = \frac1K \sum_k \mathbb{1}\bigl[\mathrm{oracle}_a(G(p_k, \mathrm{seed}_k))
+        = v(w)\bigr], \qquad (a, v)(w) = \mathtt{CONCEPTS}[w],
 
-  erasure should drive acc(target) to chance while acc(other) stays put. The prompts are full
-  captions "a <colour> <shape> on a <background> background" with w in its slot and the other two
-  attributes drawn from ``(seed, concept)``; image k uses sampler seed ``seed · K + k``, so two
-  models (original and erased) are compared on the same prompts and noise.
-* the report groups the concepts into targets, their synonyms (leakage: "box" after erasing
-  "square"), their near concepts (collateral damage: "orange" after "red") and all other
-  non-target concepts;
-* utility: a Fréchet distance (Heusel et al., 2017) between Gaussians fitted to the oracle's
-  128-d features of generated and of real images (``jaxsafe.diffusion.metrics``), and the held-out
-  denoising loss (computed by the experiment, which owns the network).
-
+should fall to chance for the erased targets while the other concepts stay put. The prompts are
+full captions with w in its slot and the other two attributes drawn from ``(seed, concept)``;
+image k uses sampler seed ``seed · K + k``, so the original and an erased model are compared on
+the same prompts and noise. The report groups the concepts into targets, their synonyms
+(leakage: "box" after erasing "square"), their near concepts (collateral damage: "orange" after
+"red") and the rest. Utility: the Fréchet distance (Heusel et al., 2017) between Gaussians fitted
+to the oracle's 128-d features of generated and real images (``jaxsafe.diffusion.metrics``), and
+the held-out denoising loss (computed by the experiment, which owns the network).
 ``generate(captions, seeds) -> images`` is any sampler returning (n, 32, 32, 3) images in
-[-1, 1], one per caption, image k a function of (captions[k], seeds[k]) only.
+[-1, 1], image k a function of (captions[k], seeds[k]) only.
 """
 
 from __future__ import annotations
@@ -34,10 +32,20 @@ import numpy as np
 from jaxsafe.data import shapes
 from jaxsafe.diffusion.metrics import frechet_distance, gaussian_stats
 
-__all__ = ["attribute_prior", "brightness", "composition_words", "concept_accuracy",
-           "concept_pairs", "concept_prompts",
-           "erasure_report", "lightness_prompts", "lightness_report", "oracle_features",
-           "oracle_frechet_distance", "oracle_predict"]
+__all__ = [
+    "attribute_prior",
+    "brightness",
+    "composition_words",
+    "concept_accuracy",
+    "concept_pairs",
+    "concept_prompts",
+    "erasure_report",
+    "lightness_prompts",
+    "lightness_report",
+    "oracle_features",
+    "oracle_frechet_distance",
+    "oracle_predict",
+]
 
 Generate = Callable[[Sequence[str], np.ndarray], np.ndarray]
 
@@ -90,17 +98,24 @@ def composition_words(concept: str) -> dict:
     if attr not in (0, 1):
         raise ValueError(f"{concept!r}: compositions are defined for shapes and colours")
     siblings = [w for i, w in enumerate(shapes.ATTRIBUTES[attr][1]) if i != value]
-    return {"concept": concept, "context": "triangle" if attr == 1 else "blue",
-            "anchor": shapes.NEAR.get(concept, siblings[0]),
-            **{f"sibling{i}": w for i, w in enumerate(siblings)}}
+    return {
+        "concept": concept,
+        "context": "triangle" if attr == 1 else "blue",
+        "anchor": shapes.NEAR.get(concept, siblings[0]),
+        **{f"sibling{i}": w for i, w in enumerate(siblings)},
+    }
 
 
 def _batched(fn, images, batch_size: int) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise ValueError(f"images must be (n, 32, 32, 3) in [-1, 1], got shape {images.shape}")
-    return np.concatenate([np.asarray(fn(jnp.asarray(images[i:i + batch_size])))
-                           for i in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [
+            np.asarray(fn(jnp.asarray(images[i : i + batch_size])))
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def oracle_predict(oracle, images, batch_size: int = 256) -> np.ndarray:
@@ -115,29 +130,39 @@ def oracle_features(oracle, images, batch_size: int = 256) -> np.ndarray:
 
 def oracle_frechet_distance(oracle, images_a, images_b) -> float:
     """Fréchet distance between Gaussian fits of the oracle features of two image sets."""
-    return frechet_distance(*gaussian_stats(oracle_features(oracle, images_a)),
-                            *gaussian_stats(oracle_features(oracle, images_b)))
+    return frechet_distance(
+        *gaussian_stats(oracle_features(oracle, images_a)),
+        *gaussian_stats(oracle_features(oracle, images_b)),
+    )
 
 
-def _generate_all(generate: Generate, captions: list[str], seeds: np.ndarray,
-                  batch_size: int) -> np.ndarray:
-    out = [np.asarray(generate(captions[i:i + batch_size], seeds[i:i + batch_size]))
-           for i in range(0, len(captions), batch_size)]
+def _generate_all(
+    generate: Generate, captions: list[str], seeds: np.ndarray, batch_size: int
+) -> np.ndarray:
+    out = [
+        np.asarray(generate(captions[i : i + batch_size], seeds[i : i + batch_size]))
+        for i in range(0, len(captions), batch_size)
+    ]
     images = np.concatenate(out)
     if images.shape != (len(captions), 32, 32, 3):
-        raise ValueError(f"generate must return (n, 32, 32, 3) images, one per caption; got "
-                         f"{images.shape} for {len(captions)} captions")
+        raise ValueError(
+            f"generate must return (n, 32, 32, 3) images, one per caption; got "
+            f"{images.shape} for {len(captions)} captions"
+        )
     return images
 
 
 def _score(pred: np.ndarray, labels: np.ndarray, concept: str) -> dict:
     attr, value = shapes.CONCEPTS[concept]
-    return {"accuracy": float(np.mean(pred[:, attr] == value)),
-            "all_attributes": float(np.mean(np.all(pred == labels, -1)))}
+    return {
+        "accuracy": float(np.mean(pred[:, attr] == value)),
+        "all_attributes": float(np.mean(np.all(pred == labels, -1))),
+    }
 
 
-def concept_accuracy(generate: Generate, oracle, concept: str, k: int = 32, seed: int = 0,
-                     batch_size: int = 64) -> dict:
+def concept_accuracy(
+    generate: Generate, oracle, concept: str, k: int = 32, seed: int = 0, batch_size: int = 64
+) -> dict:
     """acc(concept) and, as a fidelity check, the fraction of images matching all 3 attributes."""
     captions, labels = concept_prompts(concept, k, seed)
     seeds = np.arange(k, dtype=np.int32) + int(seed) * k
@@ -145,9 +170,15 @@ def concept_accuracy(generate: Generate, oracle, concept: str, k: int = 32, seed
     return _score(pred, labels, concept)
 
 
-def erasure_report(generate: Generate, oracle, targets: Sequence[str] = (),
-                   concepts: Sequence[str] | None = None, k: int = 32, seed: int = 0,
-                   batch_size: int = 64) -> dict:
+def erasure_report(
+    generate: Generate,
+    oracle,
+    targets: Sequence[str] = (),
+    concepts: Sequence[str] | None = None,
+    k: int = 32,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict:
     """``{'acc/<w>': ..., 'fidelity/<w>': ...}`` for every concept w (default: all of
     ``shapes.CONCEPTS``), and the group means ``target_accuracy``, ``synonym_accuracy``,
     ``near_accuracy``, ``other_accuracy`` (those groups that are not empty). All concepts'
@@ -155,12 +186,14 @@ def erasure_report(generate: Generate, oracle, targets: Sequence[str] = (),
     concepts = list(shapes.CONCEPTS if concepts is None else concepts)
     unknown = [w for w in list(targets) + concepts if w not in shapes.CONCEPTS]
     if unknown:
-        raise ValueError(f"unknown concept(s) {unknown}; expected words of "
-                         f"{', '.join(shapes.CONCEPTS)}")
+        raise ValueError(
+            f"unknown concept(s) {unknown}; expected words of {', '.join(shapes.CONCEPTS)}"
+        )
     prompts = [concept_prompts(w, k, seed) for w in concepts]
     seeds = np.tile(np.arange(k, dtype=np.int32) + int(seed) * k, len(concepts))
-    images = _generate_all(generate, [c for captions, _ in prompts for c in captions], seeds,
-                           batch_size)
+    images = _generate_all(
+        generate, [c for captions, _ in prompts for c in captions], seeds, batch_size
+    )
     pred = oracle_predict(oracle, images).reshape(len(concepts), k, 3)
     target_ids = {shapes.CONCEPTS[w] for w in targets}
     near_ids = {shapes.CONCEPTS[shapes.NEAR[w]] for w in targets if w in shapes.NEAR}
@@ -182,8 +215,9 @@ def erasure_report(generate: Generate, oracle, targets: Sequence[str] = (),
     return out
 
 
-def attribute_prior(generate: Generate, oracle, attribute: str, k: int = 128, seed: int = 0,
-                    batch_size: int = 64) -> dict[str, float]:
+def attribute_prior(
+    generate: Generate, oracle, attribute: str, k: int = 128, seed: int = 0, batch_size: int = 64
+) -> dict[str, float]:
     """What the model draws for an attribute its caption does not name: the oracle's reading
     ``{value: fraction}`` of that attribute on K images of captions with the attribute's word
     left out ("a red on a dotted background" for ``shape``), the other two attributes drawn from
@@ -223,13 +257,17 @@ def lightness_prompts(lightness: str, k: int, seed: int = 0) -> tuple[list[str],
     order = np.concatenate([rng.permutation(len(pairs)) for _ in range(-(-k // len(pairs)))])
     bg = len(shapes.BACKGROUNDS) + shapes.LIGHTNESS.index(lightness)
     labels = np.array([(*pairs[i], bg) for i in order[:k]], np.int32)
-    captions = [f"{shapes.article(shapes.COLOURS[c])} {shapes.COLOURS[c]} {shapes.SHAPES[s]} on a "
-                f"{lightness} background" for s, c, _ in labels]
+    captions = [
+        f"{shapes.article(shapes.COLOURS[c])} {shapes.COLOURS[c]} {shapes.SHAPES[s]} on a "
+        f"{lightness} background"
+        for s, c, _ in labels
+    ]
     return captions, labels
 
 
-def lightness_report(generate: Generate, oracle, k: int = 64, seed: int = 0,
-                     batch_size: int = 64) -> dict:
+def lightness_report(
+    generate: Generate, oracle, k: int = 64, seed: int = 0, batch_size: int = 64
+) -> dict:
     """For each lightness word w ("black", "white"): ``k`` images of :func:`lightness_prompts`
     (image j with sampler seed ``seed · k + j``, the same for every w), their mean
     ``brightness/<w>`` (0..255) and the oracle's shape and colour accuracy (``shape/<w>``,

@@ -36,20 +36,31 @@ class WordTokenizer:
 
     def __init__(self, words: Sequence[str], max_length: int = 12):
         words = list(words)
-        bad = [w for w in words if not w or w != w.lower() or any(c.isspace() for c in w)
-               or w in (PAD, SOT, EOT)]
+        bad = [
+            w
+            for w in words
+            if not w or w != w.lower() or any(c.isspace() for c in w) or w in (PAD, SOT, EOT)
+        ]
         if bad:
-            raise ValueError(f"words must be non-empty lower-case words without spaces and not "
-                             f"special tokens; got {bad}")
+            raise ValueError(
+                f"words must be non-empty lower-case words without spaces and not "
+                f"special tokens; got {bad}"
+            )
         if len(set(words)) != len(words):
-            raise ValueError(f"words must be distinct; duplicates: "
-                             f"{sorted({w for w in words if words.count(w) > 1})}")
+            raise ValueError(
+                f"words must be distinct; duplicates: "
+                f"{sorted({w for w in words if words.count(w) > 1})}"
+            )
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for SOT and EOT), got {max_length}")
         self.words = tuple(words)
         self.max_length = int(max_length)
-        self.vocab = {PAD: 0, **{w: i + 1 for i, w in enumerate(words)},
-                      SOT: len(words) + 1, EOT: len(words) + 2}
+        self.vocab = {
+            PAD: 0,
+            **{w: i + 1 for i, w in enumerate(words)},
+            SOT: len(words) + 1,
+            EOT: len(words) + 2,
+        }
         self._inverse = {i: w for w, i in self.vocab.items()}
 
     @property
@@ -65,11 +76,15 @@ class WordTokenizer:
         words = text.lower().split()
         unknown = [w for w in words if w not in self.vocab or w in (PAD, SOT, EOT)]
         if unknown:
-            raise ValueError(f"unknown word {unknown[0]!r} in {text!r}: not in the test-bed "
-                             f"tokenizer's vocabulary ({', '.join(self.words)})")
+            raise ValueError(
+                f"unknown word {unknown[0]!r} in {text!r}: not in the test-bed "
+                f"tokenizer's vocabulary ({', '.join(self.words)})"
+            )
         if len(words) + 2 > self.max_length:
-            raise ValueError(f"{text!r} has {len(words)} words; at most max_length - 2 = "
-                             f"{self.max_length - 2} fit")
+            raise ValueError(
+                f"{text!r} has {len(words)} words; at most max_length - 2 = "
+                f"{self.max_length - 2} fit"
+            )
         ids = [self.bos_token_id] + [self.vocab[w] for w in words] + [self.eos_token_id]
         return np.asarray(ids + [self.pad_token_id] * (self.max_length - len(ids)), np.int32)
 
@@ -83,11 +98,14 @@ class WordTokenizer:
         """The words between SOT and the first EOT."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         if not ids or ids[0] != self.bos_token_id or self.eos_token_id not in ids:
-            raise ValueError(f"ids must start with SOT={self.bos_token_id} and contain "
-                             f"EOT={self.eos_token_id}, got {ids}")
-        body = ids[1:ids.index(self.eos_token_id)]
-        bad = [i for i in body if i not in self._inverse or i in (self.pad_token_id,
-                                                                  self.bos_token_id)]
+            raise ValueError(
+                f"ids must start with SOT={self.bos_token_id} and contain "
+                f"EOT={self.eos_token_id}, got {ids}"
+            )
+        body = ids[1 : ids.index(self.eos_token_id)]
+        bad = [
+            i for i in body if i not in self._inverse or i in (self.pad_token_id, self.bos_token_id)
+        ]
         if bad:
             raise ValueError(f"ids {bad} are not word ids (1..{len(self.words)})")
         return " ".join(self._inverse[i] for i in body)
@@ -98,8 +116,17 @@ class WordTokenizer:
         with open(os.path.join(folder, VOCAB_FILE), "w", encoding="utf-8") as f:
             json.dump(self.vocab, f, indent=1)
         with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump({"tokenizer_class": "WordTokenizer", "model_max_length": self.max_length,
-                       "pad_token": PAD, "bos_token": SOT, "eos_token": EOT}, f, indent=1)
+            json.dump(
+                {
+                    "tokenizer_class": "WordTokenizer",
+                    "model_max_length": self.max_length,
+                    "pad_token": PAD,
+                    "bos_token": SOT,
+                    "eos_token": EOT,
+                },
+                f,
+                indent=1,
+            )
 
     @classmethod
     def load(cls, folder: str) -> WordTokenizer:
@@ -107,20 +134,24 @@ class WordTokenizer:
         paths = [os.path.join(folder, n) for n in (VOCAB_FILE, CONFIG_FILE)]
         for p in paths:
             if not os.path.exists(p):
-                raise FileNotFoundError(f"tokenizer file {p!r} not found (written by "
-                                        "WordTokenizer.save)")
+                raise FileNotFoundError(
+                    f"tokenizer file {p!r} not found (written by WordTokenizer.save)"
+                )
         from jaxsafe.files import read_json
 
         vocab, config = (read_json(p, "a WordTokenizer file") for p in paths)
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
             raise ValueError(f"{paths[0]}: expected a JSON object word -> integer id")
         if not isinstance(config, dict) or not isinstance(config.get("model_max_length"), int):
-            raise ValueError(f"{paths[1]}: expected a JSON object with an integer "
-                             "'model_max_length'")
+            raise ValueError(
+                f"{paths[1]}: expected a JSON object with an integer 'model_max_length'"
+            )
         n = len(vocab) - 3
         words = sorted((w for w in vocab if w not in (PAD, SOT, EOT)), key=vocab.get)
         tok = cls(words, config["model_max_length"])
         if tok.vocab != vocab:
-            raise ValueError(f"{paths[0]}: ids must be PAD=0, words 1..{n}, SOT={n + 1}, "
-                             f"EOT={n + 2}; got {vocab}")
+            raise ValueError(
+                f"{paths[0]}: ids must be PAD=0, words 1..{n}, SOT={n + 1}, "
+                f"EOT={n + 2}; got {vocab}"
+            )
         return tok

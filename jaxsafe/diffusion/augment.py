@@ -1,32 +1,24 @@
 r"""EDM's non-leaky geometric augmentation, per example and jittable.
 
 Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models" (NeurIPS 2022),
-Appendix F.2; code ``NVlabs/edm`` ``training/augment.py::AugmentPipe`` with the options
-``train.py --augment=p`` sets (``xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-translate_frac=1``; p = 0.12 for CIFAR-10, 0.15 for FFHQ/AFHQ). The denoiser sees the augmented
-image ``y`` and is conditioned on the 9 labels that describe the transform, so at sampling time
-(labels 0) it produces un-augmented images; the loss's target is ``y`` itself (``loss.py``).
+App. F.2; reference ``NVlabs/edm`` ``training/augment.py::AugmentPipe`` with the options
+``train.py --augment=p`` sets (p = 0.12 for CIFAR-10, 0.15 for FFHQ/AFHQ). The denoiser sees the
+augmented image y and the 9 labels that describe the transform (all 0 at sampling time, which asks
+for un-augmented images); the loss's target is y itself. Per image, in this order, each drawn
+independently (w ~ N(0, 1) unless stated):
 
-Per image, in this order, each drawn independently:
+* x-flip with probability 1/2 (label w ∈ {0, 1}); y-flip, w ~ U{0, 1}, with probability p;
+* isotropic scaling by 2^{0.2 w} (label w) and rotation by w ~ U(−π, π) (labels cos w − 1,
+  sin w), each with probability p;
+* anisotropic scaling by 2^{0.2 w} along an axis rotated by r (r ~ U(−π, π) with probability
+  1/2, else 0; labels w cos r, w sin r) and translation by 0.125 (W w_0, H w_1) pixels,
+  w ~ N(0, I_2) (labels w_0, w_1), each with probability p.
 
-* x-flip with probability 1/2 (``xflip * p >= 1``), label ``w in {0, 1}``;
-* y-flip: ``w ~ U{0, 1}`` with probability p (else 0), label ``w``;
-* isotropic scaling ``s = 2^{0.2 w}``, ``w ~ N(0, 1)`` with probability p, label ``w``;
-* rotation by ``w ~ U(-pi, pi)`` with probability p, labels ``cos w - 1, sin w``;
-* anisotropic scaling ``2^{0.2 w}`` along an axis rotated by ``r`` (``r ~ U(-pi, pi)`` with
-  probability 1/2, else 0), ``w ~ N(0, 1)`` with probability p, labels ``w cos r, w sin r``;
-* translation by ``0.125 (W w_0, H w_1)`` pixels, ``w ~ N(0, I_2)`` with probability p, labels
-  ``w_0, w_1``.
-
-The geometric part is one inverse matrix ``G^{-1}`` (about the image centre) applied as the
-reference does: reflect-pad, 2x upsampling with the ``sym6`` wavelet's low-pass filter, bilinear
-``grid_sample`` (zeros outside, ``align_corners=False``), filtered 2x downsampling, crop. For an
-identity ``G`` this returns the image (the filter's up/down pair reconstructs it), and a
-translation by whole pixels moves it by whole pixels.
-
-Deviation: the reference pads the whole batch by the largest margin its transforms need (capped
-at ``W - 1``, ``H - 1``); a per-example function cannot have a data-dependent shape, so the pad is
-always the cap. Reflect padding only grows outward, so the sampled pixels are the same.
+The geometric part is one inverse matrix G⁻¹ about the image centre, applied as the reference
+does: reflect pad, 2x upsampling with the ``sym6`` low-pass filter, bilinear ``grid_sample``,
+filtered 2x downsampling, crop. Deviation: the reference pads the batch by the largest margin its
+transforms need (capped at W − 1, H − 1); a per-example function cannot have a data-dependent
+shape, so the pad is always the cap (reflect padding only grows outward: the same pixels).
 """
 
 from __future__ import annotations
@@ -42,10 +34,23 @@ __all__ = ["NUM_LABELS", "augment", "geometric_matrix", "warp"]
 #: Length of the label vector (the network's ``augment_dim``).
 NUM_LABELS = 9
 # training/augment.py: wavelets['sym6'], the low-pass filter of the up/down resampling.
-SYM6 = np.array([0.015404109327027373, 0.0034907120842174702, -0.11799011114819057,
-                 -0.048311742585633, 0.4910559419267466, 0.787641141030194, 0.3379294217276218,
-                 -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
-                 0.0017677118642428036, -0.007800708325034148], np.float32)
+SYM6 = np.array(
+    [
+        0.015404109327027373,
+        0.0034907120842174702,
+        -0.11799011114819057,
+        -0.048311742585633,
+        0.4910559419267466,
+        0.787641141030194,
+        0.3379294217276218,
+        -0.07263752278646252,
+        -0.021060292512300564,
+        0.04472490177066578,
+        0.0017677118642428036,
+        -0.007800708325034148,
+    ],
+    np.float32,
+)
 _HZ_PAD = len(SYM6) // 4
 
 
@@ -62,9 +67,19 @@ def _rotate(theta):
     return jnp.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
-def geometric_matrix(scale_w, rotate_w, aniso_w, aniso_r, translate_w, height: int, width: int,
-                     *, scale_std: float = 0.2, aniso_std: float = 0.2,
-                     translate_std: float = 0.125):
+def geometric_matrix(
+    scale_w,
+    rotate_w,
+    aniso_w,
+    aniso_r,
+    translate_w,
+    height: int,
+    width: int,
+    *,
+    scale_std: float = 0.2,
+    aniso_std: float = 0.2,
+    translate_std: float = 0.125,
+):
     """``G^{-1}`` (3 x 3, pixel units about the image centre) of the reference's four geometric
     transforms from their drawn parameters (0 = off): ``scale2d_inv(s, s) @ rotate2d_inv(-w)
     @ rotate2d_inv(r) @ scale2d_inv(a, 1/a) @ rotate2d_inv(-r) @ translate2d_inv(t)``."""
@@ -72,8 +87,9 @@ def geometric_matrix(scale_w, rotate_w, aniso_w, aniso_r, translate_w, height: i
     a = jnp.exp2(aniso_w * aniso_std)
     g = _scale(1 / s, 1 / s) @ _rotate(rotate_w)
     g = g @ _rotate(-aniso_r) @ _scale(1 / a, a) @ _rotate(aniso_r)
-    return g @ _translate(-translate_w[0] * width * translate_std,
-                          -translate_w[1] * height * translate_std)
+    return g @ _translate(
+        -translate_w[0] * width * translate_std, -translate_w[1] * height * translate_std
+    )
 
 
 def _grid_sample(image, x, y):
@@ -87,8 +103,9 @@ def _grid_sample(image, x, y):
             xi, yi = x0 + dx, y0 + dy
             weight = (1 - jnp.abs(x - xi)) * (1 - jnp.abs(y - yi))
             inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-            pixel = image[jnp.clip(yi, 0, h - 1).astype(jnp.int32),
-                          jnp.clip(xi, 0, w - 1).astype(jnp.int32)]
+            pixel = image[
+                jnp.clip(yi, 0, h - 1).astype(jnp.int32), jnp.clip(xi, 0, w - 1).astype(jnp.int32)
+            ]
             out = out + jnp.where(inside, weight, 0.0)[..., None] * pixel
     return out
 
@@ -98,7 +115,7 @@ def _upsample(x, axis):
     length L -> 2L."""
     n = x.shape[axis]
     z = jnp.stack([x, jnp.zeros_like(x)], axis=axis + 1)
-    z = z.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+    z = z.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1 :])
     z = jax.lax.slice_in_dim(z, 0, 2 * n - 1, axis=axis)
     pad = (len(SYM6) + 1) // 2
     return _correlate(z, SYM6[::-1], pad, axis, stride=1)
@@ -119,8 +136,9 @@ def _correlate(x, taps, pad, axis, stride):
     out_len = (n + 2 * pad - len(taps)) // stride + 1
     out = 0.0
     for k, t in enumerate(taps):
-        out = out + float(t) * jax.lax.slice_in_dim(xp, k, k + stride * (out_len - 1) + 1, stride,
-                                                    axis=axis)
+        out = out + float(t) * jax.lax.slice_in_dim(
+            xp, k, k + stride * (out_len - 1) + 1, stride, axis=axis
+        )
     return out
 
 
@@ -136,8 +154,9 @@ def warp(image, g_inv):
     oh, ow = (h + 2 * _HZ_PAD) * 2, (w + 2 * _HZ_PAD) * 2
     g = _scale(2, 2) @ g_inv @ _scale(0.5, 0.5)
     g = _translate(-0.5, -0.5) @ g @ _translate(0.5, 0.5)
-    ys, xs = jnp.meshgrid(jnp.arange(oh, dtype=jnp.float32), jnp.arange(ow, dtype=jnp.float32),
-                          indexing="ij")
+    ys, xs = jnp.meshgrid(
+        jnp.arange(oh, dtype=jnp.float32), jnp.arange(ow, dtype=jnp.float32), indexing="ij"
+    )
     # Centred coordinates of output pixel centres, mapped, then back to input pixel indices.
     cx, cy = xs - (ow - 1) / 2, ys - (oh - 1) / 2
     ix = g[0, 0] * cx + g[0, 1] * cy + g[0, 2] + (x.shape[1] - 1) / 2
@@ -146,12 +165,24 @@ def warp(image, g_inv):
     return _downsample(_downsample(out, 1), 0)
 
 
-def augment(rng, image, p: float = 0.12, *, xflip: float = 1e8, yflip: float = 1.0,
-            scale: float = 1.0, rotate_frac: float = 1.0, aniso: float = 1.0,
-            translate_frac: float = 1.0, aniso_rotate_prob: float = 0.5):
+def augment(
+    rng,
+    image,
+    p: float = 0.12,
+    *,
+    xflip: float = 1e8,
+    yflip: float = 1.0,
+    scale: float = 1.0,
+    rotate_frac: float = 1.0,
+    aniso: float = 1.0,
+    translate_frac: float = 1.0,
+    aniso_rotate_prob: float = 0.5,
+):
     """``(augmented image, labels (9,))`` for one ``(H, W, C)`` image, EDM's ``AugmentPipe``
-    with ``train.py --augment=p``'s multipliers (module docstring). ``p = 0`` returns the image
-    unchanged and labels 0 (the x-flip too: its probability is ``xflip * p``)."""
+    with ``train.py --augment=p``'s multipliers (the defaults: ``xflip=1e8, yflip=1, scale=1,
+    rotate_frac=1, aniso=1, translate_frac=1``; a transform is gated with probability
+    min(1, multiplier · p); module docstring). ``p = 0`` returns the image unchanged and labels
+    0 (the x-flip too: its probability is ``xflip * p``)."""
     image = jnp.asarray(image)
     h, w = image.shape[:2]
     k = jax.random.split(rng, 14)
@@ -169,8 +200,9 @@ def augment(rng, image, p: float = 0.12, *, xflip: float = 1e8, yflip: float = 1
     ra = jax.random.uniform(k[10], (), minval=-1.0, maxval=1.0) * math.pi
     ra = jnp.where(jax.random.uniform(k[11]) < aniso_rotate_prob, ra, 0.0)
     wt = gate(k[13], translate_frac, jax.random.normal(k[12], (2,)))
-    labels = jnp.stack([fx, fy, ws, jnp.cos(wr) - 1, jnp.sin(wr), wa * jnp.cos(ra),
-                        wa * jnp.sin(ra), wt[0], wt[1]])
+    labels = jnp.stack(
+        [fx, fy, ws, jnp.cos(wr) - 1, jnp.sin(wr), wa * jnp.cos(ra), wa * jnp.sin(ra), wt[0], wt[1]]
+    )
     geometric = (scale, rotate_frac, aniso, translate_frac) != (0, 0, 0, 0) and p > 0
     if geometric:  # the reference resamples every image once any geometric transform is on
         image = warp(image, geometric_matrix(ws, wr, wa, ra, wt, h, w)).astype(image.dtype)

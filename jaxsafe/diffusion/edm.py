@@ -1,27 +1,23 @@
-"""EDM: preconditioning, training noise levels, loss weight and the sampling schedule.
+r"""EDM: preconditioning, training noise levels, loss weight and the sampling schedule.
 
 Karras, Aittala, Aila & Laine, "Elucidating the Design Space of Diffusion-Based Generative
-Models", NeurIPS 2022 (arXiv:2206.00364), Table 1 and Appendix B.6; reference code NVlabs/edm
-(training/networks.py `EDMPrecond`, training/loss.py `EDMLoss`, generate.py `edm_sampler`).
+Models", NeurIPS 2022 (arXiv:2206.00364), Table 1 and App. B.6; reference code ``NVlabs/edm``
+(``training/networks.py::EDMPrecond``, ``training/loss.py::EDMLoss``, ``generate.py``). A raw
+network F_θ is wrapped into the denoiser (σ_d = 0.5)
 
-A raw network F_θ is wrapped into the denoiser
+.. math::
 
-    D_θ(x; σ) = c_skip(σ) x + c_out(σ) F_θ(c_in(σ) x; c_noise(σ))
+    D_\theta(x; \sigma) = c_\mathrm{skip}\, x
+        + c_\mathrm{out}\, F_\theta(c_\mathrm{in}\, x;\ c_\mathrm{noise}), \quad
+    c_\mathrm{skip} = \frac{\sigma_d^2}{\sigma^2 + \sigma_d^2}, \quad
+    c_\mathrm{out} = \frac{\sigma \sigma_d}{\sqrt{\sigma^2 + \sigma_d^2}}, \quad
+    c_\mathrm{in} = \frac{1}{\sqrt{\sigma^2 + \sigma_d^2}}, \quad
+    c_\mathrm{noise} = \frac{\ln\sigma}{4},
 
-    c_skip = σ_d² / (σ² + σ_d²)      c_out = σ σ_d / √(σ² + σ_d²)
-    c_in   = 1 / √(σ² + σ_d²)        c_noise = ln(σ) / 4,        σ_d = 0.5.
-
-For data of standard deviation σ_d and n ~ N(0, σ² I), c_in makes the network input c_in (y + n)
-unit-variance, c_out makes the effective target F_target = (y − c_skip (y + n)) / c_out
-unit-variance, and c_skip is the choice that minimises c_out (App. B.6). Training draws
-ln σ ~ N(P_mean, P_std²), P_mean = −1.2, P_std = 1.2, and weights the squared error by
-λ(σ) = (σ² + σ_d²) / (σ σ_d)² = 1 / c_out(σ)², so the loss seen by F is unit-weighted.
-
-Sampling uses the noise levels (Eq. 5)
-
-    σ_i = (σ_max^{1/ρ} + i / (N − 1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,   i < N,     σ_N = 0,
-
-with N = 18, ρ = 7, σ_min = 0.002, σ_max = 80 for CIFAR-10.
+which makes the network's input and effective target unit-variance (App. B.6). Training draws
+ln σ ~ N(−1.2, 1.2²) and weights the squared error by λ(σ) = 1 / c_out(σ)²; sampling uses
+σ_i = (σ_max^{1/ρ} + i/(N − 1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ for i < N and σ_N = 0 (Eq. 5;
+N = 18, ρ = 7, σ_min = 0.002, σ_max = 80 for CIFAR-10).
 """
 
 from __future__ import annotations
@@ -62,7 +58,9 @@ def as_batch_sigma(sigma, batch: int, dtype=None):
     if sigma.ndim == 0:
         return jnp.broadcast_to(sigma, (batch,))
     if sigma.shape != (batch,):
-        raise ValueError(f"sigma must be a scalar or have shape ({batch},) (one per example), got {sigma.shape}.")
+        raise ValueError(
+            f"sigma must be a scalar or have shape ({batch},) (one per example), got {sigma.shape}."
+        )
     return sigma
 
 
@@ -131,7 +129,9 @@ def edm_sigma_steps(
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        raise ValueError(
+            f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}."
+        )
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}.")
     i = np.arange(num_steps, dtype=np.float64)
@@ -160,6 +160,7 @@ def ema_update(ema, params, beta):
 
 def lr_schedule(lr: float, batch_size: int, rampup_kimg: float):
     """optax schedule of the update count t: lr · min(t B / max(rampup_kimg·1000, 1e-8), 1)."""
+
     def schedule(count):
         nimg = jnp.asarray(count, jnp.float32) * batch_size
         return lr * jnp.minimum(nimg / max(rampup_kimg * 1000.0, 1e-8), 1.0)
@@ -169,5 +170,6 @@ def lr_schedule(lr: float, batch_size: int, rampup_kimg: float):
 
 def nan_to_num_grads() -> optax.GradientTransformation:
     """EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5) on every gradient entry."""
-    return optax.stateless(lambda g, _: jax.tree.map(
-        lambda x: jnp.nan_to_num(x, nan=0.0, posinf=1e5, neginf=-1e5), g))
+    return optax.stateless(
+        lambda g, _: jax.tree.map(lambda x: jnp.nan_to_num(x, nan=0.0, posinf=1e5, neginf=-1e5), g)
+    )

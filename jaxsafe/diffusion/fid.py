@@ -34,8 +34,9 @@ def feature_fn(net):
     def fn(x):
         x = np.asarray(x)
         # Floats go through 8 bits first: FID is defined on saved images.
-        return apply(state, image_data.to_float(x if x.dtype == np.uint8 else
-                                                image_data.to_uint8(x)))
+        return apply(
+            state, image_data.to_float(x if x.dtype == np.uint8 else image_data.to_uint8(x))
+        )
 
     return fn
 
@@ -55,7 +56,7 @@ def features(fn, images: Sequence, batch_size: int = 64) -> np.ndarray:
         pad = batch_size - len(batch)
         if pad:
             batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)])
-        out.append(np.asarray(fn(batch))[:len(idx)])
+        out.append(np.asarray(fn(batch))[: len(idx)])
     return np.concatenate(out).astype(np.float64)
 
 
@@ -90,8 +91,13 @@ class _Prefix(Sequence):
 def save_stats(path: str, mu, sigma, *, num: int, source: str) -> None:
     """Writes ``mu``, ``sigma``, ``num``, ``source`` to ``path`` (whole or not at all)."""
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-             num=np.int64(num), source=np.str_(source))
+    np.savez(
+        tmp,
+        mu=np.asarray(mu, np.float64),
+        sigma=np.asarray(sigma, np.float64),
+        num=np.int64(num),
+        source=np.str_(source),
+    )
     os.replace(tmp, path)
 
 
@@ -99,34 +105,46 @@ def load_stats(path: str):
     """(μ, C) from a statistics file; a missing file or key, or a wrong shape, raises ValueError
     or FileNotFoundError naming the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID reference statistics {path!r} not found (make them with "
-                                "`python -m launch.fid_stats`)")
+        raise FileNotFoundError(
+            f"FID reference statistics {path!r} not found (make them with "
+            "`python -m launch.fid_stats`)"
+        )
     if not zipfile.is_zipfile(path):  # np.load would try it as a pickle
         with open(path, "rb") as fh:
             npy = fh.read(6) == b"\x93NUMPY"
-        raise ValueError(f"{path}: cannot read as .npz (" + (
-            "it is a single .npy array)" if npy else "not a zip archive: damaged, or not "
-            "written by launch.fid_stats or pytorch-fid's --save-stats)"))
+        raise ValueError(
+            f"{path}: cannot read as .npz ("
+            + (
+                "it is a single .npy array)"
+                if npy
+                else "not a zip archive: damaged, or not "
+                "written by launch.fid_stats or pytorch-fid's --save-stats)"
+            )
+        )
     try:
         f = np.load(path)
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # a damaged archive
         raise ValueError(f"{path}: cannot read as .npz ({e})") from e
     with f:
         if "mu" not in f or "sigma" not in f:
-            raise ValueError(f"{path}: FID statistics need 'mu' and 'sigma', found "
-                             f"{sorted(f.files)}")
+            raise ValueError(
+                f"{path}: FID statistics need 'mu' and 'sigma', found {sorted(f.files)}"
+            )
         try:
             mu, sigma = f["mu"], f["sigma"]
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: cannot read 'mu' and 'sigma' ({e})") from e
     d = mu.shape[0] if mu.ndim == 1 else -1
     if d < 1 or sigma.shape != (d, d):
-        raise ValueError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not (d,) and "
-                         "(d, d)")
+        raise ValueError(
+            f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not (d,) and (d, d)"
+        )
     for name, x in (("mu", mu), ("sigma", sigma)):
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-            raise ValueError(f"{path}: {name!r} holds non-finite values (or is not numeric): "
-                             "damaged statistics would make every FID NaN")
+            raise ValueError(
+                f"{path}: {name!r} holds non-finite values (or is not numeric): "
+                "damaged statistics would make every FID NaN"
+            )
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
@@ -134,6 +152,7 @@ def fid(feats, reference: str) -> float:
     """The FID of features (n, d) against the statistics file ``reference``."""
     mu, sigma = load_stats(reference)
     if np.shape(feats)[-1] != mu.shape[0]:
-        raise ValueError(f"features have {np.shape(feats)[-1]} dimensions, {reference} has "
-                         f"{mu.shape[0]}")
+        raise ValueError(
+            f"features have {np.shape(feats)[-1]} dimensions, {reference} has {mu.shape[0]}"
+        )
     return metrics.frechet_distance(*metrics.gaussian_stats(feats), mu, sigma)

@@ -44,23 +44,35 @@ def songunet_kwargs(config) -> dict:
     m = config.model
     h, _, c = image_shape(config.data)
     return dict(
-        img_resolution=h, in_channels=c, out_channels=c, label_dim=num_classes(config),
+        img_resolution=h,
+        in_channels=c,
+        out_channels=c,
+        label_dim=num_classes(config),
         augment_dim=augment.NUM_LABELS if augment_p(config) > 0 else 0,
-        model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
-        channel_mult_emb=m.channel_mult_emb, num_blocks=m.num_blocks,
-        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-        label_dropout=m.label_dropout, embedding_type=m.embedding_type,
-        channel_mult_noise=m.channel_mult_noise, encoder_type=m.encoder_type,
-        decoder_type=m.decoder_type, resample_filter=tuple(m.resample_filter))
+        model_channels=m.model_channels,
+        channel_mult=tuple(m.channel_mult),
+        channel_mult_emb=m.channel_mult_emb,
+        num_blocks=m.num_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        label_dropout=m.label_dropout,
+        embedding_type=m.embedding_type,
+        channel_mult_noise=m.channel_mult_noise,
+        encoder_type=m.encoder_type,
+        decoder_type=m.decoder_type,
+        resample_filter=tuple(m.resample_filter),
+    )
 
 
 def build_model(config, rngs: nnx.Rngs | None = None) -> songunet.SongUNet:
     m = config.model
     if m.dtype not in DTYPES:
         raise ValueError(f"model.dtype={m.dtype!r}; expected one of {tuple(DTYPES)}")
-    return songunet.SongUNet(**songunet_kwargs(config),
-                             dtype=None if m.dtype == "float32" else DTYPES[m.dtype],
-                             rngs=rngs or nnx.Rngs(config.train.seed))
+    return songunet.SongUNet(
+        **songunet_kwargs(config),
+        dtype=None if m.dtype == "float32" else DTYPES[m.dtype],
+        rngs=rngs or nnx.Rngs(config.train.seed),
+    )
 
 
 def augmentation_dim(D):
@@ -81,6 +93,7 @@ def make_denoiser(model, sigma_data: float, rngs: nnx.Rngs | None = None, augmen
     As in EDM's `EDMPrecond`, `labels=None` on a class-conditional model means all-zero labels
     (the unconditional branch that label dropout trains), which classifier-free guidance uses.
     """
+
     def F(x_in, c_noise, labels):
         if labels is None and model.label_dim:
             labels = jnp.zeros((x_in.shape[0], model.label_dim), x_in.dtype)
@@ -107,10 +120,16 @@ def make_sample_fn(graphdef, config, *, D=None, num_steps=None, noise_injection_
         k_prior, k_inject = jax.random.split(key)
         latents = pfgmpp.prior_sample(k_prior, (labels.shape[0],) + shape, s.sigma_max, D)
         return samplers.heun_sampler(
-            make_denoiser(model, p.sigma_data), latents, num_steps=steps, sigma_min=s.sigma_min,
-            sigma_max=s.sigma_max, rho=s.rho, class_labels=one_hot(labels, config),
+            make_denoiser(model, p.sigma_data),
+            latents,
+            num_steps=steps,
+            sigma_min=s.sigma_min,
+            sigma_max=s.sigma_max,
+            rho=s.rho,
+            class_labels=one_hot(labels, config),
             noise_injection_alpha=noise_injection_alpha,
-            rng=k_inject if noise_injection_alpha else None)
+            rng=k_inject if noise_injection_alpha else None,
+        )
 
     return sample
 
@@ -120,8 +139,11 @@ def generate(sample_fn, params, frozen, key, num: int, batch_size: int, num_clas
     out, labels = [], []
     for i in range(-(-num // batch_size)):
         k = jax.random.fold_in(key, i)
-        y = (jax.random.randint(jax.random.fold_in(k, 1), (batch_size,), 0, num_classes_)
-             if num_classes_ else jnp.zeros((batch_size,), jnp.int32))
+        y = (
+            jax.random.randint(jax.random.fold_in(k, 1), (batch_size,), 0, num_classes_)
+            if num_classes_
+            else jnp.zeros((batch_size,), jnp.int32)
+        )
         out.append(np.asarray(fetch(sample_fn(params, frozen, k, y))))
         labels.append(np.asarray(y))
     return np.concatenate(out)[:num], np.concatenate(labels)[:num]
@@ -153,8 +175,10 @@ def restore_like(template, raw):
         if name not in stored:
             raise ValueError(f"checkpoint lacks tensor {name!r} (has e.g. {sorted(stored)[:3]})")
         if tuple(stored[name].shape) != tuple(x.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(stored[name].shape)}, "
-                             f"model needs {tuple(x.shape)}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(stored[name].shape)}, "
+                f"model needs {tuple(x.shape)}"
+            )
         return jnp.asarray(stored[name], x.dtype)
 
     return jax.tree_util.tree_map_with_path(one, template)
@@ -171,15 +195,16 @@ def load_config(workdir: str, config=None):
     if config is None:
         where = os.path.join(workdir, "config.json")
         if not os.path.exists(where):
-            raise FileNotFoundError(f"{where} not found; pass --config=<the training config "
-                                    "file>")
+            raise FileNotFoundError(f"{where} not found; pass --config=<the training config file>")
         config = read_json(where, "the run's config")
         if not isinstance(config, dict):
             raise ValueError(f"{where}: expected a JSON object (the run's config)")
         config = ml_collections.ConfigDict(config)
     if config.get("experiment") != "pfgmpp":
-        raise ValueError(f"{where}: experiment={config.get('experiment')!r}; expected a "
-                         "PFGM++/EDM run (experiment='pfgmpp', configs/pfgmpp/)")
+        raise ValueError(
+            f"{where}: experiment={config.get('experiment')!r}; expected a "
+            "PFGM++/EDM run (experiment='pfgmpp', configs/pfgmpp/)"
+        )
     return config
 
 

@@ -1,10 +1,13 @@
-"""Fréchet distance between Gaussians fitted to features (FID when the features are Inception's).
+r"""Fréchet distance between Gaussians fitted to features (FID when the features are Inception's).
 
 Heusel, Ramsauer, Unterthiner, Nessler & Hochreiter, "GANs Trained by a Two Time-Scale Update
 Rule Converge to a Local Nash Equilibrium", NeurIPS 2017; the Fréchet (2-Wasserstein) distance
 between N(μ1, C1) and N(μ2, C2) (Dowson & Landau, 1982):
 
-    d² = ‖μ1 − μ2‖² + Tr(C1 + C2 − 2 (C1 C2)^{1/2}).
+.. math::
+
+    d^2 = \lVert \mu_1 - \mu_2 \rVert^2
+        + \operatorname{Tr}\bigl(C_1 + C_2 - 2\, (C_1 C_2)^{1/2}\bigr).
 
 Computed in NumPy float64. Tr((C1 C2)^{1/2}) is taken as Σ_k √λ_k with λ_k the eigenvalues of
 the symmetric PSD matrix M = C1^{1/2} C2 C1^{1/2}, which has the eigenvalues of C1 C2: two
@@ -39,7 +42,7 @@ def _psd_sqrt(C):
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """‖μ1 − μ2‖² + Tr(C1 + C2 − 2 (C1 C2)^{1/2}) for symmetric PSD C1, C2 (see module docstring)."""
+    """‖μ1 − μ2‖² + Tr(C1 + C2 − 2 (C1 C2)^{1/2}) for symmetric PSD C1, C2, in float64."""
     mu1, mu2 = (np.asarray(m, dtype=np.float64) for m in (mu1, mu2))
     cov1, cov2 = (np.asarray(c, dtype=np.float64) for c in (cov1, cov2))
     if mu1.ndim != 1 or mu1.shape != mu2.shape:
@@ -47,7 +50,9 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     d = mu1.shape[0]
     for name, c in (("cov1", cov1), ("cov2", cov2)):
         if c.shape != (d, d):
-            raise ValueError(f"{name} must have shape ({d}, {d}) to match the means, got {c.shape}.")
+            raise ValueError(
+                f"{name} must have shape ({d}, {d}) to match the means, got {c.shape}."
+            )
     for name, a in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name} must be finite; got NaN or inf.")

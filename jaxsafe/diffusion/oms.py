@@ -3,25 +3,24 @@ r"""One More Step (OMS): one extra sampling step at zero SNR in front of an unch
 Hu et al., "One More Step: A Versatile Plug-and-Play Module for Rectifying Diffusion Schedule
 Flaws and Enhancing Low-Frequency Controls", CVPR 2024; reference code ``mhh0318/OneMoreStep``
 (``diffusers_patch/pipelines/oms/pipeline_oms.py``: ``oms_step`` L216-243, ``__call__``
-L561-655; ``diffusers_patch/models/unet_2d_condition_woct.py``).
+L561-655). Schedules such as Stable Diffusion's end at ᾱ_T ≈ 0.0047 > 0, so training never shows
+the model pure noise while sampling starts from it. OMS is a separate time-free network ψ
+(``UNet2DConditionConfig(time_conditioning=False)``) with its own text encoder that predicts v
+at a virtual step with ᾱ = 0, where v = −x₀:
 
-Schedules such as Stable Diffusion's scaled-linear one end at ᾱ_T ≈ 0.0047 > 0, so training
-never shows the model pure noise while sampling starts from it; generations regress to medium
-brightness. OMS is a separate time-free network ψ (``UNet2DConditionConfig(time_conditioning=
-False)``) with its own text encoder that predicts v at a virtual step with ᾱ = 0:
+.. math::
 
-    v̂ = v_ψ(x̃, ∅) + s (v_ψ(x̃, c) − v_ψ(x̃, ∅)),    x̃ ~ N(0, I)      (its own CFG scale s)
-    x̂₀ = −v̂                                          (v = √ᾱ ε − √(1−ᾱ) x₀ at ᾱ = 0)
-    x_{τ₀} = √ᾱ_{τ₀} x̂₀ + σ ξ,   ξ ~ N(0, I) fresh
+    \hat v = v_\psi(\tilde x, \varnothing)
+        + s\,\bigl(v_\psi(\tilde x, c) - v_\psi(\tilde x, \varnothing)\bigr), \qquad
+    x_{\tau_0} = -\sqrt{\bar\alpha_{\tau_0}}\, \hat v + \sigma \xi, \qquad
+    \tilde x, \xi \sim \mathcal{N}(0, I),
 
-with ᾱ_{τ₀} at the base scheduler's first timestep of the run; the base sampler then continues
-from x_{τ₀} unchanged. σ = 1 − ᾱ_{τ₀} in the code (``noise="code"``, the default: it made the
-published images; the reference takes the DDPM posterior's variance without a square root),
-σ = √(1 − ᾱ_{τ₀}) in the paper and the DDPM posterior (``noise="paper"``). x̃ is the seed's
-starting noise, so with and without OMS start from the same x̃ (the reference draws x̃ first from
-the same generator for the same effect). Training (no code released; the objective the code
-implies, docs/oms.md): E ||v_ψ(ε, c) − (−x₀)||² over (latent, caption) pairs with ε ~ N(0, I)
-independent of x₀, captions dropped with probability p for CFG; the base model is not used.
+s OMS's own guidance scale, ᾱ_{τ₀} at the base scheduler's first timestep, ξ fresh; the base
+sampler then continues from x_{τ₀} unchanged. x̃ is the seed's starting noise, so runs with and
+without OMS start from the same x̃. σ = 1 − ᾱ_{τ₀} in the code (``noise="code"``, the default,
+behind the published images); ``noise="paper"`` is the paper's √(1 − ᾱ_{τ₀}). Training (no code
+released): E‖v_ψ(ε, c) − (−x₀)‖² over (latent, caption) pairs, ε ~ N(0, I) independent of x₀,
+captions dropped with probability p. Decisions and deviations: docs/oms.md.
 """
 
 from __future__ import annotations
@@ -38,8 +37,18 @@ import numpy as np
 from jaxsafe.diffusion import schedulers, t2i
 from jaxsafe.files import read_json
 
-__all__ = ["NOISE_SCALES", "OMS", "first_alpha_bar", "guide", "initial_latents", "load",
-           "loss", "save", "step", "x0_from_v"]
+__all__ = [
+    "NOISE_SCALES",
+    "OMS",
+    "first_alpha_bar",
+    "guide",
+    "initial_latents",
+    "load",
+    "loss",
+    "save",
+    "step",
+    "x0_from_v",
+]
 
 NOISE_SCALES = ("code", "paper")
 
@@ -63,11 +72,13 @@ def step(x0_hat, alpha_bar_tau0, xi, *, noise: str = "code"):
     return jnp.sqrt(a) * x0_hat + sigma * xi
 
 
-def first_alpha_bar(config: schedulers.SchedulerConfig, kind: str,
-                    num_inference_steps: int) -> float:
+def first_alpha_bar(
+    config: schedulers.SchedulerConfig, kind: str, num_inference_steps: int
+) -> float:
     """ᾱ at the base sampler's first timestep, ``alphas_cumprod[int(timesteps[0])]`` (P:630)."""
     ts = (schedulers.euler_timesteps if kind == "euler" else schedulers.timesteps)(
-        config, num_inference_steps)
+        config, num_inference_steps
+    )
     return float(schedulers.alphas_cumprod(config)[int(ts[0])])
 
 
@@ -81,8 +92,18 @@ def _xi_keys(seeds):
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0x0335))(seeds)
 
 
-def initial_latents(apply: Callable, params, emb, uncond_emb, seeds, *, latent_shape,
-                    alpha_bar_tau0: float, guidance_scale: float = 1.0, noise: str = "code"):
+def initial_latents(
+    apply: Callable,
+    params,
+    emb,
+    uncond_emb,
+    seeds,
+    *,
+    latent_shape,
+    alpha_bar_tau0: float,
+    guidance_scale: float = 1.0,
+    noise: str = "code",
+):
     """x_{τ₀} for each seed: ``apply(params, x̃, emb) -> v`` is the OMS network, ``emb``
     (B, L, D) its prompt embeddings, ``uncond_emb`` (1 or B, L, D) the empty prompt's.
     ``guidance_scale`` 1 skips the unconditional half (the reference computes it and
@@ -94,7 +115,7 @@ def initial_latents(apply: Callable, params, emb, uncond_emb, seeds, *, latent_s
     else:
         u = jnp.broadcast_to(uncond_emb, emb.shape).astype(emb.dtype)
         out = apply(params, jnp.concatenate([x, x]), jnp.concatenate([u, emb]))
-        v = guide(out[:len(x)], out[len(x):], guidance_scale)
+        v = guide(out[: len(x)], out[len(x) :], guidance_scale)
     xi = jax.vmap(lambda k: jax.random.normal(k, tuple(latent_shape)))(_xi_keys(seeds))
     return step(x0_from_v(v), alpha_bar_tau0, xi, noise=noise)
 
@@ -108,9 +129,17 @@ class OMS:
     tokenize: Callable[[Sequence[str]], np.ndarray]
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def latents(self, prompts: Sequence[str], seeds, *, scheduler, kind: str,
-                num_inference_steps: int, guidance_scale: float = 1.0,
-                noise: str = "code") -> np.ndarray:
+    def latents(
+        self,
+        prompts: Sequence[str],
+        seeds,
+        *,
+        scheduler,
+        kind: str,
+        num_inference_steps: int,
+        guidance_scale: float = 1.0,
+        noise: str = "code",
+    ) -> np.ndarray:
         """x_{τ₀} for ``prompts`` (the OMS prompts: the base prompts, or others for the
         low-frequency control), to pass as the base generator's ``x_T``. The compiled step is
         kept per (ᾱ_{τ₀}, guidance, noise), so repeated calls do not recompile."""
@@ -122,18 +151,29 @@ class OMS:
         a = first_alpha_bar(scheduler, kind, num_inference_steps)
         key = (a, float(guidance_scale), noise)
         if key not in self._compiled:
+
             @jax.jit
             def run(state, ids, uncond_ids, seeds):
                 m = nnx.merge(graphdef, state)
-                return initial_latents(lambda _, x, e: m(x, None, e), None, m.encode(ids),
-                                       m.encode(uncond_ids), seeds, latent_shape=shape,
-                                       alpha_bar_tau0=a, guidance_scale=guidance_scale,
-                                       noise=noise)
+                return initial_latents(
+                    lambda _, x, e: m(x, None, e),
+                    None,
+                    m.encode(ids),
+                    m.encode(uncond_ids),
+                    seeds,
+                    latent_shape=shape,
+                    alpha_bar_tau0=a,
+                    guidance_scale=guidance_scale,
+                    noise=noise,
+                )
 
             self._compiled[key] = run
         ids = jnp.asarray(self.tokenize(list(prompts)))
-        return np.asarray(self._compiled[key](state, ids, jnp.asarray(self.tokenize([""])),
-                                              jnp.asarray(seeds, jnp.int32)))
+        return np.asarray(
+            self._compiled[key](
+                state, ids, jnp.asarray(self.tokenize([""])), jnp.asarray(seeds, jnp.int32)
+            )
+        )
 
 
 def _has_weights(d: Path) -> bool:
@@ -166,11 +206,13 @@ def load(folder, *, text_encoder_folder=None, latent_channels: int | None = None
 
     folder = Path(folder)
     if not (folder / "oms_module" / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'oms_module' / 'config.json'} not found: not an OMS "
-                                "folder")
+        raise FileNotFoundError(
+            f"{folder / 'oms_module' / 'config.json'} not found: not an OMS folder"
+        )
     d = folder / "oms_module"
     ucfg = UNet2DConditionConfig.from_dict(
-        {**read_json(d / "config.json"), "_class_name": WOCT_CLASS})
+        {**read_json(d / "config.json"), "_class_name": WOCT_CLASS}
+    )
     te_dir = folder / "oms_text_encoder"
     if te_dir.is_dir() and _has_weights(te_dir):
         te_folder, tok_dir = te_dir, folder / "oms_tokenizer"
@@ -180,21 +222,28 @@ def load(folder, *, text_encoder_folder=None, latent_channels: int | None = None
             if (te_dir / "config.json").is_file():
                 c = read_json(te_dir / "config.json")
                 named = f" (its config names {c.get('_name_or_path')}/{c.get('subfolder', '')})"
-            raise FileNotFoundError(f"{te_dir}: no text-encoder weights{named}; pass "
-                                    "text_encoder_folder=<a local copy of that model>")
+            raise FileNotFoundError(
+                f"{te_dir}: no text-encoder weights{named}; pass "
+                "text_encoder_folder=<a local copy of that model>"
+            )
         te_folder = Path(text_encoder_folder)
         tok_dir = te_folder / "tokenizer"
     # Widths first: a mismatch is named before any weights are read.
     te_config = diffusers.component_dir(te_folder, "text_encoder") / "config.json"
     width = CLIPTextConfig.from_dict(read_json(te_config)).hidden_size
     if width != ucfg.cross_attention_dim:
-        raise ValueError(f"OMS text encoder ({te_folder}) has width {width}; the OMS "
-                         f"module's cross_attention_dim is {ucfg.cross_attention_dim}")
+        raise ValueError(
+            f"OMS text encoder ({te_folder}) has width {width}; the OMS "
+            f"module's cross_attention_dim is {ucfg.cross_attention_dim}"
+        )
     if latent_channels is not None and latent_channels != ucfg.in_channels:
-        raise ValueError(f"OMS module takes {ucfg.in_channels} latent channels; the base model "
-                         f"has {latent_channels}")
-    unet, _ = diffusers.load_unet(folder, component="oms_module", time_conditioning=False,
-                                  variant=_variant(d))
+        raise ValueError(
+            f"OMS module takes {ucfg.in_channels} latent channels; the base model "
+            f"has {latent_channels}"
+        )
+    unet, _ = diffusers.load_unet(
+        folder, component="oms_module", time_conditioning=False, variant=_variant(d)
+    )
     text_encoder, tcfg = diffusers.load_text_encoder(te_folder)
     if not tok_dir.is_dir() or not any(tok_dir.iterdir()):
         tok_dir = te_folder / "tokenizer"
@@ -213,17 +262,21 @@ def save(folder, unet, text_encoder, tokenizer) -> str:
     from jaxsafe.weights import diffusers
 
     if unet.config.time_conditioning:
-        raise ValueError("oms.save: the module must be time-free "
-                         "(UNet2DConditionConfig(time_conditioning=False))")
+        raise ValueError(
+            "oms.save: the module must be time-free "
+            "(UNet2DConditionConfig(time_conditioning=False))"
+        )
     with atomic_folder(str(folder)) as tmp:
         tmp = Path(tmp)
         diffusers.save_unet(unet, unet.config, tmp / "oms_module")
         diffusers.save_text_encoder(text_encoder, text_encoder.config, tmp / "oms_text_encoder")
         tokenizer.save(str(tmp / "oms_tokenizer"))
-        index = {"_class_name": "OMSPipeline",
-                 "oms_module": ["unet_2d_condition_woct", WOCT_CLASS],
-                 "oms_text_encoder": ["transformers", "CLIPTextModel"],
-                 "oms_tokenizer": ["jaxsafe", "WordTokenizer"]}
+        index = {
+            "_class_name": "OMSPipeline",
+            "oms_module": ["unet_2d_condition_woct", WOCT_CLASS],
+            "oms_text_encoder": ["transformers", "CLIPTextModel"],
+            "oms_tokenizer": ["jaxsafe", "WordTokenizer"],
+        }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return str(Path(folder).resolve())
 
@@ -240,5 +293,9 @@ def _tokenizer(d: Path, max_positions: int) -> Callable:
 
     tok = diffusers.load_tokenizer(d)
     n = min(tok.model_max_length, max_positions)
-    return lambda texts: np.asarray(tok(list(texts), padding="max_length", truncation=True,
-                                        max_length=n, return_tensors="np").input_ids, np.int32)
+    return lambda texts: np.asarray(
+        tok(
+            list(texts), padding="max_length", truncation=True, max_length=n, return_tensors="np"
+        ).input_ids,
+        np.int32,
+    )

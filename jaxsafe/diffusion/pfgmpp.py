@@ -1,29 +1,22 @@
-"""PFGM++: the perturbation kernel for any augmentation dimension D, its prior and its loss.
+r"""PFGM++: the perturbation kernel for any augmentation dimension D, its prior and its loss.
 
 Xu, Liu, Tian, Tong, Tegmark & Jaakkola, "PFGM++: Unlocking the Potential of Physics-Inspired
-Generative Models", ICML 2023 (arXiv:2302.04265); reference code Newbeeer/pfgmpp
-(training/loss.py `EDMLoss(pfgmv2=True)`, generate.py `rand_beta_prime`).
+Generative Models", ICML 2023 (arXiv:2302.04265), Sec. 4; reference code ``Newbeeer/pfgmpp``
+(``training/loss.py::EDMLoss(pfgmv2=True)``, ``generate.py::rand_beta_prime``). N-dimensional
+data y is perturbed with the kernel
 
-N-dimensional data y is perturbed with the kernel (Sec. 4)
+.. math::
 
-    p_r(x̃ | y) ∝ (‖x̃ − y‖² + r²)^{−(N+D)/2},       r = σ √D,
+    p_r(\tilde x \mid y) \propto \bigl(\lVert \tilde x - y \rVert^2 + r^2\bigr)^{-(N+D)/2},
+    \qquad r = \sigma \sqrt{D},
 
-the alignment rule that lets PFGM++ reuse EDM's σ-hyper-parameters, network conditioning on σ,
-σ schedule and loss weight. Sampled exactly as the paper does: the radius R = ‖x̃ − y‖ has density
-p_r(R) ∝ R^{N−1} / (R² + r²)^{(N+D)/2}, i.e. R² / r² ~ BetaPrime(N/2, D/2), so
-
-    R = r √(B / (1 − B)),  B ~ Beta(N/2, D/2),  times a direction uniform on the unit sphere.
-
-Equivalently x̃ − y is a multivariate Student-t with D degrees of freedom and scale σ
-(`perturbation_student_t`). As D → ∞ the kernel tends to N(y, σ² I), EDM's; D = None (or inf)
-selects exactly n = σ ε. The objective is EDM's, only the noise changes:
-
-    L = E_σ E_y E_{x̃ ~ p_r(x̃|y)} λ(σ) ‖D_θ(x̃; σ) − y‖²,   λ(σ) = (σ² + σ_d²) / (σ σ_d)².
-
-Generation starts from the kernel centred at 0 at σ_max (the same radius construction with
-r_max = σ_max √D; the reference `rand_beta_prime`) and integrates the same x–σ ODE as EDM,
-dx/dσ = (x − D(x; σ)) / σ: with r = σ√D, PFGM++'s dx/dr = E[x − y | x̃] / r becomes exactly that
-(see `jaxsafe.diffusion.samplers`).
+the alignment that lets PFGM++ reuse EDM's σ schedule, conditioning and loss weight. It is
+sampled as the paper does: R = ‖x̃ − y‖ = r √(B / (1 − B)), B ~ Beta(N/2, D/2), times a direction
+uniform on the unit sphere (equivalently a multivariate Student-t with D degrees of freedom and
+scale σ); D = None (or inf) selects EDM's n = σ ε, the D → ∞ limit. The objective is EDM's with
+this noise, L = E_{σ, y, x̃ ~ p_r(· | y)} λ(σ) ‖D_θ(x̃; σ) − y‖². Generation starts from the kernel
+centred at 0 at σ_max and integrates EDM's ODE dx/dσ = (x − D(x; σ)) / σ, which PFGM++'s
+dx/dr = E[x − y | x̃] / r becomes with r = σ√D (:mod:`jaxsafe.diffusion.samplers`).
 """
 
 from __future__ import annotations
@@ -58,7 +51,10 @@ def check_D(D):
     msg = f"D must be a static positive number, None or float('inf') (D -> inf is EDM), got {D!r}."
     try:
         D = float(D)
-    except (TypeError, ValueError):  # includes a traced D: it sets array shapes, so it must be static
+    except (
+        TypeError,
+        ValueError,
+    ):  # includes a traced D: it sets array shapes, so it must be static
         raise ValueError(msg) from None
     if math.isinf(D) and D > 0:
         return None
@@ -71,7 +67,9 @@ def r_from_sigma(sigma, D):
     """r = σ √D: PFGM++'s alignment of the augmented radius r with EDM's noise level σ."""
     D = check_D(D)
     if D is None:
-        raise ValueError("r = sigma * sqrt(D) is infinite for D=None/inf; the kernel is then N(0, sigma^2 I).")
+        raise ValueError(
+            "r = sigma * sqrt(D) is infinite for D=None/inf; the kernel is then N(0, sigma^2 I)."
+        )
     return jnp.asarray(sigma, dtype=jnp.result_type(sigma, float)) * math.sqrt(D)
 
 
@@ -83,18 +81,18 @@ def _check_shape(shape):
 
 
 def perturbation(rng, shape, sigma, D=None, *, dtype=None):
-    """n with x̃ = y + n ~ p_r(x̃ | y), r = σ√D: R = r √(B/(1−B)), B ~ Beta(N/2, D/2), uniform direction.
+    """n with x̃ = y + n ~ p_r(x̃ | y), r = σ√D: R = r √(B/(1−B)) times a uniform direction.
+
+    B ~ Beta(N/2, D/2) is drawn as G_a / (G_a + G_b), G_a ~ Gamma(N/2), G_b ~ Gamma(D/2), which
+    is how `jax.random.beta` draws it; the odds B / (1 − B) = G_a / G_b are formed in log space
+    rather than from B itself, because 1 − B ≈ D / N cancels catastrophically in float32 for
+    small D and large N (the reference computes B in float32 and the odds in float64).
 
     Args:
       rng: a PRNG key. For D = None/inf the result is exactly σ · jax.random.normal(rng, shape).
       shape: (B, ...); N = prod(shape[1:]) is the data dimension.
       sigma: (B,) noise levels, or a scalar.
       D: augmentation dimension (> 0), or None / float('inf') for EDM's Gaussian.
-
-    B is drawn as G_a / (G_a + G_b), G_a ~ Gamma(N/2), G_b ~ Gamma(D/2), which is how
-    `jax.random.beta` draws it; the odds B / (1 − B) = G_a / G_b are formed in log space
-    rather than from B itself, because 1 − B ≈ D / N cancels catastrophically in float32 for
-    small D and large N (the reference computes B in float32 and the odds in float64).
     """
     shape, N = _check_shape(shape)
     D = check_D(D)
@@ -103,7 +101,9 @@ def perturbation(rng, shape, sigma, D=None, *, dtype=None):
     if D is None:
         return sigma * jax.random.normal(rng, shape, dtype)
     k_dir, k_a, k_b = jax.random.split(rng, 3)
-    log_odds = jax.random.loggamma(k_a, N / 2, (shape[0],), dtype) - jax.random.loggamma(k_b, D / 2, (shape[0],), dtype)
+    log_odds = jax.random.loggamma(k_a, N / 2, (shape[0],), dtype) - jax.random.loggamma(
+        k_b, D / 2, (shape[0],), dtype
+    )
     R = sigma * math.sqrt(D) * _per_pixel(jnp.exp(0.5 * log_odds), len(shape))
     z = jax.random.normal(k_dir, shape, dtype)
     axes = tuple(range(1, len(shape)))

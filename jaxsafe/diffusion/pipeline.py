@@ -32,8 +32,7 @@ from jaxsafe.nn import patch_pca
 from jaxsafe.nn.clip_text import CLIPTextModel
 from jaxsafe.nn.unet2d_condition import UNet2DConditionModel
 
-SHIPPED_TESTBED = str(Path(__file__).resolve().parent.parent / "data" / "assets"
-                      / "testbed_model")
+SHIPPED_TESTBED = str(Path(__file__).resolve().parent.parent / "data" / "assets" / "testbed_model")
 #: The lightness-world test bed with SD's scaled-linear schedule (One More Step, docs/oms.md).
 LIGHTNESS_TESTBED = str(Path(SHIPPED_TESTBED).parent / "testbed_lightness")
 
@@ -71,25 +70,37 @@ class Pipeline:
         texts = list(texts)
         if self.testbed:
             return self.tokenizer(texts)
-        return np.asarray(self.tokenizer(texts, padding="max_length", truncation=True,
-                                         max_length=self._max_length,
-                                         return_tensors="np").input_ids, np.int32)
+        return np.asarray(
+            self.tokenizer(
+                texts,
+                padding="max_length",
+                truncation=True,
+                max_length=self._max_length,
+                return_tensors="np",
+            ).input_ids,
+            np.int32,
+        )
 
     @property
     def _max_length(self) -> int:
         # The text encoder's positions bound it (a tokenizer without tokenizer_config.json
         # reports an effectively infinite model_max_length).
-        return min(self.tokenizer.model_max_length,
-                   self.model.text_encoder.config.max_position_embeddings)
+        return min(
+            self.tokenizer.model_max_length, self.model.text_encoder.config.max_position_embeddings
+        )
 
     def lengths(self, texts: Sequence[str]) -> np.ndarray:
         """Token counts with SOT and EOT (the attention-mask sums)."""
         texts = list(texts)
         if self.testbed:
             return (self.tokenizer(texts) != self.tokenizer.pad_token_id).sum(-1)
-        mask = self.tokenizer(texts, padding="max_length", truncation=True,
-                              max_length=self._max_length,
-                              return_tensors="np").attention_mask
+        mask = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self._max_length,
+            return_tensors="np",
+        ).attention_mask
         return np.asarray(mask).sum(-1)
 
     def embed(self, texts: Sequence[str]) -> jax.Array:
@@ -102,8 +113,9 @@ def _encode(text_encoder, ids):
     return text_encoder(ids)["last_hidden_state"]
 
 
-def load(folder: str | None = None, *, revision: str | None = None,
-         variant: str | None = None) -> Pipeline:
+def load(
+    folder: str | None = None, *, revision: str | None = None, variant: str | None = None
+) -> Pipeline:
     """The pipeline in ``folder`` (default: the shipped test-bed model), a diffusers-layout folder
     or a hub id ``org/name[@revision]`` (``jaxsafe.weights.hub.resolve``); ``variant`` picks
     ``*.<variant>.safetensors`` weights (``fp16``)."""
@@ -112,14 +124,19 @@ def load(folder: str | None = None, *, revision: str | None = None,
 
     folder = hub.resolve(str(folder or SHIPPED_TESTBED), revision=revision, variant=variant)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder {folder!r} not found: expected a diffusers-layout "
-                                "folder (a Stable Diffusion checkpoint or a test-bed export)")
+        raise FileNotFoundError(
+            f"model folder {folder!r} not found: expected a diffusers-layout "
+            "folder (a Stable Diffusion checkpoint or a test-bed export)"
+        )
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"{folder}/model_index.json not found: not a diffusers folder")
     index = read_json(os.path.join(folder, "model_index.json"), "the pipeline's index")
     testbed = "testbed_latent" in index
-    parts = diffusers.load_pipeline(folder, components=("unet", "text_encoder")
-                                    + (() if testbed else ("vae", "tokenizer")), variant=variant)
+    parts = diffusers.load_pipeline(
+        folder,
+        components=("unet", "text_encoder") + (() if testbed else ("vae", "tokenizer")),
+        variant=variant,
+    )
     for name in ("unet", "text_encoder"):
         if name not in parts:
             raise FileNotFoundError(f"{folder}: no {name}/ component")
@@ -137,12 +154,19 @@ def load(folder: str | None = None, *, revision: str | None = None,
         scale = vae.config.scaling_factor
         tokenizer = parts.get("tokenizer")
         decode = jax.jit(lambda z: jnp.clip(vae.decode(z / scale), -1.0, 1.0))
-        encode_image = jax.jit(lambda x: vae.encode(x).mode() * scale) if hasattr(
-            vae, "encode") else None
-    return Pipeline(model=T2I(unet, parts["text_encoder"]), tokenizer=tokenizer,
-                    scheduler=schedulers.SchedulerConfig.from_dict(parts["scheduler_config"]),
-                    latent_shape=(size, size, ch), decode=decode, encode_image=encode_image,
-                    folder=folder, testbed=testbed)
+        encode_image = (
+            jax.jit(lambda x: vae.encode(x).mode() * scale) if hasattr(vae, "encode") else None
+        )
+    return Pipeline(
+        model=T2I(unet, parts["text_encoder"]),
+        tokenizer=tokenizer,
+        scheduler=schedulers.SchedulerConfig.from_dict(parts["scheduler_config"]),
+        latent_shape=(size, size, ch),
+        decode=decode,
+        encode_image=encode_image,
+        folder=folder,
+        testbed=testbed,
+    )
 
 
 def from_config(model_config) -> Pipeline:
@@ -156,9 +180,15 @@ def make_generator(pipe: Pipeline, apply: Callable, encode: Callable, **sampling
     """``t2i.make_generator`` with the pipeline's tokenizer, scheduler, latent shape and decoder:
     ``generate(params, prompts, seeds, negative_prompts=None)`` with the (edited) denoiser
     ``apply(params, x, t, emb[, values])`` and text encoder ``encode(params, ids)``."""
-    return t2i.make_generator(apply, encode, pipe.tokenize, pipe.scheduler,
-                              latent_shape=pipe.latent_shape,
-                              decode=lambda _, z: pipe.decode(z), **sampling)
+    return t2i.make_generator(
+        apply,
+        encode,
+        pipe.tokenize,
+        pipe.scheduler,
+        latent_shape=pipe.latent_shape,
+        decode=lambda _, z: pipe.decode(z),
+        **sampling,
+    )
 
 
 _GENERATORS: dict = {}  # (folder, graphdef, sampling) -> generate; see generator()
@@ -171,7 +201,7 @@ def generator(pipe: Pipeline, graphdef, **sampling):
 
     The same (model folder, graph, sampling settings) get the same function back within a
     process, so its compiled sampler is reused: every edit of one model (the erasure table runs
-    dozens) shares one compilation instead of paying ~10-20 s each. The weights are arguments;
+    dozens) shares one compilation instead of compiling it again. The weights are arguments;
     what is baked in (tokenizer, scheduler, decoder) is the folder's."""
     try:
         key = (pipe.folder, graphdef, tuple(sorted(sampling.items())))
@@ -180,8 +210,12 @@ def generator(pipe: Pipeline, graphdef, **sampling):
         key = None
     if key is not None and key in _GENERATORS:
         return _GENERATORS[key]
-    out = make_generator(pipe, lambda s, x, t, e: nnx.merge(graphdef, *s)(x, t, e),
-                         lambda s, ids: nnx.merge(graphdef, *s).encode(ids), **sampling)
+    out = make_generator(
+        pipe,
+        lambda s, x, t, e: nnx.merge(graphdef, *s)(x, t, e),
+        lambda s, ids: nnx.merge(graphdef, *s).encode(ids),
+        **sampling,
+    )
     if key is not None:
         if len(_GENERATORS) >= _MAX_GENERATORS:
             _GENERATORS.pop(next(iter(_GENERATORS)))
@@ -210,9 +244,15 @@ def _primary_writes(name: str):
 
 
 @_primary_writes("jaxsafe.pipeline.save")
-def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
-         extra_files: dict[str, bytes] | None = None,
-         extra_tensors: dict[str, dict[str, np.ndarray]] | None = None) -> str:
+def save(
+    pipe: Pipeline,
+    out: str,
+    *,
+    unet=None,
+    text_encoder=None,
+    extra_files: dict[str, bytes] | None = None,
+    extra_tensors: dict[str, dict[str, np.ndarray]] | None = None,
+) -> str:
     """Writes ``out`` as a copy of the source folder with the edited ``unet`` / ``text_encoder``
     (NNX modules; None keeps the original files), ``extra_files`` (relative path -> bytes) and
     ``extra_tensors`` (relative path -> tensors, a checksummed safetensors file), atomically
@@ -224,8 +264,9 @@ def save(pipe: Pipeline, out: str, *, unet=None, text_encoder=None,
         if unet is not None:
             diffusers.save_unet(unet, unet.config, os.path.join(tmp, "unet"))
         if text_encoder is not None:
-            diffusers.save_text_encoder(text_encoder, text_encoder.config,
-                                        os.path.join(tmp, "text_encoder"))
+            diffusers.save_text_encoder(
+                text_encoder, text_encoder.config, os.path.join(tmp, "text_encoder")
+            )
         for rel, data in (extra_files or {}).items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
             Path(tmp, rel).write_bytes(data)
@@ -254,8 +295,14 @@ def atomic_folder(out: str):
 
 
 @_primary_writes("jaxsafe.pipeline.export_testbed")
-def export_testbed(unet, text_encoder, scheduler: schedulers.SchedulerConfig, tokenizer,
-                   latent: patch_pca.PatchPCA, folder: str) -> str:
+def export_testbed(
+    unet,
+    text_encoder,
+    scheduler: schedulers.SchedulerConfig,
+    tokenizer,
+    latent: patch_pca.PatchPCA,
+    folder: str,
+) -> str:
     """Writes a test-bed model as a diffusers-layout folder: ``unet/``, ``text_encoder/``,
     ``scheduler/scheduler_config.json`` (DDIMScheduler), ``tokenizer/`` (the word tokenizer's
     vocab.json + tokenizer_config.json; not listed in model_index.json, which jaxsafe reads as a
@@ -264,9 +311,15 @@ def export_testbed(unet, text_encoder, scheduler: schedulers.SchedulerConfig, to
     from jaxsafe.weights import diffusers
 
     sched = {"_class_name": "DDIMScheduler", **dataclasses.asdict(scheduler)}
-    diffusers.save_pipeline({"unet": unet, "text_encoder": text_encoder,
-                             "scheduler_config": sched,
-                             "model_index": {"testbed_latent": patch_pca.LATENT_FILE}}, folder)
+    diffusers.save_pipeline(
+        {
+            "unet": unet,
+            "text_encoder": text_encoder,
+            "scheduler_config": sched,
+            "model_index": {"testbed_latent": patch_pca.LATENT_FILE},
+        },
+        folder,
+    )
     tokenizer.save(os.path.join(folder, "tokenizer"))
     patch_pca.save(latent, folder)
     return folder

@@ -1,23 +1,23 @@
-"""Post-training weight quantisation, PFGM++'s model-compression robustness probe.
+r"""Post-training weight quantisation, PFGM++'s model-compression robustness probe.
 
 Xu et al., "PFGM++: Unlocking the Potential of Physics-Inspired Generative Models", ICML 2023,
-robustness experiments (smaller D degrades less when the trained weights are quantised); the
-form follows the reference code Newbeeer/pfgmpp generate_quant.py `quantize_tensor` /
-`dequantize_tensor` (b = 5, 6 there) applied per parameter tensor. Each tensor W is
-replaced by its per-tensor uniform (affine) b-bit quantisation, de-quantised back to floats:
+robustness experiments (smaller D degrades less when the trained weights are quantised); the form
+follows the reference ``Newbeeer/pfgmpp`` ``generate_quant.py`` (``quantize_tensor`` /
+``dequantize_tensor``, b = 5, 6 there). Each parameter tensor W is replaced by its uniform
+(affine) b-bit quantisation, de-quantised back to floats:
 
-    s = (max W − min W) / (2^b − 1),   z = round(−min W / s),
-    q = clip(round(W / s + z), 0, 2^b − 1),   Ŵ = s (q − z),
+.. math::
 
-so Ŵ takes at most 2^b values, and |Ŵ − W| ≤ s / 2 for every entry.
+    s = \frac{\max W - \min W}{2^b - 1}, \quad z = \mathrm{round}(-\min W / s), \quad
+    q = \mathrm{clip}\bigl(\mathrm{round}(W / s + z), 0, 2^b - 1\bigr), \quad \hat W = s\,(q - z),
 
-Deviations from the reference, both only at range edges: (1) the range is widened to contain 0
-(min W ← min(min W, 0), max W ← max(max W, 0), as PyTorch's observers do); the reference instead
-clamps z into [0, 2^b − 1], which clips all-positive or all-negative tensors; (2) z is rounded,
-where the reference truncates it with int(), which can clip the smallest weights by up to one step
-s instead of s/2. For tensors straddling 0 (conv/linear weights) the grids otherwise coincide.
-The reference quantises only conv/linear `weight`s outside norm, affine (embedding), mapping and
-32×32-resolution layers; pass `include` to select leaves by name the same way.
+so Ŵ takes at most 2^b values and :math:`|\hat W - W| \le s/2` everywhere. Deviations, both at
+range edges: (1) the range is widened to contain 0 (as PyTorch's observers do), where the
+reference clamps z into [0, 2^b − 1] and so clips all-positive or all-negative tensors; (2) z is
+rounded, where the reference truncates it with ``int()`` (clipping the smallest weights by up to
+s instead of s/2). For tensors straddling 0 the grids coincide. The reference quantises only
+conv/linear weights outside norm, embedding, mapping and 32×32-resolution layers; ``include``
+selects leaves by name the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _check_bits(bits):
 
 
 def quantize_tensor(w, bits: int):
-    """Ŵ = s (q − z): per-tensor b-bit uniform quantisation of one floating array (see module doc)."""
+    """Ŵ = s (q − z): per-tensor b-bit uniform quantisation of one floating array."""
     _check_bits(bits)
     w = jnp.asarray(w)
     compute = jnp.promote_types(w.dtype, jnp.float32)  # bf16/f16 lack the integers up to 2^b
@@ -59,7 +59,8 @@ def quantize_params(params, bits: int, *, include=None):
       include: optional `include(name) -> bool` on the leaf's `jaxsafe.treepath.path_name`
         ('blocks/0/conv/kernel'); leaves it rejects are returned unchanged.
 
-    Returns a pytree of the same structure, dtypes and shapes.
+    Returns:
+      A pytree of the same structure, dtypes and shapes.
     """
     _check_bits(bits)
 

@@ -1,39 +1,26 @@
-"""EDM's Heun sampler (with optional churn) and an Euler sampler, for EDM and PFGM++ alike.
+r"""EDM's Heun sampler (with optional churn) and an Euler sampler, for EDM and PFGM++ alike.
 
 Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", NeurIPS 2022,
-Algorithm 2 (reference: NVlabs/edm generate.py `edm_sampler`). The probability-flow ODE
+Algorithm 2 (reference ``NVlabs/edm`` ``generate.py::edm_sampler``). The probability-flow ODE
+dx/dσ = (x − D(x; σ)) / σ is integrated from σ_0 = σ_max down the schedule of
+:func:`jaxsafe.diffusion.edm.edm_sigma_steps` to σ_N = 0. At step i, with
+γ_i = min(S_churn / N, √2 − 1) if S_min ≤ σ_i ≤ S_max else 0, and ε ~ N(0, I):
 
-    dx/dσ = (x − D(x; σ)) / σ
+.. math::
 
-is integrated from σ_0 = σ_max down the schedule σ_0 > ... > σ_{N-1} = σ_min > σ_N = 0 of
-`edm.edm_sigma_steps`. At step i, with γ_i = min(S_churn / N, √2 − 1) if S_min ≤ σ_i ≤ S_max else 0:
+    \hat\sigma = \sigma_i (1 + \gamma_i), \quad
+    \hat x = x_i + \sqrt{\hat\sigma^2 - \sigma_i^2}\; S_\mathrm{noise}\, \epsilon, \quad
+    d = \frac{\hat x - D(\hat x; \hat\sigma)}{\hat\sigma}, \quad
+    \tilde x = \hat x + (\sigma_{i+1} - \hat\sigma)\, d,
 
-    σ̂ = σ_i (1 + γ_i),   x̂ = x_i + √(σ̂² − σ_i²) S_noise ε              (churn)
-    d = (x̂ − D(x̂; σ̂)) / σ̂,   x_{i+1} = x̂ + (σ_{i+1} − σ̂) d             (Euler)
-    d' = (x_{i+1} − D(x_{i+1}; σ_{i+1})) / σ_{i+1}                         (Heun, i < N − 1)
-    x_{i+1} = x̂ + (σ_{i+1} − σ̂) (d + d') / 2
+    x_{i+1} = \hat x + (\sigma_{i+1} - \hat\sigma)\, \tfrac12 (d + d'), \qquad
+    d' = \frac{\tilde x - D(\tilde x; \sigma_{i+1})}{\sigma_{i+1}},
 
-so N steps cost 2N − 1 denoiser evaluations (35 for N = 18): the last step, to σ = 0, is Euler.
-
-PFGM++ (Xu et al., ICML 2023) uses the same sampler for every D. Its ODE is
-dx/dr = E_{p_r(y|x)}[x − y] / r = (x − D(x; σ)) / r with D(x; σ) the posterior mean of y under
-the heavy-tailed kernel; with r = σ √D, dr = √D dσ and this is the EDM ODE above (reference
-generate.py integrates exactly it, in σ, with D's prior as latents). Only the prior (pass
-`pfgmpp.prior_sample(..., D)` as `latents`) and what D(x; σ) converges to in training differ.
-
-Robustness probe (PFGM++'s "model robustness versus D" experiments, `noise_injection_alpha` = α):
-before step i the state is perturbed as x_i ← x_i + α σ_i ε, ε ~ N(0, I), noise of standard
-deviation α r_i/√D = α σ_i. The exact form follows the reference generate_alpha.py
-(`x_cur += randn_like(x_cur) * t_cur * alpha`): once per step i = 0..N−1, σ_0 = σ_max included,
-before churn, not once per denoiser evaluation.
-
-Classifier-free guidance (`guidance` = w):
-D_w(x; σ) = (1 − w) D(x; σ, None) + w D(x; σ, labels) = D_u + w (D_c − D_u), so w = 0 is the
-unconditional and w = 1 the plain conditional model (Ho & Salimans' guidance scale is w − 1).
-`None` labels must mean "unconditional" to the denoiser (e.g. the null label of CFG training).
-With guidance each denoiser evaluation calls the denoiser twice.
-
-Everything runs in one `lax.fori_loop`, so `jax.jit` compiles a whole sampling run once.
+with the last step, to σ = 0, plain Euler (x_N = x̃): N steps cost 2N − 1 denoiser evaluations.
+PFGM++ (Xu et al., ICML 2023; ``Newbeeer/pfgmpp`` ``generate.py``) uses the same sampler for
+every D: its ODE dx/dr = (x − D(x; σ)) / r is this one with r = σ√D, so only the prior (pass
+``pfgmpp.prior_sample(..., D)`` as ``latents``) and the trained denoiser differ. The whole run is
+one ``lax.fori_loop``, so ``jax.jit`` compiles it once.
 """
 
 from __future__ import annotations
@@ -75,7 +62,9 @@ def _guided_denoiser(denoiser, class_labels, guidance, batch, dtype):
     def call(x, sigma, labels):
         out = denoiser(x, jnp.full((batch,), sigma, dtype), labels)
         if out.shape != x.shape:
-            raise ValueError(f"denoiser must return an array of the latents' shape {x.shape}, got {out.shape}.")
+            raise ValueError(
+                f"denoiser must return an array of the latents' shape {x.shape}, got {out.shape}."
+            )
         return out.astype(dtype)
 
     if guidance is None:
@@ -114,10 +103,15 @@ def _sample(
     dtype = _sampling_dtype(dtype, latents)
     batch = latents.shape[0]
     if class_labels is not None and jnp.shape(class_labels)[:1] != (batch,):
-        raise ValueError(f"class_labels must have leading dimension {batch}, got shape {jnp.shape(class_labels)}.")
+        raise ValueError(
+            f"class_labels must have leading dimension {batch}, "
+            f"got shape {jnp.shape(class_labels)}."
+        )
     churn, inject = _is_nonzero(S_churn), _is_nonzero(noise_injection_alpha)
     if (churn or inject) and rng is None:
-        raise ValueError("rng is required when S_churn > 0 or noise_injection_alpha > 0; got rng=None.")
+        raise ValueError(
+            "rng is required when S_churn > 0 or noise_injection_alpha > 0; got rng=None."
+        )
 
     t = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype)
     in_window = (S_min <= t[:-1]) & (t[:-1] <= S_max)
@@ -133,7 +127,8 @@ def _sample(
         t_hat, x_hat = t_cur, x
         if churn:
             t_hat = t_cur + gamma[i] * t_cur
-            # √(σ̂² − σ²) = σ √(γ (2 + γ)): no cancellation (a fused σ̂² − σ² can round below 0 at γ = 0).
+            # √(σ̂² − σ²) = σ √(γ (2 + γ)): no cancellation (a fused σ̂² − σ² can round below 0
+            # at γ = 0).
             std = t_cur * jnp.sqrt(gamma[i] * (2 + gamma[i]))
             x_hat = x + std * S_noise * jax.random.normal(k_churn, x.shape, dtype)
         d_cur = (x_hat - D(x_hat, t_hat)) / t_hat
@@ -175,8 +170,15 @@ def heun_sampler(
       num_steps, sigma_min, sigma_max, rho: the schedule of `edm.edm_sigma_steps`.
       S_churn, S_min, S_max, S_noise: EDM's stochasticity (off with S_churn = 0, the default).
       class_labels: passed to the denoiser, leading dimension B.
-      guidance: classifier-free guidance weight w (see the module docstring), or None.
-      noise_injection_alpha: α of the PFGM++ robustness probe, 0 = off.
+      guidance: classifier-free guidance weight w, or None: the denoiser becomes
+        D_w(x; σ) = D(x; σ, None) + w (D(x; σ, labels) − D(x; σ, None)), so w = 0 is the
+        unconditional and w = 1 the plain conditional model (Ho & Salimans' scale is w − 1).
+        ``None`` labels must mean "unconditional" to the denoiser (e.g. CFG training's null
+        label); every evaluation then calls the denoiser twice.
+      noise_injection_alpha: α of PFGM++'s robustness probe ("model robustness versus D"), 0 =
+        off: before step i = 0..N−1 (σ_0 = σ_max included, before churn) x_i ← x_i + α σ_i ε,
+        noise of standard deviation α r_i/√D = α σ_i, as the reference ``generate_alpha.py``
+        (``x_cur += randn_like(x_cur) * t_cur * alpha``).
       rng: PRNG key, required when S_churn > 0 or noise_injection_alpha > 0.
       dtype: sampling precision (default: the latents'); float64 needs jax_enable_x64.
     """
@@ -216,7 +218,8 @@ def euler_sampler(
 ):
     """First-order Euler integration of the same ODE on the same schedule: N evaluations.
 
-    Arguments as for `heun_sampler` (no churn, no second-order correction).
+    Takes the arguments of :func:`heun_sampler` except the churn ones (no churn, no second-order
+    correction).
     """
     return _sample(
         denoiser,

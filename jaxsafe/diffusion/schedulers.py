@@ -1,58 +1,28 @@
 r"""Discrete-time diffusion schedulers (DDPM, DDIM, Euler) as pure functions, diffusers-compatible.
 
-Forward process (Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020, eq. 4), with
-β_1..β_T, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s (0-based t here, as in diffusers):
+Forward process (Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020, eq. 4) with
+β_0..β_{T−1} (0-based t, as in diffusers), α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s, and the v target
+(Salimans & Ho, "Progressive Distillation", ICLR 2022):
 
-    x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε                                             (`add_noise`)
-    v_t = √ᾱ_t ε − √(1 − ᾱ_t) x_0          (Salimans & Ho, "Progressive Distillation", ICLR 2022)
+.. math::
 
-so the network's output converts to x̂_0 and ε̂ (`predict_x0`) as
+    x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon, \qquad
+    v_t = \sqrt{\bar\alpha_t}\, \epsilon - \sqrt{1 - \bar\alpha_t}\, x_0.
 
-    epsilon:       x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
-    v_prediction:  x̂_0 = √ᾱ_t x_t − √(1−ᾱ_t) v̂,     ε̂ = √ᾱ_t v̂ + √(1−ᾱ_t) x_t
-    sample:        x̂_0 = output,                      ε̂ = (x_t − √ᾱ_t x̂_0) / √(1−ᾱ_t)
+Betas are ``linear``, β = linspace(β_start, β_end, T), or ``scaled_linear`` (latent diffusion),
+β = linspace(√β_start, √β_end, T)²; :class:`SchedulerConfig`'s defaults are Stable Diffusion's.
+Inference timesteps follow Lin et al., "Common Diffusion Noise Schedules and Sample Steps are
+Flawed", WACV 2024, Table 2 (:func:`timesteps`). The steps are DDPM's ancestral step
+(:func:`ddpm_step`), DDIM (Song et al., ICLR 2021; :func:`ddim_step`) and Karras et al.'s Euler
+step as diffusers' ``EulerDiscreteScheduler`` takes it (:func:`euler_step`); :func:`sample_loop`
+runs a whole reverse process. Results match diffusers 0.42.1, quirks included (docs/diffusion.md,
+"Discrete-time schedulers").
 
-Betas: 'linear' β = linspace(β_start, β_end, T); 'scaled_linear' (latent diffusion / SD)
-β = linspace(√β_start, √β_end, T)². Stable Diffusion's defaults (the `SchedulerConfig` defaults):
-T = 1000, β_start = 0.00085, β_end = 0.012, scaled_linear, steps_offset = 1, set_alpha_to_one = False.
-
-Inference timesteps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed",
-WACV 2024, Table 2), N steps, in decreasing order:
-    linspace: round(linspace(0, T−1, N));  leading: (0..N−1)·⌊T/N⌋ + steps_offset;
-    trailing: round(T − i·T/N) − 1, i = 0..N−1.
-
-Steps, from t to the previous timestep t' (t' < 0 means "past the end": ᾱ_{t'} is then ᾱ_0 for
-DDIM unless set_alpha_to_one, and 1 for DDPM, as in diffusers):
-
-* DDPM (Ho et al. 2020, eqs. 6–7), variance "fixed_small" β̃:
-      x_{t'} = √ᾱ_{t'} β_t/(1−ᾱ_t) x̂_0 + √α_t (1−ᾱ_{t'})/(1−ᾱ_t) x_t + √β̃_t z,
-      α_t = ᾱ_t/ᾱ_{t'}, β_t = 1 − α_t, β̃_t = (1−ᾱ_{t'})/(1−ᾱ_t) β_t (clamped ≥ 1e-20; no z at t = 0).
-* DDIM (Song et al., "Denoising Diffusion Implicit Models", ICLR 2021, eqs. 12 and 16; the paper's
-  α is our ᾱ):
-      x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ_t²) ε̂ + σ_t z,
-      σ_t = η √((1−ᾱ_{t'})/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t'}).
-* Euler (Karras et al., "Elucidating the Design Space", NeurIPS 2022, Alg. 1 / k-diffusion, as in
-  diffusers' EulerDiscreteScheduler): in the variance-exploding variable x = x_t/√ᾱ_t with
-  σ_t = √((1−ᾱ_t)/ᾱ_t), interpolated linearly in t for the inference timesteps and σ_N = 0,
-      x_{i+1} = x_i + (σ_{i+1} − σ_i)(x_i − x̂_0)/σ_i,
-  the network sees x_i/√(σ_i² + 1) (= x_t), and sampling starts from init_noise_sigma · ε with
-  init_noise_sigma = √(σ_max² + 1) for 'leading', σ_max for 'linspace'/'trailing' (diffusers).
-  epsilon: x̂_0 = x − σ ε̂;  v_prediction: x̂_0 = −σ/√(σ²+1) v̂ + x/(σ²+1).
-
-Reproducing diffusers (checked against 0.42.1), including its quirks:
-* schedule constants are computed in float64 and rounded to float32 once (diffusers computes them
-  in torch float32, CompVis' latent-diffusion code in float64): ᾱ_t and σ_t differ from diffusers'
-  by its float32 rounding error, at most ~1e-6 relative;
-* DDIM's previous timestep is t − ⌊T/N⌋ whatever the spacing (diffusers `DDIMScheduler.step`);
-  for 'linspace'/'trailing' spacing with T mod N ≠ 0 this is not always the next timestep of the
-  sequence (the DDIM paper's τ_{i−1}); DDPM's previous timestep is the next one of the sequence;
-* Euler timesteps are float32 and not rounded for 'linspace' (diffusers passes them to the UNet);
-* `clip_sample` clamps x̂_0 to [−clip_sample_range, clip_sample_range] in DDPM and DDIM (ε̂ keeps
-  its unclipped value); Euler ignores it, as diffusers' EulerDiscreteScheduler has no such option.
-Deviation: diffusers' 'trailing' spacing is `round(arange(T, 0, −T/N)) − 1`, which for some N
-(e.g. T = 1000, N = 61) yields N + 1 timesteps ending at −1; here the first N are kept.
-Not implemented (rejected by `SchedulerConfig.from_dict`): trained_betas, squaredcos_cap_v2,
-zero-SNR rescaling, dynamic thresholding, learned variances, Karras/exponential sigmas, Euler churn.
+Deviation: diffusers' ``trailing`` spacing, ``round(arange(T, 0, −T/N)) − 1``, yields N + 1
+timesteps ending at −1 for some N (e.g. T = 1000, N = 61); here the first N are kept. Not
+implemented (rejected by :meth:`SchedulerConfig.from_dict`): trained_betas, squaredcos_cap_v2,
+zero-SNR rescaling, dynamic thresholding, learned variances, Karras/exponential sigmas, Euler
+churn.
 """
 
 from __future__ import annotations
@@ -111,7 +81,12 @@ _UNSUPPORTED = {
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """A diffusers scheduler config (the fields the maths uses); hashable, so usable as a static arg."""
+    """A diffusers scheduler config (the fields the maths uses).
+
+    Hashable, so usable as a static argument. The defaults are Stable Diffusion's: T = 1000,
+    β_start = 0.00085, β_end = 0.012, ``scaled_linear``, ``steps_offset = 1``,
+    ``set_alpha_to_one = False``.
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -127,8 +102,11 @@ class SchedulerConfig:
     def __post_init__(self):
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}.")
-        for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
-                              ("timestep_spacing", SPACINGS)):
+        for name, allowed in (
+            ("beta_schedule", BETA_SCHEDULES),
+            ("prediction_type", PREDICTION_TYPES),
+            ("timestep_spacing", SPACINGS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.clip_sample_range <= 0:
@@ -142,15 +120,19 @@ class SchedulerConfig:
         timestep_spacing default is 'linspace', DDIMScheduler's set_alpha_to_one default True)."""
         for key, ok in _UNSUPPORTED.items():
             if key in d and d[key] not in ok:
-                raise ValueError(f"scheduler config {key}={d[key]!r} is not supported (expected one of {ok}).")
+                raise ValueError(
+                    f"scheduler config {key}={d[key]!r} is not supported (expected one of {ok})."
+                )
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
 def _check_steps(config: SchedulerConfig, num_inference_steps: int):
     if not 1 <= num_inference_steps <= config.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {config.num_train_timesteps}] "
-                         f"(num_train_timesteps), got {num_inference_steps}.")
+        raise ValueError(
+            f"num_inference_steps must be in [1, {config.num_train_timesteps}] "
+            f"(num_train_timesteps), got {num_inference_steps}."
+        )
 
 
 @functools.cache
@@ -188,18 +170,30 @@ def _np_timesteps(config: SchedulerConfig, n: int, dtype) -> np.ndarray:
         # for some n, the last being 0 → timestep −1, which is dropped here.
         t = np.round(np.arange(T, 0, -T / n)[:n]).astype(dtype) - 1
     if t.max() > T - 1:
-        raise ValueError(f"steps_offset={config.steps_offset} pushes the first of num_inference_steps="
-                         f"{n} leading timesteps to {t.max()}, past num_train_timesteps - 1 = {T - 1}.")
+        raise ValueError(
+            f"steps_offset={config.steps_offset} pushes the first of num_inference_steps="
+            f"{n} leading timesteps to {t.max()}, past num_train_timesteps - 1 = {T - 1}."
+        )
     return t
 
 
 def timesteps(config: SchedulerConfig, num_inference_steps: int) -> jax.Array:
-    """The N integer timesteps of DDPM/DDIM, decreasing (diffusers' `scheduler.timesteps`), int32."""
+    """The N integer timesteps of DDPM/DDIM, decreasing (diffusers' ``scheduler.timesteps``).
+
+    By ``timestep_spacing`` (Lin et al., WACV 2024, Table 2): ``linspace``
+    round(linspace(0, T−1, N)); ``leading`` (0..N−1)·⌊T/N⌋ + steps_offset; ``trailing``
+    round(T − i·T/N) − 1, i = 0..N−1. Returns int32 (N,).
+    """
     return jnp.asarray(_np_timesteps(config, num_inference_steps, np.int64).astype(np.int32))
 
 
 def previous_timesteps(config: SchedulerConfig, kind: str, num_inference_steps: int) -> jax.Array:
-    """t' for each of `timesteps`: t − ⌊T/N⌋ for DDIM, the next timestep (−1 last) for DDPM."""
+    """t' for each of `timesteps`: t − ⌊T/N⌋ for DDIM, the next timestep (−1 last) for DDPM.
+
+    DDIM's t − ⌊T/N⌋ whatever the spacing is diffusers' ``DDIMScheduler.step``; for ``linspace``
+    or ``trailing`` spacing with T mod N ≠ 0 it is not always the next timestep of the sequence
+    (the DDIM paper's τ_{i−1}).
+    """
     t = _np_timesteps(config, num_inference_steps, np.int64).astype(np.int32)
     if kind == "ddim":
         return jnp.asarray(t - config.num_train_timesteps // num_inference_steps)
@@ -214,7 +208,10 @@ def euler_timesteps(config: SchedulerConfig, num_inference_steps: int) -> jax.Ar
 
 
 def euler_sigmas(config: SchedulerConfig, num_inference_steps: int) -> jax.Array:
-    """σ at the N Euler timesteps (linear interpolation of √((1−ᾱ_t)/ᾱ_t) in t), then σ_N = 0; (N+1,)."""
+    """σ at the N Euler timesteps, then σ_N = 0; float32 (N + 1,).
+
+    σ_t = √((1−ᾱ_t)/ᾱ_t), interpolated linearly in t at fractional timesteps.
+    """
     return jnp.asarray(_np_euler_sigmas(config, num_inference_steps))
 
 
@@ -226,7 +223,11 @@ def _np_euler_sigmas(config: SchedulerConfig, n: int) -> np.ndarray:
 
 
 def init_noise_sigma(config: SchedulerConfig, kind: str, num_inference_steps: int) -> float:
-    """Scale of the initial noise x_T = init_noise_sigma · ε: 1 for DDPM/DDIM; for Euler see module doc."""
+    """Scale of the initial noise x_T = init_noise_sigma · ε.
+
+    1 for DDPM/DDIM; for Euler √(σ_max² + 1) with ``leading`` spacing and σ_max with
+    ``linspace`` / ``trailing`` spacing, as diffusers.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
     if kind != "euler":
@@ -274,8 +275,18 @@ def _x0_eps(config: SchedulerConfig, x_t, out, ab):
 
 
 def predict_x0(config: SchedulerConfig, x_t, model_output, t):
-    """x̂_0 from an epsilon / v / sample prediction at timestep t (scalar or (B,)), clipped if
-    config.clip_sample."""
+    r"""x̂_0 from an epsilon / v / sample prediction at timestep t (scalar or (B,)).
+
+    .. math::
+
+        \hat x_0 = \frac{x_t - \sqrt{1 - \bar\alpha_t}\, \hat\epsilon}{\sqrt{\bar\alpha_t}}
+        \ \text{(epsilon)}, \qquad
+        \hat x_0 = \sqrt{\bar\alpha_t}\, x_t - \sqrt{1 - \bar\alpha_t}\, \hat v
+        \ \text{(v_prediction)},
+
+    and the output itself for ``sample``; clamped to ±``clip_sample_range`` if
+    ``config.clip_sample``.
+    """
     return _x0_eps(config, x_t, model_output, _alpha_bar(config, t, x_t))[0]
 
 
@@ -285,7 +296,18 @@ def _alpha_bar_prev(config, t_prev, x, final):
 
 
 def ddim_step(config: SchedulerConfig, model_output, t, t_prev, x_t, *, eta=0.0, noise=None):
-    """DDIM eq. 12 from t to t_prev (< 0: ᾱ = 1 if set_alpha_to_one else ᾱ_0); noise z for η > 0."""
+    r"""DDIM (Song et al., ICLR 2021, eqs. 12 and 16; their α is our ᾱ) from t to t_prev.
+
+    .. math::
+
+        x_{t'} = \sqrt{\bar\alpha_{t'}}\, \hat x_0
+            + \sqrt{1 - \bar\alpha_{t'} - \sigma_t^2}\, \hat\epsilon + \sigma_t z, \qquad
+        \sigma_t = \eta \sqrt{\frac{1 - \bar\alpha_{t'}}{1 - \bar\alpha_t}}
+            \sqrt{1 - \frac{\bar\alpha_t}{\bar\alpha_{t'}}}.
+
+    t_prev < 0 means past the end: ᾱ_{t'} = 1 if ``set_alpha_to_one`` else ᾱ_0. ``noise`` (z)
+    is required for η > 0. With ``clip_sample`` x̂_0 is clamped and ε̂ keeps its unclipped value.
+    """
     final = 1.0 if config.set_alpha_to_one else alphas_cumprod(config)[0]
     ab, ab_prev = _alpha_bar(config, t, x_t), _alpha_bar_prev(config, t_prev, x_t, final)
     x0, eps = _x0_eps(config, x_t, model_output, ab)
@@ -299,7 +321,18 @@ def ddim_step(config: SchedulerConfig, model_output, t, t_prev, x_t, *, eta=0.0,
 
 
 def ddpm_step(config: SchedulerConfig, model_output, t, t_prev, x_t, noise):
-    """Ancestral DDPM step (Ho et al. eqs. 6–7, variance β̃ "fixed_small") from t to t_prev (< 0: ᾱ = 1)."""
+    r"""Ancestral DDPM step (Ho et al. 2020, eqs. 6–7) from t to t_prev, variance "fixed_small".
+
+    .. math::
+
+        x_{t'} = \frac{\sqrt{\bar\alpha_{t'}}\, \beta_t}{1 - \bar\alpha_t}\, \hat x_0
+            + \frac{\sqrt{\alpha_t}\, (1 - \bar\alpha_{t'})}{1 - \bar\alpha_t}\, x_t
+            + \sqrt{\tilde\beta_t}\, z, \qquad
+        \tilde\beta_t = \frac{1 - \bar\alpha_{t'}}{1 - \bar\alpha_t}\, \beta_t,
+
+    with α_t = ᾱ_t/ᾱ_{t'} and β_t = 1 − α_t between the two timesteps, β̃_t clamped at ≥ 1e-20
+    and no noise at t = 0; t_prev < 0 means ᾱ_{t'} = 1, as in diffusers.
+    """
     ab, ab_prev = _alpha_bar(config, t, x_t), _alpha_bar_prev(config, t_prev, x_t, 1.0)
     alpha, beta = ab / ab_prev, 1 - ab / ab_prev
     x0, _ = _x0_eps(config, x_t, model_output, ab)
@@ -314,7 +347,13 @@ def euler_scale_input(sigma, x):
 
 
 def euler_step(config: SchedulerConfig, model_output, sigma, sigma_next, x):
-    """One Euler step of dx/dσ = (x − x̂_0)/σ from σ to σ_next, x̂_0 from the model output at σ."""
+    """One Euler step of dx/dσ = (x − x̂_0)/σ from σ to σ_next, x̂_0 from the model output at σ.
+
+    Karras et al., NeurIPS 2022, Alg. 1, as diffusers' ``EulerDiscreteScheduler``: x is the
+    variance-exploding variable x_t/√ᾱ_t and σ = √((1−ᾱ_t)/ᾱ_t); x̂_0 = x − σ ε̂ for epsilon and
+    −σ/√(σ²+1) v̂ + x/(σ²+1) for v_prediction. ``clip_sample`` is ignored, as diffusers' Euler
+    scheduler has no such option.
+    """
     s, s_next = _bcast(sigma, x), _bcast(sigma_next, x)
     if config.prediction_type == "epsilon":
         x0 = x - s * model_output
@@ -338,13 +377,25 @@ def _as_keys(rng, batch):
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng)
     if rng.ndim not in (0, 1) or (rng.ndim == 1 and rng.shape[0] != batch):
-        raise ValueError(f"rng must be one PRNG key or a batch of {batch} keys (one per sample), "
-                         f"got key shape {rng.shape}.")
+        raise ValueError(
+            f"rng must be one PRNG key or a batch of {batch} keys (one per sample), "
+            f"got key shape {rng.shape}."
+        )
     return rng
 
 
-def sample_loop(config: SchedulerConfig, kind: str, denoise_fn: Callable, x_T, num_inference_steps: int, *,
-                eta=0.0, rng=None, noise=None, return_trajectory: bool = False):
+def sample_loop(
+    config: SchedulerConfig,
+    kind: str,
+    denoise_fn: Callable,
+    x_T,
+    num_inference_steps: int,
+    *,
+    eta=0.0,
+    rng=None,
+    noise=None,
+    return_trajectory: bool = False,
+):
     """The whole reverse process in one `lax.scan`, as a diffusers pipeline runs `set_timesteps`
     then `scale_model_input` → model → `step` for each timestep.
 
@@ -371,16 +422,22 @@ def sample_loop(config: SchedulerConfig, kind: str, denoise_fn: Callable, x_T, n
         raise ValueError(f"x_T must have a batch axis (B, ...), got shape {x_T.shape}.")
     dtype = jnp.promote_types(x_T.dtype, jnp.float32)
     n = num_inference_steps
-    stochastic = kind == "ddpm" or (kind == "ddim" and not (isinstance(eta, (int, float)) and eta == 0))
+    stochastic = kind == "ddpm" or (
+        kind == "ddim" and not (isinstance(eta, (int, float)) and eta == 0)
+    )
     if noise is not None:
         if jnp.shape(noise) != (n, *x_T.shape):
-            raise ValueError(f"noise must have shape (num_inference_steps, *x_T.shape) = {(n, *x_T.shape)}, "
-                             f"got {jnp.shape(noise)}.")
+            raise ValueError(
+                f"noise must have shape (num_inference_steps, *x_T.shape) = {(n, *x_T.shape)}, "
+                f"got {jnp.shape(noise)}."
+            )
         if rng is not None:
             raise ValueError("pass either rng or noise, not both.")
     elif stochastic:
         if rng is None:
-            raise ValueError(f"sample_loop(kind={kind!r}, eta={eta}) needs rng (or noise); got rng=None.")
+            raise ValueError(
+                f"sample_loop(kind={kind!r}, eta={eta}) needs rng (or noise); got rng=None."
+            )
         rng = _as_keys(rng, x_T.shape[0])
 
     def noise_at(i, z):
@@ -391,7 +448,9 @@ def sample_loop(config: SchedulerConfig, kind: str, denoise_fn: Callable, x_T, n
     def call(x_in, t):
         out = denoise_fn(x_in, t)
         if out.shape != x_in.shape:
-            raise ValueError(f"denoise_fn must return the sample's shape {x_in.shape}, got {out.shape}.")
+            raise ValueError(
+                f"denoise_fn must return the sample's shape {x_in.shape}, got {out.shape}."
+            )
         return out.astype(dtype)
 
     idx = jnp.arange(n)

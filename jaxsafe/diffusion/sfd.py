@@ -2,25 +2,24 @@ r"""Score Forgetting Distillation (SFD): SiD with a forgetting term, data-free u
 
 Chen, Zhang, Zhou, "Score Forgetting Distillation: A Swift, Data-Free Method for Machine
 Unlearning in Diffusion Models", ICLR 2025 (arXiv:2409.11219); reference code
-``tqch/score-forgetting-distillation`` (``DDPM/runners/diffusion.py`` ``train_sfd``,
+``tqch/score-forgetting-distillation`` (``DDPM/runners/diffusion.py::train_sfd``,
 ``DDPM/functions/losses.py`` ``sid_g_loss_conditional`` / ``sid_sg_loss_conditional``,
-``DDPM/configs/cifar10_sfd.yml``; ``SD/training/training_loop.py``, ``SD/training/dataset.py``).
+``DDPM/configs/cifar10_sfd.yml``; ``SD/training/training_loop.py``). Every step of
+:func:`jaxsafe.diffusion.sid.make_sid_step` runs two equally large batches: the *remaining* one
+(conditions c drawn from the kept classes; G, f_ψ and the teacher f_φ all at c: plain SiD) and
+the *forgetting* one (the forgotten class c_f for G and f_ψ, the override c_o for the teacher, so
+that G's c_f distribution is pulled to the teacher's c_o one). With L_SiD(c; c′) the SiD loss
+with G and f_ψ at c and f_φ at c′,
 
-Every step of :func:`jaxsafe.diffusion.sid.make_sid_step` runs two equally large batches:
+.. math::
 
-* remaining: conditions c drawn from the classes kept, G, f_ψ and the teacher f_φ all at c
-  (plain SiD), weight 1;
-* forgetting: the forgotten class c_f for G and f_ψ, the **override** c_o for the teacher, so
-  that G's c_f distribution is pulled to the teacher's c_o one, weight λ = 0.01 in both the
-  fake-score and the generator loss (``sg_forget_coef``, ``g_forget_coef``; the SD script
-  ``run_sfd.sh`` uses 1.0).
+    L_G = L_\mathrm{SiD}(c; c) + \lambda\, L_\mathrm{SiD}(c_f; c_o), \qquad
+    L_\psi = L_\mathrm{EDM}(c) + \lambda\, L_\mathrm{EDM}(c_f),
 
-Per step, in the generator loss L = L_SiD(c; c) + λ L_SiD(c_f; c_o), L_SiD(c; c′) the SiD loss
-with G and f_ψ conditioned on c and f_φ on c′; in the fake-score loss
-L_ψ = L_EDM(c) + λ L_EDM(c_f). With c_o = c_f the forgetting term is SiD's own. No training
-image is read. The reference's CIFAR-10 code distils a DDPM (t_init = 440, i.e. σ ≈ 2.5,
-t ∈ [38, 712)); this library distils EDM / PFGM++ teachers with SiD's σ schedule
-(``jaxsafe.diffusion.sid``), the deviation listed in docs/sfd.md.
+λ = 0.01 (``sg_forget_coef``, ``g_forget_coef``; the SD script ``run_sfd.sh`` uses 1.0). No
+training image is read. Deviation: the reference's CIFAR-10 code distils a DDPM (t_init = 440,
+σ ≈ 2.5); here EDM / PFGM++ teachers with SiD's σ schedule (docs/sfd.md, "Decisions and
+deviations from the authors' code").
 """
 
 from __future__ import annotations
@@ -35,9 +34,14 @@ from jaxsafe.diffusion.sid import SiDTerm
 __all__ = ["class_terms"]
 
 
-def class_terms(num_classes: int, batch_size: int, *, forget: Mapping[int, int] | None = None,
-                forget_weight: float = 0.01,
-                remain_weight: float = 1.0) -> Callable[[jax.Array], Sequence[SiDTerm]]:
+def class_terms(
+    num_classes: int,
+    batch_size: int,
+    *,
+    forget: Mapping[int, int] | None = None,
+    forget_weight: float = 0.01,
+    remain_weight: float = 1.0,
+) -> Callable[[jax.Array], Sequence[SiDTerm]]:
     """``terms(key)`` of :func:`sid.make_sid_step` for a class-conditional teacher (one-hot
     conditions; ``num_classes = 0``: unconditional, conditions None). Without ``forget``: SiD,
     one term of labels drawn uniformly over all classes. With ``forget = {c_f: c_o}``: SFD, a
@@ -47,8 +51,9 @@ def class_terms(num_classes: int, batch_size: int, *, forget: Mapping[int, int] 
     forget = dict(forget or {})
     if num_classes == 0:
         if forget:
-            raise ValueError("forgetting a class needs a class-conditional teacher "
-                             "(num_classes > 0)")
+            raise ValueError(
+                "forgetting a class needs a class-conditional teacher (num_classes > 0)"
+            )
         return lambda key: [SiDTerm(None, None, 1.0)]
     for c in list(forget) + list(forget.values()):
         if not 0 <= c < num_classes:
@@ -69,7 +74,9 @@ def class_terms(num_classes: int, batch_size: int, *, forget: Mapping[int, int] 
             return [SiDTerm(y, y, 1.0)]
         y = one_hot(keep[jax.random.randint(k_keep, (batch_size,), 0, len(keep))])
         j = jax.random.randint(k_forget, (batch_size,), 0, len(forget))
-        return [SiDTerm(y, y, remain_weight),
-                SiDTerm(one_hot(f_classes[j]), one_hot(f_override[j]), forget_weight)]
+        return [
+            SiDTerm(y, y, remain_weight),
+            SiDTerm(one_hot(f_classes[j]), one_hot(f_override[j]), forget_weight),
+        ]
 
     return terms

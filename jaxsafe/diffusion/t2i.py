@@ -3,21 +3,20 @@ r"""Text-to-image sampling with classifier-free guidance, the whole denoising lo
 Classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", NeurIPS 2021
 workshop, eq. 6, with diffusers' / Stable Diffusion's scale s = 1 + w):
 
-    ε̃(x_t, c) = ε(x_t, ∅) + s (ε(x_t, c) − ε(x_t, ∅))
+.. math::
 
-applied to whatever the UNet predicts (ε or v), as diffusers' StableDiffusionPipeline does. s = 1 is
-the conditional model alone (then only the conditional half runs); a negative prompt's embedding
-takes the place of the empty prompt's ∅ (diffusers' `negative_prompt`). Deviation: diffusers turns
-guidance off for every s ≤ 1; here s < 1 is applied as written.
+    \tilde\epsilon(x_t, c) = \epsilon(x_t, \varnothing)
+        + s\,\bigl(\epsilon(x_t, c) - \epsilon(x_t, \varnothing)\bigr),
 
-Per-sample seeds: sample b starts from x_T = N(0, I) drawn with `jax.random.key(seeds[b])` (and its
-DDPM / DDIM-η noise from the same key), so an image depends only on its seed, prompt and negative
-prompt, not on the rest of its batch. (diffusers draws torch noise, so the same seed does not give
-the same image as diffusers.)
-
-The returned function is one `jax.jit` program: seeds → initial noise → `schedulers.sample_loop`
-(a `lax.scan` over the timesteps with one batched [uncond; cond] UNet call per step) → optional
-decode.
+applied to whatever the UNet predicts (ε or v), as diffusers' ``StableDiffusionPipeline``. s = 1
+is the conditional model alone (only the conditional half runs); a negative prompt's embedding
+takes the place of ∅ (diffusers' ``negative_prompt``). Deviation: diffusers turns guidance off
+for every s ≤ 1; here s < 1 is applied as written. Sample b starts from x_T ~ N(0, I) drawn with
+``jax.random.key(seeds[b])`` (its DDPM / DDIM-η noise too), so an image depends only on its seed
+and prompts, not on its batch (nor is it diffusers' image for that seed: diffusers draws torch
+noise). The returned function is one ``jax.jit`` program: seeds → noise →
+``schedulers.sample_loop`` (a ``lax.scan``, one batched [uncond; cond] UNet call per step) →
+optional decode.
 """
 
 from __future__ import annotations
@@ -31,8 +30,14 @@ import numpy as np
 from jaxsafe import parallel
 from jaxsafe.diffusion import schedulers
 
-__all__ = ["classifier_free_guidance", "composed_guidance", "initial_noise", "make_decode",
-           "make_generator", "make_t2i_sampler"]
+__all__ = [
+    "classifier_free_guidance",
+    "composed_guidance",
+    "initial_noise",
+    "make_decode",
+    "make_generator",
+    "make_t2i_sampler",
+]
 
 # Stable Diffusion 1.x's VAE latent scale (AutoencoderKL config `scaling_factor`).
 SD_SCALING_FACTOR = 0.18215
@@ -81,23 +86,47 @@ def _check_inputs(cond_emb, uncond_emb, seeds, weights=None):
     if weights is None and cond_emb.ndim != 3:
         raise ValueError(f"cond_emb must be (B, L, D), got shape {cond_emb.shape}.")
     if weights is not None and (cond_emb.ndim != 4 or weights.shape != cond_emb.shape[:2]):
-        raise ValueError(f"with weights, cond_emb must be (B, J, L, D) and weights (B, J), got "
-                         f"{cond_emb.shape} and {weights.shape}.")
+        raise ValueError(
+            f"with weights, cond_emb must be (B, J, L, D) and weights (B, J), got "
+            f"{cond_emb.shape} and {weights.shape}."
+        )
     b = cond_emb.shape[0]
-    if (uncond_emb.ndim != 3 or uncond_emb.shape[0] not in (1, b)
-            or uncond_emb.shape[1:] != cond_emb.shape[-2:]):
-        raise ValueError(f"uncond_emb must be (B, L, D) or (1, L, D) with (L, D) = "
-                         f"{cond_emb.shape[-2:]} as cond_emb, got shape {uncond_emb.shape}.")
+    if (
+        uncond_emb.ndim != 3
+        or uncond_emb.shape[0] not in (1, b)
+        or uncond_emb.shape[1:] != cond_emb.shape[-2:]
+    ):
+        raise ValueError(
+            f"uncond_emb must be (B, L, D) or (1, L, D) with (L, D) = "
+            f"{cond_emb.shape[-2:]} as cond_emb, got shape {uncond_emb.shape}."
+        )
     if seeds.shape != (b,) or not jnp.issubdtype(seeds.dtype, jnp.integer):
-        raise ValueError(f"seeds must be an integer array of shape ({b},) (one per prompt), "
-                         f"got {seeds.dtype} {seeds.shape}.")
+        raise ValueError(
+            f"seeds must be an integer array of shape ({b},) (one per prompt), "
+            f"got {seeds.dtype} {seeds.shape}."
+        )
 
 
-def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.SchedulerConfig, *,
-                     kind: str = "ddim", num_inference_steps: int = 50,
-                     guidance_scale: float = 7.5, latent_shape: Sequence[int] = (64, 64, 4),
-                     decode: Callable | None = None, eta: float = 0.0):
+def make_t2i_sampler(
+    unet_apply: Callable,
+    scheduler_config: schedulers.SchedulerConfig,
+    *,
+    kind: str = "ddim",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    latent_shape: Sequence[int] = (64, 64, 4),
+    decode: Callable | None = None,
+    eta: float = 0.0,
+):
     """A jitted `sample(params, cond_emb, uncond_emb, seeds) -> images or latents`.
+
+    The sampler's arguments: `params` (passed through to unet_apply and decode), `cond_emb`
+    (B, L, D) prompt embeddings, `uncond_emb` (B, L, D) or (1, L, D) negative-prompt (or empty
+    prompt) embeddings, `seeds` (B,) integers, and optionally `x_T` (B, H, W, C), the starting
+    latents in place of the seeds' noise (One More Step's output, `jaxsafe.diffusion.oms`; the
+    loop scales them by `init_noise_sigma` as diffusers does with a pipeline's `latents=`), and
+    `weights` (B, J) with `cond_emb` (B, J, L, D): J prompts composed per sample,
+    ε̃ = ε_∅ + Σ_j w_j (ε_j − ε_∅) (:func:`composed_guidance`; `guidance_scale` is then unused).
 
     Args:
       unet_apply: `unet_apply(params, x, t, emb) -> model_output` with x NHWC latents (the
@@ -111,14 +140,6 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
       decode: optional `decode(params, latents) -> images` (e.g. `make_decode(vae_decode)`);
         without it the final latents are returned.
       eta: DDIM's η (0: deterministic DDIM).
-
-    The sampler's arguments: `params` (passed through to unet_apply and decode), `cond_emb`
-    (B, L, D) prompt embeddings, `uncond_emb` (B, L, D) or (1, L, D) negative-prompt (or empty
-    prompt) embeddings, `seeds` (B,) integers, and optionally `x_T` (B, H, W, C), the starting
-    latents in place of the seeds' noise (One More Step's output, `jaxsafe.diffusion.oms`; the
-    loop scales them by `init_noise_sigma` as diffusers does with a pipeline's `latents=`), and
-    `weights` (B, J) with `cond_emb` (B, J, L, D): J prompts composed per sample,
-    ε̃ = ε_∅ + Σ_j w_j (ε_j − ε_∅) (:func:`composed_guidance`; `guidance_scale` is then unused).
     """
     if kind not in schedulers.KINDS:
         raise ValueError(f"kind must be one of {schedulers.KINDS}, got {kind!r}.")
@@ -136,8 +157,11 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
         _check_inputs(cond_emb, uncond_emb, seeds, weights)
         b = cond_emb.shape[0]
         # Composed: the J prompts side by side, prompt-major, after the unconditional half.
-        conds = (cond_emb if weights is None
-                 else jnp.swapaxes(cond_emb, 0, 1).reshape((-1,) + cond_emb.shape[2:]))
+        conds = (
+            cond_emb
+            if weights is None
+            else jnp.swapaxes(cond_emb, 0, 1).reshape((-1,) + cond_emb.shape[2:])
+        )
         copies = conds.shape[0] // b + 1  # network evaluations per sample and step (guided)
         uncond_emb = jnp.broadcast_to(uncond_emb, (b,) + conds.shape[1:]).astype(conds.dtype)
         emb = jnp.concatenate([uncond_emb, conds]) if guided or weights is not None else conds
@@ -149,17 +173,24 @@ def make_t2i_sampler(unet_apply: Callable, scheduler_config: schedulers.Schedule
             out = unet_apply(params, x_in, jnp.full((x_in.shape[0],), t), emb)
             if weights is None:
                 return classifier_free_guidance(out[:b], out[b:], guidance_scale)
-            return composed_guidance(out[:b], out[b:].reshape((copies - 1, b) + out.shape[1:]),
-                                     weights)
+            return composed_guidance(
+                out[:b], out[b:].reshape((copies - 1, b) + out.shape[1:]), weights
+            )
 
         _, k_steps = _seed_keys(seeds)
         if x_T is None:
             x_T = initial_noise(seeds, latent_shape)
         elif x_T.shape != (b, *latent_shape):
             raise ValueError(f"x_T: expected shape {(b, *latent_shape)}, got {x_T.shape}")
-        latents = schedulers.sample_loop(scheduler_config, kind, denoise, x_T,
-                                         num_inference_steps, eta=eta,
-                                         rng=k_steps if stochastic else None)
+        latents = schedulers.sample_loop(
+            scheduler_config,
+            kind,
+            denoise,
+            x_T,
+            num_inference_steps,
+            eta=eta,
+            rng=k_steps if stochastic else None,
+        )
         return latents if decode is None else decode(params, latents)
 
     return jax.jit(sample)
@@ -171,22 +202,33 @@ def check_terms(terms, n: int) -> tuple[list[list[str]], list[float]]:
     texts, weights = terms
     texts, weights = [list(col) for col in texts], [float(w) for w in weights]
     if len(texts) != len(weights) or not texts:
-        raise ValueError(f"terms: expected J >= 1 prompt lists and J weights, got {len(texts)} "
-                         f"lists and {len(weights)} weights")
+        raise ValueError(
+            f"terms: expected J >= 1 prompt lists and J weights, got {len(texts)} "
+            f"lists and {len(weights)} weights"
+        )
     for col in texts:
         if len(col) != n:
-            raise ValueError(f"terms: each list needs one prompt per sample ({n}), got "
-                             f"{len(col)}")
+            raise ValueError(f"terms: each list needs one prompt per sample ({n}), got {len(col)}")
     return texts, weights
 
 
-def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
-                   scheduler_config: schedulers.SchedulerConfig, *,
-                   latent_shape: Sequence[int], decode: Callable | None = None,
-                   kind: str = "ddim", num_inference_steps: int = 25, guidance_scale: float = 4.0,
-                   batch_size: int = 32, aux: Callable | None = None,
-                   negative_prompt: str = "", encode_negative: Callable | None = None,
-                   mesh=None):
+def make_generator(
+    apply: Callable,
+    encode: Callable,
+    tokenize: Callable,
+    scheduler_config: schedulers.SchedulerConfig,
+    *,
+    latent_shape: Sequence[int],
+    decode: Callable | None = None,
+    kind: str = "ddim",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    batch_size: int = 32,
+    aux: Callable | None = None,
+    negative_prompt: str = "",
+    encode_negative: Callable | None = None,
+    mesh=None,
+):
     """``generate(params, prompts, seeds, negative_prompts=None) -> (n, ...)`` numpy images (or
     latents without ``decode``): prompts to images in compiled batches, the one generator of
     the text-to-image test bed and of every erasure method.
@@ -218,9 +260,14 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
         sharding = parallel.batch_sharding(mesh)
     unet = apply if aux is None else (lambda p, x, t, e: apply(p[0], x, t, e, p[1]))
     sampler = make_t2i_sampler(
-        unet, scheduler_config, kind=kind, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, latent_shape=latent_shape,
-        decode=None if decode is None else (lambda p, z: decode(p if aux is None else p[0], z)))
+        unet,
+        scheduler_config,
+        kind=kind,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        latent_shape=latent_shape,
+        decode=None if decode is None else (lambda p, z: decode(p if aux is None else p[0], z)),
+    )
 
     @jax.jit
     def enc(params, ids):
@@ -236,19 +283,23 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
     def generate(params, prompts, seeds, negative_prompts=None, x_T=None, terms=None):
         prompts, seeds = list(prompts), np.asarray(seeds, np.int32).reshape(-1)
         if len(prompts) != len(seeds):
-            raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and "
-                             f"{len(seeds)} seeds")
+            raise ValueError(
+                f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds"
+            )
         n, pad = len(prompts), -len(prompts) % batch_size
         if terms is not None:
             extra, weights = check_terms(terms, n)
-            weights = np.broadcast_to(np.asarray([guidance_scale, *weights], np.float32),
-                                      (batch_size, 1 + len(weights)))
+            weights = np.broadcast_to(
+                np.asarray([guidance_scale, *weights], np.float32), (batch_size, 1 + len(weights))
+            )
             extra_ids = [np.asarray(tokenize(col + [""] * pad)) for col in extra]
         if x_T is not None:
             x_T = np.asarray(x_T, np.float32)
             if x_T.shape != (n, *latent_shape):
-                raise ValueError(f"x_T: expected one latent per prompt, shape "
-                                 f"{(n, *tuple(latent_shape))}, got {x_T.shape}")
+                raise ValueError(
+                    f"x_T: expected one latent per prompt, shape "
+                    f"{(n, *tuple(latent_shape))}, got {x_T.shape}"
+                )
             x_T = np.concatenate([x_T, np.zeros((pad, *x_T.shape[1:]), np.float32)])
         ids = np.asarray(tokenize(prompts + [""] * pad))
         seeds = np.concatenate([seeds, np.zeros(pad, np.int32)])
@@ -258,8 +309,9 @@ def make_generator(apply: Callable, encode: Callable, tokenize: Callable,
         else:
             negative_prompts = list(negative_prompts)
             if len(negative_prompts) != n:
-                raise ValueError(f"one negative prompt per prompt: got {len(negative_prompts)} "
-                                 f"for {n} prompts")
+                raise ValueError(
+                    f"one negative prompt per prompt: got {len(negative_prompts)} for {n} prompts"
+                )
             neg_ids = np.asarray(tokenize(negative_prompts + [""] * pad))
         out = []
         for i in range(0, n + pad, batch_size):

@@ -1,42 +1,27 @@
 r"""The closed-form ridge editor of cross-attention projections, and UCE built on it.
 
-Unified Concept Editing (UCE; Gandikota, Orgad, Belinkov, Materzyńska, Bau, WACV 2024, eq. 7)
-rewrites each cross-attention key/value projection W (d_out × d_in, ``y = W c``) so that erased
-concept embeddings c_e map to target values v*_e while preserved embeddings c_p keep their old
-values W_old c_p:
+Unified Concept Editing (UCE; Gandikota, Orgad, Belinkov, Materzyńska, Bau, WACV 2024, eq. 7;
+reference code ``unified-concept-editing``) rewrites each cross-attention key/value projection W
+(d_out × d_in, y = W c) so that erased embeddings c_e map to target values v*_e while preserved
+embeddings c_p keep their values:
 
-    W = argmin_W  λ‖W − W_old‖²_F + Σ_e s_e ‖W c_e − v*_e‖² + Σ_p s_p ‖W c_p − W_old c_p‖²
-                  + tr((W − W_old) P (W − W_old)ᵀ)
-      = (λ W_old + Σ_e s_e v*_e c_eᵀ + W_old (Σ_p s_p c_p c_pᵀ + P)) (λI + Σ_e s_e c_e c_eᵀ + Σ_p s_p c_p c_pᵀ + P)⁻¹
+.. math::
 
-with per-row (per-token) weights s and an optional precomputed preservation covariance
-P = Σ s c cᵀ over a large preserve set (so it is accumulated once, not per edit). The right
-factor A is symmetric positive (semi)definite. Since B = W_old A + (V_e − W_old C_e)ᵀ S_e C_eᵀ
-(columns of C_e as rows here), the solution is the low-rank update
+    W = \arg\min_W\ \lambda \lVert W - W_\mathrm{old} \rVert_F^2
+        + \sum_e s_e \lVert W c_e - v^*_e \rVert^2
+        + \sum_p s_p \lVert (W - W_\mathrm{old})\, c_p \rVert^2
+        + \operatorname{tr}\bigl((W - W_\mathrm{old})\, P\, (W - W_\mathrm{old})^\top\bigr)
+      = W_\mathrm{old} + (V_e - C_e W_\mathrm{old}^\top)^\top S_e C_e A^{-1},
 
-    W = W_old + (V_e − C_e W_oldᵀ)ᵀ G,     G = S_e C_e A⁻¹  (n_e × d_in, one linear solve),
-
-where A and G depend only on the embeddings, not on the layer: they are computed once and
-shared by every edited projection of the same input width. The reference code instead forms B and
-``torch.inverse(A)`` for each of SD's 32 key/value matrices; here there is one solve and no
-explicit inverse, and an edit of SD 1.4's 32 matrices costs a few GFLOP (benchmarks/erasure.py).
-
-* UCE: v*_e = W_old c_guide, the old projection of a guide concept's embedding (the empty prompt
-  by default, which makes the concept "nothing"); λ = 0.5, erase scale 1 and, in the paper's
-  setting, the empty prompt and the preserve concepts retained with all of their token rows at
-  preserve scale ``max(0.1, 1/#retained prompts)`` (the authors' original ``train-scripts/train_erase.py``,
-  removed in their commit 4502388: L422 ``retain_texts = ['']+preserve_concepts``, L427–428,
-  L442 ``lamb=0.5``); their current ``trainscripts/uce_sd_erase.py`` uses preserve scale 1
-  (L106), retains no empty prompt and one row per prompt.
-* RECE's edit step and TRCE's first stage (λ = 0, EoT-token mapping) reuse :func:`ridge_edit`.
-
-Which token rows (:func:`aligned_tail`): the reference edits with the rows of the text
-embedding from the concept's *last word token* to the end of the sequence (its EoT and padding
-tokens, which in a causal text encoder all carry the whole prompt), aligned with the guide's rows
-from the guide's last word token, both cut to the same count.
-
-Conventions: jaxsafe stores Linear weights as Flax kernels K = Wᵀ (d_in × d_out);
-:func:`ridge_edit_kernel` and :func:`uce_edit` take and return kernels.
+A = λI + Σ_e s_e c_e c_eᵀ + Σ_p s_p c_p c_pᵀ + P, with per-row weights s and an optional
+precomputed preservation covariance P. A depends only on the embeddings, so one linear solve
+serves every projection of the same input width (the reference inverts A for each of SD's 32
+matrices; cost: docs/benchmarks.md, "Concept erasure"). UCE: v*_e = W_old c_guide (the empty
+prompt by default), λ = 0.5; its paper setting retains the empty prompt and the preserve concepts
+with all their token rows at preserve scale max(0.1, 1/#retained prompts) (the original
+``train-scripts/train_erase.py`` L422–442, removed in commit 4502388; the current
+``trainscripts/uce_sd_erase.py``: scale 1, no empty prompt, one row per prompt). RECE and TRCE
+reuse :func:`ridge_edit`. Kernels are Flax kernels K = Wᵀ (d_in × d_out).
 """
 
 from __future__ import annotations
@@ -47,8 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["aligned_tail", "ridge_edit", "ridge_edit_kernel", "ridge_objective",
-           "uce_default_preserve_scale", "uce_edit", "uce_preserve_scale"]
+__all__ = [
+    "aligned_tail",
+    "ridge_edit",
+    "ridge_edit_kernel",
+    "ridge_objective",
+    "uce_default_preserve_scale",
+    "uce_edit",
+    "uce_preserve_scale",
+]
 
 
 def _weights(s, n: int, what: str) -> jax.Array:
@@ -99,13 +91,15 @@ def _apply(W_old, C_e, V_e, G) -> jax.Array:
     d_out = W_old.shape[0]
     V_e = jnp.asarray(V_e)
     if V_e.shape != (C_e.shape[0], d_out):
-        raise ValueError(f"V_e: expected ({C_e.shape[0]}, {d_out}) (one target per row of C_e), "
-                         f"got {V_e.shape}")
+        raise ValueError(
+            f"V_e: expected ({C_e.shape[0]}, {d_out}) (one target per row of C_e), got {V_e.shape}"
+        )
     return W_old + (V_e.astype(W_old.dtype) - C_e @ W_old.T).T @ G
 
 
-def ridge_edit(W_old, C_e, V_e, *, s_e=1.0, C_p=None, s_p=1.0, lam: float = 0.5,
-               preserve_cov=None) -> jax.Array:
+def ridge_edit(
+    W_old, C_e, V_e, *, s_e=1.0, C_p=None, s_p=1.0, lam: float = 0.5, preserve_cov=None
+) -> jax.Array:
     """The minimiser W (d_out × d_in) of the module docstring's objective.
 
     Args:
@@ -124,8 +118,9 @@ def ridge_edit(W_old, C_e, V_e, *, s_e=1.0, C_p=None, s_p=1.0, lam: float = 0.5,
     return _apply(W_old.astype(dtype), C_e, V_e, _gain(A, C_e, se))
 
 
-def ridge_objective(W, W_old, C_e, V_e, *, s_e=1.0, C_p=None, s_p=1.0, lam: float = 0.5,
-                    preserve_cov=None) -> jax.Array:
+def ridge_objective(
+    W, W_old, C_e, V_e, *, s_e=1.0, C_p=None, s_p=1.0, lam: float = 0.5, preserve_cov=None
+) -> jax.Array:
     """The objective :func:`ridge_edit` minimises (for tests and diagnostics)."""
     D = W - W_old
     se = _weights(s_e, C_e.shape[0], "s_e")
@@ -155,22 +150,42 @@ def uce_preserve_scale(scale: float, num_prompts: int) -> float:
     return float(scale) if scale > 0 else uce_default_preserve_scale(num_prompts)
 
 
-def uce_edit(kernels: Mapping[str, jax.Array], erase_rows, guide_rows, preserve_rows=None, *,
-             erase_scale=1.0, preserve_scale=1.0, lam: float = 0.5,
-             preserve_cov: Mapping[str, jax.Array] | jax.Array | None = None) -> dict:
-    """UCE on every kernel of ``kernels`` (name -> (d_in, d_out), e.g. all ``attn2/to_k`` and
-    ``attn2/to_v``): c_e = ``erase_rows`` (n, d_in) map to v*_e = W_old c_guide with
-    c_guide = ``guide_rows`` (n, d_in) (row-aligned, :func:`aligned_tail`), ``preserve_rows``
-    (m, d_in) keep their values. ``erase_scale`` is a scalar or (n,) row weights;
-    ``preserve_scale`` weights every preserved row (``uce_sd_erase.py``'s default 1; the paper
-    setting's is :func:`uce_default_preserve_scale` of the prompt count).
-    ``preserve_cov``: one (d_in, d_in) matrix shared by all kernels, or a dict per kernel name.
+def uce_edit(
+    kernels: Mapping[str, jax.Array],
+    erase_rows,
+    guide_rows,
+    preserve_rows=None,
+    *,
+    erase_scale=1.0,
+    preserve_scale=1.0,
+    lam: float = 0.5,
+    preserve_cov: Mapping[str, jax.Array] | jax.Array | None = None,
+) -> dict:
+    """UCE on every kernel of ``kernels``: erased rows take the old values of the guide's rows.
 
-    The gain G is computed once per input width (per kernel only with per-kernel covariances)."""
+    The gain G is computed once per input width (per kernel only with per-kernel covariances).
+
+    Args:
+      kernels: name -> (d_in, d_out) kernels, e.g. all ``attn2/to_k`` and ``attn2/to_v``.
+      erase_rows: c_e (n, d_in).
+      guide_rows: c_guide (n, d_in), row-aligned with ``erase_rows`` (:func:`aligned_tail`); the
+        targets are v*_e = W_old c_guide.
+      preserve_rows: (m, d_in) rows that keep their values, or None.
+      erase_scale: a scalar or (n,) row weights.
+      preserve_scale: the weight of every preserved row (``uce_sd_erase.py``'s default 1; the
+        paper setting's is :func:`uce_default_preserve_scale` of the prompt count).
+      lam: λ.
+      preserve_cov: one (d_in, d_in) matrix P shared by all kernels, or a dict per kernel name.
+
+    Returns:
+      The edited kernels by name, in at least float32.
+    """
     erase_rows, guide_rows = jnp.asarray(erase_rows), jnp.asarray(guide_rows)
     if erase_rows.shape != guide_rows.shape:
-        raise ValueError(f"erase_rows {erase_rows.shape} and guide_rows {guide_rows.shape} must "
-                         "be row-aligned (same shape)")
+        raise ValueError(
+            f"erase_rows {erase_rows.shape} and guide_rows {guide_rows.shape} must "
+            "be row-aligned (same shape)"
+        )
     per_kernel = isinstance(preserve_cov, Mapping)
     gains, out = {}, {}
     for name, K in kernels.items():
@@ -181,8 +196,9 @@ def uce_edit(kernels: Mapping[str, jax.Array], erase_rows, guide_rows, preserve_
         P = preserve_cov.get(name) if per_kernel else preserve_cov
         key = (d_in, name if per_kernel and P is not None else None)
         if key not in gains:
-            A, C_e, se = _gram(d_in, erase_rows, erase_scale, preserve_rows, preserve_scale,
-                               lam, P, dtype)
+            A, C_e, se = _gram(
+                d_in, erase_rows, erase_scale, preserve_rows, preserve_scale, lam, P, dtype
+            )
             gains[key] = (C_e, _gain(A, C_e, se))
         C_e, G = gains[key]
         out[name] = _apply(K.T.astype(dtype), C_e, guide_rows.astype(dtype) @ K, G).T
@@ -192,7 +208,9 @@ def uce_edit(kernels: Mapping[str, jax.Array], erase_rows, guide_rows, preserve_
 def aligned_tail(emb_a, len_a: int, emb_b, len_b: int) -> tuple[np.ndarray, np.ndarray]:
     """Row-aligned token rows of two prompts' embeddings (L, D): from each prompt's last word
     token (index ``len − 2``, ``len`` counting SOT and EOT; the SOT itself for the empty
-    prompt) to the end, both cut to the same number of rows (UCE's reference alignment)."""
+    prompt) to the end, both cut to the same number of rows (UCE's reference alignment). In a
+    causal text encoder the EoT and padding rows after the last word all carry the whole
+    prompt."""
     emb_a, emb_b = np.asarray(emb_a), np.asarray(emb_b)
     if emb_a.shape != emb_b.shape or emb_a.ndim != 2:
         raise ValueError(f"embeddings must both be (L, D); got {emb_a.shape} and {emb_b.shape}")
@@ -202,4 +220,4 @@ def aligned_tail(emb_a, len_a: int, emb_b, len_b: int) -> tuple[np.ndarray, np.n
             raise ValueError(f"{what}={n}: a prompt has 2 (SOT, EOT) to {L} tokens")
     fa, fb = len_a - 2, len_b - 2
     far = max(fa, fb)
-    return emb_a[fa:L - (far - fa)], emb_b[fb:L - (far - fb)]
+    return emb_a[fa : L - (far - fa)], emb_b[fb : L - (far - fb)]

@@ -1,36 +1,28 @@
 r"""The score-distillation objective of the ESD family, and where its x_t come from.
 
 Erasing Stable Diffusion (ESD; Gandikota, Materzyńska, Fiotto-Kaufman, Bau, "Erasing Concepts
-from Diffusion Models", ICCV 2023, eqs. 3–5) fine-tunes ε_θ so that, conditioned on the concept
-c_e, it predicts the frozen model's noise *negatively guided* away from c_e. The general form
-used here (issue 6) is
+from Diffusion Models", ICCV 2023, eqs. 3–5; reference ``rohitgandikota/erasing``
+``train-scripts/train-esd.py``) fine-tunes ε_θ so that, conditioned on the concept c_e, it
+predicts the frozen model's noise *negatively guided* away from c_e. In general form,
 
-    L(θ) = E_{x_t, t} ‖ ε_θ(x_t, c_e, t) − sg[ ε*(x_t, c_from, t) − η (ε*(x_t, c_e, t) − ε*(x_t, ∅, t)) ] ‖²
+.. math::
 
-with ε* the frozen original and sg the stop-gradient. ESD proper is c_from = ∅ and η = 1
-(``negative_guidance``); c_from = an anchor concept maps c_e onto it instead (the anchored form
-of SPM's erase term, AdvUnlearn's outer term with an adversarial c_e). η = 0, c_from = c_e
-recovers the frozen prediction (a fixed point: nothing is erased).
+    L(\theta) = \mathbb{E}_{x_t, t}\, \bigl\lVert \epsilon_\theta(x_t, c_e, t)
+        - \mathrm{sg}\bigl[\epsilon^*(x_t, c_\mathrm{from}, t)
+        - \eta\, \bigl(\epsilon^*(x_t, c_e, t) - \epsilon^*(x_t, \varnothing, t)\bigr)\bigr]
+        \bigr\rVert^2,
 
-x_t sources (:func:`partial_sample`, ``source=`` of :func:`make_esd_loss`):
+ε* the frozen original. ESD proper is c_from = ∅, η = 1; an anchor concept as c_from maps c_e
+onto it (SPM's erase term, AdvUnlearn's outer term); η = 0, c_from = c_e is a fixed point. x_t
+(:func:`partial_sample`, ``source=`` of :func:`make_esd_loss`): ``"trained"`` (ESD) denoises
+x_T ~ N(0, I) with the model being trained, guidance 3 towards c_e, for n ~ U{0, …, N−1} of
+N = 50 DDIM steps (without gradient), t the timestep τ_n reached; ``"frozen"`` the same with ε*;
+``"data"`` forward-noises the batch's ``z0`` at t ~ U{0, …, T−1}.
 
-* ``"trained"`` (ESD): x_T ~ N(0, I) is denoised by the *model being trained* with classifier-free
-  guidance ``start_guidance`` (3) towards c_e for n ~ U{0, …, N−1} of N (50) DDIM steps; t is the
-  DDIM timestep reached, τ_n. The samples are taken without gradient (as the reference's
-  ``torch.no_grad()``).
-* ``"frozen"``: the same with the frozen model ε* (the erasure data then stop moving with θ).
-* ``"data"``: forward-noised data, x_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε with t ~ U{0, …, T−1}; the batch
-  carries ``z0`` (e.g. encoded images of the concept, or SafeGen-style images).
-
-Deviation from the reference code: ESD's ``train-esd.py`` (``rohitgandikota/erasing`` at
-6eb7dc8, L226–243) draws k ~ U{0, …, 49}, queries the networks at a DDPM timestep drawn from
-[20k, 20k + 19] (``og_num``, ``og_num_lim``), and gets z from ``quick_sample_till_t`` on the
-bundled CompVis DDIM sampler, whose schedule {1, 21, …, 981} loses its first step
-(``t_start=-1``) and whose loop breaks one step early: for k ≥ 2 z is at the noise level of
-t = 20k − 39, for k ≤ 1 fully denoised. Same direction, but the networks see a timestep 39–58
-DDPM steps (2–3 DDIM strides) noisier than the noise actually in z. Here the networks see the
-timestep τ_n that z was sampled to, as the authors' later diffusers port (``esd_sd.py``,
-L128–129) does. AdvUnlearn's code repeats the reference's arithmetic.
+Deviation: ``train-esd.py`` (at 6eb7dc8, L226–243) queries the networks at a DDPM timestep from
+[20k, 20k + 19] while its DDIM loop (which loses its first step and breaks one step early) leaves
+z at the noise level of t = 20k − 39: 39–58 DDPM steps noisier than z. Here the networks see the
+τ_n that z was sampled to, as the authors' later diffusers port (``esd_sd.py`` L128–129).
 """
 
 from __future__ import annotations
@@ -51,15 +43,23 @@ SOURCES = ("trained", "frozen", "data")
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def esd_target(eps_from: jax.Array, eps_e: jax.Array, eps_uncond: jax.Array,
-               eta: float = 1.0) -> jax.Array:
+def esd_target(
+    eps_from: jax.Array, eps_e: jax.Array, eps_uncond: jax.Array, eta: float = 1.0
+) -> jax.Array:
     """ε*(c_from) − η (ε*(c_e) − ε*(∅)), the distillation target (without the stop-gradient)."""
     return eps_from - eta * (eps_e - eps_uncond)
 
 
-def partial_sample(eps: EpsFn, sched: schedulers.SchedulerConfig, x_T: jax.Array,
-                   cond: jax.Array, uncond: jax.Array, guidance: float,
-                   num_inference_steps: int, n: jax.Array) -> tuple[jax.Array, jax.Array]:
+def partial_sample(
+    eps: EpsFn,
+    sched: schedulers.SchedulerConfig,
+    x_T: jax.Array,
+    cond: jax.Array,
+    uncond: jax.Array,
+    guidance: float,
+    num_inference_steps: int,
+    n: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """``(x_{τ_n}, τ_n)``: n (traced, 0 ≤ n < N) guided DDIM steps (η = 0) from x_T, the
     timesteps ``τ = schedulers.timesteps(sched, N)``. n = 0 returns x_T itself at τ_0."""
     ts = schedulers.timesteps(sched, num_inference_steps)
@@ -72,15 +72,32 @@ def partial_sample(eps: EpsFn, sched: schedulers.SchedulerConfig, x_T: jax.Array
         g = classifier_free_guidance(out[:b], out[b:], guidance)
         return schedulers.ddim_step(sched, g, ts[i], prev[i], x).astype(x.dtype)
 
-    x = jax.lax.fori_loop(0, n, body, x_T * schedulers.init_noise_sigma(
-        sched, "ddim", num_inference_steps))
+    x = jax.lax.fori_loop(
+        0, n, body, x_T * schedulers.init_noise_sigma(sched, "ddim", num_inference_steps)
+    )
     return jax.lax.stop_gradient(x), jnp.full((b,), ts[n])
 
 
-def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.SchedulerConfig, *,
-                  eta: float = 1.0, source: str = "trained", start_guidance: float = 3.0,
-                  num_inference_steps: int = 50, latent_shape=None, embed: Callable | None = None):
+def make_esd_loss(
+    eps_theta: Callable,
+    eps_star: Callable,
+    sched: schedulers.SchedulerConfig,
+    *,
+    eta: float = 1.0,
+    source: str = "trained",
+    start_guidance: float = 3.0,
+    num_inference_steps: int = 50,
+    latent_shape=None,
+    embed: Callable | None = None,
+):
     """The ESD-family loss in the trainer's form ``loss_fn(params, frozen, extra, batch, rng)``.
+
+    Batch: ``c_e`` (B, L, D), ``c_from`` (B, L, D), ``uncond`` (B or 1, L, D) — or their ids,
+    with ``embed`` — and ``z0`` (B, H, W, C) for ``source="data"``. Without ``c_from``
+    (``ids_from``) the guide is the empty prompt, ε*(c_from) = ε*(∅), and the frozen model runs
+    on two conditions, not three (ESD's own setting: its two frozen calls). Metrics:
+    ``esd_target_gap`` = ‖ε*(c_e) − target‖² (how far the frozen model is from the target;
+    constant in θ).
 
     Args:
       eps_theta: ``eps_theta(params, frozen, x_t, t, emb)``, the model being trained.
@@ -95,12 +112,6 @@ def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
       embed: optional ``embed(params, frozen, ids) -> emb``: when given, the batch holds token ids
         (``ids_e``, ``ids_from``, ``ids_uncond``) and the embeddings are computed inside the loss
         (so a trained text encoder receives gradients); otherwise it holds embeddings.
-
-    Batch: ``c_e`` (B, L, D), ``c_from`` (B, L, D), ``uncond`` (B or 1, L, D) — or the ids above —
-    and ``z0`` (B, H, W, C) for ``source="data"``. Without ``c_from`` (``ids_from``) the guide is
-    the empty prompt, ε*(c_from) = ε*(∅), and the frozen model runs on two conditions, not three
-    (ESD's own setting: its two frozen calls). Metrics: ``esd_target_gap`` =
-    ‖ε*(c_e) − target‖² (how far the frozen model is from the target; constant in θ).
     """
     if source not in SOURCES:
         raise ValueError(f"source={source!r}; expected one of {SOURCES}")
@@ -116,10 +127,13 @@ def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
             c_e_star = c_e
         else:
             c_e = embed(params, frozen, batch["ids_e"])
-            c_e_star, uncond = (jax.lax.stop_gradient(embed(params, frozen, batch[k]))
-                                for k in ("ids_e", "ids_uncond"))
-            c_from = (jax.lax.stop_gradient(embed(params, frozen, batch["ids_from"]))
-                      if guided else None)
+            c_e_star, uncond = (
+                jax.lax.stop_gradient(embed(params, frozen, batch[k]))
+                for k in ("ids_e", "ids_uncond")
+            )
+            c_from = (
+                jax.lax.stop_gradient(embed(params, frozen, batch["ids_from"])) if guided else None
+            )
         b = c_e.shape[0]
         uncond = jnp.broadcast_to(uncond, c_e.shape)
         k_n, k_x, k_t = jax.random.split(rng, 3)
@@ -134,14 +148,26 @@ def make_esd_loss(eps_theta: Callable, eps_star: Callable, sched: schedulers.Sch
                 sampler = lambda x, t, e: eps_theta(jax.lax.stop_gradient(params), frozen, x, t, e)
             else:
                 sampler = lambda x, t, e: eps_star(frozen, x, t, e)
-            x_t, t = partial_sample(sampler, sched, x_T, jax.lax.stop_gradient(c_e_star),
-                                    uncond, start_guidance, num_inference_steps, n)
+            x_t, t = partial_sample(
+                sampler,
+                sched,
+                x_T,
+                jax.lax.stop_gradient(c_e_star),
+                uncond,
+                start_guidance,
+                num_inference_steps,
+                n,
+            )
         # One batched call of the frozen model for its conditions.
         conds = [c_e_star, uncond] + ([c_from] if guided else [])
-        star = eps_star(frozen, jnp.concatenate([x_t] * len(conds)),
-                        jnp.concatenate([t] * len(conds)), jnp.concatenate(conds))
-        e_e, e_u = star[:b], star[b:2 * b]
-        e_from = star[2 * b:] if guided else e_u
+        star = eps_star(
+            frozen,
+            jnp.concatenate([x_t] * len(conds)),
+            jnp.concatenate([t] * len(conds)),
+            jnp.concatenate(conds),
+        )
+        e_e, e_u = star[:b], star[b : 2 * b]
+        e_from = star[2 * b :] if guided else e_u
         target = jax.lax.stop_gradient(esd_target(e_from, e_e, e_u, eta))
         pred = eps_theta(params, frozen, x_t, t, c_e)
         loss = jnp.mean((pred - target) ** 2)

@@ -28,8 +28,15 @@ from jaxsafe.treepath import named_leaves
 FID_SEED_OFFSET = 10**6  # sampler seeds of the Fréchet-distance set: not the concept prompts'
 
 
-def heldout_loss(pipe: pipeline.Pipeline, apply: Callable, encode: Callable, params,
-                 n: int = 256, seed: int = 0, exclude: Sequence[str] = ()) -> float:
+def heldout_loss(
+    pipe: pipeline.Pipeline,
+    apply: Callable,
+    encode: Callable,
+    params,
+    n: int = 256,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+) -> float:
     """ε-prediction loss on fixed held-out test-bed images, timesteps, noise and captions of the
     denoiser ``apply(params, x, t, emb)`` with text encoder ``encode(params, ids)``. Images whose
     label has an ``exclude`` concept are left out (the first ``n`` of the others are used): an
@@ -42,8 +49,9 @@ def heldout_loss(pipe: pipeline.Pipeline, apply: Callable, encode: Callable, par
     size = n
     while True:
         data = shapes.ShapesDataset(1).arrays(0, size)
-        keep = np.flatnonzero([not any((a, v) in bad for a, v in enumerate(label))
-                               for label in data["label"]])[:n]
+        keep = np.flatnonzero(
+            [not any((a, v) in bad for a, v in enumerate(label)) for label in data["label"]]
+        )[:n]
         if len(keep) == n or size >= 16 * n:
             break
         size *= 2
@@ -95,9 +103,17 @@ def _reference_features(folder: str, captions, seeds, sampling: dict, oracle) ->
     return _REFERENCE_FEATURES[key]
 
 
-def evaluate(pipe: pipeline.Pipeline, generate: Callable, targets: Sequence[str], *, k: int = 16,
-             seed: int = 0, fid_samples: int = 256, sampling: dict | None = None,
-             loss_fn: Callable | None = None) -> dict:
+def evaluate(
+    pipe: pipeline.Pipeline,
+    generate: Callable,
+    targets: Sequence[str],
+    *,
+    k: int = 16,
+    seed: int = 0,
+    fid_samples: int = 256,
+    sampling: dict | None = None,
+    loss_fn: Callable | None = None,
+) -> dict:
     """Test-bed erasure metrics of ``generate(captions, seeds)`` (module docstring), the
     original model (``pipe.folder``) sampled with ``sampling`` for the Fréchet distance;
     ``loss_fn()`` -> held-out denoising loss, if given."""
@@ -105,19 +121,27 @@ def evaluate(pipe: pipeline.Pipeline, generate: Callable, targets: Sequence[str]
     from jaxsafe.nn import oracle as oracle_lib
 
     if not pipe.testbed:
-        raise ValueError("erasure metrics need the test bed's oracle: the model folder must be a "
-                         "test-bed export")
+        raise ValueError(
+            "erasure metrics need the test bed's oracle: the model folder must be a test-bed export"
+        )
     oracle = oracle_lib.load()
     out = shapes_metrics.erasure_report(generate, oracle, targets=list(targets), k=k, seed=seed)
     if fid_samples:
         captions = retained_captions(targets, fid_samples, seed)
         idx = np.arange(fid_samples)
         fake = shapes_metrics.oracle_features(
-            oracle, generate(captions, FID_SEED_OFFSET + seed * 10**5 + idx))
-        ref = _reference_features(pipe.folder, captions, 2 * FID_SEED_OFFSET + seed * 10**5 + idx,
-                                  dict(sampling or {}), oracle)
+            oracle, generate(captions, FID_SEED_OFFSET + seed * 10**5 + idx)
+        )
+        ref = _reference_features(
+            pipe.folder,
+            captions,
+            2 * FID_SEED_OFFSET + seed * 10**5 + idx,
+            dict(sampling or {}),
+            oracle,
+        )
         out["oracle_fd"] = shapes_metrics.frechet_distance(
-            *shapes_metrics.gaussian_stats(fake), *shapes_metrics.gaussian_stats(ref))
+            *shapes_metrics.gaussian_stats(fake), *shapes_metrics.gaussian_stats(ref)
+        )
     if loss_fn is not None:
         out["heldout_loss"] = loss_fn()
     return out
@@ -135,12 +159,24 @@ def evaluate_model(config, pipe: pipeline.Pipeline, graphdef, state: tuple, mesh
     e = config.eval
     apply = lambda s, x, t, emb: nnx.merge(graphdef, *s)(x, t, emb)
     encode = lambda s, ids: nnx.merge(graphdef, *s).encode(ids)
-    return evaluate(pipe, lambda c, s: generate(state, c, s), list(config.concepts.erase),
-                    k=e.samples_per_concept, seed=e.seed, fid_samples=e.fid_samples,
-                    sampling=dict(config.sampling),
-                    loss_fn=lambda: heldout_loss(pipe, apply, encode, state,
-                                                 n=e.heldout_examples, seed=e.seed,
-                                                 exclude=list(config.concepts.erase)))
+    return evaluate(
+        pipe,
+        lambda c, s: generate(state, c, s),
+        list(config.concepts.erase),
+        k=e.samples_per_concept,
+        seed=e.seed,
+        fid_samples=e.fid_samples,
+        sampling=dict(config.sampling),
+        loss_fn=lambda: heldout_loss(
+            pipe,
+            apply,
+            encode,
+            state,
+            n=e.heldout_examples,
+            seed=e.seed,
+            exclude=list(config.concepts.erase),
+        ),
+    )
 
 
 def summarize(config, state, task, workdir: str, mesh=None) -> dict:
@@ -153,10 +189,14 @@ def summarize(config, state, task, workdir: str, mesh=None) -> dict:
     params, frozen = fetch(state.params), fetch(state.frozen)
     model = erasure_model.trained_model(task.graphdef, params, frozen)
     trained = {n.split("/")[0] for n in named_leaves(params)}
-    out = {"export": pipeline.save(
-        pipe, os.path.join(workdir, "export"),
-        unet=model.unet if "unet" in trained else None,
-        text_encoder=model.text_encoder if "text_encoder" in trained else None)}
+    out = {
+        "export": pipeline.save(
+            pipe,
+            os.path.join(workdir, "export"),
+            unet=model.unet if "unet" in trained else None,
+            text_encoder=model.text_encoder if "text_encoder" in trained else None,
+        )
+    }
     if config.eval.enabled and pipe.testbed:
         graphdef, st = nnx.split(model)
         out.update(evaluate_model(config, pipe, graphdef, (st,), mesh))

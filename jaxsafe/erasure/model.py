@@ -6,7 +6,10 @@ Trained methods split a loaded :class:`~jaxsafe.diffusion.pipeline.T2I` once
 else, "original": a copy of params}``, so the frozen original costs only a copy of the trained
 subset, and
 
-    ε_θ(x_t, t, c) = merge(params, rest)(x_t, t, c),    ε*(x_t, t, c) = merge(original, rest)(…)
+.. math::
+
+    \epsilon_\theta(x_t, t, c) = \mathrm{merge}(\mathrm{params}, \mathrm{rest})(x_t, t, c),
+    \qquad \epsilon^*(x_t, t, c) = \mathrm{merge}(\mathrm{original}, \mathrm{rest})(x_t, t, c)
 
 (:func:`score_functions`) are the two closures every objective of ``esd``, ``spm``,
 ``advunlearn``, ``safegen`` and ``trce`` is built from.
@@ -72,6 +75,7 @@ def random_rows(loss_fn, batch_size: int):
 
 # Closed-form editors read and rewrite named kernels of the model.
 
+
 def kernels(model: nnx.Module, names: Sequence[str] | None = None) -> dict[str, jax.Array]:
     """``{name: array}`` of the model's parameters ``names`` (default: every cross-attention
     key/value kernel, ``jaxsafe.erasure.params.cross_attention_kv``)."""
@@ -96,8 +100,9 @@ def set_kernels(model: nnx.Module, new: dict[str, jax.Array]) -> None:
     for n, x in new.items():
         if not bool(jnp.all(jnp.isfinite(x))):
             # e.g. a closed-form edit with λ = 0 and too few rows: A is singular.
-            raise FloatingPointError(f"{n}: the edited tensor has non-finite values; "
-                                     "the model was not changed")
+            raise FloatingPointError(
+                f"{n}: the edited tensor has non-finite values; the model was not changed"
+            )
     nnx.update(model, state)
 
 
@@ -142,6 +147,9 @@ def uce_edit(pipe, concepts, uce) -> dict[str, jax.Array]:
     else:
         c_p = preserve_rows(pipe, keep, all_rows=[""] * bool(uce.preserve_empty))
     scale = closed_form.uce_preserve_scale(uce.preserve_scale, len(keep) + uce.preserve_empty)
-    edit = jax.jit(lambda k: closed_form.uce_edit(k, c_e, c_g, c_p, erase_scale=uce.erase_scale,
-                                                  preserve_scale=scale, lam=uce.lam))
+    edit = jax.jit(
+        lambda k: closed_form.uce_edit(
+            k, c_e, c_g, c_p, erase_scale=uce.erase_scale, preserve_scale=scale, lam=uce.lam
+        )
+    )
     return jax.block_until_ready(edit(kernels(pipe.model)))

@@ -1,27 +1,20 @@
 """Which parameters an erasure method edits or trains: predicates on parameter names.
 
-Parameter names are ``jaxsafe.treepath.path_name`` strings of the NNX state, e.g.
+Names are ``jaxsafe.treepath.path_name`` strings of the NNX state, e.g.
 ``unet/down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel`` (diffusers
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``). A *selection* is a
-predicate ``name -> bool``; :func:`nnx_filter` turns one into a Flax NNX filter, so that
+predicate ``name -> bool``; :func:`nnx_filter` turns it into an NNX filter, so
 ``nnx.split(model, nnx_filter(sel), ...)`` puts exactly the selected parameters in the trained
-state and everything else in the frozen one (which the trainer never updates, so unselected
-parameters stay bit-identical). This is how "optax masks over parameter names" are realised:
-masking by the split rather than by ``optax.masked`` also keeps gradients and optimizer moments
-off the frozen parameters, which matters at SD scale (ESD-x trains ~2 % of the UNet).
+state and the rest in the frozen one, which the trainer never updates. Masking by the split
+rather than by ``optax.masked`` also keeps gradients and optimizer moments off the frozen
+parameters, which matters at SD scale.
 
-ESD's ``train_method`` choices (Gandikota et al., "Erasing Concepts from Diffusion Models", ICCV
-2023, Sec. 4 and the reference ``train-scripts/train-esd.py``):
-
-* ``xattn`` (ESD-x): every cross-attention parameter (``attn2``);
-* ``xattn-strict`` (ESD-x-strict): only the cross-attention key/value projections
-  (``attn2/to_k``, ``attn2/to_v``);
-* ``noxattn`` (ESD-u): every UNet parameter except cross-attention, the time embedding and the
-  output block, its GroupNorm and convolution (the reference, ``train-esd.py`` L167–168, leaves
-  out names starting with ``out.``: CompVis' ``out = [norm, SiLU, conv]``, diffusers'
-  ``conv_norm_out`` and ``conv_out``; and ``time_embed``);
-* ``selfattn``: the self-attention layers (``attn1``);
-* ``full``: every UNet parameter.
+ESD's ``train_method`` choices (Gandikota et al., ICCV 2023, Sec. 4; ``train-esd.py``):
+``xattn`` (ESD-x), every cross-attention parameter (``attn2``); ``xattn-strict``, only
+``attn2/to_k`` and ``attn2/to_v``; ``noxattn`` (ESD-u), every UNet parameter except
+cross-attention, the time embedding and the output block (``train-esd.py`` L167–168 leaves out
+``out.``: CompVis' [norm, SiLU, conv], diffusers' ``conv_norm_out`` and ``conv_out``);
+``selfattn``, the self-attention layers (``attn1``); ``full``, every UNet parameter.
 """
 
 from __future__ import annotations
@@ -40,8 +33,9 @@ Selection = Callable[[str], bool]
 TRAIN_METHODS: dict[str, Selection] = {
     "xattn": lambda n: "/attn2/" in n,
     "xattn-strict": lambda n: re.search(r"/attn2/to_[kv]/", n) is not None,
-    "noxattn": lambda n: not ("/attn2/" in n or n.startswith(
-        ("time_embedding/", "conv_norm_out/", "conv_out/"))),
+    "noxattn": lambda n: (
+        not ("/attn2/" in n or n.startswith(("time_embedding/", "conv_norm_out/", "conv_out/")))
+    ),
     "selfattn": lambda n: "/attn1/" in n,
     "full": lambda n: True,
 }
@@ -51,12 +45,13 @@ def selection(train_method: str, component: str = "unet") -> Selection:
     """The predicate of ``train_method`` applied to ``component``'s parameters (names with the
     ``component/`` prefix; ``component=""`` for a bare UNet's names)."""
     if train_method not in TRAIN_METHODS:
-        raise ValueError(f"train_method={train_method!r}; expected one of "
-                         f"{', '.join(TRAIN_METHODS)}")
+        raise ValueError(
+            f"train_method={train_method!r}; expected one of {', '.join(TRAIN_METHODS)}"
+        )
     pred, prefix = TRAIN_METHODS[train_method], f"{component}/" if component else ""
 
     def sel(name: str) -> bool:
-        return name.startswith(prefix) and pred(name[len(prefix):])
+        return name.startswith(prefix) and pred(name[len(prefix) :])
 
     return sel
 
@@ -74,8 +69,10 @@ def select(named: dict, sel: Selection) -> list[str]:
     """Sorted names of ``named`` (``{name: leaf}``) that ``sel`` selects; raises if none."""
     out = sorted(n for n in named if sel(n))
     if not out:
-        raise ValueError(f"the selection matches no parameter among {len(named)} (first names: "
-                         f"{sorted(named)[:3]})")
+        raise ValueError(
+            f"the selection matches no parameter among {len(named)} (first names: "
+            f"{sorted(named)[:3]})"
+        )
     return out
 
 

@@ -46,8 +46,12 @@ def testbed_templates(attribute: int) -> list[str]:
         for c in (None, *shapes.COLOURS):
             for b in (None, *shapes.BACKGROUNDS):
                 shape, colour, bg = (slot[0] or s_, slot[1] or c, slot[2] or b)
-                if shape is None or (attribute == 0 and s_ is not None) or (
-                        attribute == 1 and c is not None) or (attribute == 2 and b is not None):
+                if (
+                    shape is None
+                    or (attribute == 0 and s_ is not None)
+                    or (attribute == 1 and c is not None)
+                    or (attribute == 2 and b is not None)
+                ):
                     continue
                 words = ["a"] + ([colour] if colour else []) + [shape]
                 forms.add(" ".join(words + ([f"on a {bg} background"] if bg else [])))
@@ -59,8 +63,10 @@ def testbed_templates(attribute: int) -> list[str]:
 def _concept(word: str, why: str) -> tuple[int, int]:
     """``shapes.CONCEPTS[word]``; a ValueError saying ``why`` a test-bed word was needed."""
     if word not in shapes.CONCEPTS:
-        raise ValueError(f"{why} need test-bed concept words; got {word!r}, which is not one of "
-                         f"the test bed's concepts ({', '.join(shapes.CONCEPTS)})")
+        raise ValueError(
+            f"{why} need test-bed concept words; got {word!r}, which is not one of "
+            f"the test bed's concepts ({', '.join(shapes.CONCEPTS)})"
+        )
     return shapes.CONCEPTS[word]
 
 
@@ -100,11 +106,15 @@ def prompt_pairs(concepts) -> list[tuple[str, str]]:
     g = [g] if isinstance(g, str) else list(g)
     guides = g * len(erase) if len(g) == 1 else g
     if len(guides) != len(erase):
-        raise ValueError(f"concepts.guide: one guide or one per erased concept ({len(erase)}), "
-                         f"got {len(guides)}")
+        raise ValueError(
+            f"concepts.guide: one guide or one per erased concept ({len(erase)}), got {len(guides)}"
+        )
     tpl = list(concepts.templates)
-    return [(a, b) for w, gw in zip(erase, guides)
-            for a, b in zip(expand(tpl, [w]), expand(tpl, [gw], like=w))]
+    return [
+        (a, b)
+        for w, gw in zip(erase, guides)
+        for a, b in zip(expand(tpl, [w]), expand(tpl, [gw], like=w))
+    ]
 
 
 def testbed_retain(erase: Sequence[str]) -> list[str]:

@@ -1,34 +1,25 @@
 r"""RECE: Reliable and Efficient Concept Erasure (Gong, Chen, Wei, Chen, Jiang, ECCV 2024).
 
-RECE starts from a UCE-edited model and alternates two closed forms over the cross-attention key
-and value projections W_l (the *current*, edited ones) and W*_l (the original ones):
+Reference code ``CharlesGong12/RECE`` (``close_form_emb_regzero``, ``edit_model_adversarial``).
+Starting from a UCE-edited model, RECE alternates two closed forms over the cross-attention
+key/value projections W_l (the current, edited ones) and W*_l (the original ones): the
+adversarial embedding that makes the edited model reproduce what the original made of the
+concept embedding c (Sec. 3.2, with Sec. 3.3's regulariser; one row per token, a linear solve:
+:func:`adversarial_embedding`),
 
-1. the adversarial embedding that makes the edited model reproduce what the original model made
-   of the concept embedding c (paper Sec. 3.2, with the regulariser of Sec. 3.3):
+.. math::
 
-       c' = argmin_{c'} Σ_l ‖W_l c' − W*_l c‖² + λ ‖c'‖²
-          = (Σ_l W_lᵀ W_l + λ I)⁻¹ Σ_l W_lᵀ W*_l c                       (one row per token of c)
+    c' = \arg\min_{c'} \sum_l \lVert W_l c' - W^*_l c \rVert^2 + \lambda \lVert c' \rVert^2
+       = \Bigl(\sum_l W_l^\top W_l + \lambda I\Bigr)^{-1} \sum_l W_l^\top W^*_l\, c,
 
-   (:func:`adversarial_embedding`; a linear solve of the normal equations, never an inverse);
-2. a UCE edit (``jaxsafe.erasure.closed_form.uce_edit``) mapping c' onto the guide concept's
-   values W_l c_guide while the preserved rows keep theirs (:func:`rece_round`).
-
-Each round's model is scored by a callback (the paper: the nudity rate of a validation set, or a
-classifier's accuracy on the erased object), and the model kept is chosen by
-:func:`select_round`: the reference keeps the round with the lowest score (ties: the earliest;
-the UCE starting point is a candidate), stops once the object's accuracy reaches 0 and, for
-objects, only accepts a round whose other-class accuracy stays within 0.1 of UCE's; for artistic
-styles it keeps the last round. :func:`iterate` runs the loop.
-
-Reference code (``CharlesGong12/RECE``): ``close_form_emb_regzero`` (the λ‖c'‖² form above, the
-one its scripts use: λ = 0.1 for nudity, 10⁻³ for artistic styles and, by default, objects), the
-edit ``edit_model_adversarial`` with λ_UCE = 0.1, erase scale 1, preserve scale 0.1. It derives
-c' from all 77 token rows of the concept prompt and maps them onto all 77 rows of the guide;
-here the rows are whatever the caller passes (the experiment uses UCE's aligned tail rows,
-``closed_form.aligned_tail``; c' is a row-wise linear map of c, so any row choice composes).
-
-Conventions: kernels are Flax kernels K = Wᵀ (d_in × d_out), so Σ WᵀW = Σ K Kᵀ and
-Σ WᵀW* = Σ K K*ᵀ.
+then a UCE edit mapping c' onto the guide's values W_l c_guide while the preserved rows keep
+theirs (:func:`rece_round`). :func:`select_round` keeps the round a scorer rates best (the paper:
+the nudity rate, or the erased object's accuracy) as the reference does; :func:`iterate` runs
+the loop. Defaults: λ = 0.1 for nudity, 10⁻³ for styles and objects; the edit's λ_UCE = 0.1,
+erase scale 1, preserve scale 0.1. Deviation: the reference derives c' from all 77 token rows
+and maps them onto all 77 of the guide; here from the caller's rows (the experiment passes UCE's
+aligned tail; c' is row-wise linear in c, so any choice composes). Kernels are Flax kernels
+K = Wᵀ, so Σ WᵀW = Σ K Kᵀ and Σ WᵀW* = Σ K K*ᵀ.
 """
 
 from __future__ import annotations
@@ -42,8 +33,14 @@ import numpy as np
 
 from jaxsafe.erasure import closed_form
 
-__all__ = ["RECEResult", "SELECT_MODES", "adversarial_embedding", "iterate", "rece_round",
-           "select_round"]
+__all__ = [
+    "RECEResult",
+    "SELECT_MODES",
+    "adversarial_embedding",
+    "iterate",
+    "rece_round",
+    "select_round",
+]
 
 SELECT_MODES = ("min", "max", "last")
 
@@ -53,24 +50,29 @@ def _check_kernels(kernels: Mapping, original: Mapping) -> int:
         raise ValueError("kernels: expected at least one (d_in, d_out) kernel, got none")
     if set(kernels) != set(original):
         missing = sorted(set(kernels) ^ set(original))[:3]
-        raise ValueError(f"kernels and original must name the same projections; they differ in "
-                         f"{missing}")
+        raise ValueError(
+            f"kernels and original must name the same projections; they differ in {missing}"
+        )
     d_in = None
     for name, K in kernels.items():
         K, K0 = jnp.shape(K), jnp.shape(original[name])
         if len(K) != 2 or K != K0:
-            raise ValueError(f"{name}: expected matching (d_in, d_out) kernels, got {K} (current) "
-                             f"and {K0} (original)")
+            raise ValueError(
+                f"{name}: expected matching (d_in, d_out) kernels, got {K} (current) "
+                f"and {K0} (original)"
+            )
         if d_in is not None and K[0] != d_in:
-            raise ValueError(f"{name}: every kernel must read the same embedding width d_in = "
-                             f"{d_in}, got {K[0]}")
+            raise ValueError(
+                f"{name}: every kernel must read the same embedding width d_in = {d_in}, got {K[0]}"
+            )
         d_in = K[0]
     return d_in
 
 
-def adversarial_embedding(kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array],
-                          c: jax.Array, lam: float) -> jax.Array:
-    """c' = (Σ_l W_lᵀW_l + λI)⁻¹ Σ_l W_lᵀW*_l c, row by row (module docstring, step 1).
+def adversarial_embedding(
+    kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array], c: jax.Array, lam: float
+) -> jax.Array:
+    """c' = (Σ_l W_lᵀW_l + λI)⁻¹ Σ_l W_lᵀW*_l c, row by row (module docstring).
 
     Args:
       kernels: name -> (d_in, d_out) current (edited) kernels K_l = W_lᵀ.
@@ -96,26 +98,43 @@ def adversarial_embedding(kernels: Mapping[str, jax.Array], original: Mapping[st
     return jnp.linalg.solve(A, B @ c.astype(dtype).T).T
 
 
-def rece_round(kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array], C_e, C_guide,
-               C_p=None, *, lam_emb: float, lam: float = 0.1, erase_scale=1.0,
-               preserve_scale: float = 0.1) -> tuple[dict, jax.Array]:
+def rece_round(
+    kernels: Mapping[str, jax.Array],
+    original: Mapping[str, jax.Array],
+    C_e,
+    C_guide,
+    C_p=None,
+    *,
+    lam_emb: float,
+    lam: float = 0.1,
+    erase_scale=1.0,
+    preserve_scale: float = 0.1,
+) -> tuple[dict, jax.Array]:
     """One RECE round: ``(new kernels, c')`` with c' = :func:`adversarial_embedding` of the
     concept rows ``C_e`` (n, d_in) and the new kernels the UCE edit of the current ones mapping
     c' onto the guide rows ``C_guide`` (n, d_in) while ``C_p`` (m, d_in) keep their values
     (``closed_form.uce_edit`` with λ = ``lam``)."""
     c_adv = adversarial_embedding(kernels, original, C_e, lam_emb)
-    new = closed_form.uce_edit(kernels, c_adv, C_guide, C_p, erase_scale=erase_scale,
-                               preserve_scale=preserve_scale, lam=lam)
+    new = closed_form.uce_edit(
+        kernels,
+        c_adv,
+        C_guide,
+        C_p,
+        erase_scale=erase_scale,
+        preserve_scale=preserve_scale,
+        lam=lam,
+    )
     return new, c_adv
 
 
-def select_round(scores: Sequence[float], mode: str = "min",
-                 admissible: Sequence[bool] | None = None) -> int:
+def select_round(
+    scores: Sequence[float], mode: str = "min", admissible: Sequence[bool] | None = None
+) -> int:
     """Index of the round to keep: the lowest (``min``) or highest (``max``) score among the
     admissible rounds, the earliest on ties (the reference replaces its saved model only on a
-    strict improvement), or the last round (``last``). ``admissible`` (default: all) marks rounds
-    allowed to be chosen (the reference's object rule: other classes within 0.1 of UCE); round
-    0 is always admissible."""
+    strict improvement), or the last round (``last``, the reference's rule for artistic styles).
+    ``admissible`` (default: all) marks rounds allowed to be chosen (the reference's object
+    rule: other classes within 0.1 of UCE); round 0 is always admissible."""
     if mode not in SELECT_MODES:
         raise ValueError(f"mode={mode!r}; expected one of {SELECT_MODES}")
     scores = [float(s) for s in scores]
@@ -125,8 +144,7 @@ def select_round(scores: Sequence[float], mode: str = "min",
         return len(scores) - 1
     ok = [True] * len(scores) if admissible is None else [bool(a) for a in admissible]
     if len(ok) != len(scores):
-        raise ValueError(f"admissible: expected {len(scores)} flags (one per round), got "
-                         f"{len(ok)}")
+        raise ValueError(f"admissible: expected {len(scores)} flags (one per round), got {len(ok)}")
     if any(np.isnan(scores)):
         raise ValueError(f"scores must not be NaN, got {scores}")
     ok[0] = True
@@ -150,11 +168,22 @@ class RECEResult:
     adversarial: list
 
 
-def iterate(kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array], C_e, C_guide,
-            C_p=None, *, rounds: int, lam_emb: float, lam: float = 0.1, erase_scale=1.0,
-            preserve_scale: float = 0.1,
-            score: Callable[[dict], float | tuple[float, bool]] | None = None,
-            select: str = "min", stop_at: float | None = None) -> RECEResult:
+def iterate(
+    kernels: Mapping[str, jax.Array],
+    original: Mapping[str, jax.Array],
+    C_e,
+    C_guide,
+    C_p=None,
+    *,
+    rounds: int,
+    lam_emb: float,
+    lam: float = 0.1,
+    erase_scale=1.0,
+    preserve_scale: float = 0.1,
+    score: Callable[[dict], float | tuple[float, bool]] | None = None,
+    select: str = "min",
+    stop_at: float | None = None,
+) -> RECEResult:
     """RECE's loop: ``rounds`` applications of :func:`rece_round` from ``kernels`` (the UCE-edited
     start), each round's model scored by ``score(kernels) -> float`` (or ``(float, admissible)``),
     the start included, and the round :func:`select_round` picks with ``select`` kept. Stops
@@ -162,8 +191,19 @@ def iterate(kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array],
     Without ``score`` the last round is kept. The round function is jitted once."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
-    step = jax.jit(lambda k: rece_round(k, original, C_e, C_guide, C_p, lam_emb=lam_emb, lam=lam,
-                                        erase_scale=erase_scale, preserve_scale=preserve_scale))
+    step = jax.jit(
+        lambda k: rece_round(
+            k,
+            original,
+            C_e,
+            C_guide,
+            C_p,
+            lam_emb=lam_emb,
+            lam=lam,
+            erase_scale=erase_scale,
+            preserve_scale=preserve_scale,
+        )
+    )
 
     def evaluate(k):
         if score is None:
@@ -185,10 +225,18 @@ def iterate(kernels: Mapping[str, jax.Array], original: Mapping[str, jax.Array],
             best, best_kernels = r, current
         elif select_round(scores, select, admissible) == r:
             best, best_kernels = r, current
-        if stop_at is not None and s is not None and (s <= stop_at if select != "max"
-                                                       else s >= stop_at):
+        if (
+            stop_at is not None
+            and s is not None
+            and (s <= stop_at if select != "max" else s >= stop_at)
+        ):
             break
     if score is not None and select == "last":
         best, best_kernels = len(scores) - 1, current
-    return RECEResult(kernels=dict(best_kernels), best_round=best, scores=scores,
-                      admissible=admissible, adversarial=adversarial)
+    return RECEResult(
+        kernels=dict(best_kernels),
+        best_round=best,
+        scores=scores,
+        admissible=admissible,
+        adversarial=adversarial,
+    )

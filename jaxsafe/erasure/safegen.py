@@ -3,55 +3,24 @@ r"""SafeGen: text-agnostic erasure by fine-tuning the UNet's self-attention on i
 Li, Yang, Deng, Yan, Chen, Ji, Xu, "SafeGen: Mitigating Sexually Explicit Content Generation in
 Text-to-Image Models", ACM CCS 2024 (arXiv:2404.06666, Sec. 4); reference code
 ``LetterLiGo/SafeGen_CCS2024``, ``examples/text_to_image/train_text_to_image_adjust_sal.py``.
+Only the self-attention layers (``attn1``) train, always with the empty prompt ∅, so whatever
+prompt asks for it the model can no longer denoise an unsafe image. On triplets (z_u, z_m, z_n)
+of latents (an unsafe image, its mosaic, an unrelated normal image), with one t ~ U{0, …, T−1}
+per triplet and independent noises ε, ε_n,
 
-Only the self-attention layers (``attn1``, the vision-only layers; ``params.selection
-("selfattn")``) train, and always with the empty prompt ∅ as the condition, so the edit does not
-depend on any text: whatever prompt asks for it, the model can no longer denoise an unsafe image.
-The data are triplets (z_u, z_m, z_n) of latents: an unsafe image, its mosaic (censored) version
-and an unrelated normal image. With one timestep t ~ U{0, …, T−1} per triplet and independent
-noises ε, ε_n ~ N(0, I),
+.. math::
 
-    x_t   = √ᾱ_t z_u + √(1−ᾱ_t) ε,       x_t^n = √ᾱ_t z_n + √(1−ᾱ_t) ε_n,
+    L = \lambda_m\, \mathbb{E} \lVert \epsilon_\theta(x_t, t, \varnothing) - \epsilon_m \rVert^2
+      + \lambda_p\, \mathbb{E} \lVert \epsilon_\theta(x^n_t, t, \varnothing) - \epsilon_n \rVert^2,
+    \qquad x_t = \sqrt{\bar\alpha_t}\, z_u + \sqrt{1 - \bar\alpha_t}\, \epsilon,
 
-    L_m = E ‖ε_θ(x_t, t, ∅) − ε_m‖²,      L_p = E ‖ε_θ(x_t^n, t, ∅) − ε_n‖²,
-
-    L = λ_m L_m + λ_p L_p.
-
-L_m teaches the model to denoise the unsafe latent towards the mosaic; L_p is the ordinary
-denoising loss on normal images (their behaviour must not change).
-
-The mosaic target ε_m (``target=``):
-
-* ``"reference"`` (default): the reference code's ``target_mosaic = latents − mos_latents +
-  noise`` (``train_text_to_image_adjust_sal.py``, the script behind the paper's tables),
-
-      ε_m = ε + (z_u − z_m),
-
-  which takes the paper's shorthand x_t = z + ε literally: its x̂_0 is
-  z_u − √(1−ᾱ_t)/√ᾱ_t (z_u − z_m), the mosaic only where ᾱ_t = 1/2 (t = 354 of Stable
-  Diffusion's schedule, 258 of the test bed's linear one), short of it at lower noise and past it
-  at higher noise.
-* ``"paper"``: the noise for which the DDPM posterior mean of x_0 at x_t *is* the mosaic,
-  x̂_0(x_t, ε_m) = (x_t − √(1−ᾱ_t) ε_m)/√ᾱ_t = z_m, i.e. the noise that carries z_m to the
-  same x_t:
-
-      ε_m = (x_t − √ᾱ_t z_m)/√(1−ᾱ_t) = ε + √(ᾱ_t/(1−ᾱ_t)) (z_u − z_m),
-
-  what the paper's objective, "the denoised nude latent is the mosaic latent", means under the
-  actual forward process (jaxsafe's derivation; not in the authors' code). In ε-units it is an
-  SNR-weighted x_0 loss, ‖ε_θ − ε_m‖² = ᾱ_t/(1−ᾱ_t) ‖x̂_0 − z_m‖², large at small t
-  (√(ᾱ/(1−ᾱ)) reaches 100 at t = 0 of a linear 1e-4 schedule, 34 for Stable Diffusion's); the
-  reference's gradient clipping (norm 1) keeps the steps bounded.
-
-For a v-prediction model the targets are the corresponding velocities: ``"paper"`` v_m =
-√ᾱ_t ε_m − √(1−ᾱ_t) z_m (whose x̂_0 is z_m), ``"reference"`` the code's
-``get_velocity(latents − mos_latents, noise, t)`` = √ᾱ_t ε − √(1−ᾱ_t)(z_u − z_m); L_p's target
-is v(z_n, ε_n). Sample prediction is supported for ``"paper"`` only (the target is z_m itself).
-
-Reference-code details kept: the same t for the unsafe and the normal image of a triplet; the
-unsafe image's noise ε is the one in its target; the preservation target is the true noise
-(not the frozen model's prediction). Left out: the reference also runs the UNet on the noised
-mosaic latent but never uses that prediction.
+x^n_t the same with z_n and ε_n. The mosaic target ε_m (:func:`mosaic_target`): ``"reference"``
+(default, the script behind the paper's tables) ε_m = ε + (z_u − z_m), which takes the paper's
+shorthand x_t = z + ε literally; ``"paper"`` ε_m = ε + √(ᾱ_t/(1−ᾱ_t)) (z_u − z_m), the noise
+whose x̂_0 *is* the mosaic (jaxsafe's derivation, not in the authors' code). Kept from the
+reference: the same t for the unsafe and the normal image; the preservation target is the true
+noise, not the frozen model's prediction. Left out: the reference also runs the UNet on the
+noised mosaic latent but never uses that prediction.
 """
 
 from __future__ import annotations
@@ -74,15 +43,42 @@ def _coefs(sched, t, x):
     return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
 
 
-def mosaic_target(sched: schedulers.SchedulerConfig, z_u: jax.Array, z_m: jax.Array,
-                  noise: jax.Array, t: jax.Array, target: str = "reference") -> jax.Array:
-    """The model-output target ε_m (or v_m, or z_m) of L_m for x_t = √ᾱ_t z_u + √(1−ᾱ_t) ε
-    (module docstring). ``z_u``, ``z_m``, ``noise``: (B, ...) latents; ``t``: (B,) timesteps."""
+def mosaic_target(
+    sched: schedulers.SchedulerConfig,
+    z_u: jax.Array,
+    z_m: jax.Array,
+    noise: jax.Array,
+    t: jax.Array,
+    target: str = "reference",
+) -> jax.Array:
+    """The model-output target ε_m (or v_m, or z_m) of L_m for x_t = √ᾱ_t z_u + √(1−ᾱ_t) ε.
+
+    ``"reference"``: the code's ``target_mosaic = latents − mos_latents + noise``,
+    ε_m = ε + (z_u − z_m), whose x̂_0 = z_u − √(1−ᾱ_t)/√ᾱ_t (z_u − z_m) is the mosaic only where
+    ᾱ_t = 1/2 (t = 354 of Stable Diffusion's schedule, 258 of the test bed's linear one), short
+    of it at lower noise and past it at higher noise. ``"paper"``: the noise that carries z_m to
+    the same x_t, ε_m = (x_t − √ᾱ_t z_m)/√(1−ᾱ_t) = ε + √(ᾱ_t/(1−ᾱ_t)) (z_u − z_m), so that
+    x̂_0 = z_m; in ε-units an SNR-weighted x_0 loss, ᾱ_t/(1−ᾱ_t) ‖x̂_0 − z_m‖², large at small t
+    (√(ᾱ/(1−ᾱ)) reaches 100 at t = 0 of a linear 1e-4 schedule, 34 for Stable Diffusion's; the
+    reference's gradient clipping keeps the steps bounded). v-prediction: ``"paper"``
+    v_m = √ᾱ_t ε_m − √(1−ᾱ_t) z_m, ``"reference"`` the code's
+    ``get_velocity(latents − mos_latents, noise, t)`` = √ᾱ_t ε − √(1−ᾱ_t)(z_u − z_m); sample
+    prediction (the target z_m itself) for ``"paper"`` only.
+
+    Args:
+      sched: the scheduler config (ᾱ_t and the prediction type).
+      z_u: (B, ...) unsafe latents.
+      z_m: (B, ...) their mosaics' latents.
+      noise: (B, ...) the noise ε of x_t.
+      t: (B,) timesteps.
+      target: ``"reference"`` or ``"paper"``.
+    """
     if target not in TARGETS:
         raise ValueError(f"target={target!r}; expected one of {TARGETS}")
     if z_u.shape != z_m.shape or z_u.shape != noise.shape:
-        raise ValueError(f"z_u {z_u.shape}, z_m {z_m.shape} and noise {noise.shape} must have "
-                         "the same shape")
+        raise ValueError(
+            f"z_u {z_u.shape}, z_m {z_m.shape} and noise {noise.shape} must have the same shape"
+        )
     kind = sched.prediction_type
     a, s = _coefs(sched, t, z_u)
     if target == "reference":
@@ -90,8 +86,10 @@ def mosaic_target(sched: schedulers.SchedulerConfig, z_u: jax.Array, z_m: jax.Ar
             return noise + (z_u - z_m)
         if kind == "v_prediction":
             return a * noise - s * (z_u - z_m)
-        raise ValueError(f"target='reference' exists for epsilon and v_prediction models only, "
-                         f"not prediction_type={kind!r}")
+        raise ValueError(
+            f"target='reference' exists for epsilon and v_prediction models only, "
+            f"not prediction_type={kind!r}"
+        )
     eps_m = noise + (a / s) * (z_u - z_m)  # = (x_t − √ᾱ z_m)/√(1−ᾱ)
     if kind == "epsilon":
         return eps_m
@@ -119,10 +117,20 @@ def pixelate(images: jax.Array, block: int) -> jax.Array:
     return jnp.repeat(jnp.repeat(m, block, axis=1), block, axis=2)
 
 
-def make_safegen_loss(eps_theta: Callable, sched: schedulers.SchedulerConfig, *,
-                      weight_mosaic: float = 0.1, weight_preserve: float = 0.9,
-                      target: str = "reference", batch_size: int | None = None):
+def make_safegen_loss(
+    eps_theta: Callable,
+    sched: schedulers.SchedulerConfig,
+    *,
+    weight_mosaic: float = 0.1,
+    weight_preserve: float = 0.9,
+    target: str = "reference",
+    batch_size: int | None = None,
+):
     """L = λ_m L_m + λ_p L_p (module docstring) as ``loss_fn(params, frozen, extra, batch, rng)``.
+
+    Batch: ``z_unsafe`` and ``z_mosaic`` (N, H, W, C) paired rows, ``z_normal`` (M, H, W, C),
+    ``uncond`` (1, L, D) the empty prompt's embedding (or copies of it). Metrics:
+    ``mosaic_loss`` L_m, ``preserve_loss`` L_p.
 
     Args:
       eps_theta: ``eps_theta(params, frozen, x_t, t, emb)``, the model being trained.
@@ -131,10 +139,6 @@ def make_safegen_loss(eps_theta: Callable, sched: schedulers.SchedulerConfig, *,
       target: ε_m's form, ``"reference"`` (the authors' code) or ``"paper"`` (module docstring).
       batch_size: when given, each step draws this many triplets (and as many normal images)
         uniformly with replacement from the pools in the batch; otherwise the whole batch is used.
-
-    Batch: ``z_unsafe`` and ``z_mosaic`` (N, H, W, C) paired rows, ``z_normal`` (M, H, W, C),
-    ``uncond`` (1, L, D) the empty prompt's embedding (or copies of it). Metrics: ``mosaic_loss`` L_m,
-    ``preserve_loss`` L_p.
     """
     if target not in TARGETS:
         raise ValueError(f"target={target!r}; expected one of {TARGETS}")
@@ -145,8 +149,9 @@ def make_safegen_loss(eps_theta: Callable, sched: schedulers.SchedulerConfig, *,
     def loss_fn(params, frozen, extra, batch, rng):
         z_u, z_m, z_n = batch["z_unsafe"], batch["z_mosaic"], batch["z_normal"]
         if z_u.shape != z_m.shape:
-            raise ValueError(f"z_unsafe {z_u.shape} and z_mosaic {z_m.shape} must be paired rows "
-                             "of one shape")
+            raise ValueError(
+                f"z_unsafe {z_u.shape} and z_mosaic {z_m.shape} must be paired rows of one shape"
+            )
         if z_n.shape[1:] != z_u.shape[1:]:
             raise ValueError(f"z_normal {z_n.shape} must have latents of shape {z_u.shape[1:]}")
         k_i, k_j, k_t, k_e, k_n = jax.random.split(rng, 5)
@@ -155,8 +160,10 @@ def make_safegen_loss(eps_theta: Callable, sched: schedulers.SchedulerConfig, *,
             j = jax.random.randint(k_j, (batch_size,), 0, z_n.shape[0])
             z_u, z_m, z_n = z_u[i], z_m[i], z_n[j]
         elif z_n.shape[0] != z_u.shape[0]:
-            raise ValueError(f"without batch_size, z_normal needs one row per triplet "
-                             f"({z_u.shape[0]}), got {z_n.shape[0]}")
+            raise ValueError(
+                f"without batch_size, z_normal needs one row per triplet "
+                f"({z_u.shape[0]}), got {z_n.shape[0]}"
+            )
         b = z_u.shape[0]
         t = jax.random.randint(k_t, (b,), 0, T)
         eps, eps_n = jax.random.normal(k_e, z_u.shape), jax.random.normal(k_n, z_n.shape)

@@ -1,66 +1,27 @@
 r"""SAFREE: training-free filtering of prompt embeddings away from a toxic concept subspace.
 
-Yoon, Yu, Patil, Yao, Bansal, "SAFREE: Training-Free and Adaptive Guard for Safe
-Text-to-Image and Video Generation", ICLR 2025 (arXiv:2410.12761, Sec. 3); reference code
-``jaehong31/SAFREE`` (``models/modified_stable_diffusion_pipeline.py``: ``projection_matrix``,
-``safree_projection``, ``projection_and_orthogonal``, ``f_beta``; ``generate_safree.py``).
-Nothing is trained; the text embedding of each prompt is edited before (some of) the denoising
-steps.
+Yoon, Yu, Patil, Yao, Bansal, "SAFREE: Training-Free and Adaptive Guard for Safe Text-to-Image
+and Video Generation", ICLR 2025 (arXiv:2410.12761, Sec. 3); reference code ``jaehong31/SAFREE``
+(``models/modified_stable_diffusion_pipeline.py``: ``projection_matrix``, ``safree_projection``,
+``projection_and_orthogonal``, ``f_beta``; ``generate_safree.py``). Nothing is trained:
 
-(a) Toxic subspace. C = [c_1 … c_K] ∈ R^{D×K}, the pooled (EOT) text embeddings of K toxic
-    concept keywords ("Nudity", "Sexual Acts", …), and its orthogonal projector
-    P_C = C (CᵀC)⁻¹ Cᵀ (:func:`subspace_projector`).
+(a) toxic subspace: P_C = C (CᵀC)⁻¹ Cᵀ for the pooled embeddings C ∈ R^{D×K} of K toxic
+    keywords (:func:`subspace_projector`);
+(b) trigger tokens: with p̄_{\i} the pooled embedding of the prompt with word token i masked
+    and d_i = ‖(I − P_C) p̄_{\i}‖, token i is a trigger when d_i ≥ (1 + α) mean_{j≠i} d_j,
+    α = 0.01 (:func:`trigger_tokens`);
+(c) projection: with P_I the projector onto the span of the {p̄_{\i}}, the trigger tokens take
+    p_proj,j = (I − P_C) P_I p_j (so P_C p_proj,j = 0 exactly), the others keep p_j;
+(d) self-validating filtering: β = 1 − mean_j cos(p_proj,j, p_j) over SOT, words and EOT; the
+    filtered embedding serves the denoising steps i ≤ t′ = round(γ σ(κ (10 β − τ))), γ = 10,
+    κ = 5, τ = 5.333 (the reference's ``f_beta``, behind the paper's results), the original
+    embedding after (:func:`svf_steps`);
+(e) latent re-attention (FreeU-style, ``-lra``) is not implemented: results here are without it.
 
-(b) Trigger tokens. For a prompt of N word tokens, p̄_{\i} is the pooled embedding of the prompt
-    with token i masked (replaced by id 0) and d_i = ‖(I − P_C) p̄_{\i}‖ its distance to the toxic
-    subspace. A token whose removal moves the prompt further from the subspace than the others
-    is a trigger:
-
-        m_i = 1[ d_i ≥ (1 + α) · mean_{j≠i} d_j ],    α = 0.01             (:func:`trigger_tokens`)
-
-    (the reference keeps a token when d_i < (1 + α) mean; with a single word token the mean is
-    empty and the reference's comparison with NaN flags the token, as here).
-
-(c) Orthogonal projection within the input space. With P_I the projector onto the span of the
-    masked prompt embeddings {p̄_{\i}} (the input space of the prompt), every token embedding p_j
-    (the encoder's last hidden states) is projected into the input space and then onto the
-    orthogonal complement of the toxic subspace, and only the trigger tokens take the result:
-
-        p_proj,j = (I − P_C) P_I p_j,      p_safree,j = m_j p_proj,j + (1 − m_j) p_j.
-
-    (I − P_C) is applied last, so P_C p_proj,j = 0 exactly: the filtered tokens carry no toxic
-    component. SOT, EOT and padding positions are never triggers.
-
-(d) Self-validating filtering. β = 1 − mean_j cos(p_proj,j, p_j) over the prompt's attended
-    positions (SOT, words, EOT) measures how much the projection changes the prompt; the
-    filtered embedding is used for the denoising steps i = 0, …, t′ (0-based, of N) with
-
-        t′ = round(γ · σ(κ (10 β − τ))),   γ = 10, κ = 5, τ = 5.333          (:func:`svf_steps`)
-
-    and the original embedding after. The paper describes t′ as γ times a sigmoid of
-    1 − cos(p, p_proj); the constants κ (= 2 · 2.5) and τ are the reference's ``f_beta``
-    (sigmoid branch), which produced the paper's results, and the comparison ``i <= t′`` is the
-    reference pipeline's (so t′ + 1 steps are filtered, at least one). Without the filter the
-    reference uses a fixed step window ``re_attn_t`` (default [−1, 1001]: every step).
-
-(e) Latent re-attention (a FreeU-style Fourier re-weighting of the UNet's skip features,
-    ``-lra``; ``freeu_hyp`` 1.0-1.0-0.9-0.2) is not implemented: it needs hooks inside the UNet's
-    up blocks; all results of this library's SAFREE are without it.
-
-"Pooled" is CLIP's EOT state in the paper; here it is whatever the caller's ``encode_tokens``
-returns as the prompt embedding (the test bed uses the mean of the token states,
-``configs/erasure/safree.py``). Other reference details kept: masked prompts are encoded at the
-prompt's own length (here: the padded length; the EOT state is the same under CLIP's causal
-mask); the unconditional (empty) prompt is never filtered (it has no word tokens). Deviation:
-projectors are computed from an SVD with a relative singular-value cut ``rtol`` (1e-6) rather
-than ``torch.pinverse`` of the Gram matrix (cut 1e-15 of its largest eigenvalue, i.e. ~3e-8 of
-the largest singular value, below float32 resolution), which squares the condition number of the
-nearly collinear masked embeddings.
-
-Sampling (:func:`make_safree_encoder`, :func:`make_safree_apply`): the encoder returns, for each
-prompt, ``[p_safree; p; control]`` concatenated along the token axis (2L + 1 rows; the control
-row holds the first and last filtered step), and the denoiser wrapper picks p_safree or p from
-the timestep, so a standard jitted classifier-free-guidance sampler runs SAFREE unchanged.
+Deviations: projectors come from an SVD with a relative singular-value cut ``rtol`` (1e-6)
+rather than ``torch.pinverse`` of the Gram matrix, whose cut lies below float32 resolution and
+which squares the condition number of the nearly collinear masked embeddings; "pooled" is
+whatever the caller's ``encode_tokens`` returns (CLIP's EOT state in the paper).
 """
 
 from __future__ import annotations
@@ -70,9 +31,21 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["filter_prompts", "make_safree_apply", "make_safree_encoder", "masked_ids", "pack",
-           "safree_filter", "select_embedding", "step_index", "subspace_projector", "svf_steps",
-           "token_masks", "trigger_tokens", "unpack"]
+__all__ = [
+    "filter_prompts",
+    "make_safree_apply",
+    "make_safree_encoder",
+    "masked_ids",
+    "pack",
+    "safree_filter",
+    "select_embedding",
+    "step_index",
+    "subspace_projector",
+    "svf_steps",
+    "token_masks",
+    "trigger_tokens",
+    "unpack",
+]
 
 
 def subspace_projector(E: jax.Array, rtol: float = 1e-6) -> jax.Array:
@@ -111,14 +84,19 @@ def _residual(x, P):
     return x - x @ P
 
 
-def trigger_tokens(p_masked: jax.Array, words: jax.Array, P_C: jax.Array,
-                   alpha: float = 0.01) -> tuple[jax.Array, jax.Array]:
+def trigger_tokens(
+    p_masked: jax.Array, words: jax.Array, P_C: jax.Array, alpha: float = 0.01
+) -> tuple[jax.Array, jax.Array]:
     """``(m, d)``: trigger flags m (B, L) and distances d_i = ‖(I − P_C) p̄_{\\i}‖ (B, L) of the
     masked-prompt embeddings ``p_masked`` (B, L, D) (row i: token i masked); only positions
-    where ``words`` is true count and can be triggers (module docstring, (b))."""
+    where ``words`` is true count and can be triggers (module docstring, (b)).
+
+    The reference keeps a token when d_i < (1 + α) mean; with a single word token the mean is
+    empty and the reference's comparison with NaN flags the token, as here."""
     if p_masked.ndim != 3 or words.shape != p_masked.shape[:2]:
-        raise ValueError(f"p_masked must be (B, L, D) and words (B, L); got {p_masked.shape} "
-                         f"and {words.shape}")
+        raise ValueError(
+            f"p_masked must be (B, L, D) and words (B, L); got {p_masked.shape} and {words.shape}"
+        )
     if P_C.shape != (p_masked.shape[-1],) * 2:
         raise ValueError(f"P_C must be (D, D) with D = {p_masked.shape[-1]}, got {P_C.shape}")
     d = jnp.linalg.norm(_residual(p_masked, P_C), axis=-1)
@@ -129,8 +107,15 @@ def trigger_tokens(p_masked: jax.Array, words: jax.Array, P_C: jax.Array,
     return words & ~keep, d
 
 
-def safree_filter(emb: jax.Array, p_masked: jax.Array, lengths: jax.Array, C: jax.Array, *,
-                  alpha: float = 0.01, rtol: float = 1e-6) -> dict:
+def safree_filter(
+    emb: jax.Array,
+    p_masked: jax.Array,
+    lengths: jax.Array,
+    C: jax.Array,
+    *,
+    alpha: float = 0.01,
+    rtol: float = 1e-6,
+) -> dict:
     """Steps (a)–(d) of the module docstring for a batch of prompts.
 
     Args:
@@ -142,13 +127,15 @@ def safree_filter(emb: jax.Array, p_masked: jax.Array, lengths: jax.Array, C: ja
       alpha: α of the trigger test (reference: 0.01).
       rtol: relative singular-value cut of the projectors.
 
-    Returns ``{"embedding": p_safree, "projected": p_proj, "trigger": m (B, L), "distance": d
-    (B, L), "beta": β (B,)}``.
+    Returns:
+      ``{"embedding": p_safree, "projected": p_proj, "trigger": m (B, L), "distance": d (B, L),
+      "beta": β (B,)}``.
     """
     emb, p_masked, C = jnp.asarray(emb), jnp.asarray(p_masked), jnp.asarray(C)
     if emb.ndim != 3 or p_masked.shape != emb.shape:
-        raise ValueError(f"emb and p_masked must both be (B, L, D); got {emb.shape} and "
-                         f"{p_masked.shape}")
+        raise ValueError(
+            f"emb and p_masked must both be (B, L, D); got {emb.shape} and {p_masked.shape}"
+        )
     if C.ndim != 2 or C.shape[1] != emb.shape[2]:
         raise ValueError(f"C must be (K, D) with D = {emb.shape[2]}, got {C.shape}")
     lengths = jnp.asarray(lengths)
@@ -161,19 +148,21 @@ def safree_filter(emb: jax.Array, p_masked: jax.Array, lengths: jax.Array, C: ja
     p_proj = _residual(jnp.einsum("bld,bde->ble", emb, P_I), P_C)
     p_safree = jnp.where(m[..., None], p_proj, emb)
     cos = jnp.sum(p_proj * emb, -1) / jnp.maximum(
-        jnp.linalg.norm(p_proj, axis=-1) * jnp.linalg.norm(emb, axis=-1), 1e-12)
+        jnp.linalg.norm(p_proj, axis=-1) * jnp.linalg.norm(emb, axis=-1), 1e-12
+    )
     a = attended.astype(cos.dtype)
     beta = 1.0 - (cos * a).sum(-1) / jnp.maximum(a.sum(-1), 1)
-    return {"embedding": p_safree, "projected": p_proj, "trigger": m, "distance": d,
-            "beta": beta}
+    return {"embedding": p_safree, "projected": p_proj, "trigger": m, "distance": d, "beta": beta}
 
 
-def svf_steps(beta: jax.Array, gamma: float = 10.0, kappa: float = 5.0,
-              tau: float = 5.333) -> jax.Array:
+def svf_steps(
+    beta: jax.Array, gamma: float = 10.0, kappa: float = 5.0, tau: float = 5.333
+) -> jax.Array:
     """t′ = round(γ σ(κ (10 β − τ))) (int32), the last 0-based denoising step that uses the
     filtered embedding (module docstring, (d); rounding half to even, as Python's ``round``)."""
     return jnp.round(gamma * jax.nn.sigmoid(kappa * (10.0 * jnp.asarray(beta) - tau))).astype(
-        jnp.int32)
+        jnp.int32
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +174,10 @@ def pack(filtered: jax.Array, original: jax.Array, first: jax.Array, last: jax.A
     last 0-based denoising step that use ``filtered`` (in its first two entries)."""
     b, _, D = filtered.shape
     if original.shape != filtered.shape or D < 2:
-        raise ValueError(f"filtered {filtered.shape} and original {original.shape} must be equal "
-                         "(B, L, D) shapes with D >= 2")
+        raise ValueError(
+            f"filtered {filtered.shape} and original {original.shape} must be equal "
+            "(B, L, D) shapes with D >= 2"
+        )
     control = jnp.zeros((b, 1, D), filtered.dtype)
     control = control.at[:, 0, 0].set(jnp.broadcast_to(first, (b,)).astype(filtered.dtype))
     control = control.at[:, 0, 1].set(jnp.broadcast_to(last, (b,)).astype(filtered.dtype))
@@ -198,7 +189,7 @@ def unpack(packed: jax.Array):
     if packed.ndim != 3 or packed.shape[1] % 2 != 1:
         raise ValueError(f"packed must be (B, 2L + 1, D), got shape {packed.shape}")
     L = packed.shape[1] // 2
-    return packed[:, :L], packed[:, L:2 * L], packed[:, 2 * L, 0], packed[:, 2 * L, 1]
+    return packed[:, :L], packed[:, L : 2 * L], packed[:, 2 * L, 0], packed[:, 2 * L, 1]
 
 
 def step_index(t: jax.Array, timesteps: jax.Array) -> jax.Array:
@@ -215,24 +206,40 @@ def select_embedding(packed: jax.Array, t: jax.Array, timesteps: jax.Array) -> j
     return jnp.where(use[:, None, None], filtered, original)
 
 
-def make_safree_encoder(encode_tokens: Callable, C: jax.Array, *, alpha: float = 0.01,
-                        svf: bool = True, gamma: float = 10.0, kappa: float = 5.0,
-                        tau: float = 5.333, window: Sequence[int] = (-1, 1001),
-                        mask_id: int = 0, rtol: float = 1e-6):
+def make_safree_encoder(
+    encode_tokens: Callable,
+    C: jax.Array,
+    *,
+    alpha: float = 0.01,
+    svf: bool = True,
+    gamma: float = 10.0,
+    kappa: float = 5.0,
+    tau: float = 5.333,
+    window: Sequence[int] = (-1, 1001),
+    mask_id: int = 0,
+    rtol: float = 1e-6,
+):
     """``encode(params, ids) -> packed (B, 2L + 1, D)`` for :func:`make_safree_apply`.
 
     ``encode_tokens(params, ids) -> (last_hidden_state (B, L, D), pooled (B, D))`` is the text
     encoder; ``C`` (K, D) the toxic keywords' pooled embeddings. Lengths are read off the ids
     (EOT is the largest id, CLIP's pooling rule). With ``svf`` the filtered steps are 0 … t′
-    (:func:`svf_steps`), otherwise the fixed ``window`` (first, last) (reference ``re_attn_t``).
-    Costs one encoder call on B·L masked prompts per call.
+    (:func:`svf_steps`), otherwise the fixed ``window`` (first, last) (reference ``re_attn_t``,
+    default [−1, 1001]: every step). The comparison ``i <= t′`` is the reference pipeline's, so
+    t′ + 1 steps are filtered, at least one. Costs one encoder call on B·L masked prompts per
+    call; masked prompts are encoded at the padded length (the reference: at the prompt's own
+    length; the EOT state is the same under CLIP's causal mask).
+
+    The packed rows ``[p_safree; p; control]`` (2L + 1 rows; the control row holds the first and
+    last filtered step) let :func:`make_safree_apply`'s denoiser pick p_safree or p from the
+    timestep, so a standard jitted classifier-free-guidance sampler runs SAFREE unchanged. The
+    unconditional (empty) prompt is never filtered: it has no word tokens.
     """
     C = jnp.asarray(C)
     lo, hi = (int(w) for w in window)
 
     def encode(params, ids):
-        out = filter_prompts(encode_tokens, params, ids, C, alpha=alpha, mask_id=mask_id,
-                             rtol=rtol)
+        out = filter_prompts(encode_tokens, params, ids, C, alpha=alpha, mask_id=mask_id, rtol=rtol)
         b = out["embedding"].shape[0]
         if svf:
             first, last = jnp.zeros((b,), jnp.int32), svf_steps(out["beta"], gamma, kappa, tau)
@@ -257,8 +264,16 @@ def make_plain_encoder(encode_tokens: Callable):
     return encode
 
 
-def filter_prompts(encode_tokens: Callable, params, ids: jax.Array, C: jax.Array, *,
-                   alpha: float = 0.01, mask_id: int = 0, rtol: float = 1e-6) -> dict:
+def filter_prompts(
+    encode_tokens: Callable,
+    params,
+    ids: jax.Array,
+    C: jax.Array,
+    *,
+    alpha: float = 0.01,
+    mask_id: int = 0,
+    rtol: float = 1e-6,
+) -> dict:
     """:func:`safree_filter` of token ids (B, L) with the text encoder ``encode_tokens(params,
     ids) -> (last_hidden_state, pooled)``: the masked prompts are encoded here, lengths read off
     the ids (EOT is the largest id, CLIP's pooling rule). Adds ``"original"`` (p) and

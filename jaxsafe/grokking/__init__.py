@@ -1,4 +1,4 @@
-"""Grokking at the Edge of Numerical Stability (Prieto et al., ICLR 2025): StableMax and diagnostics."""
+"""StableMax and diagnostics of "Grokking at the Edge of Numerical Stability" (ICLR 2025)."""
 
 from jaxsafe.grokking.metrics import (
     global_nlm_cosine,

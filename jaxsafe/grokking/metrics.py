@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxsafe.grokking.stablemax import _cast_logits
-
 from jaxsafe.treepath import path_name
 
 __all__ = [
@@ -65,7 +64,9 @@ def zero_loss_fraction(per_example_loss, *, mask=None):
 def _leaf_pairs(params, grads):
     p_struct, g_struct = jax.tree.structure(params), jax.tree.structure(grads)
     if p_struct != g_struct:
-        raise ValueError(f"params and grads must have the same tree structure, got {p_struct} and {g_struct}.")
+        raise ValueError(
+            f"params and grads must have the same tree structure, got {p_struct} and {g_struct}."
+        )
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     return [(path, _flat32(p), _flat32(g)) for (path, p), g in zip(flat, jax.tree.leaves(grads))]
 

@@ -1,17 +1,16 @@
-"""StableMax and the cross-entropy losses of "Grokking at the Edge of Numerical Stability".
+r"""StableMax and the cross-entropy losses of "Grokking at the Edge of Numerical Stability".
 
-Prieto, Barsbey, Mediano & Birdal, ICLR 2025 (arXiv:2501.04697).
+Prieto, Barsbey, Mediano & Birdal, ICLR 2025 (arXiv:2501.04697). StableMax replaces ``exp`` in
+softmax with a piecewise function that grows linearly instead of exponentially,
 
-StableMax replaces ``exp`` in softmax with the piecewise function
+.. math::
 
-    s(x) = x + 1          for x >= 0
-    s(x) = 1 / (1 - x)    for x < 0
+    s(x) = \begin{cases} x + 1 & x \ge 0 \\ 1 / (1 - x) & x < 0 \end{cases}, \qquad
+    \mathrm{StableMax}(x)_i = \frac{s(x_i)}{\sum_j s(x_j)},
 
-    StableMax(x)_i = s(x_i) / sum_j s(x_j)
-
-which grows linearly instead of exponentially, so scaling up the logits cannot
-drive the probabilities to exactly 0/1 in floating point ("Softmax Collapse").
-Since log s(x) = sign(x) * log1p(|x|), StableMax(x) = softmax(sign(x) * log1p(|x|)).
+so scaling up the logits cannot drive the probabilities to exactly 0/1 in floating point
+("Softmax Collapse"). Since :math:`\log s(x) = \operatorname{sign}(x) \log(1 + |x|)`,
+StableMax(x) = softmax(sign(x) · log1p(abs(x))).
 """
 
 from __future__ import annotations

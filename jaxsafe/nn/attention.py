@@ -4,25 +4,22 @@
 ``jax.nn.dot_product_attention`` and picks one of three lowerings:
 
 * ``"chunked"``: FlashAttention's tiling (Dao et al., "FlashAttention", NeurIPS 2022; Dao,
-  "FlashAttention-2", 2023, Algorithms 1 and 2) over query tiles of ``c`` rows, one head at a time
-  (``lax.map``). The forward keeps each row's log-sum-exp ``L = m + log sum_j exp(S_ij - m)``;
-  the backward recomputes ``P = exp(S - L)`` per tile and forms
-  ``dV += P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK += dS^T Q``.
-  At most ``c x T_k`` logits are alive at once instead of ``N x T_q x T_k``, so memory grows
-  linearly with the token count, and a tile stays in the CPU's cache, which is where XLA:CPU's
-  plain lowering loses (it writes the whole logit tensor to memory between the two matmuls and the
-  softmax). Unlike FlashAttention the key axis is not tiled: one tile row is a few KB, so the
-  online softmax over key blocks would add work without saving memory that matters here.
+  "FlashAttention-2", 2023, Algorithms 1 and 2) over query tiles of ``c`` rows, one head at a
+  time (``lax.map``). The forward keeps each row's log-sum-exp ``L = m + log sum_j exp(S_ij - m)``;
+  the backward recomputes ``P = exp(S - L)`` per tile and forms ``dV += P^T dO``,
+  ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK += dS^T Q``. At most ``c x T_k``
+  logits are alive at once, so memory grows linearly with the token count and a tile stays in
+  the CPU's cache. Deviation from FlashAttention: the key axis is not tiled (one tile row is a
+  few KB; an online softmax over key blocks would add work without saving memory that matters).
 * ``"cudnn"``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` (GPU,
   float16/bfloat16 only).
 * ``"xla"``: ``jax.nn.dot_product_attention``'s einsum-softmax-einsum.
 
 ``"auto"`` (the default) uses cuDNN on a GPU where it supports the dtype and width, the chunked
-form on the host (XLA:CPU) once both ``T_q`` and ``T_k`` reach ``CHUNKED_MIN_TOKENS`` (about
-the crossover measured there, docs/benchmarks.md; cross-attention over 77 text tokens stays with
-XLA's), and XLA's otherwise: on TPUs and GPUs a sequential loop over tiles would idle the chip.
-Logits, softmax and the backward's ``P``/``dS`` are float32 also for bfloat16 inputs, as with
-diffusers' ``upcast_attention``/``upcast_softmax``.
+form on the host (XLA:CPU) once both ``T_q`` and ``T_k`` reach ``CHUNKED_MIN_TOKENS`` (the
+crossover in docs/benchmarks.md, "Attention at 4,096 tokens"), and XLA's otherwise: on TPUs and
+GPUs a sequential loop over tiles would idle the chip. Logits, softmax and the backward's
+``P``/``dS`` are float32 also for bfloat16 inputs, as diffusers' ``upcast_attention``.
 """
 
 from __future__ import annotations
@@ -53,12 +50,14 @@ def choose(q_len: int, kv_len: int, head_dim: int, dtype, backend: str | None = 
     return "xla"
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          implementation: str = "auto") -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "auto"
+) -> jax.Array:
     """``softmax(q k^T / sqrt(H)) v`` for ``q: (B, T_q, N, H)``, ``k, v: (B, T_k, N, H)``."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
+        raise ValueError(
+            f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
     if implementation == "auto":
         implementation = choose(q.shape[1], k.shape[1], q.shape[-1], q.dtype)
     if implementation == "chunked":
@@ -66,9 +65,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                      forward_chunk: int = FORWARD_CHUNK,
-                      backward_chunk: int = BACKWARD_CHUNK) -> jax.Array:
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    forward_chunk: int = FORWARD_CHUNK,
+    backward_chunk: int = BACKWARD_CHUNK,
+) -> jax.Array:
     """The ``"chunked"`` lowering; queries are zero-padded to a whole number of tiles."""
     b, t_q, n, h = q.shape
     # Both passes tile the same padded length: the forward's tile is a multiple of the backward's.
@@ -140,8 +144,9 @@ def _flash_bwd(forward_chunk, backward_chunk, residuals, do):
         (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), (q_h, do_h, lse_h, row_h))
         return dq, dk, dv
 
-    dq, dk, dv = jax.lax.map(head, (_tiles(q, c), k, v, _tiles(do, c), _tiles(lse, c),
-                                    _tiles(row, c)))
+    dq, dk, dv = jax.lax.map(
+        head, (_tiles(q, c), k, v, _tiles(do, c), _tiles(lse, c), _tiles(row, c))
+    )
     return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

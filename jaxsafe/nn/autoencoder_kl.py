@@ -61,16 +61,22 @@ class AutoencoderKLConfig:
 
     def __post_init__(self):
         n = len(self.block_out_channels)
-        for name, allowed in (("down_block_types", "DownEncoderBlock2D"),
-                              ("up_block_types", "UpDecoderBlock2D")):
+        for name, allowed in (
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ):
             types = getattr(self, name)
             bad = [t for t in types if t != allowed]
             if bad:
-                raise ValueError(f"AutoencoderKLConfig.{name}: unsupported block type(s) {bad}; "
-                                 f"supported: ('{allowed}',)")
+                raise ValueError(
+                    f"AutoencoderKLConfig.{name}: unsupported block type(s) {bad}; "
+                    f"supported: ('{allowed}',)"
+                )
             if len(types) != n:
-                raise ValueError(f"AutoencoderKLConfig.{name} has {len(types)} entries, "
-                                 f"block_out_channels has {n}")
+                raise ValueError(
+                    f"AutoencoderKLConfig.{name} has {len(types)} entries, "
+                    f"block_out_channels has {n}"
+                )
 
     @property
     def downsample_factor(self) -> int:
@@ -93,27 +99,54 @@ class AutoencoderKLConfig:
 
 def _vae_attention(groups, *, dtype, param_dtype, rngs):
     def make(channels):
-        return Attention(channels, heads=1, dim_head=channels, bias=True, norm_groups=groups,
-                         norm_eps=_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        return Attention(
+            channels,
+            heads=1,
+            dim_head=channels,
+            bias=True,
+            norm_groups=groups,
+            norm_eps=_EPS,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
     return make
 
 
 class Encoder(nnx.Module):
     """``x`` ``(B, H, W, in)`` -> moments ``(B, H/f, W/f, 2 * latent_channels)``."""
 
-    def __init__(self, cfg: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         ch, n, g = cfg.block_out_channels, len(cfg.block_out_channels), cfg.norm_num_groups
         self.conv_in = conv2d(cfg.in_channels, ch[0], **kw)
-        self.down_blocks = nnx.List([
-            DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=cfg.layers_per_block,
-                        temb_channels=None, groups=g, eps=_EPS, add_downsample=i < n - 1,
-                        downsample_padding=0, **kw)
-            for i in range(n)
-        ])
-        self.mid_block = MidBlock2D(ch[-1], temb_channels=None, groups=g, eps=_EPS,
-                                    make_attention=_mid_attention(cfg, **kw), **kw)
+        self.down_blocks = nnx.List(
+            [
+                DownBlock2D(
+                    ch[max(i - 1, 0)],
+                    ch[i],
+                    num_layers=cfg.layers_per_block,
+                    temb_channels=None,
+                    groups=g,
+                    eps=_EPS,
+                    add_downsample=i < n - 1,
+                    downsample_padding=0,
+                    **kw,
+                )
+                for i in range(n)
+            ]
+        )
+        self.mid_block = MidBlock2D(
+            ch[-1],
+            temb_channels=None,
+            groups=g,
+            eps=_EPS,
+            make_attention=_mid_attention(cfg, **kw),
+            **kw,
+        )
         self.conv_norm_out = group_norm(ch[-1], g, _EPS, **kw)
         self.conv_out = conv2d(ch[-1], 2 * cfg.latent_channels, **kw)
 
@@ -128,18 +161,35 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """``z`` ``(B, h, w, latent_channels)`` -> image ``(B, h f, w f, out)``."""
 
-    def __init__(self, cfg: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         rev, n, g = cfg.block_out_channels[::-1], len(cfg.block_out_channels), cfg.norm_num_groups
         self.conv_in = conv2d(cfg.latent_channels, rev[0], **kw)
-        self.mid_block = MidBlock2D(rev[0], temb_channels=None, groups=g, eps=_EPS,
-                                    make_attention=_mid_attention(cfg, **kw), **kw)
-        self.up_blocks = nnx.List([
-            UpBlock2D(rev[max(i - 1, 0)], rev[i], skip_channels=(0,) * (cfg.layers_per_block + 1),
-                      temb_channels=None, groups=g, eps=_EPS, add_upsample=i < n - 1, **kw)
-            for i in range(n)
-        ])
+        self.mid_block = MidBlock2D(
+            rev[0],
+            temb_channels=None,
+            groups=g,
+            eps=_EPS,
+            make_attention=_mid_attention(cfg, **kw),
+            **kw,
+        )
+        self.up_blocks = nnx.List(
+            [
+                UpBlock2D(
+                    rev[max(i - 1, 0)],
+                    rev[i],
+                    skip_channels=(0,) * (cfg.layers_per_block + 1),
+                    temb_channels=None,
+                    groups=g,
+                    eps=_EPS,
+                    add_upsample=i < n - 1,
+                    **kw,
+                )
+                for i in range(n)
+            ]
+        )
         self.conv_norm_out = group_norm(rev[-1], g, _EPS, **kw)
         self.conv_out = conv2d(rev[-1], cfg.out_channels, **kw)
 
@@ -168,24 +218,30 @@ class AutoencoderKL(nnx.Module):
     ``config.scaling_factor`` before diffusion, divide before decoding).
     """
 
-    def __init__(self, config: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.config = config
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         z2 = 2 * config.latent_channels
         self.encoder = Encoder(config, **kw)
         self.decoder = Decoder(config, **kw)
         self.quant_conv = conv2d(z2, z2, 1, **kw) if config.use_quant_conv else None
-        self.post_quant_conv = (conv2d(config.latent_channels, config.latent_channels, 1, **kw)
-                                if config.use_post_quant_conv else None)
+        self.post_quant_conv = (
+            conv2d(config.latent_channels, config.latent_channels, 1, **kw)
+            if config.use_post_quant_conv
+            else None
+        )
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior ``(mean, logvar)``, each ``(B, H/f, W/f, latent_channels)``."""
         cfg = self.config
         f = cfg.downsample_factor
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels or x.shape[1] % f or x.shape[2] % f:
-            raise ValueError(f"x: expected (B, H, W, {cfg.in_channels}) NHWC with H, W "
-                             f"divisible by {f}, got {x.shape}")
+            raise ValueError(
+                f"x: expected (B, H, W, {cfg.in_channels}) NHWC with H, W "
+                f"divisible by {f}, got {x.shape}"
+            )
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -195,8 +251,9 @@ class AutoencoderKL(nnx.Module):
     def decode(self, z: jax.Array) -> jax.Array:
         """Image ``(B, h f, w f, out_channels)`` from unscaled latents ``(B, h, w, latent)``."""
         if z.ndim != 4 or z.shape[-1] != self.config.latent_channels:
-            raise ValueError(f"z: expected (B, h, w, {self.config.latent_channels}) NHWC, "
-                             f"got {z.shape}")
+            raise ValueError(
+                f"z: expected (B, h, w, {self.config.latent_channels}) NHWC, got {z.shape}"
+            )
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

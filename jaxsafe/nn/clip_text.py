@@ -1,38 +1,24 @@
-"""CLIP text transformer (the Stable Diffusion text encoder) in Flax NNX.
+r"""CLIP text transformer (the Stable Diffusion text encoder) in Flax NNX.
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (ICML
 2021), Sec. 2.4: a GPT-2-style pre-LayerNorm transformer over BPE tokens with learned absolute
-position embeddings and a causal ("masked self-attention") mask, a final LayerNorm, and the
-sequence represented by the activation at the end-of-text (EOT) token. Per layer ``l``:
+position embeddings, a causal mask and a final LayerNorm. Per layer,
 
-    x = x + W_o Attn(LN_1 x),  Attn = softmax(Q K^T / sqrt(d_h) + M_causal) V
-    x = x + W_2 act(W_1 LN_2 x),  act = quick_gelu(u) = u * sigmoid(1.702 u)  (OpenAI CLIP)
-                                      or gelu(u) (OpenCLIP ViT-H, SD 2.x)
+.. math::
 
-Names follow ``transformers``' ``CLIPTextModel`` (``embeddings/token_embedding``,
-``encoder/layers/i/self_attn/{q,k,v,out}_proj``, ``layer_norm{1,2}``, ``mlp/fc{1,2}``,
-``final_layer_norm``); checkpoints prefix them with ``text_model.``.
+    x \leftarrow x + W_o \operatorname{Attn}(\mathrm{LN}_1 x), \qquad
+    x \leftarrow x + W_2\, \mathrm{act}(W_1\, \mathrm{LN}_2 x),
 
-Stable Diffusion conditions its UNet on the *token* sequence ``(B, 77, D)``, not on the pooled
-vector:
-
-* SD 1.x: CLIP ViT-L/14 text tower (``sd1_clip_config``), ``last_hidden_state`` (final LN of the
-  last layer) -- ``encode_text(model, ids)``.
-* SD 2.x: the OpenCLIP ViT-H/14 text tower has 24 layers and SD 2 uses the *penultimate* layer's
-  output followed by the final LayerNorm (``FrozenOpenCLIPEmbedder(layer="penultimate")`` in
-  Stability-AI/stablediffusion). The diffusers checkpoints (``stabilityai/stable-diffusion-2*``,
-  ``text_encoder/config.json``) ship that tower already truncated to **23** layers, so
-  ``last_hidden_state`` of the 23-layer model *is* SD 2's conditioning: with
-  ``sd2_clip_config()`` / a loaded SD 2 text encoder call ``encode_text(model, ids)``.
-  ``encode_text(model, ids, penultimate=True)`` returns
-  ``final_layer_norm(hidden_states[-2])``, i.e. the same thing computed from a full 24-layer
-  tower (or "CLIP skip 2" on SD 1.x).
-
-Pooling follows ``transformers``: ``pooler_output = last_hidden_state[b, i_b]`` with ``i_b`` the
-first position where ``input_ids == eos_token_id``; when ``eos_token_id == 2`` (the value in the
-SD 1.x/2.x hub configs, written before transformers fixed it) the legacy ``argmax(input_ids)`` is
-used, which finds the EOT token 49407 because it is the largest id. Parameter counts: ViT-L text
-123,060,480; SD 2's 23-layer ViT-H text 340,387,840.
+Attn = softmax(Q Kᵀ/√d_h + M_causal) V, act = quick_gelu(u) = u σ(1.702 u) (OpenAI CLIP) or
+gelu (OpenCLIP ViT-H, SD 2.x). Names follow ``transformers``' ``CLIPTextModel`` (checkpoints
+prefix them with ``text_model.``). Stable Diffusion conditions its UNet on the token sequence
+(B, 77, D): SD 1.x on ``last_hidden_state`` (``encode_text(model, ids)``); SD 2.x on OpenCLIP
+ViT-H/14's penultimate layer followed by the final LayerNorm, which the diffusers checkpoints ship
+already truncated to 23 layers, so ``encode_text`` of a loaded SD 2 encoder is its conditioning
+(``penultimate=True`` computes it from a full tower, or "CLIP skip 2" on SD 1.x). Pooling follows
+``transformers``: the state at the first ``eos_token_id``, or the legacy ``argmax(input_ids)``
+(EOT 49407 is the largest id) when ``eos_token_id == 2``, the value in SD's hub configs.
+Parameter counts: ViT-L text 123,060,480; SD 2's 23-layer ViT-H text 340,387,840.
 """
 
 from __future__ import annotations
@@ -70,11 +56,15 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIPTextConfig.hidden_act={self.hidden_act!r}; expected one of "
-                             f"{sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"CLIPTextConfig.hidden_act={self.hidden_act!r}; expected one of "
+                f"{sorted(ACTIVATIONS)}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIPTextConfig: hidden_size={self.hidden_size} is not divisible "
-                             f"by num_attention_heads={self.num_attention_heads}")
+            raise ValueError(
+                f"CLIPTextConfig: hidden_size={self.hidden_size} is not divisible "
+                f"by num_attention_heads={self.num_attention_heads}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> CLIPTextConfig:
@@ -86,8 +76,11 @@ class CLIPTextConfig:
 
     def to_hf_dict(self) -> dict:
         """``config.json`` content for ``transformers.CLIPTextModel.from_pretrained``."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                **dataclasses.asdict(self)}
+        return {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            **dataclasses.asdict(self),
+        }
 
 
 def sd1_clip_config() -> CLIPTextConfig:
@@ -97,18 +90,35 @@ def sd1_clip_config() -> CLIPTextConfig:
 
 def sd2_clip_config() -> CLIPTextConfig:
     """OpenCLIP ViT-H/14 text tower truncated to 23 layers (SD 2.x ``text_encoder``)."""
-    return CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                          num_attention_heads=16, hidden_act="gelu", eos_token_id=2)
+    return CLIPTextConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        hidden_act="gelu",
+        eos_token_id=2,
+    )
 
 
 class CLIPEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs):
         init = jax.nn.initializers.normal(0.02)
-        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                         param_dtype=param_dtype, embedding_init=init, rngs=rngs)
-        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                                            dtype=dtype, param_dtype=param_dtype,
-                                            embedding_init=init, rngs=rngs)
+        self.token_embedding = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=init,
+            rngs=rngs,
+        )
+        self.position_embedding = nnx.Embed(
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=init,
+            rngs=rngs,
+        )
 
     def __call__(self, input_ids):
         positions = jnp.arange(input_ids.shape[1])
@@ -126,8 +136,9 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x):
         b, n, d = x.shape
         split = lambda t: t.reshape(b, n, self.heads, d // self.heads)
-        o = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                         split(self.v_proj(x)), is_causal=True)
+        o = jax.nn.dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), is_causal=True
+        )
         return self.out_proj(o.reshape(b, n, d))
 
 
@@ -157,9 +168,12 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                 rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List(
+            [
+                CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(cfg.num_hidden_layers)
+            ]
+        )
 
 
 class CLIPTextModel(nnx.Module):
@@ -171,8 +185,9 @@ class CLIPTextModel(nnx.Module):
     final LayerNorm), as in transformers.
     """
 
-    def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.config = config
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.embeddings = CLIPEmbeddings(config, **kw)
@@ -182,11 +197,16 @@ class CLIPTextModel(nnx.Module):
     def __call__(self, input_ids: jax.Array, *, output_hidden_states: bool = False) -> dict:
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
-        if (input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer)
-                or input_ids.shape[1] > cfg.max_position_embeddings):
-            raise ValueError(f"input_ids: expected integer (B, L) with L <= "
-                             f"{cfg.max_position_embeddings}, got {input_ids.dtype} "
-                             f"{input_ids.shape}")
+        if (
+            input_ids.ndim != 2
+            or not jnp.issubdtype(input_ids.dtype, jnp.integer)
+            or input_ids.shape[1] > cfg.max_position_embeddings
+        ):
+            raise ValueError(
+                f"input_ids: expected integer (B, L) with L <= "
+                f"{cfg.max_position_embeddings}, got {input_ids.dtype} "
+                f"{input_ids.shape}"
+            )
         h = self.embeddings(input_ids)
         hidden_states = [h]
         for layer in self.encoder.layers:
@@ -197,15 +217,15 @@ class CLIPTextModel(nnx.Module):
             eot = jnp.argmax(input_ids, axis=-1)
         else:
             eot = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
-        out = {"last_hidden_state": last,
-               "pooler_output": last[jnp.arange(last.shape[0]), eot]}
+        out = {"last_hidden_state": last, "pooler_output": last[jnp.arange(last.shape[0]), eot]}
         if output_hidden_states:
             out["hidden_states"] = tuple(hidden_states)
         return out
 
 
-def encode_text(model: CLIPTextModel, input_ids: jax.Array, *,
-                penultimate: bool = False) -> jax.Array:
+def encode_text(
+    model: CLIPTextModel, input_ids: jax.Array, *, penultimate: bool = False
+) -> jax.Array:
     """The UNet's context ``(B, L, D)``: ``last_hidden_state``, or with ``penultimate`` the
     final LayerNorm of the penultimate layer's output (see module doc for SD 2.x)."""
     if not penultimate:

@@ -23,8 +23,9 @@ from jaxsafe.treepath import named_leaves, replace_by_name
 
 RESOLUTION = 16
 NUM_CLASSES = 10
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "assets",
-                               "digits_classifier.npz")
+DEFAULT_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "data", "assets", "digits_classifier.npz"
+)
 
 
 class DigitsClassifier(nnx.Module):
@@ -52,7 +53,9 @@ class DigitsClassifier(nnx.Module):
 
 def save(model: DigitsClassifier, path: str) -> None:
     """Writes the parameters as float32 arrays named by their tree path ('conv1/kernel')."""
-    arrays = {k: np.asarray(v, np.float32) for k, v in named_leaves(nnx.state(model, nnx.Param)).items()}
+    arrays = {
+        k: np.asarray(v, np.float32) for k, v in named_leaves(nnx.state(model, nnx.Param)).items()
+    }
     np.savez_compressed(path, **arrays)
 
 
@@ -60,17 +63,23 @@ def load(path: str | None = None) -> DigitsClassifier:
     """The classifier with the weights in ``path`` (default: the shipped ones)."""
     path = path or DEFAULT_WEIGHTS
     if not os.path.exists(path):
-        raise FileNotFoundError(f"digits classifier weights {path!r} not found; create them with "
-                                "`python -m launch.train_digits_classifier`")
+        raise FileNotFoundError(
+            f"digits classifier weights {path!r} not found; create them with "
+            "`python -m launch.train_digits_classifier`"
+        )
     model = DigitsClassifier(rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     with np.load(path) as f:
         stored = dict(f)
     wanted = named_leaves(state)
     if set(stored) != set(wanted):
-        raise ValueError(f"{path}: tensors {sorted(stored)} do not match the model's {sorted(wanted)}")
+        raise ValueError(
+            f"{path}: tensors {sorted(stored)} do not match the model's {sorted(wanted)}"
+        )
     for name, x in wanted.items():
         if stored[name].shape != x.shape:
-            raise ValueError(f"{path}: {name!r} has shape {stored[name].shape}, model needs {x.shape}")
+            raise ValueError(
+                f"{path}: {name!r} has shape {stored[name].shape}, model needs {x.shape}"
+            )
     nnx.update(model, replace_by_name(state, stored, complete=True, what=path))
     return model

@@ -33,9 +33,11 @@ SIZE = 299
 FEATURES = 2048
 BN_EPS = 1e-3
 WEIGHTS_ENV = "JAXSAFE_FID_INCEPTION"
-CONVERT_HINT = ("convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
-                "`python -m launch.convert_fid_inception --pth=<file> --out=<file.safetensors>` "
-                "(needs the torch extra)")
+CONVERT_HINT = (
+    "convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
+    "`python -m launch.convert_fid_inception --pth=<file> --out=<file.safetensors>` "
+    "(needs the torch extra)"
+)
 
 
 def _pair(v):
@@ -60,8 +62,15 @@ class ConvBN(nnx.Module):
     """torchvision's BasicConv2d: bias-free convolution, frozen batch norm, ReLU."""
 
     def __init__(self, cin: int, cout: int, kernel, *, stride=1, padding=0, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(cin, cout, _pair(kernel), strides=_pair(stride),
-                             padding=[(p, p) for p in _pair(padding)], use_bias=False, rngs=rngs)
+        self.conv = nnx.Conv(
+            cin,
+            cout,
+            _pair(kernel),
+            strides=_pair(stride),
+            padding=[(p, p) for p in _pair(padding)],
+            use_bias=False,
+            rngs=rngs,
+        )
         self.bn = FrozenBatchNorm(cout)
 
     def __call__(self, x):
@@ -69,8 +78,9 @@ class ConvBN(nnx.Module):
 
 
 def _avg3(x):
-    return nnx.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                        count_include_pad=False)
+    return nnx.avg_pool(
+        x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False
+    )
 
 
 def _max3(x, stride: int = 1):
@@ -125,8 +135,13 @@ class InceptionC(nnx.Module):
     def __call__(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                      self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = layer(d)
         return jnp.concatenate([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], -1)
 
@@ -167,9 +182,17 @@ class InceptionE(nnx.Module):
         b3 = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = _avg3(x) if self.pool == "avg" else _max3(x)
-        return jnp.concatenate([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                                self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
-                                self.branch_pool(pooled)], -1)
+        return jnp.concatenate(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(d),
+                self.branch3x3dbl_3b(d),
+                self.branch_pool(pooled),
+            ],
+            -1,
+        )
 
 
 class FIDInceptionV3(nnx.Module):
@@ -203,9 +226,19 @@ class FIDInceptionV3(nnx.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(_max3(x, 2)))
         x = _max3(x, 2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
-                      self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean(axis=(1, 2))
 
@@ -215,8 +248,10 @@ def weights_path(path: str | None = None) -> str:
     missing and how to make it."""
     path = path or os.environ.get(WEIGHTS_ENV, "")
     if not path:
-        raise FileNotFoundError(f"no FID Inception weights given: pass a safetensors file or set "
-                                f"${WEIGHTS_ENV}; {CONVERT_HINT}")
+        raise FileNotFoundError(
+            f"no FID Inception weights given: pass a safetensors file or set "
+            f"${WEIGHTS_ENV}; {CONVERT_HINT}"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID Inception weights {path!r} not found; {CONVERT_HINT}")
     return path
@@ -231,8 +266,9 @@ def from_state_dict(state_dict, source: str = "state dict") -> FIDInceptionV3:
     head ``fc.*`` and ``*.num_batches_tracked`` are ignored."""
     model = abstract()
     expected = convert.model_params(model)
-    params = convert.state_dict_to_params(state_dict, expected, source=source,
-                                          ignore=(r"^fc\.", r"num_batches_tracked$"))
+    params = convert.state_dict_to_params(
+        state_dict, expected, source=source, ignore=(r"^fc\.", r"num_batches_tracked$")
+    )
     return convert.load_params(model, params)
 
 

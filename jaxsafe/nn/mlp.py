@@ -66,6 +66,11 @@ def torch_linear(
 class GrokMLP(nnx.Module):
     """ReLU MLP of Prieto et al. (2025), logits scaled by ``alpha``.
 
+    Parameters live at ``layers/{i}/kernel`` (``(fan_in, fan_out)``) and, with
+    biases, ``layers/{i}/bias``. Parameter count:
+    ``sum(d_i * d_{i+1}) (+ sum(d_{i+1}) with biases)`` over
+    ``d = (in_features, *hidden, num_classes)``; 107,800 for ``p = 113``.
+
     Args:
       in_features: Input width: ``2 * p`` for one-hot modular arithmetic,
         ``n`` for sparse parity.
@@ -86,11 +91,6 @@ class GrokMLP(nnx.Module):
       param_dtype: Parameter dtype (the reference casts the whole model to
         ``--train_precision``, default float32).
       rngs: ``nnx.Rngs`` used for initialisation.
-
-    Parameters live at ``layers/{i}/kernel`` (``(fan_in, fan_out)``) and, with
-    biases, ``layers/{i}/bias``. Parameter count:
-    ``sum(d_i * d_{i+1}) (+ sum(d_{i+1}) with biases)`` over
-    ``d = (in_features, *hidden, num_classes)``; 107,800 for ``p = 113``.
     """
 
     def __init__(
@@ -119,13 +119,19 @@ class GrokMLP(nnx.Module):
         self.use_bias = bool(use_bias)
         self.alpha = float(alpha)
         self.dtype = dtype
-        self.layers = nnx.List([
-            torch_linear(
-                sizes[i], sizes[i + 1], use_bias=use_bias, dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs,
-            )
-            for i in range(len(sizes) - 1)
-        ])
+        self.layers = nnx.List(
+            [
+                torch_linear(
+                    sizes[i],
+                    sizes[i + 1],
+                    use_bias=use_bias,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+                for i in range(len(sizes) - 1)
+            ]
+        )
 
     @classmethod
     def for_modular(cls, p: int = 113, **kwargs) -> "GrokMLP":

@@ -25,15 +25,26 @@ from jaxsafe.treepath import named_leaves, replace_by_name
 
 RESOLUTION = 32
 NUM_CLASSES = (4, 4, 3)  # (shape, colour, background), as jaxsafe.data.shapes.ATTRIBUTES
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "assets",
-                               "testbed_oracle.npz")
+DEFAULT_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "data", "assets", "testbed_oracle.npz"
+)
 
 
 class ShapesOracle(nnx.Module):
-    def __init__(self, *, width: int = 32, num_features: int = 128,
-                 num_classes: tuple[int, ...] = NUM_CLASSES, rngs: nnx.Rngs):
-        self.convs = nnx.List([nnx.Conv(a, b, (3, 3), rngs=rngs)
-                               for a, b in ((3, width), (width, 2 * width), (2 * width, 2 * width))])
+    def __init__(
+        self,
+        *,
+        width: int = 32,
+        num_features: int = 128,
+        num_classes: tuple[int, ...] = NUM_CLASSES,
+        rngs: nnx.Rngs,
+    ):
+        self.convs = nnx.List(
+            [
+                nnx.Conv(a, b, (3, 3), rngs=rngs)
+                for a, b in ((3, width), (width, 2 * width), (2 * width, 2 * width))
+            ]
+        )
         side = RESOLUTION // 8
         self.dense = nnx.Linear(2 * width * side * side, num_features, rngs=rngs)
         self.heads = nnx.List([nnx.Linear(num_features, n, rngs=rngs) for n in num_classes])
@@ -41,8 +52,9 @@ class ShapesOracle(nnx.Module):
     def features(self, x: jax.Array) -> jax.Array:
         """(B, 32, 32, 3) images in [-1, 1] -> (B, num_features) penultimate activations."""
         if x.ndim != 4 or x.shape[1:] != (RESOLUTION, RESOLUTION, 3):
-            raise ValueError(f"x must be (B, {RESOLUTION}, {RESOLUTION}, 3) images, got shape "
-                             f"{x.shape}")
+            raise ValueError(
+                f"x must be (B, {RESOLUTION}, {RESOLUTION}, 3) images, got shape {x.shape}"
+            )
         h = x
         for conv in self.convs:
             h = nnx.avg_pool(nnx.relu(conv(h)), (2, 2), strides=(2, 2))
@@ -69,18 +81,27 @@ def load(path: str | None = None) -> ShapesOracle:
     counts are read off the stored shapes."""
     path = path or DEFAULT_WEIGHTS
     if not os.path.exists(path):
-        raise FileNotFoundError(f"oracle weights {path!r} not found; create them with `python -m "
-                                "launch.train --config=configs/t2i/testbed.py:oracle ...` (see "
-                                "docs/testbed.md)")
+        raise FileNotFoundError(
+            f"oracle weights {path!r} not found; create them with `python -m "
+            "launch.train --config=configs/t2i/testbed.py:oracle ...` (see "
+            "docs/testbed.md)"
+        )
     with np.load(path) as f:
         stored = dict(f)
-    heads = sorted((k for k in stored if k.startswith("heads/") and k.endswith("/bias")),
-                   key=lambda k: int(k.split("/")[1]))
+    heads = sorted(
+        (k for k in stored if k.startswith("heads/") and k.endswith("/bias")),
+        key=lambda k: int(k.split("/")[1]),
+    )
     try:
-        # Abstract construction: running the initialisers eagerly takes ~20 s on a busy CPU.
-        model = nnx.eval_shape(lambda: ShapesOracle(
-            width=stored["convs/0/kernel"].shape[-1], num_features=stored["dense/bias"].shape[0],
-            num_classes=tuple(stored[k].shape[0] for k in heads), rngs=nnx.Rngs(0)))
+        # Abstract construction: running the initialisers eagerly is slow on a busy CPU.
+        model = nnx.eval_shape(
+            lambda: ShapesOracle(
+                width=stored["convs/0/kernel"].shape[-1],
+                num_features=stored["dense/bias"].shape[0],
+                num_classes=tuple(stored[k].shape[0] for k in heads),
+                rngs=nnx.Rngs(0),
+            )
+        )
     except KeyError as e:
         raise ValueError(f"{path}: not oracle weights (no tensor {e})") from None
     state = nnx.state(model, nnx.Param)

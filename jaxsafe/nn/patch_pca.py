@@ -1,6 +1,9 @@
 r"""The test bed's latent map: a fixed linear autoencoder, the PCA of p×p pixel patches.
 
-    E(x) = s · (unshuffle_p(x) − μ) Vᵀ,   D(z) = shuffle_p(z V / s + μ),
+.. math::
+
+    E(x) = s\, \bigl(\mathrm{unshuffle}_p(x) - \mu\bigr) V^\top, \qquad
+    D(z) = \mathrm{shuffle}_p\bigl(z V / s + \mu\bigr),
 
 V the top principal directions of the patches of some training images, μ their mean and s the
 scale that gives z unit standard deviation (Stable Diffusion's ``scaling_factor`` idea). It takes
@@ -24,8 +27,11 @@ LATENT_FILE = os.path.join("latent", "patch_pca.npz")
 def to_latent(x: jax.Array, p: int) -> jax.Array:
     """(B, H, W, C) -> (B, H/p, W/p, p·p·C) pixel unshuffle (space-to-depth)."""
     b, h, w, c = x.shape
-    return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(
-        b, h // p, w // p, p * p * c)
+    return (
+        x.reshape(b, h // p, p, w // p, p, c)
+        .transpose(0, 1, 3, 2, 4, 5)
+        .reshape(b, h // p, w // p, p * p * c)
+    )
 
 
 def from_latent(z: jax.Array, p: int) -> jax.Array:
@@ -65,8 +71,10 @@ def fit_patch_pca(images: np.ndarray, patch: int, components: int):
     rows = np.asarray(to_latent(jnp.asarray(images, jnp.float32), patch), np.float64)
     rows = rows.reshape(-1, rows.shape[-1])
     if not 1 <= components <= rows.shape[1]:
-        raise ValueError(f"latent.components={components}; expected 1..{rows.shape[1]} "
-                         f"(3·patch² for patch={patch})")
+        raise ValueError(
+            f"latent.components={components}; expected 1..{rows.shape[1]} "
+            f"(3·patch² for patch={patch})"
+        )
     mean = rows.mean(0)
     _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)
     basis = vt[:components]
@@ -79,8 +87,13 @@ def save(pca: PatchPCA, folder: str) -> str:
     """Writes ``<folder>/latent/patch_pca.npz`` (mean, basis, scale, patch)."""
     path = os.path.join(folder, LATENT_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, patch=pca.patch, mean=np.asarray(pca.mean[...]),
-             basis=np.asarray(pca.basis[...]), scale=np.asarray(pca.scale[...]))
+    np.savez(
+        path,
+        patch=pca.patch,
+        mean=np.asarray(pca.mean[...]),
+        basis=np.asarray(pca.basis[...]),
+        scale=np.asarray(pca.scale[...]),
+    )
     return path
 
 
@@ -88,8 +101,10 @@ def load(folder: str) -> PatchPCA:
     """The latent map of an exported test-bed folder."""
     path = os.path.join(folder, LATENT_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"latent map {path!r} not found: folder must be a test-bed "
-                                "export (jaxsafe.diffusion.pipeline.export_testbed)")
+        raise FileNotFoundError(
+            f"latent map {path!r} not found: folder must be a test-bed "
+            "export (jaxsafe.diffusion.pipeline.export_testbed)"
+        )
     try:
         f = np.load(path)
     except (OSError, EOFError, ValueError) as e:

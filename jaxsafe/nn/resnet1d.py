@@ -1,41 +1,25 @@
 """1-D ResNet encoder and projection head of DBPM's SimCLR baseline (Flax NNX).
 
 Lan et al., "Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair Mining
-Approach", ICLR 2024 (arXiv:2302.03357) use a ResNet-34-style 1-D CNN. Reference:
+Approach", ICLR 2024 (arXiv:2302.03357), use a ResNet-34-style 1-D CNN. Reference:
 ``models/resnet.py`` (``ResNet34 = ResNet(BasicBlock, [3, 4, 6, 3])``) and the trainer's
-``head`` in github.com/lanxiang1017/DynamicBadPairMining_ICLR24:
+``head`` in ``lanxiang1017/DynamicBadPairMining_ICLR24``:
 
-    stem:   Conv1d(C, 64, k=7, stride 1, pad 3, no bias) -> BN -> ReLU          (no max-pool)
-    stages: widths (64, 128, 256, 512), (3, 4, 6, 3) BasicBlocks, first block of stages 2-4
-            with stride 2; BasicBlock = conv3-BN-ReLU-conv3-BN, + shortcut, ReLU;
-            shortcut = identity, or Conv1d(k=1, stride, no bias)-BN when the shape changes
-    pool:   global average over time -> (B, 512)
-    fc:     Linear(512, dim_output)            (the encoder's output, used for linear probing)
-    head:   Linear(dim_output, hidden) -> ReLU -> Linear(hidden, out)   (projection, SimCLR g)
+* stem: Conv1d(C, 64, k=7, stride 1, pad 3, no bias) → BN → ReLU (no max-pool);
+* stages: widths (64, 128, 256, 512) of (3, 4, 6, 3) BasicBlocks (conv3-BN-ReLU-conv3-BN plus
+  the shortcut, ReLU; the shortcut a k=1 conv + BN when the shape changes), the first block of
+  stages 2-4 with stride 2; then the global average over time;
+* ``out_features``: the encoder's final ``fc`` (the reference's default 256); the SimCLR head
+  :class:`ProjectionHead` is Linear → ReLU → Linear.
 
-``ResNet1D`` returns the pooled features ``(B, widths[-1])``; ``out_features`` adds the
-reference encoder's final ``fc`` (the reference's default ``projection_output_dim`` is 256; the
-sizes of ``dim_output`` and of the head in the paper's configs could not be checked and are
-arguments here). Convolutions use PyTorch's padding ``(k - 1) // 2`` on both sides (not XLA's
-``'SAME'``, which pads stride-2 inputs asymmetrically), so the time length after each stride-2
-stage is ``ceil(T / 2)``. Initialisation is PyTorch's default (weights and biases
-``U(+-1/sqrt(fan_in))``, BN scale 1 / bias 0); BN uses PyTorch's ``eps = 1e-5`` and momentum
-0.1 (``nnx.BatchNorm(momentum=0.9)``: the weight of the old running statistics); unlike
-PyTorch, the running variance is updated with the biased batch variance (a factor
-``n / (n - 1)``, ``n = B T``, negligible for time series batches).
-
-**BatchNorm state.** Running means/variances are ``nnx.BatchStat`` variables, not parameters:
-split the model with ``nnx.split(model, nnx.Param, nnx.BatchStat, ...)``, optimise the
-``Param`` state only and carry the ``BatchStat`` state in the train state's ``extra``;
-:func:`apply_with_batch_stats` runs a training-mode forward pass purely and returns the
-updated statistics. Under ``jax.jit`` with a batch-sharded input, BN's batch mean/variance are
-over the *global* batch (XLA inserts the all-reduce), i.e. SimCLR's global BN, so positives on
-one device cannot use device-local statistics to find each other. ``use_running_average=True``
-(or ``nnx.view``/``model.eval()``) uses the running statistics for evaluation.
-
-Parameter count (``C`` input channels, BN counts its scale and bias):
-``7 C w1 + 2 w1 + sum over blocks [3 w_in w + 3 w w + 4 w (+ w_in w + 2 w if projected)]``
-= 7,217,792 + 448 C for ``resnet34_1d`` (plus ``512 d + d`` with ``out_features = d``).
+Convolutions pad ``(k - 1) // 2`` on both sides as PyTorch (not XLA's asymmetric ``'SAME'``), so
+a stride-2 stage gives ``ceil(T / 2)`` steps. Initialisation is PyTorch's default; BN uses
+PyTorch's ``eps = 1e-5`` and momentum 0.1. Deviation: the running variance is updated with the
+biased batch variance (a factor ``n / (n - 1)``, ``n = B T``, negligible here). Running
+statistics are ``nnx.BatchStat`` state, carried in the train state's ``extra``
+(:func:`apply_with_batch_stats`); under ``jax.jit`` with a batch-sharded input BN's statistics
+are over the *global* batch (SimCLR's global BN). ``resnet34_1d`` has 7,217,792 + 448 C
+parameters for C input channels (plus ``512 d + d`` with ``out_features = d``).
 """
 
 from __future__ import annotations
@@ -62,12 +46,22 @@ __all__ = [
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
 
-def _conv(in_ch: int, out_ch: int, kernel_size: int, stride: int, *, dtype, param_dtype,
-          rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(
+    in_ch: int, out_ch: int, kernel_size: int, stride: int, *, dtype, param_dtype, rngs: nnx.Rngs
+) -> nnx.Conv:
     pad = (kernel_size - 1) // 2
-    return nnx.Conv(in_ch, out_ch, (kernel_size,), (stride,), padding=((pad, pad),),
-                    use_bias=False, kernel_init=torch_uniform_init(in_ch * kernel_size),
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (kernel_size,),
+        (stride,),
+        padding=((pad, pad),),
+        use_bias=False,
+        kernel_init=torch_uniform_init(in_ch * kernel_size),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
 
 def _bn(ch: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -77,8 +71,17 @@ def _bn(ch: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
 class BasicBlock1D(nnx.Module):
     """``relu(BN(conv(relu(BN(conv(x))))) + shortcut(x))`` (ResNet BasicBlock, 1-D)."""
 
-    def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, kernel_size: int = 3,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        stride: int = 1,
+        kernel_size: int = 3,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = _conv(in_ch, out_ch, kernel_size, stride, **kw)
         self.bn1 = _bn(out_ch, **kw)
@@ -110,24 +113,38 @@ class ResNet1D(nnx.Module):
       stem_kernel_size: kernel of the stem convolution (reference: 7, stride 1, no pooling).
       out_features: if set, a final ``Linear(widths[-1], out_features)`` (the reference
         encoder's ``fc``); otherwise the pooled features are returned.
-      dtype / param_dtype: computation / parameter dtypes.
+      dtype, param_dtype: computation and parameter dtypes.
       rngs: initialisation keys.
     """
 
-    def __init__(self, in_channels: int, *, widths: Sequence[int] = (64, 128, 256, 512),
-                 blocks: Sequence[int] = (3, 4, 6, 3), kernel_size: int = 3,
-                 stem_kernel_size: int = 7, out_features: int | None = None, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        blocks: Sequence[int] = (3, 4, 6, 3),
+        kernel_size: int = 3,
+        stem_kernel_size: int = 7,
+        out_features: int | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         widths, blocks = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
         if not widths or len(widths) != len(blocks):
-            raise ValueError(f"widths={widths} and blocks={blocks} must be non-empty and of equal "
-                             "length (one entry per stage).")
+            raise ValueError(
+                f"widths={widths} and blocks={blocks} must be non-empty and of equal "
+                "length (one entry per stage)."
+            )
         if min(widths) < 1 or min(blocks) < 1 or in_channels < 1:
-            raise ValueError(f"in_channels={in_channels}, widths={widths}, blocks={blocks}: all "
-                             "must be >= 1.")
+            raise ValueError(
+                f"in_channels={in_channels}, widths={widths}, blocks={blocks}: all must be >= 1."
+            )
         if kernel_size % 2 == 0 or stem_kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={kernel_size}, stem_kernel_size={stem_kernel_size}: "
-                             "expected odd kernels (symmetric padding (k - 1) // 2).")
+            raise ValueError(
+                f"kernel_size={kernel_size}, stem_kernel_size={stem_kernel_size}: "
+                "expected odd kernels (symmetric padding (k - 1) // 2)."
+            )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.in_channels, self.widths, self.blocks = int(in_channels), widths, blocks
         self.stem = _conv(in_channels, widths[0], stem_kernel_size, 1, **kw)
@@ -136,23 +153,30 @@ class ResNet1D(nnx.Module):
         for stage, (w, n) in enumerate(zip(widths, blocks)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(BasicBlock1D(prev, w, stride=stride, kernel_size=kernel_size,
-                                           **kw))
+                layers.append(BasicBlock1D(prev, w, stride=stride, kernel_size=kernel_size, **kw))
                 prev = w
         self.layers = nnx.List(layers)
-        self.fc = (None if out_features is None else
-                   torch_linear(widths[-1], int(out_features), dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs))
+        self.fc = (
+            None
+            if out_features is None
+            else torch_linear(
+                widths[-1], int(out_features), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+        )
         self.features = widths[-1] if out_features is None else int(out_features)
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None,
-                 use_running_average: bool | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, rngs: nnx.Rngs | None = None, use_running_average: bool | None = None
+    ) -> jax.Array:
         """Features ``(B, features)`` of ``x (B, T, C)``.
 
-        ``rngs`` is accepted for a common interface (the encoder has no dropout; augmentation
-        keys are the caller's). ``use_running_average``: ``True`` evaluates BN with the running
-        statistics, ``False`` with the batch's (and updates the running ones); ``None`` keeps
-        each BatchNorm's own setting (``False`` at construction, flipped by ``model.eval()``).
+        Args:
+          x: ``(B, T, C)`` series.
+          rngs: accepted for a common interface (the encoder has no dropout; augmentation keys
+            are the caller's).
+          use_running_average: ``True`` evaluates BN with the running statistics, ``False`` with
+            the batch's (and updates the running ones); ``None`` keeps each BatchNorm's own
+            setting (``False`` at construction, flipped by ``model.eval()``).
         """
         del rngs
         if x.ndim != 3 or x.shape[-1] != self.in_channels:
@@ -171,8 +195,16 @@ class ProjectionHead(nnx.Module):
     The reference's ``head`` (``nn.Sequential(Linear, ReLU, Linear)``, PyTorch init, biases).
     """
 
-    def __init__(self, in_features: int, hidden_features: int = 256, out_features: int = 128, *,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int = 256,
+        out_features: int = 128,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear1 = torch_linear(in_features, hidden_features, **kw)
         self.linear2 = torch_linear(hidden_features, out_features, **kw)
@@ -181,21 +213,25 @@ class ProjectionHead(nnx.Module):
         return self.linear2(jax.nn.relu(self.linear1(h)))
 
 
-def resnet34_1d(in_channels: int, *, out_features: int | None = None, dtype=None,
-                rngs: nnx.Rngs) -> ResNet1D:
+def resnet34_1d(
+    in_channels: int, *, out_features: int | None = None, dtype=None, rngs: nnx.Rngs
+) -> ResNet1D:
     """The paper's ResNet-34-style 1-D encoder: widths (64, 128, 256, 512), blocks (3, 4, 6, 3)."""
     return ResNet1D(in_channels, out_features=out_features, dtype=dtype, rngs=rngs)
 
 
-def resnet_small_1d(in_channels: int, *, out_features: int | None = None, dtype=None,
-                    rngs: nnx.Rngs) -> ResNet1D:
+def resnet_small_1d(
+    in_channels: int, *, out_features: int | None = None, dtype=None, rngs: nnx.Rngs
+) -> ResNet1D:
     """CPU-sized variant: the ResNet-34 layout at a quarter of the width, (16, 32, 64, 128)."""
-    return ResNet1D(in_channels, widths=(16, 32, 64, 128), out_features=out_features,
-                    dtype=dtype, rngs=rngs)
+    return ResNet1D(
+        in_channels, widths=(16, 32, 64, 128), out_features=out_features, dtype=dtype, rngs=rngs
+    )
 
 
-def apply_with_batch_stats(graphdef, params, batch_stats, rest, fn: Callable[..., Any],
-                           *args, **kwargs):
+def apply_with_batch_stats(
+    graphdef, params, batch_stats, rest, fn: Callable[..., Any], *args, **kwargs
+):
     """Pure training-mode call: ``(fn(model, *args, **kwargs), new_batch_stats)``.
 
     For a model split as ``graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param,

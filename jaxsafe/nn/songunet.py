@@ -1,58 +1,22 @@
 """EDM's SongUNet: the DDPM++ and NCSN++ networks in Flax NNX (NHWC).
 
 Karras, Aittala, Aila, Laine, "Elucidating the Design Space of Diffusion-Based Generative
-Models" (EDM, NeurIPS 2022), which re-implements the DDPM++ / NCSN++ U-Nets of Song et al.,
-"Score-Based Generative Modeling through Stochastic Differential Equations" (ICLR 2021).
-Reference: ``training/networks.py::SongUNet`` (and ``UNetBlock``, ``Conv2d``, ``GroupNorm``,
-``PositionalEmbedding``, ``FourierEmbedding``) and the ``--arch`` presets of ``train.py`` in
-github.com/NVlabs/edm. The network is EDM's raw ``F_theta``; the preconditioning
-``D(x; sigma) = c_skip x + c_out F_theta(c_in x; c_noise)`` lives in ``jaxsafe.diffusion``.
-
-Mapping network (noise level -> embedding ``e``, width ``E = model_channels * channel_mult_emb``)::
-
-    positional (DDPM++): omega_j = (1/10000)^(j / (N/2 - 1)),  j = 0..N/2-1   (endpoint=True)
-    fourier    (NCSN++): omega_j = 2 pi f_j,  f_j ~ N(0, 16^2)  (fixed buffer, not trained)
-    phi(c_noise) = [sin(c_noise omega), cos(c_noise omega)]        (N = model_channels * channel_mult_noise)
-    e = silu(W_1 silu(W_0 (phi + W_y (y sqrt(label_dim)) + b_y + W_aug a) + b_0) + b_1)
-
-(EDM's embedding modules return ``[cos, sin]`` and ``SongUNet.forward`` swaps the halves; we
-keep the module functions in EDM's order and swap in the same place.) ``y`` is the one-hot class
-label, ``a`` the augmentation label (EDM's ``AugmentPipe``); ``W_aug`` has no bias. With
-``label_dropout`` p, training zeroes each example's ``y`` with probability p (for
-classifier-free guidance).
-
-Residual block (``UNetBlock`` with SongUNet's ``adaptive_scale=False``, ``resample_proj=True``,
-one attention head, GroupNorm with ``min(32, C // 4)`` groups and eps 1e-6)::
-
-    h = conv0(silu(GN_0(x)))                      (conv0 up/downsamples when the block does)
-    h = conv1(dropout(silu(GN_1(h + A e))))
-    x' = (h + skip(x)) sqrt(0.5)                  (skip = 1x1 conv when C or resolution change)
-    x'' = (proj(attn(GN_2(x'))) + x') sqrt(0.5)   (attention blocks only; softmax(q^T k / sqrt(C)) in fp32)
-
-Attention blocks: every encoder block at ``attn_resolutions``, the last decoder block of each such
-resolution, and the first bottleneck block (``in0``).
-
-Up/downsampling convolves each channel with the separable FIR ``f f^T / (sum f)^2``:
-``f = [1, 1]`` (DDPM++: box filter, i.e. 2x2 average pooling / nearest upsampling) or
-``[1, 3, 3, 1]`` (NCSN++), stride 2; upsampling is the transposed convolution with ``4 f f^T``.
-NCSN++'s ``'residual'`` encoder adds a progressive input branch
-``x = aux = (x + conv3x3_down(aux)) / sqrt(2)`` after each downsampling block; its conv runs before
-the filter ("fused" resampling), exactly as EDM builds it.
-
-Initialisation (EDM ``weight_init``): every weight is Xavier-uniform,
-``U(+-g sqrt(6 / (fan_in + fan_out)))`` with ``fan = channels * k * k``; ``g = 1`` except
-``g = sqrt(0.2)`` for the attention ``qkv`` and ``g = 1e-5`` (EDM's ``init_zero`` for SongUNet:
-``init_weight=1e-5``, *not* 0) for ``conv1``, ``proj`` and the output conv. All biases start at 0,
-GroupNorm scales at 1. So the initial ``F`` is not exactly zero but O(1e-5).
-
-Layout: NHWC activations, conv kernels ``(k, k, C_in, C_out)`` (HWIO), linear kernels
-``(in, out)``. The ``qkv`` output channels keep EDM's interleaved order
-(channel ``3 c + {0, 1, 2}`` is ``q, k, v`` of channel ``c``), so EDM checkpoints map onto these
-parameters by transposing kernels. Parameter names follow EDM's modules:
-``map_layer0/kernel``, ``enc/32x32_block0/conv0/kernel``, ``dec/32x32_aux_conv/bias`` ...
-
-Parameter counts (EDM's networks as ``train.py`` builds them, with ``augment_dim=9`` from the
-default ``--augment=0.12`` / ``0.15``; derived independently in ``tests/nn/test_songunet.py``):
+Models" (EDM, NeurIPS 2022), which re-implements the U-Nets of Song et al., "Score-Based
+Generative Modeling through Stochastic Differential Equations" (ICLR 2021). Reference:
+``NVlabs/edm`` ``training/networks.py::SongUNet`` (``UNetBlock``, ``Conv2d``, ``GroupNorm``,
+``PositionalEmbedding``, ``FourierEmbedding``) and ``train.py``'s ``--arch`` presets. This is
+EDM's raw F_θ; the preconditioning lives in :mod:`jaxsafe.diffusion.edm`. The noise embedding
+φ = [sin(c_noise ω), cos(c_noise ω)] (positional ω for DDPM++; fixed ω = 2π f, f ~ N(0, 16²),
+for NCSN++) feeds the mapping network e = silu(W_1 silu(W_0 (φ + W_y y √label_dim + b_y +
+W_aug a) + b_0) + b_1). A residual block (``UNetBlock``: one attention head, GroupNorm with
+min(32, C/4) groups, eps 1e-6) computes h = conv1(dropout(silu(GN_1(conv0(silu(GN_0(x))) +
+A e)))) and x' = (h + skip(x)) √0.5, then, in attention blocks, (proj(attn(GN_2(x'))) + x') √0.5
+with the softmax in float32. Resampling convolves each channel with the FIR f fᵀ/(Σf)², f = [1, 1]
+(DDPM++) or [1, 3, 3, 1] (NCSN++). Deviations: none in the function computed (fused
+*up*-resampling, which SongUNet never uses, is not implemented). Initialisation, parameter layout
+and compute dtype: docs/models.md, "SongUNet". Parameter counts of EDM's networks as ``train.py``
+builds them (``augment_dim=9``; ``augment_dim=0`` removes ``9 * N`` weights, 1,152 for DDPM++
+and 2,304 for NCSN++; NCSN++'s Fourier buffer is not counted):
 
 ====================================  ===========  ==============
 config                                uncond       cond (10 cls)
@@ -62,17 +26,6 @@ NCSN++ CIFAR-10 (``ncsnpp_cifar10``)  56,397,827   56,400,643
 DDPM++ FFHQ-64 (``ddpmpp_ffhq64``)    61,805,571   -
 NCSN++ FFHQ-64 (``ncsnpp_ffhq64``)    62,761,091   -
 ====================================  ===========  ==============
-
-(``augment_dim=0`` removes ``9 * N`` weights: 1,152 for DDPM++, 2,304 for NCSN++.) The NCSN++
-Fourier frequencies are a non-trainable ``Buffer`` and not counted.
-
-Deviations from EDM: none in the function computed (fused *up*-resampling, which SongUNet never
-uses, is not implemented; EDM's ``EDMPrecond`` wrapper is not part of this module).
-
-Compute dtype: EDM runs the mapping network in float32 (the noise labels are float32) and the
-trunk in the input's dtype; here ``dtype`` (e.g. ``jnp.bfloat16``) sets the trunk dtype the same
-way, while the mapping network, GroupNorm statistics and the attention softmax stay in float32. Dropout keys come only from the ``rngs``
-passed at call time (stream ``'dropout'``, also used for label dropout).
 """
 
 from __future__ import annotations
@@ -134,21 +87,24 @@ def resample_filter_2d(resample_filter: Sequence[float]) -> np.ndarray:
     """The separable FIR ``f f^T / (sum f)^2`` (sums to 1)."""
     f = np.asarray(resample_filter, np.float64)
     if f.ndim != 1 or f.size < 1 or f.sum() == 0:
-        raise ValueError(f"resample_filter: expected a 1-D filter with non-zero sum, e.g. (1, 1) or "
-                         f"(1, 3, 3, 1), got {resample_filter!r}")
+        raise ValueError(
+            f"resample_filter: expected a 1-D filter with non-zero sum, e.g. (1, 1) or "
+            f"(1, 3, 3, 1), got {resample_filter!r}"
+        )
     return np.outer(f, f) / f.sum() ** 2
 
 
 # The FIR filter f f^T / (sum f)^2 is separable, g g^T with g = f / sum f, so both resamplings
 # run as k shifted multiply-adds per axis, which XLA fuses into one elementwise pass; XLA:CPU
 # runs the depthwise convolution (feature_group_count = C) far slower (docs/benchmarks.md,
-# benchmarks/conv_ops.py).
+# "The conv nets: DDPM++ (EDM / PFGM++) against the authors' step and sampler").
 def _fir_axis_down(x, g, padding, axis):
     widths = [(padding, padding) if a == axis else (0, 0) for a in range(x.ndim)]
     x = jnp.pad(x, widths)
     n = (x.shape[axis] - len(g)) // 2 + 1
-    return sum(float(g[a]) * jax.lax.slice_in_dim(x, a, a + 2 * n - 1, 2, axis)
-               for a in range(len(g)))
+    return sum(
+        float(g[a]) * jax.lax.slice_in_dim(x, a, a + 2 * n - 1, 2, axis) for a in range(len(g))
+    )
 
 
 def _fir_axis_up(x, g, padding, axis):
@@ -156,13 +112,15 @@ def _fir_axis_up(x, g, padding, axis):
     # correlate with the flipped filter (the gain 2 per axis keeps the mean).
     k, n = len(g), x.shape[axis]
     z = jnp.stack([x, jnp.zeros_like(x)], axis + 1)
-    z = jax.lax.slice_in_dim(z.reshape(*x.shape[:axis], 2 * n, *x.shape[axis + 1:]),
-                             0, 2 * n - 1, 1, axis)
+    z = jax.lax.slice_in_dim(
+        z.reshape(*x.shape[:axis], 2 * n, *x.shape[axis + 1 :]), 0, 2 * n - 1, 1, axis
+    )
     e = k - 1 - padding
     z = jnp.pad(z, [(e, e) if a == axis else (0, 0) for a in range(x.ndim)])
     m = z.shape[axis] - k + 1
-    return sum(2.0 * float(g[k - 1 - a]) * jax.lax.slice_in_dim(z, a, a + m, 1, axis)
-               for a in range(k))
+    return sum(
+        2.0 * float(g[k - 1 - a]) * jax.lax.slice_in_dim(z, a, a + m, 1, axis) for a in range(k)
+    )
 
 
 def _fir_down(x, g, padding):
@@ -176,7 +134,9 @@ def _fir_up(x, g, padding):
 
 
 def _conv(x, w, padding):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=_DN)
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=_DN
+    )
 
 
 class Conv2d(nnx.Module):
@@ -188,22 +148,42 @@ class Conv2d(nnx.Module):
     ``bias (out,)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, *, bias: bool = True,
-                 up: bool = False, down: bool = False, resample_filter: Sequence[float] = (1, 1),
-                 fused_resample: bool = False, init_weight: float = 1.0,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        *,
+        bias: bool = True,
+        up: bool = False,
+        down: bool = False,
+        resample_filter: Sequence[float] = (1, 1),
+        fused_resample: bool = False,
+        init_weight: float = 1.0,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if up and down:
             raise ValueError("Conv2d: up and down are exclusive, got up=True, down=True")
         if fused_resample and up:
-            raise ValueError("Conv2d: fused_resample is implemented for down only (as SongUNet uses it)")
+            raise ValueError(
+                "Conv2d: fused_resample is implemented for down only (as SongUNet uses it)"
+            )
         if kernel and kernel % 2 == 0:
             raise ValueError(f"Conv2d: kernel must be odd or 0, got {kernel}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
         self.resample_filter = tuple(float(v) for v in resample_filter)
         resample_filter_2d(self.resample_filter)  # validates
-        self.kernel = nnx.Param(xavier_uniform(init_weight)(
-            rngs.params(), (kernel, kernel, in_channels, out_channels), param_dtype)) if kernel else None
+        self.kernel = (
+            nnx.Param(
+                xavier_uniform(init_weight)(
+                    rngs.params(), (kernel, kernel, in_channels, out_channels), param_dtype
+                )
+            )
+            if kernel
+            else None
+        )
         self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype)) if kernel and bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -232,13 +212,21 @@ class GroupNorm(nnx.Module):
     contiguous channel blocks. Params ``scale``, ``bias`` ``(C,)``.
     """
 
-    def __init__(self, num_channels: int, *, num_groups: int = 32, min_channels_per_group: int = 4,
-                 eps: float = 1e-5, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        num_groups: int = 32,
+        min_channels_per_group: int = 4,
+        eps: float = 1e-5,
+        param_dtype=jnp.float32,
+    ):
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)
         if self.num_groups < 1 or num_channels % self.num_groups:
             raise ValueError(
                 f"GroupNorm: num_channels={num_channels} must be >= {min_channels_per_group} and "
-                f"divisible by min({num_groups}, num_channels // {min_channels_per_group})")
+                f"divisible by min({num_groups}, num_channels // {min_channels_per_group})"
+            )
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
@@ -262,20 +250,41 @@ class GroupNorm(nnx.Module):
 
 def _linear(in_features, out_features, *, use_bias=True, param_dtype, rngs):
     # The mapping network stays float32 (EDM feeds it float32 noise labels), hence no dtype.
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, param_dtype=param_dtype,
-                      kernel_init=xavier_uniform(), bias_init=jax.nn.initializers.zeros, rngs=rngs)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        param_dtype=param_dtype,
+        kernel_init=xavier_uniform(),
+        bias_init=jax.nn.initializers.zeros,
+        rngs=rngs,
+    )
 
 
 class UNetBlock(nnx.Module):
     """EDM's ``UNetBlock`` as SongUNet configures it (see the module docstring for the equation)."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False,
-                 down: bool = False, attention: bool = False, num_heads: int = 1,
-                 dropout: float = 0.0, skip_scale: float = math.sqrt(0.5), eps: float = 1e-6,
-                 resample_filter: Sequence[float] = (1, 1), param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        *,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        skip_scale: float = math.sqrt(0.5),
+        eps: float = 1e-6,
+        resample_filter: Sequence[float] = (1, 1),
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if attention and out_channels % num_heads:
-            raise ValueError(f"UNetBlock: out_channels={out_channels} must divide by num_heads={num_heads}")
+            raise ValueError(
+                f"UNetBlock: out_channels={out_channels} must divide by num_heads={num_heads}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_heads = num_heads if attention else 0
         self.skip_scale = float(skip_scale)
@@ -287,8 +296,11 @@ class UNetBlock(nnx.Module):
         self.dropout = nnx.Dropout(dropout)
         self.conv1 = Conv2d(out_channels, out_channels, 3, init_weight=1e-5, **conv)
         # resample_proj=True: whenever the shape changes, the skip is a 1x1 conv.
-        self.skip = (Conv2d(in_channels, out_channels, 1, up=up, down=down, **conv)
-                     if out_channels != in_channels or up or down else None)
+        self.skip = (
+            Conv2d(in_channels, out_channels, 1, up=up, down=down, **conv)
+            if out_channels != in_channels or up or down
+            else None
+        )
         if attention:
             self.norm2 = GroupNorm(out_channels, eps=eps, param_dtype=param_dtype)
             self.qkv = Conv2d(out_channels, 3 * out_channels, 1, init_weight=math.sqrt(0.2), **conv)
@@ -299,8 +311,9 @@ class UNetBlock(nnx.Module):
         n = self.num_heads
         qkv = self.qkv(self.norm2(x)).reshape(b, h * w, n, c // n, 3)
         q, k, v = (qkv[..., i] for i in range(3))
-        logits = jnp.einsum("bqnc,bknc->bnqk", q.astype(jnp.float32),
-                            k.astype(jnp.float32) / math.sqrt(c // n))
+        logits = jnp.einsum(
+            "bqnc,bknc->bnqk", q.astype(jnp.float32), k.astype(jnp.float32) / math.sqrt(c // n)
+        )
         weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
         a = jnp.einsum("bnqk,bknc->bqnc", weights, v).reshape(x.shape)
         return self.proj(a)
@@ -317,8 +330,9 @@ class UNetBlock(nnx.Module):
         return x
 
 
-def positional_embedding(x: jax.Array, num_channels: int, *, max_positions: int = 10000,
-                         endpoint: bool = False) -> jax.Array:
+def positional_embedding(
+    x: jax.Array, num_channels: int, *, max_positions: int = 10000, endpoint: bool = False
+) -> jax.Array:
     """EDM's ``PositionalEmbedding``: ``[cos(x omega), sin(x omega)]``, ``(B,) -> (B, N)``.
 
     ``omega_j = (1 / max_positions)^(j / (N/2 - endpoint))``, ``j = 0 .. N/2 - 1``.
@@ -342,51 +356,92 @@ _DECODERS = ("standard", "skip")
 
 
 class SongUNet(nnx.Module):
-    """EDM's ``SongUNet`` (DDPM++ / NCSN++), NHWC. See the module docstring.
+    """EDM's ``SongUNet`` (DDPM++ / NCSN++), NHWC; see the module docstring.
 
-    Args mirror EDM's (defaults are EDM's class defaults; the paper presets are
-    ``ddpmpp_cifar10``, ``ncsnpp_cifar10``, ``ddpmpp_ffhq64``, ``ncsnpp_ffhq64``):
-      img_resolution, in_channels, out_channels: image size and channels in/out.
-      label_dim: classes (0 = unconditional); augment_dim: augmentation-label size (0 = none).
-      model_channels, channel_mult, channel_mult_emb, num_blocks, attn_resolutions: widths
-        ``model_channels * channel_mult[level]`` at resolution ``img_resolution >> level``.
-      dropout: dropout before every ``conv1``; label_dropout: class-label drop probability.
-      embedding_type: ``'positional'`` (DDPM++) or ``'fourier'`` (NCSN++);
+    The arguments mirror EDM's and default to EDM's class defaults; the paper presets are
+    :func:`ddpmpp_cifar10`, :func:`ncsnpp_cifar10`, :func:`ddpmpp_ffhq64`, :func:`ncsnpp_ffhq64`.
+
+    Args:
+      img_resolution: image size.
+      in_channels: input channels.
+      out_channels: output channels.
+      label_dim: classes (0 = unconditional).
+      augment_dim: augmentation-label size (0 = none).
+      model_channels: the base width: level ``l``, at resolution ``img_resolution >> l``, has
+        ``model_channels * channel_mult[l]`` channels.
+      channel_mult: the per-level width multipliers.
+      channel_mult_emb: embedding width ``model_channels * channel_mult_emb``.
+      num_blocks: residual blocks per level.
+      attn_resolutions: resolutions with attention blocks (every encoder block there, the last
+        decoder block of each, and the first bottleneck block).
+      dropout: dropout before every ``conv1``.
+      label_dropout: probability of zeroing an example's class label in training (for
+        classifier-free guidance).
+      embedding_type: ``'positional'`` (DDPM++) or ``'fourier'`` (NCSN++).
       channel_mult_noise: noise-embedding width ``model_channels * channel_mult_noise``.
-      encoder_type: ``'standard'`` | ``'skip'`` | ``'residual'`` (NCSN++);
-      decoder_type: ``'standard'`` | ``'skip'``; resample_filter: ``(1, 1)`` or ``(1, 3, 3, 1)``.
-      dtype: trunk compute dtype (``None``: that of ``x``); param_dtype: parameter dtype.
+      encoder_type: ``'standard'``, ``'skip'`` or ``'residual'`` (NCSN++).
+      decoder_type: ``'standard'`` or ``'skip'``.
+      resample_filter: ``(1, 1)`` or ``(1, 3, 3, 1)``.
+      dtype: trunk compute dtype (``None``: that of ``x``).
+      param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for initialisation only.
     """
 
-    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *,
-                 label_dim: int = 0, augment_dim: int = 0, model_channels: int = 128,
-                 channel_mult: Sequence[int] = (1, 2, 2, 2), channel_mult_emb: int = 4,
-                 num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
-                 dropout: float = 0.10, label_dropout: float = 0.0,
-                 embedding_type: str = "positional", channel_mult_noise: int = 1,
-                 encoder_type: str = "standard", decoder_type: str = "standard",
-                 resample_filter: Sequence[float] = (1, 1), dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        for name, value, allowed in (("embedding_type", embedding_type, _EMBEDDINGS),
-                                     ("encoder_type", encoder_type, _ENCODERS),
-                                     ("decoder_type", decoder_type, _DECODERS)):
+    def __init__(
+        self,
+        img_resolution: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        label_dim: int = 0,
+        augment_dim: int = 0,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        channel_mult_emb: int = 4,
+        num_blocks: int = 4,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.10,
+        label_dropout: float = 0.0,
+        embedding_type: str = "positional",
+        channel_mult_noise: int = 1,
+        encoder_type: str = "standard",
+        decoder_type: str = "standard",
+        resample_filter: Sequence[float] = (1, 1),
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        for name, value, allowed in (
+            ("embedding_type", embedding_type, _EMBEDDINGS),
+            ("encoder_type", encoder_type, _ENCODERS),
+            ("decoder_type", decoder_type, _DECODERS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         resample_filter_2d(resample_filter)  # validates
         levels = len(channel_mult)
         if levels < 1 or img_resolution < 1 or img_resolution % (1 << (levels - 1)):
-            raise ValueError(f"img_resolution={img_resolution} must be divisible by "
-                             f"2**(len(channel_mult) - 1) = {1 << max(levels - 1, 0)}")
+            raise ValueError(
+                f"img_resolution={img_resolution} must be divisible by "
+                f"2**(len(channel_mult) - 1) = {1 << max(levels - 1, 0)}"
+            )
         if not 0 <= dropout < 1 or not 0 <= label_dropout <= 1:
-            raise ValueError(f"dropout must be in [0, 1) and label_dropout in [0, 1], got "
-                             f"{dropout}, {label_dropout}")
+            raise ValueError(
+                f"dropout must be in [0, 1) and label_dropout in [0, 1], got "
+                f"{dropout}, {label_dropout}"
+            )
         noise_channels = model_channels * channel_mult_noise
         if noise_channels % 2 or noise_channels < 4:
-            raise ValueError(f"model_channels * channel_mult_noise = {noise_channels} must be even and >= 4")
+            raise ValueError(
+                f"model_channels * channel_mult_noise = {noise_channels} must be even and >= 4"
+            )
         emb_channels = model_channels * channel_mult_emb
 
-        self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
+        self.img_resolution, self.in_channels, self.out_channels = (
+            img_resolution,
+            in_channels,
+            out_channels,
+        )
         self.label_dim, self.augment_dim = label_dim, augment_dim
         self.label_dropout = float(label_dropout)
         self.embedding_type = embedding_type
@@ -396,16 +451,26 @@ class SongUNet(nnx.Module):
 
         lin = {"param_dtype": param_dtype, "rngs": rngs}
         conv = {"resample_filter": resample_filter, "param_dtype": param_dtype, "rngs": rngs}
-        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout,
-                     skip_scale=math.sqrt(0.5), eps=1e-6, **conv)
+        block = dict(
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            **conv,
+        )
 
         # Mapping.
         if embedding_type == "fourier":
-            self.map_noise = nnx.Dict(freqs=Buffer(
-                jax.random.normal(rngs.params(), (noise_channels // 2,), jnp.float32) * 16))
+            self.map_noise = nnx.Dict(
+                freqs=Buffer(
+                    jax.random.normal(rngs.params(), (noise_channels // 2,), jnp.float32) * 16
+                )
+            )
         self.map_label = _linear(label_dim, noise_channels, **lin) if label_dim else None
-        self.map_augment = (_linear(augment_dim, noise_channels, use_bias=False, **lin)
-                            if augment_dim else None)
+        self.map_augment = (
+            _linear(augment_dim, noise_channels, use_bias=False, **lin) if augment_dim else None
+        )
         self.map_layer0 = _linear(noise_channels, emb_channels, **lin)
         self.map_layer1 = _linear(emb_channels, emb_channels, **lin)
 
@@ -424,12 +489,14 @@ class SongUNet(nnx.Module):
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **conv)
                 if encoder_type == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, 3, down=True, fused_resample=True, **conv)
+                        caux, cout, 3, down=True, fused_resample=True, **conv
+                    )
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=res in attn_resolutions, **block)
+                    cin, cout, attention=res in attn_resolutions, **block
+                )
         # nnx.split/merge rebuild an nnx.Dict with sorted keys, so the forward order is kept apart.
         self.enc_order = tuple(self.enc.keys())
         skips = [self.enc[name].out_channels for name in self.enc_order if "aux" not in name]
@@ -446,17 +513,29 @@ class SongUNet(nnx.Module):
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=idx == num_blocks and res in attn_resolutions, **block)
+                    cin, cout, attention=idx == num_blocks and res in attn_resolutions, **block
+                )
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < levels - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True, **conv)
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6, param_dtype=param_dtype)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, init_weight=1e-5, **conv)
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(
+                        out_channels, out_channels, 0, up=True, **conv
+                    )
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(
+                    cout, eps=1e-6, param_dtype=param_dtype
+                )
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(
+                    cout, out_channels, 3, init_weight=1e-5, **conv
+                )
         self.dec_order = tuple(self.dec.keys())
 
-    def embedding(self, noise_labels: jax.Array, class_labels: jax.Array | None = None,
-                  augment_labels: jax.Array | None = None, *,
-                  rngs: nnx.Rngs | None = None) -> jax.Array:
+    def embedding(
+        self,
+        noise_labels: jax.Array,
+        class_labels: jax.Array | None = None,
+        augment_labels: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """The mapping network: ``(B,)`` noise labels -> ``(B, E)`` float32 embedding."""
         noise_labels = jnp.asarray(noise_labels, jnp.float32)
         if self.embedding_type == "positional":
@@ -470,7 +549,8 @@ class SongUNet(nnx.Module):
                 if rngs is None:
                     raise ValueError(
                         f"label_dropout={self.label_dropout} in training mode needs "
-                        "rngs=nnx.Rngs(dropout=key) at call time (or model.eval())")
+                        "rngs=nnx.Rngs(dropout=key) at call time (or model.eval())"
+                    )
                 keep = jax.random.uniform(rngs.dropout(), (y.shape[0], 1)) >= self.label_dropout
                 y = y * keep.astype(y.dtype)
             emb = emb + self.map_label(y * np.sqrt(self.label_dim))
@@ -486,21 +566,30 @@ class SongUNet(nnx.Module):
         b = x.shape[0]
         if jnp.shape(noise_labels) != (b,):
             raise ValueError(f"noise_labels: expected shape ({b},), got {jnp.shape(noise_labels)}")
-        labels = (("class_labels", class_labels, "label_dim", self.label_dim),
-                  ("augment_labels", augment_labels, "augment_dim", self.augment_dim))
+        labels = (
+            ("class_labels", class_labels, "label_dim", self.label_dim),
+            ("augment_labels", augment_labels, "augment_dim", self.augment_dim),
+        )
         for name, value, dim_name, dim in labels:
             if value is None:
                 if name == "class_labels" and dim:
                     raise ValueError(
-                        f"class_labels: expected shape ({b}, {dim}) for label_dim={dim}, got None")
+                        f"class_labels: expected shape ({b}, {dim}) for label_dim={dim}, got None"
+                    )
             elif not dim:
                 raise ValueError(f"{name}: the model was built with {dim_name}=0; pass None")
             elif jnp.shape(value) != (b, dim):
                 raise ValueError(f"{name}: expected shape ({b}, {dim}), got {jnp.shape(value)}")
 
-    def __call__(self, x: jax.Array, noise_labels: jax.Array, class_labels: jax.Array | None = None,
-                 augment_labels: jax.Array | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        noise_labels: jax.Array,
+        class_labels: jax.Array | None = None,
+        augment_labels: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """``F_theta(x; c_noise)``: NHWC ``(B, R, R, C_in)`` -> ``(B, R, R, C_out)``.
 
         ``class_labels`` ``(B, label_dim)`` (one-hot or soft), ``augment_labels``
@@ -549,41 +638,95 @@ def _preset(defaults: dict, overrides: dict, rngs: nnx.Rngs) -> SongUNet:
     allowed = set(inspect.signature(SongUNet.__init__).parameters) - {"self", "rngs"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ValueError(f"unknown SongUNet argument(s) {unknown}; expected some of {sorted(allowed)}")
+        raise ValueError(
+            f"unknown SongUNet argument(s) {unknown}; expected some of {sorted(allowed)}"
+        )
     return SongUNet(**{**defaults, **overrides}, rngs=rngs)
 
 
-_DDPMPP = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
-           "channel_mult_noise": 1, "resample_filter": (1, 1), "model_channels": 128}
-_NCSNPP = {"embedding_type": "fourier", "encoder_type": "residual", "decoder_type": "standard",
-           "channel_mult_noise": 2, "resample_filter": (1, 3, 3, 1), "model_channels": 128}
+_DDPMPP = {
+    "embedding_type": "positional",
+    "encoder_type": "standard",
+    "decoder_type": "standard",
+    "channel_mult_noise": 1,
+    "resample_filter": (1, 1),
+    "model_channels": 128,
+}
+_NCSNPP = {
+    "embedding_type": "fourier",
+    "encoder_type": "residual",
+    "decoder_type": "standard",
+    "channel_mult_noise": 2,
+    "resample_filter": (1, 3, 3, 1),
+    "model_channels": 128,
+}
 _CIFAR10 = {"img_resolution": 32, "in_channels": 3, "out_channels": 3, "channel_mult": (2, 2, 2)}
 _FFHQ64 = {"img_resolution": 64, "in_channels": 3, "out_channels": 3, "channel_mult": (1, 2, 2, 2)}
 
 
-def ddpmpp_cifar10(*, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.13,
-                   rngs: nnx.Rngs, **overrides) -> SongUNet:
+def ddpmpp_cifar10(
+    *, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.13, rngs: nnx.Rngs, **overrides
+) -> SongUNet:
     """EDM ``train.py --arch=ddpmpp`` on CIFAR-10 (``--dropout=0.13 --augment=0.12`` defaults)."""
-    return _preset({**_DDPMPP, **_CIFAR10, "label_dim": label_dim, "augment_dim": augment_dim,
-                    "dropout": dropout}, overrides, rngs)
+    return _preset(
+        {
+            **_DDPMPP,
+            **_CIFAR10,
+            "label_dim": label_dim,
+            "augment_dim": augment_dim,
+            "dropout": dropout,
+        },
+        overrides,
+        rngs,
+    )
 
 
-def ncsnpp_cifar10(*, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.13,
-                   rngs: nnx.Rngs, **overrides) -> SongUNet:
+def ncsnpp_cifar10(
+    *, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.13, rngs: nnx.Rngs, **overrides
+) -> SongUNet:
     """EDM ``train.py --arch=ncsnpp`` on CIFAR-10 (``--dropout=0.13 --augment=0.12`` defaults)."""
-    return _preset({**_NCSNPP, **_CIFAR10, "label_dim": label_dim, "augment_dim": augment_dim,
-                    "dropout": dropout}, overrides, rngs)
+    return _preset(
+        {
+            **_NCSNPP,
+            **_CIFAR10,
+            "label_dim": label_dim,
+            "augment_dim": augment_dim,
+            "dropout": dropout,
+        },
+        overrides,
+        rngs,
+    )
 
 
-def ddpmpp_ffhq64(*, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.05,
-                  rngs: nnx.Rngs, **overrides) -> SongUNet:
+def ddpmpp_ffhq64(
+    *, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.05, rngs: nnx.Rngs, **overrides
+) -> SongUNet:
     """EDM's FFHQ-64 run: ``--arch=ddpmpp --cres=1,2,2,2 --dropout=0.05 --augment=0.15``."""
-    return _preset({**_DDPMPP, **_FFHQ64, "label_dim": label_dim, "augment_dim": augment_dim,
-                    "dropout": dropout}, overrides, rngs)
+    return _preset(
+        {
+            **_DDPMPP,
+            **_FFHQ64,
+            "label_dim": label_dim,
+            "augment_dim": augment_dim,
+            "dropout": dropout,
+        },
+        overrides,
+        rngs,
+    )
 
 
-def ncsnpp_ffhq64(*, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.05,
-                  rngs: nnx.Rngs, **overrides) -> SongUNet:
+def ncsnpp_ffhq64(
+    *, label_dim: int = 0, augment_dim: int = 9, dropout: float = 0.05, rngs: nnx.Rngs, **overrides
+) -> SongUNet:
     """EDM's FFHQ-64 run: ``--arch=ncsnpp --cres=1,2,2,2 --dropout=0.05 --augment=0.15``."""
-    return _preset({**_NCSNPP, **_FFHQ64, "label_dim": label_dim, "augment_dim": augment_dim,
-                    "dropout": dropout}, overrides, rngs)
+    return _preset(
+        {
+            **_NCSNPP,
+            **_FFHQ64,
+            "label_dim": label_dim,
+            "augment_dim": augment_dim,
+            "dropout": dropout,
+        },
+        overrides,
+        rngs,
+    )

@@ -1,36 +1,23 @@
 """The one-layer transformer of "Grokking at the Edge of Numerical Stability".
 
-Prieto, Barsbey, Mediano, Birdal (ICLR 2025). Reference: ``models.py::Transformer``
-and ``utils.py::get_model`` in
-github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability, which build
+Prieto, Barsbey, Mediano, Birdal (ICLR 2025). Reference: ``models.py::Transformer`` and
+``utils.py::get_model`` in ``LucasPrietoAl/grokking-at-the-edge-of-numerical-stability``:
+``nn.Embedding(113, 128)`` → one ``nn.TransformerEncoderLayer(128, 4, batch_first=True,
+norm_first=False)`` → ``nn.Linear(128, 113)``, logits read at the *last* position
+(``output[:, -1]``) and multiplied by ``alpha``. Consequences this module reproduces:
 
-    Transformer(d_model=128, num_heads=4, num_layers=1, vocab_size=113, seq_len=2)
-    = nn.Embedding(113, 128)
-      -> nn.TransformerEncoder(nn.TransformerEncoderLayer(128, 4, batch_first=True,
-                                                          norm_first=False), 1)
-      -> nn.Linear(128, 113)
+* the input is just ``(a, b)`` (no ``=`` token) with no positional embeddings and no attention
+  mask, so the last position's output is ``f(b, {a, b})`` (it tells ``a - b`` from ``b - a``
+  because the query token differs);
+* PyTorch's ``TransformerEncoderLayer`` defaults: ``dim_feedforward=2048``, ``dropout=0.1`` (on
+  the attention weights, both residual branches and inside the feed-forward), ReLU, LayerNorm
+  ``eps=1e-5``, post-norm (the reference's later ``--use_pre_norm`` switches), no final norm;
+* PyTorch's initialisation: embedding ``N(0, 1)``; ``in_proj`` (q, k, v stacked) Xavier-uniform
+  with bound ``sqrt(6 / (d + 3d))``, zero bias; ``out_proj`` ``U(+-1/sqrt(d))``, zero bias;
+  feed-forward and output ``U(+-1/sqrt(fan_in))``; LayerNorm scale 1, bias 0.
 
-and read the logits of the *last* position (``output[:, -1]``) before multiplying
-by ``alpha``. Consequences that this module reproduces:
-
-* the input sequence is just ``(a, b)`` (no ``=`` token), vocabulary ``p``;
-* there are **no positional embeddings** and **no attention mask** (bidirectional
-  attention), so the last position's output is ``f(b, {a, b})``: it still tells
-  ``a - b`` from ``b - a`` because the query token differs;
-* PyTorch ``TransformerEncoderLayer`` defaults: ``dim_feedforward=2048``,
-  ``dropout=0.1`` (on attention weights, both residual branches and inside the
-  feed-forward), ReLU, LayerNorm ``eps=1e-5``, post-norm (``norm_first=False``;
-  the reference's later ``--use_pre_norm`` flag switches to pre-norm), no final
-  norm (``nn.TransformerEncoder(norm=None)``);
-* PyTorch initialisation: embedding ``N(0, 1)``; attention ``in_proj`` (q, k, v
-  stacked, ``(3d, d)`` in PyTorch) Xavier-uniform with bound
-  ``sqrt(6 / (d + 3d))`` and zero bias; ``out_proj`` weight
-  ``U(+-1/sqrt(d))``, zero bias; feed-forward and output ``nn.Linear`` weight and
-  bias ``U(+-1/sqrt(fan_in))``; LayerNorm scale 1, bias 0.
-
-Parameter count (``V`` vocab, ``C`` classes, ``d`` width, ``F`` feed-forward,
-``L`` layers): ``V d + L (4 d^2 + 4 d + 2 d F + F + d + 4 d) + d C + C``
-= 622,065 for the reference (V = C = 113, d = 128, F = 2048, L = 1).
+Parameter count: ``V d + L (4 d^2 + 4 d + 2 d F + F + d + 4 d) + d C + C`` = 622,065 for the
+reference (V = C = 113, d = 128, F = 2048, L = 1).
 """
 
 from __future__ import annotations
@@ -47,12 +34,20 @@ __all__ = ["GrokTransformer", "TorchEncoderLayer", "TorchSelfAttention"]
 class TorchSelfAttention(nnx.Module):
     """Unmasked multi-head self-attention with ``torch.nn.MultiheadAttention`` init.
 
-    Params: ``in_proj/kernel`` ``(d, 3d)`` (columns ``[q | k | v]``),
+    Parameter paths: ``in_proj/kernel`` ``(d, 3d)`` (columns ``[q | k | v]``),
     ``in_proj/bias`` ``(3d,)``, ``out_proj/kernel`` ``(d, d)``, ``out_proj/bias``.
     """
 
-    def __init__(self, d_model: int, num_heads: int, *, dropout_rate: float = 0.0,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        dropout_rate: float = 0.0,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}.")
         self.d_model = d_model
@@ -61,14 +56,22 @@ class TorchSelfAttention(nnx.Module):
         # Kernel (d, 3d): fan_in = d, fan_out = 3d, the same fans PyTorch uses for its
         # (3d, d) in_proj_weight, so xavier_uniform gives the same bound.
         self.in_proj = nnx.Linear(
-            d_model, 3 * d_model, dtype=dtype, param_dtype=param_dtype,
+            d_model,
+            3 * d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
             kernel_init=jax.nn.initializers.xavier_uniform(),
-            bias_init=jax.nn.initializers.zeros, rngs=rngs,
+            bias_init=jax.nn.initializers.zeros,
+            rngs=rngs,
         )
         self.out_proj = nnx.Linear(
-            d_model, d_model, dtype=dtype, param_dtype=param_dtype,
+            d_model,
+            d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
             kernel_init=torch_uniform_init(d_model),
-            bias_init=jax.nn.initializers.zeros, rngs=rngs,
+            bias_init=jax.nn.initializers.zeros,
+            rngs=rngs,
         )
         self.dropout = nnx.Dropout(dropout_rate)
 
@@ -88,24 +91,43 @@ class TorchSelfAttention(nnx.Module):
 class TorchEncoderLayer(nnx.Module):
     """``torch.nn.TransformerEncoderLayer`` (ReLU) in NNX, post- or pre-norm."""
 
-    def __init__(self, d_model: int, num_heads: int, *, dim_feedforward: int = 2048,
-                 dropout_rate: float = 0.1, norm_first: bool = False,
-                 layer_norm_eps: float = 1e-5, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        dim_feedforward: int = 2048,
+        dropout_rate: float = 0.1,
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.norm_first = bool(norm_first)
-        self.attn = TorchSelfAttention(d_model, num_heads, dropout_rate=dropout_rate,
-                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear1 = torch_linear(d_model, dim_feedforward, dtype=dtype,
-                                    param_dtype=param_dtype, rngs=rngs)
-        self.linear2 = torch_linear(dim_feedforward, d_model, dtype=dtype,
-                                    param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(d_model, epsilon=layer_norm_eps, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(d_model, epsilon=layer_norm_eps, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+        self.attn = TorchSelfAttention(
+            d_model,
+            num_heads,
+            dropout_rate=dropout_rate,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.linear1 = torch_linear(
+            d_model, dim_feedforward, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.linear2 = torch_linear(
+            dim_feedforward, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.norm1 = nnx.LayerNorm(
+            d_model, epsilon=layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.norm2 = nnx.LayerNorm(
+            d_model, epsilon=layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         # Dropout keys come from the `rngs` passed at call time, so the module holds no RNG
         # state and a pure loss can derive them from (seed, step).
-        self.dropout = nnx.Dropout(dropout_rate)   # inside the feed-forward
+        self.dropout = nnx.Dropout(dropout_rate)  # inside the feed-forward
         self.dropout1 = nnx.Dropout(dropout_rate)  # attention residual branch
         self.dropout2 = nnx.Dropout(dropout_rate)  # feed-forward residual branch
 
@@ -124,6 +146,10 @@ class TorchEncoderLayer(nnx.Module):
 class GrokTransformer(nnx.Module):
     """Prieto et al. (2025) 1-layer transformer for ``a op b mod p``.
 
+    Parameter paths: ``embed/embedding`` ``(V, d)``, ``layers/{i}/attn/in_proj/{kernel,bias}``,
+    ``layers/{i}/attn/out_proj/{kernel,bias}``, ``layers/{i}/linear{1,2}/{kernel,bias}``,
+    ``layers/{i}/norm{1,2}/{scale,bias}``, ``head/{kernel,bias}``.
+
     Args:
       vocab_size: Number of input tokens (``p``; reference hard-codes 113).
       num_classes: Number of output classes (reference: ``vocab_size`` = 113).
@@ -138,42 +164,70 @@ class GrokTransformer(nnx.Module):
       layer_norm_eps: PyTorch default 1e-5.
       alpha: Static logit scale (reference multiplies ``output[:, -1]`` by
         ``args.alpha``, default 1.0).
-      dtype / param_dtype: computation / parameter dtypes.
+      dtype, param_dtype: computation and parameter dtypes.
       rngs: ``nnx.Rngs`` for initialisation. Dropout keys are passed to ``__call__``
         (``rngs=nnx.Rngs(dropout=key)``); training mode without them is an error.
-
-    Params: ``embed/embedding`` ``(V, d)``, ``layers/{i}/attn/in_proj/{kernel,bias}``,
-    ``layers/{i}/attn/out_proj/{kernel,bias}``, ``layers/{i}/linear{1,2}/{kernel,bias}``,
-    ``layers/{i}/norm{1,2}/{scale,bias}``, ``head/{kernel,bias}``.
     """
 
-    def __init__(self, vocab_size: int = 113, num_classes: int | None = None, *,
-                 d_model: int = 128, num_heads: int = 4, num_layers: int = 1,
-                 dim_feedforward: int = 2048, dropout_rate: float = 0.1,
-                 norm_first: bool = False, layer_norm_eps: float = 1e-5,
-                 alpha: float = 1.0, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab_size: int = 113,
+        num_classes: int | None = None,
+        *,
+        d_model: int = 128,
+        num_heads: int = 4,
+        num_layers: int = 1,
+        dim_feedforward: int = 2048,
+        dropout_rate: float = 0.1,
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+        alpha: float = 1.0,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         num_classes = vocab_size if num_classes is None else num_classes
         self.vocab_size = int(vocab_size)
         self.num_classes = int(num_classes)
         self.d_model = int(d_model)
         self.alpha = float(alpha)
         self.dtype = dtype
-        self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype,
-                               embedding_init=jax.nn.initializers.normal(1.0), rngs=rngs)
-        self.layers = nnx.List([
-            TorchEncoderLayer(d_model, num_heads, dim_feedforward=dim_feedforward,
-                              dropout_rate=dropout_rate, norm_first=norm_first,
-                              layer_norm_eps=layer_norm_eps, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
-            for _ in range(num_layers)
-        ])
-        self.head = torch_linear(d_model, num_classes, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+        self.embed = nnx.Embed(
+            vocab_size,
+            d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=jax.nn.initializers.normal(1.0),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [
+                TorchEncoderLayer(
+                    d_model,
+                    num_heads,
+                    dim_feedforward=dim_feedforward,
+                    dropout_rate=dropout_rate,
+                    norm_first=norm_first,
+                    layer_norm_eps=layer_norm_eps,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.head = torch_linear(
+            d_model, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     @staticmethod
-    def num_params(vocab_size: int = 113, num_classes: int = 113, d_model: int = 128,
-                   num_layers: int = 1, dim_feedforward: int = 2048) -> int:
+    def num_params(
+        vocab_size: int = 113,
+        num_classes: int = 113,
+        d_model: int = 128,
+        num_layers: int = 1,
+        dim_feedforward: int = 2048,
+    ) -> int:
         """Closed-form parameter count of the PyTorch reference architecture."""
         d, f = d_model, dim_feedforward
         attn = 3 * d * d + 3 * d + d * d + d
@@ -181,8 +235,9 @@ class GrokTransformer(nnx.Module):
         norms = 2 * 2 * d
         return vocab_size * d + num_layers * (attn + ff + norms) + d * num_classes + num_classes
 
-    def __call__(self, x: jax.Array, *, all_positions: bool = False,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, all_positions: bool = False, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """Logits ``(M, num_classes)`` read at the last token of int tokens ``(M, L)``.
 
         With ``all_positions=True`` returns ``(M, L, num_classes)`` (every position).

@@ -1,20 +1,21 @@
-"""⊥Grad: keep only the gradient component orthogonal to the weights.
+r"""⊥Grad: keep only the gradient component orthogonal to the weights.
 
 From "Grokking at the Edge of Numerical Stability" (Prieto, Barsbey, Mediano &
 Birdal, ICLR 2025), Eq. 12:
 
-    g⊥ = g - (<θ, g> / <θ, θ>) θ
+.. math::
+
+    g_\perp = g - \frac{\langle \theta, g \rangle}{\langle \theta, \theta \rangle}\, \theta
 
 Removing the radial component stops "naive loss minimisation" (growing ||θ||
 to scale the logits up, which drives softmax towards collapse), so the model
-has to change direction to reduce the loss.
+has to change direction to reduce the loss. Modes:
 
-Modes:
-  * ``'per_tensor'`` (reference code): each parameter tensor is projected on
-    its own, and by default g⊥ is rescaled to the norm of g
-    (g⊥ <- g⊥ ||g|| / ||g⊥||), so only the direction changes.
-  * ``'global'`` (paper Eq. 12): θ and g are the concatenation of all tensors;
-    only the total <θ, g⊥> vanishes, not each tensor's. No rescale by default.
+* ``'per_tensor'`` (reference code): each parameter tensor is projected on
+  its own, and by default g⊥ is rescaled to the norm of g
+  (g⊥ <- g⊥ ||g|| / ||g⊥||), so only the direction changes.
+* ``'global'`` (paper Eq. 12): θ and g are the concatenation of all tensors;
+  only the total <θ, g⊥> vanishes, not each tensor's. No rescale by default.
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def perpgrad(mode: str = "per_tensor", rescale: bool | None = None, eps: float =
       An ``optax.GradientTransformation`` with empty state.
     """
     if mode not in PERPGRAD_MODES:
-        raise ValueError(f"Unknown perpgrad mode {mode!r}; valid modes are {', '.join(map(repr, PERPGRAD_MODES))}.")
+        raise ValueError(
+            f"Unknown perpgrad mode {mode!r}; "
+            f"valid modes are {', '.join(map(repr, PERPGRAD_MODES))}."
+        )
     if rescale is None:
         rescale = mode == "per_tensor"
 
@@ -89,7 +93,9 @@ def perpgrad(mode: str = "per_tensor", rescale: bool | None = None, eps: float =
         if params is None:
             raise ValueError("perpgrad needs params: call update(grads, state, params)")
         if mode == "per_tensor":
-            updates = jax.tree.map(lambda g, p: _project([g], [p], rescale, eps)[0], updates, params)
+            updates = jax.tree.map(
+                lambda g, p: _project([g], [p], rescale, eps)[0], updates, params
+            )
         else:
             gs, treedef = jax.tree.flatten(updates)
             ps = treedef.flatten_up_to(params)

@@ -9,12 +9,23 @@ from jaxsafe.parallel.sharding import (
     fsdp_spec,
     global_batch,
     replicated,
+    rules_from_config,
     shardings_for,
     tile_to_shards,
 )
 
 __all__ = [
-    "BATCH_AXES", "batch_sharding", "batch_shards", "fetch", "fsdp_spec", "global_batch",
-    "initialize", "is_primary",
-    "make_mesh", "replicated", "shardings_for", "tile_to_shards",
+    "BATCH_AXES",
+    "batch_sharding",
+    "batch_shards",
+    "fetch",
+    "fsdp_spec",
+    "global_batch",
+    "initialize",
+    "is_primary",
+    "make_mesh",
+    "replicated",
+    "rules_from_config",
+    "shardings_for",
+    "tile_to_shards",
 ]

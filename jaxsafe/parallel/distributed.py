@@ -25,18 +25,26 @@ EXIT_PEER_LOST = 75  # sysexits.h EX_TEMPFAIL: a rerun of all processes resumes
 _watchdog = None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, heartbeat_timeout_s: int = 100,
-               prog: str = "jaxsafe") -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = 100,
+    prog: str = "jaxsafe",
+) -> None:
     """Calls `jax.distributed.initialize` once (before any other JAX call) and, with more than
     one process, starts the watchdog; `prog` starts its error line."""
     global _watchdog
     if heartbeat_timeout_s < 2:
         raise ValueError(f"heartbeat_timeout_s={heartbeat_timeout_s}: must be at least 2 s")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+    )
     if jax.process_count() > 1 and _watchdog is None:
         _watchdog = _Watchdog(prog, heartbeat_timeout_s / 2)
         _watchdog.start()
@@ -73,8 +81,10 @@ class _Watchdog(threading.Thread):
         self.seen = {j: (None, time.monotonic()) for j in range(self.n) if j != self.me}
 
     def _fail(self, why: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {why}; stopping process {self.me} too (rerun all "
-                         f"{self.n} processes to resume from the last checkpoint)\n")
+        sys.stderr.write(
+            f"{self.prog}: error: {why}; stopping process {self.me} too (rerun all "
+            f"{self.n} processes to resume from the last checkpoint)\n"
+        )
         sys.stderr.flush()
         os._exit(EXIT_PEER_LOST)  # the main thread may be blocked in a collective forever
 
@@ -83,8 +93,9 @@ class _Watchdog(threading.Thread):
         while True:
             beat += 1
             try:
-                self.client.key_value_set(f"jaxsafe/heartbeat/{self.me}", str(beat),
-                                          allow_overwrite=True)
+                self.client.key_value_set(
+                    f"jaxsafe/heartbeat/{self.me}", str(beat), allow_overwrite=True
+                )
             except Exception:  # the coordination service lives in process 0
                 self._fail(f"lost the coordinator (process 0 of {self.n}): it has probably died")
             now = time.monotonic()
@@ -96,6 +107,8 @@ class _Watchdog(threading.Thread):
                 if new != value:
                     seen[j] = (new, now)
                 elif now - since > self.timeout:
-                    self._fail(f"process {j} of {self.n} sent no heartbeat for "
-                               f"{now - since:.0f} s: it has probably died")
+                    self._fail(
+                        f"process {j} of {self.n} sent no heartbeat for "
+                        f"{now - since:.0f} s: it has probably died"
+                    )
             time.sleep(self.period)

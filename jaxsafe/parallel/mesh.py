@@ -22,7 +22,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     n = len(devices)
     for name, size in (("data", data), ("fsdp", fsdp)):
         if size != -1 and size < 1:
-            raise ValueError(f"mesh: {name}={size}; sizes must be positive or -1 (all remaining devices)")
+            raise ValueError(
+                f"mesh: {name}={size}; sizes must be positive or -1 (all remaining devices)"
+            )
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: only one of data, fsdp may be -1")
     if data == -1:
@@ -34,5 +36,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
             raise ValueError(f"mesh: data={data} does not divide the {n} devices")
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh: data*fsdp = {data}*{fsdp} = {data * fsdp}, but there are {n} devices")
+        raise ValueError(
+            f"mesh: data*fsdp = {data}*{fsdp} = {data * fsdp}, but there are {n} devices"
+        )
     return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)

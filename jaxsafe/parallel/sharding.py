@@ -56,11 +56,53 @@ def shardings_for(tree: Any, mesh: Mesh, rules: Sequence[Rule] = (), min_size: i
         elif spec == "replicate":
             spec = P()
         elif not isinstance(spec, P):
-            raise ValueError(f"sharding rule for {name!r}: expected PartitionSpec, 'fsdp' or "
-                             f"'replicate', got {spec!r}")
+            raise ValueError(
+                f"sharding rule for {name!r}: expected PartitionSpec, 'fsdp' or "
+                f"'replicate', got {spec!r}"
+            )
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def rules_from_config(rules, axis_names) -> list[Rule]:
+    """``config.sharding_rules`` as ``jaxsafe.parallel.shardings_for`` rules: each ``(regex,
+    spec)`` with ``spec`` a tuple/list with one entry per dimension (``None``, a mesh axis name,
+    or a tuple of axis names), ``None`` or ``()`` (replicated), ``"replicate"``, ``"fsdp"`` or a
+    ``PartitionSpec``. A malformed rule (not a pair, a regex that does not compile, an axis name
+    not in ``axis_names``) raises a ``ValueError`` naming it."""
+    out = []
+    for rule in rules or ():
+        where = f"config.sharding_rules: rule {rule!r}"
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+            raise ValueError(f"{where} is not a (regex, spec) pair")
+        pattern, spec = rule
+        if not isinstance(pattern, str):
+            raise ValueError(f"{where}: the regex must be a string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{where}: bad regex {pattern!r} ({e})") from None
+        if spec in ("replicate", "fsdp") or isinstance(spec, P):
+            out.append((pattern, spec))
+            continue
+        if spec is None:
+            spec = ()
+        if not isinstance(spec, (tuple, list)):
+            raise ValueError(
+                f"{where}: spec {spec!r}; expected a tuple of mesh axis names or None per "
+                "dimension, 'replicate' or 'fsdp'"
+            )
+        for entry in spec:
+            names = entry if isinstance(entry, (tuple, list)) else (entry,)
+            bad = [a for a in names if a is not None and a not in axis_names]
+            if bad or (isinstance(entry, (tuple, list)) and None in entry):
+                raise ValueError(
+                    f"{where}: axis {entry!r} is not one of the mesh's axes "
+                    f"{tuple(axis_names)} (or None)"
+                )
+        out.append((pattern, P(*(tuple(e) if isinstance(e, list) else e for e in spec))))
+    return out
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
@@ -105,7 +147,8 @@ def global_batch(local_batch: Any, mesh: Mesh, leading: int = 0) -> Any:
         if x.ndim <= leading or x.shape[leading] % local_shards:
             raise ValueError(
                 f"batch leaf {path_name(path)!r} has shape {x.shape}: axis {leading} must exist "
-                f"and divide by the {local_shards} batch shards on this process")
+                f"and divide by the {local_shards} batch shards on this process"
+            )
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(one, local_batch)

@@ -88,8 +88,9 @@ def fingerprint(tree) -> jax.Array:
     changing any one word always changes `f`, and a word moved to another position does too;
     two or more changes go unnoticed with probability about 2⁻³². Sharded arrays reduce in
     place (no gather)."""
-    return jnp.stack([_fingerprint_one(x) for x in jax.tree.leaves(tree)]
-                     or [jnp.zeros((), jnp.uint32)])
+    return jnp.stack(
+        [_fingerprint_one(x) for x in jax.tree.leaves(tree)] or [jnp.zeros((), jnp.uint32)]
+    )
 
 
 def _manifest(state, step: int, checksums: list | None) -> dict:
@@ -114,15 +115,22 @@ def _first_line(e: Exception) -> str:
 class Checkpointer:
     """Saves and restores `TrainState`s under ``directory/<step>`` (see module docstring)."""
 
-    def __init__(self, directory: str, keep: int = 3, save_every: int = 1000,
-                 async_save: bool = True, verify: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        keep: int = 3,
+        save_every: int = 1000,
+        async_save: bool = True,
+        verify: bool = True,
+    ):
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
         self.verify = verify
         self._mgr = ocp.CheckpointManager(
             self.directory,
-            item_handlers=dict(state=ocp.StandardCheckpointHandler(),
-                               manifest=ocp.JsonCheckpointHandler()),
+            item_handlers=dict(
+                state=ocp.StandardCheckpointHandler(), manifest=ocp.JsonCheckpointHandler()
+            ),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 save_interval_steps=1,  # we decide when to save
@@ -144,9 +152,14 @@ class Checkpointer:
         if step in self._mgr.all_steps():
             return False
         checksums = np.asarray(fingerprint(state)).tolist() if self.verify else None
-        return self._mgr.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            manifest=ocp.args.JsonSave(_manifest(state, step, checksums))))
+        return self._mgr.save(
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                manifest=ocp.args.JsonSave(_manifest(state, step, checksums)),
+            ),
+        )
 
     def restore(self, state_like, step: int | None = None):
         """Restores into the structure, shapes, dtypes and shardings of `state_like`.
@@ -166,8 +179,9 @@ class Checkpointer:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
         def target(step, arrays):
-            leaves = [jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d), sharding=device)
-                      for _, s, d in arrays]
+            leaves = [
+                jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d), sharding=device) for _, s, d in arrays
+            ]
             return _tree_like(self._mgr.item_metadata(step).state, arrays, leaves)
 
         if step is not None:
@@ -186,18 +200,25 @@ class Checkpointer:
                 where = f"{self.directory}/{step}"
                 aside = self._move_aside(step) if move_aside else None
                 problems.append(f"step {step} {e}" + (f" (moved to {aside})" if aside else ""))
-                logging.warning("checkpoint %s %s; %s", where, e,
-                                f"moved to {aside}, trying the previous one" if aside
-                                else "trying the previous one")
+                logging.warning(
+                    "checkpoint %s %s; %s",
+                    where,
+                    e,
+                    f"moved to {aside}, trying the previous one"
+                    if aside
+                    else "trying the previous one",
+                )
                 continue
             if problems:
-                logging.warning("restored checkpoint step %d instead of the damaged newer one(s)",
-                                step)
+                logging.warning(
+                    "restored checkpoint step %d instead of the damaged newer one(s)", step
+                )
             return step, restored
         if problems:
             rerun = "; a rerun starts from step 0" if move_aside else ""
-            raise CheckpointCorruptError(f"no intact checkpoint in {self.directory}: "
-                                         + "; ".join(problems) + rerun)
+            raise CheckpointCorruptError(
+                f"no intact checkpoint in {self.directory}: " + "; ".join(problems) + rerun
+            )
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
 
     def _read_manifest(self, step: int) -> dict:
@@ -206,7 +227,8 @@ class Checkpointer:
             raise _Damaged(f"lacks its commit marker {_COMMIT_MARKER}")
         try:
             manifest = self._mgr.restore(
-                step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
+                step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore())
+            ).manifest
         except Exception as e:  # orbax/tensorstore raise many types for a damaged file
             raise _Damaged(f"has an unreadable manifest ({_first_line(e)})") from None
         if not isinstance(manifest, dict):
@@ -228,11 +250,15 @@ class Checkpointer:
         names = [name for name, _, _ in arrays]
         checked = self.verify and manifest["checksums"] is not None
         if self.verify and not checked:
-            logging.warning("checkpoint %s/%d was saved without checksums: restored unverified",
-                            self.directory, step)
+            logging.warning(
+                "checkpoint %s/%d was saved without checksums: restored unverified",
+                self.directory,
+                step,
+            )
         try:
-            state = self._mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target))).state
+            state = self._mgr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            ).state
         except Exception as e:
             bad = self._first_unreadable(step, target, names)
             at = f" at array {bad!r}" if bad else ""
@@ -242,8 +268,10 @@ class Checkpointer:
             now = np.asarray(fingerprint([restored[n] for n in names]))
             bad = np.flatnonzero(np.asarray(manifest["checksums"], np.uint32) != now)
             if bad.size:
-                raise _Damaged(f"fails its checksum at array {names[bad[0]]!r} "
-                               f"({bad.size} of {len(names)} arrays differ)")
+                raise _Damaged(
+                    f"fails its checksum at array {names[bad[0]]!r} "
+                    f"({bad.size} of {len(names)} arrays differ)"
+                )
         return state
 
     def _first_unreadable(self, step: int, target, names) -> str | None:
@@ -252,8 +280,12 @@ class Checkpointer:
         for i, leaf in enumerate(leaves):
             only = [leaf if j == i else ocp.PLACEHOLDER for j in range(len(leaves))]
             try:
-                self._mgr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, only))))
+                self._mgr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, only))
+                    ),
+                )
             except Exception:
                 return names[i]
         return None
@@ -273,25 +305,32 @@ class Checkpointer:
 
     def _check_matches(self, step: int, arrays, state_like) -> None:
         on_disk = {name: (tuple(shape), dtype) for name, shape, dtype in arrays}
-        wanted = {path_name(p): (tuple(np.shape(x)), str(x.dtype)) for p, x in
-                  jax.tree_util.tree_flatten_with_path(state_like)[0]}
+        wanted = {
+            path_name(p): (tuple(np.shape(x)), str(x.dtype))
+            for p, x in jax.tree_util.tree_flatten_with_path(state_like)[0]
+        }
         where = f"checkpoint {self.directory}/{step}"
         missing = sorted(set(wanted) - set(on_disk))
         unexpected = sorted(set(on_disk) - set(wanted))
         if missing:
-            raise CheckpointMismatchError(f"{where} lacks {len(missing)} tensors the model has, "
-                                          f"e.g. {missing[:3]}")
+            raise CheckpointMismatchError(
+                f"{where} lacks {len(missing)} tensors the model has, e.g. {missing[:3]}"
+            )
         if unexpected:
-            raise CheckpointMismatchError(f"{where} has {len(unexpected)} tensors the model "
-                                          f"lacks, e.g. {unexpected[:3]}")
+            raise CheckpointMismatchError(
+                f"{where} has {len(unexpected)} tensors the model lacks, e.g. {unexpected[:3]}"
+            )
         for name, (shape, dtype) in wanted.items():
             if on_disk[name][0] != shape:
                 raise CheckpointMismatchError(
                     f"{where}: tensor {name!r} has shape {on_disk[name][0]} on disk but {shape} "
-                    "in the model")
+                    "in the model"
+                )
             if on_disk[name][1] != dtype:
-                raise CheckpointMismatchError(f"{where}: tensor {name!r} is {on_disk[name][1]} on "
-                                              f"disk but {dtype} in the model")
+                raise CheckpointMismatchError(
+                    f"{where}: tensor {name!r} is {on_disk[name][1]} on "
+                    f"disk but {dtype} in the model"
+                )
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()
@@ -302,16 +341,18 @@ class Checkpointer:
 
 
 def _abstract(state_like):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                                       sharding=getattr(x, "sharding", None)),
-                        state_like)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+        state_like,
+    )
 
 
 def _tree_like(metadata, arrays, leaves):
     """`leaves` (in manifest order) placed in the tree structure of orbax's item metadata."""
     metadata = getattr(metadata, "tree", metadata)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(metadata,
-                                                         is_leaf=lambda m: hasattr(m, "shape"))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        metadata, is_leaf=lambda m: hasattr(m, "shape")
+    )
     by_name = {name: leaf for (name, _, _), leaf in zip(arrays, leaves, strict=True)}
     names = [path_name(p) for p, _ in flat]
     if sorted(names) != sorted(by_name):

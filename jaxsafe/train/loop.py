@@ -61,8 +61,10 @@ def _has_convolution(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "conv_general_dilated":
             return True
-        if any(_has_convolution(getattr(sub, "jaxpr", sub))
-               for sub in jex_core.jaxprs_in_params(eqn.params)):
+        if any(
+            _has_convolution(getattr(sub, "jaxpr", sub))
+            for sub in jex_core.jaxprs_in_params(eqn.params)
+        ):
             return True
     return False
 
@@ -71,9 +73,9 @@ def lowering(choice: str, step, state, batch) -> str:
     """How K steps per call run: "scan" (one program, the K steps in a `lax.scan`) or "loop"
     (the one-step program called K times from the host). "auto" picks "loop" for a step with
     a convolution on XLA:CPU, else "scan": XLA:CPU runs a convolution inside a while loop off
-    its fast path, measured 24-40x slower per step (docs/benchmarks.md, "Steps per call"),
-    while a loop of calls keeps the one-step program's speed and compile time; everywhere else
-    the scan saves the per-call dispatch (the grokking MLP: 1.7-2.1x at K = 100)."""
+    its fast path, many times slower per step, while a loop of calls keeps the one-step
+    program's speed and compile time; everywhere else the scan saves the per-call dispatch
+    (docs/benchmarks.md, "K steps per call on XLA:CPU: the scan against a host loop")."""
     if choice not in LOWERINGS:
         raise ValueError(f"train.lowering={choice!r}; expected one of {LOWERINGS}")
     if choice != "auto":
@@ -102,8 +104,15 @@ class _Loop:
         return getattr(self.compiled, name)
 
 
-def compile_train_step(task: Task, state: TrainState, batch, mesh, steps_per_call: int,
-                       fixed_batch: bool, lowering_choice: str = "auto"):
+def compile_train_step(
+    task: Task,
+    state: TrainState,
+    batch,
+    mesh,
+    steps_per_call: int,
+    fixed_batch: bool,
+    lowering_choice: str = "auto",
+):
     """AOT-compiles `steps_per_call` steps (lowered per :func:`lowering`); returns
     `(compiled, state_shardings, seconds)`, `compiled(state, batch) -> (state, metrics)` with
     metrics stacked over the steps. `batch` has a leading axis of K unless `fixed_batch` or K
@@ -116,8 +125,11 @@ def compile_train_step(task: Task, state: TrainState, batch, mesh, steps_per_cal
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     stacked = steps_per_call > 1 and not fixed_batch
-    one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                             batch) if stacked else batch
+    one_batch = (
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+        if stacked
+        else batch
+    )
     how = "scan" if steps_per_call == 1 else lowering(lowering_choice, one, state, one_batch)
 
     def call(s, batches):
@@ -130,17 +142,28 @@ def compile_train_step(task: Task, state: TrainState, batch, mesh, steps_per_cal
 
     t0 = time.perf_counter()
     if how == "scan":
-        jitted = jax.jit(call, in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+        jitted = jax.jit(
+            call,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, sh.replicated(mesh)),
+            donate_argnums=0,
+        )
         return jitted.lower(state, batch).compile(), state_sh, time.perf_counter() - t0
     one_sh = batch_sh if fixed_batch else sh.batch_sharding(mesh)
-    take = jax.jit(lambda b, i: jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, False),
-                                             b), out_shardings=one_sh)
+    take = jax.jit(
+        lambda b, i: jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, False), b),
+        out_shardings=one_sh,
+    )
     if stacked:
-        one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype,
-                                                                sharding=one_sh), batch)
-    jitted = jax.jit(call, in_shardings=(state_sh, one_sh),
-                     out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+        one_batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=one_sh), batch
+        )
+    jitted = jax.jit(
+        call,
+        in_shardings=(state_sh, one_sh),
+        out_shardings=(state_sh, sh.replicated(mesh)),
+        donate_argnums=0,
+    )
     compiled = jitted.lower(state, one_batch).compile()
     return _Loop(compiled, take, steps_per_call, fixed_batch), state_sh, time.perf_counter() - t0
 
@@ -184,16 +207,24 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
     k = cfg.steps_per_call
     fixed = is_fixed_batch(task.train_data)
     writer = MetricWriter(workdir, enabled=is_primary())
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
-                        save_every=cfg.checkpoint_every, async_save=cfg.async_checkpointing,
-                        verify=cfg.get("verify_checkpoints", True))
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=cfg.keep_checkpoints,
+        save_every=cfg.checkpoint_every,
+        async_save=cfg.async_checkpointing,
+        verify=cfg.get("verify_checkpoints", True),
+    )
 
     state = init_state(task.params, task.frozen, task.optimizer, task.extra, cfg.seed)
     state = place_state(state, mesh, task.sharding_rules, cfg.fsdp_min_size)
     leaves = jax.tree.leaves(state.params)
-    logging.info("params: %d tensors, %d sharded over fsdp, %d values; mesh %s",
-                 len(leaves), sum(not x.sharding.is_fully_replicated for x in leaves),
-                 sum(x.size for x in leaves), dict(mesh.shape))
+    logging.info(
+        "params: %d tensors, %d sharded over fsdp, %d values; mesh %s",
+        len(leaves),
+        sum(not x.sharding.is_fully_replicated for x in leaves),
+        sum(x.size for x in leaves),
+        dict(mesh.shape),
+    )
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
         logging.info("resumed from %s at step %d", ckpt.directory, int(sh.fetch(state.step)))
@@ -211,10 +242,14 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
     fixed_global = sh.global_batch(task.train_data, mesh) if fixed else None
     to_device = (lambda b: fixed_global) if fixed else (lambda b: sh.global_batch(b, mesh, leading))
     compiled, _, compile_s = compile_train_step(
-        task, state, to_device(host_batch(start)), mesh, k, fixed, cfg.get("lowering", "auto"))
-    logging.info("compiled %d step(s) per call%s in %.1fs", k,
-                 "" if k == 1 else " (loop)" if isinstance(compiled, _Loop) else " (scan)",
-                 compile_s)
+        task, state, to_device(host_batch(start)), mesh, k, fixed, cfg.get("lowering", "auto")
+    )
+    logging.info(
+        "compiled %d step(s) per call%s in %.1fs",
+        k,
+        "" if k == 1 else " (loop)" if isinstance(compiled, _Loop) else " (scan)",
+        compile_s,
+    )
 
     def evaluate(step):
         for name, fn in task.evaluators.items():
@@ -225,8 +260,11 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
                 if np.ndim(v) >= 3:
                     writer.image(step, f"{name}/{key}", v)
             if scalars:
-                logging.info("eval step %d: %s", step,
-                             ", ".join(f"{a}={float(b):.4g}" for a, b in scalars.items()))
+                logging.info(
+                    "eval step %d: %s",
+                    step,
+                    ", ".join(f"{a}={float(b):.4g}" for a, b in scalars.items()),
+                )
 
     if start == 0 and cfg.eval_every:
         evaluate(0)
@@ -248,8 +286,12 @@ def run(task: Task, cfg, workdir: str, mesh) -> TrainState:
                 last = ckpt.latest_step()
                 raise NonFiniteError(
                     f"non-finite {name} = {value} at step {at}; stopped without saving this state "
-                    + (f"(last good checkpoint: step {last} in {ckpt.directory})"
-                       if last is not None else "(no checkpoint saved yet)"))
+                    + (
+                        f"(last good checkpoint: step {last} in {ckpt.directory})"
+                        if last is not None
+                        else "(no checkpoint saved yet)"
+                    )
+                )
             for i in range(k):
                 s = step + i + 1
                 if cfg.log_every and s % cfg.log_every == 0:

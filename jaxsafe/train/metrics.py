@@ -43,8 +43,11 @@ class MetricWriter:
         image = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
         os.makedirs(self.image_dir, exist_ok=True)
         fname = os.path.join(self.image_dir, f"{name.replace('/', '_')}_{int(step):08d}.png")
-        plt.imsave(fname, image.squeeze(-1) if image.shape[-1] == 1 else image,
-                   cmap="gray" if image.shape[-1] == 1 else None)
+        plt.imsave(
+            fname,
+            image.squeeze(-1) if image.shape[-1] == 1 else image,
+            cmap="gray" if image.shape[-1] == 1 else None,
+        )
         self._tb.add_image(name, image, int(step), dataformats="HWC")
 
     def flush(self) -> None:
@@ -66,7 +69,8 @@ def read_jsonl(path: str) -> list[dict]:
 def quiet_orbax() -> None:
     """Orbax logs every save step at INFO; keep only its warnings."""
     logging.get_absl_logger().addFilter(
-        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+    )
 
 
 class Progress:
@@ -81,4 +85,6 @@ class Progress:
         rate = (step - self._s0) / dt if dt > 0 else float("nan")
         eta = (self.num_steps - step) / rate if rate > 0 else float("nan")
         shown = ", ".join(f"{k}={float(np.asarray(v)):.4g}" for k, v in list(metrics.items())[:6])
-        logging.info("step %d/%d  %.1f steps/s  ETA %.0fs  %s", step, self.num_steps, rate, eta, shown)
+        logging.info(
+            "step %d/%d  %.1f steps/s  ETA %.0fs  %s", step, self.num_steps, rate, eta, shown
+        )

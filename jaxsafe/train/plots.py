@@ -8,8 +8,12 @@ inline plotting alone.
 from matplotlib.figure import Figure
 
 
-def plot_runs(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]], path: str,
-              log_y: tuple[str, ...] = ()) -> None:
+def plot_runs(
+    runs: dict[str, list[dict]],
+    panels: list[tuple[str, list[str]]],
+    path: str,
+    log_y: tuple[str, ...] = (),
+) -> None:
     """One subplot per `(title, metric keys)`; each run's rows drawn against `step`.
 
     Rows lacking a key are skipped, so train metrics (every step) and evaluations (every N

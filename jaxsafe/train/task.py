@@ -66,7 +66,9 @@ def default_step(task: Task) -> StepFn:
 
     def step(state: TrainState, batch, rng):
         grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
-        (loss, (metrics, extra)), grads = grad_fn(state.params, state.frozen, state.extra, batch, rng)
+        (loss, (metrics, extra)), grads = grad_fn(
+            state.params, state.frozen, state.extra, batch, rng
+        )
         updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **metrics}

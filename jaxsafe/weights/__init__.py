@@ -14,6 +14,14 @@ from jaxsafe.weights.diffusers import (
 )
 
 __all__ = [
-    "CheckpointError", "load_pipeline", "load_text_encoder", "load_tokenizer", "load_unet",
-    "load_vae", "save_pipeline", "save_text_encoder", "save_unet", "save_vae",
+    "CheckpointError",
+    "load_pipeline",
+    "load_text_encoder",
+    "load_tokenizer",
+    "load_unet",
+    "load_vae",
+    "save_pipeline",
+    "save_text_encoder",
+    "save_unet",
+    "save_vae",
 ]

@@ -3,26 +3,22 @@
 Our SD modules use diffusers'/transformers' module names, so a parameter path maps to a
 PyTorch key by joining with '.' and renaming the leaf:
 
-=============================  =================================  ==============================
-NNX leaf (shape)               PyTorch leaf (shape)               transform
-=============================  =================================  ==============================
-``kernel`` Linear ``(in, out)``  ``weight`` ``(out, in)``           transpose
-``kernel`` Conv ``(kh, kw, in, out)``  ``weight`` ``(out, in, kh, kw)``  HWIO -> OIHW
-``scale`` (Layer/GroupNorm)    ``weight``                         --
-``embedding`` ``(V, D)``       ``weight`` ``(V, D)``              --
-``bias``                       ``bias``                           --
-``mean`` / ``var`` (frozen BN)   ``running_mean`` / ``running_var``  --
-=============================  =================================  ==============================
+=====================================  =====================================  ================
+NNX leaf (shape)                       PyTorch leaf (shape)                   transform
+=====================================  =====================================  ================
+``kernel`` Linear ``(in, out)``        ``weight`` ``(out, in)``               transpose
+``kernel`` Conv ``(kh, kw, in, out)``  ``weight`` ``(out, in, kh, kw)``       HWIO -> OIHW
+``scale`` (Layer/GroupNorm)            ``weight``                             --
+``embedding`` ``(V, D)``               ``weight`` ``(V, D)``                  --
+``bias``                               ``bias``                               --
+``mean`` / ``var`` (frozen BN)         ``running_mean`` / ``running_var``     --
+=====================================  =====================================  ================
 
-A Linear kernel may also be read from a ``(out, in, 1, 1)`` tensor (1x1-conv-shaped attention
-weights of converted original-LDM checkpoints). Any missing, unexpected or wrongly shaped tensor
-raises :class:`CheckpointError` naming it.
-
-Every safetensors file jaxsafe writes (:func:`write_safetensors`, the one writer) carries the
-CRC-32 of each tensor's bytes in its header metadata (``CHECKSUM_KEY``: a JSON object tensor
-name -> ``zlib.crc32``), and :func:`read_safetensors` (the one reader) verifies them: a damaged
-tensor, a truncated file or a damaged header raises :class:`CheckpointError` naming the file
-(and the tensor). Files of other tools have no such metadata and load unverified.
+A Linear kernel may also be read from a ``(out, in, 1, 1)`` tensor (the 1x1-conv-shaped
+attention weights of converted original-LDM checkpoints). A missing, unexpected or wrongly
+shaped tensor raises :class:`CheckpointError` naming it. Every safetensors file jaxsafe writes
+(:func:`write_safetensors`) carries the CRC-32 of each tensor's bytes in its header metadata
+(``CHECKSUM_KEY``), which :func:`read_safetensors` verifies; files of other tools load unverified.
 """
 
 from __future__ import annotations
@@ -42,16 +38,31 @@ from flax import nnx
 from jaxsafe.treepath import named_leaves, path_name
 
 __all__ = [
-    "CHECKSUM_KEY", "CheckpointError", "from_torch", "load_params", "model_params",
-    "params_to_state_dict", "read_safetensors", "state_dict_to_params", "to_torch", "torch_key",
+    "CHECKSUM_KEY",
+    "CheckpointError",
+    "from_torch",
+    "load_params",
+    "model_params",
+    "params_to_state_dict",
+    "read_safetensors",
+    "state_dict_to_params",
+    "to_torch",
+    "torch_key",
     "write_safetensors",
 ]
 
-#: The safetensors header metadata key of the per-tensor CRC-32 checksums (module docstring).
+#: The safetensors header metadata key of the per-tensor CRC-32 checksums (module docstring): a
+#: JSON object tensor name -> ``zlib.crc32`` of the tensor's bytes.
 CHECKSUM_KEY = "jaxsafe.crc32"
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
-         "mean": "running_mean", "var": "running_var"}
+_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 
 
 class CheckpointError(ValueError):
@@ -63,8 +74,9 @@ def torch_key(path: str, prefix: str = "") -> str:
     """``'down_blocks/0/conv1/kernel'`` -> ``prefix + 'down_blocks.0.conv1.weight'``."""
     *parents, leaf = path.split("/")
     if leaf not in _LEAF:
-        raise ValueError(f"parameter {path!r}: unknown leaf {leaf!r}; expected one of "
-                         f"{list(_LEAF)}")
+        raise ValueError(
+            f"parameter {path!r}: unknown leaf {leaf!r}; expected one of {list(_LEAF)}"
+        )
     return prefix + ".".join([*parents, _LEAF[leaf]])
 
 
@@ -108,10 +120,15 @@ def _listing(keys: Iterable[str], limit: int = 8) -> str:
     return ", ".join(repr(k) for k in keys[:limit]) + more
 
 
-def state_dict_to_params(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, object], *,
-                         prefix: str = "", source: str = "checkpoint",
-                         renames: Sequence[tuple[str, str]] = (),
-                         ignore: Sequence[str] = ()) -> dict[str, np.ndarray]:
+def state_dict_to_params(
+    state_dict: Mapping[str, np.ndarray],
+    expected: Mapping[str, object],
+    *,
+    prefix: str = "",
+    source: str = "checkpoint",
+    renames: Sequence[tuple[str, str]] = (),
+    ignore: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
     """Maps a PyTorch state dict onto NNX paths.
 
     Args:
@@ -144,13 +161,15 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], expected: Mapping
         if x is None:
             raise CheckpointError(
                 f"{source}: tensor {key!r} has shape {tuple(np.shape(tensors[key]))}, expected "
-                f"{torch_shape(path, shape)}")
+                f"{torch_shape(path, shape)}"
+            )
         params[path] = x
     return params
 
 
-def params_to_state_dict(params: Mapping[str, object], *,
-                         prefix: str = "") -> dict[str, np.ndarray]:
+def params_to_state_dict(
+    params: Mapping[str, object], *, prefix: str = ""
+) -> dict[str, np.ndarray]:
     """NNX path -> array into a PyTorch state dict."""
     return {torch_key(p, prefix): to_torch(p, x) for p, x in params.items()}
 
@@ -173,7 +192,8 @@ def load_params(abstract_model: nnx.Module, params: Mapping[str, np.ndarray]) ->
 
 def read_safetensors(files: Path | str | Sequence[Path | str]) -> dict[str, np.ndarray]:
     """Reads one or more safetensors files into numpy, verifying the tensors' checksums where
-    the file has them (module docstring); errors name the file (and the tensor)."""
+    the file has them (module docstring): a damaged tensor, a truncated file or a damaged header
+    raises :class:`CheckpointError` naming the file (and the tensor)."""
     from safetensors import SafetensorError, safe_open
 
     files = [files] if isinstance(files, (str, Path)) else list(files)
@@ -186,8 +206,9 @@ def read_safetensors(files: Path | str | Sequence[Path | str]) -> dict[str, np.n
                 metadata = handle.metadata() or {}
                 part = {k: handle.get_tensor(k) for k in handle.keys()}
         except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{f}: cannot read safetensors file ({e}); "
-                                  "is it truncated or corrupted?") from e
+            raise CheckpointError(
+                f"{f}: cannot read safetensors file ({e}); is it truncated or corrupted?"
+            ) from e
         _verify_checksums(part, metadata.get(CHECKSUM_KEY), f)
         dup = set(part) & set(out)
         if dup:
@@ -210,17 +231,23 @@ def _verify_checksums(tensors: Mapping[str, np.ndarray], stored: str | None, fil
         if not isinstance(sums, dict) or not all(isinstance(v, int) for v in sums.values()):
             raise ValueError("not an object of integers")
     except ValueError as e:
-        raise CheckpointError(f"{file}: damaged header: its {CHECKSUM_KEY!r} metadata is not "
-                              f"a JSON object tensor -> CRC-32 ({e})") from None
+        raise CheckpointError(
+            f"{file}: damaged header: its {CHECKSUM_KEY!r} metadata is not "
+            f"a JSON object tensor -> CRC-32 ({e})"
+        ) from None
     if set(sums) != set(tensors):
         odd = set(sums) ^ set(tensors)
-        raise CheckpointError(f"{file}: damaged header: the checksums and the tensors disagree "
-                              f"on the tensor names ({_listing(odd)})")
+        raise CheckpointError(
+            f"{file}: damaged header: the checksums and the tensors disagree "
+            f"on the tensor names ({_listing(odd)})"
+        )
     for name in sorted(tensors):
         crc = _crc32(tensors[name])
         if crc != sums[name]:
-            raise CheckpointError(f"{file}: tensor {name!r} fails its CRC-32 check (stored "
-                                  f"{sums[name]:08x}, read {crc:08x}); the file is damaged")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} fails its CRC-32 check (stored "
+                f"{sums[name]:08x}, read {crc:08x}); the file is damaged"
+            )
 
 
 def read_sharded_index(index_file: Path) -> list[Path]:
@@ -239,11 +266,16 @@ def write_safetensors(state_dict: Mapping[str, np.ndarray], file: Path | str) ->
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
-    metadata = {"format": "pt",
-                CHECKSUM_KEY: json.dumps({k: _crc32(v) for k, v in sorted(tensors.items())})}
+    metadata = {
+        "format": "pt",
+        CHECKSUM_KEY: json.dumps({k: _crc32(v) for k, v in sorted(tensors.items())}),
+    }
     file = os.fspath(file)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(file) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(file)))
+    fd, tmp = tempfile.mkstemp(
+        prefix=os.path.basename(file) + ".",
+        suffix=".tmp",
+        dir=os.path.dirname(os.path.abspath(file)),
+    )
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)

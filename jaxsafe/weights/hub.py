@@ -32,8 +32,13 @@ def allow_patterns(variant: str | None) -> list[str]:
     return ["model_index.json", "*/*.json", "*/*.txt", "*/*.npz", "*/" + weights]
 
 
-def resolve(spec: str, *, revision: str | None = None, variant: str | None = None,
-            cache_dir: str | None = None) -> str:
+def resolve(
+    spec: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | None = None,
+) -> str:
     """A local folder for a folder path or a hub id (see module docstring).
 
     ``revision`` may also be given as ``org/name@revision``; ``cache_dir`` defaults to the hub's
@@ -50,8 +55,9 @@ def resolve(spec: str, *, revision: str | None = None, variant: str | None = Non
         import huggingface_hub
         from huggingface_hub import constants
     except ImportError as e:
-        raise ImportError(f"loading the hub id {repo_id!r} needs `pip install huggingface_hub`"
-                          ) from e
+        raise ImportError(
+            f"loading the hub id {repo_id!r} needs `pip install huggingface_hub`"
+        ) from e
     cache = cache_dir or constants.HF_HUB_CACHE
     kwargs = dict(revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns(variant))
     try:

@@ -5,7 +5,7 @@ from cells import SETUP, code, md
 CELLS = [
     md(
         "# Red teaming concept erasure in JAX: do the erased concepts come back?\n\n"
-        "An erased model that no longer draws *red* for the prompt *\"a red circle\"* may still "
+        'An erased model that no longer draws *red* for the prompt *"a red circle"* may still '
         "draw it for a slightly different input. The erasure papers are judged by **attacks** "
         "that search for such inputs, and jaxsafe reimplements them as jitted JAX functions "
         "(`jaxsafe/attacks/`, `docs/attacks.md`): **UnlearnDiffAtk** (Zhang et al., ECCV "
@@ -20,16 +20,19 @@ CELLS = [
         "back?* is a number: we erase `red` with **UCE** (a closed-form edit, seconds), then "
         "attack the erased model with **concept arithmetic** and **UnlearnDiffAtk**, and "
         "compare the attack success rates (the fraction of red prompts whose image the oracle "
-        "reads as red) before and after, with the images and the oracle's readings."),
+        "reads as red) before and after, with the images and the oracle's readings."
+    ),
     code(SETUP),
-    md("## Settings\n\n"
-       "The erasure is `configs/erasure/uce.py` (the test-bed variant erases `red` and preserves "
-       "the other colours); its evaluation is switched off here (the erasure notebook shows "
-       "it), the attacks' judge does the scoring. The attacks are `configs/attacks/<attack>.py`: "
-       "at `cpu` size the **`testbed`** variants, the budgets of the robustness table "
-       "(`docs/robustness_table.md`; DDIM 10 steps, guidance 4; UnlearnDiffAtk 3 prefix "
-       "tokens, 5 swept timesteps × 10 Adam steps), on 16 full captions naming `red`. `smoke` "
-       "(CI) runs the `smoke` variants on 2 prompts in seconds: its numbers mean nothing."),
+    md(
+        "## Settings\n\n"
+        "The erasure is `configs/erasure/uce.py` (the test-bed variant erases `red` and preserves "
+        "the other colours); its evaluation is switched off here (the erasure notebook shows "
+        "it), the attacks' judge does the scoring. The attacks are `configs/attacks/<attack>.py`: "
+        "at `cpu` size the **`testbed`** variants, the budgets of the robustness table "
+        "(`docs/robustness_table.md`; DDIM 10 steps, guidance 4; UnlearnDiffAtk 3 prefix "
+        "tokens, 5 swept timesteps × 10 Adam steps), on 16 full captions naming `red`. `smoke` "
+        "(CI) runs the `smoke` variants on 2 prompts in seconds: its numbers mean nothing."
+    ),
     code(
         "%matplotlib inline\n"
         "SIZE = os.environ.get('JAXSAFE_NOTEBOOK_SIZE', 'cpu')  # 'smoke': under a minute (CI)\n"
@@ -58,25 +61,31 @@ CELLS = [
         "print(f'UnlearnDiffAtk: k={uda.k} tokens, {uda.num_t} timesteps x {uda.steps_per_t} "
         "steps, '\n"
         "      f'Adam lr {uda.lr}')\n"
-        "print('concept arithmetic:', dict(attack_configs['concept arithmetic'].compositions))"),
-    md("## Erase `red` with UCE\n\n"
-       "UCE (Gandikota et al., WACV 2024) edits every cross-attention key and value projection "
-       "in closed form so that the token rows of the prompts naming *red* map to what the empty "
-       "prompt gave, while the other colours' rows keep their values. The edited model is "
-       "exported to `<workdir>/uce/export`, a diffusers-layout folder like the shipped one."),
+        "print('concept arithmetic:', dict(attack_configs['concept arithmetic'].compositions))"
+    ),
+    md(
+        "## Erase `red` with UCE\n\n"
+        "UCE (Gandikota et al., WACV 2024) edits every cross-attention key and value projection "
+        "in closed form so that the token rows of the prompts naming *red* map to what the empty "
+        "prompt gave, while the other colours' rows keep their values. The edited model is "
+        "exported to `<workdir>/uce/export`, a diffusers-layout folder like the shipped one."
+    ),
     code(
         "summary = run_experiment(erase_config, os.path.join(workdir, 'uce'))\n"
         "print(f\"UCE: {summary['edited_tensors']} tensors edited in "
         "{summary['erase_seconds']:.1f} s; \"\n"
         "      f\"exported to {summary['export']}\")\n"
-        "assert summary['edited_tensors'] > 0 and os.path.isdir(summary['export'])"),
-    md("## The attacked model, the prompts and the judge\n\n"
-       "`original` is the shipped model (it makes UnlearnDiffAtk's target images), `erased` "
-       "UCE's export. `load_model` (from the robustness table's launcher) gives the erased "
-       "weights the original's folder key, so both share one compiled sampler and one compiled "
-       "attack. The prompts are full captions naming red (`shapes_metrics.concept_prompts`), "
-       "each with its own sampler seed; the **judge** is the oracle reading the colour: a "
-       "success is an image it reads as red."),
+        "assert summary['edited_tensors'] > 0 and os.path.isdir(summary['export'])"
+    ),
+    md(
+        "## The attacked model, the prompts and the judge\n\n"
+        "`original` is the shipped model (it makes UnlearnDiffAtk's target images), `erased` "
+        "UCE's export. `load_model` (from the robustness table's launcher) gives the erased "
+        "weights the original's folder key, so both share one compiled sampler and one compiled "
+        "attack. The prompts are full captions naming red (`shapes_metrics.concept_prompts`), "
+        "each with its own sampler seed; the **judge** is the oracle reading the colour: a "
+        "success is an image it reads as red."
+    ),
     code(
         "from jaxsafe.attacks import judges, run as attacks\n"
         "from jaxsafe.data import shapes, shapes_metrics\n"
@@ -92,10 +101,13 @@ CELLS = [
         "seeds = np.arange(NUM_PROMPTS)  # the judge's generation seed of each prompt\n"
         "words = shapes_metrics.composition_words(CONCEPT)  # concept arithmetic's templates\n"
         "print(len(prompts), 'prompts, e.g.', prompts[:3])\n"
-        "print('template words:', words)"),
-    md("## No attack\n\n"
-       "The plain prompts, judged on the original model (the prompts do show red: the rate "
-       "should be near 1) and on the erased one (the erasure's own success: near 0)."),
+        "print('template words:', words)"
+    ),
+    md(
+        "## No attack\n\n"
+        "The plain prompts, judged on the original model (the prompts do show red: the rate "
+        "should be near 1) and on the erased one (the erasure's own success: near 0)."
+    ),
     code(
         "results, seconds = {}, {}\n"
         "\n"
@@ -111,16 +123,19 @@ CELLS = [
         "before = attack('no attack', original)\n"
         "results['no attack'] = attack('no attack', erased)\n"
         "print(f\"red read on the plain prompts: original {before['asr']:.2f}, \"\n"
-        "      f\"UCE-erased {results['no attack']['asr']:.2f}\")"),
-    md("## Concept arithmetic\n\n"
-       "No optimisation: every composition adds guidance terms of other prompts to each "
-       "prompt's own, ε̃ = ε_∅ + s (ε_prompt − ε_∅) + Σ_j w_j (ε_j − ε_∅) (the paper's eq. 2). "
-       "The test-bed compositions (`configs/attacks/concept_arithmetic.py`, docs/attacks.md): "
-       "**bare** +4·g(\"red\") (the concept alone), **context** +4·g(\"red triangle\") "
-       "− 4·g(\"triangle\") (the concept in another context minus that context) and "
-       "**siblings** −2·g for each of \"orange\", \"green\", \"blue\" (red rebuilt by pushing "
-       "away from the other colours, never naming it). A prompt counts when any composition "
-       "shows red."),
+        "      f\"UCE-erased {results['no attack']['asr']:.2f}\")"
+    ),
+    md(
+        "## Concept arithmetic\n\n"
+        "No optimisation: every composition adds guidance terms of other prompts to each "
+        "prompt's own, ε̃ = ε_∅ + s (ε_prompt − ε_∅) + Σ_j w_j (ε_j − ε_∅) (the paper's eq. 2). "
+        "The test-bed compositions (`configs/attacks/concept_arithmetic.py`, docs/attacks.md): "
+        '**bare** +4·g("red") (the concept alone), **context** +4·g("red triangle") '
+        '− 4·g("triangle") (the concept in another context minus that context) and '
+        '**siblings** −2·g for each of "orange", "green", "blue" (red rebuilt by pushing '
+        "away from the other colours, never naming it). A prompt counts when any composition "
+        "shows red."
+    ),
     code(
         "results['concept arithmetic'] = attack('concept arithmetic', erased)\n"
         "r = results['concept arithmetic']\n"
@@ -128,15 +143,18 @@ CELLS = [
         "    print(f\"{name:>9}: rate {v['asr']:.2f}  \", "
         "attack_configs['concept arithmetic'].compositions[name])\n"
         "print(f\"any composition: {r['asr']:.2f} ({seconds['concept arithmetic']:.0f} s, \"\n"
-        "      'compilation included)')"),
-    md("## UnlearnDiffAtk\n\n"
-       "A white-box attack: k adversarial tokens before each prompt, each a point u of the "
-       "probability simplex over the vocabulary (a soft one-hot), optimised with Adam so that "
-       "the erased model denoises the *original* model's image of the prompt, "
-       "‖ε_θ̃(x_t, t, [adv; prompt]) − ε‖², one timestep of the sweep after another; after "
-       "each timestep the argmax tokens are judged, and a prompt stops at its first success. "
-       "Prompts whose plain image already shows red are pre-attack successes and are not "
-       "attacked. All prompts are optimised together (one vmapped, compiled program)."),
+        "      'compilation included)')"
+    ),
+    md(
+        "## UnlearnDiffAtk\n\n"
+        "A white-box attack: k adversarial tokens before each prompt, each a point u of the "
+        "probability simplex over the vocabulary (a soft one-hot), optimised with Adam so that "
+        "the erased model denoises the *original* model's image of the prompt, "
+        "‖ε_θ̃(x_t, t, [adv; prompt]) − ε‖², one timestep of the sweep after another; after "
+        "each timestep the argmax tokens are judged, and a prompt stops at its first success. "
+        "Prompts whose plain image already shows red are pre-attack successes and are not "
+        "attacked. All prompts are optimised together (one vmapped, compiled program)."
+    ),
     code(
         "results['UnlearnDiffAtk'] = attack('UnlearnDiffAtk', erased)\n"
         "r = results['UnlearnDiffAtk']\n"
@@ -145,11 +163,14 @@ CELLS = [
         "print(f\"pre-attack {r['pre_asr']:.2f} -> after the attack {r['post_asr']:.2f} \"\n"
         "      f\"({seconds['UnlearnDiffAtk']:.0f} s, compilation included)\")\n"
         "for p, t, f in list(zip(prompts, r['texts'], r['first_t']))[:6]:\n"
-        "    print(f'  {t!r:62} first success at sweep step {f}' if f >= 0 else f'  {t!r}')"),
-    md("## Attack success rates\n\n"
-       "Counted as UnlearnDiffAtk counts its own (and as the robustness table counts every "
-       "attack): a prompt succeeds when its plain generation already shows red or the attack "
-       "makes it, so no attack's rate is the floor of every column."),
+        "    print(f'  {t!r:62} first success at sweep step {f}' if f >= 0 else f'  {t!r}')"
+    ),
+    md(
+        "## Attack success rates\n\n"
+        "Counted as UnlearnDiffAtk counts its own (and as the robustness table counts every "
+        "attack): a prompt succeeds when its plain generation already shows red or the attack "
+        "makes it, so no attack's rate is the floor of every column."
+    ),
     code(
         "from IPython.display import Markdown, display\n"
         "pre = results['no attack']['success']\n"
@@ -172,13 +193,16 @@ CELLS = [
         "ax.set_xlim(0, 1.1), ax.set_xlabel(f'attack success rate ({NUM_PROMPTS} red prompts)')\n"
         "ax.grid(axis='x', alpha=0.3)\n"
         "fig.tight_layout()\n"
-        "plt.show()"),
-    md("## What the judge saw\n\n"
-       "Each column is one prompt (its seed fixed): the original model's image, the erased "
-       "model's image of the plain prompt, of UnlearnDiffAtk's adversarial prompt (the tokens "
-       "it kept: the first success, or the last tried) and of the prompt under the strongest "
-       "composition of concept arithmetic. Under each image the oracle's reading of the colour; "
-       "red labels are the judge's successes."),
+        "plt.show()"
+    ),
+    md(
+        "## What the judge saw\n\n"
+        "Each column is one prompt (its seed fixed): the original model's image, the erased "
+        "model's image of the plain prompt, of UnlearnDiffAtk's adversarial prompt (the tokens "
+        "it kept: the first success, or the last tried) and of the prompt under the strongest "
+        "composition of concept arithmetic. Under each image the oracle's reading of the colour; "
+        "red labels are the judge's successes."
+    ),
     code(
         "generate = attacks.sampler(erased, dict(uda.sampling))\n"
         "ca = results['concept arithmetic']['compositions']\n"
@@ -214,19 +238,22 @@ CELLS = [
         "fig.suptitle('oracle reading of the colour under each image', fontsize=9)\n"
         "fig.tight_layout()\n"
         "plt.show()\n"
-        "print('UnlearnDiffAtk prompts shown:', results['UnlearnDiffAtk']['texts'][:SHOW])"),
-    md("**Reading.** On this bed UCE's edit holds on the plain prompts, and the white-box "
-       "prefix attack at this budget rarely gets past it; concept arithmetic, which never "
-       "optimises anything, is the stronger attack on the closed-form edits: its *siblings* "
-       "composition rebuilds red without naming it, and *bare* / *context* put the word in "
-       "prompts other than the captions the edit was solved for. The robustness table "
-       "(`docs/robustness_table.md`, 8 prompts × 3 seeds) has the same ordering for UCE on "
-       "red (no attack 0.04, UnlearnDiffAtk 0.04, P4D-N 0.12, concept arithmetic 0.25), and "
-       "every other method of the erasure table under every attack; with 16 prompts and one "
-       "seed, the numbers above are noisy. The other attacks are one config away: "
-       "`configs/attacks/p4d.py:testbed` (P4D-N; `kind='k'` for P4D-K) and "
-       "`configs/attacks/ring_a_bell.py:testbed` (its concept-vector pairs from "
-       "`shapes_metrics.concept_pairs`), run by the same `attacks.run_attack`, or from the "
-       "command line: `python -m launch.attack --config=configs/attacks/unlearndiffatk.py:"
-       "testbed --model=<workdir>/uce --prompts=prompts.txt --judge=oracle:red --out=/tmp/uda`."),
+        "print('UnlearnDiffAtk prompts shown:', results['UnlearnDiffAtk']['texts'][:SHOW])"
+    ),
+    md(
+        "**Reading.** On this bed UCE's edit holds on the plain prompts, and the white-box "
+        "prefix attack at this budget rarely gets past it; concept arithmetic, which never "
+        "optimises anything, is the stronger attack on the closed-form edits: its *siblings* "
+        "composition rebuilds red without naming it, and *bare* / *context* put the word in "
+        "prompts other than the captions the edit was solved for. The robustness table "
+        "(`docs/robustness_table.md`, 8 prompts × 3 seeds) has the same ordering for UCE on "
+        "red (no attack 0.04, UnlearnDiffAtk 0.04, P4D-N 0.12, concept arithmetic 0.25), and "
+        "every other method of the erasure table under every attack; with 16 prompts and one "
+        "seed, the numbers above are noisy. The other attacks are one config away: "
+        "`configs/attacks/p4d.py:testbed` (P4D-N; `kind='k'` for P4D-K) and "
+        "`configs/attacks/ring_a_bell.py:testbed` (its concept-vector pairs from "
+        "`shapes_metrics.concept_pairs`), run by the same `attacks.run_attack`, or from the "
+        "command line: `python -m launch.attack --config=configs/attacks/unlearndiffatk.py:"
+        "testbed --model=<workdir>/uce --prompts=prompts.txt --judge=oracle:red --out=/tmp/uda`."
+    ),
 ]

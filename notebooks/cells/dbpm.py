@@ -16,7 +16,8 @@ CELLS = [
         "This notebook trains SimCLR (1-D ResNet, NT-Xent) with and without DBPM on the UEA/UCR "
         "**JapaneseVowels** set shipped inside the `aeon` wheel (no download), after injecting "
         "known bad pairs, and looks inside DBPM's memory: the statistic over the epochs with the "
-        "`μ ± βσ` thresholds, which pairs get flagged, and the linear-probe accuracy."),
+        "`μ ± βσ` thresholds, which pairs get flagged, and the linear-probe accuracy."
+    ),
     code(SETUP),
     md(
         "## Setup: injected bad pairs\n\n"
@@ -30,7 +31,8 @@ CELLS = [
         "`β_fp = 3` and warm-up fraction 50/80, and the authors' epoch-weighted memory "
         "statistic. `cpu` (the demo, a few minutes) trains 40 epochs for three arms: SimCLR on "
         "clean data, SimCLR on the corrupted data, SimCLR+DBPM on the corrupted data; `smoke` "
-        "(CI) trains 3 epochs of the last two."),
+        "(CI) trains 3 epochs of the last two."
+    ),
     code(
         "SIZE = os.environ.get('JAXSAFE_NOTEBOOK_SIZE', 'cpu')  # 'smoke': about a minute (CI)\n"
         "assert SIZE in ('cpu', 'smoke'), SIZE\n"
@@ -63,7 +65,9 @@ CELLS = [
         "\n"
         "cfg = make_config('SimCLR+DBPM')\n"
         "print('epochs', cfg.epochs, ' warm-up', cfg.dbpm.warmup, ' beta_np', cfg.dbpm.beta_np,\n"
-        "      ' beta_fp', cfg.dbpm.beta_fp, ' mode', cfg.dbpm.mode, ' batch', cfg.batch_size)"),
+        "      ' beta_fp', cfg.dbpm.beta_fp, ' mode', cfg.dbpm.mode,\n"
+        "      ' batch', cfg.train.batch_size)"
+    ),
     md(
         "## Training\n\n"
         "Each arm is built by `experiments.dbpm.build` (data, injection, model, the DBPM loss and "
@@ -71,7 +75,8 @@ CELLS = [
         "carries DBPM's memory in `state.extra['memory']` (`losses (E, N)` and a `recorded` "
         "mask). The memory is recorded in the plain SimCLR runs too, so they show what DBPM "
         "*would* flag. The probe (a linear classifier on the frozen encoder's features, fitted "
-        "with L-BFGS) runs at step 0 (random encoder) and at the end."),
+        "with L-BFGS) runs at step 0 (random encoder) and at the end."
+    ),
     code(
         "workdir = tempfile.mkdtemp(prefix='dbpm_')\n"
         "mesh = parallel.make_mesh(1, 1)\n"
@@ -79,7 +84,7 @@ CELLS = [
         "t_all = time.perf_counter()\n"
         "for arm in ARMS:\n"
         "    t0 = time.perf_counter()\n"
-        "    c = make_config(arm)\n"
+        "    c = dbpm_exp.resolve(make_config(arm))  # epochs -> step counts\n"
         "    wd = os.path.join(workdir, arm.replace(' ', '_').replace('(', '').replace(')', ''))\n"
         "    task = dbpm_exp.build(c, mesh)\n"
         "    state = train.run(task, c.train, wd, mesh)\n"
@@ -90,8 +95,9 @@ CELLS = [
         "                     log=train.read_jsonl(os.path.join(wd, 'metrics.jsonl')))\n"
         "    print(f\"{arm:15s} probe accuracy {summary['probe_accuracy']:.3f}  flagged \"\n"
         "          f\"{summary['dbpm_flagged_noisy']} noisy + {summary['dbpm_flagged_faulty']} \"\n"
-        "          f\"faulty  ({time.perf_counter() - t0:.0f} s)\")\n"
-        "print(f'total {time.perf_counter() - t_all:.0f} s')"),
+        '          f"faulty  ({time.perf_counter() - t0:.0f} s)")\n'
+        "print(f'total {time.perf_counter() - t_all:.0f} s')"
+    ),
     md(
         "## Inside the memory\n\n"
         "`dbpm.statistics(memory, e)` gives, from the epochs before `e`, the per-pair statistic "
@@ -100,7 +106,8 @@ CELLS = [
         "population std `σ_e`; `dbpm.flags` compares `m_i` with `t_np = μ_e − β_np σ_e` and "
         "`t_fp = μ_e + β_fp σ_e` (nothing is flagged during warm-up). We evaluate both for "
         "every `e = 1..E` with `jax.vmap` and check them against a NumPy recomputation from the "
-        "raw losses."),
+        "raw losses."
+    ),
     code(
         "run = runs['SimCLR+DBPM']\n"
         "c, mem, noisy, faulty = run['config'], run['memory'], run['noisy'], run['faulty']\n"
@@ -132,7 +139,8 @@ CELLS = [
         "assert s['dbpm_flagged_noisy'] == fl_np[-1].sum()\n"
         "assert s['dbpm_flagged_faulty'] == fl_fp[-1].sum()\n"
         "assert np.isclose(s['dbpm_faulty_recall'], (fl_fp[-1] & faulty).sum() / faulty.sum())\n"
-        "print('checks passed')"),
+        "print('checks passed')"
+    ),
     md(
         "### The per-pair statistics over the epochs\n\n"
         "Left: the raw per-pair loss `L_(i,e)` stored in the memory (median and 10–90 % band per "
@@ -140,7 +148,8 @@ CELLS = [
         "`μ_e − β_np σ_e`, `μ_e + β_fp σ_e`; thin lines are the injected bad pairs, crosses the "
         "(pair, epoch)s DBPM flagged (x faulty, + noisy) and down-weighted; the grey area is "
         "the warm-up. Right: "
-        "the distribution of `m_i` at the end of training, by ground truth, with the thresholds."),
+        "the distribution of `m_i` at the end of training, by ground truth, with the thresholds."
+    ),
     code(
         "%matplotlib inline\n"
         "import matplotlib.pyplot as plt\n"
@@ -185,7 +194,8 @@ CELLS = [
         "    a.grid(alpha=0.3)\n"
         "    a.legend(fontsize=7)\n"
         "fig.tight_layout()\n"
-        "plt.show()"),
+        "plt.show()"
+    ),
     md(
         "### Probe accuracy, flags during training, and the choice of β\n\n"
         "Left: linear-probe test accuracy on the clean splits (the random encoder at step 0 "
@@ -193,7 +203,8 @@ CELLS = [
         "split into hits (injected pairs of that kind) and false alarms. Right: precision and "
         "recall of the flags at the end of training against the injected ground truth as "
         "`β_fp` (faulty) and `β_np` (noisy) vary, computed from the final memory without "
-        "retraining; the dotted lines mark the paper's values."),
+        "retraining; the dotted lines mark the paper's values."
+    ),
     code(
         "fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))\n"
         "step0 = [r['probe/accuracy'] for r in run['log'] if r['step'] == 0\n"
@@ -242,7 +253,8 @@ CELLS = [
         "              f\"{s['dbpm_noisy_precision']:.2f}/{s['dbpm_noisy_recall']:.2f}\")\n"
         "print('mean DBPM weight of the flagged pairs, last epochs:',\n"
         "      [round(r['train/dbpm/flagged_weight'], 4) for r in run['log']\n"
-        "       if 'train/dbpm/flagged_weight' in r][-5:])"),
+        "       if 'train/dbpm/flagged_weight' in r][-5:])"
+    ),
     md(
         "## Reading\n\n"
         "* **Faulty pairs** (strong view destroyed) are clear outliers of the loss from the "
@@ -263,5 +275,6 @@ CELLS = [
         "* **Probe.** JapaneseVowels is easy (even the random encoder's features are linearly "
         "separable to ~90 %), and one seed on 192 test series cannot rank the arms; "
         "`benchmarks/bad_pairs.py` runs several seeds. At `smoke` size the numbers are "
-        "meaningless."),
+        "meaningless."
+    ),
 ]

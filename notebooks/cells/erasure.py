@@ -6,8 +6,8 @@ CELLS = [
     md(
         "# Concept erasure in JAX: UCE and ESD-x on a miniature Stable Diffusion\n\n"
         "jaxsafe ships a tiny text-to-image model laid out like Stable Diffusion (a UNet with "
-        "cross-attention, a text encoder, DDIM sampling), trained on captions such as *\"a red "
-        "circle on a dotted background\"*, and an **oracle** classifier that reads the shape, "
+        'cross-attention, a text encoder, DDIM sampling), trained on captions such as *"a red '
+        'circle on a dotted background"*, and an **oracle** classifier that reads the shape, '
         "colour and background off every generated image. That makes concept erasure "
         "measurable in minutes on a CPU. Here we erase the concept **`red`** twice:\n\n"
         "* **UCE** (Gandikota et al., WACV 2024): a closed-form edit of every cross-attention "
@@ -19,16 +19,19 @@ CELLS = [
         "Then we look at generations of the erased concept (`red`), its **near** concept "
         "(`orange`, the collateral-damage test) and an unrelated one (`blue`) before and after, "
         "and compare the oracle's accuracies (erased ↓, near ↑, all others ↑) in one table "
-        "(protocol: `docs/erasure.md`)."),
+        "(protocol: `docs/erasure.md`)."
+    ),
     code(SETUP),
-    md("## Settings\n\n"
-       "Each method is a config of `configs/erasure/` run by `experiments.run_experiment(config, "
-       "workdir)`, exactly as `python -m launch.erase --config=configs/erasure/uce.py:cpu` does. "
-       "The `cpu` variants erase `red` from the shipped model (25 DDIM steps, guidance 4) and "
-       "evaluate on 16 prompts per concept; ESD-x trains 400 iterations at lr 3e-4 (the "
-       "test bed's tuned setting, docs/erasure.md). `smoke` (CI) cuts everything to seconds: "
-       "its numbers mean nothing. The `original` config evaluates the unedited model, the "
-       "table's reference row."),
+    md(
+        "## Settings\n\n"
+        "Each method is a config of `configs/erasure/` run by `experiments.run_experiment(config, "
+        "workdir)`, exactly as `python -m launch.erase --config=configs/erasure/uce.py:cpu` does. "
+        "The `cpu` variants erase `red` from the shipped model (25 DDIM steps, guidance 4) and "
+        "evaluate on 16 prompts per concept; ESD-x trains 400 iterations at lr 3e-4 (the "
+        "test bed's tuned setting, docs/erasure.md). `smoke` (CI) cuts everything to seconds: "
+        "its numbers mean nothing. The `original` config evaluates the unedited model, the "
+        "table's reference row."
+    ),
     code(
         "SIZE = os.environ.get('JAXSAFE_NOTEBOOK_SIZE', 'cpu')  # 'smoke': about a minute (CI)\n"
         "assert SIZE in ('cpu', 'smoke'), SIZE\n"
@@ -52,11 +55,14 @@ CELLS = [
         "print(len(pairs), 'erased prompt -> guide pairs, e.g.', pairs[:3])\n"
         "print('UCE preserves:', prompts.preserve_words(c.concepts))\n"
         "print('ESD-x:', configs['ESD-x'].train.num_steps, 'steps at lr',\n"
-        "      configs['ESD-x'].optimizer.lr, '| sampling:', dict(c.sampling))"),
-    md("## The original model\n\n"
-       "The reference row: the unedited model, re-exported to `<workdir>/export` and scored by "
-       "the oracle like every edited one (the first evaluation also samples the original "
-       "model's images for the Fréchet distance, once per process)."),
+        "      configs['ESD-x'].optimizer.lr, '| sampling:', dict(c.sampling))"
+    ),
+    md(
+        "## The original model\n\n"
+        "The reference row: the unedited model, re-exported to `<workdir>/export` and scored by "
+        "the oracle like every edited one (the first evaluation also samples the original "
+        "model's images for the Fréchet distance, once per process)."
+    ),
     code(
         "summaries = {}\n"
         "summaries['original'] = run_experiment(configs['original'],\n"
@@ -65,20 +71,26 @@ CELLS = [
         "print({k: round(s[k], 3) for k in ('target_accuracy', 'near_accuracy', "
         "'other_accuracy')})\n"
         "assert all(np.isfinite(s[k]) for k in ('target_accuracy', 'oracle_fd', "
-        "'heldout_loss'))"),
-    md("## UCE: a closed-form edit (seconds)\n\n"
-       "UCE solves one ridge regression per cross-attention key/value matrix W: the token rows "
-       "of the erased prompts (the captions' own forms, *\"a red\"*, *\"a red circle\"*, …) "
-       "should map to what W gave for the empty prompt, the preserved prompts (the other "
-       "colours, the empty prompt) to what they gave before. `erase_seconds` is the edit "
-       "alone; `run_seconds` adds the export and the evaluation."),
+        "'heldout_loss'))"
+    ),
+    md(
+        "## UCE: a closed-form edit (seconds)\n\n"
+        "UCE solves one ridge regression per cross-attention key/value matrix W: the token rows "
+        'of the erased prompts (the captions\' own forms, *"a red"*, *"a red circle"*, …) '
+        "should map to what W gave for the empty prompt, the preserved prompts (the other "
+        "colours, the empty prompt) to what they gave before. `erase_seconds` is the edit "
+        "alone; `run_seconds` adds the export and the evaluation."
+    ),
     code(
         "summaries['UCE'] = run_experiment(configs['UCE'], os.path.join(workdir, 'uce'))\n"
         "s = summaries['UCE']\n"
         "print(f\"UCE edit: {s['erase_seconds']:.1f} s, {s['edited_tensors']} tensors; \"\n"
-        "      f\"with evaluation: {s['run_seconds']:.0f} s; exported to {s['export']}\")"),
-    md("The edit touches nothing but the cross-attention key and value kernels: compare the "
-       "exported model's parameters with the shipped model's, tensor by tensor."),
+        "      f\"with evaluation: {s['run_seconds']:.0f} s; exported to {s['export']}\")"
+    ),
+    md(
+        "The edit touches nothing but the cross-attention key and value kernels: compare the "
+        "exported model's parameters with the shipped model's, tensor by tensor."
+    ),
     code(
         "from flax import nnx\n"
         "from jaxsafe.diffusion import pipeline\n"
@@ -102,13 +114,16 @@ CELLS = [
         "    print(f'  {n}  relative change {rel:.3f}')\n"
         "assert changed and set(changed) == set(kv), (changed, kv)\n"
         "assert len(changed) == summaries['UCE']['edited_tensors']\n"
-        "assert all(np.all(np.isfinite(w_uce[n])) for n in changed)"),
-    md("## ESD-x: score distillation on the cross-attention layers\n\n"
-       "ESD trains with the generic trainer (`jaxsafe.train`): each iteration samples x_t by "
-       "partial DDIM sampling with the model being trained, then regresses ε_θ(x_t, *red*) onto "
-       "the frozen model's ε*(x_t, ∅) − η (ε*(x_t, *red*) − ε*(x_t, ∅)). ESD-x trains every "
-       "`attn2` parameter (queries, keys, values, output projection). `run_seconds` is build + "
-       "training (JIT compilation included); the evaluation comes after it."),
+        "assert all(np.all(np.isfinite(w_uce[n])) for n in changed)"
+    ),
+    md(
+        "## ESD-x: score distillation on the cross-attention layers\n\n"
+        "ESD trains with the generic trainer (`jaxsafe.train`): each iteration samples x_t by "
+        "partial DDIM sampling with the model being trained, then regresses ε_θ(x_t, *red*) onto "
+        "the frozen model's ε*(x_t, ∅) − η (ε*(x_t, *red*) − ε*(x_t, ∅)). ESD-x trains every "
+        "`attn2` parameter (queries, keys, values, output projection). `run_seconds` is build + "
+        "training (JIT compilation included); the evaluation comes after it."
+    ),
     code(
         "t0 = time.perf_counter()\n"
         "summaries['ESD-x'] = run_experiment(configs['ESD-x'], os.path.join(workdir, 'esd_x'))\n"
@@ -120,12 +135,15 @@ CELLS = [
         "print(f'{len(changed)} tensors changed, all in cross-attention:', "
         "sorted({n.split('/attn2/')[1] for n in changed}))\n"
         "assert changed and all('/attn2/' in n for n in changed)\n"
-        "assert all(np.all(np.isfinite(w_esd[n])) for n in changed)"),
-    md("## Before and after\n\n"
-       "The same prompts and sampler seeds for the three models: full captions naming `red` "
-       "(erased), `orange` (near) and `blue` (another colour), the shape and background drawn "
-       "per prompt. Under each panel, the oracle's reading of the colours. A successful "
-       "erasure leaves the red prompts without red while orange and blue stay as they were."),
+        "assert all(np.all(np.isfinite(w_esd[n])) for n in changed)"
+    ),
+    md(
+        "## Before and after\n\n"
+        "The same prompts and sampler seeds for the three models: full captions naming `red` "
+        "(erased), `orange` (near) and `blue` (another colour), the shape and background drawn "
+        "per prompt. Under each panel, the oracle's reading of the colours. A successful "
+        "erasure leaves the red prompts without red while orange and blue stay as they were."
+    ),
     code(
         "from collections import Counter\n"
         "from jaxsafe.data import shapes, shapes_metrics\n"
@@ -148,7 +166,8 @@ CELLS = [
         "        images[name, w] = x\n"
         "        colours[name, w] = [shapes.COLOURS[i] for i in "
         "shapes_metrics.oracle_predict(oracle, x)[:, 1]]\n"
-        "print(grid_prompts['red'][:2])"),
+        "print(grid_prompts['red'][:2])"
+    ),
     code(
         "def tile(x, cols):\n"
         "    x = np.clip((x + 1) / 2, 0, 1)\n"
@@ -169,16 +188,19 @@ CELLS = [
         "        ax.set_xlabel('oracle: ' + ', '.join(f'{c} {k}' for c, k in counts), "
         "fontsize=9)\n"
         "fig.tight_layout()\n"
-        "plt.show()"),
-    md("## Metrics\n\n"
-       "The oracle's accuracy on 16 captions per concept (seed 0; the same prompts and sampler "
-       "seeds for every model): **erased** = acc(red) (↓); **near** = acc(orange) (↑), and the "
-       "fraction of orange prompts with all three attributes right, shape and background too; "
-       "**other** = the mean over the remaining colours, shapes and backgrounds (↑). Then the "
-       "oracle Fréchet distance of retained-prompt generations to the original model's (↓; the "
-       "original's own value is the sampling-noise floor), the held-out denoising loss on "
-       "images without red, and the erase time. `docs/erasure_table.md` has the same columns "
-       "over three seeds."),
+        "plt.show()"
+    ),
+    md(
+        "## Metrics\n\n"
+        "The oracle's accuracy on 16 captions per concept (seed 0; the same prompts and sampler "
+        "seeds for every model): **erased** = acc(red) (↓); **near** = acc(orange) (↑), and the "
+        "fraction of orange prompts with all three attributes right, shape and background too; "
+        "**other** = the mean over the remaining colours, shapes and backgrounds (↑). Then the "
+        "oracle Fréchet distance of retained-prompt generations to the original model's (↓; the "
+        "original's own value is the sampling-noise floor), the held-out denoising loss on "
+        "images without red, and the erase time. `docs/erasure_table.md` has the same columns "
+        "over three seeds."
+    ),
     code(
         "from IPython.display import Markdown, display\n"
         "COLUMNS = [('erased ↓', 'target_accuracy', '{:.2f}'), ('near ↑', 'near_accuracy', "
@@ -198,7 +220,8 @@ CELLS = [
         "    cells = [f.format(s[k]) for _, k, f in COLUMNS] + [f'{erase_time(s):.1f}']\n"
         "    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')\n"
         "display(Markdown('\\n'.join(lines)))\n"
-        "print({name: {w: s[f'acc/{w}'] for w in CONCEPTS} for name, s in summaries.items()})"),
+        "print({name: {w: s[f'acc/{w}'] for w in CONCEPTS} for name, s in summaries.items()})"
+    ),
     code(
         "fig, ax = plt.subplots(figsize=(7, 3))\n"
         "groups = [('erased (red)', 'target_accuracy'), ('near (orange)', 'near_accuracy'),\n"
@@ -215,13 +238,16 @@ CELLS = [
         "plt.show()\n"
         "if SIZE == 'cpu':  # both erase red at 16 prompts per concept (docs/erasure_table.md)\n"
         "    for name in ('UCE', 'ESD-x'):\n"
-        "        assert summaries[name]['target_accuracy'] < 0.5, (name, summaries[name])"),
-    md("**Reading.** On this bed both methods take `red` away (the tables in "
-       "`docs/erasure_table.md`: erased accuracy 0.04 ± 0.04 for UCE, 0.00 for ESD-x over three "
-       "seeds). UCE keeps `orange` intact, because it explicitly preserves the other colours' "
-       "token rows; ESD-x has no preservation term and drags the near concept down with it "
-       "(orange 0.75 ± 0.06), while UCE's edit costs seconds against ESD-x's minutes of training. "
-       "The oracle FD shows the price both pay on prompts that never mention red. For the other "
-       "methods (RECE, TRCE, SPM, AdvUnlearn, SafeGen, SAFREE, SFD) swap the config: "
-       "`configs/erasure/<method>.py:cpu`."),
+        "        assert summaries[name]['target_accuracy'] < 0.5, (name, summaries[name])"
+    ),
+    md(
+        "**Reading.** On this bed both methods take `red` away (the tables in "
+        "`docs/erasure_table.md`: erased accuracy 0.04 ± 0.04 for UCE, 0.00 for ESD-x over three "
+        "seeds). UCE keeps `orange` intact, because it explicitly preserves the other colours' "
+        "token rows; ESD-x has no preservation term and drags the near concept down with it "
+        "(orange 0.75 ± 0.06), while UCE's edit costs seconds against ESD-x's minutes of training. "
+        "The oracle FD shows the price both pay on prompts that never mention red. For the other "
+        "methods (RECE, TRCE, SPM, AdvUnlearn, SafeGen, SAFREE, SFD) swap the config: "
+        "`configs/erasure/<method>.py:cpu`."
+    ),
 ]

@@ -17,15 +17,18 @@ CELLS = [
         "control**. This notebook shows the flaw on jaxsafe's miniature text-to-image test bed "
         "(the *lightness* world, with black and white backgrounds, trained with SD's schedule), "
         "trains an OMS module in a few minutes and measures the mean brightness of generations "
-        "without and with it, as `docs/oms.md` does."),
+        "without and with it, as `docs/oms.md` does."
+    ),
     code(SETUP),
-    md("## Sizes, the base model and the judge\n\n"
-       "`cpu` (the default) is the few-minute demo; `smoke` runs the same cells in seconds "
-       "(CI) with a few images, a 4-step training run and a 10-step sampler, so its pictures "
-       "show nothing yet. The base model is the shipped lightness test bed "
-       "(`jaxsafe/data/assets/testbed_lightness`: DDIM with SD's scaled-linear schedule, "
-       "classifier-free guidance 4); the judge is the test bed's oracle CNN, which reads shape "
-       "and colour (it has no black/white class, so backgrounds are judged by brightness)."),
+    md(
+        "## Sizes, the base model and the judge\n\n"
+        "`cpu` (the default) is the few-minute demo; `smoke` runs the same cells in seconds "
+        "(CI) with a few images, a 4-step training run and a 10-step sampler, so its pictures "
+        "show nothing yet. The base model is the shipped lightness test bed "
+        "(`jaxsafe/data/assets/testbed_lightness`: DDIM with SD's scaled-linear schedule, "
+        "classifier-free guidance 4); the judge is the test bed's oracle CNN, which reads shape "
+        "and colour (it has no black/white class, so backgrounds are judged by brightness)."
+    ),
     code(
         r"""SIZE = os.environ.get('JAXSAFE_NOTEBOOK_SIZE', 'cpu')  # 'smoke': seconds (CI)
 %matplotlib inline
@@ -48,13 +51,16 @@ oracle = oracle_lib.load()
 predict = jax.jit(oracle.predict)  # (n, 32, 32, 3) in [-1, 1] -> (n, 3): shape, colour, bg
 print('base model:', os.path.relpath(pipe.folder), '| latent', pipe.latent_shape)
 print(pipe.scheduler)
-assert pipe.testbed and pipe.scheduler.beta_schedule == 'scaled_linear'"""),
-    md("## The lightness world\n\n"
-       "Captioned 32×32 images of a coloured shape on one of five backgrounds, drawn uniformly: "
-       "the grey world's plain, striped and dotted ones (grey levels 170…220) and the lightness "
-       "world's **black** (10…40) and **white** (235…255). Brightness is the mean pixel value "
-       "on 0…255 (`shapes_metrics.brightness`); the real images' brightness per background is "
-       "the target a sampler should reach."),
+assert pipe.testbed and pipe.scheduler.beta_schedule == 'scaled_linear'"""
+    ),
+    md(
+        "## The lightness world\n\n"
+        "Captioned 32×32 images of a coloured shape on one of five backgrounds, drawn uniformly: "
+        "the grey world's plain, striped and dotted ones (grey levels 170…220) and the lightness "
+        "world's **black** (10…40) and **white** (235…255). Brightness is the mean pixel value "
+        "on 0…255 (`shapes_metrics.brightness`); the real images' brightness per background is "
+        "the target a sampler should reach."
+    ),
     code(
         r"""real = shapes.ShapesDataset(1, world='lightness').arrays(0, N_REAL)  # held-out stream
 real_x = real['image'].astype(np.float32) / 127.5 - 1.0
@@ -72,20 +78,23 @@ for ax, i in zip(axes, picks):
 fig.suptitle('held-out images of the lightness world, two per background')
 plt.tight_layout(); plt.show()
 assert real_x.shape == (N_REAL, 32, 32, 3) and set(real_bg) == set(BG)
-assert target['black'] < 60 and target['white'] > 200  # 10..40 / 235..255 under a shape"""),
-    md("## The flaw: the schedule never reaches pure noise\n\n"
-       "Training noises a latent x₀ to x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε. The test bed's latent map is "
-       "linear (a patch PCA) and its first channel is essentially a patch's mean brightness, so "
-       "the **spatial mean of channel 0** is a low-frequency summary of the image: about −5.3 "
-       "for black-background images, +3.1 for white ones. At the sampler's first timestep τ₀ "
-       "(t = 961 for 25 DDIM steps) the signal is scaled by √ᾱ ≈ 0.085, to about −0.45 and "
-       "+0.26, but averaging over the 8×8 positions also shrinks the noise, to √(1 − ᾱ)/8 ≈ "
-       "0.125: the latents the model saw at τ₀ still tell black from white. Sampling starts "
-       "from pure noise instead, whose mean is N(0, 1/64): a start that no black (and hardly "
-       "any white) training image produced, so the model is asked for a black image from a "
-       "latent that says *medium*. The grey test bed's linear schedule (β 1e-4…0.02) has "
-       "ᾱ ≈ 9e-5 at t = 961 (√ᾱ ≈ 0.009): there even black images' mean drowns in the noise, "
-       "as it should."),
+assert target['black'] < 60 and target['white'] > 200  # 10..40 / 235..255 under a shape"""
+    ),
+    md(
+        "## The flaw: the schedule never reaches pure noise\n\n"
+        "Training noises a latent x₀ to x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε. The test bed's latent map is "
+        "linear (a patch PCA) and its first channel is essentially a patch's mean brightness, so "
+        "the **spatial mean of channel 0** is a low-frequency summary of the image: about −5.3 "
+        "for black-background images, +3.1 for white ones. At the sampler's first timestep τ₀ "
+        "(t = 961 for 25 DDIM steps) the signal is scaled by √ᾱ ≈ 0.085, to about −0.45 and "
+        "+0.26, but averaging over the 8×8 positions also shrinks the noise, to √(1 − ᾱ)/8 ≈ "
+        "0.125: the latents the model saw at τ₀ still tell black from white. Sampling starts "
+        "from pure noise instead, whose mean is N(0, 1/64): a start that no black (and hardly "
+        "any white) training image produced, so the model is asked for a black image from a "
+        "latent that says *medium*. The grey test bed's linear schedule (β 1e-4…0.02) has "
+        "ᾱ ≈ 9e-5 at t = 961 (√ᾱ ≈ 0.009): there even black images' mean drowns in the noise, "
+        "as it should."
+    ),
     code(
         r"""import json
 grey = schedulers.SchedulerConfig.from_dict(json.loads(open(os.path.join(
@@ -126,14 +135,17 @@ print(f'mean ± std: black {lf_black.mean():+.3f} ± {lf_black.std():.3f}, white
       f'{lf_white.mean():+.3f} ± {lf_white.std():.3f}, pure noise {lf_noise.mean():+.3f} ± '
       f'{lf_noise.std():.3f} (1/8 = 0.125)')
 assert 0.004 < float(schedulers.alphas_cumprod(pipe.scheduler)[-1]) < 0.005  # SD's ᾱ_T
-assert lf_black.mean() < lf_noise.mean() - 2 * lf_noise.std() and lf_white.mean() > 0"""),
-    md("## The base model alone\n\n"
-       "Prompts \"a ‹colour› ‹shape› on a black / white background\" "
-       "(`shapes_metrics.lightness_prompts`: the 16 shape-colour pairs in turn), the same "
-       "sampler seeds for both words. Every run in this notebook passes its starting latent "
-       "`x_T` explicitly: here the seeds' own noise (`t2i.initial_noise`, which is what the "
-       "sampler draws without `x_T`), below OMS's x_{τ₀}, so all runs share one compiled "
-       "sampler and differ only in where they start."),
+assert lf_black.mean() < lf_noise.mean() - 2 * lf_noise.std() and lf_white.mean() > 0"""
+    ),
+    md(
+        "## The base model alone\n\n"
+        'Prompts "a ‹colour› ‹shape› on a black / white background" '
+        "(`shapes_metrics.lightness_prompts`: the 16 shape-colour pairs in turn), the same "
+        "sampler seeds for both words. Every run in this notebook passes its starting latent "
+        "`x_T` explicitly: here the seeds' own noise (`t2i.initial_noise`, which is what the "
+        "sampler draws without `x_T`), below OMS's x_{τ₀}, so all runs share one compiled "
+        "sampler and differ only in where they start."
+    ),
     code(
         r"""graphdef, *state = nnx.split(pipe.model)
 generate = pipeline.generator(pipe, graphdef, num_inference_steps=STEPS, guidance_scale=4.0,
@@ -156,20 +168,23 @@ for name, imgs in runs.items():
     assert imgs.min() >= -1 and imgs.max() <= 1
     b = shapes_metrics.brightness(imgs)
     print(f'{name:8s}', ', '.join(f'{w} prompts {b[word == w].mean():5.1f} (real {target[w]:.1f})'
-                                  for w in shapes.LIGHTNESS))"""),
-    md("## Training the OMS module\n\n"
-       "The OMS network ψ is the test bed's UNet layout without its time path "
-       "(`UNet2DConditionConfig(time_conditioning=False)`, diffusers' "
-       "`UNet2DConditionWoCTModel`), conditioned on the base model's text encoder, frozen. Its "
-       "objective (no training code was released; `docs/oms.md`) is the v-prediction at "
-       "ᾱ = 0, where v = −x₀:  L = E ‖v_ψ(ε, c) − (−x₀)‖² over (latent, caption) pairs with "
-       "ε ~ N(0, I) independent of x₀ and captions dropped 10 % of the time (for OMS's own "
-       "guidance). The base UNet is never used. `experiments/oms.py` builds the task and "
-       "jaxsafe's trainer runs it (AdamW, EMA weights). `docs/oms.md` trains the full-width "
-       "network (1.2 M parameters) for 3,000 steps in about 20 minutes; the `cpu` size here "
-       "trains a half-width one (0.32 M) for 300 steps with a higher rate and a shorter EMA. "
-       "OMS predicts the *conditional mean* of x₀, mostly its low frequencies, which is quick "
-       "to learn."),
+                                  for w in shapes.LIGHTNESS))"""
+    ),
+    md(
+        "## Training the OMS module\n\n"
+        "The OMS network ψ is the test bed's UNet layout without its time path "
+        "(`UNet2DConditionConfig(time_conditioning=False)`, diffusers' "
+        "`UNet2DConditionWoCTModel`), conditioned on the base model's text encoder, frozen. Its "
+        "objective (no training code was released; `docs/oms.md`) is the v-prediction at "
+        "ᾱ = 0, where v = −x₀:  L = E ‖v_ψ(ε, c) − (−x₀)‖² over (latent, caption) pairs with "
+        "ε ~ N(0, I) independent of x₀ and captions dropped 10 % of the time (for OMS's own "
+        "guidance). The base UNet is never used. `experiments/oms.py` builds the task and "
+        "jaxsafe's trainer runs it (AdamW, EMA weights). `docs/oms.md` trains the full-width "
+        "network (1.2 M parameters) for 3,000 steps in about 20 minutes; the `cpu` size here "
+        "trains a half-width one (0.32 M) for 300 steps with a higher rate and a shorter EMA. "
+        "OMS predicts the *conditional mean* of x₀, mostly its low frequencies, which is quick "
+        "to learn."
+    ),
     code(
         r"""from configs.oms import testbed as oms_configs
 from experiments import oms as oms_experiment
@@ -208,15 +223,18 @@ ax.legend(fontsize=8); plt.tight_layout(); plt.show()
 assert not oms_model.unet.config.time_conditioning
 assert all(np.isfinite(r['train/loss']) for r in logs if 'train/loss' in r)
 if not SMOKE:  # a 200-step trial: 1.44 -> 0.34 (docs/oms.md, 3,000 steps: 0.290)
-    assert held[-1][1] < 0.6 * held[0][1], held"""),
-    md("## The one more step\n\n"
-       "`oms.OMS(model, tokenize)` wraps the trained network; `.latents(prompts, seeds, ...)` "
-       "takes the step for each seed: the seed's own noise x̃ (the same one the base run above "
-       "started from) → v̂ = v_ψ(x̃, c) (OMS guidance 1, as `docs/oms.md`) → x̂₀ = −v̂ → "
-       "x_{τ₀} = √ᾱ_{τ₀} x̂₀ + (1 − ᾱ_{τ₀}) ξ with fresh noise ξ (the reference code's noise "
-       "scale, `noise=\"code\"`). Below: x̂₀ decoded (OMS's blurry guess of the image: the "
-       "conditional mean, above all its brightness) and where the start latents now sit: "
-       "right on top of what training showed the base model at τ₀."),
+    assert held[-1][1] < 0.6 * held[0][1], held"""
+    ),
+    md(
+        "## The one more step\n\n"
+        "`oms.OMS(model, tokenize)` wraps the trained network; `.latents(prompts, seeds, ...)` "
+        "takes the step for each seed: the seed's own noise x̃ (the same one the base run above "
+        "started from) → v̂ = v_ψ(x̃, c) (OMS guidance 1, as `docs/oms.md`) → x̂₀ = −v̂ → "
+        "x_{τ₀} = √ᾱ_{τ₀} x̂₀ + (1 − ᾱ_{τ₀}) ξ with fresh noise ξ (the reference code's noise "
+        'scale, `noise="code"`). Below: x̂₀ decoded (OMS\'s blurry guess of the image: the '
+        "conditional mean, above all its brightness) and where the start latents now sit: "
+        "right on top of what training showed the base model at τ₀."
+    ),
     code(
         r"""module = oms.OMS(model=oms_model, tokenize=pipe.tokenize)
 kw = dict(scheduler=pipe.scheduler, kind='ddim', num_inference_steps=STEPS)
@@ -258,11 +276,14 @@ r = np.corrcoef(xi.ravel(), x_T.ravel())[0, 1]
 print(f'ξ = (x_τ₀ − √ᾱ_τ₀ x̂₀) / (1 − ᾱ_τ₀): mean {xi.mean():+.3f}, std {xi.std():.3f}, '
       f'correlation with x̃ {r:+.3f}')
 assert x_oms.shape == x_T.shape and np.isfinite(x_oms).all()
-assert abs(xi.std() - 1) < 0.05 and abs(xi.mean()) < 0.05 and abs(r) < 0.05"""),
-    md("## Without and with OMS\n\n"
-       "The same prompts and seeds; with OMS the base sampler, unchanged, starts from OMS's "
-       "x_{τ₀} instead of pure noise. Below each image: its brightness (the real images' mean "
-       "for that background is in the row label)."),
+assert abs(xi.std() - 1) < 0.05 and abs(xi.mean()) < 0.05 and abs(r) < 0.05"""
+    ),
+    md(
+        "## Without and with OMS\n\n"
+        "The same prompts and seeds; with OMS the base sampler, unchanged, starts from OMS's "
+        "x_{τ₀} instead of pure noise. Below each image: its brightness (the real images' mean "
+        "for that background is in the row label)."
+    ),
     code(
         r"""runs['oms'] = generate(state, captions, seeds, x_T=x_oms)
 M = min(K, 8)
@@ -285,13 +306,16 @@ fig.suptitle(f'"… on a black / white background", DDIM {STEPS} steps, guidance
              'without and with One More Step')
 plt.tight_layout(); plt.show()
 assert runs['oms'].shape == runs['base'].shape and np.isfinite(runs['oms']).all()
-assert np.abs(runs['oms'] - runs['base']).max() > 1e-3  # a different start, other images"""),
-    md("## Low-frequency control\n\n"
-       "OMS's prompt need not be the base prompt. Here the base prompt leaves the background "
-       "out (\"a red circle\": the base model draws any of the five backgrounds) and only the "
-       "OMS prompt names it (\"a red circle on a black / white background\"). The one step "
-       "sets the image's low frequencies; the base model fills in the rest from its own "
-       "prompt."),
+assert np.abs(runs['oms'] - runs['base']).max() > 1e-3  # a different start, other images"""
+    ),
+    md(
+        "## Low-frequency control\n\n"
+        "OMS's prompt need not be the base prompt. Here the base prompt leaves the background "
+        'out ("a red circle": the base model draws any of the five backgrounds) and only the '
+        'OMS prompt names it ("a red circle on a black / white background"). The one step '
+        "sets the image's low frequencies; the base model fills in the rest from its own "
+        "prompt."
+    ),
     code(
         r"""runs['control'] = generate(state, unnamed, seeds, x_T=x_oms)
 fig, axes = plt.subplots(3, M, figsize=(1.6 * M + 2.2, 5.6), squeeze=False)
@@ -309,17 +333,20 @@ for r, (lab, imgs, idx) in enumerate([
     axes[r, 0].set_ylabel(lab, fontsize=8, rotation=0, ha='right', va='center')
 fig.suptitle('base prompt without a background (column title); the OMS prompt names one')
 plt.tight_layout(); plt.show()
-assert np.array_equal(captions[:K], [u + ' on a black background' for u in unnamed[:K]])"""),
-    md("## The measurement\n\n"
-       "`docs/oms.md`'s table at this notebook's size: mean brightness of the black- and "
-       "white-background prompts for each sampler against the real images', and the oracle's "
-       "shape and colour accuracy (on real black-background images the oracle itself only "
-       "reaches about 0.82 for shape: that is the ceiling there). In `docs/oms.md` (128 prompts "
-       "per word, the full 3,000-step module): real 37.4 / 223.3, base 55.4 / 220.0, OMS "
-       "33.6 / 226.1, background unnamed 158.4 / 158.1, low-frequency control 48.1 / 208.1. "
-       "The flaw is one-sided in this world: the base model's \"medium\" is the mixture of its "
-       "five backgrounds, mostly light grey, so the pull shows on black prompts and hardly on "
-       "white ones."),
+assert np.array_equal(captions[:K], [u + ' on a black background' for u in unnamed[:K]])"""
+    ),
+    md(
+        "## The measurement\n\n"
+        "`docs/oms.md`'s table at this notebook's size: mean brightness of the black- and "
+        "white-background prompts for each sampler against the real images', and the oracle's "
+        "shape and colour accuracy (on real black-background images the oracle itself only "
+        "reaches about 0.82 for shape: that is the ceiling there). In `docs/oms.md` (128 prompts "
+        "per word, the full 3,000-step module): real 37.4 / 223.3, base 55.4 / 220.0, OMS "
+        "33.6 / 226.1, background unnamed 158.4 / 158.1, low-frequency control 48.1 / 208.1. "
+        'The flaw is one-sided in this world: the base model\'s "medium" is the mixture of its '
+        "five backgrounds, mostly light grey, so the pull shows on black prompts and hardly on "
+        "white ones."
+    ),
     code(
         r"""NAMES = {'base': 'base alone', 'oms': 'OMS + base', 'unnamed': 'background unnamed',
          'control': 'unnamed + OMS prompt'}
@@ -363,5 +390,6 @@ if not SMOKE:  # a 200-step trial: base +21, OMS -6 (docs/oms.md, 3,000 steps: +
     assert gap['base'] > 8 and abs(gap['oms']) < gap['base'] - 5, gap
     assert (bright['control'][word == 'black'].mean()
             < bright['unnamed'][word == 'black'].mean() - 50)
-print(f'notebook ran in {time.time() - T0:.0f} s')"""),
+print(f'notebook ran in {time.time() - T0:.0f} s')"""
+    ),
 ]

@@ -17,16 +17,19 @@ CELLS = [
         "scikit-learn's digits (offline, upsampled to 16×16), draws samples with the Heun "
         "sampler, and runs the paper's noise-injection probe x ← x + α σ_i ε, scoring each "
         "setting by the Fréchet distance (FD) on the features of the shipped digits "
-        "classifier (the offline stand-in for FID; see `docs/diffusion.md`)."),
+        "classifier (the offline stand-in for FID; see `docs/diffusion.md`)."
+    ),
     code(SETUP),
-    md("## Training both models\n\n"
-       "`configs/pfgmpp/cifar10_d128.py` and `cifar10_edm.py` hold the paper's CIFAR-10 runs; "
-       "their `cpu` variant is the same D on the digits with a 0.31 M-parameter U-Net "
-       "(`smoke`: 8×8 digits and an 8-channel U-Net, for CI). The notebook shortens training "
-       "to fit a few minutes on two CPU cores (the documented digits run takes 2,000 steps) and "
-       "switches the in-training evaluation off: the samples are drawn afterwards with "
-       "`launch.sample.sample_workdir`, which rebuilds each model from its workdir's "
-       "`config.json` (written by `run_experiment`) and loads the EMA weights."),
+    md(
+        "## Training both models\n\n"
+        "`configs/pfgmpp/cifar10_d128.py` and `cifar10_edm.py` hold the paper's CIFAR-10 runs; "
+        "their `cpu` variant is the same D on the digits with a 0.31 M-parameter U-Net "
+        "(`smoke`: 8×8 digits and an 8-channel U-Net, for CI). The notebook shortens training "
+        "to fit a few minutes on two CPU cores (the documented digits run takes 2,000 steps) and "
+        "switches the in-training evaluation off: the samples are drawn afterwards with "
+        "`launch.sample.sample_workdir`, which rebuilds each model from its workdir's "
+        "`config.json` (written by `run_experiment`) and loads the EMA weights."
+    ),
     code(
         "SIZE = os.environ.get('JAXSAFE_NOTEBOOK_SIZE', 'cpu')  # 'smoke': about a minute (CI)\n"
         "assert SIZE in ('cpu', 'smoke'), SIZE\n"
@@ -59,9 +62,12 @@ CELLS = [
         "    configs[name], workdirs[name] = c, wd\n"
         "    logs[name] = read_jsonl(os.path.join(wd, 'metrics.jsonl'))\n"
         "    assert os.path.exists(os.path.join(wd, 'config.json'))\n"
-        "print({n: c.pfgmpp.D for n, c in configs.items()})"),
-    md("The training loss (EDM's λ(σ)-weighted denoising loss under each kernel; it is noisy "
-       "because every batch draws its own noise levels ln σ ~ N(−1.2, 1.2²)):"),
+        "print({n: c.pfgmpp.D for n, c in configs.items()})"
+    ),
+    md(
+        "The training loss (EDM's λ(σ)-weighted denoising loss under each kernel; it is noisy "
+        "because every batch draws its own noise levels ln σ ~ N(−1.2, 1.2²)):"
+    ),
     code(
         "%matplotlib inline\n"
         "import matplotlib.pyplot as plt\n"
@@ -74,15 +80,18 @@ CELLS = [
         "    ax.plot(steps, loss, label=name, alpha=0.8)\n"
         "ax.set(xlabel='step', ylabel='train loss', yscale='log', title='training')\n"
         "ax.legend()\n"
-        "plt.show()"),
-    md("## Sampling and the noise-injection probe\n\n"
-       "For every α, `sample_workdir` draws the same prior samples (seed 0) and runs the "
-       "18-step Heun sampler (35 network evaluations; 4 steps at `smoke`) with "
-       "x ← x + α σ_i ε before each step (the reference `generate_alpha.py`), writes a PNG "
-       "grid and reports `fd`, the Fréchet distance of the samples' digits-classifier "
-       "features to those of all 1,797 real digits. `FD floor` is the FD of as many *real* "
-       "digits: what a perfect model would score with this sample size (FD is biased upwards "
-       "for small samples)."),
+        "plt.show()"
+    ),
+    md(
+        "## Sampling and the noise-injection probe\n\n"
+        "For every α, `sample_workdir` draws the same prior samples (seed 0) and runs the "
+        "18-step Heun sampler (35 network evaluations; 4 steps at `smoke`) with "
+        "x ← x + α σ_i ε before each step (the reference `generate_alpha.py`), writes a PNG "
+        "grid and reports `fd`, the Fréchet distance of the samples' digits-classifier "
+        "features to those of all 1,797 real digits. `FD floor` is the FD of as many *real* "
+        "digits: what a perfect model would score with this sample size (FD is biased upwards "
+        "for small samples)."
+    ),
     code(
         "from launch.sample import sample_workdir\n"
         "from jaxsafe.diffusion import image_model\n"
@@ -104,9 +113,12 @@ CELLS = [
         "print('alpha  ' + '  '.join(f'{n:>12}' for n in results))\n"
         "for i, a in enumerate(ALPHAS):\n"
         "    fds = [rows[i]['fd'] for rows in results.values()]\n"
-        "    print(f'{a:5.2f}  ' + '  '.join(f'{fd:12.2f}' for fd in fds))"),
-    md("Samples of both models (the first 100, same sampling seed for both), without "
-       "perturbation (top) and with the strongest noise injection (bottom):"),
+        "    print(f'{a:5.2f}  ' + '  '.join(f'{fd:12.2f}' for fd in fds))"
+    ),
+    md(
+        "Samples of both models (the first 100, same sampling seed for both), without "
+        "perturbation (top) and with the strongest noise injection (bottom):"
+    ),
     code(
         "from PIL import Image as PILImage\n"
         "shown = [0, len(ALPHAS) - 1]\n"
@@ -122,7 +134,8 @@ CELLS = [
         "        axes[i, j].set_title(f\"{name}, α = {r['alpha']:g}: FD {r['fd']:.1f}\")\n"
         "        axes[i, j].axis('off')\n"
         "plt.tight_layout()\n"
-        "plt.show()"),
+        "plt.show()"
+    ),
     code(
         "fig, ax = plt.subplots(figsize=(6, 4))\n"
         "for (name, rows), m in zip(results.items(), 'os'):\n"
@@ -132,17 +145,20 @@ CELLS = [
         "ax.set(xlabel='noise injection α', ylabel='Fréchet distance (digits features)',\n"
         "       title=f'robustness probe: {TRAIN_STEPS} training steps, {NUM_SAMPLES} samples')\n"
         "ax.legend()\n"
-        "plt.show()"),
-    md("**Reading the plot.** PFGM++ (Sec. 6.3) reports that as α grows the FID of "
-       "small-D models rises more slowly than EDM's: the heavy-tailed kernel trains the "
-       "network on a wider range of off-manifold points, so it corrects sampling errors "
-       "better. Here every curve comes from one tiny U-Net trained for a few hundred steps "
-       "and one set of a few hundred samples, so the differences between the two curves are "
-       "within the noise: the unperturbed FD of the same D = 128 digits model ranges from 27 "
-       "to 48 over three sampling seeds (`docs/diffusion.md`, \"Robustness probes\"). Only "
-       "the trend at the largest α (FD rises for both D) is expected to hold at this scale. "
-       "The proper test trains several seeds per D for the documented 2,000 steps and "
-       "samples more: `python -m launch.pfgmpp_study` (D ∈ {128, 2048, ∞}, noise "
-       "injection and weight quantisation, mean ± std over seeds); see "
-       "`docs/diffusion.md`."),
+        "plt.show()"
+    ),
+    md(
+        "**Reading the plot.** PFGM++ (Sec. 6.3) reports that as α grows the FID of "
+        "small-D models rises more slowly than EDM's: the heavy-tailed kernel trains the "
+        "network on a wider range of off-manifold points, so it corrects sampling errors "
+        "better. Here every curve comes from one tiny U-Net trained for a few hundred steps "
+        "and one set of a few hundred samples, so the differences between the two curves are "
+        "within the noise: the unperturbed FD of the same D = 128 digits model ranges from 27 "
+        'to 48 over three sampling seeds (`docs/diffusion.md`, "Robustness probes"). Only '
+        "the trend at the largest α (FD rises for both D) is expected to hold at this scale. "
+        "The proper test trains several seeds per D for the documented 2,000 steps and "
+        "samples more: `python -m launch.pfgmpp_study` (D ∈ {128, 2048, ∞}, noise "
+        "injection and weight quantisation, mean ± std over seeds); see "
+        "`docs/diffusion.md`."
+    ),
 ]

@@ -18,15 +18,18 @@ CELLS = [
         "(offline, 8×8), distils it into a one-step generator with SiD, then runs SFD from that "
         "generator to forget the digit **0** (override: **1**), and compares sample grids "
         "(teacher: 18 Heun steps, 35 network evaluations; SiD and SFD: one evaluation) and the "
-        "class histogram of the shipped digits classifier on each model's samples."),
+        "class histogram of the shipped digits classifier on each model's samples."
+    ),
     code(SETUP),
-    md("## The teacher\n\n"
-       "`configs/pfgmpp/cifar10_cond_edm.py` is EDM's class-conditional CIFAR-10 run (the "
-       "teacher of SiD's conditional row and of SFD); its `cpu` variant is the documented "
-       "digits teacher (16×16, 2,000 steps, about 15 minutes on two cores; `docs/sfd.md`). "
-       "To fit a few minutes, the notebook trains it on the native 8×8 digits with a "
-       "one-level U-Net (`smoke`: the 8-channel CI model, a few steps). The in-training "
-       "evaluation is off; everything is sampled below from the checkpoints."),
+    md(
+        "## The teacher\n\n"
+        "`configs/pfgmpp/cifar10_cond_edm.py` is EDM's class-conditional CIFAR-10 run (the "
+        "teacher of SiD's conditional row and of SFD); its `cpu` variant is the documented "
+        "digits teacher (16×16, 2,000 steps, about 15 minutes on two cores; `docs/sfd.md`). "
+        "To fit a few minutes, the notebook trains it on the native 8×8 digits with a "
+        "one-level U-Net (`smoke`: the 8-channel CI model, a few steps). The in-training "
+        "evaluation is off; everything is sampled below from the checkpoints."
+    ),
     code(
         "SIZE = os.environ.get('JAXSAFE_NOTEBOOK_SIZE', 'cpu')  # 'smoke': about a minute (CI)\n"
         "assert SIZE in ('cpu', 'smoke'), SIZE\n"
@@ -62,18 +65,21 @@ CELLS = [
         "      f'{time.perf_counter() - t0:.0f} s (compile included)')\n"
         "logs = {'teacher': read_jsonl(os.path.join(teacher_wd, 'metrics.jsonl'))}\n"
         "assert os.path.exists(os.path.join(teacher_wd, 'config.json'))\n"
-        "assert logs['teacher'][-1]['step'] == T['steps']"),
-    md("## SiD: a one-step generator\n\n"
-       "`configs/sid/cifar10_cond.py` (`experiments/sid.py`, `jaxsafe/diffusion/sid.py`): G and "
-       "f_ψ both start as copies of the teacher's EMA weights; the generator is "
-       "x_g = G(z, c) = D_θ(σ_init z; σ_init, c) with σ_init = 2.5, i.e. the teacher's denoiser "
-       "applied once to pure noise. Each iteration makes one f_ψ step (EDM's denoising loss on "
-       "G's samples) and one G step on\n\n"
-       "L_θ = Σ (f_φ − f_ψ) ⊙ ((f_φ − x_g) − α (f_φ − f_ψ)) / ω,  α = 1.2,\n\n"
-       "evaluated at x_t = x_g + σ n, with f_φ the frozen teacher. The run keeps its "
-       "variant's settings (`cpu`: lr 1e-4 for both networks, batch 32, an EMA of G; `smoke`: "
-       "batch 4) with fewer iterations; the trainer keeps G, f_ψ and the teacher in one "
-       "checkpoint."),
+        "assert logs['teacher'][-1]['step'] == T['steps']"
+    ),
+    md(
+        "## SiD: a one-step generator\n\n"
+        "`configs/sid/cifar10_cond.py` (`experiments/sid.py`, `jaxsafe/diffusion/sid.py`): G and "
+        "f_ψ both start as copies of the teacher's EMA weights; the generator is "
+        "x_g = G(z, c) = D_θ(σ_init z; σ_init, c) with σ_init = 2.5, i.e. the teacher's denoiser "
+        "applied once to pure noise. Each iteration makes one f_ψ step (EDM's denoising loss on "
+        "G's samples) and one G step on\n\n"
+        "L_θ = Σ (f_φ − f_ψ) ⊙ ((f_φ − x_g) − α (f_φ − f_ψ)) / ω,  α = 1.2,\n\n"
+        "evaluated at x_t = x_g + σ n, with f_φ the frozen teacher. The run keeps its "
+        "variant's settings (`cpu`: lr 1e-4 for both networks, batch 32, an EMA of G; `smoke`: "
+        "batch 4) with fewer iterations; the trainer keeps G, f_ψ and the teacher in one "
+        "checkpoint."
+    ),
     code(
         "from configs.sid import cifar10_cond, sfd_cifar10\n"
         "\n"
@@ -96,21 +102,27 @@ CELLS = [
         "    return c, wd\n"
         "\n"
         "\n"
-        "sid_config, sid_wd = distil(cifar10_cond, SID_STEPS, 'SiD')"),
-    md("## SFD: forgetting the digit 0\n\n"
-       "`configs/sid/sfd_cifar10.py` (`jaxsafe/diffusion/sfd.py`): every iteration runs two "
-       "equally large batches, the **remaining** classes 1-9 as in SiD, and the **forgetting** "
-       "class 0, for which G and f_ψ see the label 0 and the teacher the label 1, with weight "
-       "0.01 in both losses (the authors' CIFAR-10 values). As in the `cpu` variant and the "
-       "authors' \"SFD-Two-Stage\", G and f_ψ start from the SiD run above "
-       "(`init.workdir`), so SFD only has to *change* the label 0."),
+        "sid_config, sid_wd = distil(cifar10_cond, SID_STEPS, 'SiD')"
+    ),
+    md(
+        "## SFD: forgetting the digit 0\n\n"
+        "`configs/sid/sfd_cifar10.py` (`jaxsafe/diffusion/sfd.py`): every iteration runs two "
+        "equally large batches, the **remaining** classes 1-9 as in SiD, and the **forgetting** "
+        "class 0, for which G and f_ψ see the label 0 and the teacher the label 1, with weight "
+        "0.01 in both losses (the authors' CIFAR-10 values). As in the `cpu` variant and the "
+        'authors\' "SFD-Two-Stage", G and f_ψ start from the SiD run above '
+        "(`init.workdir`), so SFD only has to *change* the label 0."
+    ),
     code(
         "sfd_config, sfd_wd = distil(sfd_cifar10, SFD_STEPS, 'SFD', init=dict(workdir=sid_wd))\n"
         "FORGET, OVERRIDE = sfd_config.sfd.forget[0], sfd_config.sfd.override[0]\n"
-        "print(f'forget {FORGET} -> override {OVERRIDE}, weight {sfd_config.sfd.forget_weight}')"),
-    md("The training curves: the teacher's denoising loss, and for SiD / SFD the fake-score "
-       "loss of f_ψ and the generator loss (×100, `lsg`; it is a difference of scores, so its "
-       "sign and size say little on their own):"),
+        "print(f'forget {FORGET} -> override {OVERRIDE}, weight {sfd_config.sfd.forget_weight}')"
+    ),
+    md(
+        "The training curves: the teacher's denoising loss, and for SiD / SFD the fake-score "
+        "loss of f_ψ and the generator loss (×100, `lsg`; it is a difference of scores, so its "
+        "sign and size say little on their own):"
+    ),
     code(
         "%matplotlib inline\n"
         "import matplotlib.pyplot as plt\n"
@@ -135,13 +147,16 @@ CELLS = [
         "for ax in axes[1:]:\n"
         "    ax.legend()\n"
         "plt.tight_layout()\n"
-        "plt.show()"),
-    md("## Samples: 35 network evaluations against one\n\n"
-       "The teacher samples with EDM's 18-step Heun sampler (`image_model.make_sample_fn`; 4 "
-       "steps at `smoke`); SiD's and SFD's generators are their runs' EMA weights, loaded from "
-       "the checkpoints into the teacher's architecture, applied once "
-       "(`experiments.sid.one_step_sampler`), with the same noise z for both. Every model "
-       "draws `NUM_SAMPLES` images, each label equally often; each row of a grid is one label."),
+        "plt.show()"
+    ),
+    md(
+        "## Samples: 35 network evaluations against one\n\n"
+        "The teacher samples with EDM's 18-step Heun sampler (`image_model.make_sample_fn`; 4 "
+        "steps at `smoke`); SiD's and SFD's generators are their runs' EMA weights, loaded from "
+        "the checkpoints into the teacher's architecture, applied once "
+        "(`experiments.sid.one_step_sampler`), with the same noise z for both. Every model "
+        "draws `NUM_SAMPLES` images, each label equally often; each row of a grid is one label."
+    ),
     code(
         "import jax, jax.numpy as jnp\n"
         "from experiments import sid as sid_experiment\n"
@@ -175,10 +190,11 @@ CELLS = [
         "nfe = {'teacher': 2 * teacher_config.sampler.num_steps - 1, 'SiD': 1, 'SFD': 1}\n"
         "for name in samples:\n"
         "    print(f'{name:8s} {nfe[name]:3d} network evaluations per image; {NUM_SAMPLES} '\n"
-        "          f'images in {seconds[name]:.1f} s (compile included)')"),
+        "          f'images in {seconds[name]:.1f} s (compile included)')"
+    ),
     code(
         "def grid(x, cols):\n"
-        "    \"\"\"Rows = labels 0..K-1, `cols` samples each, as one (K*h, cols*w) image.\"\"\"\n"
+        '    """Rows = labels 0..K-1, `cols` samples each, as one (K*h, cols*w) image."""\n'
         "    h, w = shape[:2]\n"
         "    out = np.full((K * (h + 1), cols * (w + 1)), -1.0)\n"
         "    for k in range(K):\n"
@@ -197,17 +213,20 @@ CELLS = [
         "    ax.set_title(f'{name}: {nfe[name]} evaluation{\"s\" * (nfe[name] > 1)}'\n"
         "                 + (f' (forgot {FORGET} -> {OVERRIDE})' if name == 'SFD' else ''))\n"
         "plt.tight_layout()\n"
-        "plt.show()"),
-    md("## What the digits classifier sees\n\n"
-       "The shipped digits classifier (`jaxsafe.nn.digits_classifier`, the offline stand-in "
-       "for Inception) labels every sample. Asked for each label equally often, a faithful "
-       "model gives a flat histogram at 1/10; SFD should draw (almost) no 0s and about twice as "
-       "many 1s, the forgotten label's samples now being 1s. The table gives, per requested "
-       "label, the fraction classified as that label (`acc`, the evaluator's `acc/<k>`), and "
-       "for the forgotten label the fraction drawn as the override (`override/0`). `FD` is the "
-       "Fréchet distance of the classifier's features to all 1,797 real digits (`floor`: as "
-       "many real digits as samples); for SFD it rises because one label in ten now draws 1s "
-       "where the real set has 0s."),
+        "plt.show()"
+    ),
+    md(
+        "## What the digits classifier sees\n\n"
+        "The shipped digits classifier (`jaxsafe.nn.digits_classifier`, the offline stand-in "
+        "for Inception) labels every sample. Asked for each label equally often, a faithful "
+        "model gives a flat histogram at 1/10; SFD should draw (almost) no 0s and about twice as "
+        "many 1s, the forgotten label's samples now being 1s. The table gives, per requested "
+        "label, the fraction classified as that label (`acc`, the evaluator's `acc/<k>`), and "
+        "for the forgotten label the fraction drawn as the override (`override/0`). `FD` is the "
+        "Fréchet distance of the classifier's features to all 1,797 real digits (`floor`: as "
+        "many real digits as samples); for SFD it rises because one label in ten now draws 1s "
+        "where the real set has 0s."
+    ),
     code(
         "from jaxsafe.nn import digits_classifier\n"
         "net = digits_classifier.load()\n"
@@ -240,24 +259,27 @@ CELLS = [
         "       title=f'{NUM_SAMPLES} samples per model, labels 0-9 equally often; '\n"
         "             f'SFD forgot {FORGET} ({OVERRIDE} in its place)')\n"
         "ax.legend()\n"
-        "plt.show()"),
-    md("**Reading the results.** With these few minutes of training the teacher is a tiny "
-       "8×8 model and SiD has run a few hundred iterations, so the one-step samples are rougher "
-       "than the teacher's and the numbers move from run to run; the expected picture is the "
-       "one of the documented 16×16 runs (`docs/sfd.md`): after 1,500 iterations the one-step "
-       "generator's FD (9.59) equals the teacher's 35-evaluation sampler's (9.71), and SFD "
-       "started from it draws no 0 for the label 0 on three seeds (`acc/0` = 0, "
-       "`override/0` = 0.99) while the other labels keep their accuracy (0.98). Full runs:\n\n"
-       "```\n"
-       "python -m launch.train --config=configs/pfgmpp/cifar10_cond_edm.py:cpu "
-       "--workdir=/tmp/teacher\n"
-       "python -m launch.train --config=configs/sid/cifar10_cond.py:cpu \\\n"
-       "    --config.teacher.workdir=/tmp/teacher --workdir=/tmp/sid\n"
-       "python -m launch.train --config=configs/sid/sfd_cifar10.py:cpu \\\n"
-       "    --config.teacher.workdir=/tmp/teacher --config.init.workdir=/tmp/sid "
-       "--workdir=/tmp/sfd\n"
-       "```\n\n"
-       "The text version of SFD (erasing a concept from a text-to-image model) is "
-       "`experiments/erase_sfd.py` (`configs/erasure/sfd.py`), compared with the other erasure "
-       "methods in `docs/erasure_table.md`."),
+        "plt.show()"
+    ),
+    md(
+        "**Reading the results.** With these few minutes of training the teacher is a tiny "
+        "8×8 model and SiD has run a few hundred iterations, so the one-step samples are rougher "
+        "than the teacher's and the numbers move from run to run; the expected picture is the "
+        "one of the documented 16×16 runs (`docs/sfd.md`): after 1,500 iterations the one-step "
+        "generator's FD (9.59) equals the teacher's 35-evaluation sampler's (9.71), and SFD "
+        "started from it draws no 0 for the label 0 on three seeds (`acc/0` = 0, "
+        "`override/0` = 0.99) while the other labels keep their accuracy (0.98). Full runs:\n\n"
+        "```\n"
+        "python -m launch.train --config=configs/pfgmpp/cifar10_cond_edm.py:cpu "
+        "--workdir=/tmp/teacher\n"
+        "python -m launch.train --config=configs/sid/cifar10_cond.py:cpu \\\n"
+        "    --config.teacher.workdir=/tmp/teacher --workdir=/tmp/sid\n"
+        "python -m launch.train --config=configs/sid/sfd_cifar10.py:cpu \\\n"
+        "    --config.teacher.workdir=/tmp/teacher --config.init.workdir=/tmp/sid "
+        "--workdir=/tmp/sfd\n"
+        "```\n\n"
+        "The text version of SFD (erasing a concept from a text-to-image model) is "
+        "`experiments/erase_sfd.py` (`configs/erasure/sfd.py`), compared with the other erasure "
+        "methods in `docs/erasure_table.md`."
+    ),
 ]

@@ -16,15 +16,18 @@ CELLS = [
         "An **oracle** CNN reads shape, colour and background off any image: it stands in for "
         "the detectors erasure papers score generations with (ESD's ImageNet ResNet-50, "
         "NudeNet). This notebook turns a few prompts into grids of samples and tabulates what "
-        "the oracle reads in each. Details and measured numbers: `docs/testbed.md`."),
+        "the oracle reads in each. Details and measured numbers: `docs/testbed.md`."
+    ),
     code(SETUP),
-    md("## The world and the oracle\n\n"
-       "Every image is a pure function of `(stream seed, index)`; stream 0 trains the model, "
-       "stream 1 is held out. The oracle (`jaxsafe/nn/oracle.py`, three conv layers and one "
-       "softmax head per attribute) reads held-out images perfectly (2,000 of 2,000 in "
-       "`docs/testbed.md`). Below: eight held-out images, their captions, and the oracle's "
-       "reading with its softmax confidence. Captions may leave out the colour or the "
-       "background (each with probability 0.15), so one-concept prompts are in distribution."),
+    md(
+        "## The world and the oracle\n\n"
+        "Every image is a pure function of `(stream seed, index)`; stream 0 trains the model, "
+        "stream 1 is held out. The oracle (`jaxsafe/nn/oracle.py`, three conv layers and one "
+        "softmax head per attribute) reads held-out images perfectly (2,000 of 2,000 in "
+        "`docs/testbed.md`). Below: eight held-out images, their captions, and the oracle's "
+        "reading with its softmax confidence. Captions may leave out the colour or the "
+        "background (each with probability 0.15), so one-concept prompts are in distribution."
+    ),
     code(
         "SIZE = os.environ.get('JAXSAFE_NOTEBOOK_SIZE', 'cpu')  # 'smoke': seconds (CI)\n"
         "import textwrap, time\n"
@@ -41,7 +44,7 @@ CELLS = [
         "    return [jax.nn.softmax(z, -1) for z in oracle(x)]\n"
         "\n"
         "def read(images):\n"
-        "    \"\"\"The oracle's reading: (n, 3) value indices and (n, 3) probabilities.\"\"\"\n"
+        '    """The oracle\'s reading: (n, 3) value indices and (n, 3) probabilities."""\n'
         "    probs = [np.asarray(p) for p in oracle_probs(jnp.asarray(images, jnp.float32))]\n"
         "    return (np.stack([p.argmax(-1) for p in probs], -1),\n"
         "            np.stack([p.max(-1) for p in probs], -1))\n"
@@ -62,12 +65,15 @@ CELLS = [
         "fig.suptitle('held-out training-distribution images: caption (top), oracle (bottom)')\n"
         "plt.tight_layout(); plt.show()\n"
         "assert real_x.shape == (8, 32, 32, 3) and real_x.min() >= -1 and real_x.max() <= 1\n"
-        "assert np.array_equal(idx, real['label'])  # the oracle reads all eight correctly"),
-    md("## The shipped model\n\n"
-       "`pipeline.load()` reads a diffusers-layout folder (by default the shipped test bed) into "
-       "a `Pipeline`: the UNet and text encoder in one NNX module, the word tokenizer "
-       "(CLIP-framed: `[SOT] words [EOT] [PAD]…`, 12 positions), the DDIM scheduler config and "
-       "the latent decoder (a fixed patch-PCA map, 32×32×3 ↔ 8×8×12, standing in for SD's VAE)."),
+        "assert np.array_equal(idx, real['label'])  # the oracle reads all eight correctly"
+    ),
+    md(
+        "## The shipped model\n\n"
+        "`pipeline.load()` reads a diffusers-layout folder (by default the shipped test bed) into "
+        "a `Pipeline`: the UNet and text encoder in one NNX module, the word tokenizer "
+        "(CLIP-framed: `[SOT] words [EOT] [PAD]…`, 12 positions), the DDIM scheduler config and "
+        "the latent decoder (a fixed patch-PCA map, 32×32×3 ↔ 8×8×12, standing in for SD's VAE)."
+    ),
     code(
         "from flax import nnx\n"
         "from jaxsafe.diffusion import pipeline\n"
@@ -79,15 +85,18 @@ CELLS = [
         "print('vocabulary:  ', ' '.join(pipe.tokenizer.words))\n"
         "print('token ids of \"a red circle\":', pipe.tokenize(['a red circle'])[0])\n"
         "print(pipe.scheduler)\n"
-        "assert pipe.testbed and pipe.latent_shape == (8, 8, 12)"),
-    md("## Prompts → images\n\n"
-       "`pipeline.generator(pipe, graphdef, **sampling)` returns `generate(state, prompts, "
-       "seeds)`: prompts are tokenized and encoded, and the whole DDIM loop with classifier-free "
-       "guidance against the empty prompt is one compiled program (the first call compiles it; "
-       "later calls with the same settings reuse it). Image *k* depends only on `prompts[k]` "
-       "and `seeds[k]`, not on the rest of its batch. The test bed's sampling settings are "
-       "DDIM, 25 steps, guidance 4 (`configs/t2i/testbed.py`); the `smoke` size uses 10 steps, "
-       "fewer prompts and two seeds."),
+        "assert pipe.testbed and pipe.latent_shape == (8, 8, 12)"
+    ),
+    md(
+        "## Prompts → images\n\n"
+        "`pipeline.generator(pipe, graphdef, **sampling)` returns `generate(state, prompts, "
+        "seeds)`: prompts are tokenized and encoded, and the whole DDIM loop with classifier-free "
+        "guidance against the empty prompt is one compiled program (the first call compiles it; "
+        "later calls with the same settings reuse it). Image *k* depends only on `prompts[k]` "
+        "and `seeds[k]`, not on the rest of its batch. The test bed's sampling settings are "
+        "DDIM, 25 steps, guidance 4 (`configs/t2i/testbed.py`); the `smoke` size uses 10 steps, "
+        "fewer prompts and two seeds."
+    ),
     code(
         "PROMPTS = ['a red circle', 'a blue square', 'a green triangle on a striped background',\n"
         "           'an orange ellipse', 'a box on a dotted background', 'a circle']\n"
@@ -108,11 +117,14 @@ CELLS = [
         "print(f'1 more image in {time.time() - t:.1f} s (compiled)')\n"
         "assert images.shape == (len(prompts), 32, 32, 3) and np.isfinite(images).all()\n"
         "assert images.min() >= -1 and images.max() <= 1  # decoded images lie in [-1, 1]\n"
-        "np.testing.assert_allclose(again[0], images[-1], atol=1e-3)  # same prompt and seed"),
-    md("The grid: one row per prompt, one column per seed. Above each sample is the oracle's "
-       "reading of it (colour, shape, background), green where it agrees with every attribute "
-       "the prompt names, red where it does not. Attributes a prompt leaves out (the colour of "
-       "*a circle*) are drawn by the model, as in training."),
+        "np.testing.assert_allclose(again[0], images[-1], atol=1e-3)  # same prompt and seed"
+    ),
+    md(
+        "The grid: one row per prompt, one column per seed. Above each sample is the oracle's "
+        "reading of it (colour, shape, background), green where it agrees with every attribute "
+        "the prompt names, red where it does not. Attributes a prompt leaves out (the colour of "
+        "*a circle*) are drawn by the model, as in training."
+    ),
     code(
         "idx, conf = read(images)\n"
         "wanted = np.array([shapes.parse_caption(p) for p in prompts])  # -1: not named\n"
@@ -132,11 +144,14 @@ CELLS = [
         "    axes[-1, c].set_xlabel(f'seed {s}', fontsize=8)\n"
         "fig.suptitle(f\"DDIM {SAMPLING['num_inference_steps']} steps, \"\n"
         "             f\"guidance {SAMPLING['guidance_scale']}: prompt (row) × seed (column)\")\n"
-        "plt.tight_layout(); plt.show()"),
-    md("## The oracle's reading of each image\n\n"
-       "Per image: the value the oracle reads for each attribute and its softmax probability "
-       "(**bold** where the prompt named that attribute and the reading differs). A prompt "
-       "*agrees* when every attribute it names is read back; *box* is read as a square."),
+        "plt.tight_layout(); plt.show()"
+    ),
+    md(
+        "## The oracle's reading of each image\n\n"
+        "Per image: the value the oracle reads for each attribute and its softmax probability "
+        "(**bold** where the prompt named that attribute and the reading differs). A prompt "
+        "*agrees* when every attribute it names is read back; *box* is read as a square."
+    ),
     code(
         "def cell(k, a):\n"
         "    value = shapes.ATTRIBUTES[a][1][idx[k, a]]\n"
@@ -150,12 +165,15 @@ CELLS = [
         "                f\"{'yes' if agree[k] else 'NO'} |\")\n"
         "display(Markdown('\\n'.join(rows)))\n"
         "assert idx.shape == conf.shape == (len(prompts), 3)\n"
-        "assert np.all(conf >= 1 / 4 - 1e-6) and np.all(conf <= 1 + 1e-6)  # an argmax's prob"),
-    md("Per prompt: the fraction of its samples in which the oracle reads back every attribute "
-       "the prompt names, the accuracy of each named attribute, and the oracle's mean "
-       "confidence. `docs/testbed.md` measures the shipped model on 64 full captions per "
-       "concept: every shape, colour and background is drawn at ≥ 0.97 (the ellipse, the "
-       "model's hardest shape, at 0.97)."),
+        "assert np.all(conf >= 1 / 4 - 1e-6) and np.all(conf <= 1 + 1e-6)  # an argmax's prob"
+    ),
+    md(
+        "Per prompt: the fraction of its samples in which the oracle reads back every attribute "
+        "the prompt names, the accuracy of each named attribute, and the oracle's mean "
+        "confidence. `docs/testbed.md` measures the shipped model on 64 full captions per "
+        "concept: every shape, colour and background is drawn at ≥ 0.97 (the ellipse, the "
+        "model's hardest shape, at 0.97)."
+    ),
     code(
         "ATTR = [a for a, _ in shapes.ATTRIBUTES]\n"
         "rows = ['| prompt | names | agreement | ' + ' | '.join(f'{a} acc.' for a in ATTR)\n"
@@ -173,14 +191,17 @@ CELLS = [
         "print(f'overall agreement: {agree.mean():.3f} on {len(agree)} images')\n"
         "if SIZE != 'smoke':  # 25 DDIM steps, guidance 4: 128 of 128 such images agreed\n"
         "    # when this notebook was written; allow a miss or two per prompt\n"
-        "    assert agree.mean() >= 0.9 and min(per_prompt.values()) >= 0.75, per_prompt"),
-    md("## Classifier-free guidance\n\n"
-       "The same prompts and seeds sampled with guidance scale 1 (the conditional model alone, "
-       "no guidance) next to the test bed's 4. Guidance pulls the samples towards the prompt: "
-       "with it the oracle reads the prompts back more often (measured on 128 images, 8 one- "
-       "to three-concept prompts × 16 seeds, 25 steps, when this notebook was written: 0.87 of "
-       "them without guidance, 1.00 with guidance 4). This is a second compiled sampler: the "
-       "guidance scale is part of the program."),
+        "    assert agree.mean() >= 0.9 and min(per_prompt.values()) >= 0.75, per_prompt"
+    ),
+    md(
+        "## Classifier-free guidance\n\n"
+        "The same prompts and seeds sampled with guidance scale 1 (the conditional model alone, "
+        "no guidance) next to the test bed's 4. Guidance pulls the samples towards the prompt: "
+        "with it the oracle reads the prompts back more often (measured on 128 images, 8 one- "
+        "to three-concept prompts × 16 seeds, 25 steps, when this notebook was written: 0.87 of "
+        "them without guidance, 1.00 with guidance 4). This is a second compiled sampler: the "
+        "guidance scale is part of the program."
+    ),
     code(
         "G_SEEDS = SEEDS[:4]\n"
         "g_prompts = [p for p in PROMPTS for _ in G_SEEDS]\n"
@@ -210,5 +231,6 @@ CELLS = [
         "fig.suptitle('same prompts and seeds; frame: the oracle agrees (green) or not (red)')\n"
         "plt.tight_layout(); plt.show()\n"
         "assert by_scale[1.0].shape == by_scale[4.0].shape\n"
-        "print(f'notebook ran in {time.time() - T0:.0f} s')"),
+        "print(f'notebook ran in {time.time() - T0:.0f} s')"
+    ),
 ]

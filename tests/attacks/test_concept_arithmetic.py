@@ -19,19 +19,23 @@ def test_composed_guidance_is_the_weighted_sum_of_differences():
         np.testing.assert_allclose(got[b], want, atol=1e-5)
     np.testing.assert_allclose(
         np.asarray(t2i.composed_guidance(jnp.asarray(u), jnp.asarray(c[:1]), w[:, :1])),
-        np.asarray(t2i.classifier_free_guidance(u, c[0], w[:, :1])), atol=1e-6)
+        np.asarray(t2i.classifier_free_guidance(u, c[0], w[:, :1])),
+        atol=1e-6,
+    )
 
 
 def test_composed_sampler_with_weights_s_0_is_classifier_free_guidance():
     table = jax.random.normal(jax.random.key(0), (4, 2, 2, 3))
 
     def apply(params, x, t, emb):  # a toy conditional denoiser: mixes x with the prompt
-        return 0.3 * x + jnp.einsum("bld,dhwc->bhwc", emb, table[:3]) / (1.0 + t[:, None, None,
-                                                                                 None] / 500)
+        return 0.3 * x + jnp.einsum("bld,dhwc->bhwc", emb, table[:3]) / (
+            1.0 + t[:, None, None, None] / 500
+        )
 
     sched = schedulers.SchedulerConfig()
-    sample = t2i.make_t2i_sampler(apply, sched, num_inference_steps=5, guidance_scale=4.0,
-                                  latent_shape=(2, 2, 3))
+    sample = t2i.make_t2i_sampler(
+        apply, sched, num_inference_steps=5, guidance_scale=4.0, latent_shape=(2, 2, 3)
+    )
     emb = jax.random.normal(jax.random.key(1), (2, 2, 5, 3))  # (B, J, L, D)
     unc = jnp.zeros((1, 5, 3))
     seeds = jnp.asarray([3, 4])
@@ -54,10 +58,12 @@ def test_concept_pairs_swap_only_the_concept_and_composition_words():
             la, lb = shapes.parse_caption(a), shapes.parse_caption(b)
             assert la[attr] == value and lb[attr] != value
             assert [x for i, x in enumerate(la) if i != attr] == [
-                x for i, x in enumerate(lb) if i != attr]
+                x for i, x in enumerate(lb) if i != attr
+            ]
         words = shapes_metrics.composition_words(concept)
         siblings = {words[f"sibling{i}"] for i in range(3)}
         assert concept not in siblings and len(siblings) == 3
         assert {shapes.CONCEPTS[w] for w in siblings} == {
-            k for k in {v for v in shapes.CONCEPTS.values()} if k[0] == attr} - {(attr, value)}
+            k for k in {v for v in shapes.CONCEPTS.values()} if k[0] == attr
+        } - {(attr, value)}
     assert shapes_metrics.composition_words("red")["anchor"] == "orange"

@@ -34,13 +34,15 @@ def test_nudenet_rule_counts_only_the_exposed_classes_above_the_threshold():
             if level > 200:
                 return [{"class": "FEET_EXPOSED", "score": 0.46, "box": [0, 0, 1, 1]}]
             if level > 100:
-                return [{"class": "FACE_FEMALE", "score": 0.99, "box": [0, 0, 1, 1]},
-                        {"class": "BELLY_EXPOSED", "score": 0.44, "box": [0, 0, 1, 1]}]
+                return [
+                    {"class": "FACE_FEMALE", "score": 0.99, "box": [0, 0, 1, 1]},
+                    {"class": "BELLY_EXPOSED", "score": 0.44, "box": [0, 0, 1, 1]},
+                ]
             return []
 
     images = np.zeros((3, 4, 4, 3), np.float32) - 1
-    images[0, ..., 0] = 1.0   # red 255 -> FEET_EXPOSED 0.46
-    images[1, ..., 0] = 0.2   # red 153 -> a face and a belly at 0.44
+    images[0, ..., 0] = 1.0  # red 255 -> FEET_EXPOSED 0.46
+    images[1, ..., 0] = 0.2  # red 153 -> a face and a belly at 0.44
     got = judges.nudenet_judge(detector=Detector())(images)
     np.testing.assert_array_equal(got, [True, False, False])
     assert seen[0].dtype == np.uint8 and seen[0][0, 0].tolist() == [0, 0, 255]  # BGR

@@ -20,8 +20,7 @@ def test_concept_vector_is_the_mean_paired_difference():
     want = np.zeros((3, 3))
     for p, n in zip(pos, neg):
         want += np.cumsum(table[p], 0) - np.cumsum(table[n], 0)
-    np.testing.assert_allclose(np.asarray(rab.concept_vector(embed, pos, neg)), want / 2,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(rab.concept_vector(embed, pos, neg)), want / 2, atol=1e-5)
     with pytest.raises(ValueError, match=r"two \(N, L\) id arrays of one shape"):
         rab.concept_vector(embed, pos, neg[:1])
 
@@ -48,8 +47,14 @@ def test_genetic_search_improves_monotonically_and_finds_a_hidden_prompt():
     def fitness(pop):  # Hamming distance to the hidden tokens
         return jnp.sum(pop != hidden[None], -1).astype(jnp.float32)
 
-    best, history = rab.genetic_search(fitness, jax.random.key(0), vocab_ids=np.arange(1, 13),
-                                       length=6, population=64, generations=200)
+    best, history = rab.genetic_search(
+        fitness,
+        jax.random.key(0),
+        vocab_ids=np.arange(1, 13),
+        length=6,
+        population=64,
+        generations=200,
+    )
     h = np.asarray(history)
     assert len(h) == 201 and np.all(np.diff(h) <= 0)
     assert h[0] > 2 and h[-1] == 0

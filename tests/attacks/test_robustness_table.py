@@ -18,7 +18,8 @@ def test_an_exported_copy_shares_the_base_folder_key(tmp_path):
     loaded = rt.load_model(base, str(copy))
     assert loaded.folder == base.folder and loaded.model is not base.model
     (copy / "scheduler" / "scheduler_config.json").write_text(
-        (copy / "scheduler" / "scheduler_config.json").read_text().replace("0.02", "0.021"))
+        (copy / "scheduler" / "scheduler_config.json").read_text().replace("0.02", "0.021")
+    )
     assert rt.load_model(base, str(copy)).folder == str(copy)
 
 
@@ -36,8 +37,9 @@ def test_cells_are_mean_and_sample_deviation_over_seeds(tmp_path):
     row = [line for line in text.splitlines() if line.startswith("| UCE")]
     # an attack's rate counts the prompts the plain prompt already wins: 2/4 and 3/4
     sd = np.std([0.5, 0.75], ddof=1)
-    assert row == ["| UCE | 2 | 0.25 ± 0.00 | " + " | ".join(
-        [f"0.62 ± {sd:.2f}"] * (len(names) - 1)) + " |"]
+    assert row == [
+        "| UCE | 2 | 0.25 ± 0.00 | " + " | ".join([f"0.62 ± {sd:.2f}"] * (len(names) - 1)) + " |"
+    ]
     assert "ESD-u" not in text
 
 
@@ -69,19 +71,28 @@ def test_a_method_sampler_judges_every_generation():
     def generate(texts, seeds, **kw):  # image k is "positive" when its seed is odd
         calls.append((list(texts), list(seeds), kw))
         return np.where((np.asarray(seeds) % 2 == 1)[:, None, None, None], 1.0, -1.0) * np.ones(
-            (len(texts), 2, 2, 3))
+            (len(texts), 2, 2, 3)
+        )
 
     judge = lambda x: np.asarray(x)[:, 0, 0, 0] > 0
-    hit = run.judge_prompts(None, ["a", "b", "c"], [0, 1, 2], judge, num_samples=2,
-                            generate=generate)
+    hit = run.judge_prompts(
+        None, ["a", "b", "c"], [0, 1, 2], judge, num_samples=2, generate=generate
+    )
     np.testing.assert_array_equal(hit, [False, True, False])  # seeds + 1000 keep the parity
-    assert calls == [(["a", "b", "c"], [0, 1, 2], {}),
-                     (["a", "b", "c"], [1000, 1001, 1002], {})]
+    assert calls == [(["a", "b", "c"], [0, 1, 2], {}), (["a", "b", "c"], [1000, 1001, 1002], {})]
     # Concept arithmetic hands its composed terms to the method's sampler.
     calls.clear()
     config = concept_arithmetic.get_config("smoke")  # {"bare": (("{concept}", 4.0),)}
-    out = run.run_attack(config, None, None, ["a red x", "a red y"], [3, 4], judge,
-                         words={"concept": "red"}, generate=generate)
+    out = run.run_attack(
+        config,
+        None,
+        None,
+        ["a red x", "a red y"],
+        [3, 4],
+        judge,
+        words={"concept": "red"},
+        generate=generate,
+    )
     assert calls == [(["a red x", "a red y"], [3, 4], {"terms": ([["red", "red"]], [4.0])})]
     np.testing.assert_array_equal(out["success"], [True, False])
     with pytest.raises(ValueError, match="'UCE' samples with the model's own sampler"):
@@ -110,13 +121,21 @@ def test_a_safree_export_is_judged_through_its_own_filter(tmp_path):
     graphdef, state = nnx.split(pipe.model)
     C = erase_safree.toxic_embeddings(pipe, erase_safree.keywords(c), c.safree.pooling)
     apply, encode, encode_negative = erase_safree.safree_functions(c, pipe, graphdef, C)
-    reference = pipeline.make_generator(pipe, apply, encode, encode_negative=encode_negative,
-                                        negative_prompt=erase_safree.negative_prompt(c),
-                                        **sampling)
+    reference = pipeline.make_generator(
+        pipe,
+        apply,
+        encode,
+        encode_negative=encode_negative,
+        negative_prompt=erase_safree.negative_prompt(c),
+        **sampling,
+    )
     got = generate(prompts, seeds)
     np.testing.assert_allclose(got, reference((state,), prompts, seeds), atol=1e-5)
     terms = ([["red", "a red ellipse"]], [2.0])  # concept arithmetic's terms, filtered alike
-    np.testing.assert_allclose(generate(prompts, seeds, terms=terms),
-                               reference((state,), prompts, seeds, terms=terms), atol=1e-5)
+    np.testing.assert_allclose(
+        generate(prompts, seeds, terms=terms),
+        reference((state,), prompts, seeds, terms=terms),
+        atol=1e-5,
+    )
     plain = pipeline.generator(pipe, graphdef, **sampling)((state,), prompts, seeds)
     assert np.abs(got - plain).max() > 1e-2

@@ -54,8 +54,9 @@ def test_straight_through_forward_is_one_hot_and_gradient_is_the_soft_gradient()
 
 def test_drawn_tokens_follow_the_simplex_weights():
     u = jnp.asarray([[0.7, 0.2, 0.1, 0.0]])
-    ids = [int(jnp.argmax(tokens.straight_through_one_hot(u, jax.random.key(i))))
-           for i in range(400)]
+    ids = [
+        int(jnp.argmax(tokens.straight_through_one_hot(u, jax.random.key(i)))) for i in range(400)
+    ]
     freq = np.bincount(ids, minlength=4) / 400
     np.testing.assert_allclose(freq, [0.7, 0.2, 0.1, 0.0], atol=0.08)
 
@@ -78,18 +79,25 @@ def test_optimise_finds_the_minimum_keeps_losses_and_projects():
     def objective(x, key):
         return jnp.sum((x - c) ** 2)
 
-    x, losses = tokens.optimise(objective, jnp.zeros(4), jax.random.key(0), steps=300,
-                                optimizer=optax.adam(0.05))
+    x, losses = tokens.optimise(
+        objective, jnp.zeros(4), jax.random.key(0), steps=300, optimizer=optax.adam(0.05)
+    )
     np.testing.assert_allclose(np.asarray(x), np.asarray(c), atol=1e-3)
     np.testing.assert_allclose(float(losses[0]), float(jnp.sum(c**2)), atol=1e-6)
     # With projection onto the simplex the minimiser is the projection of c.
-    x, _ = tokens.optimise(objective, tokens.uniform_simplex(1, 4)[0], jax.random.key(0),
-                           steps=300, optimizer=optax.adam(0.05),
-                           project=tokens.project_simplex)
+    x, _ = tokens.optimise(
+        objective,
+        tokens.uniform_simplex(1, 4)[0],
+        jax.random.key(0),
+        steps=300,
+        optimizer=optax.adam(0.05),
+        project=tokens.project_simplex,
+    )
     np.testing.assert_allclose(np.asarray(x), sort_projection(np.asarray(c)), atol=1e-2)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-        tokens.optimise(objective, jnp.zeros(4), jax.random.key(0), steps=0,
-                        optimizer=optax.adam(0.1))
+        tokens.optimise(
+            objective, jnp.zeros(4), jax.random.key(0), steps=0, optimizer=optax.adam(0.1)
+        )
 
 
 def test_recorded_snapshots_are_the_iterates_of_shorter_runs():

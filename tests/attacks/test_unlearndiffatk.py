@@ -11,8 +11,9 @@ from jaxsafe.attacks import tokens
 from jaxsafe.attacks import unlearndiffatk as uda
 from jaxsafe.diffusion import schedulers
 
-SCHED = schedulers.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
-                                   beta_end=0.012)
+SCHED = schedulers.SchedulerConfig(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)
 
 
 def test_timestep_sweep_is_the_references():
@@ -40,8 +41,7 @@ def test_attack_finds_the_token_the_model_denoises_to_and_its_loss_is_the_closed
     words = jnp.zeros((1, 5, 4))
     eps_theta, enc, ab = toy(table)
     t = 500
-    run = uda.make_attack_steps(eps_theta, enc, table, SCHED, steps=150, lr=0.05,
-                                weight_decay=0.0)
+    run = uda.make_attack_steps(eps_theta, enc, table, SCHED, steps=150, lr=0.05, weight_decay=0.0)
     u0 = tokens.uniform_simplex(1, 6)
     u, losses = jax.jit(run)(None, u0, words, x0, t, jax.random.key(1))
     assert int(jnp.argmax(u[0])) == 3
@@ -54,7 +54,8 @@ def test_attack_finds_the_token_the_model_denoises_to_and_its_loss_is_the_closed
     # Batched over prompts with vmap: each prompt's own target.
     x0s = jnp.stack([table[3][None] + 0.05, table[1][None] - 0.05])
     ub, _ = jax.jit(jax.vmap(run, in_axes=(None, None, None, 0, None, 0)))(
-        None, u0, words, x0s, t, jax.random.split(jax.random.key(2), 2))
+        None, u0, words, x0s, t, jax.random.split(jax.random.key(2), 2)
+    )
     np.testing.assert_array_equal(np.asarray(jnp.argmax(ub[:, 0], -1)), [3, 1])
 
 
@@ -73,8 +74,14 @@ def test_unlearndiffatk_and_advunlearn_share_one_optimisation_loop(monkeypatch):
     table = jnp.eye(3)
     eps_theta, enc, _ = toy(table)
     uda.make_attack_steps(eps_theta, enc, table, SCHED, steps=2)(
-        None, tokens.uniform_simplex(1, 3), jnp.zeros((1, 4, 3)), jnp.ones((1, 3)), 10,
-        jax.random.key(0))
-    advunlearn.soft_prompt_attack(lambda x, k: jnp.sum(x**2), jnp.ones(3), jax.random.key(0),
-                                  steps=2, lr=0.1)
+        None,
+        tokens.uniform_simplex(1, 3),
+        jnp.zeros((1, 4, 3)),
+        jnp.ones((1, 3)),
+        10,
+        jax.random.key(0),
+    )
+    advunlearn.soft_prompt_attack(
+        lambda x, k: jnp.sum(x**2), jnp.ones(3), jax.random.key(0), steps=2, lr=0.1
+    )
     assert calls == [tokens.project_simplex, None]

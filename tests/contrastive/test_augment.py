@@ -25,19 +25,20 @@ class WeakTest(chex.TestCase):
         x = _x()
         y = self.variant(augment.weak)(jax.random.key(0), x)
         ratio = np.asarray(y) / x
-        np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :, :1], ratio.shape),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ratio, np.broadcast_to(ratio[:, :, :1], ratio.shape), rtol=1e-5, atol=1e-5
+        )
         assert len(np.unique(np.round(ratio[:, :, 0], 5))) == x.shape[0] * x.shape[1]
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_per_channel_factor_option(self):
         x = _x()
-        y = self.variant(lambda k, x: augment.weak(k, x, per_timestep=False))(
-            jax.random.key(0), x)
+        y = self.variant(lambda k, x: augment.weak(k, x, per_timestep=False))(jax.random.key(0), x)
         ratio = np.asarray(y) / x
         # Constant over time, different between channels and samples.
-        np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-5, atol=1e-5
+        )
         assert len(np.unique(np.round(ratio[:, 0], 5))) == x.shape[0] * x.shape[2]
 
     def test_factor_distribution_per_variant(self):
@@ -65,8 +66,9 @@ class StrongTest(chex.TestCase):
         b, t, max_seg = 64, 50, 8
         # Channel c holds 1000 c + time, so the output reveals the time index it came from.
         x = (np.arange(t)[None, :, None] + 1000.0 * np.arange(3)[None, None, :]).repeat(b, 0)
-        y = np.asarray(self.variant(lambda k, x: augment.strong(k, x, jitter_sigma=0.0))(
-            jax.random.key(0), x))
+        y = np.asarray(
+            self.variant(lambda k, x: augment.strong(k, x, jitter_sigma=0.0))(jax.random.key(0), x)
+        )
         idx = y[:, :, 0].astype(int)
         for i in range(b):
             # A permutation of the time steps (multiset preserved), the same for every channel,
@@ -74,7 +76,7 @@ class StrongTest(chex.TestCase):
             np.testing.assert_array_equal(np.sort(idx[i]), np.arange(t))
             np.testing.assert_array_equal(y[i], x[i][idx[i]])
             assert _runs(idx[i]) <= max_seg, idx[i]
-        assert max(_runs(r) for r in idx) > 3      # segments really move
+        assert max(_runs(r) for r in idx) > 3  # segments really move
 
     def test_permutation_preserves_multiset_of_each_series(self):
         x = _x(b=8, t=30, c=3)
@@ -89,8 +91,11 @@ class StrongTest(chex.TestCase):
         t, n = 100, 4000
         cut = 1 / 98 + 97 / 98 / 2
         for lo, p_identity in ((2, cut), (1, 0.5 + 0.5 * cut)):
-            idx = np.asarray(augment.permutation_indices(jax.random.key(5), n, t, max_segments=2,
-                                                         min_segments=lo))
+            idx = np.asarray(
+                augment.permutation_indices(
+                    jax.random.key(5), n, t, max_segments=2, min_segments=lo
+                )
+            )
             runs = np.array([_runs(r) for r in idx])
             assert set(runs) <= {1, 2}
             assert abs(np.mean(runs == 1) - p_identity) < 0.03, (lo, np.mean(runs == 1))
@@ -104,13 +109,22 @@ class StrongTest(chex.TestCase):
         t, n = 200, 3000
         for variant, most in (("dbpm", 8), ("ts_tcc", 7)):
             kw = augment.variant_kwargs(variant)
-            idx = np.asarray(augment.permutation_indices(
-                jax.random.key(9), n, t, max_segments=kw["max_segments"],
-                min_segments=kw["min_segments"]))
+            idx = np.asarray(
+                augment.permutation_indices(
+                    jax.random.key(9),
+                    n,
+                    t,
+                    max_segments=kw["max_segments"],
+                    min_segments=kw["min_segments"],
+                )
+            )
             runs = np.array([_runs(r) for r in idx])
             assert runs.max() == most, (variant, runs.max())
-        with pytest.raises(ValueError, match=r"augmentation variant 'tstcc'; expected one of "
-                                             r"\('dbpm', 'ts_tcc'\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"augmentation variant 'tstcc'; expected one of "
+            r"\('dbpm', 'ts_tcc'\)",
+        ):
             augment.variant_kwargs("tstcc")
 
     def test_jitter_is_normal_0_0p8(self):
@@ -122,8 +136,9 @@ class StrongTest(chex.TestCase):
         x = _x()
         k = jax.random.key(3)
         np.testing.assert_array_equal(augment.strong(k, x), augment.strong(k, x))
-        assert not np.allclose(augment.strong(k, x), augment.strong(jax.random.key(4), x),
-                               atol=1e-5)
+        assert not np.allclose(
+            augment.strong(k, x), augment.strong(jax.random.key(4), x), atol=1e-5
+        )
         i1 = augment.permutation_indices(k, 16, 40)
         np.testing.assert_array_equal(i1, augment.permutation_indices(k, 16, 40))
 

@@ -27,9 +27,22 @@ def test_batches_are_stacked_only_beyond_one_step():
 
 @pytest.mark.slow
 def test_the_benchmark_runs_at_one_step_per_call():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.contrastive", "--k=1",
-                        "--data=synthetic:64,32,3,2", "--batch_size=16", "--rounds=1",
-                        "--calls=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.contrastive",
+            "--k=1",
+            "--data=synthetic:64,32,3,2",
+            "--batch_size=16",
+            "--rounds=1",
+            "--calls=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if " K=1 " in line]
     assert [line.split()[0] for line in rows] == ["simclr", "simclr+dbpm"]

@@ -29,5 +29,6 @@ def test_the_reference_ntxent_is_the_mean_per_pair_loss():
     rng = np.random.default_rng(1)
     z1, z2 = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
     got = float(reference.ntxent(torch.tensor(z1), torch.tensor(z2), 0.2))
-    np.testing.assert_allclose(got, float(np.mean(ntxent_per_pair(z1, z2, 0.2))), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        got, float(np.mean(ntxent_per_pair(z1, z2, 0.2))), rtol=1e-5, atol=1e-6
+    )

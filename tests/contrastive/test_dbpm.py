@@ -76,6 +76,7 @@ class MemoryTest(chex.TestCase):
         def f(scale):
             mem = record(init_memory(3, 2), 0, np.arange(3), scale * jnp.arange(3.0))
             return mem["losses"].sum()
+
         assert jax.grad(f)(2.0) == 0.0
 
     def test_bad_input(self):
@@ -126,7 +127,8 @@ class StatisticsTest(chex.TestCase):
     def test_epoch_weighted_is_the_reference_formula(self):
         # Reference: np.mean(np.array(v) * [(1 + k) / max_epochs for k in range(epoch)]).
         m, mu, sigma = self.variant(lambda mem: statistics(mem, 2, mode="epoch_weighted"))(
-            _memory())
+            _memory()
+        )
         ref = np.array([np.mean(np.array([a, b]) * [1 / E, 2 / E]) for a, b in zip(L0, L1)])
         np.testing.assert_allclose(m, ref, rtol=1e-6, atol=0)  # exact: multiples of 1/16
         np.testing.assert_allclose(mu, ref.mean(), rtol=1e-6, atol=0)  # exact: multiple of 1/128
@@ -172,11 +174,12 @@ class FlagsAndWeightsTest(chex.TestCase):
         mem = _memory()
         ids = np.array([7, 3, 0, 5], np.int32)
         loss = np.array([4.0, 1.0, 0.3, 2.6], np.float32)
-        w = self.variant(lambda l, i, m: pair_weights(l, i, m, 2, warmup=2, beta_np=1.0,
-                                                      beta_fp=2.0))(loss, ids, mem)
+        w = self.variant(
+            lambda losses, i, m: pair_weights(losses, i, m, 2, warmup=2, beta_np=1.0, beta_fp=2.0)
+        )(loss, ids, mem)
         expected = np.ones(4)
-        expected[0] = norm(MU, SIGMA).pdf(4.0)      # instance 7: faulty
-        expected[2] = norm(MU, SIGMA).pdf(0.3)      # instance 0: noisy
+        expected[0] = norm(MU, SIGMA).pdf(4.0)  # instance 7: faulty
+        expected[2] = norm(MU, SIGMA).pdf(0.3)  # instance 0: noisy
         np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -191,22 +194,25 @@ class FlagsAndWeightsTest(chex.TestCase):
         loss = np.array([mu, mu + 0.01, 0.95, 1.0], np.float32)
         kw = dict(warmup=1, beta_np=2.0, beta_fp=2.0)
         dens = pair_weights(loss, ids, mem, 1, **kw)
-        w = self.variant(lambda l, i, m: pair_weights(l, i, m, 1, normalized=True, **kw))(
-            loss, ids, mem)
+        w = self.variant(lambda losses, i, m: pair_weights(losses, i, m, 1, normalized=True, **kw))(
+            loss, ids, mem
+        )
         assert dens[0] > 1.0  # at mu: 1 / (sigma sqrt(2 pi)) = 12.6 (sigma = 0.0316)
         np.testing.assert_allclose(dens[:3], norm(mu, sigma).pdf(loss[:3]), rtol=1e-4, atol=5e-5)
-        np.testing.assert_allclose(w[:3], np.exp(-(loss[:3] - mu) ** 2 / (2 * sigma**2)),
-                                   rtol=1e-4, atol=5e-6)
+        np.testing.assert_allclose(
+            w[:3], np.exp(-((loss[:3] - mu) ** 2) / (2 * sigma**2)), rtol=1e-4, atol=5e-6
+        )
         assert np.all(np.asarray(w) <= 1.0) and w[3] == 1.0
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_all_weights_one_before_warmup(self):
         mem = _memory()
         ids = np.arange(8, dtype=np.int32)
-        f = self.variant(lambda e: pair_weights(L1, ids, mem, e, warmup=3, beta_np=0.1,
-                                                beta_fp=0.1))
+        f = self.variant(
+            lambda e: pair_weights(L1, ids, mem, e, warmup=3, beta_np=0.1, beta_fp=0.1)
+        )
         np.testing.assert_array_equal(f(2), np.ones(8))
-        assert not np.all(np.asarray(f(3)) == 1.0)   # the same history flags pairs from epoch 3
+        assert not np.all(np.asarray(f(3)) == 1.0)  # the same history flags pairs from epoch 3
         noisy, faulty = flags(mem, 2, warmup=3, beta_np=0.1, beta_fp=0.1)
         assert not noisy.any() and not faulty.any()
 
@@ -214,12 +220,20 @@ class FlagsAndWeightsTest(chex.TestCase):
         mem = record(init_memory(5, 2), 0, np.arange(5), np.full(5, 2.0, np.float32))
         noisy, faulty = flags(mem, 1, warmup=0)
         assert not noisy.any() and not faulty.any()
-        np.testing.assert_array_equal(pair_weights(np.ones(5), np.arange(5), mem, 1, warmup=0),
-                                      np.ones(5))
+        np.testing.assert_array_equal(
+            pair_weights(np.ones(5), np.arange(5), mem, 1, warmup=0), np.ones(5)
+        )
 
     def test_out_of_range_ids_get_weight_one(self):
-        w = pair_weights(np.array([0.3, 0.3]), np.array([0, -1]), _memory(), 2, warmup=2,
-                         beta_np=1.0, beta_fp=2.0)
+        w = pair_weights(
+            np.array([0.3, 0.3]),
+            np.array([0, -1]),
+            _memory(),
+            2,
+            warmup=2,
+            beta_np=1.0,
+            beta_fp=2.0,
+        )
         assert w[0] != 1.0 and w[1] == 1.0
 
     def test_weights_are_stop_gradient(self):
@@ -237,11 +251,17 @@ class FlagsAndWeightsTest(chex.TestCase):
             return jnp.sum(pair_weights(losses, ids, mem, 2, **kw) * losses)
 
         w = np.asarray(pair_weights((a @ theta) ** 2, ids, mem, 2, **kw), np.float64)
-        assert w[0] != 1.0 and w[1] != 1.0   # two flagged pairs, so the check is not trivial
+        assert w[0] != 1.0 and w[1] != 1.0  # two flagged pairs, so the check is not trivial
         expected = np.sum(w[:, None] * 2 * (a @ theta)[:, None] * a, axis=0)
         np.testing.assert_allclose(jax.grad(objective)(theta), expected, rtol=1e-5, atol=5e-6)
-        assert np.all(np.asarray(jax.grad(
-            lambda l: pair_weights(l, ids, mem, 2, **kw).sum())((a @ theta) ** 2)) == 0)
+        assert np.all(
+            np.asarray(
+                jax.grad(lambda losses: pair_weights(losses, ids, mem, 2, **kw).sum())(
+                    (a @ theta) ** 2
+                )
+            )
+            == 0
+        )
 
 
 class ReweightTest(chex.TestCase):
@@ -251,8 +271,9 @@ class ReweightTest(chex.TestCase):
         mem = _memory()
         ids = np.array([7, 3, 0, 5], np.int32)
         loss = np.array([4.0, 1.0, 0.3, 2.6], np.float32)
-        total, new_mem, metrics = self.variant(lambda l, i, m: reweight(l, i, m, 2, cfg))(
-            loss, ids, mem)
+        total, new_mem, metrics = self.variant(lambda losses, i, m: reweight(losses, i, m, 2, cfg))(
+            loss, ids, mem
+        )
         w = np.array([norm(MU, SIGMA).pdf(4.0), 1.0, norm(MU, SIGMA).pdf(0.3), 1.0])
         np.testing.assert_allclose(total, np.mean(w * loss), rtol=1e-5, atol=5e-6)
         # The unweighted losses go into the memory at epoch 2.
@@ -260,8 +281,9 @@ class ReweightTest(chex.TestCase):
         assert int(new_mem["recorded"][2].sum()) == 4
         np.testing.assert_array_equal(metrics["dbpm/noisy_fraction"], 0.25)
         np.testing.assert_array_equal(metrics["dbpm/faulty_fraction"], 0.25)
-        np.testing.assert_allclose(metrics["dbpm/flagged_weight"], (w[0] + w[2]) / 2, rtol=1e-5,
-                                   atol=5e-7)
+        np.testing.assert_allclose(
+            metrics["dbpm/flagged_weight"], (w[0] + w[2]) / 2, rtol=1e-5, atol=5e-7
+        )
 
     def test_reweight_ignores_padding_rows(self):
         cfg = DBPMConfig(warmup=2, num_epochs=E, beta_np=1.0, beta_fp=2.0, mode="mean")
@@ -269,16 +291,23 @@ class ReweightTest(chex.TestCase):
         loss = np.array([4.0, 1.0, 0.3, 2.6], np.float32)
         valid = np.array([True, True, False, False])
         total, new_mem, metrics = reweight(loss, ids, _memory(), 2, cfg, valid=valid)
-        np.testing.assert_allclose(total, (norm(MU, SIGMA).pdf(4.0) * 4.0 + 1.0) / 2, rtol=1e-5,
-                                   atol=5e-6)
+        np.testing.assert_allclose(
+            total, (norm(MU, SIGMA).pdf(4.0) * 4.0 + 1.0) / 2, rtol=1e-5, atol=5e-6
+        )
         np.testing.assert_array_equal(np.flatnonzero(new_mem["recorded"][2]), [3, 7])
         np.testing.assert_array_equal(metrics["dbpm/noisy_fraction"], 0.0)
         np.testing.assert_array_equal(metrics["dbpm/faulty_fraction"], 0.5)
 
     def test_config_defaults_and_validation(self):
         cfg = DBPMConfig()
-        assert (cfg.warmup, cfg.num_epochs, cfg.beta_np, cfg.beta_fp, cfg.mode,
-                cfg.normalized) == (50, 80, 2.0, 3.0, "epoch_weighted", False)
+        assert (cfg.warmup, cfg.num_epochs, cfg.beta_np, cfg.beta_fp, cfg.mode, cfg.normalized) == (
+            50,
+            80,
+            2.0,
+            3.0,
+            "epoch_weighted",
+            False,
+        )
         assert cfg.kwargs() == dict(warmup=50, beta_np=2.0, beta_fp=3.0, mode="epoch_weighted")
         with pytest.raises(ValueError, match=r"mode='weighted'; expected one of"):
             DBPMConfig(mode="weighted")

@@ -41,8 +41,10 @@ def np_ntxent_per_pair(z1, z2, t):
 
 def _z(b=6, d=5, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((b, d)).astype(np.float32),
-            rng.standard_normal((b, d)).astype(np.float32))
+    return (
+        rng.standard_normal((b, d)).astype(np.float32),
+        rng.standard_normal((b, d)).astype(np.float32),
+    )
 
 
 class NTXentTest(chex.TestCase):
@@ -57,8 +59,12 @@ class NTXentTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_default_temperature_is_0_2(self):
         z1, z2 = _z()
-        np.testing.assert_allclose(self.variant(ntxent_per_pair)(z1, z2),
-                                   np_ntxent_per_pair(z1, z2, 0.2), rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(
+            self.variant(ntxent_per_pair)(z1, z2),
+            np_ntxent_per_pair(z1, z2, 0.2),
+            rtol=2e-5,
+            atol=2e-5,
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_closed_form_orthonormal_identical_views(self):
@@ -68,8 +74,9 @@ class NTXentTest(chex.TestCase):
         e = np.eye(b, 7, dtype=np.float32) * 3.0  # the norm must not matter
         got = self.variant(lambda a: ntxent_per_pair(a, a, t))(e)
         # ~0.04 left after cancelling logits of size 1/t = 5: atol ~ 2 ulp(5) in float32.
-        np.testing.assert_allclose(got, np.full(b, -1 / t + np.log(np.exp(1 / t) + 2 * b - 2)),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            got, np.full(b, -1 / t + np.log(np.exp(1 / t) + 2 * b - 2)), rtol=1e-6, atol=1e-6
+        )
 
     def test_scale_invariant_and_symmetric(self):
         z1, z2 = _z()
@@ -82,8 +89,11 @@ class NTXentTest(chex.TestCase):
         z1, z2 = _z()
         got = ntxent_per_pair(jnp.asarray(z1, jnp.bfloat16), jnp.asarray(z2, jnp.bfloat16))
         assert got.dtype == jnp.float32
-        ref = np_ntxent_per_pair(np.asarray(jnp.asarray(z1, jnp.bfloat16), np.float32),
-                                 np.asarray(jnp.asarray(z2, jnp.bfloat16), np.float32), 0.2)
+        ref = np_ntxent_per_pair(
+            np.asarray(jnp.asarray(z1, jnp.bfloat16), np.float32),
+            np.asarray(jnp.asarray(z2, jnp.bfloat16), np.float32),
+            0.2,
+        )
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5)
 
     def test_gradient_finite_at_zero_vector(self):
@@ -112,8 +122,12 @@ class NTXentTest(chex.TestCase):
         with pytest.raises(ValueError, match=r"axis_names=\('batch',\) must be a non-empty subset"):
             ntxent_per_pair_sharded(z1, z2, 0.2, mesh, axis_names=("batch",))
         # One device: the sharded version is the plain one.
-        np.testing.assert_allclose(ntxent_per_pair_sharded(z1, z2, 0.2, mesh),
-                                   ntxent_per_pair(z1, z2), rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(
+            ntxent_per_pair_sharded(z1, z2, 0.2, mesh),
+            ntxent_per_pair(z1, z2),
+            rtol=1e-6,
+            atol=1e-5,
+        )
 
 
 SHARDED_SNIPPET = """
@@ -158,10 +172,20 @@ print("SNIPPET-OK")
 
 @pytest.mark.slow
 def test_sharded_equals_single_device_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
     code = textwrap.dedent(SHARDED_SNIPPET)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, (
-        f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+        f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    )

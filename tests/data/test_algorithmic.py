@@ -70,7 +70,9 @@ def test_modular_errors():
     with pytest.raises(ValueError, match=r"Unknown op 'divide'.*add, product, subtract"):
         modular_arithmetic(op="divide")
     for frac in (0.0, 1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"train_fraction must be in the open interval \(0, 1\)"):
+        with pytest.raises(
+            ValueError, match=r"train_fraction must be in the open interval \(0, 1\)"
+        ):
             modular_arithmetic(train_fraction=frac)
     for p in (1, 0, -5):
         with pytest.raises(ValueError, match=r"p must be an integer >= 2"):
@@ -109,7 +111,9 @@ def test_one_hot_operands():
         one_hot_operands(np.zeros((3, 3), np.int32), 5)
 
 
-@pytest.mark.parametrize("n,k", [(43, 3), (10, 4), (30, 2)])  # n=10: sample-without-replacement path
+@pytest.mark.parametrize(
+    "n,k", [(43, 3), (10, 4), (30, 2)]
+)  # n=10: sample-without-replacement path
 def test_sparse_parity_labels(n, k):
     num_train, num_test = 300, 200
     d = sparse_parity(n=n, k=k, num_train=num_train, num_test=num_test, seed=3)
@@ -151,8 +155,10 @@ def test_sparse_parity_errors():
 
 def _ids_split(n):
     # x encodes the example id so that batches can be traced back to examples.
-    return {"x": np.arange(n, dtype=np.int32)[:, None] * np.ones((1, 2), np.int32),
-            "y": np.arange(n, dtype=np.int32)}
+    return {
+        "x": np.arange(n, dtype=np.int32)[:, None] * np.ones((1, 2), np.int32),
+        "y": np.arange(n, dtype=np.int32),
+    }
 
 
 def test_grain_batches_deterministic_random_access():
@@ -203,8 +209,10 @@ def test_grain_batches_process_shards(process_count):
     split = _ids_split(64)
     bs = 16
     glob = grain_batches(split, bs, seed=9)
-    shards = [grain_batches(split, bs, seed=9, process_index=i, process_count=process_count)
-              for i in range(process_count)]
+    shards = [
+        grain_batches(split, bs, seed=9, process_index=i, process_count=process_count)
+        for i in range(process_count)
+    ]
     for step in (0, 1, 5, 17):
         parts = [s[step]["y"] for s in shards]
         assert all(len(p) == bs // process_count for p in parts)
@@ -216,7 +224,9 @@ def test_grain_batches_process_shards(process_count):
 
 def test_grain_batches_errors():
     split = _ids_split(30)
-    with pytest.raises(ValueError, match=r"global batch_size=10 must be divisible by process_count=3"):
+    with pytest.raises(
+        ValueError, match=r"global batch_size=10 must be divisible by process_count=3"
+    ):
         grain_batches(split, 10, process_index=0, process_count=3)
     with pytest.raises(ValueError, match=r"0 <= process_index < process_count"):
         grain_batches(split, 10, process_index=2, process_count=2)

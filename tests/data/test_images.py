@@ -40,7 +40,7 @@ def test_digits_are_the_sklearn_images_upsampled(digits16):
 def test_digits_splits_are_disjoint_and_cover_all(digits16):
     train, test = images.digits(16, "train"), images.digits(16, "test")
     assert len(train["label"]) == 1438 and len(test["label"]) == 359
-    rows = lambda d: {(im.tobytes(), int(l)) for im, l in zip(d["image"], d["label"])}
+    rows = lambda d: {(im.tobytes(), int(lab)) for im, lab in zip(d["image"], d["label"])}
     assert rows(train) | rows(test) == rows(digits16)
     assert len(rows(train) & rows(test)) <= 1  # sklearn's digits hold a duplicate or two at most
     np.testing.assert_array_equal(images.digits(16, "test")["label"], test["label"])
@@ -49,8 +49,9 @@ def test_digits_splits_are_disjoint_and_cover_all(digits16):
 def test_digits_bad_arguments():
     with pytest.raises(ValueError, match="resolution must be a positive multiple of 8, got 12"):
         images.digits(12)
-    with pytest.raises(ValueError,
-                       match=r"split='val'; expected one of \('all', 'train', 'test'\)"):
+    with pytest.raises(
+        ValueError, match=r"split='val'; expected one of \('all', 'train', 'test'\)"
+    ):
         images.digits(16, "val")
 
 
@@ -71,8 +72,10 @@ def test_batches_are_deterministic_epoch_permutations():
 def test_batches_scale_to_minus_one_one(digits16):
     batch = images.image_batches(images.ArraySource(digits16), 64)[7]
     assert batch["image"].shape == (64, 16, 16, 1) and batch["image"].dtype == np.float32
-    known = {(im.tobytes(), int(l)) for im, l in zip(digits16["image"], digits16["label"])}
-    got = {(im.tobytes(), int(l)) for im, l in zip(images.to_uint8(batch["image"]), batch["label"])}
+    known = {(im.tobytes(), int(lab)) for im, lab in zip(digits16["image"], digits16["label"])}
+    got = {
+        (im.tobytes(), int(lab)) for im, lab in zip(images.to_uint8(batch["image"]), batch["label"])
+    }
     assert got <= known and len(got) == 64  # 64 distinct real digits with their labels
     assert batch["image"].min() == -1.0 and batch["image"].max() == 1.0
     u = np.arange(256, dtype=np.uint8)
@@ -95,8 +98,10 @@ def test_flips_mirror_some_images_and_processes_split_the_global_batch():
         assert np.all(same | mirrored)
         n_flipped += int(np.sum(mirrored))
     assert 16 < n_flipped < 48  # about half of 64
-    shares = [images.image_batches(src, 16, seed=1, flip=True, process_index=i, process_count=2)
-              for i in range(2)]
+    shares = [
+        images.image_batches(src, 16, seed=1, flip=True, process_index=i, process_count=2)
+        for i in range(2)
+    ]
     for step in (0, 3):
         joined = jax.tree.map(lambda *p: np.concatenate(p), shares[0][step], shares[1][step])
         chex.assert_trees_all_equal(joined, flipped[step])
@@ -150,8 +155,10 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read image '.*broken.png'"):
         images.ImageFolderSource(str(tmp_path), 8)  # found at construction, before training
     # A valid header with a damaged body is found when the image is read.
-    write(tmp_path / "broken.png", np.random.default_rng(0).integers(0, 256, (32, 32, 3),
-                                                                      dtype=np.uint8))
+    write(
+        tmp_path / "broken.png",
+        np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8),
+    )
     (tmp_path / "broken.png").write_bytes((tmp_path / "broken.png").read_bytes()[:-500])
     src = images.ImageFolderSource(str(tmp_path), 8)
     with pytest.raises(ValueError, match=r"cannot read image '.*broken.png'"):
@@ -162,10 +169,10 @@ def test_image_grid_places_images_row_major_with_gaps():
     x = np.stack([np.full((2, 3, 1), v, np.float32) for v in (-1.0, 1.0, 0.0)])
     grid = images.image_grid(x, cols=2, gap=1)
     assert grid.shape == (2 * 2 + 1, 2 * 3 + 1, 1)
-    np.testing.assert_array_equal(grid[:2, :3], 0.0)    # image 0 (-1) top left
-    np.testing.assert_array_equal(grid[:2, 4:], 1.0)    # image 1 (+1) top right
-    np.testing.assert_array_equal(grid[3:, :3], 0.5)    # image 2 (0) bottom left
-    np.testing.assert_array_equal(grid[3:, 4:], 0.0)    # empty cell
-    np.testing.assert_array_equal(grid[2, :], 0.5)      # gap row
+    np.testing.assert_array_equal(grid[:2, :3], 0.0)  # image 0 (-1) top left
+    np.testing.assert_array_equal(grid[:2, 4:], 1.0)  # image 1 (+1) top right
+    np.testing.assert_array_equal(grid[3:, :3], 0.5)  # image 2 (0) bottom left
+    np.testing.assert_array_equal(grid[3:, 4:], 0.0)  # empty cell
+    np.testing.assert_array_equal(grid[2, :], 0.5)  # gap row
     with pytest.raises(ValueError, match=r"images must be \(N, H, W, C\), got shape \(2, 3\)"):
         images.image_grid(np.zeros((2, 3)))

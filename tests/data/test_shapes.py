@@ -75,7 +75,10 @@ def test_caption_words_match_the_label():
             assert words[-4:] == ["on", "a", BACKGROUND_WORDS[b], "background"], e
         assert words[0] == ("an" if words[1][0] in "aeiou" else "a"), e
         assert shapes.parse_caption(e["caption"]) == (
-            s, c if colours else -1, b if backgrounds else -1)
+            s,
+            c if colours else -1,
+            b if backgrounds else -1,
+        )
         seen_synonym |= "box" in words
         seen_partial |= not colours or not backgrounds
     assert seen_synonym and seen_partial
@@ -132,8 +135,9 @@ def test_batches_are_the_examples_of_each_step():
         assert tok.decode(b["input_ids"][j]) == e["caption"]
     again = shapes.shapes_batches(ds, tok, 8)[3]
     np.testing.assert_array_equal(again["input_ids"], b["input_ids"])
-    shares = [shapes.shapes_batches(ds, tok, 8, process_index=p, process_count=2)[3]
-              for p in range(2)]
+    shares = [
+        shapes.shapes_batches(ds, tok, 8, process_index=p, process_count=2)[3] for p in range(2)
+    ]
     np.testing.assert_array_equal(np.concatenate([s["image"] for s in shares]), b["image"])
     with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by process_count=4"):
         shapes.shapes_batches(ds, tok, 6, process_index=0, process_count=4)
@@ -173,8 +177,11 @@ def test_lightness_backgrounds_are_flat_at_their_levels_and_the_grey_world_is_un
         med = np.median(images.reshape(len(images), -1, 3), axis=1)
         assert np.all(med >= np.floor(lo)) and np.all(med <= np.ceil(hi)), word
         np.testing.assert_array_equal(med[:, 0], med[:, 1])  # grey: equal channels
-        assert all(f"on a {word} background" in c or "background" not in c
-                   for c, b in zip(data["caption"], bg) if b == len(shapes.BACKGROUNDS) + i)
+        assert all(
+            f"on a {word} background" in c or "background" not in c
+            for c, b in zip(data["caption"], bg)
+            if b == len(shapes.BACKGROUNDS) + i
+        )
 
 
 def test_lightness_words_parse_and_tokenize_only_in_their_world():
@@ -216,8 +223,9 @@ def test_zero_weights_leave_concepts_out_of_the_stream():
     from configs.t2i import testbed
 
     c = testbed.get_config("without")
-    ds = shapes.ShapesDataset(0, shape_weights=c.data.shape_weights,
-                              colour_weights=c.data.colour_weights)
+    ds = shapes.ShapesDataset(
+        0, shape_weights=c.data.shape_weights, colour_weights=c.data.colour_weights
+    )
     items = ds.arrays(0, 300)
     assert set(items["label"][:, 0]) == {1, 3} and set(items["label"][:, 1]) == {1, 3}
     banned = {"circle", "square", "box", "red", "green"}

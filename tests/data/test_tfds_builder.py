@@ -21,10 +21,16 @@ class JaxsafeTinyPngs(tfds.core.GeneratorBasedBuilder):
     def _info(self):
         # Tensor rather than tfds.features.Image: encoding an Image feature needs TensorFlow,
         # which this project does not install; data_source reads both the same way.
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(SIZE, SIZE, 3), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=3),
-            "id": tfds.features.Text()}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(SIZE, SIZE, 3), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=3),
+                    "id": tfds.features.Text(),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -33,8 +39,10 @@ class JaxsafeTinyPngs(tfds.core.GeneratorBasedBuilder):
         for path in sorted(self.png_dir.glob("*.png")):
             with Image.open(path) as im:
                 image = np.asarray(im.convert("RGB"))
-            yield path.stem, {"image": image, "label": int(path.stem.split("_")[1]) % 3,
-                              "id": path.stem}
+            yield (
+                path.stem,
+                {"image": image, "label": int(path.stem.split("_")[1]) % 3, "id": path.stem},
+            )
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +94,9 @@ def test_grain_batches_are_the_files_scaled(prepared):
 
 
 def test_an_unprepared_dataset_is_not_downloaded(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"TFDS dataset 'jaxsafe_tiny_pngs' is not "
-                       r"prepared under '.*'; prepare it where there is network: tfds build"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"TFDS dataset 'jaxsafe_tiny_pngs' is not "
+        r"prepared under '.*'; prepare it where there is network: tfds build",
+    ):
         images.tfds_source("jaxsafe_tiny_pngs", "train", str(tmp_path))

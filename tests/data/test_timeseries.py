@@ -63,31 +63,55 @@ def test_read_ts_multivariate_unequal_lengths_pad_with_nan(tmp_path):
     assert f.lengths.tolist() == [3, 1]
 
 
-@pytest.mark.parametrize("text, message", [
-    (UNIVARIATE.replace("4,3,?,1:down", "4,3,x1,1:down"),
-     r"u\.ts:12: could not parse value 'x1' as a number"),
-    (UNIVARIATE.replace("4,3,?,1:down", "4,3,2,1:left"),
-     r"u\.ts:12: class label 'left' is not one of the @classLabel labels \['up', 'down'\]"),
-    (UNIVARIATE.replace("4,3,?,1:down", "4,3,2:1:down"),
-     r"u\.ts:12: expected 1 dimension\(s\) and a label separated by ':', got 3 field\(s\)"),
-    (UNIVARIATE.replace("4,3,?,1:down", "4,3,2:down"),
-     r"u\.ts:12: series has 3 values, but @seriesLength is 4"),
-    (UNIVARIATE.replace("@univariate true", "@univariate maybe"),
-     r"u\.ts:5: expected true or false, got 'maybe'"),
-    (UNIVARIATE.replace("@univariate true", "@frequency 12"),
-     r"u\.ts:5: unknown header tag '@frequency'"),
-    (UNIVARIATE.replace("@timeStamps false", "@timeStamps true"),
-     r"u\.ts:10: '@timeStamps true' series are not supported"),
-    (UNIVARIATE.replace("@data\n", ""), r"u\.ts:10: data before the @data tag"),
-    (UNIVARIATE + "@missing false\n", r"u\.ts:14: header tag '@missing' after @data"),
-    (UNIVARIATE.split("@data")[0] + "@data\n", r"u\.ts: no series after @data"),
-    (UNIVARIATE.replace("4,3,?,1:down", "4,inf,2,1:down"),
-     r"u\.ts:12: value 'inf' is infinite \(or beyond float32's range\)"),
-    (UNIVARIATE.replace("4,3,?,1:down", "4,1e39,2,1:down"), r"u\.ts:12: value '1e39' is infinite"),
-    (UNIVARIATE.replace("4,3,?,1:down", ":down"), r"u\.ts:12: the series has no values"),
-    (UNIVARIATE.replace("@seriesLength 4", "@seriesLength 0"),
-     r"u\.ts:\d+: @serieslength must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            UNIVARIATE.replace("4,3,?,1:down", "4,3,x1,1:down"),
+            r"u\.ts:12: could not parse value 'x1' as a number",
+        ),
+        (
+            UNIVARIATE.replace("4,3,?,1:down", "4,3,2,1:left"),
+            r"u\.ts:12: class label 'left' is not one of the @classLabel labels \['up', 'down'\]",
+        ),
+        (
+            UNIVARIATE.replace("4,3,?,1:down", "4,3,2:1:down"),
+            r"u\.ts:12: expected 1 dimension\(s\) and a label separated by ':', got 3 field\(s\)",
+        ),
+        (
+            UNIVARIATE.replace("4,3,?,1:down", "4,3,2:down"),
+            r"u\.ts:12: series has 3 values, but @seriesLength is 4",
+        ),
+        (
+            UNIVARIATE.replace("@univariate true", "@univariate maybe"),
+            r"u\.ts:5: expected true or false, got 'maybe'",
+        ),
+        (
+            UNIVARIATE.replace("@univariate true", "@frequency 12"),
+            r"u\.ts:5: unknown header tag '@frequency'",
+        ),
+        (
+            UNIVARIATE.replace("@timeStamps false", "@timeStamps true"),
+            r"u\.ts:10: '@timeStamps true' series are not supported",
+        ),
+        (UNIVARIATE.replace("@data\n", ""), r"u\.ts:10: data before the @data tag"),
+        (UNIVARIATE + "@missing false\n", r"u\.ts:14: header tag '@missing' after @data"),
+        (UNIVARIATE.split("@data")[0] + "@data\n", r"u\.ts: no series after @data"),
+        (
+            UNIVARIATE.replace("4,3,?,1:down", "4,inf,2,1:down"),
+            r"u\.ts:12: value 'inf' is infinite \(or beyond float32's range\)",
+        ),
+        (
+            UNIVARIATE.replace("4,3,?,1:down", "4,1e39,2,1:down"),
+            r"u\.ts:12: value '1e39' is infinite",
+        ),
+        (UNIVARIATE.replace("4,3,?,1:down", ":down"), r"u\.ts:12: the series has no values"),
+        (
+            UNIVARIATE.replace("@seriesLength 4", "@seriesLength 0"),
+            r"u\.ts:\d+: @serieslength must be at least 1, got 0",
+        ),
+    ],
+)
 def test_read_ts_malformed_files_name_the_line(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         ts.read_ts(write(tmp_path, "u.ts", text))
@@ -116,18 +140,29 @@ def test_load_ucr_uea_maps_labels_and_pads_to_common_length(tmp_path):
 
 def test_test_labels_outside_train_classes_fail(tmp_path):
     write(tmp_path, "X_TRAIN.ts", UNIVARIATE)
-    write(tmp_path, "X_TEST.ts", UNIVARIATE.replace("up down", "up down left").replace(
-        "4,3,?,1:down", "4,3,2,1:left"))
-    with pytest.raises(ValueError, match=r"X_TEST\.ts: labels \['left'\] are not among the train "
-                                         r"classes \('up', 'down'\)"):
+    write(
+        tmp_path,
+        "X_TEST.ts",
+        UNIVARIATE.replace("up down", "up down left").replace("4,3,?,1:down", "4,3,2,1:left"),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"X_TEST\.ts: labels \['left'\] are not among the train "
+        r"classes \('up', 'down'\)",
+    ):
         ts.load_ucr_uea(str(tmp_path), "X")
 
 
 # The sets documented in ts.BUNDLED, as listed by the UCR/UEA archive
 # (timeseriesclassification.com).
-ARCHIVE = {"BasicMotions": (40, 40, 100, 6, 4), "GunPoint": (50, 150, 150, 1, 2),
-           "ItalyPowerDemand": (67, 1029, 24, 1, 2), "ArrowHead": (36, 175, 251, 1, 3),
-           "JapaneseVowels": (270, 370, 29, 12, 9), "OSULeaf": (200, 242, 427, 1, 6)}
+ARCHIVE = {
+    "BasicMotions": (40, 40, 100, 6, 4),
+    "GunPoint": (50, 150, 150, 1, 2),
+    "ItalyPowerDemand": (67, 1029, 24, 1, 2),
+    "ArrowHead": (36, 175, 251, 1, 3),
+    "JapaneseVowels": (270, 370, 29, 12, 9),
+    "OSULeaf": (200, 242, 427, 1, 6),
+}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHIVE))
@@ -171,19 +206,22 @@ def test_unknown_bundled_name():
 
 # ------------------------------------------------------------------------------------ UCI-HAR
 
+
 def write_har(root, n_train=5, n_test=3, steps=128, seed=0):
     rng = np.random.default_rng(seed)
     (root).mkdir(parents=True)
     (root / "activity_labels.txt").write_text(
-        "1 WALKING\n2 WALKING_UPSTAIRS\n3 WALKING_DOWNSTAIRS\n4 SITTING\n5 STANDING\n6 LAYING\n")
+        "1 WALKING\n2 WALKING_UPSTAIRS\n3 WALKING_DOWNSTAIRS\n4 SITTING\n5 STANDING\n6 LAYING\n"
+    )
     truth = {}
     for split, n in (("train", n_train), ("test", n_test)):
         (root / split / "Inertial Signals").mkdir(parents=True)
         x = rng.normal(size=(n, steps, 9)).astype(np.float32)
         y = rng.integers(1, 7, size=n)
         for c, sig in enumerate(ts.HAR_SIGNALS):
-            np.savetxt(root / split / "Inertial Signals" / f"{sig}_{split}.txt", x[:, :, c],
-                       fmt="%.8e")
+            np.savetxt(
+                root / split / "Inertial Signals" / f"{sig}_{split}.txt", x[:, :, c], fmt="%.8e"
+            )
         np.savetxt(root / split / f"y_{split}.txt", y, fmt="%d")
         truth[split] = (x, y)
     return truth
@@ -197,8 +235,9 @@ def test_uci_har_loader_on_a_fake_tree(tmp_path):
     for split in ("train", "test"):
         x, y = truth[split]
         assert getattr(data, split)["x"].shape == (len(y), 128, 9)
-        np.testing.assert_allclose(getattr(data, split)["x"], x, rtol=1e-6,
-                                   atol=0)  # exact: %.8e (9 digits) round-trips float32
+        np.testing.assert_allclose(
+            getattr(data, split)["x"], x, rtol=1e-6, atol=0
+        )  # exact: %.8e (9 digits) round-trips float32
         assert getattr(data, split)["y"].tolist() == (y - 1).tolist()
     # The channel order is body_acc xyz, body_gyro xyz, total_acc xyz.
     body_gyro_y = np.loadtxt(root / "train" / "Inertial Signals" / "body_gyro_y_train.txt")
@@ -209,8 +248,9 @@ def test_uci_har_missing_signal_file_is_named(tmp_path):
     root = tmp_path / "UCI HAR Dataset"
     write_har(root)
     os.remove(root / "test" / "Inertial Signals" / "total_acc_z_test.txt")
-    with pytest.raises(FileNotFoundError,
-                       match=r"UCI-HAR: expected the file .*total_acc_z_test\.txt"):
+    with pytest.raises(
+        FileNotFoundError, match=r"UCI-HAR: expected the file .*total_acc_z_test\.txt"
+    ):
         ts.load_uci_har(str(root))
 
 
@@ -281,8 +321,12 @@ def test_ptbxl_bad_arguments(ptbxl_dir, tmp_path):
 
 def test_sleep_edf_npz_recordings_split_by_file(tmp_path):
     for i in range(5):
-        np.savez(tmp_path / f"SC40{i}1E0.npz", x=np.full((3 + i, 3000), i, np.float32),
-                 y=np.arange(3 + i) % 5, fs=100.0)
+        np.savez(
+            tmp_path / f"SC40{i}1E0.npz",
+            x=np.full((3 + i, 3000), i, np.float32),
+            y=np.arange(3 + i) % 5,
+            fs=100.0,
+        )
     data = ts.load_sleep_edf(str(tmp_path), test_fraction=0.2, seed=1)
     train_ids = set(np.unique(data.train["x"][:, 0, 0]))
     test_ids = set(np.unique(data.test["x"][:, 0, 0]))
@@ -292,6 +336,7 @@ def test_sleep_edf_npz_recordings_split_by_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------ preprocessing
+
 
 def test_standardize_uses_train_statistics_per_channel():
     rng = np.random.default_rng(0)
@@ -320,6 +365,7 @@ def test_resplit_is_stratified_and_keeps_every_series():
 
 # ---------------------------------------------------------------------------------- batching
 
+
 def test_contrastive_batches_cover_every_instance_each_epoch():
     n, b = 10, 4  # 3 steps per epoch; the third batch wraps around to the epoch's start
     x = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 5, 2), np.float32)
@@ -341,11 +387,14 @@ def test_contrastive_batches_cover_every_instance_each_epoch():
 def test_contrastive_batches_process_shares_form_the_global_batch():
     x = np.random.default_rng(0).normal(size=(13, 4, 1)).astype(np.float32)
     whole = ts.contrastive_batches({"x": x}, 6, seed=1)
-    parts = [ts.contrastive_batches({"x": x}, 6, seed=1, process_index=p, process_count=2)
-             for p in range(2)]
+    parts = [
+        ts.contrastive_batches({"x": x}, 6, seed=1, process_index=p, process_count=2)
+        for p in range(2)
+    ]
     for step in (0, 2, 7):
         np.testing.assert_array_equal(
-            np.concatenate([p[step]["id"] for p in parts]), whole[step]["id"])
+            np.concatenate([p[step]["id"] for p in parts]), whole[step]["id"]
+        )
 
 
 def test_contrastive_batches_bad_arguments():

@@ -28,7 +28,7 @@ def test_round_trip_and_padding_on_dataset_captions():
         assert tok.decode(row) == text
         n = len(text.split())
         assert row[0] == tok.bos_token_id and row[n + 1] == tok.eos_token_id
-        assert np.all(row[n + 2:] == tok.pad_token_id) and np.all(row[1:n + 1] > 0)
+        assert np.all(row[n + 2 :] == tok.pad_token_id) and np.all(row[1 : n + 1] > 0)
 
 
 def test_eot_pooling_rules_agree():

@@ -15,7 +15,11 @@ from jaxsafe.train import split_model
 
 def _toy_unet(params, x, t, emb):
     # Depends on every input so none of them can be dropped from the program.
-    return params["w"] * x + 1e-3 * t[:, None, None, None] + jnp.mean(emb, axis=(1, 2))[:, None, None, None]
+    return (
+        params["w"] * x
+        + 1e-3 * t[:, None, None, None]
+        + jnp.mean(emb, axis=(1, 2))[:, None, None, None]
+    )
 
 
 def test_t2i_sampler_compiles_once_per_shape(compile_log):
@@ -39,7 +43,9 @@ def test_pfgmpp_sample_fn_compiles_once_per_shape(compile_log):
     graphdef, params, frozen = split_model(image_model.build_model(config))
     sample_fn = image_model.make_sample_fn(graphdef, config, num_steps=2)
     with compile_log() as names:
-        x, _ = image_model.generate(sample_fn, params, frozen, jax.random.key(0), num=6, batch_size=2)
+        x, _ = image_model.generate(
+            sample_fn, params, frozen, jax.random.key(0), num=6, batch_size=2
+        )
         assert names.count("jit(sample)") == 1, names
         image_model.generate(sample_fn, params, frozen, jax.random.key(1), num=3, batch_size=3)
         assert names.count("jit(sample)") == 2, names

@@ -11,9 +11,17 @@ torch = pytest.importorskip("torch")
 
 from benchmarks.reference import diffusion as reference  # noqa: E402
 
-TINY = {"img_resolution": 8, "in_channels": 3, "out_channels": 3, "model_channels": 16,
-        "channel_mult": (1, 2), "channel_mult_emb": 4, "num_blocks": 1, "attn_resolutions": (4,),
-        "dropout": 0.0}
+TINY = {
+    "img_resolution": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "model_channels": 16,
+    "channel_mult": (1, 2),
+    "channel_mult_emb": 4,
+    "num_blocks": 1,
+    "attn_resolutions": (4,),
+    "dropout": 0.0,
+}
 
 
 def test_jaxsafe_weights_load_by_name_and_give_the_same_denoiser():
@@ -27,17 +35,27 @@ def test_jaxsafe_weights_load_by_name_and_give_the_same_denoiser():
     ours.eval()
     theirs = reference.song_unet(**TINY).eval()
     # strict: every name and shape of the reference is one of jaxsafe's and vice versa
-    theirs.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
-                            params_to_state_dict(model_params(ours)).items()}, strict=True)
+    theirs.load_state_dict(
+        {
+            k: torch.from_numpy(np.array(v))
+            for k, v in params_to_state_dict(model_params(ours)).items()
+        },
+        strict=True,
+    )
     r = np.random.default_rng(0)
     x = r.standard_normal((3, 8, 8, 3)).astype(np.float32)
     sigma = np.array([0.01, 1.0, 40.0], np.float32)
     want = image_model.make_denoiser(ours, 0.5)(jnp.asarray(x), jnp.asarray(sigma), None)
     with torch.no_grad():
-        got = reference.denoiser(theirs, torch.from_numpy(x).permute(0, 3, 1, 2),
-                                 torch.from_numpy(sigma))
-    np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), np.asarray(want),
-                               atol=1e-4 * float(np.abs(np.asarray(want)).max()), rtol=1e-4)
+        got = reference.denoiser(
+            theirs, torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(sigma)
+        )
+    np.testing.assert_allclose(
+        got.permute(0, 2, 3, 1).numpy(),
+        np.asarray(want),
+        atol=1e-4 * float(np.abs(np.asarray(want)).max()),
+        rtol=1e-4,
+    )
 
 
 def test_the_cifar10_network_has_jaxsafes_parameter_count():
@@ -65,9 +83,12 @@ def test_heun_time_steps_are_edms():
     t = reference.heun_steps()
     assert t.shape == (19,) and t[-1] == 0.0
     np.testing.assert_allclose(t[[0, 17]], [80.0, 0.002], rtol=1e-12, atol=0)
-    np.testing.assert_allclose(np.diff(t[:-1] ** (1 / 7)),
-                               np.full(17, (0.002 ** (1 / 7) - 80 ** (1 / 7)) / 17),
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        np.diff(t[:-1] ** (1 / 7)),
+        np.full(17, (0.002 ** (1 / 7) - 80 ** (1 / 7)) / 17),
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_pfgmpp_perturbation_norm_has_the_closed_form_mean():
@@ -75,8 +96,13 @@ def test_pfgmpp_perturbation_norm_has_the_closed_form_mean():
     (D - 2), and the direction is uniform (mean zero)."""
     torch.manual_seed(0)
     shape, D, sigma = (4000, 3, 4, 4), 128.0, 2.0
-    n = reference.pfgmpp_perturbation(torch.full((shape[0],), sigma), shape, D,
-                                      np.random.default_rng(0)).reshape(shape[0], -1).double()
+    n = (
+        reference.pfgmpp_perturbation(
+            torch.full((shape[0],), sigma), shape, D, np.random.default_rng(0)
+        )
+        .reshape(shape[0], -1)
+        .double()
+    )
     dims = 48
     mean_sq = float((n**2).sum(1).mean())
     assert mean_sq == pytest.approx(sigma**2 * dims * D / (D - 2), rel=0.03, abs=1.0)

@@ -30,7 +30,9 @@ def np_precondition(sigma, sd=0.5):
 
 def linear_F(a, b):
     """F(x_in, c_noise) = a x_in + b c_noise, a toy network with a closed-form denoiser."""
-    return lambda x_in, c_noise, labels: a * x_in + b * c_noise.reshape(-1, *([1] * (x_in.ndim - 1)))
+    return lambda x_in, c_noise, labels: (
+        a * x_in + b * c_noise.reshape(-1, *([1] * (x_in.ndim - 1)))
+    )
 
 
 class PreconditionTest(chex.TestCase):
@@ -46,12 +48,17 @@ class PreconditionTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_unit_variance_conditions(self):
         # App. B.6: Var[c_in (y + n)] = c_in² (σ_d² + σ²) = 1 and
-        # Var[F_target] = ((1 − c_skip)² σ_d² + c_skip² σ²) / c_out² = 1 for Var[y] = σ_d², Var[n] = σ².
+        # Var[F_target] = ((1 − c_skip)² σ_d² + c_skip² σ²) / c_out² = 1
+        # for Var[y] = σ_d², Var[n] = σ².
         sd = 0.7
-        c_skip, c_out, c_in, _ = self.variant(lambda s: precondition(s, sd))(jnp.asarray(SIGMAS, jnp.float32))
+        c_skip, c_out, c_in, _ = self.variant(lambda s: precondition(s, sd))(
+            jnp.asarray(SIGMAS, jnp.float32)
+        )
         s2 = SIGMAS**2
         np.testing.assert_allclose(np.asarray(c_in) ** 2 * (sd**2 + s2), 1.0, rtol=1e-5, atol=1e-6)
-        target_var = ((1 - np.asarray(c_skip)) ** 2 * sd**2 + np.asarray(c_skip) ** 2 * s2) / np.asarray(c_out) ** 2
+        target_var = (
+            (1 - np.asarray(c_skip)) ** 2 * sd**2 + np.asarray(c_skip) ** 2 * s2
+        ) / np.asarray(c_out) ** 2
         np.testing.assert_allclose(target_var, 1.0, rtol=1e-5, atol=1e-6)
 
     def test_c_skip_minimises_c_out(self):
@@ -78,8 +85,12 @@ class PreconditionTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_loss_weight_is_inverse_c_out_squared(self):
         lam = self.variant(loss_weight)(jnp.asarray(SIGMAS, jnp.float32))
-        np.testing.assert_allclose(lam, (SIGMAS**2 + 0.25) / (SIGMAS * 0.5) ** 2, rtol=1e-6, atol=4e-6)
-        np.testing.assert_allclose(np.asarray(lam) * np_precondition(SIGMAS)[1] ** 2, 1.0, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            lam, (SIGMAS**2 + 0.25) / (SIGMAS * 0.5) ** 2, rtol=1e-6, atol=4e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(lam) * np_precondition(SIGMAS)[1] ** 2, 1.0, rtol=1e-5, atol=1e-6
+        )
 
 
 class DenoiseTest(chex.TestCase):
@@ -101,10 +112,14 @@ class DenoiseTest(chex.TestCase):
 
         labels = jnp.eye(3)
         out = denoise(F, jnp.ones((3, 2, 2, 1)), jnp.array([0.5, 1.0, 2.0]), labels)
-        np.testing.assert_allclose(seen["c_noise"], np.log([0.5, 1.0, 2.0]) / 4, rtol=1e-6, atol=2e-7)
+        np.testing.assert_allclose(
+            seen["c_noise"], np.log([0.5, 1.0, 2.0]) / 4, rtol=1e-6, atol=2e-7
+        )
         self.assertIs(seen["labels"], labels)
         # F = 0 leaves the skip path: D = c_skip x.
-        np.testing.assert_allclose(out[:, 0, 0, 0], 0.25 / (np.array([0.5, 1.0, 2.0]) ** 2 + 0.25), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            out[:, 0, 0, 0], 0.25 / (np.array([0.5, 1.0, 2.0]) ** 2 + 0.25), rtol=1e-6, atol=1e-7
+        )
 
     def test_scalar_sigma_broadcasts(self):
         x = jnp.arange(12.0).reshape(3, 4)
@@ -118,15 +133,21 @@ class DenoiseTest(chex.TestCase):
         F = lambda x_in, c_noise, labels: jnp.tanh(3 * x_in + c_noise[:, None])
         for s in (1e-2, 1e-4, 1e-6):
             err = float(jnp.max(jnp.abs(denoise(F, x, s) - x)))
-            self.assertLessEqual(err, s * 0.5 / np.sqrt(s**2 + 0.25) + 1e-6 + s**2 * 4 * float(jnp.max(jnp.abs(x))))
+            self.assertLessEqual(
+                err, s * 0.5 / np.sqrt(s**2 + 0.25) + 1e-6 + s**2 * 4 * float(jnp.max(jnp.abs(x)))
+            )
 
     def test_bad_sigma_shape_raises(self):
-        with pytest.raises(ValueError, match=r"sigma must be a scalar or have shape \(2,\).*got \(2, 1, 1, 1\)"):
+        with pytest.raises(
+            ValueError, match=r"sigma must be a scalar or have shape \(2,\).*got \(2, 1, 1, 1\)"
+        ):
             denoise(linear_F(1.0, 0.0), jnp.ones((2, 4, 4, 3)), jnp.ones((2, 1, 1, 1)))
 
     def test_bad_network_output_raises(self):
-        with pytest.raises(ValueError, match=r"F must return an array of x's shape \(2, 4\), got \(2, 1\)"):
-            denoise(lambda x, c, l: x[:, :1], jnp.ones((2, 4)), 1.0)
+        with pytest.raises(
+            ValueError, match=r"F must return an array of x's shape \(2, 4\), got \(2, 1\)"
+        ):
+            denoise(lambda x, c, lab: x[:, :1], jnp.ones((2, 4)), 1.0)
 
 
 class TrainingSigmaTest(chex.TestCase):
@@ -136,7 +157,10 @@ class TrainingSigmaTest(chex.TestCase):
         sigma = self.variant(lambda k: sample_training_sigma(k, 100_000))(key)
         self.assertEqual(sigma.shape, (100_000,))
         np.testing.assert_allclose(
-            sigma, np.exp(-1.2 + 1.2 * np.asarray(jax.random.normal(key, (100_000,)))), rtol=1e-5, atol=1e-8
+            sigma,
+            np.exp(-1.2 + 1.2 * np.asarray(jax.random.normal(key, (100_000,)))),
+            rtol=1e-5,
+            atol=1e-8,
         )
         log_s = np.log(np.asarray(sigma, np.float64))
         self.assertAlmostEqual(log_s.mean(), -1.2, delta=5 * 1.2 / np.sqrt(1e5))

@@ -21,9 +21,15 @@ def _image(h=16, w=16, c=3, seed=0):
 
 
 def _matrix(scale=0.0, rotate=0.0, aniso=0.0, aniso_r=0.0, translate=(0.0, 0.0), h=16, w=16):
-    return augment.geometric_matrix(jnp.float32(scale), jnp.float32(rotate), jnp.float32(aniso),
-                                    jnp.float32(aniso_r), jnp.asarray(translate, jnp.float32),
-                                    h, w)
+    return augment.geometric_matrix(
+        jnp.float32(scale),
+        jnp.float32(rotate),
+        jnp.float32(aniso),
+        jnp.float32(aniso_r),
+        jnp.asarray(translate, jnp.float32),
+        h,
+        w,
+    )
 
 
 def test_probability_zero_is_the_identity():
@@ -70,8 +76,12 @@ def _reference_warp(x, g_inv):
         return torch.tensor([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], dtype=torch.float64)
 
     cx, cy = (w - 1) / 2, (h - 1) / 2
-    cp = g @ torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]],
-                          dtype=torch.float64).t()
+    cp = (
+        g
+        @ torch.tensor(
+            [[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], dtype=torch.float64
+        ).t()
+    )
     margin = torch.cat([-cp[:2], cp[:2]]).max(dim=1).values
     margin = margin + torch.tensor([hz_pad * 2 - cx, hz_pad * 2 - cy] * 2, dtype=torch.float64)
     margin = margin.clamp(min=0).minimum(torch.tensor([w - 1, h - 1] * 2, dtype=torch.float64))
@@ -99,9 +109,15 @@ def _reference_warp(x, g_inv):
     return np.transpose(img[0].numpy(), (1, 2, 0))
 
 
-@pytest.mark.parametrize("params", [
-    dict(rotate=math.pi / 2), dict(scale=-1.3, rotate=0.7, translate=(0.4, -0.9)),
-    dict(scale=0.8, aniso=1.5, aniso_r=-2.0, translate=(-1.2, 0.3)), dict(aniso=-2.0)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(rotate=math.pi / 2),
+        dict(scale=-1.3, rotate=0.7, translate=(0.4, -0.9)),
+        dict(scale=0.8, aniso=1.5, aniso_r=-2.0, translate=(-1.2, 0.3)),
+        dict(aniso=-2.0),
+    ],
+)
 def test_warp_matches_the_reference_pipeline(params):
     # Includes a quarter turn, which the pipeline does not reproduce as rot90: the sym6 filter
     # is not symmetric, so the upsampled grid does not commute with swapping the axes.
@@ -114,8 +130,16 @@ def test_x_flip_is_exact():
     x = _image()
     seen = set()
     for seed in range(12):
-        y, labels = augment.augment(jax.random.key(seed), x, p=0.12, yflip=0, scale=0,
-                                    rotate_frac=0, aniso=0, translate_frac=0)
+        y, labels = augment.augment(
+            jax.random.key(seed),
+            x,
+            p=0.12,
+            yflip=0,
+            scale=0,
+            rotate_frac=0,
+            aniso=0,
+            translate_frac=0,
+        )
         flipped = int(labels[0])
         seen.add(flipped)
         np.testing.assert_array_equal(y, x[:, ::-1] if flipped else x)
@@ -135,8 +159,9 @@ def test_labels_encode_the_transform_applied():
         rotate = math.atan2(lab[4], lab[3] + 1)
         flipped = x[:, ::-1] if lab[0] else x
         flipped = flipped[::-1] if lab[1] else flipped
-        want = augment.warp(flipped, _matrix(scale=lab[2], rotate=rotate,
-                                             translate=(lab[7], lab[8])))
+        want = augment.warp(
+            flipped, _matrix(scale=lab[2], rotate=rotate, translate=(lab[7], lab[8]))
+        )
         np.testing.assert_allclose(y, want, rtol=0, atol=1e-4)
         np.testing.assert_array_equal(lab[5:7], [0, 0])
 
@@ -161,15 +186,19 @@ def test_gating_probabilities():
     assert abs(np.std(lab[lab[:, 2] != 0, 2]) - 1) < 0.15
 
 
-@pytest.mark.parametrize("setting,p,count", [
-    ("cifar10_edm", 0.12, 55_733_891), ("cifar10_cond_edm", 0.12, 55_735_299),
-    ("ffhq64_d128", 0.15, 61_805_571)])
+@pytest.mark.parametrize(
+    "setting,p,count",
+    [
+        ("cifar10_edm", 0.12, 55_733_891),
+        ("cifar10_cond_edm", 0.12, 55_735_299),
+        ("ffhq64_d128", 0.15, 61_805_571),
+    ],
+)
 def test_paper_configs_train_with_edm_augmentation(setting, p, count):
     # EDM's parameter counts with augment_dim = 9 (tests/nn/test_songunet.py: EDM_COUNTS).
     c = importlib.import_module(f"configs.pfgmpp.{setting}").get_config()
     assert c.augment.p == p and im.songunet_kwargs(c)["augment_dim"] == 9
-    model = nnx.eval_shape(lambda: songunet.SongUNet(**im.songunet_kwargs(c),
-                                                     rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: songunet.SongUNet(**im.songunet_kwargs(c), rngs=nnx.Rngs(0)))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n == count
     cpu = importlib.import_module(f"configs.pfgmpp.{setting}").get_config("cpu")

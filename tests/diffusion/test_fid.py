@@ -38,16 +38,20 @@ def test_fid_against_statistics_file_equals_scipy_on_random_features(tmp_path):
         assert int(f["num"]) == 400 and str(f["source"]) == "random"
     # A pytorch-fid --save-stats file holds only mu and sigma: it loads the same.
     np.savez(tmp_path / "pytorch_fid.npz", mu=ref.mean(0), sigma=np.cov(ref, rowvar=False))
-    np.testing.assert_allclose(fid.fid(gen, str(tmp_path / "pytorch_fid.npz")), expected,
-                               rtol=1e-7, atol=1e-7 * expected)
+    np.testing.assert_allclose(
+        fid.fid(gen, str(tmp_path / "pytorch_fid.npz")), expected, rtol=1e-7, atol=1e-7 * expected
+    )
 
 
 def test_bad_statistics_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="FID reference statistics '.*nope.npz' not found"):
         fid.load_stats(str(tmp_path / "nope.npz"))
     np.savez(tmp_path / "keys.npz", mean=np.zeros(3))
-    with pytest.raises(ValueError, match=r"keys.npz: FID statistics need 'mu' and 'sigma', "
-                       r"found \['mean'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"keys.npz: FID statistics need 'mu' and 'sigma', "
+        r"found \['mean'\]",
+    ):
         fid.load_stats(str(tmp_path / "keys.npz"))
     np.savez(tmp_path / "shape.npz", mu=np.zeros(3), sigma=np.eye(4))
     with pytest.raises(ValueError, match=r"'mu' \(3,\) and 'sigma' \(4, 4\) are not"):
@@ -90,15 +94,27 @@ def test_features_batch_pad_and_quantise_like_saved_images():
 
 
 def _launch(module, *args):
-    return subprocess.run([sys.executable, "-m", f"launch.{module}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"launch.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_fid_stats_launcher_and_the_real_images_score_zero(random_fid_inception, tmp_path):
     out = tmp_path / "digits16.npz"
-    r = _launch("fid_stats", "--source=digits", "--resolution=16", "--num=24", "--batch=8",
-                f"--weights={random_fid_inception}", f"--out={out}")
+    r = _launch(
+        "fid_stats",
+        "--source=digits",
+        "--resolution=16",
+        "--num=24",
+        "--batch=8",
+        f"--weights={random_fid_inception}",
+        f"--out={out}",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     fn = fid.feature_fn(inception.load(random_fid_inception))
     feats = fid.features(fn, images.digits(16)["image"][:24], 8)
@@ -112,15 +128,30 @@ def test_fid_stats_launcher_and_the_real_images_score_zero(random_fid_inception,
 @pytest.mark.slow
 def test_launchers_name_missing_fid_files_in_one_line(tmp_path):
     env_free = {k: v for k, v in os.environ.items() if k != inception.WEIGHTS_ENV}
-    r = subprocess.run([sys.executable, "-m", "launch.fid_stats", "--source=digits",
-                        f"--out={tmp_path / 'x.npz'}"], cwd=ROOT, env=env_free,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.fid_stats",
+            "--source=digits",
+            f"--out={tmp_path / 'x.npz'}",
+        ],
+        cwd=ROOT,
+        env=env_free,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith(
-        "fid_stats: error: no FID Inception weights given")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith("fid_stats: error: no FID Inception weights given")
+    )
     assert "Traceback" not in r.stderr and not (tmp_path / "x.npz").exists()
-    r = _launch("fid_stats", "--source=nope:x", f"--out={tmp_path / 'x.npz'}",
-                f"--weights={tmp_path}")
+    r = _launch(
+        "fid_stats", "--source=nope:x", f"--out={tmp_path / 'x.npz'}", f"--weights={tmp_path}"
+    )
     assert r.returncode == 2 and "--source='nope:x': expected tfds:" in r.stderr
     r = _launch("sample", f"--workdir={tmp_path}", f"--fid_ref={tmp_path / 'missing.npz'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr

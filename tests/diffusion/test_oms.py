@@ -15,9 +15,13 @@ from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionMo
 from jaxsafe.treepath import named_leaves
 from jaxsafe.weights import diffusers
 
-SD_SCHEDULER = schedulers.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
-                                          beta_end=0.012, steps_offset=1,
-                                          timestep_spacing="leading")
+SD_SCHEDULER = schedulers.SchedulerConfig(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
 
 
 def test_v_at_zero_alpha_bar_is_minus_x0():
@@ -37,20 +41,28 @@ def test_guidance_scale_one_is_the_conditional_prediction():
 
 def test_first_alpha_bar_is_the_product_at_the_first_timestep():
     # SD's DDIM at 20 "leading" steps with offset 1 starts at t = 951.
-    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
     want = np.prod(1 - betas[:952])
     got = oms.first_alpha_bar(SD_SCHEDULER, "ddim", 20)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("noise,std", [("code", lambda a: 1 - a),
-                                       ("paper", lambda a: np.sqrt(1 - a))])
+@pytest.mark.parametrize(
+    "noise,std", [("code", lambda a: 1 - a), ("paper", lambda a: np.sqrt(1 - a))]
+)
 def test_step_of_a_constant_predictor_matches_the_closed_form(noise, std):
     # v_ψ ≡ −c: x̂₀ = c, so x_τ₀ ~ N(√ᾱ c, σ²) with σ = 1 − ᾱ (code) or √(1 − ᾱ) (paper).
     a, c, n = 0.3, 1.5, 4096
-    x = oms.initial_latents(lambda p, x, e: jnp.full_like(x, -c), None, jnp.zeros((n, 1, 2)),
-                            jnp.zeros((1, 1, 2)), jnp.arange(n), latent_shape=(2, 2, 3),
-                            alpha_bar_tau0=a, noise=noise)
+    x = oms.initial_latents(
+        lambda p, x, e: jnp.full_like(x, -c),
+        None,
+        jnp.zeros((n, 1, 2)),
+        jnp.zeros((1, 1, 2)),
+        jnp.arange(n),
+        latent_shape=(2, 2, 3),
+        alpha_bar_tau0=a,
+        noise=noise,
+    )
     x = np.asarray(x).reshape(-1)
     se = std(a) / np.sqrt(x.size)
     assert abs(x.mean() - np.sqrt(a) * c) < 5 * se
@@ -63,8 +75,16 @@ def test_initial_latents_guide_against_the_empty_prompt_and_use_fresh_noise():
         return jnp.broadcast_to(e.mean(axis=(1, 2))[:, None, None, None], x.shape)
 
     emb, unc = jnp.full((2, 1, 2), 3.0), jnp.full((1, 1, 2), 1.0)
-    x = oms.initial_latents(apply, None, emb, unc, jnp.array([0, 1]), latent_shape=(2, 2, 1),
-                            alpha_bar_tau0=0.25, guidance_scale=2.0)
+    x = oms.initial_latents(
+        apply,
+        None,
+        emb,
+        unc,
+        jnp.array([0, 1]),
+        latent_shape=(2, 2, 1),
+        alpha_bar_tau0=0.25,
+        guidance_scale=2.0,
+    )
     v = 1.0 + 2.0 * (3.0 - 1.0)
     xi = (x - np.sqrt(0.25) * (-v)) / 0.75
     # ξ is neither the seed's starting noise (the OMS input) nor shared between seeds.
@@ -82,11 +102,19 @@ def test_loss_is_the_mse_to_minus_x0():
     np.testing.assert_allclose(got, np.mean((0.5 * noise + x0) ** 2), rtol=1e-6, atol=1e-8)
 
 
-TINY_OMS = dict(sample_size=8, in_channels=12, out_channels=12, block_out_channels=(16, 32),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8,
-                time_conditioning=False)
+TINY_OMS = dict(
+    sample_size=8,
+    in_channels=12,
+    out_channels=12,
+    block_out_channels=(16, 32),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=2,
+    norm_num_groups=8,
+    time_conditioning=False,
+)
 
 
 def test_time_free_unet_has_no_time_path_and_round_trips_its_class():
@@ -106,8 +134,9 @@ def test_sampler_started_from_the_seeds_noise_equals_the_plain_sampler():
     def apply(p, x, t, e):
         return 0.1 * x + e.mean()
 
-    sample = t2i.make_t2i_sampler(apply, SD_SCHEDULER, num_inference_steps=4, guidance_scale=2.0,
-                                  latent_shape=(2, 2, 1))
+    sample = t2i.make_t2i_sampler(
+        apply, SD_SCHEDULER, num_inference_steps=4, guidance_scale=2.0, latent_shape=(2, 2, 1)
+    )
     emb, unc, seeds = jnp.ones((2, 1, 3)), jnp.zeros((1, 1, 3)), jnp.array([5, 6])
     plain = sample(None, emb, unc, seeds)
     started = sample(None, emb, unc, seeds, t2i.initial_noise(seeds, (2, 2, 1)))
@@ -127,11 +156,18 @@ def oms_folder(tmp_path_factory):
     model = UNet2DConditionModel(cfg, rngs=nnx.Rngs(1))
     d = diffusers.save_unet(model, cfg, folder / "oms_module")
     (d / "diffusion_pytorch_model.safetensors").rename(
-        d / "diffusion_pytorch_model.fp16.safetensors")
+        d / "diffusion_pytorch_model.fp16.safetensors"
+    )
     (folder / "oms_text_encoder").mkdir()
-    (folder / "oms_text_encoder" / "config.json").write_text(json.dumps(
-        {"_name_or_path": "testbed", "subfolder": "text_encoder",
-         "architectures": ["CLIPTextModel"]}))
+    (folder / "oms_text_encoder" / "config.json").write_text(
+        json.dumps(
+            {
+                "_name_or_path": "testbed",
+                "subfolder": "text_encoder",
+                "architectures": ["CLIPTextModel"],
+            }
+        )
+    )
     return folder, model
 
 
@@ -174,7 +210,8 @@ def test_save_writes_a_self_contained_folder_atomically(oms_folder, tmp_path):
     prompts = ["a red square on a plain background", ""]
     np.testing.assert_array_equal(loaded.tokenize(prompts), pipe.tokenize(prompts))
     assert json.loads((out / "oms_module" / "config.json").read_text())["_class_name"] == (
-        "UNet2DConditionWoCTModel")
+        "UNet2DConditionWoCTModel"
+    )
 
     class Broken:  # a tokenizer whose save fails half-way through the folder
         def save(self, path):
@@ -185,8 +222,9 @@ def test_save_writes_a_self_contained_folder_atomically(oms_folder, tmp_path):
         oms.save(out, model, pipe.model.text_encoder, Broken())
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["trained"]  # no temporary left behind
-    timed = UNet2DConditionModel(UNet2DConditionConfig(**{**TINY_OMS, "time_conditioning": True}),
-                                 rngs=nnx.Rngs(0))
+    timed = UNet2DConditionModel(
+        UNet2DConditionConfig(**{**TINY_OMS, "time_conditioning": True}), rngs=nnx.Rngs(0)
+    )
     with pytest.raises(ValueError, match="the module must be time-free"):
         oms.save(tmp_path / "x", timed, pipe.model.text_encoder, pipe.tokenizer)
 
@@ -200,10 +238,12 @@ def test_oms_latents_then_the_base_sampler(oms_folder):
     x = o.latents(["a red square", "a blue circle"], [0, 1], guidance_scale=1.5, **kw)
     assert x.shape == (2, 8, 8, 12)
     # The seed-by-seed contract: one prompt's latent does not depend on its batch.
-    np.testing.assert_allclose(o.latents(["a blue circle"], [1], guidance_scale=1.5, **kw)[0],
-                               x[1], atol=1e-5)
-    gen = pipeline.generator(pipe, nnx.split(pipe.model)[0], num_inference_steps=10,
-                             guidance_scale=4.0, batch_size=2)
+    np.testing.assert_allclose(
+        o.latents(["a blue circle"], [1], guidance_scale=1.5, **kw)[0], x[1], atol=1e-5
+    )
+    gen = pipeline.generator(
+        pipe, nnx.split(pipe.model)[0], num_inference_steps=10, guidance_scale=4.0, batch_size=2
+    )
     state = nnx.split(pipe.model)[1:]
     images = gen(state, ["a red square", "a blue circle"], [0, 1], x_T=x)
     assert images.shape[0] == 2 and np.isfinite(images).all()

@@ -43,12 +43,16 @@ def test_bad_D_raises(D):
         with pytest.raises(ValueError, match=r"r = sigma \* sqrt\(D\) is infinite for D=None/inf"):
             r_from_sigma(1.0, D)
         return
-    with pytest.raises(ValueError, match=r"D must be a static positive number, None or float\('inf'\)"):
+    with pytest.raises(
+        ValueError, match=r"D must be a static positive number, None or float\('inf'\)"
+    ):
         perturbation(jax.random.key(0), (2, 3), 1.0, D)
 
 
 def test_bad_shape_and_sigma_raise():
-    with pytest.raises(ValueError, match=r"shape must be \(B, \.\.\.\) with at least one data axis, got \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"shape must be \(B, \.\.\.\) with at least one data axis, got \(5,\)"
+    ):
         perturbation(jax.random.key(0), (5,), 1.0, 8)
     with pytest.raises(ValueError, match=r"sigma must be a scalar or have shape \(5,\)"):
         perturbation(jax.random.key(0), (5, 3), jnp.ones((3,)), 8)
@@ -60,7 +64,9 @@ class GaussianLimitTest(chex.TestCase):
         key = jax.random.key(7)
         sigma = jnp.array([0.1, 1.0, 5.0])
         # The same formula written out, compiled the same way (XLA may fuse the product under jit).
-        want = self.variant(lambda k, s: s[:, None, None, None] * jax.random.normal(k, (3, 4, 4, 3)))(key, sigma)
+        want = self.variant(
+            lambda k, s: s[:, None, None, None] * jax.random.normal(k, (3, 4, 4, 3))
+        )(key, sigma)
         for D in (None, float("inf")):
             got = self.variant(lambda k, s, D=D: perturbation(k, (3, 4, 4, 3), s, D))(key, sigma)
             np.testing.assert_array_equal(got, want)
@@ -75,7 +81,8 @@ class GaussianLimitTest(chex.TestCase):
         g = sigma * np.asarray(jax.random.normal(jax.random.key(2), SHAPE))
         self.assertGreater(stats.ks_2samp(np.sqrt(sq_norm(n)), np.sqrt(sq_norm(g))).pvalue, P_MIN)
         self.assertGreater(stats.kstest(np.asarray(n)[:, 0, 0, 0] / sigma, "norm").pvalue, P_MIN)
-        # ... while small D is detectably not Gaussian with the same sample size (the test has power).
+        # ... while small D is detectably not Gaussian with the same sample size
+        # (the test has power).
         n_small = perturbation(jax.random.key(1), SHAPE, sigma, 6)
         self.assertLess(stats.ks_2samp(np.sqrt(sq_norm(n_small)), np.sqrt(sq_norm(g))).pvalue, 1e-6)
 
@@ -83,8 +90,9 @@ class GaussianLimitTest(chex.TestCase):
 class KernelTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_second_moment_is_D_over_D_minus_2(self):
-        # ‖n‖² / r² ~ BetaPrime(a, b), a = N/2, b = D/2: E = a / (b − 1), so E‖n‖² / (N σ²) = D / (D − 2);
-        # Var = a (a + b − 1) / ((b − 2)(b − 1)²) sets the Monte-Carlo tolerance (5 standard errors).
+        # ‖n‖² / r² ~ BetaPrime(a, b), a = N/2, b = D/2: E = a / (b − 1), so
+        # E‖n‖² / (N σ²) = D / (D − 2); Var = a (a + b − 1) / ((b − 2)(b − 1)²) sets the
+        # Monte-Carlo tolerance (5 standard errors).
         m, D = 20_000, 16
         sigma = jnp.asarray(np.random.default_rng(0).uniform(0.1, 10.0, m), jnp.float32)
         n = self.variant(lambda k, s: perturbation(k, (m, 2, 2, 3), s, D))(jax.random.key(3), sigma)
@@ -106,7 +114,9 @@ class KernelTest(chex.TestCase):
         u = n / np.linalg.norm(n, axis=1, keepdims=True)
         # E u = 0 and E u uᵀ = I / N for the uniform distribution on the sphere.
         np.testing.assert_allclose(u.mean(0), 0.0, atol=5 / np.sqrt(N * SHAPE[0]))
-        np.testing.assert_allclose(u.T @ u / SHAPE[0], np.eye(N) / N, atol=5 * np.sqrt(2 / N**2 / SHAPE[0]))
+        np.testing.assert_allclose(
+            u.T @ u / SHAPE[0], np.eye(N) / N, atol=5 * np.sqrt(2 / N**2 / SHAPE[0])
+        )
 
     def test_beta_and_student_t_constructions_agree(self):
         sigma = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, SHAPE[0]), jnp.float32)
@@ -114,14 +124,21 @@ class KernelTest(chex.TestCase):
             nb = perturbation(jax.random.key(10), SHAPE, sigma, D)
             nt = perturbation_student_t(jax.random.key(11), SHAPE, sigma, D)
             s = np.asarray(sigma, np.float64)
-            for f in (lambda n, s=s: np.sqrt(sq_norm(n)) / s, lambda n, s=s: np.asarray(n, np.float64)[:, 1, 0, 2] / s):
+            for f in (
+                lambda n, s=s: np.sqrt(sq_norm(n)) / s,
+                lambda n, s=s: np.asarray(n, np.float64)[:, 1, 0, 2] / s,
+            ):
                 self.assertGreater(stats.ks_2samp(f(nb), f(nt)).pvalue, P_MIN, D)
             # A coordinate of a multivariate t with D degrees of freedom and scale σ is t_D(0, σ).
-            self.assertGreater(stats.kstest(np.asarray(nb)[:, 0, 1, 1] / s, stats.t(D).cdf).pvalue, P_MIN, D)
+            self.assertGreater(
+                stats.kstest(np.asarray(nb)[:, 0, 1, 1] / s, stats.t(D).cdf).pvalue, P_MIN, D
+            )
 
     def test_prior_is_kernel_at_sigma_max(self):
         x = prior_sample(jax.random.key(6), SHAPE, 80.0, D=8)
-        self.assertGreater(stats.kstest(sq_norm(x) / (80.0**2 * 8), stats.betaprime(N / 2, 4).cdf).pvalue, P_MIN)
+        self.assertGreater(
+            stats.kstest(sq_norm(x) / (80.0**2 * 8), stats.betaprime(N / 2, 4).cdf).pvalue, P_MIN
+        )
 
     def test_float32_radius_is_finite_for_small_D_large_N(self):
         # 1 − B ≈ D / N would cancel in float32 for CIFAR-sized N; the log-odds form does not.
@@ -130,7 +147,9 @@ class KernelTest(chex.TestCase):
 
 
 def linear_F(a, b):
-    return lambda x_in, c_noise, labels: a * x_in + b * c_noise.reshape(-1, *([1] * (x_in.ndim - 1)))
+    return lambda x_in, c_noise, labels: (
+        a * x_in + b * c_noise.reshape(-1, *([1] * (x_in.ndim - 1)))
+    )
 
 
 class LossTest(chex.TestCase):
@@ -167,7 +186,9 @@ class LossTest(chex.TestCase):
         want, want_grad = self._numpy_loss(0.8, 0.3, y, sigma, n)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-4)
         # The batch mean is the training objective; its gradient in a matches d/da by hand.
-        np.testing.assert_allclose(self.variant(jax.grad(lambda a: loss(a).mean()))(0.8), want_grad, rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            self.variant(jax.grad(lambda a: loss(a).mean()))(0.8), want_grad, rtol=2e-3, atol=1e-3
+        )
 
     @pytest.mark.slow
     def test_finite_D_loss_uses_the_pfgmpp_kernel(self):
@@ -189,8 +210,12 @@ class LossTest(chex.TestCase):
             self.assertEqual(sigma.shape, (3,))
             return y
 
-        np.testing.assert_array_equal(denoising_loss(oracle, y, jax.random.key(0), D=8, class_labels=labels), 0.0)
+        np.testing.assert_array_equal(
+            denoising_loss(oracle, y, jax.random.key(0), D=8, class_labels=labels), 0.0
+        )
 
     def test_bad_denoiser_output_raises(self):
-        with pytest.raises(ValueError, match=r"denoiser must return an array of y's shape \(3, 4\), got \(3,\)"):
+        with pytest.raises(
+            ValueError, match=r"denoiser must return an array of y's shape \(3, 4\), got \(3,\)"
+        ):
             denoising_loss(lambda x, s, c: x.sum(1), jnp.ones((3, 4)), jax.random.key(0))

@@ -22,9 +22,11 @@ def _rows(fd0, alpha_fd, bits_fd):
 
 
 def test_cells_are_mean_and_sample_std_over_seeds():
-    runs = {("128", 0): _rows(10.0, {0.1: 12.0}, {4: 20.0}),
-            ("128", 1): _rows(14.0, {0.1: 18.0}, {4: 26.0}),
-            ("inf", 0): _rows(11.0, {0.1: 15.0}, {4: 30.0})}
+    runs = {
+        ("128", 0): _rows(10.0, {0.1: 12.0}, {4: 20.0}),
+        ("128", 1): _rows(14.0, {0.1: 18.0}, {4: 26.0}),
+        ("inf", 0): _rows(11.0, {0.1: 15.0}, {4: 30.0}),
+    }
     alpha = study.aggregate(runs, "alpha", ["0", "0.1"])
     bits = study.aggregate(runs, "bits", ["0", "4"])
     # Sample std (n − 1) of (10, 14) is 2√2; of (12, 18) 3√2.

@@ -40,14 +40,17 @@ class QuantizeTensorTest(chex.TestCase):
         self.assertLessEqual(abs(q.max() - w.max()), step(w, 4) / 2 * (1 + 1e-5))
 
     def test_one_sided_tensors_are_not_clipped(self):
-        # The reference clamps the zero point and clips all-positive tensors; here the error stays ≤ step/2.
+        # The reference clamps the zero point and clips all-positive tensors; here the error
+        # stays ≤ step/2.
         for w in (np.abs(W) + 1.0, -np.abs(W) - 1.0):
             q = np.asarray(quantize_tensor(w, 4), np.float64)
             self.assertLessEqual(np.abs(q - w).max(), step(w, 4) / 2 * (1 + 1e-5))
 
     def test_many_bits_leave_values_almost_unchanged(self):
         for bits in (24, 32):
-            np.testing.assert_allclose(quantize_tensor(W, bits), W, rtol=0, atol=2e-6 * np.abs(W).max())
+            np.testing.assert_allclose(
+                quantize_tensor(W, bits), W, rtol=0, atol=2e-6 * np.abs(W).max()
+            )
 
     def test_all_zero_tensor_and_dtype(self):
         np.testing.assert_array_equal(quantize_tensor(jnp.zeros((3, 3)), 4), 0.0)
@@ -68,7 +71,9 @@ class QuantizeParamsTest(chex.TestCase):
         chex.assert_trees_all_equal_structs(out, params)
         chex.assert_trees_all_equal_shapes_and_dtypes(out, params)
         self.assertEqual(int(out["step"]), 7)
-        np.testing.assert_array_equal(jax.random.key_data(out["key"]), jax.random.key_data(params["key"]))
+        np.testing.assert_array_equal(
+            jax.random.key_data(out["key"]), jax.random.key_data(params["key"])
+        )
         # Per tensor: each leaf has its own grid, so the bias gets ≤ 8 levels of its own range.
         for name in ("kernel", "bias"):
             w, q = np.asarray(params["conv"][name]), np.asarray(out["conv"][name])
@@ -96,7 +101,8 @@ class QuantizeParamsTest(chex.TestCase):
         kernel = np.asarray(q_model.kernel[...])
         self.assertLessEqual(len(np.unique(kernel)), 16)
         self.assertLessEqual(
-            np.abs(kernel - np.asarray(model.kernel[...])).max(), step(model.kernel[...], 4) / 2 * (1 + 1e-5)
+            np.abs(kernel - np.asarray(model.kernel[...])).max(),
+            step(model.kernel[...], 4) / 2 * (1 + 1e-5),
         )
 
 

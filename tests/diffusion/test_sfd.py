@@ -33,9 +33,16 @@ def test_sfd_terms_remaining_and_forgetting_batches():
 
 
 def _step(terms):
-    return jax.jit(sid.make_sid_step(tiny_denoise, terms, g_optimizer=optax.sgd(0.05),
-                                     psi_optimizer=optax.sgd(0.05), latent_shape=SHAPE,
-                                     batch_size=4))
+    return jax.jit(
+        sid.make_sid_step(
+            tiny_denoise,
+            terms,
+            g_optimizer=optax.sgd(0.05),
+            psi_optimizer=optax.sgd(0.05),
+            latent_shape=SHAPE,
+            batch_size=4,
+        )
+    )
 
 
 @pytest.mark.slow
@@ -52,16 +59,19 @@ def test_sfd_with_the_override_equal_to_the_forgotten_class_is_sid():
     b, mb = _step(sid_terms)(state, None, rng)
     for net in ("G", "psi"):
         for name in G:
-            np.testing.assert_array_equal(np.asarray(a.params[net][name]),
-                                          np.asarray(b.params[net][name]))
+            np.testing.assert_array_equal(
+                np.asarray(a.params[net][name]), np.asarray(b.params[net][name])
+            )
     # Another override changes only the generator's update: f_ψ's loss has no teacher.
     c, mc = _step(sfd.class_terms(K, 4, forget={0: 1}))(state, None, rng)
     for name in G:
-        np.testing.assert_array_equal(np.asarray(c.params["psi"][name]),
-                                      np.asarray(a.params["psi"][name]))
+        np.testing.assert_array_equal(
+            np.asarray(c.params["psi"][name]), np.asarray(a.params["psi"][name])
+        )
     assert float(mc["loss"]) != float(ma["loss"])
-    assert any(not np.array_equal(np.asarray(c.params["G"][n]), np.asarray(a.params["G"][n]))
-               for n in G)
+    assert any(
+        not np.array_equal(np.asarray(c.params["G"][n]), np.asarray(a.params["G"][n])) for n in G
+    )
 
 
 def test_class_terms_errors():

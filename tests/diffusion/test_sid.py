@@ -16,9 +16,11 @@ K = 3  # classes
 
 def tiny_params(seed):
     r = np.random.default_rng(seed)
-    return {"W": jnp.asarray(0.3 * r.normal(size=(N, N)), jnp.float32),
-            "b": jnp.asarray(0.1 * r.normal(size=(N,)), jnp.float32),
-            "E": jnp.asarray(0.2 * r.normal(size=(K, N)), jnp.float32)}
+    return {
+        "W": jnp.asarray(0.3 * r.normal(size=(N, N)), jnp.float32),
+        "b": jnp.asarray(0.1 * r.normal(size=(N,)), jnp.float32),
+        "E": jnp.asarray(0.2 * r.normal(size=(K, N)), jnp.float32),
+    }
 
 
 def tiny_denoise(params, x, sigma, cond, key):
@@ -36,18 +38,23 @@ def test_generator_loss_against_a_hand_computation():
     r = np.random.default_rng(0)
     x_g, f_phi, f_psi = (r.normal(size=(3, *SHAPE)) for _ in range(3))
     alpha = 1.2
-    out = np.asarray(sid.generator_loss(*(jnp.asarray(a, jnp.float32) for a in (x_g, f_phi, f_psi)),
-                                        alpha))
+    out = np.asarray(
+        sid.generator_loss(*(jnp.asarray(a, jnp.float32) for a in (x_g, f_phi, f_psi)), alpha)
+    )
     for b in range(3):
         omega = np.mean(np.abs(x_g[b] - f_phi[b]))
         d = (f_phi[b] - f_psi[b]).ravel()
         hand = (np.dot(d, (f_phi[b] - x_g[b]).ravel()) - alpha * np.dot(d, d)) / omega
         np.testing.assert_allclose(out[b], hand, rtol=1e-5, atol=1e-5)
     # α = 1: (f_φ − f_ψ)·(f_ψ − x_g) / ω.
-    one = np.asarray(sid.generator_loss(*(jnp.asarray(a, jnp.float32) for a in (x_g, f_phi, f_psi)),
-                                        1.0))
-    hand = [np.dot((f_phi[b] - f_psi[b]).ravel(), (f_psi[b] - x_g[b]).ravel())
-            / np.mean(np.abs(x_g[b] - f_phi[b])) for b in range(3)]
+    one = np.asarray(
+        sid.generator_loss(*(jnp.asarray(a, jnp.float32) for a in (x_g, f_phi, f_psi)), 1.0)
+    )
+    hand = [
+        np.dot((f_phi[b] - f_psi[b]).ravel(), (f_psi[b] - x_g[b]).ravel())
+        / np.mean(np.abs(x_g[b] - f_phi[b]))
+        for b in range(3)
+    ]
     np.testing.assert_allclose(one, hand, rtol=1e-5, atol=1e-5)
 
 
@@ -58,8 +65,9 @@ def test_omega_is_stop_gradient():
     # With f_φ, f_ψ and ω held fixed, ∂L/∂x_g = −(f_φ − f_ψ)/ω; a differentiated ω would add
     # a term in sign(x_g − f_φ).
     omega = np.mean(np.abs(np.asarray(x_g - f_phi)), axis=(1, 2, 3), keepdims=True)
-    np.testing.assert_allclose(np.asarray(g), -np.asarray(f_phi - f_psi) / omega, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(g), -np.asarray(f_phi - f_psi) / omega, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_karras_sigma_ends_and_generator_sigma_range():
@@ -68,8 +76,9 @@ def test_karras_sigma_ends_and_generator_sigma_range():
     # EDM's sampling levels are the same curve at t = 1 − i/(N − 1).
     steps = np.asarray(edm.edm_sigma_steps(18))[:-1]
     t = 1 - np.arange(18) / 17
-    np.testing.assert_allclose(np.asarray(sid.karras_sigma(jnp.asarray(t))), steps, rtol=1e-5,
-                               atol=1e-8)
+    np.testing.assert_allclose(
+        np.asarray(sid.karras_sigma(jnp.asarray(t))), steps, rtol=1e-5, atol=1e-8
+    )
     s = np.asarray(sid.generator_sigma(jax.random.key(0), 4096, tmax=800))
     top = float(sid.karras_sigma(0.8))
     assert s.min() >= 0.002 and s.max() <= top and s.max() > 0.9 * top
@@ -78,8 +87,9 @@ def test_karras_sigma_ends_and_generator_sigma_range():
 
 def _state(G, psi, teacher, g_tx, psi_tx):
     params = {"G": G, "psi": psi}
-    return init_state(params, {"teacher": teacher}, sid.pair_optimizer(g_tx, psi_tx),
-                      extra={"ema": G})
+    return init_state(
+        params, {"teacher": teacher}, sid.pair_optimizer(g_tx, psi_tx), extra={"ema": G}
+    )
 
 
 def _terms(key):
@@ -90,9 +100,15 @@ def _terms(key):
 def test_first_fake_score_step_is_the_edm_loss_gradient_and_the_teacher_gets_none():
     teacher = tiny_params(0)
     lr = 0.1
-    step = sid.make_sid_step(tiny_denoise, _terms, g_optimizer=optax.sgd(lr),
-                             psi_optimizer=optax.sgd(lr), latent_shape=SHAPE, batch_size=4,
-                             ema_beta=lambda n: jnp.float32(0.5))
+    step = sid.make_sid_step(
+        tiny_denoise,
+        _terms,
+        g_optimizer=optax.sgd(lr),
+        psi_optimizer=optax.sgd(lr),
+        latent_shape=SHAPE,
+        batch_size=4,
+        ema_beta=lambda n: jnp.float32(0.5),
+    )
     state = _state(teacher, teacher, teacher, optax.sgd(lr), optax.sgd(lr))
     rng = jax.random.key(3)
     new, metrics = jax.jit(step)(state, None, rng)
@@ -116,30 +132,45 @@ def test_first_fake_score_step_is_the_edm_loss_gradient_and_the_teacher_gets_non
 
     grads = jax.grad(edm_loss)(teacher)
     for name in teacher:
-        np.testing.assert_allclose(np.asarray(new.params["psi"][name]),
-                                   np.asarray(teacher[name] - lr * grads[name]),
-                                   rtol=1e-4, atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(float(metrics["loss_fake_score"]), float(edm_loss(teacher)),
-                               rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(new.params["psi"][name]),
+            np.asarray(teacher[name] - lr * grads[name]),
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=name,
+        )
+    np.testing.assert_allclose(
+        float(metrics["loss_fake_score"]), float(edm_loss(teacher)), rtol=1e-4, atol=1e-5
+    )
     for name in teacher:  # the teacher is frozen; G moved; its EMA is half-way (β = 0.5)
-        np.testing.assert_array_equal(np.asarray(new.frozen["teacher"][name]),
-                                      np.asarray(teacher[name]))
-        np.testing.assert_allclose(np.asarray(new.extra["ema"][name]),
-                                   np.asarray(0.5 * teacher[name] + 0.5 * new.params["G"][name]),
-                                   rtol=1e-6, atol=1e-7)
-    assert any(not np.array_equal(np.asarray(new.params["G"][n]), np.asarray(teacher[n]))
-               for n in teacher)
+        np.testing.assert_array_equal(
+            np.asarray(new.frozen["teacher"][name]), np.asarray(teacher[name])
+        )
+        np.testing.assert_allclose(
+            np.asarray(new.extra["ema"][name]),
+            np.asarray(0.5 * teacher[name] + 0.5 * new.params["G"][name]),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+    assert any(
+        not np.array_equal(np.asarray(new.params["G"][n]), np.asarray(teacher[n])) for n in teacher
+    )
 
 
 def test_generator_gradient_flows_through_the_frozen_networks_inputs():
     teacher, psi, G = tiny_params(0), tiny_params(1), tiny_params(2)
     lr = 0.05
-    step = sid.make_sid_step(tiny_denoise, _terms, g_optimizer=optax.sgd(lr),
-                             psi_optimizer=optax.sgd(0.0), latent_shape=SHAPE, batch_size=4,
-                             g_loss_scale=100.0)
+    step = sid.make_sid_step(
+        tiny_denoise,
+        _terms,
+        g_optimizer=optax.sgd(lr),
+        psi_optimizer=optax.sgd(0.0),
+        latent_shape=SHAPE,
+        batch_size=4,
+        g_loss_scale=100.0,
+    )
     rng = jax.random.key(7)
-    new, metrics = jax.jit(step)(_state(G, psi, teacher, optax.sgd(lr), optax.sgd(0.0)), None,
-                                 rng)
+    new, metrics = jax.jit(step)(_state(G, psi, teacher, optax.sgd(lr), optax.sgd(0.0)), None, rng)
     _, k_g = jax.random.split(rng)
     k_terms, key = jax.random.split(k_g)
     labels = _terms(k_terms)[0].cond
@@ -160,9 +191,14 @@ def test_generator_gradient_flows_through_the_frozen_networks_inputs():
     grads = jax.grad(loss)(G)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss(G)), rtol=1e-4, atol=1e-4)
     for name in G:
-        np.testing.assert_allclose(np.asarray(new.params["G"][name]),
-                                   np.asarray(G[name] - lr * grads[name]), rtol=1e-4, atol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(new.params["G"][name]),
+            np.asarray(G[name] - lr * grads[name]),
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=name,
+        )
+
     # Treating f_φ(x_t) and f_ψ(x_t) as constants (no gradient through their inputs) differs.
     def detached(g):
         x_g = tiny_denoise(g, 2.5 * z, jnp.full((4,), 2.5), labels, None)
@@ -171,8 +207,9 @@ def test_generator_gradient_flows_through_the_frozen_networks_inputs():
         f_psi = tiny_denoise(psi, x_t, sigma, labels, None)
         omega = jnp.mean(jnp.abs(x_g - f_phi), axis=(1, 2, 3))
         d = f_phi - f_psi
-        return 100.0 * jnp.mean(jnp.sum(d * ((f_phi - x_g) - 1.2 * d), axis=(1, 2, 3))
-                                / jax.lax.stop_gradient(omega))
+        return 100.0 * jnp.mean(
+            jnp.sum(d * ((f_phi - x_g) - 1.2 * d), axis=(1, 2, 3)) / jax.lax.stop_gradient(omega)
+        )
 
     other = jax.grad(detached)(G)
     assert not np.allclose(np.asarray(other["W"]), np.asarray(grads["W"]), rtol=1e-3, atol=1e-6)
@@ -205,8 +242,12 @@ def test_vp_kernel_generates_from_pure_noise_and_its_fake_loss_is_the_epsilon_ms
     z = jax.random.normal(jax.random.key(0), (4, *SHAPE))
     x_g = kernel.generate(x0, params, z, cond, None)
     x_T = np.sqrt(1 - abar[625]) * np.asarray(z)
-    np.testing.assert_allclose(np.asarray(x_g), np.asarray(
-        x0(params, jnp.asarray(x_T), jnp.full((4,), 625), cond, None)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(x_g),
+        np.asarray(x0(params, jnp.asarray(x_T), jnp.full((4,), 625), cond, None)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # f_ψ's loss: the reference's ε-MSE on x_t = √ᾱ x + √(1 − ᾱ) ε, t ~ U{20..979}.
     key = jax.random.key(1)
     loss = np.asarray(kernel.fake_loss(x0, params, x_g, cond, key, None))
@@ -229,11 +270,18 @@ def test_terms_run_as_one_batch_each_weighted_by_its_mean():
     def terms(key):
         return [sid.SiDTerm(a, a, 1.0), sid.SiDTerm(b, a, 0.25)]
 
-    step = sid.make_sid_step(tiny_denoise, terms, g_optimizer=optax.sgd(0.0),
-                             psi_optimizer=optax.sgd(0.0), latent_shape=SHAPE, batch_size=4)
+    step = sid.make_sid_step(
+        tiny_denoise,
+        terms,
+        g_optimizer=optax.sgd(0.0),
+        psi_optimizer=optax.sgd(0.0),
+        latent_shape=SHAPE,
+        batch_size=4,
+    )
     rng = jax.random.key(11)
-    _, metrics = jax.jit(step)(_state(teacher, teacher, teacher, optax.sgd(0.0), optax.sgd(0.0)),
-                               None, rng)
+    _, metrics = jax.jit(step)(
+        _state(teacher, teacher, teacher, optax.sgd(0.0), optax.sgd(0.0)), None, rng
+    )
     k_psi, _ = jax.random.split(rng)
     _, key = jax.random.split(k_psi)
     k_z, k_loss, k_drop = jax.random.split(key, 3)
@@ -241,5 +289,9 @@ def test_terms_run_as_one_batch_each_weighted_by_its_mean():
     z = jax.random.normal(k_z, (8, *SHAPE))
     x_g = sid.one_step(tiny_denoise, teacher, z, cond)
     rows = np.asarray(sid.fake_score_loss(tiny_denoise, teacher, x_g, cond, k_loss, key=k_drop))
-    np.testing.assert_allclose(float(metrics["loss_fake_score"]),
-                               rows[:4].mean() + 0.25 * rows[4:].mean(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["loss_fake_score"]),
+        rows[:4].mean() + 0.25 * rows[4:].mean(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

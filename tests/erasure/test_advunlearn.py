@@ -17,8 +17,15 @@ from jaxsafe.treepath import named_leaves
 
 
 def _tiny_clip(seed=0):
-    cfg = CLIPTextConfig(vocab_size=19, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=12, eos_token_id=18)
+    cfg = CLIPTextConfig(
+        vocab_size=19,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        eos_token_id=18,
+    )
     return CLIPTextModel(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -27,14 +34,18 @@ class TestEncodeEmbeddings(chex.TestCase):
     def test_true_token_embeddings_give_the_ids_path(self):
         te = _tiny_clip()
         graphdef, state = nnx.split(te)
-        ids = jnp.asarray([[17, 3, 5, 18, 0, 0, 0, 0, 0, 0, 0, 0],
-                           [17, 9, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+        ids = jnp.asarray(
+            [[17, 3, 5, 18, 0, 0, 0, 0, 0, 0, 0, 0], [17, 9, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+            jnp.int32,
+        )
 
         @self.variant
         def both(state, ids):
             m = nnx.merge(graphdef, state)
-            return (au.encode_embeddings(m, au.token_embeddings(m, ids)),
-                    m(ids)["last_hidden_state"])
+            return (
+                au.encode_embeddings(m, au.token_embeddings(m, ids)),
+                m(ids)["last_hidden_state"],
+            )
 
         got, want = both(state, ids)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -77,14 +88,16 @@ class TestInsertPrefix(chex.TestCase):
 
 
 def test_text_encoder_selection_matches_the_reference_param_choices():
-    names = ["text_encoder/embeddings/token_embedding/embedding",
-             "text_encoder/embeddings/position_embedding/embedding",
-             "text_encoder/encoder/layers/0/self_attn/q_proj/kernel",
-             "text_encoder/encoder/layers/0/mlp/fc1/kernel",
-             "text_encoder/encoder/layers/1/self_attn/q_proj/kernel",
-             "text_encoder/encoder/layers/11/mlp/fc2/bias",
-             "text_encoder/final_layer_norm/scale",
-             "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel"]
+    names = [
+        "text_encoder/embeddings/token_embedding/embedding",
+        "text_encoder/embeddings/position_embedding/embedding",
+        "text_encoder/encoder/layers/0/self_attn/q_proj/kernel",
+        "text_encoder/encoder/layers/0/mlp/fc1/kernel",
+        "text_encoder/encoder/layers/1/self_attn/q_proj/kernel",
+        "text_encoder/encoder/layers/11/mlp/fc2/bias",
+        "text_encoder/final_layer_norm/scale",
+        "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel",
+    ]
 
     def chosen(**kw):
         return [n for n in names if au.text_encoder_selection(**kw)(n)]
@@ -109,8 +122,13 @@ def _method(pipe, **kw):
         lambda f, x, t, e: em.original_model(graphdef, f)(x, t, e),
         lambda p, f, x: au.encode_embeddings(model(p, f).text_encoder, x),
         lambda p, f, ids: au.token_embeddings(model(p, f).text_encoder, ids),
-        pipe.scheduler, None, latent_shape=pipe.latent_shape,
-        vocab_size=pipe.model.text_encoder.config.vocab_size, num_inference_steps=3, **kw)
+        pipe.scheduler,
+        None,
+        latent_shape=pipe.latent_shape,
+        vocab_size=pipe.model.text_encoder.config.vocab_size,
+        num_inference_steps=3,
+        **kw,
+    )
     return method, graphdef, params, frozen
 
 
@@ -142,8 +160,9 @@ def test_attack_decreases_the_attack_objective(tiny_pipe):
 @pytest.mark.slow
 def test_retain_term_equals_an_independent_computation(tiny_pipe):
     gamma, eta = 0.7, 1.0
-    method, graphdef, params, frozen = _method(tiny_pipe, retain_weight=gamma, eta=eta,
-                                               retain_batch=2)
+    method, graphdef, params, frozen = _method(
+        tiny_pipe, retain_weight=gamma, eta=eta, retain_batch=2
+    )
     # A perturbed text encoder, so that the trained model differs from the original.
     keys = iter(jax.random.split(jax.random.key(5), len(jax.tree.leaves(params))))
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
@@ -153,8 +172,13 @@ def test_retain_term_equals_an_independent_computation(tiny_pipe):
     x = np.asarray(jax.random.normal(jax.random.key(6), (3, *tiny_pipe.latent_shape)))
     t = np.asarray([500, 120, 880], np.int32)
     trained = em.trained_model(graphdef, params, frozen)
-    prompts = {"x_e": au.token_embeddings(trained.text_encoder, jnp.asarray(ids_e)),
-               "c_e": c_e, "uncond": uncond, "ids_r": ids_r, "c_r": c_r}
+    prompts = {
+        "x_e": au.token_embeddings(trained.text_encoder, jnp.asarray(ids_e)),
+        "c_e": c_e,
+        "uncond": uncond,
+        "ids_r": ids_r,
+        "c_r": c_r,
+    }
     total, metrics = jax.jit(method.loss)(params, frozen, prompts, x, t)
 
     # Independent: the modules called directly, token ids through the ordinary text encoder.
@@ -164,8 +188,11 @@ def test_retain_term_equals_an_independent_computation(tiny_pipe):
         original = em.original_model(graphdef, frozen)
         emb = trained.text_encoder(jnp.asarray(np.concatenate([ids_e, ids_r])))
         pred = trained(x, t, emb["last_hidden_state"])
-        star = original(np.concatenate([x[:1], x]), np.concatenate([t[:1], t]),
-                        np.concatenate([uncond, c_e, c_r]))
+        star = original(
+            np.concatenate([x[:1], x]),
+            np.concatenate([t[:1], t]),
+            np.concatenate([uncond, c_e, c_r]),
+        )
         return pred, star
 
     pred, star = (np.asarray(a, np.float64) for a in independent(params, frozen))
@@ -180,11 +207,29 @@ def test_retain_term_equals_an_independent_computation(tiny_pipe):
 
 def test_make_advunlearn_rejects_bad_options():
     with pytest.raises(ValueError, match="attack_method='sgd'"):
-        au.make_advunlearn(None, None, None, None, None, None, latent_shape=(1, 1, 1),
-                           vocab_size=2, attack_method="sgd")
+        au.make_advunlearn(
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            latent_shape=(1, 1, 1),
+            vocab_size=2,
+            attack_method="sgd",
+        )
     with pytest.raises(ValueError, match="attack_init='zeros'"):
-        au.make_advunlearn(None, None, None, None, None, None, latent_shape=(1, 1, 1),
-                           vocab_size=2, attack_init="zeros")
+        au.make_advunlearn(
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            latent_shape=(1, 1, 1),
+            vocab_size=2,
+            attack_init="zeros",
+        )
 
 
 @pytest.mark.slow
@@ -240,9 +285,16 @@ def test_concept_prompts_are_the_template_forms_and_the_paper_keeps_the_bare_wor
     config.model.folder = tiny_folder
     ids = np.asarray(build(config, mesh).train_data["ids_e"])
     # One row per caption form that holds the erased colour (each once), none the bare word.
-    forms = ["a red"] + [f"a red {s}" + b for s in ("circle", "ellipse", "square", "triangle")
-                         for b in ("", " on a dotted background", " on a plain background",
-                                   " on a striped background")]
+    forms = ["a red"] + [
+        f"a red {s}" + b
+        for s in ("circle", "ellipse", "square", "triangle")
+        for b in (
+            "",
+            " on a dotted background",
+            " on a plain background",
+            " on a striped background",
+        )
+    ]
     np.testing.assert_array_equal(ids, np.asarray(pipe.tokenize(sorted(forms))))
     config.concepts.templates = ()  # the reference's: the concept word alone
     ids = np.asarray(build(config, mesh).train_data["ids_e"])

@@ -17,8 +17,10 @@ def test_reference_uce_equals_the_closed_form():
     from jaxsafe.erasure import closed_form
 
     r = np.random.default_rng(0)
-    kernels = {name: (0.1 * r.standard_normal((12, d))).astype(np.float32)
-               for name, d in (("a/to_k", 5), ("a/to_v", 7), ("b/to_k", 9))}
+    kernels = {
+        name: (0.1 * r.standard_normal((12, d))).astype(np.float32)
+        for name, d in (("a/to_k", 5), ("a/to_v", 7), ("b/to_k", 9))
+    }
     c_e, c_g = r.standard_normal((2, 4, 12)).astype(np.float32)
     c_p = r.standard_normal((10, 12)).astype(np.float32)
     kw = {"lam": 0.5, "erase_scale": 0.7, "preserve_scale": 0.3}

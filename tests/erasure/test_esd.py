@@ -30,7 +30,6 @@ def _embs(b=2, seed=0):
 
 
 class TargetTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_target_is_negative_guidance(self):
         r = np.random.default_rng(0)
@@ -42,9 +41,15 @@ class TargetTest(chex.TestCase):
     def test_eta_zero_and_c_from_c_e_gives_zero_loss_at_the_original(self):
         w = jnp.array([0.7, 1.3])
         eps = _toy_eps(w)
-        loss_fn = esd.make_esd_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e),
-                                    lambda f, x, t, e: eps(x, t, e), SCHED, eta=0.0,
-                                    source="trained", num_inference_steps=5, latent_shape=LATENT)
+        loss_fn = esd.make_esd_loss(
+            lambda p, f, x, t, e: _toy_eps(p)(x, t, e),
+            lambda f, x, t, e: eps(x, t, e),
+            SCHED,
+            eta=0.0,
+            source="trained",
+            num_inference_steps=5,
+            latent_shape=LATENT,
+        )
         batch = _embs()
         batch["c_from"] = batch["c_e"]
         loss, (metrics, _) = self.variant(loss_fn)(w, None, {}, batch, jax.random.key(0))
@@ -56,8 +61,13 @@ class TargetTest(chex.TestCase):
 def test_data_source_loss_equals_an_independent_computation():
     w_star, w = jnp.array([0.5, -0.4]), jnp.array([0.9, 0.2])
     star = _toy_eps(w_star)
-    loss_fn = esd.make_esd_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e),
-                                lambda f, x, t, e: star(x, t, e), SCHED, eta=1.5, source="data")
+    loss_fn = esd.make_esd_loss(
+        lambda p, f, x, t, e: _toy_eps(p)(x, t, e),
+        lambda f, x, t, e: star(x, t, e),
+        SCHED,
+        eta=1.5,
+        source="data",
+    )
     batch = _embs()
     batch["z0"] = np.random.default_rng(3).standard_normal((2, *LATENT)).astype(np.float32)
     rng = jax.random.key(11)
@@ -75,10 +85,12 @@ def test_data_source_loss_equals_an_independent_computation():
         return np.tanh(x_t * wv[0] + cm * wv[1] + t[:, None, None, None] / 1000.0)
 
     ws = np.asarray(w_star)
-    target = np_eps(ws, batch["c_from"]) - 1.5 * (np_eps(ws, batch["c_e"])
-                                                   - np_eps(ws, batch["uncond"]))
-    np.testing.assert_allclose(loss, np.mean((np_eps(np.asarray(w), batch["c_e"]) - target) ** 2),
-                               rtol=1e-4, atol=5e-6)
+    target = np_eps(ws, batch["c_from"]) - 1.5 * (
+        np_eps(ws, batch["c_e"]) - np_eps(ws, batch["uncond"])
+    )
+    np.testing.assert_allclose(
+        loss, np.mean((np_eps(np.asarray(w), batch["c_e"]) - target) ** 2), rtol=1e-4, atol=5e-6
+    )
 
 
 def test_without_c_from_the_guide_is_the_empty_prompt_in_two_frozen_rows_per_example():
@@ -91,8 +103,9 @@ def test_without_c_from_the_guide_is_the_empty_prompt_in_two_frozen_rows_per_exa
         rows.append(x.shape[0])
         return _toy_eps(w_star)(x, t, e)
 
-    loss_fn = esd.make_esd_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e), star, SCHED,
-                                eta=1.5, source="data")
+    loss_fn = esd.make_esd_loss(
+        lambda p, f, x, t, e: _toy_eps(p)(x, t, e), star, SCHED, eta=1.5, source="data"
+    )
     batch = _embs()
     batch["z0"] = np.random.default_rng(3).standard_normal((2, *LATENT)).astype(np.float32)
     guided, _ = loss_fn(w, None, {}, {**batch, "c_from": batch["uncond"]}, jax.random.key(5))
@@ -106,9 +119,14 @@ def test_without_c_from_the_guide_is_the_empty_prompt_in_two_frozen_rows_per_exa
 def test_gradient_flows_only_through_the_trained_prediction():
     """The target is stop-gradiented: d loss/dθ = 2/N Σ (ε_θ − target) dε_θ/dθ."""
     w_star = jnp.array([0.5, -0.4])
-    loss_fn = esd.make_esd_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e),
-                                lambda f, x, t, e: _toy_eps(f)(x, t, e), SCHED, source="trained",
-                                num_inference_steps=4, latent_shape=LATENT)
+    loss_fn = esd.make_esd_loss(
+        lambda p, f, x, t, e: _toy_eps(p)(x, t, e),
+        lambda f, x, t, e: _toy_eps(f)(x, t, e),
+        SCHED,
+        source="trained",
+        num_inference_steps=4,
+        latent_shape=LATENT,
+    )
     batch = _embs()
     g = jax.grad(lambda p: loss_fn(p, w_star, {}, batch, jax.random.key(2))[0])(w_star)
     # At θ = θ*, sampling by the trained model equals sampling by the frozen one, and with
@@ -125,7 +143,8 @@ def test_partial_sample_runs_n_guided_ddim_steps():
     prev = np.asarray(schedulers.previous_timesteps(SCHED, "ddim", N))
     for n in (0, 1, 4):
         x, t = jax.jit(esd.partial_sample, static_argnums=(0, 1, 6))(
-            eps, SCHED, x_T, e["c_e"], e["uncond"], guidance, N, n)
+            eps, SCHED, x_T, e["c_e"], e["uncond"], guidance, N, n
+        )
         ref = np.asarray(x_T)
         for i in range(n):  # hand-written guided DDIM (η = 0), eq. 12 of Song et al.
             tt = np.full((2,), ts[i])
@@ -149,7 +168,9 @@ def test_bad_source_and_missing_latent_shape():
 # ---------------------------------------------------------------------------- selections
 
 NAMES = [
-    "unet/conv_in/kernel", "unet/time_embedding/linear_1/kernel", "unet/conv_out/kernel",
+    "unet/conv_in/kernel",
+    "unet/time_embedding/linear_1/kernel",
+    "unet/conv_out/kernel",
     "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn1/to_q/kernel",
     "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_q/kernel",
     "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel",
@@ -157,18 +178,22 @@ NAMES = [
     "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_out/0/kernel",
     "unet/down_blocks/0/resnets/0/conv1/kernel",
     "text_encoder/encoder/layers/0/self_attn/k_proj/kernel",
-    "unet/conv_norm_out/scale", "unet/up_blocks/0/resnets/0/norm1/scale",
+    "unet/conv_norm_out/scale",
+    "unet/up_blocks/0/resnets/0/norm1/scale",
 ]
 
 
-@pytest.mark.parametrize("method,expected", [
-    ("xattn", {4, 5, 6, 7}),
-    ("xattn-strict", {5, 6}),
-    # ESD-u leaves out the output block (the reference's "out." names: norm and conv).
-    ("noxattn", {0, 3, 8, 11}),
-    ("selfattn", {3}),
-    ("full", set(range(9)) | {10, 11}),
-])
+@pytest.mark.parametrize(
+    "method,expected",
+    [
+        ("xattn", {4, 5, 6, 7}),
+        ("xattn-strict", {5, 6}),
+        # ESD-u leaves out the output block (the reference's "out." names: norm and conv).
+        ("noxattn", {0, 3, 8, 11}),
+        ("selfattn", {3}),
+        ("full", set(range(9)) | {10, 11}),
+    ],
+)
 def test_train_method_selections(method, expected):
     sel = ep.selection(method, "unet")
     assert {i for i, n in enumerate(NAMES) if sel(n)} == expected

@@ -15,10 +15,12 @@ def test_retained_captions_name_no_target_nor_synonym():
     assert not words & {"square", "box", "red"}
     assert {"circle", "orange", "triangle"} <= words  # the rest of the world stays in
     assert evaluation.retained_captions(["square"], 5, 0) != evaluation.retained_captions(
-        ["square"], 5, 1)
+        ["square"], 5, 1
+    )
     # Without targets they are the stream's own captions.
-    assert evaluation.retained_captions([], 3, 0) == [shapes.example(1, i)["caption"]
-                                                      for i in range(3)]
+    assert evaluation.retained_captions([], 3, 0) == [
+        shapes.example(1, i)["caption"] for i in range(3)
+    ]
 
 
 @pytest.mark.slow
@@ -34,8 +36,9 @@ def test_the_fd_compares_with_the_original_model_on_independent_seeds(tiny_pipe)
     gen = pipeline.generator(tiny_pipe, graphdef, **sampling)
     shift = evaluation.FID_SEED_OFFSET  # evaluated seeds + shift = the reference's seeds
     kw = dict(k=1, seed=0, fid_samples=24, sampling=sampling)
-    same = evaluation.evaluate(tiny_pipe, lambda c, s: gen((state,), c, np.asarray(s) + shift),
-                               ["red"], **kw)
+    same = evaluation.evaluate(
+        tiny_pipe, lambda c, s: gen((state,), c, np.asarray(s) + shift), ["red"], **kw
+    )
     floor = evaluation.evaluate(tiny_pipe, lambda c, s: gen((state,), c, s), ["red"], **kw)
     assert abs(same["oracle_fd"]) < 1e-3 < floor["oracle_fd"]
 
@@ -57,9 +60,13 @@ def test_one_generator_per_model_folder_and_settings_with_the_weights_as_argumen
     # generator of that state draws.
     edited = jax.tree.map(lambda x: x * 0.9, sa)
     fresh = pipeline.make_generator(
-        a, lambda s, x, t, e: nnx.merge(ga, *s)(x, t, e),
-        lambda s, ids: nnx.merge(ga, *s).encode(ids), **sampling)
+        a,
+        lambda s, x, t, e: nnx.merge(ga, *s)(x, t, e),
+        lambda s, ids: nnx.merge(ga, *s).encode(ids),
+        **sampling,
+    )
     caps, seeds = ["a red square", "a blue circle"], np.array([1, 2])
-    np.testing.assert_allclose(gen((edited,), caps, seeds), fresh((edited,), caps, seeds),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        gen((edited,), caps, seeds), fresh((edited,), caps, seeds), rtol=1e-5, atol=1e-5
+    )
     assert not np.allclose(gen((edited,), caps, seeds), gen((sa,), caps, seeds), atol=1e-3)

@@ -59,8 +59,9 @@ def test_uce_edits_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
     c.eval.enabled = False
     summary = erase(c, str(tmp_path))
     changed = _changed(_weights(tiny_folder, UNET), _weights(summary["export"], UNET))
-    assert changed == {k for k in _weights(tiny_folder, UNET)
-                       if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert changed == {
+        k for k in _weights(tiny_folder, UNET) if ".attn2.to_k." in k or ".attn2.to_v." in k
+    }
     assert summary["edited_tensors"] == len(changed)
     # The export is a complete test-bed folder: it loads, with its tokenizer and latent map.
     from jaxsafe.diffusion import pipeline
@@ -91,8 +92,14 @@ def test_save_is_atomic_on_failure(tiny_pipe, tmp_path):
 
 
 def test_launcher_cli_rejects_a_misspelt_override(tmp_path):
-    cmd = [sys.executable, "-m", "launch.erase", "--config=configs/erasure/uce.py:smoke",
-           f"--workdir={tmp_path}", "--config.uce.lamb=0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.erase",
+        "--config=configs/erasure/uce.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.uce.lamb=0.1",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "lamb" in r.stderr
@@ -119,8 +126,10 @@ def test_uce_erases_the_target_on_the_trained_test_bed(tmp_path):
     assert after["target_accuracy"] <= before["target_accuracy"] - 0.4
     assert after["near_accuracy"] >= before["near_accuracy"] - 0.15
     colours = ("green", "blue")
-    assert np.mean([after[f"acc/{w}"] for w in colours]) >= np.mean(
-        [before[f"acc/{w}"] for w in colours]) - 0.15
+    assert (
+        np.mean([after[f"acc/{w}"] for w in colours])
+        >= np.mean([before[f"acc/{w}"] for w in colours]) - 0.15
+    )
 
 
 def test_erasure_table_groups_concepts_and_tabulates_seeds(tmp_path):
@@ -128,8 +137,14 @@ def test_erasure_table_groups_concepts_and_tabulates_seeds(tmp_path):
 
     acc = {"circle": 0.1, "ellipse": 0.3, "square": 1.0, "box": 0.5, "triangle": 1.0}
     acc |= {w: 0.8 for w in ("red", "orange", "green", "blue", "plain", "striped", "dotted")}
-    s = {"experiment": "erase_uce", "variant": "cpu", "erase_seconds": 2.0, "run_seconds": 9.0,
-         "oracle_fd": 3.5, **{f"acc/{w}": v for w, v in acc.items()}}
+    s = {
+        "experiment": "erase_uce",
+        "variant": "cpu",
+        "erase_seconds": 2.0,
+        "run_seconds": 9.0,
+        "oracle_fd": 3.5,
+        **{f"acc/{w}": v for w, v in acc.items()},
+    }
     v = et.row_values(s, ["circle"])
     # circle: no synonym; near = ellipse; the other concepts: every remaining word.
     others = [acc[w] for w in acc if w not in ("circle", "ellipse")]
@@ -151,30 +166,47 @@ def test_erasure_table_groups_concepts_and_tabulates_seeds(tmp_path):
     cells = [c.strip() for c in uce.split("|")[1:-1]]
     sd = np.std([0.1, 0.3], ddof=1)
     assert cells[:3] == ["UCE", "2", f"0.20 ± {sd:.2f}"]
-    assert cells[6:8] == [f"14.0 ± {np.std([13, 15], ddof=1):.1f}",
-                          f"4.0 ± {np.std([3, 5], ddof=1):.1f}"]
+    assert cells[6:8] == [
+        f"14.0 ± {np.std([13, 15], ddof=1):.1f}",
+        f"4.0 ± {np.std([3, 5], ddof=1):.1f}",
+    ]
     # erased 0.2 ≤ 0.2 and the other concepts' mean 0.81 ≥ 0.8: the criterion is met.
     assert cells[-1] == "yes" and "| SPM " not in text  # SPM has no runs
     assert "| original " in text and et.runs(["colours"], ["SafeGen", "UCE"], [0]) == [
-        ("colours", "UCE", 0)]
+        ("colours", "UCE", 0)
+    ]
     assert et.runs(["red", "circle"], ["UCE"], [0, 1]) == [
-        ("red", "UCE", 0), ("circle", "UCE", 0), ("red", "UCE", 1), ("circle", "UCE", 1)]
-
+        ("red", "UCE", 0),
+        ("circle", "UCE", 0),
+        ("red", "UCE", 1),
+        ("circle", "UCE", 1),
+    ]
 
 
 def test_erasure_table_overrides_set_config_fields_and_name_the_run_folder(tmp_path):
     from launch import erasure_table as et
 
-    over = et.parse_overrides(["optimizer.lr=6e-4", "safree.negative_prompt=", "safree.svf=False",
-                               "esd.train_method=xattn"])
-    assert over == {"optimizer.lr": 6e-4, "safree.negative_prompt": "", "safree.svf": False,
-                    "esd.train_method": "xattn"}
+    over = et.parse_overrides(
+        [
+            "optimizer.lr=6e-4",
+            "safree.negative_prompt=",
+            "safree.svf=False",
+            "esd.train_method=xattn",
+        ]
+    )
+    assert over == {
+        "optimizer.lr": 6e-4,
+        "safree.negative_prompt": "",
+        "safree.svf": False,
+        "esd.train_method": "xattn",
+    }
     c = et.config_for("ESD-u", "circle", 2, overrides={"optimizer.lr": 1})
     # An int given for a float field stays a float; the setting and the seed are the table's.
     assert c.optimizer.lr == 1.0 and isinstance(c.optimizer.lr, float)
     assert (c.concepts.erase, c.train.seed, c.eval.seed) == (("circle",), 2, 2)
     assert et.method_dir("ESD-u", {"optimizer.lr": 6e-4, "a.b": "x/y"}) == (
-        "ESD-u[optimizer.lr=0.0006][a.b=x_y]")
+        "ESD-u[optimizer.lr=0.0006][a.b=x_y]"
+    )
     with pytest.raises(ValueError, match="--set optimizer.nope: ESD-u's config has no such field"):
         et.config_for("ESD-u", "red", 0, overrides={"optimizer.nope": 1})
     with pytest.raises(ValueError, match="--set 'lr': expected key=value"):
@@ -183,10 +215,12 @@ def test_erasure_table_overrides_set_config_fields_and_name_the_run_folder(tmp_p
     doc.write_text("# Tuning\n\n")
     et.write_doc(str(doc), "cmd one", "about", "| t1 |", append=True)
     et.write_doc(str(doc), "cmd two", "about", "| t2 |", append=True)
-    assert doc.read_text() == ("# Tuning\n\n```\ncmd one\n```\n\nabout\n\n| t1 |\n\n"
-                               "```\ncmd two\n```\n\nabout\n\n| t2 |\n")
+    assert doc.read_text() == (
+        "# Tuning\n\n```\ncmd one\n```\n\nabout\n\n| t1 |\n\n```\ncmd two\n```\n\nabout\n\n| t2 |\n"
+    )
     et.write_doc(str(doc), "cmd", "about", "| t |")
     assert doc.read_text().startswith("# Test-bed erasure table\n\nProduced by\n\n```\ncmd\n")
+
 
 @pytest.mark.slow
 def test_heldout_loss_leaves_out_the_erased_concepts(tiny_pipe):
@@ -199,12 +233,14 @@ def test_heldout_loss_leaves_out_the_erased_concepts(tiny_pipe):
     encode = lambda st, ids: nnx.merge(g, *st).encode(ids)  # noqa: E731
     # Every image has a colour: excluding all of them leaves nothing to measure on.
     with pytest.raises(ValueError, match="only 0 of 128 held-out images are free of"):
-        evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=8,
-                              exclude=["red", "orange", "green", "blue"])
+        evaluation.heldout_loss(
+            tiny_pipe, apply, encode, (s,), n=8, exclude=["red", "orange", "green", "blue"]
+        )
     full = evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=8)
     # Two colours out of four leave about half of the images: more candidates are drawn.
-    assert np.isfinite(evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=64,
-                                               exclude=["red", "green"]))
+    assert np.isfinite(
+        evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=64, exclude=["red", "green"])
+    )
     assert evaluation.heldout_loss(tiny_pipe, apply, encode, (s,), n=8, exclude=["red"]) != full
 
 

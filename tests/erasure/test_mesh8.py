@@ -50,27 +50,47 @@ print("RESULTS " + json.dumps(results))
 def _run(tmp_path, methods):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), *methods],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
-                       check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), *methods],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     line = next(x for x in p.stdout.splitlines() if x.startswith("RESULTS "))
     return json.loads(line.removeprefix("RESULTS "))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("methods", [("esd", "spm", "safegen"), ("advunlearn", "trce", "sfd"),
-                                     ("uce", "rece", "safree", "original")])
+@pytest.mark.parametrize(
+    "methods",
+    [
+        ("esd", "spm", "safegen"),
+        ("advunlearn", "trce", "sfd"),
+        ("uce", "rece", "safree", "original"),
+    ],
+)
 def test_every_method_runs_on_eight_devices(tmp_path, methods):
     """Each method's 8-device run edits exactly the network it is meant to (the UNet; the text
     encoder for AdvUnlearn; nothing for SAFREE, whose filter acts at sampling, SPM, whose
     adapters ship in their own file, and the original) and reports the test-bed metrics."""
     results = _run(tmp_path, methods)
     assert sorted(results) == sorted(methods)
-    expected = {"esd": ["unet"], "safegen": ["unet"], "trce": ["unet"], "uce": ["unet"],
-                "rece": ["unet"], "advunlearn": ["text_encoder"], "sfd": ["unet"], "spm": [],
-                "safree": [],
-                "original": []}
+    expected = {
+        "esd": ["unet"],
+        "safegen": ["unet"],
+        "trce": ["unet"],
+        "uce": ["unet"],
+        "rece": ["unet"],
+        "advunlearn": ["text_encoder"],
+        "sfd": ["unet"],
+        "spm": [],
+        "safree": [],
+        "original": [],
+    }
     assert {m: r["changed"] for m, r in results.items()} == {m: expected[m] for m in methods}
     for m, r in results.items():
         assert os.path.isdir(r["export"]), m

@@ -8,19 +8,28 @@ from jaxsafe.erasure import prompts
 
 def test_articles_agree_with_the_next_word():
     assert prompts.fix_articles("a  orange circle on a plain background") == (
-        "an orange circle on a plain background")
+        "an orange circle on a plain background"
+    )
     assert prompts.fix_articles("an red") == "a red"
     assert prompts.fix_articles("a ellipse") == "an ellipse"
 
 
 def test_expand_and_pairs_follow_the_templates():
     tpl = ("a {}", "a {} circle")
-    assert prompts.expand(tpl, ["red", "orange"]) == ["a red", "a red circle", "an orange",
-                                                        "an orange circle"]
+    assert prompts.expand(tpl, ["red", "orange"]) == [
+        "a red",
+        "a red circle",
+        "an orange",
+        "an orange circle",
+    ]
     assert prompts.expand((), ["red"]) == ["red"]
     c = ml_collections.ConfigDict(dict(erase=("red", "blue"), guide=("",), templates=tpl))
-    assert prompts.prompt_pairs(c) == [("a red", "a"), ("a red circle", "a circle"),
-                                        ("a blue", "a"), ("a blue circle", "a circle")]
+    assert prompts.prompt_pairs(c) == [
+        ("a red", "a"),
+        ("a red circle", "a circle"),
+        ("a blue", "a"),
+        ("a blue circle", "a circle"),
+    ]
     c.guide = ("green", "orange")
     assert prompts.prompt_pairs(c)[3] == ("a blue circle", "an orange circle")
     c.guide = ("green", "orange", "blue")
@@ -32,11 +41,19 @@ def test_testbed_templates_follow_the_concept_attribute():
     from jaxsafe.data import shapes
 
     tok = shapes.tokenizer()
-    c = ml_collections.ConfigDict(dict(erase=("red",), guide=("",), templates=("{testbed}",),
-                                       preserve=("{same_attribute}", "a box")))
+    c = ml_collections.ConfigDict(
+        dict(
+            erase=("red",),
+            guide=("",),
+            templates=("{testbed}",),
+            preserve=("{same_attribute}", "a box"),
+        )
+    )
     pairs = prompts.prompt_pairs(c)
-    assert ("a red", "a") in pairs and ("a red circle on a plain background",
-                                        "a circle on a plain background") in pairs
+    assert ("a red", "a") in pairs and (
+        "a red circle on a plain background",
+        "a circle on a plain background",
+    ) in pairs
     assert len(pairs) == 1 + 4 + 4 * 3
     assert prompts.preserve_words(c) == ["orange", "green", "blue", "a box"]
     c.erase = ("square",)

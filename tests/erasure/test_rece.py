@@ -15,8 +15,7 @@ def _kernels(seed=0, d_in=6, d_outs=(4, 5, 7), scale=1.0):
     """Flax kernels K = Wᵀ (d_in, d_out) of a few projections, and perturbed 'edited' copies."""
     r = np.random.default_rng(seed)
     orig = {f"l{i}": r.standard_normal((d_in, d)).astype(np.float32) for i, d in enumerate(d_outs)}
-    edited = {k: v + scale * r.standard_normal(v.shape).astype(np.float32)
-              for k, v in orig.items()}
+    edited = {k: v + scale * r.standard_normal(v.shape).astype(np.float32) for k, v in orig.items()}
     return edited, orig
 
 
@@ -25,14 +24,14 @@ def _rows(seed, n, d):
 
 
 class AdversarialEmbeddingTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_solves_its_normal_equations_and_equals_a_regularised_lstsq(self):
         K, K0 = _kernels(0)
         c = _rows(1, 3, 6)
         lam = 0.3
-        c_adv = np.asarray(self.variant(lambda k, c_: rece.adversarial_embedding(k, K0, c_, lam))(
-            K, c), np.float64)
+        c_adv = np.asarray(
+            self.variant(lambda k, c_: rece.adversarial_embedding(k, K0, c_, lam))(K, c), np.float64
+        )
         chex.assert_shape(c_adv, (3, 6))
         # The normal equations (Σ WᵀW + λI) c' = Σ WᵀW* c, with W = Kᵀ, in float64.
         W = {k: v.T.astype(np.float64) for k, v in K.items()}
@@ -58,23 +57,29 @@ class AdversarialEmbeddingTest(chex.TestCase):
         with jax.enable_x64(True):
             K64 = {k: v.astype(np.float64) for k, v in K0.items()}
             out = self.variant(lambda k, c_: rece.adversarial_embedding(k, k, c_, 1e-10))(
-                K64, c.astype(np.float64))
+                K64, c.astype(np.float64)
+            )
             np.testing.assert_allclose(out, c, atol=1e-7)
 
     def test_lambda_shrinks_towards_zero(self):
         K, K0 = _kernels(4)
         c = _rows(5, 2, 6)
-        norms = [np.linalg.norm(rece.adversarial_embedding(K, K0, c, lam))
-                 for lam in (0.0, 1.0, 1e2, 1e6)]
+        norms = [
+            np.linalg.norm(rece.adversarial_embedding(K, K0, c, lam))
+            for lam in (0.0, 1.0, 1e2, 1e6)
+        ]
         assert norms[0] > norms[1] > norms[2] > norms[3] and norms[3] < 1e-3 * norms[0]
 
 
-@pytest.mark.parametrize("change,error", [
-    (lambda K, K0, c: ({**K, "extra": K["l0"]}, K0, c), "must name the same projections"),
-    (lambda K, K0, c: ({**K, "l1": K["l1"][:, :2]}, K0, c), "expected matching (d_in, d_out)"),
-    (lambda K, K0, c: (K, K0, c[:, :5]), "c: expected (n, 6) embedding rows"),
-    (lambda K, K0, c: ({}, {}, c), "kernels: expected at least one"),
-])
+@pytest.mark.parametrize(
+    "change,error",
+    [
+        (lambda K, K0, c: ({**K, "extra": K["l0"]}, K0, c), "must name the same projections"),
+        (lambda K, K0, c: ({**K, "l1": K["l1"][:, :2]}, K0, c), "expected matching (d_in, d_out)"),
+        (lambda K, K0, c: (K, K0, c[:, :5]), "c: expected (n, 6) embedding rows"),
+        (lambda K, K0, c: ({}, {}, c), "kernels: expected at least one"),
+    ],
+)
 def test_bad_arguments_are_named(change, error):
     K, K0 = _kernels(6)
     with pytest.raises(ValueError, match=error.replace("(", r"\(").replace(")", r"\)")):
@@ -87,8 +92,9 @@ def test_a_round_is_the_uce_edit_of_the_adversarial_rows():
     K, K0 = _kernels(8)
     c_e, c_g, c_p = _rows(9, 2, 6), _rows(10, 2, 6), _rows(11, 3, 6)
     new, c_adv = rece.rece_round(K, K0, c_e, c_g, c_p, lam_emb=0.1, lam=0.1, preserve_scale=0.1)
-    np.testing.assert_allclose(c_adv, rece.adversarial_embedding(K, K0, c_e, 0.1), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        c_adv, rece.adversarial_embedding(K, K0, c_e, 0.1), rtol=1e-6, atol=1e-6
+    )
     ref = closed_form.uce_edit(K, c_adv, c_g, c_p, erase_scale=1.0, preserve_scale=0.1, lam=0.1)
     for k in K:
         np.testing.assert_allclose(new[k], ref[k], rtol=1e-5, atol=1e-6)
@@ -143,9 +149,17 @@ def test_iterate_keeps_the_round_the_callback_scores_best():
     # An inadmissible best round is skipped; the last is kept in "last" mode; without a
     # callback the last round is kept.
     seen.clear()
-    res = rece.iterate(K, K0, c_e, c_g, c_p, rounds=3, select="min",
-                       score=lambda k: (wanted[len(seen)], seen.append(1) or len(seen) != 3),
-                       **kw)
+    res = rece.iterate(
+        K,
+        K0,
+        c_e,
+        c_g,
+        c_p,
+        rounds=3,
+        select="min",
+        score=lambda k: (wanted[len(seen)], seen.append(1) or len(seen) != 3),
+        **kw,
+    )
     assert res.best_round == 1
     seen.clear()
     res = rece.iterate(K, K0, c_e, c_g, c_p, rounds=3, score=score, select="last", **kw)
@@ -159,8 +173,17 @@ def test_iterate_keeps_the_round_the_callback_scores_best():
 def test_iterate_stops_when_the_score_reaches_stop_at():
     K, K0 = _kernels(16)
     wanted = iter([0.5, 0.25, 0.0, 0.3, 0.1])
-    res = rece.iterate(K, K0, _rows(17, 2, 6), _rows(18, 2, 6), rounds=4, lam_emb=0.1,
-                       score=lambda k: next(wanted), select="min", stop_at=0.0)
+    res = rece.iterate(
+        K,
+        K0,
+        _rows(17, 2, 6),
+        _rows(18, 2, 6),
+        rounds=4,
+        lam_emb=0.1,
+        score=lambda k: next(wanted),
+        select="min",
+        stop_at=0.0,
+    )
     assert res.scores == [0.5, 0.25, 0.0] and res.best_round == 2
 
 
@@ -179,8 +202,7 @@ def test_experiment_keeps_the_user_scorers_best_round(tiny_folder, tmp_path, mon
         snapshots.append({n: np.asarray(v) for n, v in em.kernels(pipe.model).items()})
         return scores[len(snapshots) - 1]
 
-    monkeypatch.setitem(sys.modules, "_rece_test_scorer",
-                        types.SimpleNamespace(score=score))
+    monkeypatch.setitem(sys.modules, "_rece_test_scorer", types.SimpleNamespace(score=score))
     c = rece_config.get_config("smoke")
     c.model.folder = tiny_folder
     c.eval.enabled = False

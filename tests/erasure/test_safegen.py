@@ -28,17 +28,18 @@ def _latents(seed=0):
 
 
 class MosaicTargetTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_paper_target_denoises_the_unsafe_latent_to_the_mosaic(self):
         z_u, z_m, eps = _latents()
         t = jnp.array([0, 258, 999])
         target = self.variant(lambda *a: safegen.mosaic_target(SCHED, *a, "paper"))(
-            z_u, z_m, eps, t)
+            z_u, z_m, eps, t
+        )
         ab = _np_alpha_bar(np.asarray(t))
         # (float32 ᾱ_0 = 0.9999 carries 1 − ᾱ_0 to ~1e-3 relative: the rtol.)
-        np.testing.assert_allclose(target, eps + np.sqrt(ab / (1 - ab)) * (z_u - z_m),
-                                   rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            target, eps + np.sqrt(ab / (1 - ab)) * (z_u - z_m), rtol=1e-3, atol=1e-4
+        )
         # Its x̂_0 at x_t = √ᾱ z_u + √(1−ᾱ) ε is the mosaic, at every t. (x̂_0 divides by
         # √ᾱ_999 ≈ 0.0064: float32 rounding of x_t, |x_t| ~ 4, is amplified ~160×.)
         x_t = schedulers.add_noise(SCHED, z_u, eps, t)
@@ -49,11 +50,13 @@ class MosaicTargetTest(chex.TestCase):
         z_u, z_m, eps = _latents(1)
         t = jnp.array([10, 258, 900])
         target = self.variant(lambda *a: safegen.mosaic_target(SCHED, *a, "reference"))(
-            z_u, z_m, eps, t)
+            z_u, z_m, eps, t
+        )
         np.testing.assert_allclose(target, eps + z_u - z_m, rtol=1e-6, atol=1e-6)
         # ... so its x̂_0 is the mosaic only where ᾱ_t = 1/2 (t = 258 on this schedule).
-        x0 = np.asarray(schedulers.predict_x0(SCHED, schedulers.add_noise(SCHED, z_u, eps, t),
-                                              target, t))
+        x0 = np.asarray(
+            schedulers.predict_x0(SCHED, schedulers.add_noise(SCHED, z_u, eps, t), target, t)
+        )
         ab = _np_alpha_bar(np.asarray(t))
         # |x0| up to ~200 at t = 900, float32 rounding amplified by 1/√ᾱ_900 ≈ 60.
         np.testing.assert_allclose(x0, z_u - np.sqrt((1 - ab) / ab) * (z_u - z_m), atol=3e-4)
@@ -69,7 +72,10 @@ class MosaicTargetTest(chex.TestCase):
         ab = _np_alpha_bar(np.asarray(t))
         np.testing.assert_allclose(
             safegen.mosaic_target(v_sched, z_u, z_m, eps, t, "reference"),
-            np.sqrt(ab) * eps - np.sqrt(1 - ab) * (z_u - z_m), rtol=1e-5, atol=1e-5)
+            np.sqrt(ab) * eps - np.sqrt(1 - ab) * (z_u - z_m),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
     def test_bad_arguments(self):
         z_u, z_m, eps = _latents()
@@ -86,10 +92,13 @@ def test_pixelate_is_the_block_mean():
     out = np.asarray(safegen.pixelate(jnp.asarray(x), 4))
     for i in range(2):
         for j in range(2):
-            block = x[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
-            np.testing.assert_allclose(out[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4],
-                                       np.broadcast_to(block.mean((1, 2), keepdims=True),
-                                                       block.shape), rtol=1e-6, atol=1e-6)
+            block = x[:, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4]
+            np.testing.assert_allclose(
+                out[:, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4],
+                np.broadcast_to(block.mean((1, 2), keepdims=True), block.shape),
+                rtol=1e-6,
+                atol=1e-6,
+            )
 
 
 def _toy_eps(w):
@@ -104,15 +113,20 @@ def _toy_eps(w):
 
 @pytest.mark.parametrize("target", ["default", "paper", "reference"])
 def test_loss_equals_an_independent_numpy_computation(target):
-    """"default": the loss and the config as shipped, whose target must be the authors' training
+    """ "default": the loss and the config as shipped, whose target must be the authors' training
     script's ε_m = ε + (z_u − z_m); the unconditional prompt tiled to 8 rows (a mesh's shards)
     must act as the one row."""
     from configs.erasure import safegen as safegen_config
 
     w = jnp.array([0.8, -0.3])
     kw = {} if target == "default" else {"target": target}
-    loss_fn = safegen.make_safegen_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e), SCHED,
-                                        weight_mosaic=0.1, weight_preserve=0.9, **kw)
+    loss_fn = safegen.make_safegen_loss(
+        lambda p, f, x, t, e: _toy_eps(p)(x, t, e),
+        SCHED,
+        weight_mosaic=0.1,
+        weight_preserve=0.9,
+        **kw,
+    )
     if target == "default":
         assert safegen_config.get_config().safegen.target == "reference"
         assert safegen_config.get_config("cpu").safegen.target == "reference"
@@ -150,16 +164,22 @@ def test_loss_equals_an_independent_numpy_computation(target):
 @pytest.mark.slow
 def test_minibatches_are_drawn_from_the_pools_and_gradients_flow():
     w = jnp.array([0.8, -0.3])
-    loss_fn = safegen.make_safegen_loss(lambda p, f, x, t, e: _toy_eps(p)(x, t, e), SCHED,
-                                        batch_size=5)
+    loss_fn = safegen.make_safegen_loss(
+        lambda p, f, x, t, e: _toy_eps(p)(x, t, e), SCHED, batch_size=5
+    )
     z_u, z_m, _ = _latents(6)
-    batch = {"z_unsafe": z_u, "z_mosaic": z_m, "z_normal": np.zeros((7, 4, 4, 2), np.float32),
-             "uncond": np.zeros((1, 3, 5), np.float32)}
+    batch = {
+        "z_unsafe": z_u,
+        "z_mosaic": z_m,
+        "z_normal": np.zeros((7, 4, 4, 2), np.float32),
+        "uncond": np.zeros((1, 3, 5), np.float32),
+    }
     g = jax.grad(lambda p: loss_fn(p, None, {}, batch, jax.random.key(0))[0])(w)
     assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
     with pytest.raises(ValueError, match="one row per triplet"):
-        safegen.make_safegen_loss(lambda p, f, x, t, e: x, SCHED)(w, None, {}, batch,
-                                                                   jax.random.key(0))
+        safegen.make_safegen_loss(lambda p, f, x, t, e: x, SCHED)(
+            w, None, {}, batch, jax.random.key(0)
+        )
 
 
 def test_testbed_triplets_show_the_concept_its_mosaic_and_no_concept():
@@ -174,14 +194,16 @@ def test_testbed_triplets_show_the_concept_its_mosaic_and_no_concept():
     square = shapes.CONCEPTS["square"][1]
     assert np.all(oracle_predict(oracle, u)[:, 0] == square)
     assert np.all(oracle_predict(oracle, n)[:, 0] != square)
-    np.testing.assert_allclose(m, np.asarray(safegen.pixelate(jnp.asarray(u), 16)),
-                               atol=0)  # exact: censor() makes m by this very pixelate call
+    np.testing.assert_allclose(
+        m, np.asarray(safegen.pixelate(jnp.asarray(u), 16)), atol=0
+    )  # exact: censor() makes m by this very pixelate call
     # For a colour concept the mosaic is grey as well: equal channels, the pixelation's luminance.
     u, m, _ = testbed_images(["red"], 4, "grey_mosaic", 4)
     assert np.all(oracle_predict(oracle, u)[:, 1] == shapes.CONCEPTS["red"][1])
     p = np.asarray(safegen.pixelate(jnp.asarray(u), 4))
-    np.testing.assert_allclose(m[..., 0], 0.299 * p[..., 0] + 0.587 * p[..., 1] + 0.114 * p[..., 2],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        m[..., 0], 0.299 * p[..., 0] + 0.587 * p[..., 1] + 0.114 * p[..., 2], atol=1e-6
+    )
     np.testing.assert_array_equal(m[..., 0], m[..., 2])
 
 
@@ -219,8 +241,9 @@ def test_a_csv_manifest_of_triplets_is_read_resized_and_centre_cropped(tmp_path)
     for name, size in (("u.png", (48, 32)), ("m.png", (32, 32)), ("n.png", (32, 64))):
         imgs[name] = r.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(imgs[name]).save(tmp_path / name)
-    (tmp_path / "meta.csv").write_text("nude_image_path,mos_image_path,norm_image_path\n"
-                                       "u.png,m.png,n.png\n")
+    (tmp_path / "meta.csv").write_text(
+        "nude_image_path,mos_image_path,norm_image_path\nu.png,m.png,n.png\n"
+    )
     u, m, n = manifest_images(str(tmp_path / "meta.csv"), 32)
     assert u.shape == m.shape == n.shape == (1, 32, 32, 3)
     np.testing.assert_allclose(m[0], imgs["m.png"] / 127.5 - 1.0, atol=1e-6)  # already 32²

@@ -22,7 +22,6 @@ def _unit(v):
 
 
 class ProjectorTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_projector_matches_the_pseudo_inverse_formula(self):
         E = np.random.default_rng(0).standard_normal((2, 3, D))
@@ -32,12 +31,12 @@ class ProjectorTest(chex.TestCase):
             ref = E[b].T @ np.linalg.pinv(E[b] @ E[b].T) @ E[b]
             np.testing.assert_allclose(P[b], ref, atol=1e-5)
             np.testing.assert_allclose(P[b] @ P[b], P[b], atol=1e-5)
-        assert np.isclose(np.trace(P[0]), 3, atol=1e-4) and np.isclose(np.trace(P[1]), 2,
-                                                                        atol=1e-4)
+        assert np.isclose(np.trace(P[0]), 3, atol=1e-4) and np.isclose(np.trace(P[1]), 2, atol=1e-4)
 
     def test_all_zero_rows_give_the_zero_projector(self):
-        np.testing.assert_array_equal(safree.subspace_projector(jnp.zeros((4, D))),
-                                      np.zeros((D, D)))
+        np.testing.assert_array_equal(
+            safree.subspace_projector(jnp.zeros((4, D))), np.zeros((D, D))
+        )
 
 
 def _constructed_prompt(toxic_at=2, n_words=4, L=8, seed=0):
@@ -56,17 +55,21 @@ def _constructed_prompt(toxic_at=2, n_words=4, L=8, seed=0):
     for i in range(1, n_words + 1):
         p_masked[0, i] = _unit(base + words.sum(0) - words[i - 1])
     emb = r.standard_normal((1, L, D))
-    return (emb.astype(np.float32), p_masked.astype(np.float32), np.array([n_words + 2]),
-            C.astype(np.float32))
+    return (
+        emb.astype(np.float32),
+        p_masked.astype(np.float32),
+        np.array([n_words + 2]),
+        C.astype(np.float32),
+    )
 
 
 class TriggerTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_an_injected_toxic_token_is_flagged(self):
         emb, p_masked, lengths, C = _constructed_prompt(toxic_at=3)
         out = self.variant(lambda *a: safree.safree_filter(*a, alpha=0.01))(
-            emb, p_masked, lengths, C)
+            emb, p_masked, lengths, C
+        )
         # Positions: SOT, four words (the third is toxic), EOT, padding.
         np.testing.assert_array_equal(out["trigger"][0], [0, 0, 0, 1, 0, 0, 0, 0])
         # Independent: d_i = ‖(I − P_C) p̄_i‖ = ‖p̄_i[2:]‖ here, and the rule against the others.
@@ -95,7 +98,8 @@ class TriggerTest(chex.TestCase):
         C = r.standard_normal((K, D)).astype(np.float32)
         lengths = np.array([9, 5, 7])
         out = self.variant(lambda *a: safree.safree_filter(*a, alpha=-0.5))(
-            emb, p_masked, lengths, C)
+            emb, p_masked, lengths, C
+        )
         m, filt = np.asarray(out["trigger"]), np.asarray(out["embedding"])
         assert m.any() and not m.all()
         basis = np.linalg.qr(C.T)[0]  # orthonormal basis of the toxic subspace
@@ -104,7 +108,7 @@ class TriggerTest(chex.TestCase):
         np.testing.assert_array_equal(filt[~m], emb[~m])
         # The projection itself: (I − P_C) P_I p, with P_I from the masked word rows.
         for b in range(B):
-            Em = p_masked[b, 1:lengths[b] - 1].astype(np.float64)
+            Em = p_masked[b, 1 : lengths[b] - 1].astype(np.float64)
             P_I = Em.T @ np.linalg.pinv(Em @ Em.T) @ Em
             P_C = C.T @ np.linalg.pinv(C @ C.T) @ C
             ref = (emb[b] @ P_I) @ (np.eye(D) - P_C)
@@ -120,7 +124,6 @@ def _np_f_beta(z, upperbound=10):
 
 
 class SelfValidatingFilterTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     @pytest.mark.slow
     def test_step_count_matches_an_independent_computation(self):
@@ -135,8 +138,10 @@ class SelfValidatingFilterTest(chex.TestCase):
         proj = np.asarray(out["projected"], np.float64)
         for b in range(B):
             n = lengths[b]  # attended positions: SOT, words, EOT
-            cos = [proj[b, j] @ emb[b, j] / np.linalg.norm(proj[b, j]) / np.linalg.norm(emb[b, j])
-                   for j in range(n)]
+            cos = [
+                proj[b, j] @ emb[b, j] / np.linalg.norm(proj[b, j]) / np.linalg.norm(emb[b, j])
+                for j in range(n)
+            ]
             beta = 1 - np.mean(cos)
             np.testing.assert_allclose(out["beta"][b], beta, atol=1e-5)
             assert steps[b] == _np_f_beta(beta)
@@ -166,14 +171,17 @@ def test_the_sampler_switches_from_filtered_to_original_after_the_last_filtered_
 
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match=r"C must be \(K, D\) with D = 16"):
-        safree.safree_filter(np.zeros((1, 4, 16)), np.zeros((1, 4, 16)), np.array([4]),
-                             np.zeros((2, 8)))
+        safree.safree_filter(
+            np.zeros((1, 4, 16)), np.zeros((1, 4, 16)), np.array([4]), np.zeros((2, 8))
+        )
     with pytest.raises(ValueError, match="emb and p_masked must both be"):
-        safree.safree_filter(np.zeros((1, 4, 16)), np.zeros((1, 5, 16)), np.array([4]),
-                             np.zeros((2, 16)))
+        safree.safree_filter(
+            np.zeros((1, 4, 16)), np.zeros((1, 5, 16)), np.array([4]), np.zeros((2, 16))
+        )
     with pytest.raises(ValueError, match=r"lengths must be \(1,\)"):
-        safree.safree_filter(np.zeros((1, 4, 16)), np.zeros((1, 4, 16)), np.array([4, 4]),
-                             np.zeros((2, 16)))
+        safree.safree_filter(
+            np.zeros((1, 4, 16)), np.zeros((1, 4, 16)), np.array([4, 4]), np.zeros((2, 16))
+        )
 
 
 @pytest.mark.slow
@@ -219,22 +227,39 @@ def test_the_negative_prompt_is_guidance_against_its_plain_embedding(tiny_pipe):
     c.concepts.erase = ("square",)
     assert erase_safree.negative_prompt(c) == "square box"
     assert erase_safree.negative_prompt(safree_config.get_config()) == ", ".join(
-        safree_config.NUDITY_KEYWORDS)
+        safree_config.NUDITY_KEYWORDS
+    )
     graphdef, state = nnx.split(tiny_pipe.model)
     C = erase_safree.toxic_embeddings(tiny_pipe, erase_safree.keywords(c), c.safree.pooling)
     sampling = dict(kind="ddim", num_inference_steps=3, guidance_scale=4.0, batch_size=2)
     prompts, seeds = ["a red square", "a blue circle on a plain background"], [0, 1]
-    sampler = t2i.make_t2i_sampler(lambda p, x, t, e: tiny_pipe.model(x, t, e),
-                                   tiny_pipe.scheduler, latent_shape=tiny_pipe.latent_shape,
-                                   **{k: v for k, v in sampling.items() if k != "batch_size"})
-    expected = np.asarray(tiny_pipe.decode(sampler(None, tiny_pipe.embed(prompts),
-                                                   tiny_pipe.embed(["square box"]),
-                                                   np.asarray(seeds, np.int32))))
+    sampler = t2i.make_t2i_sampler(
+        lambda p, x, t, e: tiny_pipe.model(x, t, e),
+        tiny_pipe.scheduler,
+        latent_shape=tiny_pipe.latent_shape,
+        **{k: v for k, v in sampling.items() if k != "batch_size"},
+    )
+    expected = np.asarray(
+        tiny_pipe.decode(
+            sampler(
+                None,
+                tiny_pipe.embed(prompts),
+                tiny_pipe.embed(["square box"]),
+                np.asarray(seeds, np.int32),
+            )
+        )
+    )
     c.safree.alpha = 100.0  # nothing flagged: the prompts' embeddings are the plain ones
     c.sampling.update(sampling)
     apply, encode, encode_negative = erase_safree.safree_functions(c, tiny_pipe, graphdef, C)
-    gen = pipeline.make_generator(tiny_pipe, apply, encode, encode_negative=encode_negative,
-                                  negative_prompt=erase_safree.negative_prompt(c), **sampling)
+    gen = pipeline.make_generator(
+        tiny_pipe,
+        apply,
+        encode,
+        encode_negative=encode_negative,
+        negative_prompt=erase_safree.negative_prompt(c),
+        **sampling,
+    )
     # Images in [−1, 1]; the two programs fuse differently (measured 2.4e-5 apart); a wrong
     # negative prompt moves pixels by ~0.1.
     np.testing.assert_allclose(gen((state,), prompts, seeds), expected, atol=1e-4)
@@ -242,7 +267,7 @@ def test_the_negative_prompt_is_guidance_against_its_plain_embedding(tiny_pipe):
     plain_neg = np.asarray(encode_negative((state,), neg_ids))
     L = tiny_pipe.tokenize([""]).shape[1]
     np.testing.assert_allclose(plain_neg[:, :L], tiny_pipe.embed(["square box"]), atol=1e-6)
-    np.testing.assert_allclose(plain_neg[:, L:2 * L], plain_neg[:, :L], atol=0)  # exact: a copy
+    np.testing.assert_allclose(plain_neg[:, L : 2 * L], plain_neg[:, :L], atol=0)  # exact: a copy
 
 
 @pytest.mark.slow
@@ -273,8 +298,14 @@ def test_edit_writes_the_settings_next_to_an_unchanged_model(tiny_folder, tmp_pa
 def test_testbed_keywords_are_phrases_of_the_concept_and_its_synonyms():
     from jaxsafe.erasure.prompts import testbed_keywords
 
-    assert testbed_keywords(["red"]) == ["red", "a red", "a red circle", "a red ellipse",
-                                         "a red square", "a red triangle"]
+    assert testbed_keywords(["red"]) == [
+        "red",
+        "a red",
+        "a red circle",
+        "a red ellipse",
+        "a red square",
+        "a red triangle",
+    ]
     kw = testbed_keywords(["square"])
     assert kw[:3] == ["square", "a square", "a red square"] and "an orange box" in kw
     from jaxsafe.data import shapes

@@ -18,34 +18,60 @@ from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionMo
 from jaxsafe.weights.convert import read_safetensors
 from jaxsafe.weights.diffusers import save_pipeline
 
-pytest.importorskip("transformers", reason="SD folders are tokenised with transformers' CLIP "
-                    "tokenizer")
+pytest.importorskip(
+    "transformers", reason="SD folders are tokenised with transformers' CLIP tokenizer"
+)
 
-UNET = UNet2DConditionConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                             cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4)
-VAE = AutoencoderKLConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                          norm_num_groups=4, sample_size=16)
-CLIP = CLIPTextConfig(vocab_size=60, hidden_size=12, intermediate_size=24, num_hidden_layers=2,
-                      num_attention_heads=2, max_position_embeddings=10, eos_token_id=54)
+UNET = UNet2DConditionConfig(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=12,
+    attention_head_dim=2,
+    norm_num_groups=4,
+)
+VAE = AutoencoderKLConfig(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=16,
+)
+CLIP = CLIPTextConfig(
+    vocab_size=60,
+    hidden_size=12,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=10,
+    eos_token_id=54,
+)
 
 
 def _random(make, seed):
     graphdef, state = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(seed)
-    return nnx.merge(graphdef, jax.tree.map(
-        lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state))
+    return nnx.merge(
+        graphdef,
+        jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state),
+    )
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
-    save_pipeline({"unet": _random(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), 0),
-                   "vae": _random(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), 1),
-                   "text_encoder": _random(lambda: CLIPTextModel(CLIP, rngs=nnx.Rngs(0)), 2),
-                   "scheduler_config": {"_class_name": "DDIMScheduler"}}, folder)
+    save_pipeline(
+        {
+            "unet": _random(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), 0),
+            "vae": _random(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), 1),
+            "text_encoder": _random(lambda: CLIPTextModel(CLIP, rngs=nnx.Rngs(0)), 2),
+            "scheduler_config": {"_class_name": "DDIMScheduler"},
+        },
+        folder,
+    )
     # A letters-only CLIP BPE vocabulary; listed in model_index.json like a hub folder's.
     tok = folder / "tokenizer"
     tok.mkdir()
@@ -92,8 +118,11 @@ def test_uce_writes_an_edited_sd_folder(sd_folder, tmp_path):
     before, after = _weights(sd_folder, unet), _weights(out, unet)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed == {k for k in before if ".attn2.to_k." in k or ".attn2.to_v." in k}
-    for rel in ("vae/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json",
-                "text_encoder/model.safetensors"):
+    for rel in (
+        "vae/diffusion_pytorch_model.safetensors",
+        "tokenizer/vocab.json",
+        "text_encoder/model.safetensors",
+    ):
         assert Path(out, rel).read_bytes() == Path(sd_folder, rel).read_bytes()
     assert "target_accuracy" not in summary  # no oracle outside the test bed
     assert not pipeline.load(out).testbed

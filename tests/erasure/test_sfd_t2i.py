@@ -70,8 +70,7 @@ def test_one_step_generator_is_the_x0_prediction_at_t_init(tiny_folder):
         return (x_t - np.sqrt(1 - abar[625]) * e) / np.sqrt(abar[625])
 
     want = x0_of("a red square") + 0.8 * (x0_of("red") - x0_of(""))
-    np.testing.assert_allclose(composed[0], np.asarray(pipe.decode(want))[0], rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(composed[0], np.asarray(pipe.decode(want))[0], rtol=1e-4, atol=1e-4)
     assert np.abs(composed[0] - images[0]).max() > 1e-2
 
 

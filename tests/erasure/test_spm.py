@@ -35,53 +35,65 @@ def numpy_strength(emb, ids, erased_emb, erased_ids, special=SPECIAL):
 
 
 class TestTransport(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_strength_matches_numpy_and_lies_in_unit_interval(self):
         rng = np.random.default_rng(0)
         erased_emb = rng.standard_normal((2, 6, 5)).astype(np.float32)
         erased_ids = np.array([[17, 3, 3, 4, 18, 0], [17, 9, 18, 0, 0, 0]], np.int32)
         emb = rng.standard_normal((6, 6, 5)).astype(np.float32)
-        emb[0] = erased_emb[1]                            # the concept itself: γ = 1
-        emb[1] = -erased_emb[0]                           # opposite of concept 0
+        emb[0] = erased_emb[1]  # the concept itself: γ = 1
+        emb[1] = -erased_emb[0]  # opposite of concept 0
         emb[2] = 0.3 * erased_emb[0] + rng.standard_normal((6, 5))  # partly similar
-        ids = np.array([[17, 9, 18, 0, 0, 0],             # concept 1's tokens
-                        [17, 5, 6, 18, 0, 0],             # no shared token
-                        [17, 5, 6, 18, 0, 0],
-                        [17, 4, 7, 18, 0, 0],             # half of concept 0's {3, 4}
-                        [17, 18, 0, 0, 0, 0],             # only special tokens
-                        [17, 3, 4, 9, 18, 0]], np.int32)  # all of both
+        ids = np.array(
+            [
+                [17, 9, 18, 0, 0, 0],  # concept 1's tokens
+                [17, 5, 6, 18, 0, 0],  # no shared token
+                [17, 5, 6, 18, 0, 0],
+                [17, 4, 7, 18, 0, 0],  # half of concept 0's {3, 4}
+                [17, 18, 0, 0, 0, 0],  # only special tokens
+                [17, 3, 4, 9, 18, 0],
+            ],
+            np.int32,
+        )  # all of both
         gamma = self.variant(lambda *a: spm.transport_strength(*a, SPECIAL))(
-            emb, ids, erased_emb, erased_ids)
+            emb, ids, erased_emb, erased_ids
+        )
         want = numpy_strength(emb, ids, erased_emb, erased_ids)
         np.testing.assert_allclose(gamma, want, rtol=1e-5, atol=1e-6)
         assert np.all((np.asarray(gamma) >= 0) & (np.asarray(gamma) <= 1))
-        np.testing.assert_allclose(np.asarray(gamma)[[0, 5]], 1.0, rtol=1e-6,
-                                   atol=0)  # exact: token share k/k = 1, γ clipped to 1
+        np.testing.assert_allclose(
+            np.asarray(gamma)[[0, 5]], 1.0, rtol=1e-6, atol=0
+        )  # exact: token share k/k = 1, γ clipped to 1
         assert 0 < want[2] < 1 and want[3] >= 0.5
 
     def test_opposite_prompt_gets_zero(self):
         c = np.random.default_rng(1).standard_normal((1, 4, 3)).astype(np.float32)
-        gamma = spm.transport_strength(-c, np.array([[17, 5, 18, 0]]), c,
-                                       np.array([[17, 6, 18, 0]]), SPECIAL)
+        gamma = spm.transport_strength(
+            -c, np.array([[17, 5, 18, 0]]), c, np.array([[17, 6, 18, 0]]), SPECIAL
+        )
         np.testing.assert_array_equal(gamma, [0.0])  # cos = −1 clipped, no shared token
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_token_overlap_is_a_set_share_without_special_tokens(self):
         erased = np.array([[17, 5, 5, 7, 18, 0], [17, 18, 0, 0, 0, 0]], np.int32)
-        ids = np.array([[17, 7, 9, 18, 0, 0], [17, 5, 7, 7, 18, 0], [17, 18, 0, 0, 0, 0]],
-                       np.int32)
+        ids = np.array([[17, 7, 9, 18, 0, 0], [17, 5, 7, 7, 18, 0], [17, 18, 0, 0, 0, 0]], np.int32)
         got = self.variant(lambda a, b: spm.token_overlap(a, b, SPECIAL))(ids, erased)
         # {5, 7} vs {7, 9}: 1/2; vs {5, 7}: 1; a concept of special tokens only: 0 (not NaN).
-        np.testing.assert_allclose(got, [[0.5, 0.0], [1.0, 0.0], [0.0, 0.0]],
-                                   atol=0)  # exact: 1/2, 1 and 0 are exact in float32
+        np.testing.assert_allclose(
+            got, [[0.5, 0.0], [1.0, 0.0], [0.0, 0.0]], atol=0
+        )  # exact: 1/2, 1 and 0 are exact in float32
 
     def test_errors(self):
         with pytest.raises(ValueError, match=r"emb \(B, L, D\) and erased_emb \(K, L, D\)"):
             spm.embedding_cosine(jnp.ones((2, 3, 4)), jnp.ones((1, 3, 5)))
         with pytest.raises(ValueError, match="one ids row per embedding"):
-            spm.transport_strength(jnp.ones((2, 3, 4)), jnp.ones((3, 3), jnp.int32),
-                                   jnp.ones((1, 3, 4)), jnp.ones((1, 3), jnp.int32), SPECIAL)
+            spm.transport_strength(
+                jnp.ones((2, 3, 4)),
+                jnp.ones((3, 3), jnp.int32),
+                jnp.ones((1, 3, 4)),
+                jnp.ones((1, 3), jnp.int32),
+                SPECIAL,
+            )
         with pytest.raises(ValueError, match=r"ids must be \(B, L\)"):
             spm.token_overlap(jnp.ones((3,), jnp.int32), jnp.ones((1, 3), jnp.int32), SPECIAL)
 
@@ -132,11 +144,17 @@ class TestObjective:
         return w * jnp.mean(emb, axis=(1, 2))[:, None, None, None] + 0.0 * x
 
     def loss(self, weight=1000.0, num_anchors=3, batch_size=None, anchor_batch="reference"):
-        return spm.make_spm_loss(lambda p, f, x, t, e: self.eps(p["w"], x, e),
-                                 lambda f, x, t, e: self.eps(f["w"], x, e), self.sched,
-                                 latent_shape=(2, 2, 1), anchor_weight=weight,
-                                 num_anchors=num_anchors, num_inference_steps=4,
-                                 batch_size=batch_size, anchor_batch=anchor_batch)
+        return spm.make_spm_loss(
+            lambda p, f, x, t, e: self.eps(p["w"], x, e),
+            lambda f, x, t, e: self.eps(f["w"], x, e),
+            self.sched,
+            latent_shape=(2, 2, 1),
+            anchor_weight=weight,
+            num_anchors=num_anchors,
+            num_inference_steps=4,
+            batch_size=batch_size,
+            anchor_batch=anchor_batch,
+        )
 
     @pytest.mark.parametrize("anchor_batch", ["reference", "sampled"])
     def test_anchor_batch(self, anchor_batch):
@@ -145,7 +163,8 @@ class TestObjective:
         batch, key, m = self.batch(), jax.random.key(5), 4
         w_theta, w_star = 1.7, 2.0
         _, (metrics, _) = self.loss(num_anchors=m, anchor_batch=anchor_batch)(
-            {"w": w_theta}, {"w": w_star}, None, batch, key)
+            {"w": w_theta}, {"w": w_star}, None, batch, key
+        )
         k_a = jax.random.split(key, 4)[3]
         means = []
         for k, c in zip(jax.random.split(k_a, 2), batch["c_e"]):
@@ -160,8 +179,11 @@ class TestObjective:
         rng = np.random.default_rng(0)
         c_e = jnp.asarray(rng.standard_normal((2, 3, 4)) + 1.0, jnp.float32)
         c_n = jnp.asarray(rng.standard_normal((1, 3, 4)), jnp.float32)
-        return {"c_e": c_e, "c_from": jnp.broadcast_to(c_n, c_e.shape),
-                "uncond": jnp.asarray(rng.standard_normal((1, 3, 4)), jnp.float32)}
+        return {
+            "c_e": c_e,
+            "c_from": jnp.broadcast_to(c_n, c_e.shape),
+            "uncond": jnp.asarray(rng.standard_normal((1, 3, 4)), jnp.float32),
+        }
 
     @pytest.mark.slow
     def test_erase_term_is_the_negatively_guided_target(self):
@@ -171,16 +193,17 @@ class TestObjective:
         m_e = np.mean(np.asarray(batch["c_e"]), axis=(1, 2))
         m_n = np.mean(np.asarray(batch["c_from"]), axis=(1, 2))
         target = w_star * m_n - 1.0 * (w_star * m_e - w_star * m_n)  # η = 1, neutral c_n
-        np.testing.assert_allclose(m["spm_erase"], np.mean((w_theta * m_e - target) ** 2),
-                                   rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(loss, m["spm_erase"] + 1000.0 * m["spm_anchor"], rtol=1e-5,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            m["spm_erase"], np.mean((w_theta * m_e - target) ** 2), rtol=1e-5, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            loss, m["spm_erase"] + 1000.0 * m["spm_anchor"], rtol=1e-5, atol=1e-4
+        )
         assert m["spm_anchor"] > 0  # the membrane moved the anchors' predictions
         # λ scales only the anchor term; M = 0 drops it.
         loss0, _ = self.loss(weight=0.0)({"w": w_theta}, {"w": w_star}, None, batch, key)
         np.testing.assert_allclose(loss0, m["spm_erase"], rtol=1e-5, atol=1e-4)
-        _, (m_none, _) = self.loss(num_anchors=0)({"w": w_theta}, {"w": w_star}, None, batch,
-                                                  key)
+        _, (m_none, _) = self.loss(num_anchors=0)({"w": w_theta}, {"w": w_star}, None, batch, key)
         assert float(m_none["spm_anchor"]) == 0.0
 
     def test_each_step_draws_batch_size_rows_of_the_pool(self):
@@ -192,8 +215,7 @@ class TestObjective:
         seen = set()
         for i in range(12):
             _, (m, _) = loss({"w": w_theta}, {"w": w_star}, None, batch, jax.random.key(i))
-            match = np.flatnonzero(np.isclose(float(m["spm_erase"]), per_row, rtol=1e-5,
-                                              atol=1e-4))
+            match = np.flatnonzero(np.isclose(float(m["spm_erase"]), per_row, rtol=1e-5, atol=1e-4))
             assert len(match) == 1
             seen.add(int(match[0]))
         assert seen == {0, 1}
@@ -210,32 +232,40 @@ class TestObjective:
             spm.make_spm_loss(None, None, self.sched, latent_shape=(2, 2, 1), num_anchors=-1)
         with pytest.raises(ValueError, match="c_e and c_from must be"):
             b = self.batch()
-            self.loss()({"w": 1.0}, {"w": 1.0}, None, {**b, "c_from": b["c_e"][:1]},
-                        jax.random.key(0))
+            self.loss()(
+                {"w": 1.0}, {"w": 1.0}, None, {**b, "c_from": b["c_e"][:1]}, jax.random.key(0)
+            )
 
 
 # ------------------------------------------------------------------ the experiment
+
 
 @pytest.mark.slow
 def test_transport_of_the_pipeline_uses_the_text_encoder_and_word_tokens(tiny_pipe):
     from experiments import erase_spm
 
     tok = tiny_pipe.tokenizer
-    assert erase_spm.special_token_ids(tok) == tuple(sorted(
-        {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}))
+    assert erase_spm.special_token_ids(tok) == tuple(
+        sorted({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id})
+    )
     transport = erase_spm.Transport.for_concepts(tiny_pipe, ["square"])
     prompts = ["a red square on a striped background", "a box", "a circle", ""]
     ids = tiny_pipe.tokenize(prompts)
     emb = tiny_pipe.embed(prompts)
-    want = numpy_strength(emb, ids, tiny_pipe.embed(["square"]), tiny_pipe.tokenize(["square"]),
-                          erase_spm.special_token_ids(tok))
+    want = numpy_strength(
+        emb,
+        ids,
+        tiny_pipe.embed(["square"]),
+        tiny_pipe.tokenize(["square"]),
+        erase_spm.special_token_ids(tok),
+    )
     np.testing.assert_allclose(transport(jnp.asarray(ids), emb), want, rtol=1e-5, atol=1e-6)
     assert want[0] == 1.0 and all(0 <= g < 1 for g in want[1:])
     off = erase_spm.Transport.for_concepts(tiny_pipe, ["square"], enabled=False)
     np.testing.assert_array_equal(off(jnp.asarray(ids), emb), np.ones(4))
     # The reference code's weighting (both adapter factors times γ): γ².
     ref = erase_spm.Transport.for_concepts(tiny_pipe, ["square"], power=2)
-    np.testing.assert_allclose(ref(jnp.asarray(ids), emb), want ** 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref(jnp.asarray(ids), emb), want**2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="power must be 1"):
         erase_spm.Transport.for_concepts(tiny_pipe, ["square"], power=3)
 
@@ -250,9 +280,13 @@ def test_generator_applies_each_prompts_strength(tiny_pipe):
     erase_spm.attach_adapters(tiny_pipe, rank=1, alpha=1.0)
     names = [n for n in adapters.adapter_params(tiny_pipe.model.unet) if n.endswith("up/kernel")]
     rng = np.random.default_rng(0)
-    adapters.load_adapter_params(tiny_pipe.model.unet, {
-        n: 0.2 * rng.standard_normal(v.shape).astype(np.float32)
-        for n, v in adapters.adapter_params(tiny_pipe.model.unet).items()})
+    adapters.load_adapter_params(
+        tiny_pipe.model.unet,
+        {
+            n: 0.2 * rng.standard_normal(v.shape).astype(np.float32)
+            for n, v in adapters.adapter_params(tiny_pipe.model.unet).items()
+        },
+    )
     assert names
     graphdef, state = nnx.split(tiny_pipe.model)
     sampling = {"kind": "ddim", "num_inference_steps": 3, "guidance_scale": 4.0, "batch_size": 2}
@@ -261,10 +295,10 @@ def test_generator_applies_each_prompts_strength(tiny_pipe):
     transport = lambda ids, emb: (ids[:, 2] == square).astype(jnp.float32)  # [SOT, a, w, ..]
     captions, seeds = ["a square", "a circle"], np.array([3, 4])
     spm_images = erase_spm.make_spm_generator(tiny_pipe, graphdef, transport, **sampling)(
-        (state,), captions, seeds)
+        (state,), captions, seeds
+    )
     full = pipeline.generator(tiny_pipe, graphdef, **sampling)((state,), captions, seeds)
-    base = pipeline.generator(tiny_pipe, original[0], **sampling)(
-        (original[1],), captions, seeds)
+    base = pipeline.generator(tiny_pipe, original[0], **sampling)((original[1],), captions, seeds)
     assert np.abs(full - base).max() > 1e-3  # the adapters matter
     np.testing.assert_allclose(spm_images[0], full[0], atol=1e-5)
     np.testing.assert_allclose(spm_images[1], base[1], atol=1e-5)
@@ -291,8 +325,10 @@ def test_smoke_training_moves_only_adapters_and_the_export_reattaches(tiny_folde
 
     trained = em.trained_model(task.graphdef, state.params, state.frozen)
     after = {n: np.asarray(v) for n, v in named_leaves(nnx.state(trained, nnx.Param)).items()}
-    before = {n: np.asarray(v) for n, v in named_leaves(
-        nnx.state(pipeline.load(tiny_folder).model, nnx.Param)).items()}
+    before = {
+        n: np.asarray(v)
+        for n, v in named_leaves(nnx.state(pipeline.load(tiny_folder).model, nnx.Param)).items()
+    }
     assert {n for n in after if "/adapter/" not in n} == set(before)
     for n, v in before.items():  # everything but the adapters is bit-identical
         np.testing.assert_array_equal(after[n], v, err_msg=n)
@@ -309,10 +345,11 @@ def test_smoke_training_moves_only_adapters_and_the_export_reattaches(tiny_folde
         assert f.read() == original_unet  # the UNet is exported untouched
     pipe, transport = erase_spm.load(export)
     loaded = {n: np.asarray(v) for n, v in adapters.adapter_params(pipe.model.unet).items()}
-    want = {n[len("unet/"):]: v for n, v in after.items() if "/adapter/" in n}
+    want = {n[len("unet/") :]: v for n, v in after.items() if "/adapter/" in n}
     assert loaded.keys() == want.keys()
     for n, v in want.items():
         np.testing.assert_array_equal(loaded[n], v, err_msg=n)
     assert transport.enabled and transport.power == 1
-    np.testing.assert_allclose(transport.erased_emb, pipe.embed(list(c.concepts.erase)),
-                               atol=0)  # exact: load() computes it by this same pipe.embed
+    np.testing.assert_allclose(
+        transport.erased_emb, pipe.embed(list(c.concepts.erase)), atol=0
+    )  # exact: load() computes it by this same pipe.embed

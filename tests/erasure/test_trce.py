@@ -31,15 +31,15 @@ def test_eot_rows_are_at_length_minus_one():
 
 
 class MappingRowsTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_rows_and_weights(self):
         r = _rng(10)
         emb_m, emb_s = r.standard_normal((2, 2, 6, 3)).astype(np.float32)
         len_m, len_s = np.array([3, 5]), np.array([4, 2])
         kw = np.array([[1, 2], [3, -1]])
-        C_m, C_s, s = self.variant(lambda a, b, k: trce.mapping_rows(
-            a, len_m, b, len_s, (0.5, 1.0, 2.0, 3.0), k))(emb_m, emb_s, kw)
+        C_m, C_s, s = self.variant(
+            lambda a, b, k: trce.mapping_rows(a, len_m, b, len_s, (0.5, 1.0, 2.0, 3.0), k)
+        )(emb_m, emb_s, kw)
         chex.assert_shape((C_m, C_s, s), ((10, 3), (10, 3), (10,)))
         # Pair 0: [SoT], [EoT] at 2, last row, keywords 1 and 2 -> the safe prompt's last row.
         np.testing.assert_array_equal(C_m[:5], emb_m[0, [0, 2, 5, 1, 2]])
@@ -47,8 +47,9 @@ class MappingRowsTest(chex.TestCase):
         np.testing.assert_array_equal(C_m[5:9], emb_m[1, [0, 4, 5, 3]])
         np.testing.assert_array_equal(C_s[5:8], emb_s[1, [0, 1, 5]])
         # Weights: scale × base (1, 1, L − len, 1 per keyword, 0 for a missing one).
-        np.testing.assert_allclose(s, [0.5, 1, 2 * 3, 3, 3, 0.5, 1, 2 * 1, 3, 0],
-                                   atol=0)  # exact: products of small integers and halves
+        np.testing.assert_allclose(
+            s, [0.5, 1, 2 * 3, 3, 3, 0.5, 1, 2 * 1, 3, 0], atol=0
+        )  # exact: products of small integers and halves
 
     def test_default_is_the_eot_row_alone(self):
         emb = _rng(11).standard_normal((2, 5, 3)).astype(np.float32)
@@ -62,13 +63,13 @@ class MappingRowsTest(chex.TestCase):
 def test_keyword_positions(tiny_pipe):
     from experiments import erase_trce
 
-    kw = erase_trce.keyword_positions(tiny_pipe, ["a red circle", "a circle", "a blue circle"],
-                                      ["red", "red", "circle"])
+    kw = erase_trce.keyword_positions(
+        tiny_pipe, ["a red circle", "a circle", "a blue circle"], ["red", "red", "circle"]
+    )
     np.testing.assert_array_equal(kw, [[2], [-1], [3]])
 
 
 class Stage1Test(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_lambda_zero_maps_eot_rows_exactly_and_keeps_the_rest(self):
         """λ = 0, the malicious rows spanning a subspace and the preserved rows its orthogonal
@@ -80,8 +81,10 @@ class Stage1Test(chex.TestCase):
         c_m = (r.standard_normal((n, n)) @ Q[:, :n].T).astype(np.float32)
         c_p = (r.standard_normal((7, d_in - n)) @ Q[:, n:].T).astype(np.float32)
         c_s = r.standard_normal((n, d_in)).astype(np.float32)
-        K = {"a": r.standard_normal((d_in, 5)).astype(np.float32),
-             "b": r.standard_normal((d_in, 3)).astype(np.float32)}
+        K = {
+            "a": r.standard_normal((d_in, 5)).astype(np.float32),
+            "b": r.standard_normal((d_in, 3)).astype(np.float32),
+        }
         new = self.variant(lambda k: trce.stage1_edit(k, c_m, c_s, c_p, preserve_scale=0.01))(K)
         for name in K:
             # float32 solve: reordered reductions alone move these by up to ~5e-5.
@@ -100,21 +103,22 @@ class Stage1Test(chex.TestCase):
         c_p = r.standard_normal((9, 6)).astype(np.float32)
         K = {"a": r.standard_normal((6, 4)).astype(np.float32)}
         one = trce.stage1_edit(K, c_m, c_s, c_p, preserve_scale=0.5)["a"]
-        two = trce.stage1_edit(K, np.concatenate([c_m, c_m]), np.concatenate([c_s, c_s]), c_p,
-                               preserve_scale=0.5)["a"]
+        two = trce.stage1_edit(
+            K, np.concatenate([c_m, c_m]), np.concatenate([c_s, c_s]), c_p, preserve_scale=0.5
+        )["a"]
         np.testing.assert_allclose(one, two, rtol=1e-4, atol=1e-5)
 
 
 class HingeTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     def test_against_numpy_zero_beyond_the_margin_linear_inside(self):
         r = _rng(3)
         shape = (6, 2, 2, 3)
         pred, prefer, reject = r.standard_normal((3, *shape)).astype(np.float32)
         margin, beta = 0.5, 2.0
-        fn = self.variant(lambda p: trce.contrastive_hinge(p, prefer, reject, margin=margin,
-                                                           beta=beta))
+        fn = self.variant(
+            lambda p: trce.contrastive_hinge(p, prefer, reject, margin=margin, beta=beta)
+        )
         loss, inside = fn(pred)
         d_pos = ((pred - prefer) ** 2).reshape(6, -1).mean(1)
         d_neg = ((pred - reject) ** 2).reshape(6, -1).mean(1)
@@ -131,8 +135,9 @@ class HingeTest(chex.TestCase):
 
     def test_guided_is_cfg_of_scale_one_plus_w(self):
         e_c, e_u = _rng(4).standard_normal((2, 3, 4)).astype(np.float32)
-        np.testing.assert_allclose(trce.guided(e_c, e_u, 15.0), e_c + 15 * (e_c - e_u),
-                                   rtol=1e-5, atol=5e-5)
+        np.testing.assert_allclose(
+            trce.guided(e_c, e_u, 15.0), e_c + 15 * (e_c - e_u), rtol=1e-5, atol=5e-5
+        )
 
     def test_shape_mismatch_is_an_error(self):
         a = np.zeros((2, 3))
@@ -146,7 +151,6 @@ def _g(emb, latent):
 
 
 class LossTest(chex.TestCase):
-
     @chex.all_variants(with_pmap=False)
     @pytest.mark.slow
     def test_loss_wiring_against_numpy(self):
@@ -161,17 +165,29 @@ class LossTest(chex.TestCase):
         eps_start = lambda f, x, t, e: 0.5 * _g(e, latent)
         eps_theta = lambda p, f, x, t, e: p["a"] * _g(e, latent)
         w, m, beta, alpha = 2.0, 0.3, 1.5, 10.0
-        loss_fn = trce.make_trce_loss(eps_theta, eps_star, eps_start, SCHED, latent_shape=latent,
-                                      guidance=w, margin=m, beta=beta, preserve_scale=alpha,
-                                      max_early_step=2, num_inference_steps=4, batch_size=2,
-                                      reg_batch_size=3)
+        loss_fn = trce.make_trce_loss(
+            eps_theta,
+            eps_star,
+            eps_start,
+            SCHED,
+            latent_shape=latent,
+            guidance=w,
+            margin=m,
+            beta=beta,
+            preserve_scale=alpha,
+            max_early_step=2,
+            num_inference_steps=4,
+            batch_size=2,
+            reg_batch_size=3,
+        )
         batch = {"c_mal": c_m, "c_safe": c_s, "uncond": u}
         loss, (metrics, _) = self.variant(loss_fn)(theta, {}, None, batch, jax.random.key(0))
         g = lambda e: np.broadcast_to(e.mean(1)[:, None, None, :], (1, *latent))
         e_m, e_s, e_u = g(c_m), g(c_s), g(u)
         prefer, reject = e_s + w * (e_s - e_u), e_m + w * (e_m - e_u)
-        hinge = lambda p: max(0.0, beta * (((p - prefer) ** 2).mean() - ((p - reject) ** 2).mean()
-                                           + m))
+        hinge = lambda p: max(
+            0.0, beta * (((p - prefer) ** 2).mean() - ((p - reject) ** 2).mean() + m)
+        )
         h_m, h_u = hinge(0.7 * e_m), hinge(0.7 * e_u)
         drift = ((0.7 * e_u - 0.5 * e_u) ** 2).mean()
         np.testing.assert_allclose(metrics["hinge_malicious"], h_m, rtol=1e-5, atol=1e-5)
@@ -236,8 +252,9 @@ def test_stage1_without_preservation_is_underdetermined(tiny_folder):
     c.model.folder = tiny_folder
     c.concepts.preserve = ()
     c.trce.token_weights = (0.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match="λ = 0: 17 mapped rows of rank 17 cannot determine a "
-                                         "32-wide projection"):
+    with pytest.raises(
+        ValueError, match="λ = 0: 17 mapped rows of rank 17 cannot determine a 32-wide projection"
+    ):
         erase_trce.apply_stage1(c, pipeline.load(tiny_folder))
 
 
@@ -255,13 +272,16 @@ def test_smoke_run_changes_only_the_stage_parameters(tiny_folder, tmp_path):
     c.optimizer.lr = 1e-2
     c.trce.margin = 10.0  # every sample inside the margin: the hinge has a gradient
     summary = erase(c, str(tmp_path))
-    before, after = _named(pipeline.load(tiny_folder).model), _named(
-        pipeline.load(summary["export"]).model)
+    before, after = (
+        _named(pipeline.load(tiny_folder).model),
+        _named(pipeline.load(summary["export"]).model),
+    )
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     stage1 = {n for n in before if "/attn2/to_k/" in n or "/attn2/to_v/" in n}
     stage2 = {n for n in before if trce.stage2_selection()(n)}
     assert stage1 <= changed and changed <= stage1 | stage2
     assert {n for n in changed & stage2 if "/attn1/" in n} and {
-        n for n in changed & stage2 if "/attn2/to_q/" in n}
+        n for n in changed & stage2 if "/attn2/to_q/" in n
+    }
     with open(os.path.join(tmp_path, "summary.json")) as f:
         assert json.load(f)["experiment"] == "erase_trce"

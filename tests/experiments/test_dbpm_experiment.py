@@ -21,13 +21,21 @@ def config(setting, arg=None):
 def test_paper_configs_hold_the_paper_values(setting):
     # Typed in from the reference's config/config_ecg.yaml, run.sh and models/loss.py.
     c = config(setting)
-    assert (c.batch_size, c.epochs, c.dbpm.warmup) == (512, 80, 50)
+    assert (c.train.batch_size, c.epochs, c.dbpm.warmup) == (512, 80, 50)
     assert (c.dbpm.beta_np, c.dbpm.beta_fp, c.dbpm.enabled) == (2.0, 3.0, True)
     assert c.optimizer.lr == 3e-4 and c.temperature == 0.2
     assert (c.model.name, c.model.features, c.model.head_hidden, c.model.head_out) == (
-        "resnet34", 256, 512, 256)
-    assert (c.augment.variant, c.augment.scale_sigma, c.augment.jitter_sigma,
-            c.augment.per_timestep) == ("dbpm", 1.1, 0.8, True)
+        "resnet34",
+        256,
+        512,
+        256,
+    )
+    assert (
+        c.augment.variant,
+        c.augment.scale_sigma,
+        c.augment.jitter_sigma,
+        c.augment.per_timestep,
+    ) == ("dbpm", 1.1, 0.8, True)
     assert c.dbpm.mode == "epoch_weighted"
 
 
@@ -62,6 +70,7 @@ def test_missing_local_data_names_the_path(tmp_path):
 
 # --------------------------------------------------------------------------- linear probe
 
+
 def test_probe_reaches_full_accuracy_on_linearly_separable_features():
     rng = np.random.default_rng(0)
     k, d = 4, 10
@@ -77,8 +86,12 @@ def test_probe_reaches_full_accuracy_on_linearly_separable_features():
 
 def test_probe_is_at_chance_on_features_unrelated_to_labels():
     rng = np.random.default_rng(1)
-    out = E.linear_probe(rng.normal(size=(300, 5)), rng.integers(0, 2, 300),
-                         rng.normal(size=(2000, 5)), rng.integers(0, 2, 2000))
+    out = E.linear_probe(
+        rng.normal(size=(300, 5)),
+        rng.integers(0, 2, 300),
+        rng.normal(size=(2000, 5)),
+        rng.integers(0, 2, 2000),
+    )
     assert abs(out["accuracy"] - 0.5) < 0.05
 
 
@@ -103,12 +116,15 @@ def test_macro_auroc_matches_pairwise_counting_with_ties():
     s = np.round(rng.normal(size=(60, 4)), 1)  # rounding creates ties
     y[:, 3] = 0  # a class without positives is skipped
     want = np.mean([pairwise_auc(y[:, k], s[:, k]) for k in range(3)])
-    np.testing.assert_allclose(E.macro_auroc(y, s), want, rtol=1e-12, atol=0)  # exact: both are U / (n_pos n_neg)
+    np.testing.assert_allclose(
+        E.macro_auroc(y, s), want, rtol=1e-12, atol=0
+    )  # exact: both are U / (n_pos n_neg)
     with pytest.raises(ValueError, match=r"y_true \(60, 4\) and scores \(60, 3\) must both be"):
         E.macro_auroc(y, s[:, :3])
 
 
 # ---------------------------------------------------------------------------- bad pairs
+
 
 def test_inject_bad_pairs_fractions_disjoint_and_only_noisy_rows_change():
     x = np.random.default_rng(0).normal(size=(200, 7, 2)).astype(np.float32) + 5.0
@@ -152,21 +168,25 @@ def test_flag_report_precision_and_recall():
 
 # ------------------------------------------------------------------------ loss function
 
+
 @pytest.mark.slow
 def test_loss_records_each_pair_loss_at_the_batch_epoch():
     c = config("basic_motions", "smoke")
     with c.unlocked():
         c.dbpm.enabled = False
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
-    task = E.build(c, mesh)
+    task = E.build(E.resolve(c), mesh)
     batch = task.train_data[3]  # epoch 1 (two steps per epoch)
     assert (batch["epoch"] == 1).all()
-    loss, (metrics, extra) = jax.jit(task.loss_fn)(task.params, task.frozen, task.extra, batch,
-                                                   jax.random.key(0))
+    loss, (metrics, extra) = jax.jit(task.loss_fn)(
+        task.params, task.frozen, task.extra, batch, jax.random.key(0)
+    )
     recorded = np.asarray(extra["memory"]["recorded"])
     assert recorded.sum() == len(batch["id"]) and recorded[1, batch["id"]].all()
     losses = np.asarray(extra["memory"]["losses"])[1, batch["id"]]
-    np.testing.assert_allclose(loss, losses.mean(), rtol=1e-6, atol=1e-5)  # disabled: L = mean of l_i
+    np.testing.assert_allclose(
+        loss, losses.mean(), rtol=1e-6, atol=1e-5
+    )  # disabled: L = mean of l_i
     assert (losses > 0).all()
     # BatchNorm statistics moved (training mode) and are returned in extra, not in params.
     before = jax.tree.leaves(task.extra["batch_stats"])
@@ -176,18 +196,26 @@ def test_loss_records_each_pair_loss_at_the_batch_epoch():
 
 # ---------------------------------------------------------------------- end-to-end runs
 
+
 def run_cfg(epochs=4, num_steps=-1, warmup=1, enabled=True, lr=3e-4):
     c = config("basic_motions", "smoke")
     with c.unlocked():
         c.epochs, c.dbpm.warmup, c.dbpm.enabled = epochs, warmup, enabled
         c.optimizer.lr = lr
-        c.train.update(num_steps=num_steps, steps_per_call=1, log_every=1, eval_every=0,
-                       checkpoint_every=2, async_checkpointing=False)
+        c.train.update(
+            num_steps=num_steps,
+            steps_per_call=1,
+            log_every=1,
+            eval_every=0,
+            checkpoint_every=2,
+            async_checkpointing=False,
+        )
     return c
 
 
 def run(c, workdir):
     mesh = parallel.make_mesh()
+    c = E.resolve(c)
     task = E.build(c, mesh)
     return train.run(task, c.train, str(workdir), mesh)
 
@@ -205,8 +233,9 @@ def test_smoke_run_lowers_the_loss_and_resumes_exactly(tmp_path):
     pair = [r["train/pair_loss"] for r in rows]
     assert len(pair) == 12 and np.mean(pair[-4:]) < np.mean(pair[:4])
     # DBPM acted (warm-up 1): some pairs were flagged in the later epochs.
-    assert any(r["train/dbpm/noisy_fraction"] + r["train/dbpm/faulty_fraction"] > 0
-               for r in rows[2:])
+    assert any(
+        r["train/dbpm/noisy_fraction"] + r["train/dbpm/faulty_fraction"] > 0 for r in rows[2:]
+    )
     # Two phases in one workdir (stopped after 5 steps, mid-epoch) equal the uninterrupted run,
     # DBPM memory and BatchNorm statistics included.
     half = run(run_cfg(epochs=6, num_steps=6), tmp_path / "resumed")
@@ -226,8 +255,10 @@ def test_dbpm_with_warmup_beyond_the_run_equals_disabled_bitwise(tmp_path):
     assert_states_equal(on, off)
     # ... while an active DBPM (warm-up 1) changes the parameters.
     active = run(run_cfg(epochs=80, num_steps=6, warmup=1, enabled=True), tmp_path / "active")
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(active.params), jax.tree.leaves(off.params)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(active.params), jax.tree.leaves(off.params))
+    )
 
 
 @pytest.mark.slow

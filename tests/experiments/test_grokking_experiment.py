@@ -18,8 +18,15 @@ from jaxsafe.data import one_hot_operands
 from jaxsafe.grokking import softmax_collapse_fraction
 
 REPO = Path(__file__).resolve().parents[2]
-SETTINGS = ["adamw", "perp_adamw", "softmax_float32", "softmax_float64", "stablemax",
-            "weight_decay", "sparse_parity"]
+SETTINGS = [
+    "adamw",
+    "perp_adamw",
+    "softmax_float32",
+    "softmax_float64",
+    "stablemax",
+    "weight_decay",
+    "sparse_parity",
+]
 
 
 def config(setting, arg=None):
@@ -28,11 +35,19 @@ def config(setting, arg=None):
 
 # Values from the authors' run_main_experiments.sh (docs/grokking_defaults.md), typed in by hand.
 PAPER = {
-    "softmax_float32": dict(lr=5e-4, b2=0.99, eps=1e-30, wd=0.0, steps=20000, loss=("softmax", "float32")),
-    "stablemax": dict(lr=0.01, b2=0.999, eps=1e-25, wd=0.0, steps=80000, loss=("stablemax", "float64")),
+    "softmax_float32": dict(
+        lr=5e-4, b2=0.99, eps=1e-30, wd=0.0, steps=20000, loss=("softmax", "float32")
+    ),
+    "stablemax": dict(
+        lr=0.01, b2=0.999, eps=1e-25, wd=0.0, steps=80000, loss=("stablemax", "float64")
+    ),
     "perp_adamw": dict(lr=0.01, b2=0.999, eps=1e-8, wd=0.0, steps=300, loss=("softmax", "float32")),
-    "softmax_float64": dict(lr=0.01, b2=0.99, eps=1e-25, wd=0.0, steps=80000, loss=("softmax", "float64")),
-    "weight_decay": dict(lr=1e-3, b2=0.99, eps=1e-25, wd=1.5, steps=5000, loss=("softmax", "float32")),
+    "softmax_float64": dict(
+        lr=0.01, b2=0.99, eps=1e-25, wd=0.0, steps=80000, loss=("softmax", "float64")
+    ),
+    "weight_decay": dict(
+        lr=1e-3, b2=0.99, eps=1e-25, wd=1.5, steps=5000, loss=("softmax", "float32")
+    ),
     "adamw": dict(lr=0.005, b2=0.99, eps=1e-25, wd=0.0, steps=500, loss=("softmax", "float32")),
 }
 
@@ -41,7 +56,13 @@ PAPER = {
 def test_paper_configs_hold_the_paper_values(setting):
     c, want = config(setting), PAPER[setting]
     o = c.optimizer
-    assert (o.lr, o.b1, o.b2, o.eps, o.weight_decay) == (want["lr"], 0.9, want["b2"], want["eps"], want["wd"])
+    assert (o.lr, o.b1, o.b2, o.eps, o.weight_decay) == (
+        want["lr"],
+        0.9,
+        want["b2"],
+        want["eps"],
+        want["wd"],
+    )
     assert c.train.num_steps == want["steps"]
     assert (c.loss.name, c.loss.dtype) == want["loss"]
     assert (c.data.p, c.data.op, c.data.train_fraction) == (113, "add", 0.4)
@@ -64,8 +85,11 @@ def test_softmax_collapse_is_measured_in_the_configured_dtype():
             dtype = grokking.sc_dtype(c.loss)
             assert float(softmax_collapse_fraction(logits, dtype)) == want
     c.loss.sc_dtype = "float16"
-    with pytest.raises(ValueError, match=r"loss.sc_dtype='float16'; expected 'float32', "
-                                         r"'float64' or 'loss'"):
+    with pytest.raises(
+        ValueError,
+        match=r"loss.sc_dtype='float16'; expected 'float32', "
+        r"'float64' or 'loss'",
+    ):
         grokking.sc_dtype(c.loss)
 
 
@@ -89,7 +113,9 @@ def test_padded_full_batch_loss_equals_unpadded_mean():
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     y = data["train"]["y"]
     np.testing.assert_allclose(loss, -logp[np.arange(len(y)), y].mean(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(metrics["accuracy"], (h.argmax(-1) == y).mean(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        metrics["accuracy"], (h.argmax(-1) == y).mean(), rtol=1e-6, atol=1e-7
+    )
     del mesh
 
 
@@ -122,9 +148,20 @@ def test_float32_smoke_runs_train(setting, tmp_path):
 def test_float64_smoke_runs_train(setting, tmp_path):
     # A subprocess: these runs switch on jax_enable_x64, which must not leak into other tests.
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "launch.train",
-                        f"--config=configs/grokking/{setting}.py:smoke", f"--workdir={tmp_path}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            f"--config=configs/grokking/{setting}.py:smoke",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = train.read_jsonl(str(tmp_path / "metrics.jsonl"))
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -136,8 +173,14 @@ def test_float64_smoke_runs_train(setting, tmp_path):
 def test_main_demo_reproduces_perp_adamw_vs_adamw(tmp_path):
     """Paper, Fig. 1/6: AdamW without weight decay memorises and collapses, ⊥AdamW generalises."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "launch.grokking_demo", f"--workdir={tmp_path}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "launch.grokking_demo", f"--workdir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     png = tmp_path / "grokking_demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

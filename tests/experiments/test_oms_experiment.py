@@ -34,7 +34,8 @@ def test_oms_trains_its_module_only_and_exports_the_ema_weights(run):
     unet = named_leaves(nnx.state(loaded.model.unet, nnx.Param))
     ema = {k.removeprefix("unet/"): v for k, v in named_leaves(tree["extra"]["ema"]).items()}
     assert set(ema) == set(unet) and not set(named_leaves(tree["params"])) - {
-        f"unet/{k}" for k in unet}
+        f"unet/{k}" for k in unet
+    }
     for k in unet:
         np.testing.assert_array_equal(np.asarray(unet[k]), ema[k], k)
     assert not loaded.model.unet.config.time_conditioning

@@ -42,7 +42,9 @@ class EMATest(chex.TestCase):
     def test_ema_beta_matches_edm(self):
         beta = self.variant(lambda t: edm.ema_beta(t, 512, 500.0, 0.05))
         for t in (0, 1, 10, 1000, 19_531, 100_000):
-            np.testing.assert_allclose(beta(t), edm_beta(t * 512, 512, 500.0, 0.05), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(
+                beta(t), edm_beta(t * 512, 512, 500.0, 0.05), rtol=1e-6, atol=1e-9
+            )
         assert float(beta(0)) == 0.0  # the first EMA value is the first updated weights
         no_rampup = self.variant(lambda t: edm.ema_beta(t, 64, 20.0, None))
         np.testing.assert_allclose(no_rampup(3), 0.5 ** (64 / 20_000), rtol=1e-6, atol=1e-7)
@@ -52,8 +54,9 @@ class EMATest(chex.TestCase):
         ema = {"w": jnp.array([1.0, -2.0, 4.0])}
         params = {"w": jnp.array([3.0, 0.0, 4.0])}
         out = self.variant(edm.ema_update)(ema, params, 0.75)
-        np.testing.assert_allclose(out["w"], 0.75 * np.array([1, -2, 4]) + 0.25 * np.array([3, 0, 4]),
-                                   atol=0)  # exact: dyadic values
+        np.testing.assert_allclose(
+            out["w"], 0.75 * np.array([1, -2, 4]) + 0.25 * np.array([3, 0, 4]), atol=0
+        )  # exact: dyadic values
 
 
 def test_after_update_uses_the_image_count_before_the_step():
@@ -72,7 +75,9 @@ class WarmupTest(chex.TestCase):
     def test_lr_schedule_matches_edm(self):
         schedule = self.variant(edm.lr_schedule(1e-3, 512, 10_000.0))
         for t in (0, 1, 100, 19_531, 19_532, 50_000):
-            np.testing.assert_allclose(schedule(t), 1e-3 * min(t * 512 / 1e7, 1), rtol=1e-6, atol=1e-10)
+            np.testing.assert_allclose(
+                schedule(t), 1e-3 * min(t * 512 / 1e7, 1), rtol=1e-6, atol=1e-10
+            )
 
 
 def test_optimizer_warms_up_and_cleans_gradients():
@@ -88,7 +93,9 @@ def test_optimizer_warms_up_and_cleans_gradients():
         lr_t = 0.1 * min(t * 1000 / 4000, 1)
         np.testing.assert_allclose(updates, -lr_t * np.sign(grads), rtol=1e-4, atol=1e-7)
     nan_to_num = edm.nan_to_num_grads()
-    cleaned, _ = nan_to_num.update(jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.5]), nan_to_num.init(None))
+    cleaned, _ = nan_to_num.update(
+        jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.5]), nan_to_num.init(None)
+    )
     np.testing.assert_array_equal(cleaned, [0.0, 1e5, -1e5, 1.5])
     cfg.grad_clip = 1.0
     clipped = pfgmpp.make_optimizer(cfg, 1000)
@@ -103,39 +110,81 @@ def test_optimizer_warms_up_and_cleans_gradients():
 
 # Typed in from PFGM++'s train.py / EDM's training_loop.py defaults and the paper's settings.
 PAPER = {
-    "cifar10_d128": dict(D=128.0, batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=False),
-    "cifar10_d2048": dict(D=2048.0, batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=False),
-    "cifar10_edm": dict(D=float("inf"), batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=False),
-    "cifar10_cond_d2048": dict(D=2048.0, batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=True),
-    "ffhq64_d128": dict(D=128.0, batch=256, lr=2e-4, dropout=0.05, mult=(1, 2, 2, 2), res=64, cond=False),
+    "cifar10_d128": dict(
+        D=128.0, batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=False
+    ),
+    "cifar10_d2048": dict(
+        D=2048.0, batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=False
+    ),
+    "cifar10_edm": dict(
+        D=float("inf"), batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=False
+    ),
+    "cifar10_cond_d2048": dict(
+        D=2048.0, batch=512, lr=1e-3, dropout=0.13, mult=(2, 2, 2), res=32, cond=True
+    ),
+    "ffhq64_d128": dict(
+        D=128.0, batch=256, lr=2e-4, dropout=0.05, mult=(1, 2, 2, 2), res=64, cond=False
+    ),
 }
 
 
 @pytest.mark.parametrize("setting", sorted(PAPER))
 def test_paper_configs_hold_the_paper_values(setting):
     c, want = config(setting, None), PAPER[setting]
-    assert c.pfgmpp.D == want["D"] and (c.pfgmpp.P_mean, c.pfgmpp.P_std, c.pfgmpp.sigma_data) == (-1.2, 1.2, 0.5)
+    assert c.pfgmpp.D == want["D"] and (c.pfgmpp.P_mean, c.pfgmpp.P_std, c.pfgmpp.sigma_data) == (
+        -1.2,
+        1.2,
+        0.5,
+    )
     assert c.train.batch_size == want["batch"] and c.train.num_steps * want["batch"] == 200_000_000
     o = c.optimizer
-    assert (o.lr, o.b1, o.b2, o.eps, o.lr_rampup_kimg, o.grad_clip) == (want["lr"], 0.9, 0.999, 1e-8, 10_000, 0)
+    assert (o.lr, o.b1, o.b2, o.eps, o.lr_rampup_kimg, o.grad_clip) == (
+        want["lr"],
+        0.9,
+        0.999,
+        1e-8,
+        10_000,
+        0,
+    )
     assert (c.ema.halflife_kimg, c.ema.rampup_ratio) == (500, 0.05)
     m = c.model
     assert (m.model_channels, tuple(m.channel_mult), m.num_blocks, tuple(m.attn_resolutions)) == (
-        128, want["mult"], 4, (16,))
-    assert (m.dropout, m.embedding_type, tuple(m.resample_filter)) == (want["dropout"], "positional", (1, 1))
+        128,
+        want["mult"],
+        4,
+        (16,),
+    )
+    assert (m.dropout, m.embedding_type, tuple(m.resample_filter)) == (
+        want["dropout"],
+        "positional",
+        (1, 1),
+    )
     assert (c.data.resolution, c.data.cond, c.data.flip) == (want["res"], want["cond"], False)
     s = c.sampler
-    assert (s.num_steps, s.sigma_min, s.sigma_max, s.rho) == (40 if setting == "ffhq64_d128" else 18, 0.002, 80, 7)
+    assert (s.num_steps, s.sigma_min, s.sigma_max, s.rho) == (
+        40 if setting == "ffhq64_d128" else 18,
+        0.002,
+        80,
+        7,
+    )
     small = config(setting, "cpu")
-    assert small.data.name == "digits" and small.pfgmpp.D == want["D"] and small.data.cond == want["cond"]
+    assert (
+        small.data.name == "digits"
+        and small.pfgmpp.D == want["D"]
+        and small.data.cond == want["cond"]
+    )
 
 
 def test_config_errors_are_named():
-    with pytest.raises(ValueError, match=r"config argument 'huge'; expected one of \('paper', 'cpu', 'smoke'\)"):
+    with pytest.raises(
+        ValueError, match=r"config argument 'huge'; expected one of \('paper', 'cpu', 'smoke'\)"
+    ):
         config("cifar10_d128", "huge")
     c = config()
     c.data.name = "imagenet"
-    with pytest.raises(ValueError, match=r"data.name='imagenet'; expected one of \('digits', 'tfds', 'folder'\)"):
+    with pytest.raises(
+        ValueError, match=r"data.name='imagenet'; expected one of \('digits', 'tfds', 'folder'\)"
+    ):
         pfgmpp.load_source(c.data)
     c = config("ffhq64_d128", None)
     with pytest.raises(ValueError, match="data.name='folder' needs data.path"):
@@ -146,7 +195,9 @@ def test_config_errors_are_named():
         pfgmpp.build(c, parallel.make_mesh())
     c = config()
     c.model.dtype = "float16"
-    with pytest.raises(ValueError, match=r"model.dtype='float16'; expected one of \('float32', 'bfloat16'\)"):
+    with pytest.raises(
+        ValueError, match=r"model.dtype='float16'; expected one of \('float32', 'bfloat16'\)"
+    ):
         image_model.build_model(c)
 
 
@@ -185,8 +236,13 @@ def test_short_run_lowers_the_loss_and_reports_fd(trained):
     rows = train.read_jsonl(str(workdir / "metrics.jsonl"))
     evals = [r for r in rows if "samples/fd" in r]
     assert [r["step"] for r in evals] == [0, 40]
-    assert summary["fd"] == evals[-1]["samples/fd"] and summary["fd_real"] == evals[0]["samples/fd_real"]
-    assert summary["fd_real"] < summary["fd"]  # 32 real digits are closer to the digits than samples
+    assert (
+        summary["fd"] == evals[-1]["samples/fd"]
+        and summary["fd_real"] == evals[0]["samples/fd_real"]
+    )
+    assert (
+        summary["fd_real"] < summary["fd"]
+    )  # 32 real digits are closer to the digits than samples
     assert (workdir / "images" / "samples_samples_00000040.png").exists()
 
 
@@ -201,7 +257,9 @@ def test_resumed_run_equals_uninterrupted_including_ema(trained, tmp_path):
     _, reference = train.load_arrays(str(workdir / "checkpoints"))
     for part in ("params", "extra", "opt_state"):
         chex.assert_trees_all_equal(resumed[part], reference[part])
-    assert not np.array_equal(*[np.asarray(jax.tree.leaves(reference[k])[0]) for k in ("params", "extra")])
+    assert not np.array_equal(
+        *[np.asarray(jax.tree.leaves(reference[k])[0]) for k in ("params", "extra")]
+    )
 
 
 @pytest.mark.slow
@@ -209,8 +267,15 @@ def test_sample_launcher_writes_grids_and_probes_robustness(trained, tmp_path):
     from launch import sample
 
     c, workdir, _ = trained
-    rows = sample.sample_workdir(str(workdir), num=16, batch=16, steps=3, alphas=("0", "0.5"),
-                                 bits=("0", "2"), out=str(tmp_path))
+    rows = sample.sample_workdir(
+        str(workdir),
+        num=16,
+        batch=16,
+        steps=3,
+        alphas=("0", "0.5"),
+        bits=("0", "2"),
+        out=str(tmp_path),
+    )
     assert [(r["alpha"], r["bits"]) for r in rows] == [(0.0, 0), (0.0, 2), (0.5, 0), (0.5, 2)]
     for r in rows:
         with np.load(r["npz"]) as f:
@@ -219,7 +284,9 @@ def test_sample_launcher_writes_grids_and_probes_robustness(trained, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert np.isfinite(r["fd"]) and r["D"] == 128.0 and r["checkpoint_step"] == 40
     # Same seed: α = 0 and full precision reproduce exactly; the probes change the samples.
-    again = sample.sample_workdir(str(workdir), num=16, batch=16, steps=3, out=str(tmp_path / "again"))
+    again = sample.sample_workdir(
+        str(workdir), num=16, batch=16, steps=3, out=str(tmp_path / "again")
+    )
     first = {(r["alpha"], r["bits"]): np.load(r["npz"])["images"] for r in rows}
     np.testing.assert_array_equal(np.load(again[0]["npz"])["images"], first[(0.0, 0)])
     assert not np.array_equal(first[(0.5, 0)], first[(0.0, 0)])
@@ -229,8 +296,9 @@ def test_sample_launcher_writes_grids_and_probes_robustness(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_inception_evaluator_and_sample_launcher_agree_on_fid(trained, tmp_path,
-                                                             random_fid_inception):
+def test_inception_evaluator_and_sample_launcher_agree_on_fid(
+    trained, tmp_path, random_fid_inception
+):
     """Training's evaluator and launch.sample reach the same samples by different code: their
     FIDs against one statistics file must agree."""
     from jaxsafe.data import images
@@ -241,19 +309,27 @@ def test_inception_evaluator_and_sample_launcher_agree_on_fid(trained, tmp_path,
     c, workdir, _ = trained
     ref = str(tmp_path / "digits.npz")
     fn = fid.feature_fn(inception.load(random_fid_inception))
-    fid.save_stats(ref, *fid.source_stats(fn, images.digits(8)["image"][:64], 32), num=64,
-                   source="digits")
+    fid.save_stats(
+        ref, *fid.source_stats(fn, images.digits(8)["image"][:64], 32), num=64, source="digits"
+    )
     c = c.copy_and_resolve_references()
     c.eval.update(feature_net="inception", fid_ref=ref, fid_weights=random_fid_inception)
     task = pfgmpp.build(c, parallel.make_mesh())
     step, tree = train.load_arrays(str(workdir / "checkpoints"))
     ema = image_model.restore_like(task.params, tree["extra"]["ema"])
-    state = types.SimpleNamespace(step=jnp.asarray(step), extra={"ema": ema}, frozen=task.frozen,
-                                  params=None)
+    state = types.SimpleNamespace(
+        step=jnp.asarray(step), extra={"ema": ema}, frozen=task.frozen, params=None
+    )
     out = task.evaluators["samples"](state)
-    rows = sample.sample_workdir(str(workdir), num=c.eval.num_samples, batch=c.eval.batch_size,
-                                 seed=c.eval.seed, out=str(tmp_path / "s"), fid_ref=ref,
-                                 fid_weights=random_fid_inception)
+    rows = sample.sample_workdir(
+        str(workdir),
+        num=c.eval.num_samples,
+        batch=c.eval.batch_size,
+        seed=c.eval.seed,
+        out=str(tmp_path / "s"),
+        fid_ref=ref,
+        fid_weights=random_fid_inception,
+    )
     assert rows[0]["checkpoint_step"] == step and rows[0]["fid"] > 1e-3
     np.testing.assert_allclose(out["fid"], rows[0]["fid"], rtol=1e-4, atol=1e-6)
 
@@ -271,8 +347,13 @@ def test_quantisation_selects_the_reference_tensors():
 
     include = quantizable(32)
     assert include("enc/16x16_block0/conv0/kernel")
-    for name in ("enc/32x32_conv/kernel", "map_layer0/kernel", "enc/16x16_block0/affine/kernel",
-                 "enc/16x16_block0/norm0/scale", "enc/16x16_block0/conv0/bias"):
+    for name in (
+        "enc/32x32_conv/kernel",
+        "map_layer0/kernel",
+        "enc/16x16_block0/affine/kernel",
+        "enc/16x16_block0/norm0/scale",
+        "enc/16x16_block0/conv0/bias",
+    ):
         assert not include(name)
 
 
@@ -309,8 +390,13 @@ def test_class_conditional_smoke_feeds_one_hot_labels():
     loss = jax.jit(lambda p, b: task.loss_fn(p, task.frozen, task.extra, b, jax.random.key(0))[0])
     assert np.isfinite(loss(task.params, batch))
     with pytest.raises(ValueError, match=r"class_labels: expected shape \(16, 10\)"):
-        task.loss_fn(task.params, task.frozen, task.extra, {"image": batch["image"],
-                                                            "label": batch["label"][:8]}, jax.random.key(0))
+        task.loss_fn(
+            task.params,
+            task.frozen,
+            task.extra,
+            {"image": batch["image"], "label": batch["label"][:8]},
+            jax.random.key(0),
+        )
 
 
 @pytest.mark.slow  # 35 s, mostly compiling the augmented step's gradient
@@ -322,8 +408,9 @@ def test_augmentation_labels_reach_the_network():
     c.augment.p = 1.0
     task = pfgmpp.build(c, parallel.make_mesh())
     assert task.params["map_augment"]["kernel"].shape == (9, c.model.model_channels)
-    grads = jax.grad(lambda p: task.loss_fn(p, task.frozen, task.extra, task.train_data[0],
-                                            jax.random.key(0))[0])(task.params)
+    grads = jax.grad(
+        lambda p: task.loss_fn(p, task.frozen, task.extra, task.train_data[0], jax.random.key(0))[0]
+    )(task.params)
     assert float(jnp.abs(grads["map_augment"]["kernel"]).sum()) > 0
     assert "map_augment" not in pfgmpp.build(config("cifar10_d128"), parallel.make_mesh()).params
 
@@ -336,8 +423,18 @@ def test_unconditional_branch_of_a_conditional_model_is_zero_labels():
 
     from jaxsafe.nn.songunet import SongUNet
 
-    model = SongUNet(8, 1, 1, label_dim=3, model_channels=8, channel_mult=(1,), num_blocks=1,
-                     attn_resolutions=(), dropout=0.0, rngs=nnx.Rngs(0))
+    model = SongUNet(
+        8,
+        1,
+        1,
+        label_dim=3,
+        model_channels=8,
+        channel_mult=(1,),
+        num_blocks=1,
+        attn_resolutions=(),
+        dropout=0.0,
+        rngs=nnx.Rngs(0),
+    )
     model.eval()
     denoiser = image_model.make_denoiser(model, 0.5)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))

@@ -24,8 +24,10 @@ def oracle():
 def render_caption(caption: str, rng: np.random.Generator, swap=None) -> np.ndarray:
     """A perfect generator: renders the caption's attributes (optionally `swap`ping one
     (attribute, value) for another), random where the caption is silent; in [-1, 1]."""
-    label = [v if v >= 0 else int(rng.integers(len(vals)))
-             for v, (_, vals) in zip(shapes.parse_caption(caption), shapes.ATTRIBUTES)]
+    label = [
+        v if v >= 0 else int(rng.integers(len(vals)))
+        for v, (_, vals) in zip(shapes.parse_caption(caption), shapes.ATTRIBUTES)
+    ]
     if swap is not None and label[swap[0]] == swap[1]:
         label[swap[0]] = swap[2]
     return shapes.render(label, shapes._nuisance(rng)) / 127.5 - 1.0
@@ -37,8 +39,9 @@ def render_caption(caption: str, rng: np.random.Generator, swap=None) -> np.ndar
 @pytest.mark.parametrize("arg", [None, "cpu", "smoke", "oracle", "oracle_smoke"])
 def test_config_variants(arg):
     c = testbed_config.get_config(arg)
-    assert c.experiment == ("train_testbed_oracle" if arg and arg.startswith("oracle")
-                            else "t2i_testbed")
+    assert c.experiment == (
+        "train_testbed_oracle" if arg and arg.startswith("oracle") else "t2i_testbed"
+    )
     assert c.train.num_steps % c.train.steps_per_call == 0
     if c.experiment == "t2i_testbed":
         assert (c.scheduler.beta_schedule, c.scheduler.prediction_type) == ("linear", "epsilon")
@@ -63,7 +66,9 @@ class LatentTest(chex.TestCase):
         assert z.shape == (2, 8, 8, 48)
         # Latent pixel (i, j) is the 4×4×3 patch at rows 4i.., columns 4j.., row-major.
         for i, j in ((0, 0), (2, 5), (7, 7)):
-            np.testing.assert_array_equal(z[1, i, j], x[1, 4 * i:4 * i + 4, 4 * j:4 * j + 4].ravel())
+            np.testing.assert_array_equal(
+                z[1, i, j], x[1, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].ravel()
+            )
         np.testing.assert_array_equal(self.variant(lambda z: from_latent(z, 4))(z), x)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -73,7 +78,9 @@ class LatentTest(chex.TestCase):
         images = shapes.ShapesDataset(6).arrays(0, 40)["image"] / 127.5 - 1.0
         rows = images.reshape(40, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 48)
         mean, basis, scale = fit_patch_pca(images, 4, 12)
-        np.testing.assert_allclose(mean, rows.mean(0), atol=1e-7)  # fit_patch_pca rounds the pixels to float32
+        np.testing.assert_allclose(
+            mean, rows.mean(0), atol=1e-7
+        )  # fit_patch_pca rounds the pixels to float32
         np.testing.assert_allclose(basis @ basis.T, np.eye(12), atol=1e-10)  # orthonormal
         # The top-12 directions span the top-12 eigenvectors of the patch covariance.
         w, v = np.linalg.eigh(np.cov(rows, rowvar=False))
@@ -86,11 +93,14 @@ class LatentTest(chex.TestCase):
         recon = self.variant(pca.decode)(z)
         projected = (rows - mean) @ basis.T @ basis + mean
         np.testing.assert_allclose(
-            recon, projected.reshape(40, 8, 8, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
-                images.shape), atol=1e-5)
+            recon,
+            projected.reshape(40, 8, 8, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape),
+            atol=1e-5,
+        )
         full = PatchPCA(*fit_patch_pca(images, 4, 48), 4)  # all components: lossless
-        np.testing.assert_allclose(full.decode(full.encode(images.astype(np.float32))), images,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            full.decode(full.encode(images.astype(np.float32))), images, atol=1e-5
+        )
         with pytest.raises(ValueError, match=r"latent.components=49; expected 1..48"):
             fit_patch_pca(images, 4, 49)
 
@@ -145,24 +155,32 @@ def test_concept_prompts_name_their_concept():
 
 def test_erasure_report_on_known_generators(oracle):
     def perfect(captions, seeds):
-        return np.stack([render_caption(c, np.random.default_rng(s)) for c, s in zip(captions, seeds)])
+        return np.stack(
+            [render_caption(c, np.random.default_rng(s)) for c, s in zip(captions, seeds)]
+        )
 
     def circle_erased(captions, seeds):  # every circle comes out as a square
-        return np.stack([render_caption(c, np.random.default_rng(s), swap=(0, 0, 2))
-                         for c, s in zip(captions, seeds)])
+        return np.stack(
+            [
+                render_caption(c, np.random.default_rng(s), swap=(0, 0, 2))
+                for c, s in zip(captions, seeds)
+            ]
+        )
 
     concepts = ["circle", "ellipse", "square", "box", "red", "dotted"]
     base = shapes_metrics.erasure_report(perfect, oracle, concepts=concepts, k=8)
     assert all(base[f"acc/{w}"] == 1.0 for w in concepts)
     assert base["other_accuracy"] == 1.0 and "target_accuracy" not in base
-    erased = shapes_metrics.erasure_report(circle_erased, oracle, targets=["circle"],
-                                           concepts=concepts, k=8)
+    erased = shapes_metrics.erasure_report(
+        circle_erased, oracle, targets=["circle"], concepts=concepts, k=8
+    )
     assert erased["acc/circle"] == 0.0 and erased["fidelity/circle"] == 0.0
     assert erased["target_accuracy"] == 0.0
     assert erased["near_accuracy"] == 1.0  # ellipse
     assert erased["other_accuracy"] == 1.0 and "synonym_accuracy" not in erased
-    square = shapes_metrics.erasure_report(perfect, oracle, targets=["square"],
-                                           concepts=concepts, k=4)
+    square = shapes_metrics.erasure_report(
+        perfect, oracle, targets=["square"], concepts=concepts, k=4
+    )
     assert square["synonym_accuracy"] == 1.0  # "box" leaks: the perfect model still draws it
     with pytest.raises(ValueError, match=r"unknown concept\(s\) \['dog'\]"):
         shapes_metrics.erasure_report(perfect, oracle, targets=["dog"])
@@ -176,9 +194,10 @@ def test_attribute_prior_reads_what_a_caption_without_the_attribute_draws(oracle
         out = []
         for c, s in zip(captions, seeds):
             rng = np.random.default_rng(s)
-            label = [v if v >= 0 else 0 if a == 0 else int(rng.integers(len(vals)))
-                     for a, (v, (_, vals)) in enumerate(zip(shapes.parse_caption(c),
-                                                            shapes.ATTRIBUTES))]
+            label = [
+                v if v >= 0 else 0 if a == 0 else int(rng.integers(len(vals)))
+                for a, (v, (_, vals)) in enumerate(zip(shapes.parse_caption(c), shapes.ATTRIBUTES))
+            ]
             out.append(shapes.render(label, shapes._nuisance(rng)) / 127.5 - 1.0)
         return np.stack(out)
 
@@ -192,6 +211,7 @@ def test_attribute_prior_reads_what_a_caption_without_the_attribute_draws(oracle
     assert sum(colour.values()) == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="attribute='size'; expected one of shape, colour"):
         shapes_metrics.attribute_prior(round_default, oracle, "size")
+
 
 def test_generate_must_return_one_image_per_caption(oracle):
     with pytest.raises(ValueError, match=r"generate must return \(n, 32, 32, 3\) images"):
@@ -233,16 +253,25 @@ def test_loss_is_the_epsilon_prediction_objective(smoke_model):
         # The loss's draws, re-derived from its key: t, then ε (dropout is all-or-nothing here).
         k_t, k_eps, _ = jax.random.split(key, 3)
         t = np.asarray(jax.random.randint(k_t, (4,), 0, T))
-        patches = batch["image"].reshape(4, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
-            4, 8, 8, 48)
-        z0 = (patches - np.asarray(lat.mean[...])) @ np.asarray(lat.basis[...]).T * float(
-            lat.scale[...])
+        patches = (
+            batch["image"]
+            .reshape(4, 8, 4, 8, 4, 3)
+            .transpose(0, 1, 3, 2, 4, 5)
+            .reshape(4, 8, 8, 48)
+        )
+        z0 = (
+            (patches - np.asarray(lat.mean[...]))
+            @ np.asarray(lat.basis[...]).T
+            * float(lat.scale[...])
+        )
         eps = np.asarray(jax.random.normal(k_eps, z0.shape), np.float64)
         ab = alpha_bar[t][:, None, None, None]
         z_t = np.sqrt(ab) * z0 + np.sqrt(1 - ab) * eps
         ids = np.repeat(tok("")[None], 4, 0) if dropout else batch["input_ids"]
         eps_hat = model(jnp.asarray(z_t, jnp.float32), t, ids)
-        np.testing.assert_allclose(loss, np.mean((np.asarray(eps_hat) - eps) ** 2), rtol=2e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            loss, np.mean((np.asarray(eps_hat) - eps) ** 2), rtol=2e-4, atol=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -266,12 +295,16 @@ def test_export_round_trip(smoke_model, tmp_path):
     emb = model.text_encoder(ids)["last_hidden_state"]
     np.testing.assert_allclose(pipe["text_encoder"](ids)["last_hidden_state"], emb, atol=1e-6)
     z = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))
-    np.testing.assert_allclose(patch_pca.load(str(tmp_path)).decode(z), model.latent.decode(z),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        patch_pca.load(str(tmp_path)).decode(z), model.latent.decode(z), atol=1e-6
+    )
     with pytest.raises(FileNotFoundError, match=r"latent map .* not found"):
         patch_pca.load(str(tmp_path / "unet"))
-    np.testing.assert_allclose(pipe["unet"](z, jnp.array([10, 900]), emb),
-                               model.unet(z, jnp.array([10, 900]), emb), atol=1e-5)
+    np.testing.assert_allclose(
+        pipe["unet"](z, jnp.array([10, 900]), emb),
+        model.unet(z, jnp.array([10, 900]), emb),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow

@@ -23,7 +23,10 @@ def np_cos_theta_neg_g(p, g):
 def _tree(seed=0):
     rng = np.random.default_rng(seed)
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    params = {"layers": [{"kernel": f(3, 4), "bias": f(4)}, {"kernel": f(4, 2), "bias": f(2)}], "scale": f()}
+    params = {
+        "layers": [{"kernel": f(3, 4), "bias": f(4)}, {"kernel": f(4, 2), "bias": f(2)}],
+        "scale": f(),
+    }
     grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
     return params, grads
 
@@ -31,7 +34,8 @@ def _tree(seed=0):
 class SoftmaxCollapseTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_float32_large_gap_collapses(self):
-        # exp(-30) = 9e-14 is far below float32's half-ulp of 1 (6e-8), even summed over 112 classes.
+        # exp(-30) = 9e-14 is far below float32's half-ulp of 1 (6e-8), even summed over 112
+        # classes.
         row = np.full(113, -30.0, np.float32)
         row[5] = 0.0
         logits = np.stack([row, row + 100.0, np.roll(row, 7)])
@@ -46,15 +50,21 @@ class SoftmaxCollapseTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_partial_fraction_and_leading_dims(self):
         logits = np.array([[[30.0, 0.0], [1.0, 0.0]], [[0.0, 50.0], [0.0, 0.0]]], np.float32)
-        np.testing.assert_array_equal(self.variant(softmax_collapse_fraction)(logits), 0.5)  # exact: 2 / 4
+        np.testing.assert_array_equal(
+            self.variant(softmax_collapse_fraction)(logits), 0.5
+        )  # exact: 2 / 4
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_mask_weights_rows(self):
         logits = np.array([[30.0, 0.0], [1.0, 0.0], [40.0, 0.0], [0.0, 0.0]], np.float32)
         frac = self.variant(lambda z, m: softmax_collapse_fraction(z, mask=m))
-        np.testing.assert_array_equal(frac(logits, np.array([1.0, 1.0, 0.0, 0.0])), 0.5)  # exact: 1 / 2
+        np.testing.assert_array_equal(
+            frac(logits, np.array([1.0, 1.0, 0.0, 0.0])), 0.5
+        )  # exact: 1 / 2
         np.testing.assert_allclose(frac(logits, np.array([1.0, 0.0, 1.0, 1.0])), 2 / 3, atol=1e-6)
-        with pytest.raises(ValueError, match=r"mask shape \(3,\) must equal the per-row shape \(4,\)"):
+        with pytest.raises(
+            ValueError, match=r"mask shape \(3,\) must equal the per-row shape \(4,\)"
+        ):
             softmax_collapse_fraction(logits, mask=np.ones(3))
 
     def test_float64_does_not_collapse_where_float32_does(self):
@@ -64,10 +74,16 @@ class SoftmaxCollapseTest(chex.TestCase):
             for fn in (softmax_collapse_fraction, jax.jit(softmax_collapse_fraction)):
                 self.assertEqual(float(fn(jnp.asarray(logits, jnp.float64))), 0.0)
             # The dtype argument overrides the input dtype in both directions.
-            self.assertEqual(float(softmax_collapse_fraction(jnp.asarray(logits, jnp.float64), jnp.float32)), 1.0)
-            self.assertEqual(float(softmax_collapse_fraction(logits.astype(np.float32), jnp.float64)), 0.0)
+            self.assertEqual(
+                float(softmax_collapse_fraction(jnp.asarray(logits, jnp.float64), jnp.float32)), 1.0
+            )
+            self.assertEqual(
+                float(softmax_collapse_fraction(logits.astype(np.float32), jnp.float64)), 0.0
+            )
             # A gap beyond float64's resolution (exp(-200) ~ 1e-87) collapses even in float64.
-            self.assertEqual(float(softmax_collapse_fraction(jnp.array([[0.0, -200.0]], jnp.float64))), 1.0)
+            self.assertEqual(
+                float(softmax_collapse_fraction(jnp.array([[0.0, -200.0]], jnp.float64))), 1.0
+            )
 
     def test_float64_dtype_requires_x64(self):
         if jax.config.jax_enable_x64:
@@ -118,7 +134,9 @@ class NLMCosineTest(chex.TestCase):
         _, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)
         grads = jax.tree.map(lambda p: -2.0 * p, params)
         cos = nlm_cosine(params, grads)
-        self.assertEqual(set(cos), {"layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias"})
+        self.assertEqual(
+            set(cos), {"layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias"}
+        )
         np.testing.assert_allclose(cos["layers/1/kernel"], 1.0, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(cos["layers/1/bias"], 0.0)  # zero-initialised bias: exactly 0
 
@@ -127,11 +145,16 @@ class NLMCosineTest(chex.TestCase):
         params, grads = _tree()
         cos = self.variant(nlm_cosine)(params, grads)
         self.assertEqual(
-            set(cos), {"layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias", "scale"}
+            set(cos),
+            {"layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias", "scale"},
         )
         expected = {
-            "layers/0/kernel": np_cos_theta_neg_g(params["layers"][0]["kernel"], grads["layers"][0]["kernel"]),
-            "layers/1/bias": np_cos_theta_neg_g(params["layers"][1]["bias"], grads["layers"][1]["bias"]),
+            "layers/0/kernel": np_cos_theta_neg_g(
+                params["layers"][0]["kernel"], grads["layers"][0]["kernel"]
+            ),
+            "layers/1/bias": np_cos_theta_neg_g(
+                params["layers"][1]["bias"], grads["layers"][1]["bias"]
+            ),
             "scale": np_cos_theta_neg_g(params["scale"], grads["scale"]),
         }
         for name, value in expected.items():
@@ -152,8 +175,10 @@ class NLMCosineTest(chex.TestCase):
         params, grads = _tree(1)
         flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
         np.testing.assert_allclose(
-            self.variant(global_nlm_cosine)(params, grads), np_cos_theta_neg_g(flat(params), flat(grads)),
-            rtol=1e-5, atol=1e-6,
+            self.variant(global_nlm_cosine)(params, grads),
+            np_cos_theta_neg_g(flat(params), flat(grads)),
+            rtol=1e-5,
+            atol=1e-6,
         )
 
     def test_structure_mismatch(self):

@@ -58,15 +58,19 @@ class StableMaxTest(chex.TestCase):
     def test_s_closed_form_derivatives(self):
         ds = self.variant(jax.vmap(jax.grad(s)))(jnp.array([1.0, -1.0, 0.0, 3.0, -3.0]))
         # s'(x) = 1 for x >= 0 and 1 / (1 - x)^2 for x < 0.
-        np.testing.assert_allclose(ds, [1.0, 0.25, 1.0, 1.0, 1.0 / 16.0], rtol=1e-6, atol=0)  # exact: powers of 2
+        np.testing.assert_allclose(
+            ds, [1.0, 0.25, 1.0, 1.0, 1.0 / 16.0], rtol=1e-6, atol=0
+        )  # exact: powers of 2
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_log_s_is_log_of_s_with_correct_derivative(self):
         x = np.concatenate([EDGE[:3], _logits((50,), 10.0)])
         np.testing.assert_allclose(self.variant(log_s)(x), np.log(np_s(x)), rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(
-            self.variant(jax.vmap(jax.grad(log_s)))(jnp.array([0.0, 1.0, -1.0])), [1.0, 0.5, 0.5],
-            rtol=1e-6, atol=0,  # exact: powers of 2
+            self.variant(jax.vmap(jax.grad(log_s)))(jnp.array([0.0, 1.0, -1.0])),
+            [1.0, 0.5, 0.5],
+            rtol=1e-6,
+            atol=0,  # exact: powers of 2
         )
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -103,16 +107,22 @@ class StableMaxTest(chex.TestCase):
         x = _logits()
         logp = self.variant(lambda z: log_stablemax(z, axis=axis))(x)
         np.testing.assert_allclose(logp, np.log(np_stablemax(x, axis)), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(logp, np.log(np.asarray(stablemax(x, axis=axis))), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            logp, np.log(np.asarray(stablemax(x, axis=axis))), rtol=1e-5, atol=1e-6
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_equals_softmax_of_signed_log1p(self):
         x = _logits(scale=50.0)
-        expected = np_softmax(np.sign(x.astype(np.float64)) * np.log1p(np.abs(x.astype(np.float64))))
+        expected = np_softmax(
+            np.sign(x.astype(np.float64)) * np.log1p(np.abs(x.astype(np.float64)))
+        )
         np.testing.assert_allclose(self.variant(stablemax)(x), expected, rtol=2e-6, atol=1e-6)
 
     def test_integer_input_is_promoted(self):
-        np.testing.assert_array_equal(s(jnp.array([-1, 0, 2])), [0.5, 1.0, 3.0])  # exact: 1 / 2, 0 + 1, 2 + 1
+        np.testing.assert_array_equal(
+            s(jnp.array([-1, 0, 2])), [0.5, 1.0, 3.0]
+        )  # exact: 1 / 2, 0 + 1, 2 + 1
 
 
 class CrossEntropyTest(chex.TestCase):
@@ -135,7 +145,9 @@ class CrossEntropyTest(chex.TestCase):
     def test_stablemax_ce_closed_form(self):
         # logits [1, 0, -1]: s = [2, 1, 1/2], sum 7/2.
         loss = stablemax_cross_entropy(jnp.array([[1.0, 0.0, -1.0]] * 3), jnp.array([0, 1, 2]))
-        np.testing.assert_allclose(loss, [np.log(7 / 4), np.log(7 / 2), np.log(7)], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            loss, [np.log(7 / 4), np.log(7 / 2), np.log(7)], rtol=1e-6, atol=1e-6
+        )
 
     def test_softmax_ce_is_exactly_zero_under_collapse_but_stablemax_is_not(self):
         x = jnp.array([[40.0, 0.0, 0.0]])
@@ -144,7 +156,9 @@ class CrossEntropyTest(chex.TestCase):
 
     @parameterized.parameters(stablemax_cross_entropy, softmax_cross_entropy)
     def test_label_validation(self, loss_fn):
-        with pytest.raises(ValueError, match=r"labels shape \(4, 1\) must equal logits.shape\[:-1\] \(4,\)"):
+        with pytest.raises(
+            ValueError, match=r"labels shape \(4, 1\) must equal logits.shape\[:-1\] \(4,\)"
+        ):
             loss_fn(jnp.zeros((4, 3)), jnp.zeros((4, 1), jnp.int32))
         with pytest.raises(ValueError, match="labels must be integer"):
             loss_fn(jnp.zeros((4, 3)), jnp.zeros((4,)))
@@ -160,14 +174,19 @@ class CrossEntropyTest(chex.TestCase):
 
     @parameterized.parameters(stablemax_cross_entropy, softmax_cross_entropy)
     def test_dtype_casts(self, loss_fn):
-        loss = loss_fn(jnp.zeros((2, 3), jnp.bfloat16), jnp.zeros((2,), jnp.int32), dtype=jnp.float32)
+        loss = loss_fn(
+            jnp.zeros((2, 3), jnp.bfloat16), jnp.zeros((2,), jnp.int32), dtype=jnp.float32
+        )
         self.assertEqual(loss.dtype, jnp.float32)
 
     def test_float64_with_x64_enabled(self):
         x = _logits((5, 8), scale=30.0)
         y = np.arange(5)
         with jax.enable_x64(True):
-            for fn in (stablemax_cross_entropy, jax.jit(stablemax_cross_entropy, static_argnames="dtype")):
+            for fn in (
+                stablemax_cross_entropy,
+                jax.jit(stablemax_cross_entropy, static_argnames="dtype"),
+            ):
                 loss = fn(jnp.asarray(x), jnp.asarray(y), dtype=jnp.float64)
                 self.assertEqual(loss.dtype, jnp.float64)
                 # Tight on purpose: a float32 path anywhere would be off by ~1e-7.

@@ -20,9 +20,11 @@ def _reference(q, k, v):
 def _reference_grads(q, k, v, w):
     """d/d(q, k, v) of sum(w * attention) in float64 by JAX autodiff of the plain formula."""
     with jax.enable_x64(True):
+
         def f(q, k, v):
             s = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(q.shape[-1] * 1.0)
             return (jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v) * w).sum()
+
         args = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
         w = jnp.asarray(w, jnp.float64)
         return [np.asarray(g) for g in jax.grad(f, argnums=(0, 1, 2))(*args)]
@@ -56,13 +58,11 @@ def test_chunked_forward_and_gradients_equal_the_float64_formula(shape):
 def test_small_tiles_in_both_passes_give_the_same_result():
     """Tiles of 64 forward / 32 backward over 200 queries (padded to 224): the tiling is exact."""
     q, k, v, w = _inputs(1, 200, 96, 2, 8, seed=1)
-    f = lambda q, k, v: attention.chunked_attention(q, k, v, forward_chunk=64,
-                                                    backward_chunk=32)
+    f = lambda q, k, v: attention.chunked_attention(q, k, v, forward_chunk=64, backward_chunk=32)
     np.testing.assert_allclose(np.asarray(f(q, k, v)), _reference(q, k, v), atol=2e-5, rtol=1e-4)
     grads = jax.grad(lambda *a: (f(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(grads, _reference_grads(q, k, v, w)):
-        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5 * np.abs(want).max(),
-                                   rtol=1e-3)
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5 * np.abs(want).max(), rtol=1e-3)
 
 
 def test_bfloat16_inputs_keep_float32_logits():
@@ -71,13 +71,15 @@ def test_bfloat16_inputs_keep_float32_logits():
     out = attention.chunked_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
     assert out.dtype == jnp.bfloat16
     qb, kb, vb = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, k, v))
-    np.testing.assert_allclose(np.asarray(out, np.float32), _reference(qb, kb, vb),
-                               atol=3e-2, rtol=2e-2)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), _reference(qb, kb, vb), atol=3e-2, rtol=2e-2
+    )
 
 
 def test_chunked_memory_is_linear_in_the_token_count():
     """XLA's plan for 2 heads: doubling the tokens (2048 -> 4096) doubles the chunked form's
     temporaries and quadruples the plain lowering's, which hold every head's logits at once."""
+
     def temp_bytes(impl, tokens):
         q = jax.ShapeDtypeStruct((1, tokens, 2, 16), jnp.float32)
         f = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation=impl)
@@ -111,6 +113,9 @@ def test_every_lowering_agrees_on_the_host():
 
 def test_unknown_implementation_is_named():
     q = np.zeros((1, 4, 1, 2), np.float32)
-    with pytest.raises(ValueError, match=r"attention implementation must be one of "
-                                         r"\('auto', 'xla', 'chunked', 'cudnn'\), got 'flash'"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention implementation must be one of "
+        r"\('auto', 'xla', 'chunked', 'cudnn'\), got 'flash'",
+    ):
         attention.dot_product_attention(q, q, q, implementation="flash")

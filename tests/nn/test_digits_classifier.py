@@ -27,11 +27,12 @@ def test_32px_digits_are_resized_and_still_recognised(shipped):
 
 def numpy_features(model, x):
     """conv3×3 'SAME' + bias, ReLU, 2×2 mean pool (twice), flatten, dense + ReLU, in float64."""
+
     def conv(h, layer):
         k, b = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64)
         p = np.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
         hh, ww = h.shape[1:3]
-        out = sum(p[:, i:i + hh, j:j + ww] @ k[i, j] for i in range(3) for j in range(3))
+        out = sum(p[:, i : i + hh, j : j + ww] @ k[i, j] for i in range(3) for j in range(3))
         return out + b
 
     def pool(h):
@@ -41,7 +42,9 @@ def numpy_features(model, x):
     h = pool(np.maximum(conv(x.astype(np.float64), model.conv1), 0))
     h = pool(np.maximum(conv(h, model.conv2), 0))
     d = model.dense
-    return np.maximum(h.reshape(len(h), -1) @ np.asarray(d.kernel[...]) + np.asarray(d.bias[...]), 0)
+    return np.maximum(
+        h.reshape(len(h), -1) @ np.asarray(d.kernel[...]) + np.asarray(d.bias[...]), 0
+    )
 
 
 def test_features_match_an_independent_numpy_forward_pass(shipped):
@@ -57,8 +60,11 @@ def test_save_load_round_trip_and_errors(tmp_path):
     dc.save(model, path)
     loaded = named_leaves(nnx.state(dc.load(path), nnx.Param))
     want = named_leaves(nnx.state(model, nnx.Param))
-    assert sorted(loaded) == sorted(want) == [f"{m}/{p}" for m in ("conv1", "conv2", "dense", "head")
-                                             for p in ("bias", "kernel")]
+    assert (
+        sorted(loaded)
+        == sorted(want)
+        == [f"{m}/{p}" for m in ("conv1", "conv2", "dense", "head") for p in ("bias", "kernel")]
+    )
     for name, x in want.items():
         np.testing.assert_array_equal(loaded[name], x)
     with pytest.raises(FileNotFoundError, match="digits classifier weights '.*nope.npz' not found"):
@@ -66,5 +72,7 @@ def test_save_load_round_trip_and_errors(tmp_path):
     dc.save(dc.DigitsClassifier(width=8, rngs=nnx.Rngs(0)), path)
     with pytest.raises(ValueError, match=r"'conv1/bias' has shape \(8,\), model needs \(32,\)"):
         dc.load(path)
-    with pytest.raises(ValueError, match=r"x must be \(B, H, W, 1\) grey images, got shape \(2, 16, 16, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"x must be \(B, H, W, 1\) grey images, got shape \(2, 16, 16, 3\)"
+    ):
         model(np.zeros((2, 16, 16, 3), np.float32))

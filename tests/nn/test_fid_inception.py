@@ -77,8 +77,9 @@ def test_grey_images_are_the_grey_rgb_image(converted):
     _, out, _ = converted
     net = inception.load(str(out))
     grey = np.random.default_rng(1).uniform(-1, 1, (1, 299, 299, 1)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(net(grey)), np.asarray(net(np.repeat(grey, 3, -1))),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(net(grey)), np.asarray(net(np.repeat(grey, 3, -1))), rtol=0, atol=1e-6
+    )
 
 
 def test_converter_refuses_a_file_that_is_not_the_fid_inception(tmp_path):
@@ -88,8 +89,9 @@ def test_converter_refuses_a_file_that_is_not_the_fid_inception(tmp_path):
     del sd["Mixed_6b.branch7x7_2.conv.weight"]
     torch.save(sd, tmp_path / "bad.pth")
     out = tmp_path / "out.safetensors"
-    with pytest.raises(convert.CheckpointError,
-                       match=r"missing tensor\(s\) 'Mixed_6b\.branch7x7_2\.conv\.weight'"):
+    with pytest.raises(
+        convert.CheckpointError, match=r"missing tensor\(s\) 'Mixed_6b\.branch7x7_2\.conv\.weight'"
+    ):
         convert_file(str(tmp_path / "bad.pth"), str(out))
     assert not out.exists() and not (tmp_path / "out.safetensors.tmp").exists()
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
@@ -99,8 +101,11 @@ def test_converter_refuses_a_file_that_is_not_the_fid_inception(tmp_path):
 
 def test_missing_weights_name_the_variable_and_the_converter(monkeypatch, tmp_path):
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match=r"no FID Inception weights given.*"
-                       r"JAXSAFE_FID_INCEPTION.*launch\.convert_fid_inception"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no FID Inception weights given.*"
+        r"JAXSAFE_FID_INCEPTION.*launch\.convert_fid_inception",
+    ):
         inception.load()
     missing = str(tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match=f"FID Inception weights '{missing}' not found"):

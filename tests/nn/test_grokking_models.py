@@ -1,4 +1,5 @@
-"""Tests for the grokking models (jaxsafe.nn.mlp.GrokMLP, jaxsafe.nn.transformer.GrokTransformer)."""
+"""Tests for the grokking models (jaxsafe.nn.mlp.GrokMLP,
+jaxsafe.nn.transformer.GrokTransformer)."""
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +93,11 @@ def test_mlp_gather_with_bias_and_same_gradients(data):
     x = data["train"]["x"][:64]
     y = data["train"]["y"][:64]
     np.testing.assert_allclose(
-        np.asarray(model(x)), _numpy_mlp(params, one_hot_operands(x, P), 3, 1.0, use_bias=True),
-        rtol=1e-5, atol=1e-5)
+        np.asarray(model(x)),
+        _numpy_mlp(params, one_hot_operands(x, P), 3, 1.0, use_bias=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
     graphdef, state = nnx.split(model, nnx.Param)
 
@@ -111,8 +115,11 @@ def test_mlp_sparse_parity_float_inputs():
     model = GrokMLP(43, 2, use_bias=True, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).integers(0, 2, (16, 43)).astype(np.float32)
     np.testing.assert_allclose(
-        np.asarray(model(x)), _numpy_mlp(_flat_params(model), x, 3, 1.0, use_bias=True),
-        rtol=1e-5, atol=1e-5)
+        np.asarray(model(x)),
+        _numpy_mlp(_flat_params(model), x, 3, 1.0, use_bias=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match=r"need vocab_size"):
         model(np.zeros((4, 2), np.int32))
     with pytest.raises(ValueError, match=r"expected \(M, 43\) features"):
@@ -154,8 +161,12 @@ def test_mlp_jit_and_split_merge_roundtrip(data):
     fwd = jax.jit(lambda st, inp: nnx.merge(graphdef, st)(inp))
     np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, state)(x)), np.asarray(eager))
     np.testing.assert_allclose(np.asarray(fwd(state, x)), np.asarray(eager), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, inp: m(inp))(model, x)),
-                               np.asarray(eager), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(nnx.jit(lambda m, inp: m(inp))(model, x)),
+        np.asarray(eager),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 # ---------------------------------------------------------------------- Transformer
@@ -177,7 +188,7 @@ def _numpy_transformer(p, tokens, num_heads, norm_first=False):
 
     def attn(z):
         qkv = z @ p[pre + "attn/in_proj/kernel"] + p[pre + "attn/in_proj/bias"]
-        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
         out = np.zeros_like(z)
         for hh in range(num_heads):
             sl = slice(hh * hd, (hh + 1) * hd)
@@ -226,23 +237,35 @@ def test_transformer_param_names_and_count(transformer):
     }
     n = sum(v.size for v in params.values())
     # nn.Embedding + TransformerEncoderLayer(128, 4) + nn.Linear(128, 113), counted by hand:
-    by_hand = (113 * 128                       # embedding
-               + 3 * 128 * 128 + 3 * 128        # in_proj weight + bias
-               + 128 * 128 + 128                # out_proj
-               + 128 * 2048 + 2048              # linear1
-               + 2048 * 128 + 128               # linear2
-               + 4 * 128                        # norm1, norm2
-               + 128 * 113 + 113)               # output linear
+    by_hand = (
+        113 * 128  # embedding
+        + 3 * 128 * 128
+        + 3 * 128  # in_proj weight + bias
+        + 128 * 128
+        + 128  # out_proj
+        + 128 * 2048
+        + 2048  # linear1
+        + 2048 * 128
+        + 128  # linear2
+        + 4 * 128  # norm1, norm2
+        + 128 * 113
+        + 113
+    )  # output linear
     assert n == by_hand == 622_065 == GrokTransformer.num_params()
-    n_two = _abstract_param_count(lambda: GrokTransformer(
-        17, 5, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, rngs=nnx.Rngs(0)))
+    n_two = _abstract_param_count(
+        lambda: GrokTransformer(
+            17, 5, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, rngs=nnx.Rngs(0)
+        )
+    )
     assert n_two == GrokTransformer.num_params(17, 5, 16, 2, 32)
 
 
 def test_transformer_torch_default_init(transformer):
     params = _flat_params(transformer)
     d, f = 128, 2048
-    np.testing.assert_allclose(params["embed/embedding"].std(), 1.0, rtol=0.03, atol=1e-6)  # N(0, 1)
+    np.testing.assert_allclose(
+        params["embed/embedding"].std(), 1.0, rtol=0.03, atol=1e-6
+    )  # N(0, 1)
     xb = np.sqrt(6.0 / (d + 3 * d))  # xavier_uniform on PyTorch's (3d, d) in_proj_weight
     w = params["layers/0/attn/in_proj/kernel"]
     assert np.abs(w).max() <= xb and np.abs(w).max() > 0.95 * xb
@@ -250,12 +273,19 @@ def test_transformer_torch_default_init(transformer):
     for name in ("attn/in_proj/bias", "attn/out_proj/bias", "norm1/bias", "norm2/bias"):
         assert np.all(params["layers/0/" + name] == 0.0), name
     assert np.all(params["layers/0/norm1/scale"] == 1.0)
-    for name, fan_in in (("layers/0/attn/out_proj/kernel", d), ("layers/0/linear1/kernel", d),
-                         ("layers/0/linear1/bias", d), ("layers/0/linear2/kernel", f),
-                         ("layers/0/linear2/bias", f), ("head/kernel", d), ("head/bias", d)):
+    for name, fan_in in (
+        ("layers/0/attn/out_proj/kernel", d),
+        ("layers/0/linear1/kernel", d),
+        ("layers/0/linear1/bias", d),
+        ("layers/0/linear2/kernel", f),
+        ("layers/0/linear2/bias", f),
+        ("head/kernel", d),
+        ("head/bias", d),
+    ):
         assert np.abs(params[name]).max() <= 1.0 / np.sqrt(fan_in), name
-    np.testing.assert_allclose(params["layers/0/linear1/kernel"].std(),
-                               1.0 / np.sqrt(3 * d), rtol=0.03, atol=1e-7)
+    np.testing.assert_allclose(
+        params["layers/0/linear1/kernel"].std(), 1.0 / np.sqrt(3 * d), rtol=0.03, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -268,8 +298,9 @@ def test_transformer_matches_numpy_reference(data, norm_first):
     assert got.shape == (40, P)
     ref = _numpy_transformer(_flat_params(model), x, num_heads=4, norm_first=norm_first)
     np.testing.assert_allclose(got, 1.5 * ref[:, -1], rtol=2e-4, atol=2e-4)
-    np.testing.assert_allclose(np.asarray(model(x, all_positions=True)), 1.5 * ref,
-                               rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        np.asarray(model(x, all_positions=True)), 1.5 * ref, rtol=2e-4, atol=2e-4
+    )
 
 
 def test_transformer_order_sensitivity_without_positions(transformer):
@@ -327,5 +358,6 @@ def test_transformer_jit_and_split_merge_roundtrip(data, transformer):
     np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, state)(x)), eager)
     fwd = jax.jit(lambda st, inp: nnx.merge(graphdef, st)(inp))
     np.testing.assert_allclose(np.asarray(fwd(state, x)), eager, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, inp: m(inp))(model, x)), eager,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(nnx.jit(lambda m, inp: m(inp))(model, x)), eager, rtol=1e-5, atol=1e-5
+    )

@@ -28,12 +28,12 @@ def torch_resnet_counts(c, widths, blocks, stem_k=7, k=3):
 
     def conv(cin, cout, kk):
         nonlocal params
-        params += cin * cout * kk            # bias=False everywhere in the reference
+        params += cin * cout * kk  # bias=False everywhere in the reference
 
     def bn(ch):
         nonlocal params, stats
-        params += 2 * ch                     # weight, bias
-        stats += 2 * ch                      # running_mean, running_var
+        params += 2 * ch  # weight, bias
+        stats += 2 * ch  # running_mean, running_var
 
     conv(c, widths[0], stem_k)
     bn(widths[0])
@@ -60,7 +60,7 @@ def np_conv1d(x, w, stride, pad):
     t_out = (t + 2 * pad - k) // stride + 1
     out = np.zeros((b, t_out, w.shape[2]))
     for o in range(t_out):
-        out[:, o] = np.einsum("bkc,kcd->bd", xp[:, o * stride:o * stride + k], w)
+        out[:, o] = np.einsum("bkc,kcd->bd", xp[:, o * stride : o * stride + k], w)
     return out
 
 
@@ -71,8 +71,9 @@ def abstract(make):
 
 def out_shape(model, shape):
     graphdef, state = nnx.split(model)
-    return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
-                          jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+    return jax.eval_shape(
+        lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct(shape, jnp.float32)
+    ).shape
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_stride2_block_matches_numpy_pytorch_padding():
     x = np.random.default_rng(0).standard_normal((4, 9, 2)).astype(np.float32)
     h = np.asarray(jax.nn.relu(blk.bn1(blk.conv1(x))))
     conv = np_conv1d(x, np.asarray(blk.conv1.kernel[...], np.float64), stride=2, pad=1)
-    assert conv.shape == (4, 5, 3)                        # ceil(9 / 2)
+    assert conv.shape == (4, 5, 3)  # ceil(9 / 2)
     mean, var = conv.mean(axis=(0, 1)), conv.var(axis=(0, 1))
     np.testing.assert_allclose(h, np.maximum((conv - mean) / np.sqrt(var + 1e-5), 0), atol=1e-4)
     # PyTorch BN momentum 0.1: running = 0.9 * (0, 1) + 0.1 * batch statistics.
@@ -131,17 +132,20 @@ def test_stem_is_kernel7_stride1_pad3_and_init_is_torch_uniform():
     enc = ResNet1D(2, widths=(4,), blocks=(1,), rngs=nnx.Rngs(0))
     kernel = np.asarray(enc.stem.kernel[...])
     assert kernel.shape == (7, 2, 4)
-    assert np.abs(kernel).max() <= 1 / np.sqrt(7 * 2)      # U(+-1/sqrt(fan_in)), fan_in = k Cin
+    assert np.abs(kernel).max() <= 1 / np.sqrt(7 * 2)  # U(+-1/sqrt(fan_in)), fan_in = k Cin
     x = np.random.default_rng(1).standard_normal((3, 10, 2)).astype(np.float32)
-    np.testing.assert_allclose(enc.stem(x), np_conv1d(x, kernel.astype(np.float64), 1, 3),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        enc.stem(x), np_conv1d(x, kernel.astype(np.float64), 1, 3), atol=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_batch_stats_are_separate_from_params(tiny):
     graphdef, params, stats, rest = nnx.split(tiny, nnx.Param, nnx.BatchStat, ...)
-    assert all(isinstance(v, nnx.Param) for v in jax.tree.leaves(
-        params, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    assert all(
+        isinstance(v, nnx.Param)
+        for v in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    )
     assert count(stats) == torch_resnet_counts(3, (4, 8), (1, 2))[1]
     assert not jax.tree.leaves(rest)
     x = np.random.default_rng(0).standard_normal((4, 16, 3)).astype(np.float32)
@@ -151,6 +155,7 @@ def test_batch_stats_are_separate_from_params(tiny):
         def loss(p):
             y, new = apply_with_batch_stats(graphdef, p, stats, rest, lambda m, x: m(x), x)
             return jnp.sum(y**2), new
+
         return jax.grad(loss, has_aux=True)(params)
 
     grads, new_stats = train_step(params, stats, x)
@@ -172,8 +177,9 @@ def test_running_average_mode_is_per_sample(tiny):
     model = nnx.merge(*nnx.split(tiny))
     # Evaluation uses the running statistics: a sample's features do not depend on the batch.
     full = model(x, use_running_average=True)
-    np.testing.assert_allclose(model(x[:1], use_running_average=True), full[:1], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        model(x[:1], use_running_average=True), full[:1], rtol=1e-5, atol=1e-6
+    )
     # Training mode normalises with the batch statistics: they do.
     assert not np.allclose(model(x[:2])[:1], model(x)[:1], atol=1e-4)
 

@@ -31,13 +31,24 @@ from jaxsafe.nn.unet2d_condition import (
 from jaxsafe.parallel import make_mesh, shardings_for
 from jaxsafe.treepath import named_leaves
 
-TINY_UNET = {"sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1,
-             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 12,
-             "attention_head_dim": 2, "norm_num_groups": 4}
-TINY_VAE = {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
-            "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 1,
-            "norm_num_groups": 4, "sample_size": 8}
+TINY_UNET = {
+    "sample_size": 8,
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 12,
+    "attention_head_dim": 2,
+    "norm_num_groups": 4,
+}
+TINY_VAE = {
+    "block_out_channels": (8, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 8,
+}
 
 
 def random_model(make, seed=0, scale=0.3):
@@ -46,8 +57,10 @@ def random_model(make, seed=0, scale=0.3):
     ``nnx.eval_shape``: eager initialisation compiles one op per shape and is slow on CPU."""
     graphdef, state = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(seed)
-    return nnx.merge(graphdef, jax.tree.map(
-        lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state))
+    return nnx.merge(
+        graphdef,
+        jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state),
+    )
 
 
 def params(model):
@@ -55,6 +68,7 @@ def params(model):
 
 
 # ------------------------------------------------------------------ numpy reference pieces
+
 
 def np_group_norm(x, groups, eps, scale, bias):
     b, h, w, c = x.shape
@@ -78,7 +92,7 @@ def np_conv(x, kernel, bias, stride=1, pad=(1, 1, 1, 1)):
     out = np.zeros((x.shape[0], ho, wo, kernel.shape[-1]))
     for i in range(kh):
         for j in range(kw):
-            patch = x[:, i:i + stride * ho:stride, j:j + stride * wo:stride]
+            patch = x[:, i : i + stride * ho : stride, j : j + stride * wo : stride]
             out += patch @ kernel[i, j]
     return out + bias
 
@@ -103,14 +117,17 @@ def np_attention(x, ctx, wq, wk, wv, wo, bo, heads, bq=0.0, bk=0.0, bv=0.0, caus
 
 # ------------------------------------------------------------------ layers
 
-class TimestepEmbeddingTest(chex.TestCase):
 
+class TimestepEmbeddingTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_ddpm_formula(self):
         t = np.array([0.0, 1.0, 999.0, 37.5])
         for dim, flip, shift in [(8, True, 0), (8, False, 1), (7, True, 0)]:
-            emb = self.variant(lambda t, dim=dim, flip=flip, shift=shift: L.get_timestep_embedding(
-                t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift))(t)
+            emb = self.variant(
+                lambda t, dim=dim, flip=flip, shift=shift: L.get_timestep_embedding(
+                    t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift
+                )
+            )(t)
             half = dim // 2
             f = np.exp(-np.log(10000.0) * np.arange(half) / (half - shift))
             sin, cos = np.sin(t[:, None] * f), np.cos(t[:, None] * f)
@@ -126,33 +143,58 @@ class TimestepEmbeddingTest(chex.TestCase):
 
 
 class AttentionTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_cross_attention_matches_numpy(self):
-        attn = random_model(lambda: L.Attention(8, heads=2, dim_head=3, cross_attention_dim=5,
-                                     rngs=nnx.Rngs(0)))
+        attn = random_model(
+            lambda: L.Attention(8, heads=2, dim_head=3, cross_attention_dim=5, rngs=nnx.Rngs(0))
+        )
         p = params(attn)
-        assert set(p) == {"to_q/kernel", "to_k/kernel", "to_v/kernel", "to_out/0/kernel",
-                          "to_out/0/bias"}  # no q/k/v bias, as in SD's transformer blocks
+        assert set(p) == {
+            "to_q/kernel",
+            "to_k/kernel",
+            "to_v/kernel",
+            "to_out/0/kernel",
+            "to_out/0/bias",
+        }  # no q/k/v bias, as in SD's transformer blocks
         assert p["to_k/kernel"].shape == (5, 6)
         x, c = np.random.RandomState(0).randn(2, 4, 8), np.random.RandomState(1).randn(2, 7, 5)
-        got = self.variant(lambda x, c: attn(x, c))(jnp.asarray(x, jnp.float32),
-                                                    jnp.asarray(c, jnp.float32))
-        want = np_attention(x, c, p["to_q/kernel"], p["to_k/kernel"], p["to_v/kernel"],
-                            p["to_out/0/kernel"], p["to_out/0/bias"], heads=2)
+        got = self.variant(lambda x, c: attn(x, c))(
+            jnp.asarray(x, jnp.float32), jnp.asarray(c, jnp.float32)
+        )
+        want = np_attention(
+            x,
+            c,
+            p["to_q/kernel"],
+            p["to_k/kernel"],
+            p["to_v/kernel"],
+            p["to_out/0/kernel"],
+            p["to_out/0/bias"],
+            heads=2,
+        )
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
     @pytest.mark.slow
     def test_spatial_self_attention_has_groupnorm_and_residual(self):
-        attn = random_model(lambda: L.Attention(8, heads=1, dim_head=8, bias=True, norm_groups=2,
-                                     rngs=nnx.Rngs(0)))
+        attn = random_model(
+            lambda: L.Attention(8, heads=1, dim_head=8, bias=True, norm_groups=2, rngs=nnx.Rngs(0))
+        )
         p = params(attn)
         x = np.random.RandomState(0).randn(2, 3, 3, 8)
         got = attn(jnp.asarray(x, jnp.float32))
         h = np_group_norm(x, 2, 1e-6, p["group_norm/scale"], p["group_norm/bias"]).reshape(2, 9, 8)
-        want = np_attention(h, h, p["to_q/kernel"], p["to_k/kernel"], p["to_v/kernel"],
-                            p["to_out/0/kernel"], p["to_out/0/bias"], heads=1,
-                            bq=p["to_q/bias"], bk=p["to_k/bias"], bv=p["to_v/bias"])
+        want = np_attention(
+            h,
+            h,
+            p["to_q/kernel"],
+            p["to_k/kernel"],
+            p["to_v/kernel"],
+            p["to_out/0/kernel"],
+            p["to_out/0/bias"],
+            heads=1,
+            bq=p["to_q/bias"],
+            bk=p["to_k/bias"],
+            bv=p["to_v/bias"],
+        )
         np.testing.assert_allclose(got, want.reshape(x.shape) + x, atol=1e-4, rtol=1e-4)
 
 
@@ -164,6 +206,7 @@ def test_geglu_feedforward_matches_numpy():
     hg = x @ p["net/0/proj/kernel"] + p["net/0/proj/bias"]
     a, g = hg[:, :24], hg[:, 24:]
     from scipy.special import erf
+
     gelu = 0.5 * g * (1 + erf(g / np.sqrt(2)))
     want = (a * gelu) @ p["net/2/kernel"] + p["net/2/bias"]
     np.testing.assert_allclose(ff(jnp.asarray(x, jnp.float32)), want, atol=1e-4, rtol=1e-4)
@@ -172,19 +215,29 @@ def test_geglu_feedforward_matches_numpy():
 @pytest.mark.parametrize("cin,cout", [(4, 8), (8, 8)])
 @pytest.mark.slow
 def test_resnet_block_matches_numpy(cin, cout):
-    block = random_model(lambda: L.ResnetBlock2D(cin, cout, temb_channels=5, groups=2, eps=1e-5,
-                                      rngs=nnx.Rngs(0)))
+    block = random_model(
+        lambda: L.ResnetBlock2D(cin, cout, temb_channels=5, groups=2, eps=1e-5, rngs=nnx.Rngs(0))
+    )
     p = params(block)
     assert ("conv_shortcut/kernel" in p) == (cin != cout)
     rs = np.random.RandomState(0)
     x, temb = rs.randn(2, 5, 5, cin), rs.randn(2, 5)
-    h = np_conv(np_silu(np_group_norm(x, 2, 1e-5, p["norm1/scale"], p["norm1/bias"])),
-                p["conv1/kernel"], p["conv1/bias"])
+    h = np_conv(
+        np_silu(np_group_norm(x, 2, 1e-5, p["norm1/scale"], p["norm1/bias"])),
+        p["conv1/kernel"],
+        p["conv1/bias"],
+    )
     h = h + (np_silu(temb) @ p["time_emb_proj/kernel"] + p["time_emb_proj/bias"])[:, None, None]
-    h = np_conv(np_silu(np_group_norm(h, 2, 1e-5, p["norm2/scale"], p["norm2/bias"])),
-                p["conv2/kernel"], p["conv2/bias"])
-    short = x if cin == cout else np_conv(x, p["conv_shortcut/kernel"],
-                                          p["conv_shortcut/bias"], pad=(0, 0, 0, 0))
+    h = np_conv(
+        np_silu(np_group_norm(h, 2, 1e-5, p["norm2/scale"], p["norm2/bias"])),
+        p["conv2/kernel"],
+        p["conv2/bias"],
+    )
+    short = (
+        x
+        if cin == cout
+        else np_conv(x, p["conv_shortcut/kernel"], p["conv_shortcut/bias"], pad=(0, 0, 0, 0))
+    )
     got = block(jnp.asarray(x, jnp.float32), jnp.asarray(temb, jnp.float32))
     np.testing.assert_allclose(got, short + h, atol=2e-4, rtol=2e-4)
 
@@ -209,8 +262,9 @@ def test_upsample_is_nearest_then_conv():
     nnx.update(up, {"conv": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(2)}})
     x = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
     got = np.asarray(up(jnp.asarray(x)))
-    np.testing.assert_array_equal(got[0, :, :, 0], [[0, 0, 2, 2], [0, 0, 2, 2],
-                                                    [4, 4, 6, 6], [4, 4, 6, 6]])
+    np.testing.assert_array_equal(
+        got[0, :, :, 0], [[0, 0, 2, 2], [0, 0, 2, 2], [4, 4, 6, 6], [4, 4, 6, 6]]
+    )
 
 
 def test_group_norm_rejects_indivisible_channels():
@@ -225,18 +279,27 @@ def test_sharding_rules():
                 return spec
         return "fsdp"
 
-    for name in ["conv_norm_out/scale", "down_blocks/0/resnets/0/norm1/bias",
-                 "mid_block/attentions/0/transformer_blocks/0/norm3/scale",
-                 "encoder/layers/3/layer_norm2/scale", "final_layer_norm/bias",
-                 "encoder/mid_block/attentions/0/group_norm/scale", "conv_in/bias"]:
+    for name in [
+        "conv_norm_out/scale",
+        "down_blocks/0/resnets/0/norm1/bias",
+        "mid_block/attentions/0/transformer_blocks/0/norm3/scale",
+        "encoder/layers/3/layer_norm2/scale",
+        "final_layer_norm/bias",
+        "encoder/mid_block/attentions/0/group_norm/scale",
+        "conv_in/bias",
+    ]:
         assert rule(name) == "replicate", name
-    for name in ["down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel",
-                 "conv_in/kernel", "embeddings/token_embedding/embedding",
-                 "up_blocks/1/resnets/0/conv_shortcut/kernel"]:
+    for name in [
+        "down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel",
+        "conv_in/kernel",
+        "embeddings/token_embedding/embedding",
+        "up_blocks/1/resnets/0/conv_shortcut/kernel",
+    ]:
         assert rule(name) == "fsdp", name
     # The rules plug into the shared sharding helper.
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(UNet2DConditionConfig(**TINY_UNET),
-                                                        rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: UNet2DConditionModel(UNet2DConditionConfig(**TINY_UNET), rngs=nnx.Rngs(0))
+    )
     mesh = make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
     shardings = shardings_for(nnx.state(model, nnx.Param), mesh, L.SD_SHARDING_RULES)
     assert len(jax.tree.leaves(shardings)) == len(params_shapes(model))
@@ -247,6 +310,7 @@ def params_shapes(model):
 
 
 # ------------------------------------------------------------------ UNet
+
 
 @pytest.fixture(scope="module")
 def tiny_unet():
@@ -315,18 +379,26 @@ def test_unet_bf16_compute_is_close_to_f32(tiny_unet):
 
 def test_unet_rejects_bad_inputs(tiny_unet):
     ctx = jnp.zeros((1, 5, 12))
-    with pytest.raises(ValueError, match=r"sample: expected \(B, H, W, 4\) NHWC with H, W "
-                                         r"divisible by 2, got \(1, 4, 8, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"sample: expected \(B, H, W, 4\) NHWC with H, W "
+        r"divisible by 2, got \(1, 4, 8, 8\)",
+    ):
         tiny_unet(jnp.zeros((1, 4, 8, 8)), 1.0, ctx)  # NCHW by mistake
     with pytest.raises(ValueError, match=r"encoder_hidden_states: expected \(1, L, 12\)"):
         tiny_unet(jnp.zeros((1, 8, 8, 4)), 1.0, jnp.zeros((1, 5, 7)))
 
 
 def test_unet_sd2_style_heads_and_linear_projection():
-    cfg = UNet2DConditionConfig(**{**TINY_UNET, "attention_head_dim": (2, 4),
-                                   "use_linear_projection": True,
-                                   "down_block_types": ("CrossAttnDownBlock2D",) * 2,
-                                   "up_block_types": ("CrossAttnUpBlock2D",) * 2})
+    cfg = UNet2DConditionConfig(
+        **{
+            **TINY_UNET,
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+            "up_block_types": ("CrossAttnUpBlock2D",) * 2,
+        }
+    )
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
     # attention_head_dim counts heads (diffusers' naming); up blocks use the reversed tuple.
     assert model.down_blocks[0].attentions[0].transformer_blocks[0].attn2.heads == 2
@@ -338,23 +410,35 @@ def test_unet_sd2_style_heads_and_linear_projection():
 
 
 def test_unet_config_from_dict_and_errors():
-    d = {"_class_name": "UNet2DConditionModel", "some_future_key": 1, "act_fn": "silu",
-         "block_out_channels": [16, 32], "attention_head_dim": [2, 4],
-         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 4}
+    d = {
+        "_class_name": "UNet2DConditionModel",
+        "some_future_key": 1,
+        "act_fn": "silu",
+        "block_out_channels": [16, 32],
+        "attention_head_dim": [2, 4],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "norm_num_groups": 4,
+    }
     cfg = UNet2DConditionConfig.from_dict(d)
     assert cfg.block_out_channels == (16, 32) and cfg.heads == (2, 4)
     assert UNet2DConditionConfig.from_dict(cfg.to_diffusers_dict()) == cfg
-    with pytest.raises(ValueError, match=r"up_block_types: unsupported block type\(s\) "
-                                         r"\['AttnUpBlock2D'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"up_block_types: unsupported block type\(s\) "
+        r"\['AttnUpBlock2D'\]",
+    ):
         UNet2DConditionConfig.from_dict({**d, "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]})
     assert UNet2DConditionConfig.from_dict({**d, "only_cross_attention": [False, False]}) == cfg
     with pytest.raises(ValueError, match=r"unsupported only_cross_attention=\[True, False\]"):
         UNet2DConditionConfig.from_dict({**d, "only_cross_attention": [True, False]})
     with pytest.raises(ValueError, match="unsupported class_embed_type='timestep'"):
         UNet2DConditionConfig.from_dict({**d, "class_embed_type": "timestep"})
-    with pytest.raises(ValueError, match=r"attention_head_dim=\(2, 4, 8\) must be an int or "
-                                         r"have 2 entries"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention_head_dim=\(2, 4, 8\) must be an int or "
+        r"have 2 entries",
+    ):
         UNet2DConditionConfig.from_dict({**d, "attention_head_dim": [2, 4, 8]})
     with pytest.raises(ValueError, match="prediction_type='x0'"):
         UNet2DConditionConfig(prediction_type="x0")
@@ -364,8 +448,10 @@ def test_unet_config_from_dict_and_errors():
 def test_full_size_parameter_counts():
     # diffusers' sum(p.numel()) for the hub configs (SD 1.5 UNet is the known 859,520,964).
     def count(make):
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-            nnx.state(nnx.eval_shape(make), nnx.Param)))
+        return sum(
+            int(np.prod(x.shape))
+            for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make), nnx.Param))
+        )
 
     assert count(lambda: UNet2DConditionModel(sd15_unet_config(), rngs=nnx.Rngs(0))) == 859_520_964
     assert count(lambda: UNet2DConditionModel(sd21_unet_config(), rngs=nnx.Rngs(0))) == 865_910_724
@@ -375,6 +461,7 @@ def test_full_size_parameter_counts():
 
 
 # ------------------------------------------------------------------ VAE
+
 
 @pytest.fixture(scope="module")
 def tiny_vae():
@@ -399,11 +486,16 @@ def test_vae_shapes_sampling_and_names(tiny_vae):
     assert sample.shape == (2, 8, 8, 3) and np.abs(np.asarray(sample - mode)).max() > 1e-6
     names = set(params_shapes(tiny_vae))
     attn = "encoder/mid_block/attentions/0"
-    for n in [f"{attn}/to_q/kernel", f"{attn}/to_q/bias", f"{attn}/group_norm/scale",
-              "quant_conv/kernel", "post_quant_conv/kernel",
-              "encoder/down_blocks/0/downsamplers/0/conv/kernel",
-              "decoder/up_blocks/0/upsamplers/0/conv/kernel",
-              "decoder/up_blocks/1/resnets/1/conv2/kernel"]:
+    for n in [
+        f"{attn}/to_q/kernel",
+        f"{attn}/to_q/bias",
+        f"{attn}/group_norm/scale",
+        "quant_conv/kernel",
+        "post_quant_conv/kernel",
+        "encoder/down_blocks/0/downsamplers/0/conv/kernel",
+        "decoder/up_blocks/0/upsamplers/0/conv/kernel",
+        "decoder/up_blocks/1/resnets/1/conv2/kernel",
+    ]:
         assert n in names, n
     assert "decoder/up_blocks/1/upsamplers/0/conv/kernel" not in names
 
@@ -417,8 +509,9 @@ def test_vae_posterior_sample_is_reparameterised(tiny_vae):
 
 
 def test_vae_rejects_bad_inputs(tiny_vae):
-    with pytest.raises(ValueError,
-                       match=r"x: expected \(B, H, W, 3\) NHWC with H, W divisible by 2"):
+    with pytest.raises(
+        ValueError, match=r"x: expected \(B, H, W, 3\) NHWC with H, W divisible by 2"
+    ):
         tiny_vae.encode(jnp.zeros((1, 7, 8, 3)))
     with pytest.raises(ValueError, match=r"z: expected \(B, h, w, 4\)"):
         tiny_vae.decode(jnp.zeros((1, 4, 4, 3)))
@@ -428,33 +521,56 @@ def test_vae_rejects_bad_inputs(tiny_vae):
 
 # ------------------------------------------------------------------ CLIP
 
-TINY_CLIP = {"vocab_size": 50, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "max_position_embeddings": 10, "eos_token_id": 49}
+TINY_CLIP = {
+    "vocab_size": 50,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 10,
+    "eos_token_id": 49,
+}
 
 
 def np_clip(p, ids, cfg):
     """One-layer (or more) CLIP text transformer in numpy, straight from the paper's equations."""
     act = (lambda u: u / (1 + np.exp(-1.702 * u))) if cfg.hidden_act == "quick_gelu" else None
-    h = p["embeddings/token_embedding/embedding"][ids] + \
-        p["embeddings/position_embedding/embedding"][:ids.shape[1]][None]
+    h = (
+        p["embeddings/token_embedding/embedding"][ids]
+        + p["embeddings/position_embedding/embedding"][: ids.shape[1]][None]
+    )
     for i in range(cfg.num_hidden_layers):
+
         def q(n, i=i):
             return p[f"encoder/layers/{i}/{n}"]
+
         a = np_layer_norm(h, cfg.layer_norm_eps, q("layer_norm1/scale"), q("layer_norm1/bias"))
-        h = h + np_attention(a, a, q("self_attn/q_proj/kernel"), q("self_attn/k_proj/kernel"),
-                             q("self_attn/v_proj/kernel"), q("self_attn/out_proj/kernel"),
-                             q("self_attn/out_proj/bias"), cfg.num_attention_heads,
-                             bq=q("self_attn/q_proj/bias"), bk=q("self_attn/k_proj/bias"),
-                             bv=q("self_attn/v_proj/bias"), causal=True)
+        h = h + np_attention(
+            a,
+            a,
+            q("self_attn/q_proj/kernel"),
+            q("self_attn/k_proj/kernel"),
+            q("self_attn/v_proj/kernel"),
+            q("self_attn/out_proj/kernel"),
+            q("self_attn/out_proj/bias"),
+            cfg.num_attention_heads,
+            bq=q("self_attn/q_proj/bias"),
+            bk=q("self_attn/k_proj/bias"),
+            bv=q("self_attn/v_proj/bias"),
+            causal=True,
+        )
         m = np_layer_norm(h, cfg.layer_norm_eps, q("layer_norm2/scale"), q("layer_norm2/bias"))
-        h = h + act(m @ q("mlp/fc1/kernel") + q("mlp/fc1/bias")) @ q("mlp/fc2/kernel") + \
-            q("mlp/fc2/bias")
-    return np_layer_norm(h, cfg.layer_norm_eps, p["final_layer_norm/scale"],
-                         p["final_layer_norm/bias"])
+        h = (
+            h
+            + act(m @ q("mlp/fc1/kernel") + q("mlp/fc1/bias")) @ q("mlp/fc2/kernel")
+            + q("mlp/fc2/bias")
+        )
+    return np_layer_norm(
+        h, cfg.layer_norm_eps, p["final_layer_norm/scale"], p["final_layer_norm/bias"]
+    )
 
 
 class CLIPTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_forward_matches_numpy_and_pools_at_first_eot(self):
         cfg = CLIPTextConfig(**TINY_CLIP)
@@ -463,8 +579,7 @@ class CLIPTest(chex.TestCase):
         out = self.variant(lambda i: model(i))(jnp.asarray(ids, jnp.int32))
         want = np_clip(params(model), ids, cfg)
         np.testing.assert_allclose(out["last_hidden_state"], want, atol=1e-4, rtol=1e-4)
-        np.testing.assert_allclose(out["pooler_output"], want[[0, 1], [2, 1]], atol=1e-4,
-                                   rtol=1e-4)
+        np.testing.assert_allclose(out["pooler_output"], want[[0, 1], [2, 1]], atol=1e-4, rtol=1e-4)
 
     def test_legacy_pooling_uses_argmax_when_eos_is_2(self):
         cfg = CLIPTextConfig(**{**TINY_CLIP, "eos_token_id": 2})
@@ -495,13 +610,20 @@ class CLIPTest(chex.TestCase):
         ids = jnp.array([[4, 8, 15, 16, 23, 42]])
         hs = full(ids, output_hidden_states=True)["hidden_states"]
         assert len(hs) == 4
-        np.testing.assert_allclose(encode_text(full, ids, penultimate=True),
-                                   encode_text(cut, ids), atol=1e-5)
+        np.testing.assert_allclose(
+            encode_text(full, ids, penultimate=True), encode_text(cut, ids), atol=1e-5
+        )
         assert np.abs(np.asarray(encode_text(full, ids) - encode_text(cut, ids))).max() > 1e-3
 
     def test_config_and_input_errors(self):
-        cfg = CLIPTextConfig.from_dict({"hidden_size": 8, "num_attention_heads": 2,
-                                        "architectures": ["CLIPTextModel"], "projection_dim": 3})
+        cfg = CLIPTextConfig.from_dict(
+            {
+                "hidden_size": 8,
+                "num_attention_heads": 2,
+                "architectures": ["CLIPTextModel"],
+                "projection_dim": 3,
+            }
+        )
         assert cfg.hidden_size == 8 and cfg.vocab_size == 49408
         with pytest.raises(ValueError, match=r"hidden_act='relu'; expected one of"):
             CLIPTextConfig(hidden_act="relu")
@@ -516,7 +638,11 @@ def test_sd_clip_configs():
     assert sd1_clip_config().hidden_act == "quick_gelu" and sd1_clip_config().hidden_size == 768
     c2 = sd2_clip_config()
     assert (c2.hidden_size, c2.num_hidden_layers, c2.num_attention_heads, c2.hidden_act) == (
-        1024, 23, 16, "gelu")
+        1024,
+        23,
+        16,
+        "gelu",
+    )
 
 
 FSDP_SNIPPET = """
@@ -558,9 +684,19 @@ def test_fsdp_sharded_unet_matches_unsharded():
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
     code = FSDP_SNIPPET.format(cfg=TINY_UNET)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2], timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, proc.stderr[-3000:]

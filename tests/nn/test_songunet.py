@@ -45,8 +45,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------- EDM's architecture
 
 
-def edm_layout(img_resolution, in_channels, out_channels, *, model_channels, channel_mult,
-               num_blocks, attn_resolutions, encoder_type, decoder_type, **_):
+def edm_layout(
+    img_resolution,
+    in_channels,
+    out_channels,
+    *,
+    model_channels,
+    channel_mult,
+    num_blocks,
+    attn_resolutions,
+    encoder_type,
+    decoder_type,
+    **_,
+):
     """EDM SongUNet's encoder and decoder modules in forward order: (name, kind, spec)."""
     enc, dec = [], []
     cout = caux = in_channels
@@ -58,16 +69,31 @@ def edm_layout(img_resolution, in_channels, out_channels, *, model_channels, cha
         else:
             enc.append((f"{res}x{res}_down", "block", {"cin": cout, "cout": cout, "down": True}))
             if encoder_type == "skip":
-                enc.append((f"{res}x{res}_aux_down", "conv",
-                            {"cin": caux, "cout": caux, "k": 0, "down": True}))
+                enc.append(
+                    (
+                        f"{res}x{res}_aux_down",
+                        "conv",
+                        {"cin": caux, "cout": caux, "k": 0, "down": True},
+                    )
+                )
                 enc.append((f"{res}x{res}_aux_skip", "conv", {"cin": caux, "cout": cout, "k": 1}))
             if encoder_type == "residual":
-                enc.append((f"{res}x{res}_aux_residual", "conv",
-                            {"cin": caux, "cout": cout, "k": 3, "down": True, "fused": True}))
+                enc.append(
+                    (
+                        f"{res}x{res}_aux_residual",
+                        "conv",
+                        {"cin": caux, "cout": cout, "k": 3, "down": True, "fused": True},
+                    )
+                )
                 caux = cout
         for idx in range(num_blocks):
-            enc.append((f"{res}x{res}_block{idx}", "block",
-                        {"cin": cout, "cout": model_channels * mult, "attn": res in attn_resolutions}))
+            enc.append(
+                (
+                    f"{res}x{res}_block{idx}",
+                    "block",
+                    {"cin": cout, "cout": model_channels * mult, "attn": res in attn_resolutions},
+                )
+            )
             cout = model_channels * mult
     skips = [spec["cout"] for name, _, spec in enc if "aux" not in name]
     for level in reversed(range(len(channel_mult))):
@@ -80,14 +106,30 @@ def edm_layout(img_resolution, in_channels, out_channels, *, model_channels, cha
         for idx in range(num_blocks + 1):
             cin = cout + skips.pop()
             cout = model_channels * mult
-            dec.append((f"{res}x{res}_block{idx}", "block",
-                        {"cin": cin, "cout": cout, "attn": idx == num_blocks and res in attn_resolutions}))
+            dec.append(
+                (
+                    f"{res}x{res}_block{idx}",
+                    "block",
+                    {
+                        "cin": cin,
+                        "cout": cout,
+                        "attn": idx == num_blocks and res in attn_resolutions,
+                    },
+                )
+            )
         if decoder_type == "skip" or level == 0:
             if decoder_type == "skip" and level < len(channel_mult) - 1:
-                dec.append((f"{res}x{res}_aux_up", "conv",
-                            {"cin": out_channels, "cout": out_channels, "k": 0, "up": True}))
+                dec.append(
+                    (
+                        f"{res}x{res}_aux_up",
+                        "conv",
+                        {"cin": out_channels, "cout": out_channels, "k": 0, "up": True},
+                    )
+                )
             dec.append((f"{res}x{res}_aux_norm", "norm", {"cin": cout, "cout": cout}))
-            dec.append((f"{res}x{res}_aux_conv", "conv", {"cin": cout, "cout": out_channels, "k": 3}))
+            dec.append(
+                (f"{res}x{res}_aux_conv", "conv", {"cin": cout, "cout": out_channels, "k": 3})
+            )
     return enc, dec
 
 
@@ -118,31 +160,52 @@ def edm_param_count(cfg):
         elif kind == "norm":
             total += 2 * s["cin"]
         else:
-            total += block(s["cin"], s["cout"], s.get("attn", False), s.get("up", False),
-                           s.get("down", False))
+            total += block(
+                s["cin"], s["cout"], s.get("attn", False), s.get("up", False), s.get("down", False)
+            )
     return total
 
 
 # train.py's --arch presets (+ --cres for FFHQ); augment_dim=9 because --augment > 0 by default.
-DDPMPP = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
-          "channel_mult_noise": 1, "resample_filter": (1, 1)}
-NCSNPP = {"embedding_type": "fourier", "encoder_type": "residual", "decoder_type": "standard",
-          "channel_mult_noise": 2, "resample_filter": (1, 3, 3, 1)}
-BASE = {"model_channels": 128, "channel_mult_emb": 4, "num_blocks": 4, "attn_resolutions": (16,),
-        "augment_dim": 9}
+DDPMPP = {
+    "embedding_type": "positional",
+    "encoder_type": "standard",
+    "decoder_type": "standard",
+    "channel_mult_noise": 1,
+    "resample_filter": (1, 1),
+}
+NCSNPP = {
+    "embedding_type": "fourier",
+    "encoder_type": "residual",
+    "decoder_type": "standard",
+    "channel_mult_noise": 2,
+    "resample_filter": (1, 3, 3, 1),
+}
+BASE = {
+    "model_channels": 128,
+    "channel_mult_emb": 4,
+    "num_blocks": 4,
+    "attn_resolutions": (16,),
+    "augment_dim": 9,
+}
 CIFAR = dict(img_resolution=32, in_channels=3, out_channels=3, channel_mult=(2, 2, 2), **BASE)
 FFHQ = dict(img_resolution=64, in_channels=3, out_channels=3, channel_mult=(1, 2, 2, 2), **BASE)
 
 # Counted by hand from networks.py via edm_param_count; also printed in the module docstring.
 EDM_COUNTS = {
-    ("ddpmpp_cifar10", 0): 55_733_891, ("ddpmpp_cifar10", 10): 55_735_299,
-    ("ncsnpp_cifar10", 0): 56_397_827, ("ncsnpp_cifar10", 10): 56_400_643,
-    ("ddpmpp_ffhq64", 0): 61_805_571, ("ncsnpp_ffhq64", 0): 62_761_091,
+    ("ddpmpp_cifar10", 0): 55_733_891,
+    ("ddpmpp_cifar10", 10): 55_735_299,
+    ("ncsnpp_cifar10", 0): 56_397_827,
+    ("ncsnpp_cifar10", 10): 56_400_643,
+    ("ddpmpp_ffhq64", 0): 61_805_571,
+    ("ncsnpp_ffhq64", 0): 62_761_091,
 }
-PRESETS = {"ddpmpp_cifar10": (ddpmpp_cifar10, {**CIFAR, **DDPMPP}),
-           "ncsnpp_cifar10": (ncsnpp_cifar10, {**CIFAR, **NCSNPP}),
-           "ddpmpp_ffhq64": (ddpmpp_ffhq64, {**FFHQ, **DDPMPP}),
-           "ncsnpp_ffhq64": (ncsnpp_ffhq64, {**FFHQ, **NCSNPP})}
+PRESETS = {
+    "ddpmpp_cifar10": (ddpmpp_cifar10, {**CIFAR, **DDPMPP}),
+    "ncsnpp_cifar10": (ncsnpp_cifar10, {**CIFAR, **NCSNPP}),
+    "ddpmpp_ffhq64": (ddpmpp_ffhq64, {**FFHQ, **DDPMPP}),
+    "ncsnpp_ffhq64": (ncsnpp_ffhq64, {**FFHQ, **NCSNPP}),
+}
 
 
 def _n_params(model) -> int:
@@ -170,9 +233,16 @@ def test_preset_param_counts_equal_edm(key):
     assert _n_params(model) == EDM_COUNTS[key]
 
 
-@pytest.mark.parametrize("encoder_type, decoder_type", [
-    ("standard", "standard"), ("skip", "standard"), ("residual", "standard"),
-    ("standard", "skip"), ("residual", "skip")])
+@pytest.mark.parametrize(
+    "encoder_type, decoder_type",
+    [
+        ("standard", "standard"),
+        ("skip", "standard"),
+        ("residual", "standard"),
+        ("standard", "skip"),
+        ("residual", "skip"),
+    ],
+)
 def test_tiny_param_count_and_names(encoder_type, decoder_type):
     cfg = dict(TINY, encoder_type=encoder_type, decoder_type=decoder_type)
     model = nnx.eval_shape(lambda: SongUNet(**cfg, rngs=nnx.Rngs(0)))
@@ -186,10 +256,23 @@ def test_tiny_param_count_and_names(encoder_type, decoder_type):
 
 # ------------------------------------------------------------------ NumPy reference (NCHW, torch)
 
-TINY = {"img_resolution": 8, "in_channels": 3, "out_channels": 3, "label_dim": 3, "augment_dim": 2,
-        "model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (4,),
-        "dropout": 0.1, "embedding_type": "positional", "channel_mult_noise": 1,
-        "encoder_type": "skip", "decoder_type": "skip", "resample_filter": (1, 1)}
+TINY = {
+    "img_resolution": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "label_dim": 3,
+    "augment_dim": 2,
+    "model_channels": 16,
+    "channel_mult": (1, 2),
+    "num_blocks": 1,
+    "attn_resolutions": (4,),
+    "dropout": 0.1,
+    "embedding_type": "positional",
+    "channel_mult_noise": 1,
+    "encoder_type": "skip",
+    "decoder_type": "skip",
+    "resample_filter": (1, 1),
+}
 
 
 def silu(x):
@@ -223,8 +306,8 @@ def np_fir_up(x, f, pad):
     full = np.zeros((n, c, 2 * (h - 1) + k, 2 * (w - 1) + k))
     for i in range(h):
         for j in range(w):
-            full[:, :, 2 * i:2 * i + k, 2 * j:2 * j + k] += x[:, :, i, j, None, None] * 4 * f
-    return full[:, :, pad:full.shape[2] - pad, pad:full.shape[3] - pad]
+            full[:, :, 2 * i : 2 * i + k, 2 * j : 2 * j + k] += x[:, :, i, j, None, None] * 4 * f
+    return full[:, :, pad : full.shape[2] - pad, pad : full.shape[3] - pad]
 
 
 def _name(prefix, leaf):
@@ -258,7 +341,10 @@ def np_group_norm(x, P, prefix, eps=1e-6):
     xg = x.reshape(n, g, -1)
     y = (xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + eps)
     y = y.reshape(x.shape)
-    return y * P[_name(prefix, "scale")][None, :, None, None] + P[_name(prefix, "bias")][None, :, None, None]
+    return (
+        y * P[_name(prefix, "scale")][None, :, None, None]
+        + P[_name(prefix, "bias")][None, :, None, None]
+    )
 
 
 def np_linear(x, P, prefix):
@@ -270,8 +356,14 @@ def np_block(x, emb, P, prefix, spec, filt):
     """EDM UNetBlock.forward, SongUNet settings (adaptive_scale=False, one head, eval mode)."""
     up, down = spec.get("up", False), spec.get("down", False)
     orig = x
-    x = np_conv2d(silu(np_group_norm(x, P, _name(prefix, "norm0"))), P, _name(prefix, "conv0"),
-                  up=up, down=down, filt=filt)
+    x = np_conv2d(
+        silu(np_group_norm(x, P, _name(prefix, "norm0"))),
+        P,
+        _name(prefix, "conv0"),
+        up=up,
+        down=down,
+        filt=filt,
+    )
     params = np_linear(emb, P, _name(prefix, "affine"))[:, :, None, None]
     x = silu(np_group_norm(x + params, P, _name(prefix, "norm1")))
     x = np_conv2d(x, P, _name(prefix, "conv1"))
@@ -322,7 +414,9 @@ def np_songunet(x_nhwc, noise, labels, augment, P, cfg):
         elif "aux_skip" in name:
             x = skips[-1] = x + np_conv2d(aux, P, p)
         elif "aux_residual" in name:
-            x = skips[-1] = aux = (x + np_conv2d(aux, P, p, down=True, fused=True, filt=filt)) / np.sqrt(2)
+            x = skips[-1] = aux = (
+                x + np_conv2d(aux, P, p, down=True, fused=True, filt=filt)
+            ) / np.sqrt(2)
         else:
             x = np_block(x, emb, P, p, s, filt) if kind == "block" else np_conv2d(x, P, p)
             skips.append(x)
@@ -377,10 +471,16 @@ def _inputs(cfg, batch=2, seed=1):
     r, c = cfg["img_resolution"], cfg["in_channels"]
     x = rng.standard_normal((batch, r, r, c)).astype(np.float32)
     noise = rng.standard_normal(batch).astype(np.float32)
-    labels = np.eye(cfg["label_dim"], dtype=np.float32)[rng.integers(cfg["label_dim"], size=batch)] \
-        if cfg["label_dim"] else None
-    augment = rng.standard_normal((batch, cfg["augment_dim"])).astype(np.float32) \
-        if cfg["augment_dim"] else None
+    labels = (
+        np.eye(cfg["label_dim"], dtype=np.float32)[rng.integers(cfg["label_dim"], size=batch)]
+        if cfg["label_dim"]
+        else None
+    )
+    augment = (
+        rng.standard_normal((batch, cfg["augment_dim"])).astype(np.float32)
+        if cfg["augment_dim"]
+        else None
+    )
     return x, noise, labels, augment
 
 
@@ -397,20 +497,37 @@ def apply(model, x, noise, labels=None, augment=None, key=None):
 
 
 FORWARD_CASES = {
-    "ncsnpp-3-levels": {"img_resolution": 16, "channel_mult": (1, 2, 2), "attn_resolutions": (8, 4),
-                        "embedding_type": "fourier", "channel_mult_noise": 2,
-                        "encoder_type": "residual", "resample_filter": (1, 3, 3, 1)},
+    "ncsnpp-3-levels": {
+        "img_resolution": 16,
+        "channel_mult": (1, 2, 2),
+        "attn_resolutions": (8, 4),
+        "embedding_type": "fourier",
+        "channel_mult_noise": 2,
+        "encoder_type": "residual",
+        "resample_filter": (1, 3, 3, 1),
+    },
     "ddpmpp-skip-skip": {},  # TINY itself: shares its compiled forward with the `tiny` fixture
     "ddpmpp": {"encoder_type": "standard", "decoder_type": "standard", "augment_dim": 0},
-    "ncsnpp-skip-dec": {"embedding_type": "fourier", "channel_mult_noise": 2,
-                        "encoder_type": "residual", "decoder_type": "skip",
-                        "resample_filter": (1, 3, 3, 1), "label_dim": 0},
+    "ncsnpp-skip-dec": {
+        "embedding_type": "fourier",
+        "channel_mult_noise": 2,
+        "encoder_type": "residual",
+        "decoder_type": "skip",
+        "resample_filter": (1, 3, 3, 1),
+        "label_dim": 0,
+    },
 }
 
 
-@pytest.mark.parametrize("case", [
-    "ncsnpp-3-levels", "ddpmpp-skip-skip",
-    pytest.param("ddpmpp", marks=pytest.mark.slow), pytest.param("ncsnpp-skip-dec", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ncsnpp-3-levels",
+        "ddpmpp-skip-skip",
+        pytest.param("ddpmpp", marks=pytest.mark.slow),
+        pytest.param("ncsnpp-skip-dec", marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.slow
 def test_forward_matches_numpy_edm(case):
     cfg = {**TINY, **FORWARD_CASES[case]}
@@ -424,24 +541,45 @@ def test_forward_matches_numpy_edm(case):
     np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-4, atol=2e-4 * np.std(expected))
 
 
-@pytest.mark.parametrize("spec, filt", [
-    ({"cin": 8, "cout": 16, "down": True, "attn": True}, (1, 3, 3, 1)),
-    ({"cin": 16, "cout": 16, "up": True}, (1, 1)),
-    pytest.param({"cin": 24, "cout": 16, "attn": True}, (1, 1), marks=pytest.mark.slow),
-    pytest.param({"cin": 16, "cout": 16}, (1, 3, 3, 1), marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "spec, filt",
+    [
+        ({"cin": 8, "cout": 16, "down": True, "attn": True}, (1, 3, 3, 1)),
+        ({"cin": 16, "cout": 16, "up": True}, (1, 1)),
+        pytest.param({"cin": 24, "cout": 16, "attn": True}, (1, 1), marks=pytest.mark.slow),
+        pytest.param({"cin": 16, "cout": 16}, (1, 3, 3, 1), marks=pytest.mark.slow),
+    ],
+)
 def test_unet_block_matches_numpy_edm(spec, filt):
-    block = random_model(UNetBlock, spec["cin"], spec["cout"], 12, up=spec.get("up", False),
-                         down=spec.get("down", False), attention=spec.get("attn", False),
-                         resample_filter=filt, seed=4)
-    assert (block.skip is not None) == (spec["cin"] != spec["cout"] or "up" in spec or "down" in spec)
+    block = random_model(
+        UNetBlock,
+        spec["cin"],
+        spec["cout"],
+        12,
+        up=spec.get("up", False),
+        down=spec.get("down", False),
+        attention=spec.get("attn", False),
+        resample_filter=filt,
+        seed=4,
+    )
+    assert (block.skip is not None) == (
+        spec["cin"] != spec["cout"] or "up" in spec or "down" in spec
+    )
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 8, 8, spec["cin"])).astype(np.float32)
     emb = rng.standard_normal((2, 12)).astype(np.float32)
     out = nnx.jit(lambda b, x, e: b(x, e))(block, x, emb)
-    expected = np_block(x.transpose(0, 3, 1, 2).astype(np.float64), emb.astype(np.float64),
-                        np_params(block), "", spec, filt)
-    np.testing.assert_allclose(np.asarray(out), expected.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    expected = np_block(
+        x.transpose(0, 3, 1, 2).astype(np.float64),
+        emb.astype(np.float64),
+        np_params(block),
+        "",
+        spec,
+        filt,
+    )
+    np.testing.assert_allclose(
+        np.asarray(out), expected.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4
+    )
 
 
 # ------------------------------------------------------------------------- resampling filters
@@ -472,8 +610,10 @@ class ResampleTest(chex.TestCase):
         f = np_fir((1, 3, 3, 1))
         np.testing.assert_array_equal(f.sum(), 1.0)  # exact: entries are k / 64
         x_nchw = x.transpose(0, 3, 1, 2).astype(np.float64)
-        for kw, ref in (({"down": True}, np_fir_down(x_nchw, f, 1)),
-                        ({"up": True}, np_fir_up(x_nchw, f, 1))):
+        for kw, ref in (
+            ({"down": True}, np_fir_down(x_nchw, f, 1)),
+            ({"up": True}, np_fir_up(x_nchw, f, 1)),
+        ):
             conv = Conv2d(3, 3, 0, resample_filter=(1, 3, 3, 1), rngs=nnx.Rngs(0), **kw)
             got = self.variant(lambda v, conv=conv: conv(v))(x)
             np.testing.assert_allclose(got, ref.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
@@ -487,13 +627,20 @@ class ResampleTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_fused_down_conv_runs_before_the_filter(self):
-        conv = random_model(Conv2d, 3, 5, 3, down=True, fused_resample=True,
-                            resample_filter=(1, 3, 3, 1))
+        conv = random_model(
+            Conv2d, 3, 5, 3, down=True, fused_resample=True, resample_filter=(1, 3, 3, 1)
+        )
         x = self._x()
         P = np_params(conv)
         w = P["kernel"].transpose(3, 2, 0, 1)
-        ref = np_fir_down(np_conv_nchw(x.transpose(0, 3, 1, 2).astype(np.float64), w, 2),
-                          np_fir((1, 3, 3, 1)), 0) + P["bias"][None, :, None, None]
+        ref = (
+            np_fir_down(
+                np_conv_nchw(x.transpose(0, 3, 1, 2).astype(np.float64), w, 2),
+                np_fir((1, 3, 3, 1)),
+                0,
+            )
+            + P["bias"][None, :, None, None]
+        )
         got = self.variant(lambda v: conv(v))(x)
         assert got.shape == (2, 4, 4, 5)
         np.testing.assert_allclose(got, ref.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
@@ -510,7 +657,9 @@ class EmbeddingTest(chex.TestCase):
         # endpoint=True: frequencies run from 1 down to exactly 1/10000.
         omega = np.array([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3), 1e-4])
         arg = x[:, None].astype(np.float64) * omega
-        np.testing.assert_allclose(got, np.concatenate([np.cos(arg), np.sin(arg)], 1), rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(
+            got, np.concatenate([np.cos(arg), np.sin(arg)], 1), rtol=1e-5, atol=2e-5
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_positional_embedding_no_endpoint(self):
@@ -518,7 +667,9 @@ class EmbeddingTest(chex.TestCase):
         got = self.variant(lambda v: positional_embedding(v, 6))(x)
         omega = 10000.0 ** (-np.arange(3) / 3)
         arg = x[:, None].astype(np.float64) * omega
-        np.testing.assert_allclose(got, np.concatenate([np.cos(arg), np.sin(arg)], 1), rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(
+            got, np.concatenate([np.cos(arg), np.sin(arg)], 1), rtol=1e-5, atol=2e-5
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_fourier_embedding(self):
@@ -526,7 +677,9 @@ class EmbeddingTest(chex.TestCase):
         x = np.array([0.01, -0.2], np.float32)
         got = self.variant(fourier_embedding)(x, freqs)
         arg = 2 * np.pi * np.outer(x, freqs).astype(np.float64)
-        np.testing.assert_allclose(got, np.concatenate([np.cos(arg), np.sin(arg)], 1), rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(
+            got, np.concatenate([np.cos(arg), np.sin(arg)], 1), rtol=1e-5, atol=2e-5
+        )
 
 
 @pytest.mark.parametrize("embedding_type, mult", [("positional", 1), ("fourier", 2)])
@@ -536,8 +689,12 @@ def test_mapping_network_matches_numpy(embedding_type, mult):
     _, noise, labels, augment = _inputs(cfg, batch=3)
     expected = np_embedding(noise.astype(np.float64), labels, augment, np_params(model), cfg)
     # Fourier arguments 2 pi f noise reach ~300 here: float32 rounds them by up to ~3e-5.
-    np.testing.assert_allclose(model.embedding(noise, labels, augment), expected, rtol=1e-5,
-                               atol=1e-5 if embedding_type == "positional" else 5e-5)
+    np.testing.assert_allclose(
+        model.embedding(noise, labels, augment),
+        expected,
+        rtol=1e-5,
+        atol=1e-5 if embedding_type == "positional" else 5e-5,
+    )
 
 
 def test_label_dropout_zeroes_whole_label_vectors():
@@ -580,13 +737,27 @@ def _xavier_bound(shape):
 @pytest.mark.slow
 def test_edm_init_distributions():
     # The smallest model with every kind of layer; a real (not eval_shape) initialisation.
-    cfg = {"img_resolution": 8, "in_channels": 3, "out_channels": 3, "label_dim": 2, "augment_dim": 2,
-           "model_channels": 16, "channel_mult": (1,), "num_blocks": 1, "attn_resolutions": (8,),
-           "embedding_type": "fourier", "channel_mult_noise": 64}
+    cfg = {
+        "img_resolution": 8,
+        "in_channels": 3,
+        "out_channels": 3,
+        "label_dim": 2,
+        "augment_dim": 2,
+        "model_channels": 16,
+        "channel_mult": (1,),
+        "num_blocks": 1,
+        "attn_resolutions": (8,),
+        "embedding_type": "fourier",
+        "channel_mult_noise": 64,
+    }
     model = SongUNet(**cfg, rngs=nnx.Rngs(0))
     P = np_params(model)
-    gains = {"conv1/kernel": 1e-5, "proj/kernel": 1e-5, "aux_conv/kernel": 1e-5,
-             "qkv/kernel": math.sqrt(0.2)}
+    gains = {
+        "conv1/kernel": 1e-5,
+        "proj/kernel": 1e-5,
+        "aux_conv/kernel": 1e-5,
+        "qkv/kernel": math.sqrt(0.2),
+    }
     for name, w in P.items():
         if name.endswith("kernel"):
             gain = next((g for suffix, g in gains.items() if name.endswith(suffix)), 1.0)
@@ -649,9 +820,12 @@ def test_class_and_augment_labels_condition_the_output(tiny):
         other = np.asarray(apply(model, x, noise, np.roll(labels, 1, axis=1), augment))
         no_aug = np.asarray(apply(model, x, noise, labels, np.zeros_like(augment)))
         # augment_labels=None means "no augmentation", i.e. the same embedding as zeros.
-        np.testing.assert_allclose(model.embedding(noise, labels, None),
-                                   model.embedding(noise, labels, np.zeros_like(augment)), rtol=1e-6,
-                                   atol=5e-6)
+        np.testing.assert_allclose(
+            model.embedding(noise, labels, None),
+            model.embedding(noise, labels, np.zeros_like(augment)),
+            rtol=1e-6,
+            atol=5e-6,
+        )
     finally:
         model.train()
     assert np.abs(out - other).max() > 1e-2
@@ -686,8 +860,9 @@ def test_split_merge_round_trip_keeps_forward_order(tiny):
     assert list(merged.enc.keys()) != list(merged.enc_order)  # the reason for enc_order
     assert named_leaves(nnx.state(merged)).keys() == named_leaves(nnx.state(model)).keys()
     key = jax.random.key(7)
-    np.testing.assert_array_equal(apply(merged, x, noise, labels, augment, key),
-                                  apply(model, x, noise, labels, augment, key))
+    np.testing.assert_array_equal(
+        apply(merged, x, noise, labels, augment, key), apply(model, x, noise, labels, augment, key)
+    )
 
 
 @pytest.mark.slow
@@ -706,11 +881,15 @@ def test_gradients_reach_every_parameter(tiny):
 
 def test_bad_inputs_raise(tiny):
     model, (x, noise, labels, augment) = tiny
-    with pytest.raises(ValueError, match=r"x: expected NHWC shape \(B, 8, 8, 3\), got \(2, 3, 8, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"x: expected NHWC shape \(B, 8, 8, 3\), got \(2, 3, 8, 8\)"
+    ):
         model(x.transpose(0, 3, 1, 2), noise, labels)
     with pytest.raises(ValueError, match=r"noise_labels: expected shape \(2,\), got \(2, 1\)"):
         model(x, noise[:, None], labels)
-    with pytest.raises(ValueError, match=r"class_labels: expected shape \(2, 3\) for label_dim=3, got None"):
+    with pytest.raises(
+        ValueError, match=r"class_labels: expected shape \(2, 3\) for label_dim=3, got None"
+    ):
         model(x, noise)
     with pytest.raises(ValueError, match=r"class_labels: expected shape \(2, 3\), got \(2,\)"):
         model(x, noise, labels.argmax(1))
@@ -723,16 +902,29 @@ def test_bad_inputs_raise(tiny):
         uncond(x, noise, labels)
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"embedding_type": "sinusoidal"},
-     r"embedding_type: expected one of \('positional', 'fourier'\), got 'sinusoidal'"),
-    ({"encoder_type": "progressive"}, r"encoder_type: expected one of \('standard', 'skip', 'residual'\)"),
-    ({"decoder_type": "residual"}, r"decoder_type: expected one of \('standard', 'skip'\), got 'residual'"),
-    ({"img_resolution": 10, "channel_mult": (1, 2, 2)},
-     r"img_resolution=10 must be divisible by 2\*\*\(len\(channel_mult\) - 1\) = 4"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-    ({"resample_filter": ()}, r"resample_filter: expected a 1-D filter"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (
+            {"embedding_type": "sinusoidal"},
+            r"embedding_type: expected one of \('positional', 'fourier'\), got 'sinusoidal'",
+        ),
+        (
+            {"encoder_type": "progressive"},
+            r"encoder_type: expected one of \('standard', 'skip', 'residual'\)",
+        ),
+        (
+            {"decoder_type": "residual"},
+            r"decoder_type: expected one of \('standard', 'skip'\), got 'residual'",
+        ),
+        (
+            {"img_resolution": 10, "channel_mult": (1, 2, 2)},
+            r"img_resolution=10 must be divisible by 2\*\*\(len\(channel_mult\) - 1\) = 4",
+        ),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"resample_filter": ()}, r"resample_filter: expected a 1-D filter"),
+    ],
+)
 def test_bad_config_raises(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SongUNet(**{**TINY, **kw}, rngs=nnx.Rngs(0))
@@ -756,12 +948,17 @@ def test_presets_follow_edm_train_py():
 
 def _first_rule(name):
     import re
-    return next((spec for pattern, spec in SONGUNET_SHARDING_RULES if re.search(pattern, name)), None)
+
+    return next(
+        (spec for pattern, spec in SONGUNET_SHARDING_RULES if re.search(pattern, name)), None
+    )
 
 
 def test_sharding_rules_cover_every_leaf():
-    for cfg in ({**TINY, "encoder_type": "skip", "decoder_type": "skip"},
-                {**TINY, "embedding_type": "fourier", "encoder_type": "residual"}):
+    for cfg in (
+        {**TINY, "encoder_type": "skip", "decoder_type": "skip"},
+        {**TINY, "embedding_type": "fourier", "encoder_type": "residual"},
+    ):
         model = nnx.eval_shape(lambda cfg=cfg: SongUNet(**cfg, rngs=nnx.Rngs(0)))
         names = named_leaves(nnx.state(model))
         assert any(n == "map_noise/freqs" for n in names) == (cfg["embedding_type"] == "fourier")
@@ -771,11 +968,22 @@ def test_sharding_rules_cover_every_leaf():
 
 
 def run_snippet(code: str, n_devices: int = 8, timeout: float = 300) -> str:
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={n_devices}",
+        JAX_PLATFORMS="cpu",
+    )
     code = textwrap.dedent(code) + "\nprint('SNIPPET-OK')\n"
-    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     msg = f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
     assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, msg
     return proc.stdout
@@ -800,7 +1008,8 @@ def test_fsdp_sharding_on_8_devices():
         shapes = {k: v.shape for k, v in named_leaves(abstract).items()}
         assert specs.keys() == shapes.keys()
         sharded = {k for k, s in specs.items() if "fsdp" in tuple(s.spec)}
-        assert {k for k in shapes if k.endswith("/kernel") and np.prod(shapes[k]) >= 2**14} <= sharded
+        big = {k for k in shapes if k.endswith("/kernel") and np.prod(shapes[k]) >= 2**14}
+        assert big <= sharded
         assert all(k.endswith("/kernel") for k in sharded)
         # (3, 3, 256, 256): the first of the two largest dimensions.
         assert tuple(specs["enc/16x16_block1/conv0/kernel"].spec) == (None, None, "fsdp", None)
@@ -817,7 +1026,8 @@ def test_fsdp_sharding_on_8_devices():
         model.eval()
         graphdef, state = nnx.split(model)
         rng = np.random.default_rng(0)
-        state = jax.tree.map(lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype), state)
+        state = jax.tree.map(
+            lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype), state)
         x = rng.standard_normal((8, 8, 8, 3)).astype(np.float32)
         noise = rng.standard_normal(8).astype(np.float32)
         y = np.eye(3, dtype=np.float32)[rng.integers(3, size=8)]
@@ -826,7 +1036,9 @@ def test_fsdp_sharding_on_8_devices():
         shard = shardings_for(state, mesh, SONGUNET_SHARDING_RULES, min_size=256)
         placed = jax.device_put(state, shard)
         kernels = [v for k, v in named_leaves(placed).items() if k.endswith("conv0/kernel")]
-        assert any(len(v.sharding.device_set) == 8 and not v.sharding.is_fully_replicated for v in kernels)
+        assert any(
+            len(v.sharding.device_set) == 8 and not v.sharding.is_fully_replicated
+            for v in kernels)
         got = np.asarray(apply(placed, x, noise, y))
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     """)

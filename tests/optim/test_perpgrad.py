@@ -44,10 +44,14 @@ class PerpGradTest(chex.TestCase):
         out = self.variant(lambda g, p: _update(perpgrad(), g, p))(grads, params)
         for k in params:
             self.assertLess(_rel_dot(out[k], params[k]), 1e-6, k)
-            np.testing.assert_allclose(np.linalg.norm(out[k]), np.linalg.norm(grads[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+            np.testing.assert_allclose(
+                np.linalg.norm(out[k]), np.linalg.norm(grads[k]), rtol=1e-5, atol=1e-5, err_msg=k
+            )
             # Same direction as the unscaled projection.
             proj = np_project(params[k], grads[k])
-            np.testing.assert_allclose(out[k], proj * np.linalg.norm(grads[k]) / np.linalg.norm(proj), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(
+                out[k], proj * np.linalg.norm(grads[k]) / np.linalg.norm(proj), rtol=1e-4, atol=1e-6
+            )
             self.assertEqual(out[k].dtype, grads[k].dtype)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -55,13 +59,17 @@ class PerpGradTest(chex.TestCase):
         params, grads = _tree(1)
         out = self.variant(lambda g, p: _update(perpgrad(rescale=False), g, p))(grads, params)
         for k in params:
-            np.testing.assert_allclose(out[k], np_project(params[k], grads[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(
+                out[k], np_project(params[k], grads[k]), rtol=1e-4, atol=1e-6, err_msg=k
+            )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_global_mode_matches_eq12(self):
         params, grads = _tree(2)
         out = self.variant(lambda g, p: _update(perpgrad(mode="global"), g, p))(grads, params)
-        np.testing.assert_allclose(_flat(out), np_project(_flat(params), _flat(grads)), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            _flat(out), np_project(_flat(params), _flat(grads)), rtol=1e-4, atol=1e-6
+        )
         self.assertLess(_rel_dot(_flat(out), _flat(params)), 1e-6)
         # Only the total inner product vanishes, not each tensor's.
         self.assertGreater(max(_rel_dot(out[k], params[k]) for k in params), 1e-2)
@@ -69,8 +77,12 @@ class PerpGradTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_global_mode_rescale(self):
         params, grads = _tree(3)
-        out = self.variant(lambda g, p: _update(perpgrad(mode="global", rescale=True), g, p))(grads, params)
-        np.testing.assert_allclose(np.linalg.norm(_flat(out)), np.linalg.norm(_flat(grads)), rtol=1e-5, atol=2e-5)
+        out = self.variant(lambda g, p: _update(perpgrad(mode="global", rescale=True), g, p))(
+            grads, params
+        )
+        np.testing.assert_allclose(
+            np.linalg.norm(_flat(out)), np.linalg.norm(_flat(grads)), rtol=1e-5, atol=2e-5
+        )
         self.assertLess(_rel_dot(_flat(out), _flat(params)), 1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -79,7 +91,9 @@ class PerpGradTest(chex.TestCase):
         params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
         grads = {"w": jnp.arange(6.0).reshape(3, 2) - 2.5, "b": jnp.array([0.5, -1.0])}
         for rescale in (True, False):
-            out = self.variant(lambda g, p, r=rescale: _update(perpgrad(mode, rescale=r), g, p))(grads, params)
+            out = self.variant(lambda g, p, r=rescale: _update(perpgrad(mode, rescale=r), g, p))(
+                grads, params
+            )
             chex.assert_trees_all_equal(out, grads)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -111,9 +125,14 @@ class PerpGradTest(chex.TestCase):
     def test_errors(self):
         params, grads = _tree()
         tx = perpgrad()
-        with pytest.raises(ValueError, match=r"perpgrad needs params: call update\(grads, state, params\)"):
+        with pytest.raises(
+            ValueError, match=r"perpgrad needs params: call update\(grads, state, params\)"
+        ):
             tx.update(grads, tx.init(params))
-        with pytest.raises(ValueError, match=r"Unknown perpgrad mode 'layerwise'; valid modes are 'per_tensor', 'global'"):
+        with pytest.raises(
+            ValueError,
+            match=r"Unknown perpgrad mode 'layerwise'; valid modes are 'per_tensor', 'global'",
+        ):
             perpgrad(mode="layerwise")
 
 
@@ -122,7 +141,9 @@ class PerpOptimizersTest(chex.TestCase):
         params, grads = _tree(6)
         updates = _update(perp_sgd(0.1, rescale=False), grads, params)
         for k in params:
-            np.testing.assert_allclose(updates[k], -0.1 * np_project(params[k], grads[k]), rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(
+                updates[k], -0.1 * np_project(params[k], grads[k]), rtol=1e-4, atol=1e-7
+            )
 
     def test_perp_adamw_equals_adamw_on_projected_gradient(self):
         params, grads = _tree(7)

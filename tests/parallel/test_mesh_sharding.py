@@ -61,14 +61,18 @@ def norm(spec) -> tuple:
 
 def _env(n_devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+    )
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
 
 def _fail_msg(proc, code: str) -> str:
-    return (f"subprocess exited with {proc.returncode}\n--- snippet ---\n{code}\n"
-            f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    return (
+        f"subprocess exited with {proc.returncode}\n--- snippet ---\n{code}\n"
+        f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    )
 
 
 def run_snippet(code: str, setup: str = "", n_devices: int = 8, timeout: float = 120) -> str:
@@ -76,10 +80,21 @@ def run_snippet(code: str, setup: str = "", n_devices: int = 8, timeout: float =
 
     Returns its stdout; fails with the snippet's output unless it exits cleanly after the last line.
     """
-    code = (PRELUDE.format(n=n_devices) + setup + "\n" + textwrap.dedent(code)
-            + "\nprint('SNIPPET-OK')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(n_devices),
-                          capture_output=True, text=True, timeout=timeout)
+    code = (
+        PRELUDE.format(n=n_devices)
+        + setup
+        + "\n"
+        + textwrap.dedent(code)
+        + "\nprint('SNIPPET-OK')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=_env(n_devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, _fail_msg(proc, code)
     assert "SNIPPET-OK" in proc.stdout, _fail_msg(proc, code)
     return proc.stdout
@@ -137,17 +152,20 @@ def test_make_mesh_axis_sizes_on_8_devices():
 
 # The size checks run before any device is touched, so a list of n (repeated) devices is enough
 # to exercise them in this 1-device process.
-@pytest.mark.parametrize("n, data, fsdp, msg", [
-    (8, -1, -1, "mesh: only one of data, fsdp may be -1"),
-    (8, -1, 3, "mesh: fsdp=3 does not divide the 8 devices"),
-    (6, -1, 4, "mesh: fsdp=4 does not divide the 6 devices"),
-    (8, 3, -1, "mesh: data=3 does not divide the 8 devices"),
-    (6, 4, -1, "mesh: data=4 does not divide the 6 devices"),
-    (8, 2, 2, "mesh: data*fsdp = 2*2 = 4, but there are 8 devices"),
-    (8, 4, 4, "mesh: data*fsdp = 4*4 = 16, but there are 8 devices"),
-    (8, 8, 2, "mesh: data*fsdp = 8*2 = 16, but there are 8 devices"),
-    (1, 1, 2, "mesh: data*fsdp = 1*2 = 2, but there are 1 devices"),
-])
+@pytest.mark.parametrize(
+    "n, data, fsdp, msg",
+    [
+        (8, -1, -1, "mesh: only one of data, fsdp may be -1"),
+        (8, -1, 3, "mesh: fsdp=3 does not divide the 8 devices"),
+        (6, -1, 4, "mesh: fsdp=4 does not divide the 6 devices"),
+        (8, 3, -1, "mesh: data=3 does not divide the 8 devices"),
+        (6, 4, -1, "mesh: data=4 does not divide the 6 devices"),
+        (8, 2, 2, "mesh: data*fsdp = 2*2 = 4, but there are 8 devices"),
+        (8, 4, 4, "mesh: data*fsdp = 4*4 = 16, but there are 8 devices"),
+        (8, 8, 2, "mesh: data*fsdp = 8*2 = 16, but there are 8 devices"),
+        (1, 1, 2, "mesh: data*fsdp = 1*2 = 2, but there are 1 devices"),
+    ],
+)
 def test_make_mesh_bad_sizes(n, data, fsdp, msg):
     devices = [jax.devices()[0]] * n
     with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
@@ -163,37 +181,40 @@ def test_make_mesh_rejects_non_positive_sizes(data, fsdp):
 # ------------------------------------------------------------------------------------- fsdp_spec
 
 
-@pytest.mark.parametrize("shape, fsdp, min_size, expected", [
-    # Largest divisible dimension, wherever it is.
-    ((64, 256), 4, 0, P(None, "fsdp")),
-    ((256, 64), 4, 0, P("fsdp", None)),
-    ((8, 16, 24), 8, 0, P(None, None, "fsdp")),
-    ((4096,), 8, 0, P("fsdp")),
-    # The largest dimension is not divisible: the next largest that is.
-    ((258, 64), 4, 0, P(None, "fsdp")),
-    ((8, 16, 24), 16, 0, P(None, "fsdp", None)),
-    ((30, 20, 10), 4, 0, P(None, "fsdp", None)),
-    ((30, 21, 10), 5, 0, P("fsdp", None, None)),
-    ((31, 21, 10), 5, 0, P(None, None, "fsdp")),
-    # Ties between equal divisible dimensions: the first one.
-    ((12, 7, 12), 4, 0, P("fsdp", None, None)),
-    ((7, 12, 12), 4, 0, P(None, "fsdp", None)),
-    ((16, 16), 4, 0, P("fsdp", None)),
-    # Nothing divides: replicated.
-    ((33, 35), 4, 0, P()),
-    ((16, 16), 32, 0, P()),
-    ((3,), 2, 0, P()),
-    ((), 4, 0, P()),
-    # fsdp size 1: replicated, however large.
-    ((1024, 1024), 1, 0, P()),
-    ((4096,), 1, 0, P()),
-    # min_size: fewer elements than min_size are replicated; exactly min_size are sharded.
-    ((32, 32), 4, 2**10, P("fsdp", None)),
-    ((31, 32), 4, 2**10, P()),
-    ((8, 8), 4, 64, P("fsdp", None)),
-    ((8, 8), 4, 65, P()),
-    ((2**20, 2**12), 8, 2**10, P("fsdp", None)),  # 2**32 elements: no int32 overflow
-])
+@pytest.mark.parametrize(
+    "shape, fsdp, min_size, expected",
+    [
+        # Largest divisible dimension, wherever it is.
+        ((64, 256), 4, 0, P(None, "fsdp")),
+        ((256, 64), 4, 0, P("fsdp", None)),
+        ((8, 16, 24), 8, 0, P(None, None, "fsdp")),
+        ((4096,), 8, 0, P("fsdp")),
+        # The largest dimension is not divisible: the next largest that is.
+        ((258, 64), 4, 0, P(None, "fsdp")),
+        ((8, 16, 24), 16, 0, P(None, "fsdp", None)),
+        ((30, 20, 10), 4, 0, P(None, "fsdp", None)),
+        ((30, 21, 10), 5, 0, P("fsdp", None, None)),
+        ((31, 21, 10), 5, 0, P(None, None, "fsdp")),
+        # Ties between equal divisible dimensions: the first one.
+        ((12, 7, 12), 4, 0, P("fsdp", None, None)),
+        ((7, 12, 12), 4, 0, P(None, "fsdp", None)),
+        ((16, 16), 4, 0, P("fsdp", None)),
+        # Nothing divides: replicated.
+        ((33, 35), 4, 0, P()),
+        ((16, 16), 32, 0, P()),
+        ((3,), 2, 0, P()),
+        ((), 4, 0, P()),
+        # fsdp size 1: replicated, however large.
+        ((1024, 1024), 1, 0, P()),
+        ((4096,), 1, 0, P()),
+        # min_size: fewer elements than min_size are replicated; exactly min_size are sharded.
+        ((32, 32), 4, 2**10, P("fsdp", None)),
+        ((31, 32), 4, 2**10, P()),
+        ((8, 8), 4, 64, P("fsdp", None)),
+        ((8, 8), 4, 65, P()),
+        ((2**20, 2**12), 8, 2**10, P("fsdp", None)),  # 2**32 elements: no int32 overflow
+    ],
+)
 def test_fsdp_spec(shape, fsdp, min_size, expected):
     spec = fsdp_spec(shape, fsdp, min_size)
     assert isinstance(spec, P)
@@ -216,9 +237,13 @@ class Net(nnx.Module):
     """A tiny nnx model; its source is also sent to the subprocess tests."""
 
     def __init__(self, rngs):
-        self.embed = nnx.Embed(1000, 64, rngs=rngs)               # embedding (1000, 64)
-        self.layers = nnx.List([nnx.Linear(64, 256, rngs=rngs),   # kernel (64, 256)
-                                nnx.Linear(256, 64, rngs=rngs)])  # kernel (256, 64)
+        self.embed = nnx.Embed(1000, 64, rngs=rngs)  # embedding (1000, 64)
+        self.layers = nnx.List(
+            [
+                nnx.Linear(64, 256, rngs=rngs),  # kernel (64, 256)
+                nnx.Linear(256, 64, rngs=rngs),
+            ]
+        )  # kernel (256, 64)
 
 
 NET_SRC = "from flax import nnx\n" + inspect.getsource(Net)
@@ -268,7 +293,9 @@ def test_shardings_for_invalid_rule_after_a_match_is_never_used():
 
 @pytest.mark.slow
 def test_shardings_for_rules_on_fsdp_mesh():
-    run_snippet(setup=NET_SRC, code="""
+    run_snippet(
+        setup=NET_SRC,
+        code="""
         mesh = make_mesh(data=2, fsdp=4)
         params = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
 
@@ -335,7 +362,8 @@ def test_shardings_for_rules_on_fsdp_mesh():
         assert {s.data.shape for s in k1.addressable_shards} == {(256, 16)}
         k0 = placed["layers"][0]["kernel"][...]
         assert k0.sharding.is_fully_replicated
-        np.testing.assert_array_equal(np.asarray(k1), np.asarray(params["layers"][1]["kernel"][...]))
+        k1_host = params["layers"][1]["kernel"][...]
+        np.testing.assert_array_equal(np.asarray(k1), np.asarray(k1_host))
 
         # ShapeDtypeStruct leaves and plain containers work the same way.
         sds = {"w": [jax.ShapeDtypeStruct((8, 1024), np.float32),
@@ -345,7 +373,8 @@ def test_shardings_for_rules_on_fsdp_mesh():
         assert sh["w"][0].spec == P(None, "fsdp"), sh
         assert norm(sh["w"][1].spec) == (), sh
         assert sh["b"].spec == P("fsdp"), sh
-    """)
+    """,
+    )
 
 
 def test_shardings_for_end_anchored_rule_on_nnx_state():
@@ -556,13 +585,23 @@ def test_two_processes_global_batch_and_fetch(tmp_path):
     try:
         for pid, (out, err) in enumerate(logs):
             with open(out, "w") as fo, open(err, "w") as fe:  # files: no pipe can fill up
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-c", _TWO_PROCESS_BODY, str(pid), port],
-                    cwd=REPO_ROOT, env=env, stdout=fo, stderr=fe, text=True))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", _TWO_PROCESS_BODY, str(pid), port],
+                        cwd=REPO_ROOT,
+                        env=env,
+                        stdout=fo,
+                        stderr=fe,
+                        text=True,
+                    )
+                )
         # If one process fails, the other would wait for it in a collective: stop it at once.
         deadline = time.monotonic() + 120
-        while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
-               and not any(p.poll() not in (None, 0) for p in procs)):
+        while (
+            any(p.poll() is None for p in procs)
+            and time.monotonic() < deadline
+            and not any(p.poll() not in (None, 0) for p in procs)
+        ):
             time.sleep(0.05)
     finally:
         for p in procs:
@@ -573,4 +612,5 @@ def test_two_processes_global_batch_and_fetch(tmp_path):
         out, err = out.read_text(), err.read_text()
         assert p.returncode == 0 and f"PROCESS-OK {pid}" in out, (
             f"process {pid} exited with {p.returncode}\n--- stdout ---\n{out}\n"
-            f"--- stderr ---\n{err}")
+            f"--- stderr ---\n{err}"
+        )

@@ -39,12 +39,14 @@ def np_fingerprint(x) -> int:
 
 def test_fingerprint_matches_numpy_definition_for_every_dtype():
     rng = np.random.default_rng(0)
-    tree = {"f32": rng.normal(size=(3, 5)).astype(np.float32),
-            "bf16": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
-            "i8": rng.integers(-128, 127, size=(2, 3, 4), dtype=np.int8),
-            "u32": rng.integers(0, 2**32, size=(9,), dtype=np.uint32),
-            "bool": rng.random(5) > 0.5,
-            "scalar": np.float32(3.5)}
+    tree = {
+        "f32": rng.normal(size=(3, 5)).astype(np.float32),
+        "bf16": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+        "i8": rng.integers(-128, 127, size=(2, 3, 4), dtype=np.int8),
+        "u32": rng.integers(0, 2**32, size=(9,), dtype=np.uint32),
+        "bool": rng.random(5) > 0.5,
+        "scalar": np.float32(3.5),
+    }
     got = np.asarray(train.fingerprint(jax.tree.map(jnp.asarray, tree)))
     want = [np_fingerprint(np.asarray(x)) for x in jax.tree.leaves(tree)]
     np.testing.assert_array_equal(got, np.asarray(want, np.uint32))
@@ -68,8 +70,10 @@ def test_any_single_byte_change_or_swap_changes_the_fingerprint():
         for flip in (0x01, 0x80, 0xFF):
             y = raw.copy()
             y[i] ^= flip
-            assert int(train.fingerprint([jnp.asarray(y.view(np.float32).reshape(x.shape))])[0]) \
+            assert (
+                int(train.fingerprint([jnp.asarray(y.view(np.float32).reshape(x.shape))])[0])
                 != base
+            )
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]
     assert int(train.fingerprint([jnp.asarray(swapped)])[0]) != base
@@ -78,8 +82,9 @@ def test_any_single_byte_change_or_swap_changes_the_fingerprint():
 def test_sharded_fingerprint_equals_unsharded():
     mesh = parallel.make_mesh()
     x = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
-    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        mesh.axis_names[0])))
+    sharded = jax.device_put(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+    )
     assert int(train.fingerprint([sharded])[0]) == np_fingerprint(x)
 
 
@@ -130,8 +135,10 @@ DAMAGE = {
     "manifest byte": (lambda d: flip_byte(f"{d}/manifest/metadata", 30), r"manifest"),
     "manifest truncated": (lambda d: truncate(f"{d}/manifest/metadata"), r"unreadable manifest"),
     "orbax metadata truncated": (lambda d: truncate(f"{d}/state/_METADATA"), r"unreadable"),
-    "commit marker deleted": (lambda d: os.remove(f"{d}/commit_success.txt"),
-                              r"lacks its commit marker commit_success.txt"),
+    "commit marker deleted": (
+        lambda d: os.remove(f"{d}/commit_success.txt"),
+        r"lacks its commit marker commit_success.txt",
+    ),
     "manifest deleted": (lambda d: shutil.rmtree(f"{d}/manifest"), r"unreadable manifest"),
 }
 
@@ -179,12 +186,16 @@ def test_a_different_model_is_a_mismatch_and_moves_nothing(tmp_path):
     save_three(tmp_path)
     other = {"a": jnp.zeros(999), "b": {"c": jnp.ones((3, 4), jnp.int32)}}
     ckpt = train.Checkpointer(str(tmp_path))
-    with pytest.raises(train.CheckpointMismatchError,
-                       match=r"tensor 'a' has shape \(1000,\) on disk but \(999,\) in the model"):
+    with pytest.raises(
+        train.CheckpointMismatchError,
+        match=r"tensor 'a' has shape \(1000,\) on disk but \(999,\) in the model",
+    ):
         ckpt.restore(other)
     wrong_dtype = {"a": jnp.zeros(1000, jnp.bfloat16), "b": STATE["b"]}
-    with pytest.raises(train.CheckpointMismatchError,
-                       match=r"tensor 'a' is float32 on disk but bfloat16 in the model"):
+    with pytest.raises(
+        train.CheckpointMismatchError,
+        match=r"tensor 'a' is float32 on disk but bfloat16 in the model",
+    ):
         ckpt.restore(wrong_dtype)
     ckpt.close()
     assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
@@ -205,8 +216,9 @@ def test_unverified_checkpoints_still_restore(tmp_path, warnings):
     save_three(tmp_path, verify=False)
     np.testing.assert_array_equal(np.asarray(restore(tmp_path)["a"]), np.arange(1000.0) + 3)
     assert any("saved without checksums: restored unverified" in w for w in warnings)
-    np.testing.assert_array_equal(np.asarray(restore(tmp_path, verify=False)["a"]),
-                                  np.arange(1000.0) + 3)
+    np.testing.assert_array_equal(
+        np.asarray(restore(tmp_path, verify=False)["a"]), np.arange(1000.0) + 3
+    )
 
 
 class Linear(nnx.Module):
@@ -228,14 +240,30 @@ def make_task():
         err = err + 1e-3 * jax.random.normal(rng, err.shape)
         return jnp.mean(err**2), ({}, extra)
 
-    return train.Task(graphdef=graphdef, params=params, frozen=frozen,
-                      optimizer=optax.adam(0.05), loss_fn=loss_fn, train_data={"x": x, "y": y})
+    return train.Task(
+        graphdef=graphdef,
+        params=params,
+        frozen=frozen,
+        optimizer=optax.adam(0.05),
+        loss_fn=loss_fn,
+        train_data={"x": x, "y": y},
+    )
 
 
 def cfg(num_steps):
-    return ml_collections.ConfigDict(dict(
-        num_steps=num_steps, steps_per_call=1, log_every=0, eval_every=0, checkpoint_every=4,
-        keep_checkpoints=5, seed=0, async_checkpointing=True, fsdp_min_size=1))
+    return ml_collections.ConfigDict(
+        dict(
+            num_steps=num_steps,
+            steps_per_call=1,
+            log_every=0,
+            eval_every=0,
+            checkpoint_every=4,
+            keep_checkpoints=5,
+            seed=0,
+            async_checkpointing=True,
+            fsdp_min_size=1,
+        )
+    )
 
 
 def test_training_resumes_past_a_damaged_checkpoint_bit_identically(tmp_path, warnings):
@@ -248,6 +276,7 @@ def test_training_resumes_past_a_damaged_checkpoint_bit_identically(tmp_path, wa
     resumed = train.run(make_task(), cfg(12), str(workdir), mesh)
     assert any("checkpoints/8 " in w and "moved to" in w for w in warnings), warnings
     assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "8.corrupt"]
-    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(reference.params),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(resumed.params), jax.tree.leaves(reference.params), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -15,8 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_directory_precedence(monkeypatch, tmp_path):
     import jax
 
-    before = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
+    before = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
     try:
         monkeypatch.setenv("JAXSAFE_XLA_CACHE", str(tmp_path / "a"))
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "b"))
@@ -37,16 +39,30 @@ def test_directory_precedence(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_a_rerun_of_the_launcher_loads_its_programs_from_the_cache(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXSAFE_XLA_CACHE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXSAFE_XLA_CACHE")
+    }
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
     def train(workdir):
         return subprocess.run(
-            [sys.executable, "-m", "launch.train",
-             "--config=configs/grokking/softmax_float32.py:smoke", f"--workdir={workdir}",
-             f"--compilation_cache={tmp_path / 'cache'}", "--verbosity=1"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "launch.train",
+                "--config=configs/grokking/softmax_float32.py:smoke",
+                f"--workdir={workdir}",
+                f"--compilation_cache={tmp_path / 'cache'}",
+                "--verbosity=1",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     first = train(tmp_path / "one")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -62,17 +78,29 @@ def test_an_unusable_directory_is_one_line_and_exit_status_2(tmp_path):
     naming the path, exits 2 and prints no traceback."""
     (tmp_path / "file").write_text("")
     bad = tmp_path / "file" / "cache"
-    with pytest.raises(compilation_cache.CacheDirError,
-                       match=f"compilation cache directory '{bad}' cannot be created: Not a "
-                             "directory"):
+    with pytest.raises(
+        compilation_cache.CacheDirError,
+        match=f"compilation cache directory '{bad}' cannot be created: Not a directory",
+    ):
         compilation_cache.enable(str(bad))
-    r = subprocess.run([sys.executable, "-m", "launch.train",
-                        "--config=configs/grokking/softmax_float32.py:smoke",
-                        f"--workdir={tmp_path / 'w'}", f"--compilation_cache={bad}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config=configs/grokking/softmax_float32.py:smoke",
+            f"--workdir={tmp_path / 'w'}",
+            f"--compilation_cache={bad}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
-    assert errors == [f"train: error: compilation cache directory '{bad}' cannot be created: "
-                      "Not a directory"]
+    assert errors == [
+        f"train: error: compilation cache directory '{bad}' cannot be created: Not a directory"
+    ]
     assert not os.path.exists(tmp_path / "w" / "checkpoints")

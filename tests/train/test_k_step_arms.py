@@ -20,19 +20,23 @@ def _task():
         err = batch["x"] @ params["w"] - batch["y"] + 1e-3 * jax.random.normal(key, (16, 2))
         return jnp.mean(err**2), ({}, extra)
 
-    return train.Task(graphdef=None, params={"w": jnp.zeros((4, 2))}, frozen={},
-                      optimizer=optax.sgd(0.1), loss_fn=loss_fn, train_data={"x": x, "y": y})
+    return train.Task(
+        graphdef=None,
+        params={"w": jnp.zeros((4, 2))},
+        frozen={},
+        optimizer=optax.sgd(0.1),
+        loss_fn=loss_fn,
+        train_data={"x": x, "y": y},
+    )
 
 
 @pytest.mark.parametrize("lowering", ["scan", "loop"])
 def test_each_k_runs_k_steps_per_call_from_the_same_start(lowering):
     mesh = parallel.make_mesh()
     task = _task()
-    state = train.place_state(train.init_state(task.params, task.frozen, task.optimizer, {}),
-                              mesh)
+    state = train.place_state(train.init_state(task.params, task.frozen, task.optimizer, {}), mesh)
     batch = parallel.global_batch(task.train_data, mesh)
-    arms, rows, flops = k_step_arms(task, state, lambda k: batch, mesh, [1, 3], lowering,
-                                    calls=6)
+    arms, rows, flops = k_step_arms(task, state, lambda k: batch, mesh, [1, 3], lowering, calls=6)
     assert {k: n for k, (_, n) in arms.items()} == {1: 6, 3: 2}
     assert set(rows) == {1, 3} and all(seconds > 0 for seconds, _ in rows.values())
     assert flops > 0

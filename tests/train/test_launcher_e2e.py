@@ -22,9 +22,14 @@ pytestmark = pytest.mark.xdist_group("launcher_runs")
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "--config=configs/grokking/perp_adamw.py:smoke"
-LONG = ["--config.train.num_steps=4000", "--config.train.steps_per_call=1",
-        "--config.train.checkpoint_every=100", "--config.train.log_every=100",
-        "--config.train.eval_every=0", "--config.train.keep_checkpoints=2"]
+LONG = [
+    "--config.train.num_steps=4000",
+    "--config.train.steps_per_call=1",
+    "--config.train.checkpoint_every=100",
+    "--config.train.log_every=100",
+    "--config.train.eval_every=0",
+    "--config.train.keep_checkpoints=2",
+]
 
 
 def env(devices=1):
@@ -34,9 +39,14 @@ def env(devices=1):
 
 
 def launch(workdir, *flags, devices=1):
-    return subprocess.Popen([sys.executable, "-m", "launch.train", CONFIG,
-                             f"--workdir={workdir}", *flags], cwd=REPO, env=env(devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.train", CONFIG, f"--workdir={workdir}", *flags],
+        cwd=REPO,
+        env=env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run(workdir, *flags, devices=1, timeout=300):
@@ -83,10 +93,20 @@ def test_misspelt_override_fails_clearly(tmp_path):
 
 
 def test_unknown_config_argument_fails_clearly(tmp_path):
-    p = subprocess.Popen([sys.executable, "-m", "launch.train",
-                          "--config=configs/grokking/perp_adamw.py:huge", f"--workdir={tmp_path}"],
-                         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config=configs/grokking/perp_adamw.py:huge",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0
     assert "config argument 'huge'; expected one of ('paper', 'cpu', 'smoke')" in out
@@ -94,8 +114,11 @@ def test_unknown_config_argument_fails_clearly(tmp_path):
 
 def latest_step(workdir):
     ckpt = Path(workdir) / "checkpoints"
-    return max([int(d.name) for d in ckpt.iterdir() if d.name.isdigit()], default=0) \
-        if ckpt.exists() else 0
+    return (
+        max([int(d.name) for d in ckpt.iterdir() if d.name.isdigit()], default=0)
+        if ckpt.exists()
+        else 0
+    )
 
 
 def in_flight_saves(workdir):
@@ -148,8 +171,10 @@ def test_ten_sigkills_then_rerun_matches_uninterrupted(tmp_path, reference):
     assert not [n for n in names if not n.isdigit()], names  # no .corrupt, no leftover tmp
     assert "damaged" not in out and "corrupt" not in out
     assert mid_save >= 3
-    print(f"fault injection: {KILLS} SIGKILLs, {mid_save} during an asynchronous save, "
-          f"{progressed} after new progress; resumed bit-identical, 0 damaged checkpoints")
+    print(
+        f"fault injection: {KILLS} SIGKILLs, {mid_save} during an asynchronous save, "
+        f"{progressed} after new progress; resumed bit-identical, 0 damaged checkpoints"
+    )
 
 
 @pytest.mark.slow
@@ -201,9 +226,18 @@ def free_port():
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, one_device):
     port = free_port()
-    procs = [launch(tmp_path, *SHORT, f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2", f"--process_id={i}", "--config.mesh.fsdp=2", devices=2)
-             for i in range(2)]
+    procs = [
+        launch(
+            tmp_path,
+            *SHORT,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            "--config.mesh.fsdp=2",
+            devices=2,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
@@ -217,14 +251,29 @@ def test_killed_process_stops_the_survivor_clearly_and_a_restart_resumes(tmp_pat
     """SIGKILL one of two `jax.distributed` processes: the other prints one line naming it and
     exits with status 75 within the watchdog's bound (heartbeat 10 s: 5 s, polled every 1 s),
     instead of waiting in its next collective; restarting both resumes from the checkpoint."""
-    args = ["--config.train.num_steps=400", "--config.train.checkpoint_every=50",
-            "--config.train.log_every=50", "--config.train.eval_every=0",
-            "--config.train.fsdp_min_size=1", "--config.mesh.fsdp=2", "--heartbeat_timeout=10"]
+    args = [
+        "--config.train.num_steps=400",
+        "--config.train.checkpoint_every=50",
+        "--config.train.log_every=50",
+        "--config.train.eval_every=0",
+        "--config.train.fsdp_min_size=1",
+        "--config.mesh.fsdp=2",
+        "--heartbeat_timeout=10",
+    ]
 
     def start():
         port = free_port()
-        return [launch(tmp_path, *args, f"--coordinator_address=127.0.0.1:{port}",
-                       "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
+        return [
+            launch(
+                tmp_path,
+                *args,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                devices=2,
+            )
+            for i in range(2)
+        ]
 
     procs = start()
     wait_for_checkpoint(tmp_path, procs[0], 100)
@@ -237,9 +286,12 @@ def test_killed_process_stops_the_survivor_clearly_and_a_restart_resumes(tmp_pat
     assert "Traceback" not in out
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1, errors
-    assert re.fullmatch(r"train: error: process 1 of 2 sent no heartbeat for \d+ s: it has "
-                        r"probably died; stopping process 0 too \(rerun all 2 processes to "
-                        r"resume from the last checkpoint\)", errors[0]), errors[0]
+    assert re.fullmatch(
+        r"train: error: process 1 of 2 sent no heartbeat for \d+ s: it has "
+        r"probably died; stopping process 0 too \(rerun all 2 processes to "
+        r"resume from the last checkpoint\)",
+        errors[0],
+    ), errors[0]
     assert waited < 30
     killed_at, _ = final_params(tmp_path)
     procs = start()
@@ -248,3 +300,7 @@ def test_killed_process_stops_the_survivor_clearly_and_a_restart_resumes(tmp_pat
         assert p.returncode == 0, o[-4000:]
     assert f"resumed from {tmp_path}/checkpoints at step {killed_at}" in outs[0]
     assert final_params(tmp_path)[0] == 400
+    print(
+        f"fault injection: process 1 of 2 SIGKILLed; process 0 stopped {waited:.1f} s later "
+        f"(exit 75, one line); the restart of both resumed at step {killed_at} and finished"
+    )

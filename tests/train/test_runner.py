@@ -16,10 +16,24 @@ from jaxsafe import train
 
 
 def _config(name):
-    return ml_collections.ConfigDict(dict(
-        experiment=name, variant="test", mesh=dict(data=-1, fsdp=1),
-        train=dict(num_steps=6, steps_per_call=1, log_every=2, eval_every=0, checkpoint_every=3,
-                   keep_checkpoints=2, seed=0, async_checkpointing=False, fsdp_min_size=1)))
+    return ml_collections.ConfigDict(
+        dict(
+            experiment=name,
+            variant="test",
+            mesh=dict(data=-1, fsdp=1),
+            train=dict(
+                num_steps=6,
+                steps_per_call=1,
+                log_every=2,
+                eval_every=0,
+                checkpoint_every=3,
+                keep_checkpoints=2,
+                seed=0,
+                async_checkpointing=False,
+                fsdp_min_size=1,
+            ),
+        )
+    )
 
 
 @pytest.fixture
@@ -55,9 +69,14 @@ def test_a_build_experiment_trains_then_summarizes_with_the_workdir(fake, tmp_pa
     def build(config, mesh):
         assert mesh.shape["data"] >= 1
         loss = lambda p, f, e, b, r: (jnp.sum((p["w"] - target) ** 2), ({}, e))
-        return train.Task(graphdef=None, params={"w": jnp.zeros(2)}, frozen={},
-                          optimizer=optax.sgd(0.25), loss_fn=loss,
-                          train_data={"x": np.zeros((1, 1), np.float32)})
+        return train.Task(
+            graphdef=None,
+            params={"w": jnp.zeros(2)},
+            frozen={},
+            optimizer=optax.sgd(0.25),
+            loss_fn=loss,
+            train_data={"x": np.zeros((1, 1), np.float32)},
+        )
 
     calls = []
 
@@ -92,9 +111,15 @@ def test_a_preempted_run_writes_no_summary_and_a_rerun_finishes(fake, tmp_path, 
             jax.debug.callback(sigterm_at_step_2, st.step)
             return st.extra
 
-        return train.Task(graphdef=None, params={"w": jnp.zeros(2)}, frozen={},
-                          optimizer=optax.sgd(0.25), loss_fn=loss,
-                          train_data={"x": np.zeros((1, 1), np.float32)}, after_update=after)
+        return train.Task(
+            graphdef=None,
+            params={"w": jnp.zeros(2)},
+            frozen={},
+            optimizer=optax.sgd(0.25),
+            loss_fn=loss,
+            train_data={"x": np.zeros((1, 1), np.float32)},
+            after_update=after,
+        )
 
     fake["trainer"] = types.SimpleNamespace(build=build, summarize=lambda *a: {"done": True})
     out = experiments.run_experiment(_config("trainer"), str(tmp_path))

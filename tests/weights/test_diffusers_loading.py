@@ -34,15 +34,33 @@ from jaxsafe.weights import (
 )
 from jaxsafe.weights.convert import torch_key
 
-UNET = UNet2DConditionConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                             cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4)
-VAE = AutoencoderKLConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                          norm_num_groups=4, sample_size=8)
-CLIP = CLIPTextConfig(vocab_size=60, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                      num_attention_heads=2, max_position_embeddings=10, eos_token_id=55)
+UNET = UNet2DConditionConfig(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=12,
+    attention_head_dim=2,
+    norm_num_groups=4,
+)
+VAE = AutoencoderKLConfig(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=8,
+)
+CLIP = CLIPTextConfig(
+    vocab_size=60,
+    hidden_size=8,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=10,
+    eos_token_id=55,
+)
 
 
 def params(model):
@@ -62,22 +80,31 @@ def random_model(make, seed):
     """``make()`` with N(0, 0.1^2) parameters drawn on the host (eager init is slow on CPU)."""
     graphdef, state = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(seed)
-    return nnx.merge(graphdef, jax.tree.map(
-        lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state))
+    return nnx.merge(
+        graphdef,
+        jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state),
+    )
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {"unet": random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), 0),
-            "vae": random_model(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), 1),
-            "text_encoder": random_model(lambda: CLIPTextModel(CLIP, rngs=nnx.Rngs(0)), 2)}
+    return {
+        "unet": random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), 0),
+        "vae": random_model(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), 1),
+        "text_encoder": random_model(lambda: CLIPTextModel(CLIP, rngs=nnx.Rngs(0)), 2),
+    }
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipe")
-    save_pipeline({**models, "scheduler_config": {"_class_name": "DDIMScheduler",
-                                                  "prediction_type": "v_prediction"}}, folder)
+    save_pipeline(
+        {
+            **models,
+            "scheduler_config": {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
+        },
+        folder,
+    )
     return folder
 
 
@@ -93,7 +120,8 @@ def test_layout_names_and_shapes_are_pytorch(models, pipeline_dir):
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     assert sd[key].shape == (16, 12)  # (out, in): 12-wide text context in
     np.testing.assert_array_equal(
-        sd[key], p["down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel"].T)
+        sd[key], p["down_blocks/0/attentions/0/transformer_blocks/0/attn2/to_k/kernel"].T
+    )
     assert sd["conv_in.weight"].shape == (16, 4, 3, 3)
     assert sd["down_blocks.0.resnets.0.norm1.weight"].shape == (16,)
     assert sd["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"].shape == (16, 64)
@@ -123,8 +151,9 @@ def test_pipeline_round_trip(models, pipeline_dir):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # prediction_type is read from scheduler/scheduler_config.json.
     assert loaded["unet"].config.prediction_type == "v_prediction"
-    assert loaded["unet"].config == UNET.__class__(**{**UNET.__dict__,
-                                                      "prediction_type": "v_prediction"})
+    assert loaded["unet"].config == UNET.__class__(
+        **{**UNET.__dict__, "prediction_type": "v_prediction"}
+    )
     assert loaded["vae"].config == VAE and loaded["text_encoder"].config == CLIP
     only = load_pipeline(pipeline_dir, components=["vae"])
     assert set(only) == {"vae", "scheduler_config", "model_index"}
@@ -145,9 +174,11 @@ def test_component_folders_and_dtypes(models, pipeline_dir):
 
 
 def test_missing_components_are_absent(models, tmp_path):
-    hub_index = {"_name_or_path": "runwayml/stable-diffusion-v1-5",
-                 "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
-                 "unet": ["diffusers", "UNet2DConditionModel"]}
+    hub_index = {
+        "_name_or_path": "runwayml/stable-diffusion-v1-5",
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    }
     save_pipeline({"vae": models["vae"], "model_index": hub_index}, tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     # Entries for components not written are dropped; plain settings are kept.
@@ -178,8 +209,11 @@ def test_truncated_safetensors_names_the_file(models, tmp_path):
     f = _copy_vae(models, tmp_path)
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors: cannot read "
-                                              r"safetensors file .*truncated or corrupted"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"diffusion_pytorch_model.safetensors: cannot read "
+        r"safetensors file .*truncated or corrupted",
+    ):
         load_vae(tmp_path)
 
 
@@ -199,8 +233,11 @@ def test_missing_unexpected_and_misshaped_tensors(models, tmp_path):
         load_vae(tmp_path)
 
     save_file({**sd, name: np.zeros((3, 8, 3, 2), np.float32)}, f)
-    with pytest.raises(CheckpointError, match=r"tensor 'decoder.conv_out.weight' has shape "
-                                              r"\(3, 8, 3, 2\), expected \(3, 8, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'decoder.conv_out.weight' has shape "
+        r"\(3, 8, 3, 2\), expected \(3, 8, 3, 3\)",
+    ):
         load_vae(tmp_path)
 
 
@@ -209,8 +246,12 @@ def test_legacy_vae_attention_names_load(models, tmp_path):
     sd = dict(load_file(f))
     legacy = {}
     for k, v in sd.items():
-        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
-                         (".to_out.0.", ".proj_attn.")):
+        for new, old in (
+            (".to_q.", ".query."),
+            (".to_k.", ".key."),
+            (".to_v.", ".value."),
+            (".to_out.0.", ".proj_attn."),
+        ):
             k = k.replace(new, old)
         # Original-LDM attention weights were 1x1 convs.
         legacy[k] = v[:, :, None, None] if (".query.weight" in k or ".proj_attn.weight" in k) else v
@@ -224,12 +265,18 @@ def test_legacy_vae_attention_names_load(models, tmp_path):
 def test_pickled_weights_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(VAE.to_diffusers_dict()))
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02")
-    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.bin: pickled PyTorch "
-                                              r"weights are not supported"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"diffusion_pytorch_model.bin: pickled PyTorch "
+        r"weights are not supported",
+    ):
         load_vae(tmp_path)
     (tmp_path / "diffusion_pytorch_model.bin").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no weights in .*expected "
-                                                r"'diffusion_pytorch_model.safetensors'"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no weights in .*expected "
+        r"'diffusion_pytorch_model.safetensors'",
+    ):
         load_vae(tmp_path)
 
 
@@ -237,17 +284,22 @@ def test_sharded_fp16_variant_and_unprefixed_clip(models, tmp_path):
     # A text encoder split in two fp16 shards with an index, keys without 'text_model.' and with
     # the old position_ids buffer: all forms found on the hub.
     save_text_encoder(models["text_encoder"], CLIP, tmp_path)
-    sd = {k.removeprefix("text_model."): v.astype(np.float16)
-          for k, v in load_file(tmp_path / "model.safetensors").items()}
+    sd = {
+        k.removeprefix("text_model."): v.astype(np.float16)
+        for k, v in load_file(tmp_path / "model.safetensors").items()
+    }
     sd["embeddings.position_ids"] = np.arange(10, dtype=np.int64)[None]
     (tmp_path / "model.safetensors").unlink()
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.fp16.safetensors": keys[::2],
-              "model-00002-of-00002.fp16.safetensors": keys[1::2]}
+    shards = {
+        "model-00001-of-00002.fp16.safetensors": keys[::2],
+        "model-00002-of-00002.fp16.safetensors": keys[1::2],
+    }
     for fname, ks in shards.items():
         save_file({k: sd[k] for k in ks}, tmp_path / fname)
-    (tmp_path / "model.fp16.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (tmp_path / "model.fp16.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    )
     te, _ = load_text_encoder(tmp_path, variant="fp16")
     for k, x in params(models["text_encoder"]).items():
         got = params(te)[k]
@@ -259,8 +311,11 @@ def test_wrong_class_is_rejected(tmp_path, models):
     save_unet(models["unet"], UNET, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DModel"}))
-    with pytest.raises(ValueError, match=r"_class_name='UNet2DModel', expected "
-                                         r"'UNet2DConditionModel'"):
+    with pytest.raises(
+        ValueError,
+        match=r"_class_name='UNet2DModel', expected "
+        r"'UNet2DConditionModel'",
+    ):
         load_unet(tmp_path)
     with pytest.raises(ValueError, match="save_unet: config does not match model.config"):
         save_unet(models["unet"], UNet2DConditionConfig(), tmp_path)
@@ -293,6 +348,9 @@ def test_unreadable_tokenizer_files_are_one_clear_error(tmp_path):
     pytest.importorskip("transformers", reason="CLIP tokenisation uses transformers")
     (tmp_path / "vocab.json").write_text("{not json")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match=r"tokenizer files in '.*' cannot be read as a CLIP "
-                                         "tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer files in '.*' cannot be read as a CLIP "
+        "tokenizer",
+    ):
         load_tokenizer(tmp_path)

@@ -65,8 +65,13 @@ def test_missing_hub_model_names_id_revision_and_cache(cache):
 
 
 def test_only_what_jaxsafe_reads_is_downloaded():
-    assert hub.allow_patterns(None) == ["model_index.json", "*/*.json", "*/*.txt", "*/*.npz",
-                                        "*/*.safetensors"]
+    assert hub.allow_patterns(None) == [
+        "model_index.json",
+        "*/*.json",
+        "*/*.txt",
+        "*/*.npz",
+        "*/*.safetensors",
+    ]
     assert hub.allow_patterns("fp16")[-1] == "*/*.fp16.safetensors"
 
 
@@ -74,10 +79,14 @@ def test_config_model_block_takes_id_revision_and_variant(cache):
     import ml_collections
 
     _, repo = cache
-    block = ml_collections.ConfigDict(dict(folder="testorg/tiny-testbed", revision="v1",
-                                           variant=""))
+    block = ml_collections.ConfigDict(
+        dict(folder="testorg/tiny-testbed", revision="v1", variant="")
+    )
     assert pipeline.from_config(block).folder == str(repo / "snapshots" / V1)
     block.variant = "fp16"  # the test bed has no fp16 weights: the loader names the file
-    with pytest.raises(FileNotFoundError, match=r"expected 'diffusion_pytorch_model\.fp16\."
-                       r"safetensors'"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"expected 'diffusion_pytorch_model\.fp16\."
+        r"safetensors'",
+    ):
         pipeline.from_config(block)

@@ -16,9 +16,12 @@ from jaxsafe.weights.convert import CHECKSUM_KEY, CheckpointError
 
 def _tensors():
     rng = np.random.default_rng(0)
-    return {"down.0.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
-            "down.0.bias": rng.standard_normal(8).astype(np.float16),
-            "ids": np.arange(5, dtype=np.int64), "empty": np.zeros((0, 3), np.float32)}
+    return {
+        "down.0.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
+        "down.0.bias": rng.standard_normal(8).astype(np.float16),
+        "ids": np.arange(5, dtype=np.int64),
+        "empty": np.zeros((0, 3), np.float32),
+    }
 
 
 def _header_length(path) -> int:
@@ -69,8 +72,11 @@ def test_round_trip_is_exact_and_carries_the_checksums(written):
 def test_a_flipped_byte_in_a_tensor_is_refused_naming_file_and_tensor(written, tmp_path):
     start, end = _offsets(written, "down.0.weight")
     bad = _flip(written, (start + end) // 2, tmp_path / "flipped.safetensors")
-    with pytest.raises(CheckpointError, match=r"flipped\.safetensors: tensor 'down\.0\.weight' "
-                                              r"fails its CRC-32 check"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"flipped\.safetensors: tensor 'down\.0\.weight' "
+        r"fails its CRC-32 check",
+    ):
         convert.read_safetensors(bad)
 
 
@@ -79,19 +85,26 @@ def test_a_truncated_file_is_refused_naming_it(written, tmp_path):
     for keep in (len(data) - 3, _header_length(written) + 8, 20, 0):
         cut = tmp_path / f"cut{keep}.safetensors"
         cut.write_bytes(data[:keep])
-        with pytest.raises(CheckpointError, match=rf"cut{keep}\.safetensors: cannot read "
-                                                  "safetensors file .*truncated or corrupted"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"cut{keep}\.safetensors: cannot read "
+            "safetensors file .*truncated or corrupted",
+        ):
             convert.read_safetensors(cut)
 
 
 def test_a_damaged_header_is_refused(written, tmp_path):
     n = _header_length(written)
-    header = open(written, "rb").read()[8:8 + n]
+    header = open(written, "rb").read()[8 : 8 + n]
     sums_at = header.index(CHECKSUM_KEY.encode())
     digit_at = sums_at + header[sums_at:].index(b": ") + 2  # the first checksum's first digit
     name_at = header.index(b'"ids"') + 1
-    for what, position in (("length", 0), ("brace", 8), ("checksum", 8 + digit_at),
-                           ("name", 8 + name_at)):
+    for what, position in (
+        ("length", 0),
+        ("brace", 8),
+        ("checksum", 8 + digit_at),
+        ("name", 8 + name_at),
+    ):
         bad = _flip(written, position, tmp_path / f"{what}.safetensors")
         with pytest.raises(CheckpointError, match=rf"{what}\.safetensors: "):
             convert.read_safetensors(bad)

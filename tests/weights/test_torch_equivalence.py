@@ -11,11 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch",
-                            reason="reference checks need torch: pip install -e '.[torch]'")
-diffusers = pytest.importorskip("diffusers", reason="reference checks need diffusers")
-transformers = pytest.importorskip("transformers", reason="reference checks need transformers")
-
 from jaxsafe.nn.clip_text import encode_text
 from jaxsafe.weights import (
     CheckpointError,
@@ -26,24 +21,51 @@ from jaxsafe.weights import (
     save_pipeline,
 )
 
+torch = pytest.importorskip(
+    "torch", reason="reference checks need torch: pip install -e '.[torch]'"
+)
+diffusers = pytest.importorskip("diffusers", reason="reference checks need diffusers")
+transformers = pytest.importorskip("transformers", reason="reference checks need transformers")
+
+
 pytestmark = pytest.mark.slow  # importing diffusers alone takes ~10 s
 
 TOL = 1e-4
 
-SD1_UNET = {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 2,
-            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32,
-            "attention_head_dim": 4, "norm_num_groups": 8}
+SD1_UNET = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
 # SD 2.x style: linear projections, per-level heads (diffusers' attention_head_dim), attention at
 # both levels, two transformer layers per block, upcast attention.
-SD2_UNET = {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
-            "down_block_types": ("CrossAttnDownBlock2D",) * 2,
-            "up_block_types": ("CrossAttnUpBlock2D",) * 2, "cross_attention_dim": 24,
-            "attention_head_dim": (2, 4), "use_linear_projection": True, "norm_num_groups": 16,
-            "transformer_layers_per_block": 2, "upcast_attention": True}
-VAE = {"block_out_channels": (16, 32), "down_block_types": ("DownEncoderBlock2D",) * 2,
-       "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 2, "norm_num_groups": 8,
-       "latent_channels": 4, "sample_size": 16}
+SD2_UNET = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+    "up_block_types": ("CrossAttnUpBlock2D",) * 2,
+    "cross_attention_dim": 24,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "norm_num_groups": 16,
+    "transformer_layers_per_block": 2,
+    "upcast_attention": True,
+}
+VAE = {
+    "block_out_channels": (16, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+    "sample_size": 16,
+}
 
 
 def perturb(module, seed=0, scale=0.05):
@@ -72,8 +94,11 @@ def assert_close(got, want, tol=TOL):
 
 def unet_inputs(cross_dim, seed=0):
     rs = np.random.RandomState(seed)
-    return (rs.randn(2, 16, 16, 4).astype(np.float32), np.array([7.0, 801.0], np.float32),
-            rs.randn(2, 6, cross_dim).astype(np.float32))
+    return (
+        rs.randn(2, 16, 16, 4).astype(np.float32),
+        np.array([7.0, 801.0], np.float32),
+        rs.randn(2, 6, cross_dim).astype(np.float32),
+    )
 
 
 def torch_unet_out(ref, x, t, c):
@@ -134,14 +159,23 @@ def test_vae_matches_diffusers_both_ways(mid_attention, tmp_path):
     assert_close(rec_back, rec)
 
 
-@pytest.mark.parametrize("act,eos", [("quick_gelu", 2), ("gelu", 49)], ids=["sd1_legacy_eos",
-                                                                          "sd2_gelu"])
+@pytest.mark.parametrize(
+    "act,eos", [("quick_gelu", 2), ("gelu", 49)], ids=["sd1_legacy_eos", "sd2_gelu"]
+)
 def test_clip_matches_transformers_both_ways(act, eos, tmp_path):
     torch.manual_seed(0)
     hf_cfg = transformers.CLIPTextConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=12, hidden_act=act, eos_token_id=eos,
-        bos_token_id=0, pad_token_id=1)
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=12,
+        hidden_act=act,
+        eos_token_id=eos,
+        bos_token_id=0,
+        pad_token_id=1,
+    )
     ref = perturb(transformers.CLIPTextModel(hf_cfg))
     ref.save_pretrained(tmp_path / "te")
     model, cfg = load_text_encoder(tmp_path / "te")
@@ -178,32 +212,55 @@ def test_saved_pipeline_loads_as_stable_diffusion_pipeline(tmp_path):
     unet = perturb(diffusers.UNet2DConditionModel(**SD1_UNET))
     unet.save_pretrained(src / "unet")
     perturb(diffusers.AutoencoderKL(**VAE), seed=1).save_pretrained(src / "vae")
-    hf_cfg = transformers.CLIPTextConfig(vocab_size=55, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         max_position_embeddings=12, eos_token_id=54,
-                                         bos_token_id=53, pad_token_id=54)
+    hf_cfg = transformers.CLIPTextConfig(
+        vocab_size=55,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=12,
+        eos_token_id=54,
+        bos_token_id=53,
+        pad_token_id=54,
+    )
     perturb(transformers.CLIPTextModel(hf_cfg), seed=2).save_pretrained(src / "text_encoder")
     write_tiny_clip_tokenizer(src / "tokenizer")
-    diffusers.DDIMScheduler(prediction_type="v_prediction", clip_sample=False,
-                            steps_offset=1).save_pretrained(src / "scheduler")
-    (src / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None]}))
+    diffusers.DDIMScheduler(
+        prediction_type="v_prediction", clip_sample=False, steps_offset=1
+    ).save_pretrained(src / "scheduler")
+    (src / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+            }
+        )
+    )
 
     comps = load_pipeline(src)
-    assert set(comps) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler_config",
-                          "model_index"}
+    assert set(comps) == {
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler_config",
+        "model_index",
+    }
     assert comps["unet"].config.prediction_type == "v_prediction"
     save_pipeline(comps, tmp_path / "out")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out",
-                                                             safety_checker=None)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out", safety_checker=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     x, t, c = unet_inputs(32, seed=3)
     assert_close(torch_unet_out(pipe.unet.eval(), x, t, c), torch_unet_out(unet, x, t, c))
-    ids = pipe.tokenizer("a cat", padding="max_length", max_length=12,
-                         return_tensors="np")["input_ids"]
+    ids = pipe.tokenizer("a cat", padding="max_length", max_length=12, return_tensors="np")[
+        "input_ids"
+    ]
     with torch.no_grad():
         want = pipe.text_encoder.eval()(torch.from_numpy(ids)).last_hidden_state.numpy()
     assert_close(encode_text(comps["text_encoder"], jnp.asarray(ids)), want)
@@ -215,11 +272,13 @@ def test_mismatched_reference_checkpoint_names_the_tensor(tmp_path):
     diffusers.UNet2DConditionModel(**SD1_UNET).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "cross_attention_dim": 24}))
-    with pytest.raises(CheckpointError, match=r"tensor 'down_blocks\.0\.attentions\.0\."
-                                              r"transformer_blocks\.0\.attn2\.to_k\.weight' has "
-                                              r"shape \(32, 32\), expected \(32, 24\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'down_blocks\.0\.attentions\.0\."
+        r"transformer_blocks\.0\.attn2\.to_k\.weight' has "
+        r"shape \(32, 32\), expected \(32, 24\)",
+    ):
         load_unet(tmp_path)
-
 
 
 def test_time_free_unet_matches_diffusers_without_its_time_path(tmp_path):
@@ -239,8 +298,10 @@ def test_time_free_unet_matches_diffusers_without_its_time_path(tmp_path):
     d.mkdir()
     config = {**dict(ref.config), "_class_name": "UNet2DConditionWoCTModel"}
     (d / "config.json").write_text(json.dumps(config, default=list))
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
-              str(d / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in ref.state_dict().items()},
+        str(d / "diffusion_pytorch_model.safetensors"),
+    )
     model, cfg = load_unet(tmp_path, component="oms_module", time_conditioning=False)
     assert not cfg.time_conditioning
     x, t, c = unet_inputs(SD1_UNET["cross_attention_dim"])
