@@ -16,6 +16,7 @@ the FID against reference statistics (`launch.fid_stats`) with the FID Inception
 2. D defaults to the trained one; another D is allowed (an ablation).
 """
 
+import functools
 import itertools
 import json
 import os
@@ -115,14 +116,14 @@ def sample_workdir(
         features, _, stats = image_model.digits_features(config.data.resolution)
         fd = lambda x: image_model.frechet_distance_to(stats, np.asarray(features(x)))
     rows = []
+    # One compiled sampler for every setting: α is an argument (bits only change the values).
+    sample = image_model.make_sample_fn(graphdef, config, D=D, num_steps=steps)
     for alpha, b in itertools.product(alphas, bits):
         alpha, b = float(alpha), int(b)
         if alpha < 0 or b < 0:
             raise ValueError(f"alpha and bits must be >= 0, got alpha={alpha}, bits={b}")
         p = quantize_params(params, b, include=quantizable(config.data.resolution)) if b else params
-        sample_fn = image_model.make_sample_fn(
-            graphdef, config, D=D, num_steps=steps, noise_injection_alpha=alpha
-        )
+        sample_fn = functools.partial(sample, alpha=jax.numpy.float32(alpha)) if alpha else sample
         x, labels = image_model.generate(
             sample_fn,
             p,

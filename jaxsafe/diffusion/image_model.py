@@ -103,10 +103,13 @@ def make_denoiser(model, sigma_data: float, rngs: nnx.Rngs | None = None, augmen
 
 
 def make_sample_fn(graphdef, config, *, D=None, num_steps=None, noise_injection_alpha=0.0):
-    """Jitted `sample(params, frozen, key, labels) -> (n, H, W, C)` images in [-1, 1]-ish.
+    """Jitted `sample(params, frozen, key, labels, alpha=None) -> (n, H, W, C)` images in
+    [-1, 1]-ish.
 
     `labels` (n,) int selects the batch size (any values when unconditional). D and num_steps
-    default to the config's (`pfgmpp.D`, `sampler.num_steps`).
+    default to the config's (`pfgmpp.D`, `sampler.num_steps`). The noise-injection strength is
+    `noise_injection_alpha`, or the `alpha` argument when given: a traced scalar, so one compiled
+    sampler serves every α of a robustness sweep.
     """
     s, p = config.sampler, config.pfgmpp
     D = augmentation_dim(p.D if D is None else D)
@@ -114,10 +117,11 @@ def make_sample_fn(graphdef, config, *, D=None, num_steps=None, noise_injection_
     shape = image_shape(config.data)
 
     @jax.jit
-    def sample(params, frozen, key, labels):
+    def sample(params, frozen, key, labels, alpha=None):
         model = nnx.merge(graphdef, params, frozen)
         model.eval()
         k_prior, k_inject = jax.random.split(key)
+        strength = noise_injection_alpha if alpha is None else alpha
         latents = pfgmpp.prior_sample(k_prior, (labels.shape[0],) + shape, s.sigma_max, D)
         return samplers.heun_sampler(
             make_denoiser(model, p.sigma_data),
@@ -127,8 +131,8 @@ def make_sample_fn(graphdef, config, *, D=None, num_steps=None, noise_injection_
             sigma_max=s.sigma_max,
             rho=s.rho,
             class_labels=one_hot(labels, config),
-            noise_injection_alpha=noise_injection_alpha,
-            rng=k_inject if noise_injection_alpha else None,
+            noise_injection_alpha=strength,
+            rng=k_inject if alpha is not None or noise_injection_alpha else None,
         )
 
     return sample

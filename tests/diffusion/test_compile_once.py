@@ -52,3 +52,22 @@ def test_pfgmpp_sample_fn_compiles_once_per_shape(compile_log):
     assert x.shape[0] == 6 and np.all(np.isfinite(x))
     # Three batches drawn with different keys: different images.
     assert np.abs(x[0] - x[2]).max() > 1e-3 and np.abs(x[2] - x[4]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_pfgmpp_sample_fn_compiles_once_for_every_alpha(compile_log):
+    """α as an argument: one program for a whole noise-injection sweep, with the images of the
+    sampler that has α built in."""
+    config = importlib.import_module("configs.pfgmpp.cifar10_d128").get_config("smoke")
+    graphdef, params, frozen = split_model(image_model.build_model(config))
+    sample_fn = image_model.make_sample_fn(graphdef, config, num_steps=2)
+    key, labels = jax.random.key(0), jnp.zeros((2,), jnp.int32)
+    with compile_log() as names:
+        a = sample_fn(params, frozen, key, labels, jnp.float32(0.1))
+        b = sample_fn(params, frozen, key, labels, jnp.float32(0.3))
+        assert names.count("jit(sample)") == 1, names
+    built_in = image_model.make_sample_fn(graphdef, config, num_steps=2, noise_injection_alpha=0.3)
+    np.testing.assert_allclose(
+        np.asarray(b), np.asarray(built_in(params, frozen, key, labels)), rtol=0, atol=1e-5
+    )
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
