@@ -23,11 +23,13 @@ the held-out denoising loss (computed by the experiment, which owns the network)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxsafe.data import shapes
 from jaxsafe.diffusion.metrics import frechet_distance, gaussian_stats
@@ -118,14 +120,30 @@ def _batched(fn, images, batch_size: int) -> np.ndarray:
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _oracle_apply(graphdef, method: str, state, x):
+    # Module-level and keyed on the (hashable) graph definition: compiled once per batch shape,
+    # not once per call as a jax.jit of the bound method would be.
+    return getattr(nnx.merge(graphdef, state), method)(x)
+
+
+def _oracle_batched(oracle, method: str, images, batch_size: int) -> np.ndarray:
+    if isinstance(oracle, nnx.Module):
+        graphdef, state = nnx.split(oracle)
+        apply = functools.partial(_oracle_apply, graphdef, method, state)
+    else:  # any object with the method (a judge wrapping another classifier, a test double)
+        apply = jax.jit(getattr(oracle, method))
+    return _batched(apply, np.clip(images, -1, 1), batch_size)
+
+
 def oracle_predict(oracle, images, batch_size: int = 256) -> np.ndarray:
     """(n, 3) int32 attribute predictions of the oracle for images in [-1, 1]."""
-    return _batched(jax.jit(oracle.predict), np.clip(images, -1, 1), batch_size)
+    return _oracle_batched(oracle, "predict", images, batch_size)
 
 
 def oracle_features(oracle, images, batch_size: int = 256) -> np.ndarray:
     """(n, 128) penultimate oracle features for images in [-1, 1]."""
-    return _batched(jax.jit(oracle.features), np.clip(images, -1, 1), batch_size)
+    return _oracle_batched(oracle, "features", images, batch_size)
 
 
 def oracle_frechet_distance(oracle, images_a, images_b) -> float:

@@ -117,6 +117,17 @@ def test_shipped_oracle_is_accurate_on_a_heldout_stream(oracle):
     assert np.mean(np.all(pred == data["label"], -1)) >= 0.99
 
 
+def test_oracle_predictions_compile_once_per_batch_shape(oracle, compile_log):
+    images = shapes.ShapesDataset(seed=3).arrays(0, 12)["image"] / 127.5 - 1.0
+    with compile_log() as names:
+        first = shapes_metrics.oracle_predict(oracle, images, batch_size=4)
+        again = shapes_metrics.oracle_predict(oracle, images, batch_size=4)
+        assert names.count("jit(_oracle_apply)") == 1, names
+    np.testing.assert_array_equal(first, again)
+    # One batch of 12 is the same computation per image as three of 4.
+    np.testing.assert_array_equal(first, shapes_metrics.oracle_predict(oracle, images))
+
+
 def test_oracle_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"oracle weights .*nothing.npz' not found"):
         oracle_lib.load(str(tmp_path / "nothing.npz"))
