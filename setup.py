@@ -21,14 +21,14 @@ setuptools.setup(
         "absl-py>=2.1",  # launchers' flags and logging
         "ml_collections>=1.0",  # configs
         "grain>=0.2.10,<0.3",  # input pipelines (MapDataset over sources)
-        "numpy>=1.26",
+        "numpy>=1.26",  # host-side arrays: data sources, metrics, statistics files
         "matplotlib>=3.8",  # PNG plots of runs and studies
         "tensorboardX>=2.6",  # TensorBoard event files next to metrics.jsonl
         "scikit-learn>=1.3",  # ships the 8x8 digits used by the offline diffusion runs
         "pillow>=10",  # PNG grids and image folders
         "safetensors>=0.4",  # diffusers-layout checkpoints, read/written without torch
         "aeon>=1.0",  # ships UCR/UEA .ts files used offline (located, never imported)
-        "huggingface_hub>=0.23",  # hub ids as model folders (jaxsafe.weights.hub)
+        "huggingface_hub>=0.34",  # hub ids as model folders (jaxsafe.weights.hub); 0.34: `hf` CLI
         "transformers>=4.40",  # the CLIP tokenizer of real SD folders (no torch needed)
     ],
     package_data={
@@ -58,7 +58,7 @@ setuptools.setup(
         # converter (launch/convert_fid_inception.py).
         "torch": ["torch==2.13.0", "diffusers>=0.30"],
         "tfds": ["tensorflow-datasets>=4.9"],  # CIFAR-10 / FFHQ via tfds.data_source
-        "ptbxl": ["wfdb>=4.1"],
+        "ptbxl": ["wfdb>=4.1"],  # reads PTB-XL's WFDB records (jaxsafe.data.timeseries)
         # The nudity judge of the attacks (ships its ONNX detector; jaxsafe.attacks.judges).
         "nudenet": ["nudenet>=3.4"],
     },

@@ -100,3 +100,20 @@ def test_an_unprepared_dataset_is_not_downloaded(tmp_path):
         r"prepared under '.*'; prepare it where there is network: tfds build",
     ):
         images.tfds_source("jaxsafe_tiny_pngs", "train", str(tmp_path))
+
+
+def test_fid_stats_reads_a_tfds_source(prepared):
+    """`launch.fid_stats --source=tfds:<name>:<split>` reads the prepared dataset's images."""
+    from launch.fid_stats import open_source
+
+    data_dir, written = prepared
+    src = open_source("tfds:jaxsafe_tiny_pngs:train", SIZE, data_dir)
+    assert len(src) == N
+    got = {}
+    for i in range(N):
+        item = src[i]
+        key = item["id"].decode() if isinstance(item["id"], bytes) else item["id"]
+        got[key] = item["image"]
+    assert sorted(got) == sorted(written)
+    for key, x in written.items():
+        np.testing.assert_array_equal(got[key], x)

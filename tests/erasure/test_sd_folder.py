@@ -18,10 +18,6 @@ from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionMo
 from jaxsafe.weights.convert import read_safetensors
 from jaxsafe.weights.diffusers import save_pipeline
 
-pytest.importorskip(
-    "transformers", reason="SD folders are tokenised with transformers' CLIP tokenizer"
-)
-
 UNET = UNet2DConditionConfig(
     sample_size=8,
     block_out_channels=(16, 32),

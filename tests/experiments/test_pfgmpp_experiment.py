@@ -3,6 +3,7 @@ a short offline training run (loss falls, FD evaluator), exact resume with the E
 sampling launcher (PNG/npz, noise injection, quantisation)."""
 
 import importlib
+import json
 import types
 
 import chex
@@ -299,8 +300,8 @@ def test_sample_launcher_writes_grids_and_probes_robustness(trained, tmp_path):
 def test_inception_evaluator_and_sample_launcher_agree_on_fid(
     trained, tmp_path, random_fid_inception
 ):
-    """Training's evaluator and launch.sample reach the same samples by different code: their
-    FIDs against one statistics file must agree."""
+    """Training's evaluator and `python -m launch.sample --fid_ref` reach the same samples by
+    different code: their FIDs against one statistics file must agree."""
     from jaxsafe.data import images
     from jaxsafe.diffusion import fid
     from jaxsafe.nn import inception
@@ -321,15 +322,27 @@ def test_inception_evaluator_and_sample_launcher_agree_on_fid(
         step=jnp.asarray(step), extra={"ema": ema}, frozen=task.frozen, params=None
     )
     out = task.evaluators["samples"](state)
-    rows = sample.sample_workdir(
-        str(workdir),
-        num=c.eval.num_samples,
-        batch=c.eval.batch_size,
-        seed=c.eval.seed,
-        out=str(tmp_path / "s"),
-        fid_ref=ref,
-        fid_weights=random_fid_inception,
+    # The launcher's own entry point, flags parsed as on the command line.
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(
+        [
+            "sample",
+            f"--workdir={workdir}",
+            f"--num={c.eval.num_samples}",
+            f"--batch={c.eval.batch_size}",
+            f"--seed={c.eval.seed}",
+            f"--out={tmp_path / 's'}",
+            f"--fid_ref={ref}",
+            f"--fid_weights={random_fid_inception}",
+        ]
     )
+    try:
+        sample.main(["sample"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    rows = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert rows[0]["checkpoint_step"] == step and rows[0]["fid"] > 1e-3
     np.testing.assert_allclose(out["fid"], rows[0]["fid"], rtol=1e-4, atol=1e-6)
 

@@ -5,6 +5,8 @@ test_torch_equivalence.py."""
 
 import json
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -12,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-pytest.importorskip("safetensors", reason="jaxsafe.weights reads checkpoints with safetensors")
 from safetensors.numpy import load_file, save_file
 
 from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
@@ -333,7 +333,6 @@ def write_tiny_clip_tokenizer(folder: Path) -> dict:
 
 
 def test_tokenizer(tmp_path):
-    pytest.importorskip("transformers", reason="CLIP tokenisation uses transformers")
     with pytest.raises(FileNotFoundError, match="tokenizer files not found"):
         load_tokenizer(tmp_path)
     vocab = write_tiny_clip_tokenizer(tmp_path / "tokenizer")
@@ -344,8 +343,26 @@ def test_tokenizer(tmp_path):
     assert ids == [bos, vocab["a</w>"], vocab["ca"], vocab["t</w>"], eos, eos, eos]
 
 
+def test_tokenizer_loads_without_torch(tmp_path):
+    """transformers is a core dependency and torch is not: a real SD folder's CLIP tokenizer
+    loads, and tokenises, in a process where importing torch fails."""
+    vocab = write_tiny_clip_tokenizer(tmp_path / "tokenizer")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from jaxsafe.weights.diffusers import load_tokenizer\n"
+        f"tok = load_tokenizer({str(tmp_path)!r})\n"
+        "print(tok('A cat', padding='max_length', max_length=7)['input_ids'])\n"
+        "import torch\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # The last line proves torch really was unimportable in that process.
+    assert "import of torch halted" in out.stderr, out.stderr
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    expected = [bos, vocab["a</w>"], vocab["ca"], vocab["t</w>"], eos, eos, eos]
+    assert out.stdout.strip() == str(expected), out.stderr
+
+
 def test_unreadable_tokenizer_files_are_one_clear_error(tmp_path):
-    pytest.importorskip("transformers", reason="CLIP tokenisation uses transformers")
     (tmp_path / "vocab.json").write_text("{not json")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(
