@@ -6,10 +6,12 @@ r"""Attacks a text-to-image model with adversarial prompts: any attack of ``conf
         --model=/path/to/esd-nudity --original=/path/to/stable-diffusion-v1-4 \
         --prompts=nudity.tsv --judge=nudenet --out=/tmp/p4d_k
 
-``--model`` is a diffusers-layout folder (a Stable Diffusion checkpoint or a test-bed export) or
-an erasure workdir (its ``export/`` is used); ``--original`` (default: the shipped test bed) is
-the unedited model, whose images of the prompts are UnlearnDiffAtk's and P4D's targets and whose
-text encoder runs Ring-A-Bell's search. ``--prompts``: one prompt per line, or
+``--model`` is a diffusers-layout folder (a Stable Diffusion checkpoint or a test-bed export), a
+Hugging Face hub id ``org/name[@revision]`` (with ``--revision`` / ``--variant``, read from the
+hub cache or downloaded where the network allows: ``jaxsafe.weights.hub``) or an erasure workdir
+(its ``export/`` is used); ``--original`` (default: the shipped test bed) is the unedited model,
+whose images of the prompts are UnlearnDiffAtk's and P4D's targets and whose text encoder runs
+Ring-A-Bell's search. ``--prompts``: one prompt per line, or
 ``prompt<TAB>seed``. ``--judge``: ``oracle:<concept>`` (the test bed) or ``nudenet`` (extra
 ``jaxsafe[nudenet]``). Ring-A-Bell reads ``--pairs`` (``with<TAB>without`` lines), concept
 arithmetic ``--compositions=file.json``. An SPM, SAFREE or SFD export is judged through the
@@ -30,11 +32,16 @@ from launch import user_errors
 def _define_flags() -> None:
     """The command's flags, defined only when it runs as a program (tests import this module
     next to launchers that define flags of the same names)."""
-    global _CONFIG, _MODEL, _ORIGINAL, _PROMPTS, _JUDGE, _PAIRS, _COMPOSITIONS, _OUT
+    global _CONFIG, _MODEL, _REVISION, _VARIANT, _ORIGINAL, _PROMPTS, _JUDGE, _PAIRS
+    global _COMPOSITIONS, _OUT
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "Attack config file.", lock_config=False
     )
     _MODEL = flags.DEFINE_string("model", None, "Attacked model folder, hub id or erasure workdir.")
+    _REVISION = flags.DEFINE_string("revision", "", "Revision of a --model hub id (default main).")
+    _VARIANT = flags.DEFINE_string(
+        "variant", "", "Weight variant of --model (fp16: *.fp16.safetensors; default the plain)."
+    )
     _ORIGINAL = flags.DEFINE_string(
         "original", "", "Unedited model (default: the shipped test bed)."
     )
@@ -107,8 +114,15 @@ def make_judge(spec: str):
     raise ValueError(f"--judge {spec!r}: expected oracle:<concept> or nudenet")
 
 
-def model_folder(path: str) -> str:
-    """A model folder, or the export of an erasure workdir."""
+def model_folder(path: str, revision: str | None = None, variant: str | None = None) -> str:
+    """A model folder: a hub id's local snapshot (resolved first, so that an SPM, SAFREE or SFD
+    export on the hub is recognised by its files), a folder, or the export of an erasure
+    workdir."""
+    from jaxsafe.weights import hub
+
+    if revision and not hub.is_hub_id(path):
+        raise ValueError(f"--revision={revision}: --model {path!r} is a folder, not a hub id")
+    path = hub.resolve(path, revision=revision or None, variant=variant or None)
     if os.path.isdir(os.path.join(path, "export")) and not os.path.exists(
         os.path.join(path, "model_index.json")
     ):
@@ -125,6 +139,8 @@ def run(
     out: str,
     pairs_path: str = "",
     compositions_path: str = "",
+    revision: str = "",
+    variant: str = "",
 ) -> dict:
     import numpy as np
 
@@ -140,11 +156,15 @@ def run(
         config.compositions = read_compositions(compositions_path)
     from launch.robustness_table import own_sampler, own_sampler_method
 
-    folder = model_folder(model)
+    folder = model_folder(model, revision, variant)
     method = own_sampler_method(folder)
     generate = None
     if method is None:
-        pipe = pipeline.load(folder)
+        pipe = pipeline.load(folder, variant=variant or None)
+    elif variant:
+        raise ValueError(
+            f"--variant={variant}: {folder} is an export of {method}, read with its plain weights"
+        )
     else:  # SPM, SAFREE, SFD: judged through the method's own sampler (docs/attacks.md)
         pipe, generate = own_sampler(method, folder, dict(config.sampling))
     base = pipeline.load(original or None)
@@ -231,6 +251,8 @@ def main(argv):
         _OUT.value,
         _PAIRS.value,
         _COMPOSITIONS.value,
+        _REVISION.value,
+        _VARIANT.value,
     )
     print(json.dumps({k: summary[k] for k in ("attack", "asr", "pre_asr")}))
 

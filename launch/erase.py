@@ -4,8 +4,11 @@ r"""Erases concepts from a text-to-image model: any method of ``configs/erasure/
     python -m launch.erase --config=configs/erasure/esd.py --workdir=/tmp/esd_nudity \
         --config.model.folder=/path/to/stable-diffusion-v1-4
 
-The model is a diffusers-layout folder (``--config.model.folder``; the ``cpu``/``smoke``
-variants default to the shipped test-bed model). The edited model is written to
+The model is a diffusers-layout folder or a Hugging Face hub id ``org/name[@revision]``
+(``--config.model.folder``, e.g. ``CompVis/stable-diffusion-v1-4``, with
+``--config.model.revision`` / ``--config.model.variant=fp16``; read from the hub cache or
+downloaded where the network allows: ``jaxsafe.weights.hub``); the ``cpu``/``smoke`` variants
+default to the shipped test-bed model. The edited model is written to
 ``<workdir>/export`` in the same layout (or the method's adapter file next to a copy of the
 original), with ``<workdir>/summary.json``: the method, the wall-clock time of the erasure and,
 on the test bed, the erasure metrics (docs/erasure.md).

@@ -133,8 +133,15 @@ def load_model(base, folder: str):
 OWN_SAMPLER_FILES = {"SPM": "spm.json", "SAFREE": "safree.json", "SFD": "sfd.json"}
 
 
-def own_sampler_method(folder: str) -> str | None:
-    """The method of ``OWN_SAMPLER`` whose export ``folder`` is, or None."""
+def own_sampler_method(
+    folder: str, revision: str | None = None, variant: str | None = None
+) -> str | None:
+    """The method of ``OWN_SAMPLER`` whose export ``folder`` is, or None; a hub id
+    ``org/name[@revision]`` is resolved to its local snapshot first (``jaxsafe.weights.hub``),
+    so that an export on the hub is recognised by its files."""
+    from jaxsafe.weights import hub
+
+    folder = hub.resolve(folder, revision=revision, variant=variant)
     return next(
         (m for m, f in OWN_SAMPLER_FILES.items() if os.path.exists(os.path.join(folder, f))), None
     )
@@ -150,7 +157,9 @@ def own_sampler(method: str, folder: str, sampling: dict):
 
     from jaxsafe.diffusion import pipeline
     from jaxsafe.files import read_json
+    from jaxsafe.weights import hub
 
+    folder = hub.resolve(folder)  # a hub id org/name[@revision]: its local snapshot
     if method == "SPM":
         from experiments import erase_spm
 

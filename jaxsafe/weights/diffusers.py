@@ -278,6 +278,7 @@ def load_pipeline(
     *,
     components: Sequence[str] | None = None,
     variant: str | None = None,
+    revision: str | None = None,
     dtype=None,
     param_dtype=jnp.float32,
 ) -> dict[str, Any]:
@@ -286,11 +287,12 @@ def load_pipeline(
     Returns ``dict(unet=UNet2DConditionModel, vae=AutoencoderKL, text_encoder=CLIPTextModel,
     tokenizer=CLIPTokenizer, scheduler_config=dict, model_index=dict)``; components the folder
     lacks are absent (``components`` restricts the set further). Configs are ``model.config``.
-    ``folder`` may be a hub id ``org/name[@revision]`` (``jaxsafe.weights.hub.resolve``).
+    ``folder`` may be a hub id ``org/name[@revision]`` (``jaxsafe.weights.hub.resolve``), the
+    revision also given as ``revision`` (a ValueError when the two differ).
     """
     from jaxsafe.weights import hub
 
-    folder = Path(hub.resolve(str(folder), variant=variant))
+    folder = Path(hub.resolve(str(folder), revision=revision, variant=variant))
     if not folder.is_dir():
         raise FileNotFoundError(f"pipeline folder {str(folder)!r} not found")
     index = _read_json(folder / "model_index.json")
