@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsafe.nn import winograd
 from jaxsafe.weights import convert
 
 SIZE = 299
@@ -69,6 +70,7 @@ class ConvBN(nnx.Module):
             strides=_pair(stride),
             padding=[(p, p) for p in _pair(padding)],
             use_bias=False,
+            conv_general_dilated=winograd.conv_general_dilated,
             rngs=rngs,
         )
         self.bn = FrozenBatchNorm(cout)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsafe.nn import attention
+from jaxsafe.nn import attention, winograd
 
 __all__ = [
     "GEGLU",
@@ -108,6 +108,7 @@ def conv2d(
         padding=((p, p), (p, p)),
         dtype=dtype,
         param_dtype=param_dtype,
+        conv_general_dilated=winograd.conv_general_dilated,
         rngs=rngs,
     )
 

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsafe.nn import winograd
+
 __all__ = [
     "SONGUNET_SHARDING_RULES",
     "Buffer",
@@ -134,7 +136,7 @@ def _fir_up(x, g, padding):
 
 
 def _conv(x, w, padding):
-    return jax.lax.conv_general_dilated(
+    return winograd.conv_general_dilated(
         x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=_DN
     )
 

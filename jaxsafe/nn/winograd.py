@@ -1,0 +1,173 @@
+"""3 × 3 convolutions by Winograd's minimal filtering F(2 × 2, 3 × 3) on XLA:CPU.
+
+Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016), Sec. 4: each
+2 × 2 output tile of a stride-1 3 × 3 convolution is
+
+    Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A,
+
+with d the 4 × 4 input tile around it, g the 3 × 3 filter and the constant matrices below; summed
+over input channels, the ⊙ becomes 16 independent (tiles × C_in) @ (C_in × C_out) matrix
+products. That is 16 multiplies per tile and channel pair against the direct form's 36: 2.25×
+fewer FLOPs in the products, paid for with a few additions per element in the transforms.
+
+Why: XLA:CPU's direct convolution runs at about 0.8-0.9× oneDNN's, the PyTorch references'
+kernel, and the text-to-image UNet and the DDPM++ step spend most of their time in 3 × 3
+convolutions (docs/benchmarks.md, "Winograd convolutions"). oneDNN and cuDNN offer the same
+algorithm; on other backends (GPU, TPU) the plain convolution is kept
+(``lax.platform_dependent``).
+
+Numerics: float32 results differ from the direct sum by a few ulps of the output scale (the
+transforms' additions reorder the sum; F(2 × 2, 3 × 3)'s constants are 0, ±1 and ½, exact in
+binary). The backward pass: the input gradient is the same F(2 × 2, 3 × 3) convolution of the
+output gradient with the filter rotated by 180° and its channel axes swapped; the filter
+gradient is XLA's.
+
+:func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature and takes this path
+only for what it covers (NHWC / HWIO, 3 × 3, stride 1, padding 1, no dilation or groups,
+float32, even H and W, enough tiles and channels); anything else is
+``lax.conv_general_dilated`` itself. ``nnx.Conv(..., conv_general_dilated=...)`` uses it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["conv_general_dilated", "winograd_conv3x3", "MIN_TILES", "MIN_CHANNELS"]
+
+# Below 64 tiles the transforms' memory traffic outweighs the saved products on XLA:CPU (8 × 8 ×
+# 1280 at batch 2, 32 tiles, was slower); below 128 channels a convolution takes milliseconds
+# and the transforms' extra compile time (~0.5 s per convolution) is not repaid
+# (docs/benchmarks.md, "Winograd convolutions").
+MIN_TILES = 64
+MIN_CHANNELS = 128
+
+
+def _input_transform(t):
+    """Bᵀ applied to four rows t[0..3]: (t0 − t2, t1 + t2, t2 − t1, t1 − t3)."""
+    return (t[0] - t[2], t[1] + t[2], t[2] - t[1], t[1] - t[3])
+
+
+def _filter_transform(g):
+    """G applied to three rows g[0..2]: (g0, (g0 + g1 + g2) / 2, (g0 − g1 + g2) / 2, g2)."""
+    even = 0.5 * (g[0] + g[2])
+    return (g[0], even + 0.5 * g[1], even - 0.5 * g[1], g[2])
+
+
+def _output_transform(m):
+    """Aᵀ applied to four rows m[0..3]: (m0 + m1 + m2, m1 − m2 − m3)."""
+    return (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
+
+
+def _winograd(x, w, transposed=False):
+    """F(2 × 2, 3 × 3) of ``x`` with ``w``, or, ``transposed``, with ``w`` rotated by 180° and its
+    channel axes swapped (the input gradient), without materialising that filter."""
+    b, h, wd, c = x.shape
+    o = w.shape[2] if transposed else w.shape[3]
+    th, tw = h // 2, wd // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # d[k][n][:, a, b'] = xp[:, 2a + k, 2b' + n]: the (k, n) element of every 4 × 4 input tile.
+    d = [[xp[:, k : k + 2 * th : 2, n : n + 2 * tw : 2] for n in range(4)] for k in range(4)]
+    rows = [_input_transform([d[k][n] for k in range(4)]) for n in range(4)]  # rows[n][i]
+    v = [_input_transform([rows[n][i] for n in range(4)]) for i in range(4)]  # v[i][j]
+    v = jnp.stack([v[i][j] for i in range(4) for j in range(4)]).reshape(16, b * th * tw, c)
+    # G g Gᵀ as additions: XLA:CPU ran the same as a (C·O·4, 3) @ (3, 4) product at ~10× the cost.
+    tap = (lambda k, n: w[2 - k, 2 - n]) if transposed else (lambda k, n: w[k, n])
+    rows = [_filter_transform([tap(k, n) for k in range(3)]) for n in range(3)]  # rows[n][i]
+    u = [_filter_transform([rows[n][i] for n in range(3)]) for i in range(4)]  # u[i][j]
+    u = jnp.stack([u[i][j] for i in range(4) for j in range(4)])
+    # Transposed: contract over u's output axis (a transposed product), since transposing the
+    # filter inside the transform's fusions made XLA:CPU read it with a stride of C_out.
+    m = jnp.einsum("ptc,poc->pto" if transposed else "ptc,pco->pto", v, u)
+    m = m.reshape(4, 4, b, th, tw, o)
+    cols = [_output_transform([m[i, j] for j in range(4)]) for i in range(4)]  # cols[i][v]
+    y = [_output_transform([cols[i][q] for i in range(4)]) for q in range(2)]  # y[q][p]
+    # y[q][p][:, a, b'] is output pixel (2a + p, 2b' + q).
+    y = jnp.stack([jnp.stack([y[q][p] for q in range(2)], axis=3) for p in range(2)], axis=2)
+    return y.reshape(b, h, wd, o)
+
+
+def _direct(x, w):
+    return lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@jax.custom_vjp
+def winograd_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``conv(x, w)``, NHWC × HWIO, 3 × 3, stride 1, padding 1, by F(2 × 2, 3 × 3).
+
+    ``x``: ``(B, H, W, C)`` with even ``H`` and ``W``; ``w``: ``(3, 3, C, O)``.
+    """
+    return _winograd(x, w)
+
+
+def _fwd(x, w):
+    return _winograd(x, w), (x, w)
+
+
+def _bwd(res, g):
+    x, w = res
+    # The transpose of a stride-1, padding-1 3 × 3 convolution is the same convolution with the
+    # filter rotated by 180° and its input/output channels swapped.
+    dx = _winograd(g, w, transposed=True)
+    dw = jax.vjp(lambda w: _direct(x, w), w)[1](g)[0]
+    return dx, dw
+
+
+winograd_conv3x3.defvjp(_fwd, _bwd)
+
+
+def _applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, bgroups):
+    if lhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+        return False
+    if tuple(window_strides) != (1, 1) or groups != 1 or bgroups != 1:
+        return False
+    if any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
+        return False
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
+    if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")):
+        return False
+    if rhs.shape[:2] != (3, 3):
+        return False
+    if isinstance(padding, str):
+        if padding.upper() != "SAME":
+            return False
+    elif tuple(map(tuple, padding)) != ((1, 1), (1, 1)):
+        return False
+    b, h, w, c = lhs.shape
+    if h % 2 or w % 2:
+        return False
+    return b * (h // 2) * (w // 2) >= MIN_TILES and min(c, rhs.shape[3]) >= MIN_CHANNELS
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+):
+    """``lax.conv_general_dilated``, with 3 × 3 stride-1 float32 NHWC convolutions computed by
+    :func:`winograd_conv3x3` on the CPU backend (see the module docstring for when)."""
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    groups = (feature_group_count, batch_group_count)
+    direct = lambda lhs, rhs: lax.conv_general_dilated(
+        lhs, rhs, *args, *groups, precision, preferred_element_type, out_sharding=out_sharding
+    )
+    if (
+        out_sharding is not None
+        or precision is not None
+        or preferred_element_type not in (None, jnp.float32)
+        or not _applies(lhs, rhs, *args, *groups)
+    ):
+        return direct(lhs, rhs)
+    return lax.platform_dependent(lhs, rhs, cpu=winograd_conv3x3, default=direct)
