@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsafe.nn import winograd
+from jaxsafe.nn import conv3x3
 from jaxsafe.weights import convert
 
 SIZE = 299
@@ -70,7 +70,7 @@ class ConvBN(nnx.Module):
             strides=_pair(stride),
             padding=[(p, p) for p in _pair(padding)],
             use_bias=False,
-            conv_general_dilated=winograd.conv_general_dilated,
+            conv_general_dilated=conv3x3.conv_general_dilated,
             rngs=rngs,
         )
         self.bn = FrozenBatchNorm(cout)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsafe.nn import attention, winograd
+from jaxsafe.nn import attention, conv3x3
 
 __all__ = [
     "GEGLU",
@@ -108,7 +108,7 @@ def conv2d(
         padding=((p, p), (p, p)),
         dtype=dtype,
         param_dtype=param_dtype,
-        conv_general_dilated=winograd.conv_general_dilated,
+        conv_general_dilated=conv3x3.conv_general_dilated,
         rngs=rngs,
     )
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsafe.nn import winograd
+from jaxsafe.nn import conv3x3
 
 __all__ = [
     "SONGUNET_SHARDING_RULES",
@@ -136,7 +136,7 @@ def _fir_up(x, g, padding):
 
 
 def _conv(x, w, padding):
-    return winograd.conv_general_dilated(
+    return conv3x3.conv_general_dilated(
         x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=_DN
     )
 

@@ -1,31 +1,34 @@
-"""3 × 3 convolutions by Winograd's minimal filtering F(2 × 2, 3 × 3) on XLA:CPU.
+"""3 × 3 convolutions on XLA:CPU: Winograd's F(2 × 2, 3 × 3), or one im2col matrix product.
 
-Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016), Sec. 4: each
-2 × 2 output tile of a stride-1 3 × 3 convolution is
+Why: XLA:CPU's direct convolution runs at 0.7-0.9× oneDNN's (the PyTorch references' kernel),
+and the text-to-image UNet, the DDPM++ step and the FID Inception spend most of their time in
+3 × 3 convolutions (docs/benchmarks.md, "3 × 3 convolutions on XLA:CPU"). On other backends (GPU,
+TPU) XLA's convolution is kept (``lax.platform_dependent``).
+
+**Winograd** (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016,
+Sec. 4): each 2 × 2 output tile of a stride-1 3 × 3 convolution is
 
     Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A,
 
-with d the 4 × 4 input tile around it, g the 3 × 3 filter and the constant matrices below; summed
-over input channels, the ⊙ becomes 16 independent (tiles × C_in) @ (C_in × C_out) matrix
-products. That is 16 multiplies per tile and channel pair against the direct form's 36: 2.25×
-fewer FLOPs in the products, paid for with a few additions per element in the transforms.
+with d the 4 × 4 input tile around it, g the 3 × 3 filter and the constant matrices in the
+transforms below; summed over input channels, the ⊙ becomes 16 independent (tiles × C_in) @
+(C_in × C_out) matrix products: 16 multiplies per tile and channel pair against the direct
+form's 36 (2.25× fewer FLOPs), paid for with a few additions per element. oneDNN and cuDNN offer
+the same algorithm. The input gradient is the same transform applied to the output gradient
+with the filter rotated by 180° and its channel axes swapped; the filter gradient is XLA's.
 
-Why: XLA:CPU's direct convolution runs at about 0.8-0.9× oneDNN's, the PyTorch references'
-kernel, and the text-to-image UNet and the DDPM++ step spend most of their time in 3 × 3
-convolutions (docs/benchmarks.md, "Winograd convolutions"). oneDNN and cuDNN offer the same
-algorithm; on other backends (GPU, TPU) the plain convolution is kept
-(``lax.platform_dependent``).
+**im2col**, for small images (fewer than ``MIN_TILES`` tiles: SD's 8 × 8 latents), where the
+transforms cost more than they save: the nine shifted copies of the input side by side, times
+the (9 C_in × C_out) filter, one matrix product (gradients by autodiff).
 
 Numerics: float32 results differ from the direct sum by a few ulps of the output scale (the
-transforms' additions reorder the sum; F(2 × 2, 3 × 3)'s constants are 0, ±1 and ½, exact in
-binary). The backward pass: the input gradient is the same F(2 × 2, 3 × 3) convolution of the
-output gradient with the filter rotated by 180° and its channel axes swapped; the filter
-gradient is XLA's.
+sums are reordered; Winograd F(2 × 2, 3 × 3)'s constants are 0, ±1 and ½, exact in binary).
 
-:func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature and takes this path
-only for what it covers (NHWC / HWIO, 3 × 3, stride 1, padding 1, no dilation or groups,
-float32, even H and W, enough tiles and channels); anything else is
-``lax.conv_general_dilated`` itself. ``nnx.Conv(..., conv_general_dilated=...)`` uses it.
+:func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature and takes these paths
+only for what they cover (NHWC / HWIO, 3 × 3, stride 1, padding 1, no dilation or groups,
+float32, at least ``MIN_CHANNELS`` channels; Winograd: even H and W and ``MIN_TILES`` tiles);
+anything else is ``lax.conv_general_dilated`` itself. ``nnx.Conv(...,
+conv_general_dilated=...)`` uses it.
 """
 
 from __future__ import annotations
@@ -34,12 +37,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv_general_dilated", "winograd_conv3x3", "MIN_TILES", "MIN_CHANNELS"]
+__all__ = [
+    "conv_general_dilated",
+    "winograd_conv3x3",
+    "im2col_conv3x3",
+    "MIN_TILES",
+    "MIN_CHANNELS",
+]
 
 # Below 64 tiles the transforms' memory traffic outweighs the saved products on XLA:CPU (8 × 8 ×
-# 1280 at batch 2, 32 tiles, was slower); below 128 channels a convolution takes milliseconds
-# and the transforms' extra compile time (~0.5 s per convolution) is not repaid
-# (docs/benchmarks.md, "Winograd convolutions").
+# 1280 at batch 2, 32 tiles, was slower than XLA; im2col was not); below 128 channels a
+# convolution takes milliseconds and the extra compile time (~0.5 s per Winograd convolution) is
+# not repaid (docs/benchmarks.md, "3 × 3 convolutions on XLA:CPU").
 MIN_TILES = 64
 MIN_CHANNELS = 128
 
@@ -119,27 +128,38 @@ def _bwd(res, g):
 winograd_conv3x3.defvjp(_fwd, _bwd)
 
 
-def _applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, bgroups):
+def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``conv(x, w)``, NHWC × HWIO, 3 × 3, stride 1, padding 1, as one matrix product."""
+    b, h, wd, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, k : k + h, n : n + wd] for k in range(3) for n in range(3)], -1)
+    return (cols.reshape(-1, 9 * c) @ w.reshape(9 * c, -1)).reshape(b, h, wd, -1)
+
+
+def _algorithm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, bgroups):
+    """The faster form for this convolution on XLA:CPU, or None for XLA's own."""
     if lhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
-        return False
+        return None
     if tuple(window_strides) != (1, 1) or groups != 1 or bgroups != 1:
-        return False
+        return None
     if any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
-        return False
+        return None
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
     if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")):
-        return False
-    if rhs.shape[:2] != (3, 3):
-        return False
+        return None
+    if rhs.shape[:2] != (3, 3) or min(lhs.shape[3], rhs.shape[3]) < MIN_CHANNELS:
+        return None
     if isinstance(padding, str):
         if padding.upper() != "SAME":
-            return False
+            return None
     elif tuple(map(tuple, padding)) != ((1, 1), (1, 1)):
-        return False
-    b, h, w, c = lhs.shape
+        return None
+    b, h, w, _ = lhs.shape
+    if b * h * w < 4 * MIN_TILES:
+        return im2col_conv3x3
     if h % 2 or w % 2:
-        return False
-    return b * (h // 2) * (w // 2) >= MIN_TILES and min(c, rhs.shape[3]) >= MIN_CHANNELS
+        return None
+    return winograd_conv3x3
 
 
 def conv_general_dilated(
@@ -157,17 +177,19 @@ def conv_general_dilated(
     out_sharding=None,
 ):
     """``lax.conv_general_dilated``, with 3 × 3 stride-1 float32 NHWC convolutions computed by
-    :func:`winograd_conv3x3` on the CPU backend (see the module docstring for when)."""
+    :func:`winograd_conv3x3` or :func:`im2col_conv3x3` on the CPU backend (see the module
+    docstring for when)."""
     args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
     groups = (feature_group_count, batch_group_count)
     direct = lambda lhs, rhs: lax.conv_general_dilated(
         lhs, rhs, *args, *groups, precision, preferred_element_type, out_sharding=out_sharding
     )
+    fast = _algorithm(lhs, rhs, *args, *groups)
     if (
-        out_sharding is not None
+        fast is None
+        or out_sharding is not None
         or precision is not None
         or preferred_element_type not in (None, jnp.float32)
-        or not _applies(lhs, rhs, *args, *groups)
     ):
         return direct(lhs, rhs)
-    return lax.platform_dependent(lhs, rhs, cpu=winograd_conv3x3, default=direct)
+    return lax.platform_dependent(lhs, rhs, cpu=fast, default=direct)
