@@ -15,7 +15,8 @@ transforms below; summed over input channels, the ⊙ becomes 16 independent (ti
 (C_in × C_out) matrix products: 16 multiplies per tile and channel pair against the direct
 form's 36 (2.25× fewer FLOPs), paid for with a few additions per element. oneDNN and cuDNN offer
 the same algorithm. The input gradient is the same transform applied to the output gradient
-with the filter rotated by 180° and its channel axes swapped; the filter gradient is XLA's.
+with the filter rotated by 180° and its channel axes swapped; the filter gradient is the
+transform's own transpose (16 (C_in × tiles) @ (tiles × C_out) products, by autodiff).
 
 **im2col**, for small images (fewer than ``MIN_TILES`` tiles: SD's 8 × 8 latents), where the
 transforms cost more than they save: the nine shifted copies of the input side by side, times
@@ -121,7 +122,7 @@ def _bwd(res, g):
     # The transpose of a stride-1, padding-1 3 × 3 convolution is the same convolution with the
     # filter rotated by 180° and its input/output channels swapped.
     dx = _winograd(g, w, transposed=True)
-    dw = jax.vjp(lambda w: _direct(x, w), w)[1](g)[0]
+    dw = jax.vjp(lambda w: _winograd(x, w), w)[1](g)[0]
     return dx, dw
 
 
