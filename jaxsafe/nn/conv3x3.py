@@ -54,48 +54,75 @@ MIN_TILES = 64
 MIN_CHANNELS = 128
 
 
-def _input_transform(t):
-    """Bᵀ applied to four rows t[0..3]: (t0 − t2, t1 + t2, t2 − t1, t1 − t3)."""
-    return (t[0] - t[2], t[1] + t[2], t[2] - t[1], t[1] - t[3])
+# Lavin & Gray's F(2 × 2, 3 × 3) matrices: input Bᵀ, filter G, output Aᵀ.
+_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+_transpose = lambda m: tuple(zip(*m))
 
 
-def _filter_transform(g):
-    """G applied to three rows g[0..2]: (g0, (g0 + g1 + g2) / 2, (g0 − g1 + g2) / 2, g2)."""
-    even = 0.5 * (g[0] + g[2])
-    return (g[0], even + 0.5 * g[1], even - 0.5 * g[1], g[2])
+def _sandwich(left, right, get):
+    """``out[i][j] = Σ_k Σ_n left[i][k] right[j][n] get(k, n)``, each output one expression of
+    the few non-zero terms, so that XLA fuses each transform into one loop (shared partial sums
+    made it materialise them, at several times the cost)."""
+    out = []
+    for li in left:
+        row = []
+        for rj in right:
+            total = None
+            for k, a in enumerate(li):
+                for n, b in enumerate(rj):
+                    if a * b:
+                        t = get(k, n)
+                        t = t if a * b == 1 else -t if a * b == -1 else (a * b) * t
+                        total = t if total is None else total + t
+            row.append(total)
+        out.append(row)
+    return out
 
 
-def _output_transform(m):
-    """Aᵀ applied to four rows m[0..3]: (m0 + m1 + m2, m1 − m2 − m3)."""
-    return (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
+def _tiles(x, shift):
+    """``get(k, n)``: element (k, n) of every tile, tiles 2 pixels apart, of ``x`` padded by
+    ``shift`` pixels: ``get(k, n)[:, a, b] = x_pad[:, 2a + k, 2b + n]``, ``(B, H/2, W/2, C)``."""
+    _, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0))) if shift else x
+    return lambda k, n: xp[:, k : k + h : 2, n : n + w : 2]
+
+
+def _flat(blocks):
+    """The 4 × 4 blocks ``(B, H/2, W/2, C)`` stacked as ``(16, tiles, C)``."""
+    flat = jnp.stack([blk for row in blocks for blk in row])
+    return flat.reshape(16, -1, flat.shape[-1])
+
+
+def _filter(w, transposed):
+    tap = (lambda k, n: w[2 - k, 2 - n]) if transposed else (lambda k, n: w[k, n])
+    return jnp.stack([u for row in _sandwich(_G, _G, tap) for u in row])
 
 
 def _winograd(x, w, transposed=False):
     """F(2 × 2, 3 × 3) of ``x`` with ``w``, or, ``transposed``, with ``w`` rotated by 180° and its
     channel axes swapped (the input gradient), without materialising that filter."""
-    b, h, wd, c = x.shape
-    o = w.shape[2] if transposed else w.shape[3]
-    th, tw = h // 2, wd // 2
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # d[k][n][:, a, b'] = xp[:, 2a + k, 2b' + n]: the (k, n) element of every 4 × 4 input tile.
-    d = [[xp[:, k : k + 2 * th : 2, n : n + 2 * tw : 2] for n in range(4)] for k in range(4)]
-    rows = [_input_transform([d[k][n] for k in range(4)]) for n in range(4)]  # rows[n][i]
-    v = [_input_transform([rows[n][i] for n in range(4)]) for i in range(4)]  # v[i][j]
-    v = jnp.stack([v[i][j] for i in range(4) for j in range(4)]).reshape(16, b * th * tw, c)
-    # G g Gᵀ as additions: XLA:CPU ran the same as a (C·O·4, 3) @ (3, 4) product at ~10× the cost.
-    tap = (lambda k, n: w[2 - k, 2 - n]) if transposed else (lambda k, n: w[k, n])
-    rows = [_filter_transform([tap(k, n) for k in range(3)]) for n in range(3)]  # rows[n][i]
-    u = [_filter_transform([rows[n][i] for n in range(3)]) for i in range(4)]  # u[i][j]
-    u = jnp.stack([u[i][j] for i in range(4) for j in range(4)])
+    b, h, wd, _ = x.shape
+    v = _flat(_sandwich(_BT, _BT, _tiles(x, 1)))
     # Transposed: contract over u's output axis (a transposed product), since transposing the
     # filter inside the transform's fusions made XLA:CPU read it with a stride of C_out.
+    u = _filter(w, transposed)
     m = jnp.einsum("ptc,poc->pto" if transposed else "ptc,pco->pto", v, u)
-    m = m.reshape(4, 4, b, th, tw, o)
-    cols = [_output_transform([m[i, j] for j in range(4)]) for i in range(4)]  # cols[i][v]
-    y = [_output_transform([cols[i][q] for i in range(4)]) for q in range(2)]  # y[q][p]
-    # y[q][p][:, a, b'] is output pixel (2a + p, 2b' + q).
-    y = jnp.stack([jnp.stack([y[q][p] for q in range(2)], axis=3) for p in range(2)], axis=2)
-    return y.reshape(b, h, wd, o)
+    m = m.reshape(4, 4, b, h // 2, wd // 2, -1)
+    y = _sandwich(_AT, _AT, lambda i, j: m[i, j])  # y[p][q]: output pixels (2a + p, 2b + q)
+    y = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)
+    return y.reshape(b, h, wd, -1)
+
+
+def _winograd_filter_grad(x, g):
+    """The filter gradient of ``_winograd(x, ·)`` at output gradient ``g``: the transposes of
+    the output and filter transforms around 16 (C_in × tiles) @ (tiles × C_out) products."""
+    v = _flat(_sandwich(_BT, _BT, _tiles(x, 1)))
+    dm = _flat(_sandwich(_transpose(_AT), _transpose(_AT), _tiles(g, 0)))
+    du = jnp.einsum("ptc,pto->pco", v, dm).reshape(4, 4, *v.shape[2:], dm.shape[2])
+    dw = _sandwich(_transpose(_G), _transpose(_G), lambda i, j: du[i, j])
+    return jnp.stack([jnp.stack(row) for row in dw])
 
 
 def _direct(x, w):
@@ -122,7 +149,7 @@ def _bwd(res, g):
     # The transpose of a stride-1, padding-1 3 × 3 convolution is the same convolution with the
     # filter rotated by 180° and its input/output channels swapped.
     dx = _winograd(g, w, transposed=True)
-    dw = jax.vjp(lambda w: _winograd(x, w), w)[1](g)[0]
+    dw = _winograd_filter_grad(x, g)
     return dx, dw
 
 
