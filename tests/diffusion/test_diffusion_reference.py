@@ -24,8 +24,17 @@ TINY = {
 }
 
 
-def test_jaxsafe_weights_load_by_name_and_give_the_same_denoiser():
+@pytest.mark.parametrize("fast_convs", [False, True], ids=["xla_convs", "winograd_convs"])
+def test_jaxsafe_weights_load_by_name_and_give_the_same_denoiser(fast_convs, monkeypatch):
+    """``winograd_convs``: jaxsafe.nn.conv3x3's thresholds lowered so that this small network's
+    3 x 3 convolutions run Winograd (8 x 8 and 4 x 4 levels) on the CPU."""
     from flax import nnx
+
+    from jaxsafe.nn import conv3x3
+
+    if fast_convs:
+        monkeypatch.setattr(conv3x3, "MIN_CHANNELS", 1)
+        monkeypatch.setattr(conv3x3, "MIN_TILES", 1)
 
     from jaxsafe.diffusion import image_model
     from jaxsafe.nn.songunet import SongUNet

@@ -6,6 +6,7 @@ NCHW <-> NHWC transposes happen here, on inputs and outputs."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -309,3 +310,26 @@ def test_time_free_unet_matches_diffusers_without_its_time_path(tmp_path):
     assert_close(nnx.jit(lambda m, x, c: m(x, None, c))(model, x, c), want)
     with pytest.raises(ValueError, match="_class_name='UNet2DConditionWoCTModel', expected"):
         load_unet(tmp_path / "oms_module")
+
+
+def test_unet_matches_diffusers_through_the_cpus_fast_3x3_convolutions(tmp_path, monkeypatch):
+    """jaxsafe.nn.conv3x3 at this test's small widths: with its channel threshold lowered, the
+    16 x 16 level's 3 x 3 convolutions run Winograd and the 8 x 8 level's im2col (2 x 64 pixels),
+    and the UNet still equals diffusers'."""
+    from jaxsafe.nn import conv3x3
+
+    ref = perturb(diffusers.UNet2DConditionModel(**SD1_UNET))
+    ref.save_pretrained(tmp_path / "ref")
+    model, _ = load_unet(tmp_path / "ref")
+    x, t, c = unet_inputs(SD1_UNET["cross_attention_dim"])
+
+    def lowered():  # a new function each time: no trace cached under other thresholds
+        return jax.jit(lambda x, t, c: model(x, t, c)).lower(x, t, c)
+
+    direct = lowered().as_text().count("stablehlo.convolution")
+    monkeypatch.setattr(conv3x3, "MIN_CHANNELS", 1)
+    fast = lowered()
+    remaining = fast.as_text().count("stablehlo.convolution")
+    # 1x1 and stride-2 convolutions stay XLA's; at least the resnets' 3x3s moved.
+    assert remaining <= direct - 8, (direct, remaining)
+    assert_close(fast.compile()(x, t, c), torch_unet_out(ref, x, t, c))
