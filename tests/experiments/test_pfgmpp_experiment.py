@@ -322,22 +322,23 @@ def test_inception_evaluator_and_sample_launcher_agree_on_fid(
         step=jnp.asarray(step), extra={"ema": ema}, frozen=task.frozen, params=None
     )
     out = task.evaluators["samples"](state)
-    # The launcher's own entry point, flags parsed as on the command line.
+    # The launcher's own entry point, each flag parsed from its command-line string. (Not
+    # FLAGS(argv): that also validates other launchers' required flags when an xdist worker
+    # has imported them.)
     from absl import flags
 
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(
-        [
-            "sample",
-            f"--workdir={workdir}",
-            f"--num={c.eval.num_samples}",
-            f"--batch={c.eval.batch_size}",
-            f"--seed={c.eval.seed}",
-            f"--out={tmp_path / 's'}",
-            f"--fid_ref={ref}",
-            f"--fid_weights={random_fid_inception}",
-        ]
-    )
+    args = {
+        "workdir": str(workdir),
+        "num": str(c.eval.num_samples),
+        "batch": str(c.eval.batch_size),
+        "seed": str(c.eval.seed),
+        "out": str(tmp_path / "s"),
+        "fid_ref": ref,
+        "fid_weights": random_fid_inception,
+    }
+    for name, text in args.items():
+        flags.FLAGS[name].parse(text)
+    flags.FLAGS.mark_as_parsed()
     try:
         sample.main(["sample"])
     finally:
