@@ -1,6 +1,6 @@
 """3 × 3 convolutions on XLA:CPU: Winograd's F(2 × 2, 3 × 3), or one im2col matrix product.
 
-Why: XLA:CPU's direct convolution runs at 0.7-0.9× oneDNN's (the PyTorch references' kernel),
+Why: XLA:CPU's direct convolution runs slower than oneDNN's (the PyTorch references' kernel),
 and the text-to-image UNet, the DDPM++ step and the FID Inception spend most of their time in
 3 × 3 convolutions (docs/benchmarks.md, "3 × 3 convolutions on XLA:CPU"). On other backends (GPU,
 TPU) XLA's convolution is kept (``lax.platform_dependent``).
@@ -49,7 +49,7 @@ __all__ = [
 
 # Below 64 tiles the transforms' memory traffic outweighs the saved products on XLA:CPU (8 × 8 ×
 # 1280 at batch 2, 32 tiles, was slower than XLA; im2col was not); below 128 channels a
-# convolution takes milliseconds and the extra compile time (~0.5 s per Winograd convolution) is
+# convolution takes milliseconds and the transforms' extra compile time is
 # not repaid (docs/benchmarks.md, "3 × 3 convolutions on XLA:CPU").
 MIN_TILES = 64
 MIN_CHANNELS = 128
@@ -87,8 +87,8 @@ _KA = np.kron(np.asarray(_AT, np.float32), np.asarray(_AT, np.float32))
 def _input_tiles(x):
     """Bᵀ d B of every 4 × 4 tile d (tiles 2 apart, ``x`` padded by 1), as ``(16, tiles, C)``.
 
-    Written as 16 sums of strided slices: XLA:CPU runs that 2-4× faster than one gather of the
-    tile elements times kron(Bᵀ, Bᵀ), which compiles ~0.4 s faster (docs/benchmarks.md)."""
+    Written as 16 sums of strided slices: XLA:CPU runs that faster than one gather of the tile
+    elements times kron(Bᵀ, Bᵀ), which compiles faster (docs/benchmarks.md)."""
     b, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     tiles = _sandwich(_BT, _BT, lambda k, n: xp[:, k : k + h : 2, n : n + w : 2])
@@ -96,7 +96,7 @@ def _input_tiles(x):
 
 
 # G g Gᵀ for all 16 (i, j) at once: kron(G, G) (16 × 9) times the 9 taps, one matrix product.
-# As additions (16 fusions) it ran ~7× slower and took ~0.3 s more to compile per convolution.
+# As additions (16 fusions) it ran slower and compiled slower (docs/benchmarks.md).
 _KG = np.kron(np.asarray(_G, np.float32), np.asarray(_G, np.float32))
 
 
