@@ -74,6 +74,14 @@ def _await_peers() -> None:
         distributed.await_peer_verdict()
 
 
+def _finish() -> None:
+    """In a multi-process run, every process waits for the others before exiting (see
+    `jaxsafe.parallel.distributed.finish`)."""
+    distributed = sys.modules.get("jaxsafe.parallel.distributed")
+    if distributed is not None:
+        distributed.finish()
+
+
 def _root(error: BaseException) -> BaseException:
     """The first exception of a chain (``raise ... from`` or raised while handling another)."""
     seen = {id(error)}
@@ -175,6 +183,8 @@ def run(main, prog: str | None = None, argv: list[str] | None = None) -> None:
 
     def main_in_one_line(argv):
         with one_line(prog, flags.FLAGS.debug):
-            return main(argv)
+            result = main(argv)
+            _finish()
+            return result
 
     app.run(main_in_one_line, argv=argv, flags_parser=parse_flags(prog))

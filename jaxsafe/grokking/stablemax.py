@@ -125,14 +125,33 @@ def _check_labels(logits, labels):
     return labels
 
 
-def _nll(log_probs, labels):
-    return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+def _row_max(z):
+    """``max_j z_j`` (keepdims), constant for autodiff. The barrier keeps XLA:CPU from fusing
+    the reduction into its elementwise consumers, which then recompute it per element."""
+    return jax.lax.optimization_barrier(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
+
+
+def _label_logit(z, labels):
+    """``z[..., labels]`` as a masked sum, not a gather: its gradient is then elementwise
+    instead of a scatter, which XLA:CPU runs as a separate pass."""
+    return jnp.sum(jnp.where(jnp.arange(z.shape[-1]) == labels[..., None], z, 0), axis=-1)
 
 
 def stablemax_cross_entropy(logits, labels, *, dtype=None):
-    """Per-example StableMax cross-entropy (Prieto et al., 2025).
+    r"""Per-example StableMax cross-entropy (Prieto et al., 2025).
 
-    L_i = -log StableMax(z_i)_{y_i} = -log s(z_{i,y_i}) + log sum_j s(z_{i,j}).
+    .. math::
+        L_i = -\log \frac{s(z_{i y_i})}{\sum_j s(z_{ij})}
+            = \log \sum_j \frac{s(z_{ij})}{s(m_i)} + \log s(m_i) - \log s(z_{i y_i}),
+        \qquad m_i = \max_j z_{ij},
+
+    the reference's ``-log(s(z_y) / sum_j s(z_j))`` (``utils.py::stablemax_cross_entropy`` of
+    ``LucasPrietoAl/grokking-at-the-edge-of-numerical-stability``) with each row divided by its
+    largest term: the ratios lie in (0, 1], the sum in [1, C], so nothing overflows or leaves
+    the normal range for any finite logits, and three logarithms per example are taken (the
+    :func:`log_stablemax` form takes a logarithm and an exponential per logit, which made this
+    loss most of a float64 grokking step; docs/benchmarks.md). ``m`` is held constant for
+    autodiff, which is exact since the loss does not depend on it.
 
     Args:
       logits: ``[..., num_classes]`` array.
@@ -143,9 +162,17 @@ def stablemax_cross_entropy(logits, labels, *, dtype=None):
     Returns:
       Loss of shape ``logits.shape[:-1]`` in the compute dtype.
     """
-    logits = _cast_logits(logits, dtype)
-    labels = _check_labels(logits, labels)
-    return _nll(log_stablemax(logits, axis=-1), labels)
+    z = _cast_logits(logits, dtype)
+    labels = _check_labels(z, labels)
+    m = _row_max(z)
+    pos, m_pos = z >= 0, m >= 0
+    z_pos, z_neg = jnp.where(pos, z, 0), jnp.where(pos, 0, z)  # each branch sees its half-line
+    m_nonneg, m_neg = jnp.where(m_pos, m, 0), jnp.where(m_pos, 0, m)
+    # s(z) / s(m), one division per logit: z >= 0 (so m >= 0): (z + 1) / (m + 1); z < 0:
+    # (1 - m) / (1 - z) if m < 0, else 1 / ((1 - z)(m + 1)), which may overflow to a ratio of 0.
+    num = jnp.where(pos, z_pos + 1, jnp.where(m_pos, 1, 1 - m_neg))
+    den = jnp.where(pos, m_nonneg + 1, (1 - z_neg) * jnp.where(m_pos, m_nonneg + 1, 1))
+    return jnp.log(jnp.sum(num / den, axis=-1)) + log_s(m[..., 0]) - log_s(_label_logit(z, labels))
 
 
 def softmax_cross_entropy(logits, labels, *, dtype=None):
@@ -156,4 +183,7 @@ def softmax_cross_entropy(logits, labels, *, dtype=None):
     """
     logits = _cast_logits(logits, dtype)
     labels = _check_labels(logits, labels)
-    return _nll(jax.nn.log_softmax(logits, axis=-1), labels)
+    # log Σ exp(z - m) - (z_y - m): z_y - m is exact (0 for the largest logit), so a tiny loss
+    # keeps its digits (z - logsumexp(z) would round it to ulp(m)).
+    z = logits - _row_max(logits)
+    return jnp.log(jnp.sum(jnp.exp(z), axis=-1)) - _label_logit(z, labels)

@@ -23,6 +23,11 @@ import jax
 EXIT_PEER_LOST = 75  # sysexits.h EX_TEMPFAIL: a rerun of all processes resumes
 
 _watchdog = None
+_HEARTBEAT = "jaxsafe/heartbeat"
+_DONE = "done"  # a process's last heartbeat, set by `finish`
+# The peers' last steps (a final evaluation, an export) may take long; a dead one is caught by
+# the watchdog, not by this timeout.
+_FINISH_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
 
 def initialize(
@@ -64,9 +69,33 @@ def await_peer_verdict() -> None:
     before = dict(_watchdog.seen)
     deadline = time.monotonic() + _watchdog.timeout + 2 * _watchdog.period
     while time.monotonic() < deadline:
-        if all(_watchdog.seen[j][0] != value for j, (value, _) in before.items()):
+        if all(
+            _watchdog.seen[j][0] != value or value == _DONE  # done: alive
+            for j, (value, _) in before.items()
+        ):
             return
         time.sleep(_watchdog.period / 4)
+
+
+def finish() -> None:
+    """Called when a run ends normally: marks this process done, waits until every process is,
+    then stops the watchdog.
+
+    Process 0 hosts the coordination service and leaves as soon as JAX's shutdown at exit lets
+    it; a watchdog still running in a peer then takes the vanished coordinator for a dead
+    process. So the watchdog stops first, but only after the others are done too: meanwhile it
+    still watches the peers that are not (a peer that dies in its last steps still stops the
+    run with status 75), and a done process counts as alive for them. Without a watchdog (one
+    process) it returns at once."""
+    global _watchdog
+    if _watchdog is None:
+        return
+    _watchdog.done.set()
+    _watchdog.client.key_value_set(f"{_HEARTBEAT}/{_watchdog.me}", _DONE, allow_overwrite=True)
+    _watchdog.client.wait_at_barrier("jaxsafe/finish", _FINISH_TIMEOUT_MS)
+    _watchdog.stopped.set()
+    _watchdog.join()
+    _watchdog = None
 
 
 class _Watchdog(threading.Thread):
@@ -79,6 +108,7 @@ class _Watchdog(threading.Thread):
         self.period = max(0.2, timeout / 5)
         self.me, self.n = jax.process_index(), jax.process_count()
         self.seen = {j: (None, time.monotonic()) for j in range(self.n) if j != self.me}
+        self.done, self.stopped = threading.Event(), threading.Event()
 
     def _fail(self, why: str) -> None:
         sys.stderr.write(
@@ -90,25 +120,30 @@ class _Watchdog(threading.Thread):
 
     def run(self) -> None:
         beat, seen = 0, self.seen  # peer -> (last heartbeat read, when it changed)
-        while True:
+        while not self.stopped.is_set():
             beat += 1
             try:
                 self.client.key_value_set(
-                    f"jaxsafe/heartbeat/{self.me}", str(beat), allow_overwrite=True
+                    f"{_HEARTBEAT}/{self.me}",
+                    _DONE if self.done.is_set() else str(beat),
+                    allow_overwrite=True,
                 )
             except Exception:  # the coordination service lives in process 0
+                # Past `finish`'s barrier, process 0 may leave first: that is the end of the run.
+                if self.done.is_set() and self.stopped.wait(self.timeout):
+                    return
                 self._fail(f"lost the coordinator (process 0 of {self.n}): it has probably died")
             now = time.monotonic()
             for j, (value, since) in seen.items():
                 try:
-                    new = self.client.key_value_try_get(f"jaxsafe/heartbeat/{j}")
+                    new = self.client.key_value_try_get(f"{_HEARTBEAT}/{j}")
                 except Exception:  # not written yet
                     new = None
                 if new != value:
                     seen[j] = (new, now)
-                elif now - since > self.timeout:
+                elif new != _DONE and now - since > self.timeout:
                     self._fail(
                         f"process {j} of {self.n} sent no heartbeat for "
                         f"{now - since:.0f} s: it has probably died"
                     )
-            time.sleep(self.period)
+            self.stopped.wait(self.period)

@@ -112,6 +112,45 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+# The types orbax's default registry handles besides jax.Array (whose handler is replaced below).
+_OTHER_TYPES = (int, float, bytes, np.number, np.ndarray, str, type(ocp.PLACEHOLDER))
+
+
+class _StateHandler(ocp.StandardCheckpointHandler):
+    """Orbax's standard handler, with replica-parallel writes only when there are several
+    processes.
+
+    Orbax splits a replicated array between its replicas so that each host writes a share. In
+    one process every replica is on the same host, so the split only adds an eager slice per
+    replica and array (docs/reliability.md). This class's constructor takes no type handlers,
+    so the handler it wraps is rebuilt with a registry of orbax's own handlers but this one for
+    jax.Array."""
+
+    def __init__(self):
+        super().__init__()
+        handlers = [(t, ocp.type_handlers.get_type_handler(t)) for t in _OTHER_TYPES]
+        arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
+        registry = ocp.type_handlers.create_type_handler_registry(*handlers, (jax.Array, arrays))
+        # The rest as StandardCheckpointHandler's defaults.
+        self._impl = ocp.PyTreeCheckpointHandler(
+            save_concurrent_gb=96,
+            restore_concurrent_gb=96,
+            use_ocdbt=True,
+            type_handler_registry=registry,
+        )
+
+
+def _handlers():
+    """The two items' handlers, registered for the arguments the checkpointer passes."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state, manifest = _StateHandler(), ocp.JsonCheckpointHandler()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add("state", args, state)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add("manifest", args, manifest)
+    return registry
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s under ``directory/<step>`` (see module docstring)."""
 
@@ -128,9 +167,7 @@ class Checkpointer:
         self.verify = verify
         self._mgr = ocp.CheckpointManager(
             self.directory,
-            item_handlers=dict(
-                state=ocp.StandardCheckpointHandler(), manifest=ocp.JsonCheckpointHandler()
-            ),
+            handler_registry=_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 save_interval_steps=1,  # we decide when to save

@@ -1,6 +1,7 @@
-"""Every erasure method on a simulated 8-device mesh (smoke settings, a tiny test-bed model):
-trained methods shard their fixed prompt batches over the mesh's 8 batch shards (a one-row batch,
-such as SafeGen's unconditional prompt, is tiled), and evaluation generates on the mesh."""
+"""Every erasure method on a simulated 8-device mesh (smoke settings, the tiny test-bed model of
+the `tiny_folder` fixture): trained methods shard their fixed prompt batches over the mesh's 8
+batch shards (a one-row batch, such as SafeGen's unconditional prompt, is tiled), and evaluation
+generates on the mesh."""
 
 import json
 import os
@@ -16,18 +17,12 @@ SCRIPT = """
 import json, os, sys
 import jax
 import numpy as np
-from configs.t2i import testbed as testbed_config
-from experiments import run_experiment, t2i_testbed as tb
-from jaxsafe.data import shapes
-from jaxsafe.train import split_model
+from experiments import run_experiment
 
 assert jax.device_count() == 8, jax.devices()
-out_dir = sys.argv[1]
-c = testbed_config.get_config("smoke")
-graphdef, params, frozen = split_model(tb.build_model(c, shapes.tokenizer(c.data.max_length)))
-folder = tb.export(c, graphdef, params, frozen, out_dir + "/model")
+out_dir, folder = sys.argv[1:3]
 results = {}
-for method in sys.argv[2:]:
+for method in sys.argv[3:]:
     module = __import__(f"configs.erasure.{method}", fromlist=["get_config"])
     config = module.get_config("smoke")
     config.model.folder = folder
@@ -47,11 +42,11 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def _run(tmp_path, methods):
+def _run(tmp_path, folder, methods):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     p = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), *methods],
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), folder, *methods],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -73,11 +68,11 @@ def _run(tmp_path, methods):
         ("uce", "rece", "safree", "original"),
     ],
 )
-def test_every_method_runs_on_eight_devices(tmp_path, methods):
+def test_every_method_runs_on_eight_devices(tmp_path, tiny_folder, methods):
     """Each method's 8-device run edits exactly the network it is meant to (the UNet; the text
     encoder for AdvUnlearn; nothing for SAFREE, whose filter acts at sampling, SPM, whose
     adapters ship in their own file, and the original) and reports the test-bed metrics."""
-    results = _run(tmp_path, methods)
+    results = _run(tmp_path, tiny_folder, methods)
     assert sorted(results) == sorted(methods)
     expected = {
         "esd": ["unet"],

@@ -12,7 +12,9 @@ from jaxsafe import train
 from jaxsafe.diffusion import oms, pipeline
 from jaxsafe.treepath import named_leaves
 
-pytestmark = pytest.mark.slow
+# The module fixtures train once: with `--dist loadgroup` (.ci/run) this module's tests share
+# one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("oms_run")]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from experiments import run_experiment
 from jaxsafe import train
 from jaxsafe.treepath import named_leaves
 
-pytestmark = pytest.mark.slow
+# The module fixtures train once: with `--dist loadgroup` (.ci/run) this module's tests share
+# one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sid_teacher")]
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,33 @@ class CrossEntropyTest(chex.TestCase):
             loss, [np.log(7 / 4), np.log(7 / 2), np.log(7)], rtol=1e-6, atol=1e-6
         )
 
+    def test_stablemax_ce_gradient_is_the_closed_form(self):
+        # dL/dz_j = s'(z_j) / sum_k s(z_k) - [j = y] s'(z_y) / s(z_y), with s'(z) = 1 for z >= 0
+        # and 1 / (1 - z)^2 below, so that s'(z) / s(z) = 1 / (1 + |z|). Labels on and off the
+        # largest logit.
+        x = _logits((6, 9), scale=20.0)
+        y = np.array([int(np.argmax(x[0])), 0, 3, 8, int(np.argmin(x[4])), 5])
+        with jax.enable_x64(True):
+            g = jax.grad(lambda z: stablemax_cross_entropy(z, y, dtype=jnp.float64).sum())(
+                jnp.asarray(x, jnp.float64)
+            )
+        z = x.astype(np.float64)
+        ds = np.where(z >= 0, 1.0, 1.0 / (1.0 - z) ** 2)
+        want = ds / np_s(z).sum(-1, keepdims=True)
+        want[np.arange(6), y] -= 1.0 / (1.0 + np.abs(z[np.arange(6), y]))
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-12, atol=1e-15)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_stablemax_ce_at_extreme_logits_is_finite_and_exact(self):
+        # Every label of EDGE's row: s spans 3.3e-39 (below float32's normal range) to 3e38, so
+        # the reference's ratio s(z_y) / sum s underflows or overflows; float64 NumPy does not.
+        x = np.tile(EDGE, (EDGE.size, 1))
+        y = np.arange(EDGE.size)
+        loss = self.variant(stablemax_cross_entropy)(x, y)
+        z = x.astype(np.float64)
+        want = np.log(np_s(z).sum(-1)) - np.log(np_s(z[y, y]))
+        np.testing.assert_allclose(loss, want, rtol=1e-6, atol=1e-6)
+
     def test_softmax_ce_is_exactly_zero_under_collapse_but_stablemax_is_not(self):
         x = jnp.array([[40.0, 0.0, 0.0]])
         self.assertEqual(float(softmax_cross_entropy(x, jnp.array([0]))[0]), 0.0)

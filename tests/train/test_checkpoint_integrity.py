@@ -5,6 +5,8 @@ to the newest intact step, in the Checkpointer and through the training loop."""
 import glob
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ from absl import logging
 from flax import nnx
 
 from jaxsafe import parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def np_fingerprint(x) -> int:
@@ -86,6 +90,44 @@ def test_sharded_fingerprint_equals_unsharded():
         x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
     )
     assert int(train.fingerprint([sharded])[0]) == np_fingerprint(x)
+
+
+REPLICATED_SAVE = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+slices = []
+slice_in_dim = jax.lax.slice_in_dim
+jax.lax.slice_in_dim = lambda *a, **k: slices.append(a[0].shape) or slice_in_dim(*a, **k)
+from jaxsafe import parallel, train
+mesh = parallel.make_mesh(4, 1)
+replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+state = {"x": jax.device_put(jnp.arange(4096.0).reshape(64, 64), replicated)}
+ckpt = train.Checkpointer(sys.argv[1], async_save=False)
+ckpt.save(1, state, force=True)
+ckpt.close()
+back = train.Checkpointer(sys.argv[1]).restore(state)
+np.testing.assert_array_equal(np.asarray(back["x"]), np.asarray(state["x"]))
+print("SLICES", len(slices))
+"""
+
+
+def test_one_process_writes_replicated_arrays_whole(tmp_path):
+    """Orbax's replica-parallel save slices a replicated array into one share per replica so
+    that each host writes its share; with one process there is one host, and the checkpointer
+    writes each array whole (4 simulated devices), and restores it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    p = subprocess.run(
+        [sys.executable, "-c", REPLICATED_SAVE, str(tmp_path / "ckpt")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "SLICES 0" in p.stdout.splitlines(), p.stdout
 
 
 STATE = {"a": jnp.arange(1000.0), "b": {"c": jnp.ones((3, 4), jnp.int32)}}
