@@ -139,9 +139,8 @@ def make_loss_fn(graphdef, config):
         mask = batch["mask"]
         n = jnp.sum(mask)
         loss = jnp.sum(per_example * mask) / n
-        correct = (jnp.argmax(logits, -1) == batch["y"]) * mask
         metrics = {
-            "accuracy": jnp.sum(correct) / n,
+            "accuracy": grokking.accuracy(logits, batch["y"], mask=mask),
             "sc_fraction": grokking.softmax_collapse_fraction(logits, collapse_dtype, mask=mask),
             "zero_loss_fraction": grokking.zero_loss_fraction(per_example, mask=mask),
         }
@@ -161,7 +160,7 @@ def make_evaluator(graphdef, config, data: dict):
         logits = model(x)
         return {
             "loss": jnp.mean(cross_entropy(logits, y)).astype(jnp.float32),
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "accuracy": grokking.accuracy(logits, y),
             "sc_fraction": grokking.softmax_collapse_fraction(logits, collapse_dtype),
         }
 

@@ -1,6 +1,7 @@
 """StableMax and diagnostics of "Grokking at the Edge of Numerical Stability" (ICLR 2025)."""
 
 from jaxsafe.grokking.metrics import (
+    accuracy,
     global_nlm_cosine,
     nlm_cosine,
     path_name,
@@ -17,6 +18,7 @@ from jaxsafe.grokking.stablemax import (
 )
 
 __all__ = [
+    "accuracy",
     "global_nlm_cosine",
     "log_s",
     "log_stablemax",

@@ -17,6 +17,7 @@ from jaxsafe.grokking.stablemax import _cast_logits
 from jaxsafe.treepath import path_name
 
 __all__ = [
+    "accuracy",
     "softmax_collapse_fraction",
     "zero_loss_fraction",
     "nlm_cosine",
@@ -33,6 +34,22 @@ def _fraction(hits, mask):
     if mask.shape != hits.shape:
         raise ValueError(f"mask shape {mask.shape} must equal the per-row shape {hits.shape}.")
     return jnp.sum(jnp.where(hits, mask, 0)) / jnp.sum(mask)
+
+
+def accuracy(logits, labels, *, mask=None):
+    """Fraction of rows whose ``argmax`` is the label, ties going to the first maximum as in
+    ``jnp.argmax`` (finite logits).
+
+    Computed as ``z_y == max(z)`` with every logit before ``y`` smaller: plain reductions, where
+    XLA:CPU's ``argmax`` (a reduction over value-index pairs) took most of a grokking step's
+    metrics time (docs/benchmarks.md). ``mask`` weights the rows, e.g. 0 for padding.
+    """
+    z = jnp.asarray(logits)
+    j, y = jnp.arange(z.shape[-1]), jnp.asarray(labels)[..., None]
+    low = jnp.asarray(-jnp.inf, z.dtype)
+    z_y = jnp.max(jnp.where(j == y, z, low), axis=-1)
+    before = jnp.max(jnp.where(j < y, z, low), axis=-1)  # -inf when y = 0
+    return _fraction((z_y == jnp.max(z, axis=-1)) & (before < z_y), mask)
 
 
 def softmax_collapse_fraction(logits, dtype=None, *, mask=None):

@@ -422,9 +422,13 @@ def test_augmentation_labels_reach_the_network():
     c.augment.p = 1.0
     task = pfgmpp.build(c, parallel.make_mesh())
     assert task.params["map_augment"]["kernel"].shape == (9, c.model.model_channels)
-    grads = jax.grad(
-        lambda p: task.loss_fn(p, task.frozen, task.extra, task.train_data[0], jax.random.key(0))[0]
-    )(task.params)
+
+    def loss(params):
+        return task.loss_fn(params, task.frozen, task.extra, task.train_data[0], jax.random.key(0))[
+            0
+        ]
+
+    grads = jax.jit(jax.grad(loss))(task.params)  # jitted: op by op, the backward took a minute
     assert float(jnp.abs(grads["map_augment"]["kernel"]).sum()) > 0
     assert "map_augment" not in pfgmpp.build(config("cifar10_d128"), parallel.make_mesh()).params
 

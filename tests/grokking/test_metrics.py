@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxsafe.grokking import (
+    accuracy,
     global_nlm_cosine,
     nlm_cosine,
     path_name,
@@ -90,6 +91,22 @@ class SoftmaxCollapseTest(chex.TestCase):
             pytest.skip("x64 is globally enabled")
         with pytest.raises(ValueError, match="float64 needs x64 enabled"):
             softmax_collapse_fraction(jnp.zeros((2, 3)), dtype=jnp.float64)
+
+
+class AccuracyTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_is_argmax_equals_label_with_ties_to_the_first_maximum(self):
+        # Logits from {0, 1, 2} over 5 classes: most rows have tied maxima, and NumPy's argmax
+        # (the first maximum) decides which label counts as correct.
+        rng = np.random.default_rng(0)
+        z = rng.integers(0, 3, size=(400, 5)).astype(np.float32)
+        y = rng.integers(0, 5, size=400)
+        mask = (rng.random(400) > 0.3).astype(np.float32)
+        hits = np.argmax(z, -1) == y
+        got = self.variant(lambda z, y: accuracy(z, y))(z, y)
+        np.testing.assert_allclose(got, hits.mean(), rtol=0, atol=1e-6)
+        got = self.variant(lambda z, y, m: accuracy(z, y, mask=m))(z, y, mask)
+        np.testing.assert_allclose(got, (hits * mask).sum() / mask.sum(), rtol=0, atol=1e-6)
 
 
 class ZeroLossTest(chex.TestCase):
