@@ -7,7 +7,7 @@ the next start):
 * ``state``: the `TrainState` arrays;
 * ``manifest``: JSON with the step, every array's name, shape and dtype, one uint32
   :func:`fingerprint` per array, and a CRC-32 of all of it. The fingerprints are one jitted
-  pass over the state on its devices; the host waits only for that pass (orbax's own
+  pass over each array on its devices; the host waits only for those passes (orbax's own
   device-to-host copy waits for the same state), never for the write (cost measured in
   docs/reliability.md by ``benchmarks/checkpoint_integrity.py``).
 
@@ -68,6 +68,7 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
+@jax.jit
 def _fingerprint_one(x) -> jax.Array:
     w = _words(x)
     index = jnp.zeros(w.shape, jnp.uint32)
@@ -78,8 +79,7 @@ def _fingerprint_one(x) -> jax.Array:
     return jnp.sum(_fmix32(w ^ (index * jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
 
 
-@jax.jit
-def fingerprint(tree) -> jax.Array:
+def fingerprint(tree) -> np.ndarray:
     """One uint32 per leaf of `tree`, in `jax.tree.leaves` order:
 
         f(x) = Σ_i fmix32(w_i ⊕ 0x9E3779B9·i)  (mod 2³²)
@@ -87,10 +87,11 @@ def fingerprint(tree) -> jax.Array:
     over the array's bits as uint32 words `w_i` in row-major order. fmix32 is a bijection, so
     changing any one word always changes `f`, and a word moved to another position does too;
     two or more changes go unnoticed with probability about 2⁻³². Sharded arrays reduce in
-    place (no gather)."""
-    return jnp.stack(
-        [_fingerprint_one(x) for x in jax.tree.leaves(tree)] or [jnp.zeros((), jnp.uint32)]
-    )
+    place (no gather). One small program per distinct shape, dtype and sharding, not one
+    program for the whole tree: a model's state has a few dozen distinct shapes among hundreds
+    of arrays, and the whole-tree program took seconds to compile (docs/reliability.md)."""
+    leaves = jax.tree.leaves(tree) or [jnp.zeros((), jnp.uint32)]
+    return np.asarray(jax.device_get([_fingerprint_one(x) for x in leaves]), np.uint32)
 
 
 def _manifest(state, step: int, checksums: list | None) -> dict:
