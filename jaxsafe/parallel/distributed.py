@@ -119,6 +119,22 @@ class _Watchdog(threading.Thread):
         os._exit(EXIT_PEER_LOST)  # the main thread may be blocked in a collective forever
 
     def run(self) -> None:
+        """The verdict, from what `_exchange` last read: a peer whose heartbeat has not changed
+        for `timeout` is dead. Taken on its own thread because a call into the coordination
+        service can block (seen once when a peer was SIGKILLed, until JAX's own abort)."""
+        threading.Thread(target=self._exchange, name="jaxsafe-heartbeats", daemon=True).start()
+        while not self.stopped.is_set():
+            now = time.monotonic()
+            for j, (value, since) in list(self.seen.items()):
+                if value != _DONE and now - since > self.timeout:
+                    self._fail(
+                        f"process {j} of {self.n} sent no heartbeat for "
+                        f"{now - since:.0f} s: it has probably died"
+                    )
+            self.stopped.wait(self.period)
+
+    def _exchange(self) -> None:
+        """Writes this process's heartbeat and reads the others' every `period`."""
         beat, seen = 0, self.seen  # peer -> (last heartbeat read, when it changed)
         while not self.stopped.is_set():
             beat += 1
@@ -134,16 +150,11 @@ class _Watchdog(threading.Thread):
                     return
                 self._fail(f"lost the coordinator (process 0 of {self.n}): it has probably died")
             now = time.monotonic()
-            for j, (value, since) in seen.items():
+            for j, (value, _) in list(seen.items()):
                 try:
                     new = self.client.key_value_try_get(f"{_HEARTBEAT}/{j}")
                 except Exception:  # not written yet
                     new = None
                 if new != value:
                     seen[j] = (new, now)
-                elif new != _DONE and now - since > self.timeout:
-                    self._fail(
-                        f"process {j} of {self.n} sent no heartbeat for "
-                        f"{now - since:.0f} s: it has probably died"
-                    )
             self.stopped.wait(self.period)
