@@ -126,8 +126,9 @@ def _check_labels(logits, labels):
 
 
 def _row_max(z):
-    """``max_j z_j`` (keepdims), constant for autodiff. The barrier keeps XLA:CPU from fusing
-    the reduction into its elementwise consumers, which then recompute it per element."""
+    """``max_j z_j`` (keepdims), constant for autodiff. Behind an optimization barrier, the
+    reduction stays one pass of its own: the float64 StableMax loss ran faster with it than when
+    XLA:CPU was free to fuse the reduction into its elementwise consumers."""
     return jax.lax.optimization_barrier(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
 
 
