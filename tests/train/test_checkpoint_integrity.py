@@ -111,6 +111,7 @@ print("SLICES", len(slices))
 """
 
 
+@pytest.mark.slow  # a subprocess with 4 simulated devices: about 5 s
 def test_one_process_writes_replicated_arrays_whole(tmp_path):
     """Orbax's replica-parallel save slices a replicated array into one share per replica so
     that each host writes its share; with one process there is one host, and the checkpointer
