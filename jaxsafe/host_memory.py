@@ -8,10 +8,13 @@ again, and the kernel zeroes each page. The grokking MLP's float64 StableMax ste
 temporaries) spent about a third of each call there, and lost it inside a ``lax.scan``, where
 one block serves all the steps (docs/benchmarks.md, "Freed host memory").
 
-:func:`retain` turns glibc's mmap path off (``M_MMAP_MAX = 0``) and raises its trim threshold,
-and serves every thread from the main arena (``M_ARENA_MAX = 1``: a thread's own arena is a
-64 MiB heap that glibc unmaps once it is empty, whatever the trim threshold), so freed blocks
-stay mapped and a later call finds them there. The price: the process's resident memory stays
+:func:`retain` turns glibc's mmap path off (``M_MMAP_MAX = 0``) and the trimming of the heap's
+top off (``M_TRIM_THRESHOLD = -1``, mallopt(3): a finite threshold is at most 2 GiB, the
+largest ``int``, and a program with more temporaries than that, such as the SimCLR ResNet-1D
+step at the PTB-XL shape, had them all trimmed and faulted in again on every call). It serves
+every thread from the main arena (``M_ARENA_MAX = 1``: a thread's own arena is a 64 MiB heap
+that glibc unmaps once it is empty, whatever the trim threshold), so freed blocks stay mapped
+and a later call finds them there. The price: the process's resident memory stays
 near its peak, the largest program's temporaries a few times over (fragmentation settles
 after some calls), instead of shrinking between calls, as with PyTorch's and JAX's own
 device allocators. The launchers and benchmarks call it; call it yourself in a notebook;
@@ -29,8 +32,9 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 #: Set to 0 to leave glibc's defaults alone.
 ENV = "JAXSAFE_RETAIN_HOST_MEMORY"
-#: The largest trim threshold mallopt takes (an int): freed heap tops up to 2 GiB stay mapped.
-TRIM_THRESHOLD = 2**31 - 1
+#: mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely" (glibc stores the
+#: value as a size_t, so -1 is the largest threshold there is).
+TRIM_THRESHOLD = -1
 
 
 @functools.cache
