@@ -1,22 +1,15 @@
 """Per-pair NT-Xent vs a float64 NumPy double loop, a closed form, and the sharded version on 8
 simulated devices (in a subprocess, since this process has already initialised one device)."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocs import run_snippet
 
 from jaxsafe.contrastive import l2_normalize, ntxent_per_pair, ntxent_per_pair_sharded
 from jaxsafe.parallel import make_mesh
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def np_ntxent_per_pair(z1, z2, t):
@@ -166,26 +159,9 @@ except ValueError as e:
     assert "batch size 12 must be a multiple of the 8 shards" in str(e), e
 else:
     raise AssertionError("no error for an indivisible batch")
-print("SNIPPET-OK")
 """
 
 
 @pytest.mark.slow
 def test_sharded_equals_single_device_on_8_devices():
-    env = dict(
-        os.environ,
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-    )
-    code = textwrap.dedent(SHARDED_SNIPPET)
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, (
-        f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
-    )
+    run_snippet(SHARDED_SNIPPET, n_devices=8, timeout=300)

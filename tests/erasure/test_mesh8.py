@@ -5,13 +5,9 @@ generates on the mesh."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from subprocs import run_python
 
 SCRIPT = """
 import json, os, sys
@@ -43,18 +39,7 @@ print("RESULTS " + json.dumps(results))
 
 
 def _run(tmp_path, folder, methods):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    p = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), folder, *methods],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        check=False,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
+    p = run_python(SCRIPT, tmp_path, folder, *methods, n_devices=8, timeout=1500)
     line = next(x for x in p.stdout.splitlines() if x.startswith("RESULTS "))
     return json.loads(line.removeprefix("RESULTS "))
 

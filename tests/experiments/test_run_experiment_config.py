@@ -7,25 +7,20 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 import types
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from subprocs import run_python
 
 import experiments
 from configs.dbpm import basic_motions
 from experiments import dbpm as E
 from jaxsafe import parallel, train
 from jaxsafe.data import timeseries as ts
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_task(config, mesh):
@@ -258,18 +253,7 @@ print("RESULT", json.dumps({k: out[k] for k in ("params", "mu", "rules")}))
 
 
 def run_on_8_devices(workdir, *overrides) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SNIPPET), str(workdir), *overrides],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_python(SNIPPET, workdir, *overrides, n_devices=8, timeout=300)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from subprocs import run_python
 
 from jaxsafe.nn import sd_layers as L
 from jaxsafe.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
@@ -679,24 +680,5 @@ print("SNIPPET-OK")
 
 @pytest.mark.slow
 def test_fsdp_sharded_unet_matches_unsharded():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {
-        **os.environ,
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    code = FSDP_SNIPPET.format(cfg=TINY_UNET)
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, proc.stderr[-3000:]
+    proc = run_python(FSDP_SNIPPET.format(cfg=TINY_UNET), n_devices=4, timeout=900)
+    assert "SNIPPET-OK" in proc.stdout, proc.stdout[-3000:]

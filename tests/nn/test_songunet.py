@@ -10,11 +10,6 @@ mismatch.
 import functools
 import inspect
 import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import chex
 import jax
@@ -23,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from numpy.lib.stride_tricks import sliding_window_view
+from subprocs import run_snippet
 
 from jaxsafe.nn import songunet
 from jaxsafe.nn.songunet import (
@@ -39,8 +35,6 @@ from jaxsafe.nn.songunet import (
     positional_embedding,
 )
 from jaxsafe.treepath import named_leaves, path_name
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- EDM's architecture
 
@@ -965,28 +959,6 @@ def test_sharding_rules_cover_every_leaf():
         for name in names:
             expected = "fsdp" if name.endswith("/kernel") else "replicate"
             assert _first_rule(name) == expected, name
-
-
-def run_snippet(code: str, n_devices: int = 8, timeout: float = 300) -> str:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-        + f" --xla_force_host_platform_device_count={n_devices}",
-        JAX_PLATFORMS="cpu",
-    )
-    code = textwrap.dedent(code) + "\nprint('SNIPPET-OK')\n"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    msg = f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
-    assert proc.returncode == 0 and "SNIPPET-OK" in proc.stdout, msg
-    return proc.stdout
 
 
 @pytest.mark.slow

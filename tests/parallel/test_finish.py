@@ -3,14 +3,11 @@ shutdown at exit lets it: a peer's watchdog must not take that for a dead proces
 peer is still at work when process 0 is done, or still exiting when process 0 has left (both
 once stopped a finished run with status 75)."""
 
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from subprocs import REPO_ROOT, device_env, free_port
 
 # A launcher in miniature: `user_errors.run` around a main whose process 1 keeps working for
 # 5 s after the run's last collective, longer than the watchdog's 3 s (heartbeat timeout 6 s),
@@ -36,20 +33,14 @@ user_errors.run(main, prog="tiny", argv=sys.argv[:1])
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_peer_still_working_when_process_0_is_done_ends_normally(tmp_path):
     port = str(free_port())
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = device_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", SCRIPT, port, str(i)],
-            cwd=ROOT,
+            cwd=REPO_ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -8,19 +8,16 @@ by `jaxsafe.parallel.initialize` to cover the multi-process paths of `global_bat
 """
 
 import inspect
-import os
 import re
-import socket
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import subprocs
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -28,8 +25,6 @@ from jax.sharding import PartitionSpec as P
 from jaxsafe import parallel
 from jaxsafe.parallel import fsdp_spec, make_mesh, shardings_for
 from jaxsafe.treepath import path_name as path_str
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Imported by every snippet; checks that the device count really is the simulated one.
 PRELUDE = """\
@@ -59,45 +54,12 @@ def norm(spec) -> tuple:
     return t
 
 
-def _env(n_devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def _fail_msg(proc, code: str) -> str:
-    return (
-        f"subprocess exited with {proc.returncode}\n--- snippet ---\n{code}\n"
-        f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
-    )
-
-
 def run_snippet(code: str, setup: str = "", n_devices: int = 8, timeout: float = 120) -> str:
-    """Runs `setup` then (dedented) `code` in a fresh interpreter with `n_devices` CPU devices.
-
-    Returns its stdout; fails with the snippet's output unless it exits cleanly after the last line.
-    """
-    code = (
-        PRELUDE.format(n=n_devices)
-        + setup
-        + "\n"
-        + textwrap.dedent(code)
-        + "\nprint('SNIPPET-OK')\n"
+    """Runs `setup` then (dedented) `code` after PRELUDE in a fresh interpreter with `n_devices`
+    CPU devices; returns its stdout."""
+    return subprocs.run_snippet(
+        code, n_devices, timeout, prefix=PRELUDE.format(n=n_devices) + setup + "\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        env=_env(n_devices),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, _fail_msg(proc, code)
-    assert "SNIPPET-OK" in proc.stdout, _fail_msg(proc, code)
-    return proc.stdout
 
 
 # ------------------------------------------------------------------------------------- make_mesh
@@ -570,16 +532,10 @@ except BaseException:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_global_batch_and_fetch(tmp_path):
-    port = str(_free_port())
-    env = _env(4)
+    port = str(subprocs.free_port())
+    env = subprocs.device_env(4)
     logs = [(tmp_path / f"out{pid}.txt", tmp_path / f"err{pid}.txt") for pid in (0, 1)]
     procs = []
     try:
@@ -588,7 +544,7 @@ def test_two_processes_global_batch_and_fetch(tmp_path):
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, "-c", _TWO_PROCESS_BODY, str(pid), port],
-                        cwd=REPO_ROOT,
+                        cwd=subprocs.REPO_ROOT,
                         env=env,
                         stdout=fo,
                         stderr=fe,

@@ -5,8 +5,6 @@ to the newest intact step, in the Checkpointer and through the training loop."""
 import glob
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +14,9 @@ import optax
 import pytest
 from absl import logging
 from flax import nnx
+from subprocs import run_python
 
 from jaxsafe import parallel, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def np_fingerprint(x) -> int:
@@ -116,18 +113,7 @@ def test_one_process_writes_replicated_arrays_whole(tmp_path):
     """Orbax's replica-parallel save slices a replicated array into one share per replica so
     that each host writes its share; with one process there is one host, and the checkpointer
     writes each array whole (4 simulated devices), and restores it."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    p = subprocess.run(
-        [sys.executable, "-c", REPLICATED_SAVE, str(tmp_path / "ckpt")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_python(REPLICATED_SAVE, tmp_path / "ckpt", n_devices=4, timeout=300)
     assert "SLICES 0" in p.stdout.splitlines(), p.stdout
 
 

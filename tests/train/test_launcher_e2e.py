@@ -1,10 +1,8 @@
 """The launcher end to end, in subprocesses: kill/resume, pre-emption, config errors, 8 simulated
 devices and two `jax.distributed` processes, on the grokking smoke config."""
 
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from subprocs import device_env, free_port
 
 from jaxsafe import train
 
@@ -33,9 +32,7 @@ LONG = [
 
 
 def env(devices=1):
-    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    e["XLA_FLAGS"] = e.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    return e
+    return device_env(devices, PYTHONUNBUFFERED="1")
 
 
 def launch(workdir, *flags, devices=1):
@@ -215,12 +212,6 @@ def test_eight_devices_data_and_fsdp_match_one_device(tmp_path, one_device):
     assert "params: 3 tensors, 3 sharded over fsdp" in out
     assert "{'data': 4, 'fsdp': 2}" in out
     assert_close_params(final_params(tmp_path)[1], one_device)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
