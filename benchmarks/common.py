@@ -8,14 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsafe import host_memory
+
+# Before any JAX computation starts XLA's threads: a thread that has allocated before keeps a
+# malloc arena of its own, which returns a freed block of more than 64 MiB to the system.
+_RETAINED = host_memory.retain()
+
 
 def machine() -> str:
-    """The machine line every benchmark prints first. It also retains freed host memory, as
-    the launchers do (jaxsafe.host_memory), so that every arm, the PyTorch reference
-    included, runs under the allocator settings a launcher uses."""
-    from jaxsafe import host_memory
-
-    retained = host_memory.retain()
+    """The machine line every benchmark prints first, with whether freed host memory is
+    retained (as the launchers do, jaxsafe.host_memory: this module turns it on when imported),
+    so that every arm, the PyTorch reference included, runs under a launcher's allocator
+    settings."""
+    retained = _RETAINED
     dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     try:

@@ -45,6 +45,7 @@ def main(argv):
     quiet_orbax()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    host_memory.retain()  # XLA's temporaries stay mapped between calls (before any thread)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         from jaxsafe.parallel import initialize
 
@@ -61,7 +62,6 @@ def main(argv):
     from jaxsafe.parallel import is_primary
 
     cache.enable(_CACHE.value)
-    host_memory.retain()  # XLA's temporaries stay mapped between calls
 
     logging.info(
         "process %d/%d, %d local / %d global devices",

@@ -14,8 +14,9 @@ Approach", ICLR 2024 (arXiv:2302.03357), use a ResNet-34-style 1-D CNN. Referenc
 
 Convolutions pad ``(k - 1) // 2`` on both sides as PyTorch (not XLA's asymmetric ``'SAME'``), so
 a stride-2 stage gives ``ceil(T / 2)`` steps. Initialisation is PyTorch's default; BN uses
-PyTorch's ``eps = 1e-5`` and momentum 0.1. Deviation: the running variance is updated with the
-biased batch variance (a factor ``n / (n - 1)``, ``n = B T``, negligible here). Running
+PyTorch's ``eps = 1e-5`` and momentum 0.1; on the CPU each convolution's filter gradient is
+one matrix product (:mod:`jaxsafe.nn.conv1d`). Deviation: the running variance is updated with
+the biased batch variance (a factor ``n / (n - 1)``, ``n = B T``, negligible here). Running
 statistics are ``nnx.BatchStat`` state, carried in the train state's ``extra``
 (:func:`apply_with_batch_stats`); under ``jax.jit`` with a batch-sharded input BN's statistics
 are over the *global* batch (SimCLR's global BN). ``resnet34_1d`` has 7,217,792 + 448 C
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsafe.nn import conv1d
 from jaxsafe.nn.mlp import torch_linear, torch_uniform_init
 
 __all__ = [
@@ -58,6 +60,8 @@ def _conv(
         padding=((pad, pad),),
         use_bias=False,
         kernel_init=torch_uniform_init(in_ch * kernel_size),
+        # XLA:CPU's own filter gradient is slow inside this network (jaxsafe.nn.conv1d).
+        conv_general_dilated=conv1d.conv_general_dilated,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,

@@ -1,0 +1,115 @@
+"""1-D convolutions with the filter gradient as one matrix product (jaxsafe.nn.conv1d): the
+gradients against a NumPy sum written from the definition and against XLA's own, and the
+dispatcher's fallbacks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsafe.nn import conv1d
+
+DN = ("NWC", "WIO", "NWC")
+
+
+def rand(key, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def direct(x, w, stride, padding, dn=DN, **kw):
+    return jax.lax.conv_general_dilated(x, w, (stride,), (padding,), dimension_numbers=dn, **kw)
+
+
+def numpy_grads(x, w, r, stride, padding):
+    """∂/∂x and ∂/∂w of Σ r · y, y[b, t, o] = Σ_{j, c} x_p[b, s t + j, c] w[j, c, o]: loops
+    over the definition, in float64."""
+    x, w, r = (np.asarray(a, np.float64) for a in (x, w, r))
+    lo, hi = padding
+    xp = np.pad(x, ((0, 0), (lo, hi), (0, 0)))
+    dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+    for t in range(r.shape[1]):
+        for j in range(w.shape[0]):
+            dw[j] += np.einsum("bc,bo->co", xp[:, stride * t + j], r[:, t])
+            dxp[:, stride * t + j] += r[:, t] @ w[j].T
+    return dxp[:, lo : lo + x.shape[1]], dw
+
+
+@pytest.mark.parametrize(
+    "t, c, o, k, stride, padding",
+    [
+        (16, 5, 6, 3, 1, (1, 1)),  # the ResNet's blocks
+        (17, 5, 6, 3, 2, (1, 1)),  # a stage's first block, odd length
+        (16, 5, 6, 1, 2, (0, 0)),  # its 1 x 1 shortcut
+        (20, 3, 4, 7, 1, (3, 3)),  # the stem
+        (13, 4, 3, 4, 3, (2, 0)),  # even kernel, asymmetric padding
+    ],
+)
+def test_gradients_equal_the_definition(t, c, o, k, stride, padding):
+    x, w = rand(0, (2, t, c)), rand(1, (k, c, o), 1 / np.sqrt(k * c))
+    y = conv1d.conv1d(x, w, stride, padding)
+    ref = direct(x, w, stride, padding)
+    np.testing.assert_array_equal(y, ref)  # the forward pass is XLA's convolution
+    r = rand(2, y.shape)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(conv1d.conv1d(x, w, stride, padding) * r), (0, 1))(x, w)
+    want_dx, want_dw = numpy_grads(x, w, r, stride, padding)
+    # Sums of at most 2 * 20 products of O(1) terms: float32 rounding is ~1e-6 of that.
+    np.testing.assert_allclose(dx, want_dx, atol=2e-5)
+    np.testing.assert_allclose(dw, want_dw, atol=5e-5)
+
+
+def test_dispatcher_takes_the_matrix_product_only_where_it_applies():
+    x, w = rand(3, (2, 12, 8)), rand(4, (3, 8, 8), 0.2)
+
+    def grad_hlo(f, x, w):
+        g = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))
+        return jax.jit(g).lower(x, w).as_text()
+
+    conv = lambda x, w: conv1d.conv_general_dilated(x, w, (1,), ((1, 1),), dimension_numbers=DN)
+    # Eligible: the filter gradient has no convolution left (forward and input gradient do).
+    lowered = grad_hlo(conv, x, w)
+    assert lowered.count("convolution(") == 2 and "dot_general" in lowered
+    g = jax.grad(lambda w: jnp.sum(conv(x, w) ** 2))(w)
+    g_ref = jax.grad(lambda w: jnp.sum(direct(x, w, 1, (1, 1)) ** 2))(w)
+    np.testing.assert_allclose(g, g_ref, atol=1e-5 * float(jnp.abs(g_ref).max()))
+    # Everything else is XLA's convolution itself, bit for bit, gradients included.
+    cases = {
+        "2-D": (
+            x[:, None],
+            w[None],
+            ((1, 1), (1, 1)),
+            dict(dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        ),
+        "SAME string": (x, w, "SAME", dict(dimension_numbers=DN)),
+        "dilation": (x, w, ((2, 2),), dict(dimension_numbers=DN, rhs_dilation=(2,))),
+        "groups": (x, w[:, :4], ((1, 1),), dict(dimension_numbers=DN, feature_group_count=2)),
+        "bfloat16": (
+            x.astype(jnp.bfloat16),
+            w.astype(jnp.bfloat16),
+            ((1, 1),),
+            dict(dimension_numbers=DN),
+        ),
+        "NCW": (
+            x.transpose(0, 2, 1),
+            w.transpose(2, 1, 0),
+            ((1, 1),),
+            dict(dimension_numbers=("NCW", "OIW", "NCW")),
+        ),
+    }
+    for name, (xi, wi, padding, kw) in cases.items():
+        strides = (1,) * (xi.ndim - 2)
+        f = lambda a, b: conv1d.conv_general_dilated(a, b, strides, padding, **kw)
+        ref = lambda a, b: jax.lax.conv_general_dilated(a, b, strides, padding, **kw)
+        assert grad_hlo(f, xi, wi).count("convolution(") == 3, name
+        np.testing.assert_array_equal(f(xi, wi), ref(xi, wi), err_msg=name)
+
+
+def test_nnx_conv_with_the_dispatcher_equals_a_plain_conv():
+    make = lambda **kw: nnx.Conv(8, 6, (3,), (2,), padding=((1, 1),), rngs=nnx.Rngs(0), **kw)
+    plain, fast = make(), make(conv_general_dilated=conv1d.conv_general_dilated)
+    x = rand(5, (2, 15, 8))
+    np.testing.assert_array_equal(fast(x), plain(x))
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))
+    g_fast = nnx.grad(loss)(fast)["kernel"].value
+    g_plain = nnx.grad(loss)(plain)["kernel"].value
+    np.testing.assert_allclose(g_fast, g_plain, atol=1e-5 * float(jnp.abs(g_plain).max()))
