@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxsafe.nn import conv_dispatch
+
 __all__ = ["conv1d", "conv_general_dilated"]
 
 _DN = ("NWC", "WIO", "NWC")
@@ -66,8 +68,8 @@ def _bwd(stride, padding, res, g):
 conv1d.defvjp(_fwd, _bwd)
 
 
-def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, bgroups):
-    """(stride, (lo, hi)) where :func:`conv1d` applies, else None."""
+def _algorithm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, bgroups):
+    """:func:`conv1d` with this stride and padding where it applies, else None."""
     if lhs.ndim != 3 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return None
     if groups != 1 or bgroups != 1 or isinstance(padding, str):
@@ -81,37 +83,11 @@ def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn,
     (lo, hi), (stride,) = padding[0], window_strides
     if min(lo, hi) < 0 or lhs.shape[1] + lo + hi < rhs.shape[0]:
         return None
-    return int(stride), (int(lo), int(hi))
+    return lambda lhs, rhs: conv1d(lhs, rhs, int(stride), (int(lo), int(hi)))
 
 
-def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-    out_sharding=None,
-):
-    """``lax.conv_general_dilated``, with float32 NWC 1-D convolutions computed by
-    :func:`conv1d` on the CPU backend (see the module docstring for when)."""
-    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    groups = (feature_group_count, batch_group_count)
-    direct = lambda lhs, rhs: lax.conv_general_dilated(
-        lhs, rhs, *args, *groups, precision, preferred_element_type, out_sharding=out_sharding
-    )
-    how = _eligible(lhs, rhs, *args, *groups)
-    if (
-        how is None
-        or out_sharding is not None
-        or precision is not None
-        or preferred_element_type not in (None, jnp.float32)
-    ):
-        return direct(lhs, rhs)
-    fast = lambda lhs, rhs: conv1d(lhs, rhs, *how)
-    return lax.platform_dependent(lhs, rhs, cpu=fast, default=direct)
+conv_general_dilated = conv_dispatch.cpu_conv(
+    _algorithm,
+    """``lax.conv_general_dilated``, with float32 NWC 1-D convolutions computed by :func:`conv1d`
+    on the CPU backend (see the module docstring for when).""",
+)

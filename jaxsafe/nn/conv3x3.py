@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxsafe.nn import conv_dispatch
+
 __all__ = [
     "conv_general_dilated",
     "winograd_conv3x3",
@@ -198,34 +200,9 @@ def _algorithm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn
     return winograd_conv3x3
 
 
-def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-    out_sharding=None,
-):
+conv_general_dilated = conv_dispatch.cpu_conv(
+    _algorithm,
     """``lax.conv_general_dilated``, with 3 × 3 stride-1 float32 NHWC convolutions computed by
     :func:`winograd_conv3x3` or :func:`im2col_conv3x3` on the CPU backend (see the module
-    docstring for when)."""
-    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    groups = (feature_group_count, batch_group_count)
-    direct = lambda lhs, rhs: lax.conv_general_dilated(
-        lhs, rhs, *args, *groups, precision, preferred_element_type, out_sharding=out_sharding
-    )
-    fast = _algorithm(lhs, rhs, *args, *groups)
-    if (
-        fast is None
-        or out_sharding is not None
-        or precision is not None
-        or preferred_element_type not in (None, jnp.float32)
-    ):
-        return direct(lhs, rhs)
-    return lax.platform_dependent(lhs, rhs, cpu=fast, default=direct)
+    docstring for when).""",
+)
