@@ -19,7 +19,7 @@ near its peak, the largest program's temporaries a few times over (fragmentation
 after some calls), instead of shrinking between calls, as with PyTorch's and JAX's own
 device allocators. Call it before the first JAX computation: a thread that allocated before
 it keeps an arena of its own, which hands a block above 64 MiB back to the system when freed
-(the SimCLR step's 3.35 GiB of temporaries were faulted in on every call that way). The
+(docs/benchmarks.md, "The SimCLR ResNet-1D: the filter gradient"). The
 launchers and benchmarks call it first; call it yourself at the top of a notebook;
 ``JAXSAFE_RETAIN_HOST_MEMORY=0`` turns it off. Other C libraries (musl, macOS): nothing to do.
 """
