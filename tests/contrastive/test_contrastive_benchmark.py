@@ -33,6 +33,9 @@ def test_the_benchmark_runs_at_one_step_per_call():
             "-m",
             "benchmarks.contrastive",
             "--k=1",
+            # The smoke network: the K = 1 batch path is the test, not the ResNet's compile time
+            # (the default har.py:cpu network took 44 s of which 34 s compiling).
+            "--config=configs/dbpm/har.py:smoke",
             "--data=synthetic:64,32,3,2",
             "--batch_size=16",
             "--rounds=1",
