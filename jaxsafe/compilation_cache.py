@@ -20,6 +20,22 @@ FLAG_HELP = (
 )
 
 
+def define_flag() -> None:
+    """Defines the launchers' ``--compilation_cache`` flag, once per process (tests import
+    several launchers into one process; absl refuses a second definition of a name)."""
+    from absl import flags
+
+    if "compilation_cache" not in flags.FLAGS:
+        flags.DEFINE_string("compilation_cache", None, FLAG_HELP)
+
+
+def enable_from_flag() -> str | None:
+    """:func:`enable` with the parsed ``--compilation_cache`` flag (:func:`define_flag`)."""
+    from absl import flags
+
+    return enable(flags.FLAGS.compilation_cache)
+
+
 class CacheDirError(OSError):
     """The cache directory cannot be created (the message names it and why)."""
 

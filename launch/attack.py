@@ -26,6 +26,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxsafe import compilation_cache as cache
 from launch import user_errors
 
 
@@ -50,6 +51,7 @@ def _define_flags() -> None:
     _PAIRS = flags.DEFINE_string("pairs", "", "Ring-A-Bell pairs (with<TAB>without per line).")
     _COMPOSITIONS = flags.DEFINE_string("compositions", "", "Concept-arithmetic JSON file.")
     _OUT = flags.DEFINE_string("out", None, "Output directory.")
+    cache.define_flag()
     flags.mark_flags_as_required(["config", "model", "prompts", "judge", "out"])
 
 
@@ -241,6 +243,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jaxsafe import host_memory
 
+    cache.enable_from_flag()  # a rerun loads the attack's programs instead of compiling them
     host_memory.retain()  # XLA's temporaries stay mapped between calls
     summary = run(
         _CONFIG.value,

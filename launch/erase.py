@@ -31,7 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Erasure config file."
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, the edited model and metrics."
 )
-_CACHE = flags.DEFINE_string("compilation_cache", None, cache.FLAG_HELP)
+cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,7 +43,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from experiments import run_experiment
 
-    cache.enable(_CACHE.value)
+    cache.enable_from_flag()
     host_memory.retain()  # XLA's temporaries stay mapped between calls
     summary = run_experiment(_CONFIG.value, _WORKDIR.value)
     logging.info("erasure: %s", json.dumps(summary, sort_keys=True, default=float))

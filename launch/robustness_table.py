@@ -29,6 +29,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from jaxsafe import compilation_cache as cache
 from launch import user_errors
 
 COLUMNS = (
@@ -79,6 +80,7 @@ def _define_flags() -> None:
     _NUM = flags.DEFINE_integer("num_prompts", 8, "Prompts per erased concept.")
     _VARIANT = flags.DEFINE_string("variant", "testbed", "configs/attacks/*.py variant.")
     _DOC = flags.DEFINE_string("doc", "", "Markdown file to write the tables to.")
+    cache.define_flag()
     _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Only tabulate the finished runs.")
     flags.mark_flags_as_required(["table", "out"])
 
@@ -341,6 +343,7 @@ def _write_json(path: str, value) -> None:
 
 def main(argv):
     del argv
+    cache.enable_from_flag()  # a rerun loads the attacks' programs instead of compiling them
     from jaxsafe.diffusion import pipeline
     from jaxsafe.nn import oracle as oracle_lib
     from launch.erasure_table import MULTI, SETTINGS

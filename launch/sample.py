@@ -24,6 +24,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxsafe import compilation_cache as cache
 from launch import user_errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints, config.json).")
@@ -50,6 +51,7 @@ _FID_REF = flags.DEFINE_string(
 _FID_WEIGHTS = flags.DEFINE_string(
     "fid_weights", None, "FID Inception safetensors (default: $JAXSAFE_FID_INCEPTION)."
 )
+cache.define_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -175,6 +177,7 @@ def main(argv):
     quiet_orbax()
     from jaxsafe import host_memory
 
+    cache.enable_from_flag()  # a rerun loads the Heun sampler instead of compiling it
     host_memory.retain()  # XLA's temporaries stay mapped between calls
     sample_workdir(
         _WORKDIR.value,

@@ -35,7 +35,7 @@ _HEARTBEAT = flags.DEFINE_integer(
     "Multi-process: seconds without a heartbeat after which JAX "
     "considers a process dead; the survivors stop with one line after half of it.",
 )
-_CACHE = flags.DEFINE_string("compilation_cache", None, cache.FLAG_HELP)
+cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -61,7 +61,7 @@ def main(argv):
     from experiments import run_experiment
     from jaxsafe.parallel import is_primary
 
-    cache.enable(_CACHE.value)
+    cache.enable_from_flag()
 
     logging.info(
         "process %d/%d, %d local / %d global devices",

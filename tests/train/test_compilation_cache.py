@@ -104,3 +104,41 @@ def test_an_unusable_directory_is_one_line_and_exit_status_2(tmp_path):
         f"train: error: compilation cache directory '{bad}' cannot be created: Not a directory"
     ]
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "prog, args",
+    [
+        ("sample", ["--workdir=unused"]),
+        (
+            "attack",
+            [
+                f"--config={ROOT}/configs/attacks/ring_a_bell.py",
+                "--model=unused",
+                "--prompts=unused",
+                "--judge=oracle:red",
+                "--out=unused",
+            ],
+        ),
+        ("robustness_table", ["--table=unused", "--out=unused"]),
+    ],
+)
+def test_the_sampling_and_attack_launchers_use_the_cache_flag(tmp_path, prog, args):
+    """`launch.sample`, `launch.attack` and `launch.robustness_table` point the cache at
+    `--compilation_cache` before anything else: an unusable one is their first error."""
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "cache"
+    r = subprocess.run(
+        [sys.executable, "-m", f"launch.{prog}", *args, f"--compilation_cache={bad}"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert errors == [
+        f"{prog}: error: compilation cache directory '{bad}' cannot be created: Not a directory"
+    ]
