@@ -1,6 +1,6 @@
-"""1-D convolutions with the filter gradient as one matrix product (jaxsafe.nn.conv1d): the
-gradients against a NumPy sum written from the definition and against XLA's own, and the
-dispatcher's fallbacks."""
+"""1-D convolutions on XLA:CPU (jaxsafe.nn.conv1d): Winograd's matrices against the correlation
+they compute, both paths' values and gradients against NumPy sums written from the definition
+and against XLA's own, and the dispatcher's choices."""
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,44 @@ def test_gradients_equal_the_definition(t, c, o, k, stride, padding):
     np.testing.assert_allclose(dw, want_dw, atol=5e-5)
 
 
+def numpy_conv(x, w, stride, padding):
+    """y[b, t, o] = Σ_{j, c} x_p[b, s t + j, c] w[j, c, o], in float64."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    xp = np.pad(x, ((0, 0), padding, (0, 0)))
+    t_out = (xp.shape[1] - w.shape[0]) // stride + 1
+    return np.stack(
+        [sum(xp[:, stride * t + j] @ w[j] for j in range(w.shape[0])) for t in range(t_out)], 1
+    )
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 6, 8])
+def test_winograd_matrices_compute_the_correlation(m):
+    at, g, bt = conv1d.winograd_matrices(m)
+    assert at.shape == (m, m + 2) and g.shape == (m + 2, 3) and bt.shape == (m + 2, m + 2)
+    rng = np.random.default_rng(m)
+    d, f = rng.integers(-9, 10, (50, m + 2)), rng.integers(-9, 10, (50, 3))
+    want = np.stack([np.sum(d[:, i : i + 3] * f, 1) for i in range(m)], 1)
+    got = ((f @ g.T) * (d @ bt.T)) @ at.T
+    # Integer sums up to 243; the rational constants' float64 rounding leaves ~1e-12 of that.
+    np.testing.assert_allclose(got, want, atol=1e-8)
+    with pytest.raises(ValueError, match=r"^F\(9, 3\) needs 10 finite points; 9 are defined\.$"):
+        conv1d.winograd_matrices(9)
+
+
+@pytest.mark.parametrize("t, m", [(12, 6), (17, 6), (13, 4), (5, 2), (4, 6)])
+def test_winograd_conv1d_and_its_gradients_equal_the_definition(t, m):
+    """Any length: the last tile is zero-padded and its extra outputs dropped."""
+    x, w = rand(6, (2, t, 5)), rand(7, (3, 5, 4), 1 / np.sqrt(15))
+    y = conv1d.winograd_conv1d(x, w, m)
+    # Outputs O(1); F(6, 3)'s constants (down to 1/90) cost a few 1e-6 in float32.
+    np.testing.assert_allclose(y, numpy_conv(x, w, 1, (1, 1)), atol=3e-5)
+    r = rand(8, y.shape)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(conv1d.winograd_conv1d(x, w, m) * r), (0, 1))(x, w)
+    want_dx, want_dw = numpy_grads(x, w, r, 1, (1, 1))
+    np.testing.assert_allclose(dx, want_dx, atol=3e-5)
+    np.testing.assert_allclose(dw, want_dw, atol=1e-4)
+
+
 def test_dispatcher_takes_the_matrix_product_only_where_it_applies():
     x, w = rand(3, (2, 12, 8)), rand(4, (3, 8, 8), 0.2)
 
@@ -102,6 +140,22 @@ def test_dispatcher_takes_the_matrix_product_only_where_it_applies():
         ref = lambda a, b: jax.lax.conv_general_dilated(a, b, strides, padding, **kw)
         assert grad_hlo(f, xi, wi).count("convolution(") == 3, name
         np.testing.assert_array_equal(f(xi, wi), ref(xi, wi), err_msg=name)
+    # Kernel 3, stride 1, padding 1 with MIN_CHANNELS channels in and out: Winograd, no
+    # convolution left at all; one channel fewer, or stride 2: the matrix-product filter gradient.
+    c = conv1d.MIN_CHANNELS
+    wide_x, wide_w = rand(9, (2, 14, c)), rand(10, (3, c, c), 1 / np.sqrt(3 * c))
+    for stride, (xi, wi), want in [
+        (1, (wide_x, wide_w), 0),
+        (1, (wide_x[..., 1:], wide_w[:, 1:]), 2),
+        (1, (wide_x, wide_w[..., 1:]), 2),
+        (2, (wide_x, wide_w), 2),
+    ]:
+        f = lambda a, b, s=stride: conv1d.conv_general_dilated(
+            a, b, (s,), ((1, 1),), dimension_numbers=DN
+        )
+        assert grad_hlo(f, xi, wi).count("convolution(") == want, (stride, xi.shape, wi.shape)
+        ref = direct(xi, wi, stride, (1, 1))
+        np.testing.assert_allclose(f(xi, wi), ref, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
 def test_nnx_conv_with_the_dispatcher_equals_a_plain_conv():
