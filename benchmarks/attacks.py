@@ -36,7 +36,7 @@ def main(argv):
     import numpy as np
     from flax import nnx
 
-    from benchmarks.common import cost_flops, machine, matmul_peak_flops, time_calls
+    from benchmarks.common import compile_timed, machine, matmul_peak_flops, model_flops, time_calls
     from configs.attacks import unlearndiffatk as uda_config
     from jaxsafe.attacks import judges, p4d, ring_a_bell, run, tokens, unlearndiffatk
     from jaxsafe.data import shapes_metrics
@@ -53,11 +53,9 @@ def main(argv):
     print(f"machine: {machine()}; matmul peak {peak / 1e9:.1f} GFLOP/s")
 
     def report(name, fn, args, iters):
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
-        t_c = time.perf_counter() - t0
+        compiled, t_c = compile_timed(jax.jit(fn), *args)
         sec = time_calls(lambda: compiled(*args), _CALLS.value)
-        flops = cost_flops(compiled) * iters[1]
+        flops = model_flops(jax.jit(fn).lower, *args) * iters[1]
         print(
             f"{name:15s} compile {t_c:6.1f} s  {sec:7.3f} s/call  {iters[0] / sec:8.1f} "
             f"iterations/s  {flops / sec / 1e9:7.2f} GFLOP/s ({flops / sec / peak * 100:.1f} % "
@@ -100,9 +98,7 @@ def main(argv):
             fitness, key, vocab_ids=vocab, length=8, population=200, generations=100
         )[1]
     )
-    t0 = time.perf_counter()
-    compiled = search.lower(jax.random.key(3)).compile()
-    t_c = time.perf_counter() - t0
+    compiled, t_c = compile_timed(search, jax.random.key(3))
     sec = time_calls(lambda: compiled(jax.random.key(4)), _CALLS.value)
     print(
         f"{'Ring-A-Bell':15s} compile {t_c:6.1f} s  {sec:7.3f} s/call  "

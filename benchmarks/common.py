@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsafe import host_memory
+from jaxsafe.nn import conv_dispatch
 
 # Before any JAX computation starts XLA's threads: a thread that has allocated before keeps a
 # malloc arena of its own, which returns a freed block of more than 64 MiB to the system.
@@ -50,9 +51,21 @@ def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> fl
     return 2 * n**3 / best
 
 
-def cost_flops(compiled) -> float:
-    """FLOPs of one call according to XLA's cost analysis."""
-    cost = compiled.cost_analysis()
+def compile_timed(fn, *args):
+    """``(fn.lower(*args).compile(), seconds it took)`` for a jitted ``fn``."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def model_flops(lower, *args) -> float:
+    """FLOPs of one call of the program ``lower(*args)`` lowers (``jitted.lower``,
+    ``jaxsafe.train.lower_train_step``), by XLA's cost analysis of the whole, unpartitioned
+    program, traced with every convolution XLA's direct one
+    (``jaxsafe.nn.conv_dispatch.xla_convolutions``): the model's FLOPs, not the fewer products
+    Winograd runs on the CPU, so that a PyTorch arm's FLOP/s uses the same count."""
+    with conv_dispatch.xla_convolutions():
+        cost = lower(*args).cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -128,20 +141,10 @@ def k_step_arms(
         compiled, _, compile_s = train.compile_train_step(
             task, state, batch, mesh, k, fixed_batch, lowering
         )
-        if flops is None:  # cost analysis: the partitioned (per-device) one-step program
-            one = (
-                compiled
-                if k == 1
-                else train.compile_train_step(
-                    task,
-                    jax.tree.map(lambda x: x.copy(), initial),
-                    batch_for(1),
-                    mesh,
-                    1,
-                    fixed_batch,
-                )[0]
+        if flops is None:
+            flops = model_flops(
+                train.lower_train_step, task, initial, batch_for(1), mesh, 1, fixed_batch
             )
-            flops = cost_flops(one) * mesh.size
         box = [state]
 
         def call(box=box, compiled=compiled, batch=batch):

@@ -60,12 +60,12 @@ def main(argv):
 
     from benchmarks.common import (
         alternate,
-        cost_flops,
         fmt_bytes,
         load_config,
         machine,
         matmul_peak_flops,
         memory_bytes,
+        model_flops,
         stacked_batch,
     )
     from experiments import dbpm
@@ -108,15 +108,9 @@ def main(argv):
             compiled, _, compile_s = train.compile_train_step(
                 task, state, batch, mesh, k, False, _LOWERING.value
             )
-            if flops is None:  # cost analysis is of the partitioned (per-device) program
-                one = (
-                    compiled
-                    if k == 1
-                    else train.compile_train_step(
-                        task, state, stacked_batch(task.train_data, 1, mesh), mesh, 1, False
-                    )[0]
-                )
-                flops = cost_flops(one) * mesh.size
+            if flops is None:
+                one = stacked_batch(task.train_data, 1, mesh)
+                flops = model_flops(train.lower_train_step, task, initial, one, mesh)
             box = [state]
 
             def call(compiled=compiled, batch=batch, box=box):

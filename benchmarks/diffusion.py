@@ -66,12 +66,12 @@ def main(argv):
 
     from benchmarks.common import (
         alternate,
-        cost_flops,
         fmt_bytes,
         k_step_arms,
         machine,
         matmul_peak_flops,
         memory_bytes,
+        model_flops,
         time_calls,
     )
     from experiments import pfgmpp
@@ -183,7 +183,7 @@ def main(argv):
         x0, s0 = jnp.zeros((n,) + shape), jnp.ones((n,))
         one = jax.jit(denoise).lower(params, x0, s0).compile()
         nfe = 2 * config.sampler.num_steps - 1
-        flops = cost_flops(one) * nfe
+        flops = model_flops(jax.jit(denoise).lower, params, x0, s0) * nfe
         print(
             f"sample batch {n:4d}  {config.sampler.num_steps} Heun steps (NFE {nfe})  compile "
             f"{compile_s:6.1f} s  {n / sec:8.3f} images/s  {sec:7.2f} s/batch  "

@@ -20,8 +20,6 @@ r"""Cost of concept erasure: closed-form edits at SD scale and ESD training step
 (> 1: jaxsafe faster).
 """
 
-import time
-
 from absl import app, flags
 
 _WHAT = flags.DEFINE_list("what", ["edit", "esd_testbed"], "edit, esd_testbed, esd_sd15")
@@ -63,17 +61,11 @@ SD14_XATTN_WIDTHS = (
 )  # down (2 per level), mid, up (3 per level): 16 layers
 
 
-def _compile(fn, *args):
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
 def bench_edit(peak):
     import jax
     import numpy as np
 
-    from benchmarks.common import cost_flops, fmt_bytes, memory_bytes, time_calls
+    from benchmarks.common import compile_timed, fmt_bytes, memory_bytes, model_flops, time_calls
     from jaxsafe.erasure import closed_form
 
     r = np.random.default_rng(0)
@@ -89,9 +81,9 @@ def bench_edit(peak):
         else None
     )
     uce = jax.jit(lambda k, e, g, p: closed_form.uce_edit(k, e, g, p, lam=0.5))
-    compiled, comp_s = _compile(uce, ks, c_e, c_g, c_p)
+    compiled, comp_s = compile_timed(uce, ks, c_e, c_g, c_p)
     sec = time_calls(lambda: compiled(ks, c_e, c_g, c_p), _REPS.value)
-    flops = cost_flops(compiled)
+    flops = model_flops(uce.lower, ks, c_e, c_g, c_p)
     print(
         f"UCE edit, SD 1.4 cross-attention (16 layers, 32 K/V matrices, 76 erase rows, "
         f"{_PRESERVE.value} preserved prompts): compile {comp_s:.2f} s, {sec * 1e3:.1f} ms/edit, "
@@ -114,9 +106,9 @@ def bench_edit(peak):
     except ImportError:
         return
     rnd = jax.jit(lambda k, k0, e, g, p: rece.rece_round(k, k0, e, g, p, lam_emb=0.1, lam=0.1))
-    compiled, comp_s = _compile(rnd, ks, ks, c_e, c_g, c_p)
+    compiled, comp_s = compile_timed(rnd, ks, ks, c_e, c_g, c_p)
     sec = time_calls(lambda: compiled(ks, ks, c_e, c_g, c_p), _REPS.value)
-    flops = cost_flops(compiled)
+    flops = model_flops(rnd.lower, ks, ks, c_e, c_g, c_p)
     print(
         f"RECE round (adversarial embedding over 32 matrices + UCE edit): compile {comp_s:.2f} s, "
         f"{sec * 1e3:.1f} ms/round, {flops / 1e9:.2f} GFLOP, {flops / sec / 1e9:.1f} GFLOP/s "
@@ -184,7 +176,14 @@ def bench_esd_sd15(peak):
     import optax
     from flax import nnx
 
-    from benchmarks.common import cost_flops, fmt_bytes, memory_bytes, random_model, time_calls
+    from benchmarks.common import (
+        compile_timed,
+        fmt_bytes,
+        memory_bytes,
+        model_flops,
+        random_model,
+        time_calls,
+    )
     from jaxsafe.diffusion import schedulers
     from jaxsafe.diffusion.t2i import classifier_free_guidance
     from jaxsafe.erasure import esd
@@ -215,9 +214,9 @@ def bench_esd_sd15(peak):
 
     opt = tx.init(train)
     frozen = (orig, rest)
-    compiled, comp_s = _compile(jax.jit(update), train, opt, frozen)
+    compiled, comp_s = compile_timed(jax.jit(update), train, opt, frozen)
     sec = time_calls(lambda: compiled(train, opt, frozen), _REPS.value)
-    flops = cost_flops(compiled)
+    flops = model_flops(jax.jit(update).lower, train, opt, frozen)
     n_train = sum(x.size for x in jax.tree.leaves(train))
     print(
         f"ESD-x update on the SD 1.5 UNet ({n / 1e6:.1f} M parameters, {n_train / 1e6:.2f} M "
@@ -238,7 +237,7 @@ def bench_esd_sd15(peak):
         return classifier_free_guidance(out[:1], out[1:], 3.0)
 
     x = jax.random.normal(jax.random.key(2), (1, 64, 64, 4))
-    g_comp, g_s = _compile(jax.jit(guided), train, x, emb)
+    g_comp, g_s = compile_timed(jax.jit(guided), train, x, emb)
     g_sec = time_calls(lambda: g_comp(train, x, emb), _REPS.value)
     full = sec + 24.5 * g_sec
     print(

@@ -29,11 +29,11 @@ def main(argv):
 
     from benchmarks.common import (
         alternate,
-        cost_flops,
         fmt_bytes,
         machine,
         matmul_peak_flops,
         memory_bytes,
+        model_flops,
     )
     from jaxsafe.data import images
     from jaxsafe.nn import inception
@@ -77,7 +77,7 @@ def main(argv):
 
             arms["pytorch-fid"] = (ref_call, _CALLS.value)
         sec = {k: float(np.median(v)) for k, v in alternate(arms, _ROUNDS.value).items()}
-        flops = cost_flops(compiled)
+        flops = model_flops(apply.lower, state, x)
         s = sec["jaxsafe"]
         line = (
             f"batch {b:4d}  compile {compile_s:6.1f} s  {b / s:7.2f} images/s  "

@@ -30,12 +30,12 @@ def main(argv):
 
     from benchmarks.common import (
         alternate,
-        cost_flops,
         fmt_bytes,
         load_config,
         machine,
         matmul_peak_flops,
         memory_bytes,
+        model_flops,
     )
     from experiments import grokking
     from jaxsafe import parallel, train
@@ -61,8 +61,8 @@ def main(argv):
         )
         batch = parallel.global_batch(task.train_data, mesh)
         compiled, _, compile_s = train.compile_train_step(task, state, batch, mesh, k, True)
-        if k == 1:  # cost analysis is of the partitioned (per-device) program
-            flops_per_step = cost_flops(compiled) * mesh.size
+        if k == 1:
+            flops_per_step = model_flops(train.lower_train_step, task, state, batch, mesh, 1, True)
         box = [state]
 
         def call(compiled=compiled, batch=batch, box=box):

@@ -24,13 +24,12 @@ _CALLS = flags.DEFINE_integer("calls", 3, "Timed calls (after one warm-up).")
 def main(argv):
     del argv
     import dataclasses
-    import time
 
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.common import cost_flops, machine, time_calls
+    from benchmarks.common import compile_timed, machine, model_flops, time_calls
     from jaxsafe.diffusion import oms, pipeline, t2i
     from jaxsafe.nn.unet2d_condition import UNet2DConditionModel
 
@@ -67,14 +66,11 @@ def main(argv):
             guidance_scale=_GUIDANCE.value,
         )
 
-    def compile_(fn, *args):
-        t0 = time.perf_counter()
-        c = fn.lower(*args).compile()
-        return c, time.perf_counter() - t0
-
-    c_oms, t_co = compile_(step, o_state, emb, uncond, seeds)
+    c_oms, t_co = compile_timed(step, o_state, emb, uncond, seeds)
     x0 = c_oms(o_state, emb, uncond, seeds)
-    c_base, t_cb = compile_(base, state, emb, uncond, seeds, x0)
+    c_base, t_cb = compile_timed(base, state, emb, uncond, seeds, x0)
+    f_oms = model_flops(step.lower, o_state, emb, uncond, seeds)
+    f_base = model_flops(base.lower, state, emb, uncond, seeds, x0)
     s_base = time_calls(lambda: c_base(state, emb, uncond, seeds, x0), _CALLS.value)
     s_oms = time_calls(lambda: c_oms(o_state, emb, uncond, seeds), _CALLS.value)
     print(f"machine: {machine()}")
@@ -82,13 +78,13 @@ def main(argv):
         f"test bed latent {shape}, batch {b}, base DDIM {_STEPS.value} steps guided "
         f"(NFE {2 * _STEPS.value}), OMS guidance {_GUIDANCE.value}, ᾱ_τ0 = {a0:.4f}"
     )
-    for name, comp, sec, t_c in (
-        ("base run", c_base, s_base, t_cb),
-        ("OMS step", c_oms, s_oms, t_co),
+    for name, flops, sec, t_c in (
+        ("base run", f_base, s_base, t_cb),
+        ("OMS step", f_oms, s_oms, t_co),
     ):
         print(
             f"{name:9s} compile {t_c:6.1f} s  {sec * 1e3:8.1f} ms/call  {b / sec:8.1f} images/s"
-            f"  {cost_flops(comp) / 1e9:8.3f} GFLOP/call"
+            f"  {flops / 1e9:8.3f} GFLOP/call"
         )
     print(
         f"OMS share of an OMS + base run: {s_oms / (s_oms + s_base) * 100:.1f} % of the time "

@@ -59,11 +59,11 @@ def main(argv):
     peak = matmul_peak_flops()
     graphdef, params, rest = train.split_model(im.build_model(tc))
     shape = im.image_shape(tc.data)
-    k = im.num_classes(tc)
+    classes = im.num_classes(tc)
     b = _BATCH.value
     print(f"machine: {machine()}")
     print(
-        f"teacher: {_TEACHER.value}:{_VARIANT.value}  image {shape}  classes {k}  "
+        f"teacher: {_TEACHER.value}:{_VARIANT.value}  image {shape}  classes {classes}  "
         f"params {sum(x.size for x in jax.tree.leaves(params)):,}"
     )
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
@@ -71,7 +71,7 @@ def main(argv):
     denoise = sid_exp.make_denoise(graphdef, rest, tc)
     tx = optax.adam(1e-5, b1=0.0, b2=0.999)
     forget = {0: 1} if _FORGET.value else None
-    terms = sfd.class_terms(k, b, forget=forget)
+    terms = sfd.class_terms(classes, b, forget=forget)
     step = sid.make_sid_step(
         denoise,
         terms,
@@ -113,8 +113,8 @@ def main(argv):
 
     n = _SAMPLE_BATCH.value
     if n:
-        labels = jnp.arange(n) % max(k, 1)
-        onehot = jax.nn.one_hot(labels, k) if k else None
+        labels = jnp.arange(n) % max(classes, 1)
+        onehot = jax.nn.one_hot(labels, classes) if classes else None
         one = sid_exp.one_step_sampler(denoise, 2.5, shape)
         t0 = time.perf_counter()
         one_c = one.lower(params, jax.random.key(0), onehot).compile()

@@ -40,11 +40,12 @@ def main(argv):
     from flax import nnx
 
     from benchmarks.common import (
-        cost_flops,
+        compile_timed,
         fmt_bytes,
         machine,
         matmul_peak_flops,
         memory_bytes,
+        model_flops,
         time_calls,
     )
     from jaxsafe import parallel
@@ -118,43 +119,37 @@ def main(argv):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    def compile_forward():
-        compiled = jax.jit(forward).lower(params, rest, batch).compile()
-        return compiled, lambda: compiled(params, rest, batch)
+    def forward_program():
+        return jax.jit(forward), (params, rest, batch), lambda c: lambda: c(params, rest, batch)
 
-    def compile_train():
+    def train_program():
         opt_state = place(optimizer.init(params))  # moments named '0/mu/<param name>'
         # Explicit out_shardings: left to propagation, XLA may split a replicated bias.
         sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-        compiled = (
-            jax.jit(
-                train_step,
-                donate_argnums=(0, 1),
-                out_shardings=(
-                    sharding_of(params),
-                    sharding_of(opt_state),
-                    parallel.replicated(mesh),
-                ),
-            )
-            .lower(params, opt_state, rest, batch, 0)
-            .compile()
+        jitted = jax.jit(
+            train_step,
+            donate_argnums=(0, 1),
+            out_shardings=(sharding_of(params), sharding_of(opt_state), parallel.replicated(mesh)),
         )
-        box = [jax.tree.map(jnp.copy, params), opt_state, 0]  # donated, so not `params`
 
-        def call():
-            box[0], box[1], loss = compiled(box[0], box[1], rest, batch, box[2])
-            box[2] += 1
-            return loss
+        def make_call(compiled):
+            box = [jax.tree.map(jnp.copy, params), opt_state, 0]  # donated, so not `params`
 
-        return compiled, call
+            def call():
+                box[0], box[1], loss = compiled(box[0], box[1], rest, batch, box[2])
+                box[2] += 1
+                return loss
 
-    programs = {"forward": compile_forward, "train": compile_train}
+            return call
+
+        return jitted, (params, opt_state, rest, batch, 0), make_call
+
+    programs = {"forward": forward_program, "train": train_program}
     for mode in _MODES.value:
-        t0 = time.perf_counter()
-        compiled, call = programs[mode]()
-        compile_s = time.perf_counter() - t0
-        sec = time_calls(call, _STEPS.value)
-        flops = cost_flops(compiled) * mesh.size
+        jitted, args, make_call = programs[mode]()
+        compiled, compile_s = compile_timed(jitted, *args)
+        flops = model_flops(jitted.lower, *args)  # before the calls donate the arguments
+        sec = time_calls(make_call(compiled), _STEPS.value)
         achieved = flops / sec
         print(
             f"{mode:8s} compile {compile_s:6.1f} s  {b / sec:8.2f} samples/s  "

@@ -19,7 +19,6 @@ faster).
 """
 
 import importlib.util
-import time
 
 from absl import app, flags
 
@@ -137,18 +136,12 @@ def sd_vae_decode(dtype):
     return params, decode
 
 
-def compile_timed(fn, *args):
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
 def run(m, peak):
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.common import cost_flops, fmt_bytes, memory_bytes, time_calls
+    from benchmarks.common import compile_timed, fmt_bytes, memory_bytes, model_flops, time_calls
     from jaxsafe.diffusion.t2i import make_t2i_sampler
 
     b = _BATCH.value or m["batch"]
@@ -175,7 +168,7 @@ def run(m, peak):
     )
 
     step, step_compile = compile_timed(jax.jit(unet_apply), params, x, t, emb)
-    step_flops = cost_flops(step)
+    step_flops = model_flops(jax.jit(unet_apply).lower, params, x, t, emb)
     sec = time_calls(lambda: step(params, x, t, emb), _REPS.value)
     print(
         f"  UNet step (batch {rows}): compile {step_compile:6.2f} s  {1 / sec:8.3f} steps/s  "
@@ -211,7 +204,7 @@ def run(m, peak):
     if _DECODE.value and decode is not None:
         lat = jax.random.normal(jax.random.key(3), (b, *m["latent_shape"]))
         dec, dec_compile = compile_timed(jax.jit(decode), params, lat)
-        decode_flops = cost_flops(dec)
+        decode_flops = model_flops(jax.jit(decode).lower, params, lat)
         dsec = time_calls(lambda: dec(params, lat), _REPS.value)
         print(
             f"  decode (batch {b}): compile {dec_compile:6.2f} s  {dsec:8.2f} s/call  "

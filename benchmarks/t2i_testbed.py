@@ -35,7 +35,7 @@ def pixel_space_step(config, peak):
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.common import cost_flops, time_calls
+    from benchmarks.common import compile_timed, model_flops, time_calls
     from experiments import t2i_testbed as tb
     from jaxsafe.data import shapes
     from jaxsafe.nn.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
@@ -67,11 +67,10 @@ def pixel_space_step(config, peak):
 
     x, t = jnp.zeros((b, 32, 32, 3)), jnp.arange(b)
     ids = jnp.asarray(tok(["a red circle"] * b))
-    t0 = time.perf_counter()
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, x, t, ids).compile()
-    compile_s = time.perf_counter() - t0
+    step = jax.jit(jax.value_and_grad(loss))
+    compiled, compile_s = compile_timed(step, params, x, t, ids)
     sec = time_calls(lambda: compiled(params, x, t, ids), 3)
-    flops = cost_flops(compiled)
+    flops = model_flops(step.lower, params, x, t, ids)
     print(
         f"pixel-space UNet (32x32x3, widths 32/64/64), batch {b}: compile {compile_s:.1f} s, "
         f"{1 / sec:.3f} steps/s ({sec:.2f} s/step), {flops / sec / 1e9:.2f} GFLOP/s "

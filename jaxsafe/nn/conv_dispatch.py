@@ -4,18 +4,40 @@ CPU backend and leave the rest, and every convolution on GPU or TPU, to XLA
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+_XLA_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Within it, the drop-ins trace to ``lax.conv_general_dilated`` on every backend. A program
+    traced here counts a model's FLOPs as its direct convolutions do (the benchmarks' model
+    FLOP/s), whatever Winograd saves on the CPU. JAX's trace caches are cleared on entry and on
+    exit (``jax.clear_caches``), since they do not key on this switch: no function traced outside
+    is reused inside, nor the reverse. Compiled executables held by the caller are unaffected."""
+    before = getattr(_XLA_ONLY, "on", False)
+    jax.clear_caches()
+    _XLA_ONLY.on = True
+    try:
+        yield
+    finally:
+        _XLA_ONLY.on = before
+        jax.clear_caches()
 
 
 def cpu_conv(algorithm: Callable, doc: str) -> Callable:
     """A function with ``lax.conv_general_dilated``'s signature that runs, on the CPU backend,
     ``algorithm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
     dimension_numbers, feature_group_count, batch_group_count)``'s result ``f(lhs, rhs)``, and
-    XLA's convolution where that is None, on other backends, and with a precision, an output
-    sharding or a non-float32 preferred element type."""
+    XLA's convolution where that is None, on other backends, with a precision, an output
+    sharding or a non-float32 preferred element type, and inside :func:`xla_convolutions`."""
 
     def conv_general_dilated(
         lhs,
@@ -36,7 +58,7 @@ def cpu_conv(algorithm: Callable, doc: str) -> Callable:
         direct = lambda lhs, rhs: lax.conv_general_dilated(
             lhs, rhs, *args, *groups, precision, preferred_element_type, out_sharding=out_sharding
         )
-        fast = algorithm(lhs, rhs, *args, *groups)
+        fast = None if getattr(_XLA_ONLY, "on", False) else algorithm(lhs, rhs, *args, *groups)
         if (
             fast is None
             or out_sharding is not None

@@ -7,7 +7,13 @@ from jaxsafe.train.checkpoint import (
     fingerprint,
     load_arrays,
 )
-from jaxsafe.train.loop import NonFiniteError, compile_train_step, place_state, run
+from jaxsafe.train.loop import (
+    NonFiniteError,
+    compile_train_step,
+    lower_train_step,
+    place_state,
+    run,
+)
 from jaxsafe.train.metrics import MetricWriter, read_jsonl
 from jaxsafe.train.state import TrainState, ema_after_update, init_state, split_model
 from jaxsafe.train.task import Task, default_step
@@ -21,6 +27,7 @@ __all__ = [
     "Task",
     "TrainState",
     "compile_train_step",
+    "lower_train_step",
     "default_step",
     "ema_after_update",
     "fingerprint",

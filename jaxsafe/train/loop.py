@@ -104,6 +104,44 @@ class _Loop:
         return getattr(self.compiled, name)
 
 
+def _calls(task, steps_per_call: int, fixed_batch: bool, how: str):
+    """`(one, call)`: one step `(state, batch) -> (state, metrics)`, and the K-step program
+    `(state, batches) -> (state, metrics stacked (K, ...))` for lowering `how`."""
+    step = task.step_fn or default_step(task)
+
+    def one(s, b):
+        return step(s, b, s.key())
+
+    def call(s, batches):
+        if steps_per_call == 1 or how == "loop":
+            s, m = one(s, batches)
+            return s, jax.tree.map(lambda x: x[None], m)
+        if fixed_batch:
+            return lax.scan(lambda c, _: one(c, batches), s, length=steps_per_call)
+        return lax.scan(one, s, batches)
+
+    return one, call
+
+
+def lower_train_step(
+    task: Task, state: TrainState, batch, mesh, steps_per_call: int = 1, fixed_batch: bool = False
+):
+    """The `steps_per_call` steps as one program (a `lax.scan` for K > 1), jitted with the
+    state's and batch's shardings and lowered, not compiled: what :func:`compile_train_step`
+    compiles for K = 1 or lowering "scan". `.cost_analysis()` counts its FLOPs without a
+    compile."""
+    _, call = _calls(task, steps_per_call, fixed_batch, "scan")
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    jitted = jax.jit(
+        call,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, sh.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return jitted.lower(state, batch)
+
+
 def compile_train_step(
     task: Task,
     state: TrainState,
@@ -117,11 +155,6 @@ def compile_train_step(
     `(compiled, state_shardings, seconds)`, `compiled(state, batch) -> (state, metrics)` with
     metrics stacked over the steps. `batch` has a leading axis of K unless `fixed_batch` or K
     is 1."""
-    step = task.step_fn or default_step(task)
-
-    def one(s, b):
-        return step(s, b, s.key())
-
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     stacked = steps_per_call > 1 and not fixed_batch
@@ -130,25 +163,13 @@ def compile_train_step(
         if stacked
         else batch
     )
+    one = _calls(task, 1, fixed_batch, "scan")[0]
     how = "scan" if steps_per_call == 1 else lowering(lowering_choice, one, state, one_batch)
-
-    def call(s, batches):
-        if steps_per_call == 1 or how == "loop":
-            s, m = one(s, batches)
-            return s, jax.tree.map(lambda x: x[None], m)
-        if fixed_batch:
-            return lax.scan(lambda c, _: one(c, batches), s, length=steps_per_call)
-        return lax.scan(one, s, batches)
 
     t0 = time.perf_counter()
     if how == "scan":
-        jitted = jax.jit(
-            call,
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, sh.replicated(mesh)),
-            donate_argnums=0,
-        )
-        return jitted.lower(state, batch).compile(), state_sh, time.perf_counter() - t0
+        lowered = lower_train_step(task, state, batch, mesh, steps_per_call, fixed_batch)
+        return lowered.compile(), state_sh, time.perf_counter() - t0
     one_sh = batch_sh if fixed_batch else sh.batch_sharding(mesh)
     take = jax.jit(
         lambda b, i: jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, False), b),
@@ -159,7 +180,7 @@ def compile_train_step(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=one_sh), batch
         )
     jitted = jax.jit(
-        call,
+        _calls(task, steps_per_call, fixed_batch, "loop")[1],
         in_shardings=(state_sh, one_sh),
         out_shardings=(state_sh, sh.replicated(mesh)),
         donate_argnums=0,

@@ -167,3 +167,26 @@ def test_nnx_conv_with_the_dispatcher_equals_a_plain_conv():
     g_fast = nnx.grad(loss)(fast)["kernel"][...]
     g_plain = nnx.grad(loss)(plain)["kernel"][...]
     np.testing.assert_allclose(g_fast, g_plain, atol=1e-5 * float(jnp.abs(g_plain).max()))
+
+
+def test_xla_convolutions_traces_the_direct_form_and_model_flops_count_it():
+    """Inside ``xla_convolutions`` an eligible convolution is XLA's (the benchmarks count model
+    FLOPs so), even for a function already traced outside; outside again it is Winograd's."""
+    from benchmarks.common import model_flops
+
+    b, t, c = 2, 12, conv1d.MIN_CHANNELS
+    x, w = rand(11, (b, t, c)), rand(12, (3, c, c), 1 / np.sqrt(3 * c))
+
+    def f(x, w):
+        return conv1d.conv_general_dilated(x, w, (1,), ((1, 1),), dimension_numbers=DN)
+
+    fast = jax.jit(f).lower(x, w).as_text()
+    with conv1d.conv_dispatch.xla_convolutions():
+        direct_text = jax.jit(f).lower(x, w).as_text()
+    assert "convolution(" not in fast and direct_text.count("convolution(") == 1
+    assert "convolution(" not in jax.jit(f).lower(x, w).as_text()
+    # XLA counts the taps that meet the input: 3 t - 2 per output channel (the two edge taps
+    # read padding), c multiply-adds each, for b and c outputs; Winograd would do ~8/18 of that.
+    assert model_flops(jax.jit(f).lower, x, w) == pytest.approx(
+        2 * b * c * c * (3 * t - 2), rel=0.01
+    )
