@@ -8,7 +8,8 @@ the stage so far). Those fusions took more time than all the convolutions' arith
 (docs/benchmarks.md, "The SimCLR ResNet-1D: the filter gradient").
 
 **Winograd** (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016,
-Sec. 4): for kernel 3, stride 1, padding 1 and at least ``MIN_CHANNELS`` channels in and out,
+Sec. 4): for kernel 3, stride 1, padding 1, at least ``MIN_CHANNELS`` channels in and out and
+``MIN_TILES`` tiles in the batch,
 each tile of ``m = TILE`` outputs is ``y = Aᵀ [(G g) ⊙ (Bᵀ d)]`` over its ``m + 2`` inputs ``d``;
 summed over input channels the ⊙ becomes ``m + 2`` independent (tiles × C) @ (C × O) products,
 8 multiplies per 6 outputs against the direct form's 18. The input gradient is the same
@@ -57,6 +58,7 @@ __all__ = [
     "winograd_matrices",
     "TILE",
     "MIN_CHANNELS",
+    "MIN_TILES",
 ]
 
 _DN = ("NWC", "WIO", "NWC")
@@ -101,6 +103,10 @@ TILE = 6
 # At 64 channels (T = 1000, batch 128) the transforms cost what the products save: forward and
 # input gradient slower than XLA's, filter gradient faster, the three together even.
 MIN_CHANNELS = 128
+# Below about a thousand tiles (batch × ⌈T / 6⌉) the value and both gradients ran even with the
+# other path or slower, and compiled 2-5× longer (128 channels: 384 tiles 3.6 against 3.2 ms, 768
+# tiles 5.3 against 6.1 ms, 1,408 tiles 5.9 against 12.9 ms; docs/benchmarks.md).
+MIN_TILES = 1024
 
 
 @functools.cache
@@ -227,7 +233,11 @@ def _algorithm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn
     (lo, hi), (stride,) = padding[0], window_strides
     if min(lo, hi) < 0 or lhs.shape[1] + lo + hi < rhs.shape[0]:
         return None
-    if (rhs.shape[0], stride, lo, hi) == (3, 1, 1, 1) and min(rhs.shape[1:]) >= MIN_CHANNELS:
+    if (
+        (rhs.shape[0], stride, lo, hi) == (3, 1, 1, 1)
+        and min(rhs.shape[1:]) >= MIN_CHANNELS
+        and lhs.shape[0] * -(-lhs.shape[1] // TILE) >= MIN_TILES
+    ):
         return winograd_conv1d
     return lambda lhs, rhs: conv1d(lhs, rhs, int(stride), (int(lo), int(hi)))
 

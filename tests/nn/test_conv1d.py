@@ -144,14 +144,16 @@ def test_dispatcher_takes_the_matrix_product_only_where_it_applies():
 
 
 def test_dispatcher_takes_winograd_only_for_wide_kernel3_stride1_padding1():
-    """MIN_CHANNELS channels in and out: Winograd, no convolution left at all; one channel
-    fewer either side, or stride 2: the matrix-product filter gradient (two convolutions)."""
-    c = conv1d.MIN_CHANNELS
-    x, w = rand(9, (2, 14, c)), rand(10, (3, c, c), 1 / np.sqrt(3 * c))
+    """MIN_CHANNELS channels in and out and MIN_TILES tiles: Winograd, no convolution left at
+    all; one channel fewer either side, one tile fewer, or stride 2: the matrix-product filter
+    gradient (two convolutions)."""
+    c, b = conv1d.MIN_CHANNELS, conv1d.MIN_TILES // 4
+    x, w = rand(9, (b, 4 * conv1d.TILE, c)), rand(10, (3, c, c), 1 / np.sqrt(3 * c))
     for stride, (xi, wi), want in [
         (1, (x, w), 0),
         (1, (x[..., 1:], w[:, 1:]), 2),
         (1, (x, w[..., 1:]), 2),
+        (1, (x[1:], w), 2),
         (2, (x, w), 2),
     ]:
         f = lambda a, b, s=stride: conv1d.conv_general_dilated(
@@ -179,7 +181,7 @@ def test_xla_convolutions_traces_the_direct_form_and_model_flops_count_it():
     FLOPs so), even for a function already traced outside; outside again it is Winograd's."""
     from benchmarks.common import model_flops
 
-    b, t, c = 2, 12, conv1d.MIN_CHANNELS
+    b, t, c = conv1d.MIN_TILES // 2, 2 * conv1d.TILE, conv1d.MIN_CHANNELS
     x, w = rand(11, (b, t, c)), rand(12, (3, c, c), 1 / np.sqrt(3 * c))
 
     def f(x, w):
