@@ -104,8 +104,7 @@ TILE = 6
 # input gradient slower than XLA's, filter gradient faster, the three together even.
 MIN_CHANNELS = 128
 # Below about a thousand tiles (batch × ⌈T / 6⌉) the value and both gradients ran even with the
-# other path or slower, and compiled 2-5× longer (128 channels: 384 tiles 3.6 against 3.2 ms, 768
-# tiles 5.3 against 6.1 ms, 1,408 tiles 5.9 against 12.9 ms; docs/benchmarks.md).
+# other path or slower, and compiled 2-5× longer (docs/benchmarks.md, "Winograd F(6, 3)").
 MIN_TILES = 1024
 
 
