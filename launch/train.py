@@ -33,7 +33,7 @@ _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout",
     100,
     "Multi-process: seconds without a heartbeat after which JAX "
-    "considers a process dead; the survivors stop with one line after half of it.",
+    "considers a process dead; the survivors stop with one line after a quarter of it.",
 )
 cache.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])

@@ -7,10 +7,11 @@ CPU processes exchange collectives through gloo.
 When one process of a run dies, the others would wait in their next collective (gloo on CPU
 can wait indefinitely) until JAX's coordination service notices the missing heartbeats and
 aborts them with a C++ stack trace. A watchdog thread here exchanges its own heartbeats through
-the coordination service's key-value store and, after `heartbeat_timeout_s / 2` without news
+the coordination service's key-value store and, after `heartbeat_timeout_s / 4` without news
 from a peer, prints one line naming the silent process and exits with `EXIT_PEER_LOST`
-(EX_TEMPFAIL: restarting every process resumes from the last checkpoint), before JAX's abort at
-`heartbeat_timeout_s`.
+(EX_TEMPFAIL: restarting every process resumes from the last checkpoint), before JAX's abort.
+That abort can come as early as about `heartbeat_timeout_s / 2` after the death (a half
+window lost the race under load, docs/reliability.md), hence the quarter.
 """
 
 import os
@@ -51,7 +52,15 @@ def initialize(
         heartbeat_timeout_seconds=heartbeat_timeout_s,
     )
     if jax.process_count() > 1 and _watchdog is None:
-        _watchdog = _Watchdog(prog, heartbeat_timeout_s / 2)
+        from jax._src import distributed  # the client jax.distributed.initialize created
+
+        _watchdog = _Watchdog(
+            prog,
+            heartbeat_timeout_s / 4,
+            distributed.global_state.client,
+            jax.process_index(),
+            jax.process_count(),
+        )
         _watchdog.start()
 
 
@@ -61,17 +70,23 @@ def is_primary() -> bool:
 
 
 def await_peer_verdict() -> None:
-    """Called on an error: returns once every peer has sent a new heartbeat (they are alive:
-    the error is this process's own), else the watchdog names the dead one and exits the
-    process first. Without a watchdog (one process) it returns at once."""
+    """Called on an error: returns once every peer has proved itself alive by a heartbeat
+    written after the call (the error is this process's own), else the watchdog names the dead
+    one and exits the process first. Without a watchdog (one process) it returns at once.
+
+    The proof is a change between two reads that both started after the call: a change seen
+    against an older read may be a dead peer's last beat, written before it died but read only
+    now (that race once printed the error's traceback before the watchdog's line)."""
     if _watchdog is None:
         return
-    before = dict(_watchdog.seen)
-    deadline = time.monotonic() + _watchdog.timeout + 2 * _watchdog.period
+    # Pass `asked + 1` may have started before this call; `asked + 2` and later did not, so a
+    # change recorded in pass `asked + 3` or later compares two post-call reads.
+    asked = _watchdog.passes
+    deadline = time.monotonic() + _watchdog.timeout + 4 * _watchdog.period
     while time.monotonic() < deadline:
         if all(
-            _watchdog.seen[j][0] != value or value == _DONE  # done: alive
-            for j, (value, _) in before.items()
+            value == _DONE or changed_in >= asked + 3
+            for value, _, changed_in in list(_watchdog.seen.values())
         ):
             return
         time.sleep(_watchdog.period / 4)
@@ -99,15 +114,14 @@ def finish() -> None:
 
 
 class _Watchdog(threading.Thread):
-    def __init__(self, prog: str, timeout: float):
+    def __init__(self, prog: str, timeout: float, client, me: int, n: int):
         super().__init__(name="jaxsafe-peer-watchdog", daemon=True)
-        from jax._src import distributed  # the client jax.distributed.initialize created
-
-        self.client = distributed.global_state.client
-        self.prog, self.timeout = prog, timeout
+        self.client, self.prog, self.timeout = client, prog, timeout
         self.period = max(0.2, timeout / 5)
-        self.me, self.n = jax.process_index(), jax.process_count()
-        self.seen = {j: (None, time.monotonic()) for j in range(self.n) if j != self.me}
+        self.me, self.n = me, n
+        # peer -> (last heartbeat read, when it changed, the read pass that saw the change)
+        self.seen = {j: (None, time.monotonic(), 0) for j in range(n) if j != me}
+        self.passes = 0  # read passes completed
         self.done, self.stopped = threading.Event(), threading.Event()
 
     def _fail(self, why: str) -> None:
@@ -125,7 +139,7 @@ class _Watchdog(threading.Thread):
         threading.Thread(target=self._exchange, name="jaxsafe-heartbeats", daemon=True).start()
         while not self.stopped.is_set():
             now = time.monotonic()
-            for j, (value, since) in list(self.seen.items()):
+            for j, (value, since, _) in list(self.seen.items()):
                 if value != _DONE and now - since > self.timeout:
                     self._fail(
                         f"process {j} of {self.n} sent no heartbeat for "
@@ -135,7 +149,7 @@ class _Watchdog(threading.Thread):
 
     def _exchange(self) -> None:
         """Writes this process's heartbeat and reads the others' every `period`."""
-        beat, seen = 0, self.seen  # peer -> (last heartbeat read, when it changed)
+        beat, seen = 0, self.seen
         while not self.stopped.is_set():
             beat += 1
             try:
@@ -150,11 +164,12 @@ class _Watchdog(threading.Thread):
                     return
                 self._fail(f"lost the coordinator (process 0 of {self.n}): it has probably died")
             now = time.monotonic()
-            for j, (value, _) in list(seen.items()):
+            for j, (value, _, _) in list(seen.items()):
                 try:
                     new = self.client.key_value_try_get(f"{_HEARTBEAT}/{j}")
                 except Exception:  # not written yet
                     new = None
                 if new != value:
-                    seen[j] = (new, now)
+                    seen[j] = (new, now, self.passes + 1)
+            self.passes += 1
             self.stopped.wait(self.period)

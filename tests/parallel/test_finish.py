@@ -10,7 +10,7 @@ import pytest
 from subprocs import REPO_ROOT, device_env, free_port
 
 # A launcher in miniature: `user_errors.run` around a main whose process 1 keeps working for
-# 5 s after the run's last collective, longer than the watchdog's 3 s (heartbeat timeout 6 s),
+# 5 s after the run's last collective, longer than the watchdog's 1.5 s (heartbeat timeout 6 s),
 # and then spends 2 s more in an exit handler that runs after JAX's shutdown (registered
 # before it: they run last in, first out), when process 0 has left.
 SCRIPT = """
