@@ -233,16 +233,10 @@ def test_make_advunlearn_rejects_bad_options():
 
 
 @pytest.mark.slow
-def test_smoke_run_changes_only_the_text_encoder(tiny_folder, tmp_path):
-    """launch.erase on the tiny model: the exported UNet and token/position embeddings are
+def test_smoke_run_changes_only_the_text_encoder(tiny_folder, erase_on_8_devices):
+    """The smoke run on 8 devices: the exported UNet and token/position embeddings are
     bit-identical to the original, the trained text-encoder layers moved."""
-    from configs.erasure import advunlearn as config_lib
-    from experiments import run_experiment as erase
-
-    config = config_lib.get_config("smoke")
-    config.model.folder = tiny_folder
-    config.eval.enabled = False
-    summary = erase(config, str(tmp_path))
+    summary = erase_on_8_devices("advunlearn")
     before = named_leaves(nnx.state(pipeline.load(tiny_folder).model, nnx.Param))
     after = named_leaves(nnx.state(pipeline.load(summary["export"]).model, nnx.Param))
     assert before.keys() == after.keys()

@@ -26,15 +26,12 @@ def _changed(before, after):
 
 
 @pytest.mark.slow
-def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
-    from configs.erasure import esd
-    from experiments import run_experiment as erase
-
-    c = esd.get_config("smoke")
-    c.model.folder = tiny_folder
-    c.esd.train_method = "xattn-strict"
-    c.optimizer.lr = 1e-2
-    summary = erase(c, str(tmp_path))
+def test_esd_x_strict_trains_only_cross_attention_keys_and_values(
+    tiny_folder, tmp_path, erase_on_8_devices
+):
+    """The smoke run on 8 devices, then a rerun."""
+    overrides = {"esd.train_method": "xattn-strict", "optimizer.lr": 1e-2}
+    summary = erase_on_8_devices("esd", overrides)
     out = summary["export"]
     changed = _changed(_weights(tiny_folder, UNET), _weights(out, UNET))
     assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
@@ -45,23 +42,19 @@ def test_esd_x_strict_trains_only_cross_attention_keys_and_values(tiny_folder, t
     assert 0.0 <= written["target_accuracy"] <= 1.0 and "oracle_fd" in written
     # A rerun resumes from the final checkpoint: nothing more is trained.
     before = _weights(out, UNET)
-    erase(c, str(tmp_path))
+    erase_on_8_devices("esd", overrides)
     assert not _changed(before, _weights(out, UNET))
 
 
 @pytest.mark.slow
-def test_uce_edits_only_cross_attention_keys_and_values(tiny_folder, tmp_path):
-    from configs.erasure import uce
-    from experiments import run_experiment as erase
-
-    c = uce.get_config("smoke")
-    c.model.folder = tiny_folder
-    c.eval.enabled = False
-    summary = erase(c, str(tmp_path))
+def test_uce_edits_only_cross_attention_keys_and_values(tiny_folder, erase_on_8_devices):
+    """The smoke run on 8 devices."""
+    summary = erase_on_8_devices("uce")
     changed = _changed(_weights(tiny_folder, UNET), _weights(summary["export"], UNET))
     assert changed == {
         k for k in _weights(tiny_folder, UNET) if ".attn2.to_k." in k or ".attn2.to_v." in k
     }
+    assert not _changed(_weights(tiny_folder, TEXT), _weights(summary["export"], TEXT))
     assert summary["edited_tensors"] == len(changed)
     # The export is a complete test-bed folder: it loads, with its tokenizer and latent map.
     from jaxsafe.diffusion import pipeline

@@ -208,19 +208,15 @@ def test_testbed_triplets_show_the_concept_its_mosaic_and_no_concept():
 
 
 @pytest.mark.slow
-def test_a_smoke_run_changes_only_self_attention(tiny_folder, tmp_path):
-    from configs.erasure import safegen as safegen_config
-    from experiments import run_experiment as erase
+def test_a_smoke_run_changes_only_self_attention(tiny_folder, erase_on_8_devices):
+    """The smoke run on 8 devices (SafeGen's one unconditional prompt row is tiled over the 8
+    batch shards): exactly the UNet's self-attention moved."""
     from jaxsafe.weights.convert import read_safetensors
 
     def weights(folder, rel):
         return {k: np.asarray(v) for k, v in read_safetensors([os.path.join(folder, rel)]).items()}
 
-    c = safegen_config.get_config("smoke")
-    c.model.folder = tiny_folder
-    c.eval.enabled = False
-    c.optimizer.lr = 1e-2
-    summary = erase(c, str(tmp_path))
+    summary = erase_on_8_devices("safegen", {"optimizer.lr": 1e-2})
     unet = os.path.join("unet", "diffusion_pytorch_model.safetensors")
     text = os.path.join("text_encoder", "model.safetensors")
     before, after = weights(tiny_folder, unet), weights(summary["export"], unet)

@@ -271,15 +271,14 @@ def test_the_negative_prompt_is_guidance_against_its_plain_embedding(tiny_pipe):
 
 
 @pytest.mark.slow
-def test_edit_writes_the_settings_next_to_an_unchanged_model(tiny_folder, tmp_path):
+def test_edit_writes_the_settings_next_to_an_unchanged_model(tiny_folder, erase_on_8_devices):
+    """The smoke run on 8 devices (evaluation generates through the filter on the mesh): the
+    settings are written next to an unchanged model."""
     from configs.erasure import safree as safree_config
-    from experiments import run_experiment as erase
     from jaxsafe.weights.convert import read_safetensors
 
     c = safree_config.get_config("smoke")
-    c.model.folder = tiny_folder
-    c.eval.enabled = False
-    summary = erase(c, str(tmp_path))
+    summary = erase_on_8_devices("safree")
     with open(os.path.join(summary["export"], "safree.json")) as f:
         written = json.load(f)
     from jaxsafe.erasure.prompts import testbed_keywords
@@ -289,10 +288,10 @@ def test_edit_writes_the_settings_next_to_an_unchanged_model(tiny_folder, tmp_pa
     assert written["pooling"] == "mean"
     assert written["svf"] and written["alpha"] == 0.01 and written["gamma"] == 4.0  # γ = N
     assert written["latent_re_attention"] is False and written["negative_prompt"] == "red"
-    unet = os.path.join("unet", "diffusion_pytorch_model.safetensors")
-    a = read_safetensors([os.path.join(tiny_folder, unet)])
-    b = read_safetensors([os.path.join(summary["export"], unet)])
-    assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a = read_safetensors([os.path.join(tiny_folder, part)])
+        b = read_safetensors([os.path.join(summary["export"], part)])
+        assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a), part
 
 
 def test_testbed_keywords_are_phrases_of_the_concept_and_its_synonyms():
