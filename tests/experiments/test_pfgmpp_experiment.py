@@ -311,7 +311,7 @@ def test_inception_evaluator_and_sample_launcher_agree_on_fid(
     ref = str(tmp_path / "digits.npz")
     fn = fid.feature_fn(inception.load(random_fid_inception))
     fid.save_stats(
-        ref, *fid.source_stats(fn, images.digits(8)["image"][:64], 32), num=64, source="digits"
+        ref, *fid.source_stats(fn, images.digits(8)["image"][:32], 32), num=32, source="digits"
     )
     c = c.copy_and_resolve_references()
     c.eval.update(feature_net="inception", fid_ref=ref, fid_weights=random_fid_inception)
