@@ -35,7 +35,7 @@ CELLS = [
         "assert SIZE in ('cpu', 'smoke'), SIZE\n"
         "TRAIN_STEPS = {'cpu': 400, 'smoke': 40}[SIZE]  # per model (the docs' run: 2,000)\n"
         "NUM_SAMPLES = {'cpu': 256, 'smoke': 32}[SIZE]  # per (D, α) setting\n"
-        "# Noise-injection strengths of the probe (each one compiles its own sampler, ~10 s)\n"
+        "# Noise-injection strengths of the probe (one compiled sampler serves them all)\n"
         "ALPHAS = {'cpu': (0.0, 0.1, 0.2, 0.4), 'smoke': (0.0, 0.4)}[SIZE]\n"
         "import tempfile, time\n"
         "import numpy as np\n"

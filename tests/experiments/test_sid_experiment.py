@@ -75,11 +75,11 @@ def test_two_stage_starts_g_from_the_runs_ema_and_psi_from_its_fake_score(teache
         sid.stage_one(c, params)
 
 
-def test_resume_after_a_stop_is_bit_identical_for_the_three_networks(teacher, tmp_path):
-    run_experiment(sfd_config(teacher, 4), str(tmp_path / "straight"))
+def test_resume_after_a_stop_is_bit_identical_for_the_three_networks(teacher, sfd_run, tmp_path):
+    straight, _ = sfd_run  # 4 steps without a stop
     for steps in (2, 4):  # stopped at the step-2 checkpoint, then rerun in the same workdir
         run_experiment(sfd_config(teacher, steps), str(tmp_path / "resumed"))
-    _, a = train.load_arrays(str(tmp_path / "straight" / "checkpoints"))
+    _, a = train.load_arrays(f"{straight}/checkpoints")
     _, b = train.load_arrays(str(tmp_path / "resumed" / "checkpoints"))
     for part in ("params", "opt_state", "extra", "frozen"):
         chex.assert_trees_all_equal(a[part], b[part])
