@@ -52,6 +52,32 @@ jax.config.update(
 )
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`--dist loadgroup` (.ci/run) sends the tests of one `xdist_group` to one worker, so the
+    expensive module fixtures they share are built once. The worker tags each grouped test's id
+    with ``@<group>`` for the scheduler; under pytest 9.2 with pytest-xdist 3.8 the worker's own
+    hook no longer does (the groups were split over both workers, and fixtures such as the SID
+    teacher trained twice): xdist sets ``item._nodeid``, and pytest 9.2 keeps the id in a
+    structured ``item._id``. The tag is set here when it is missing."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+            for m in item.iter_markers("xdist_group")
+        }
+        if not names or "@" in item.nodeid.rsplit("]", 1)[-1]:
+            continue
+        tagged = f"{item.nodeid}@{'_'.join(sorted(names))}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(tagged)
+        else:
+            item._nodeid = tagged
+
+
 def pytest_unconfigure(config):
     # Only the process that made the directory removes it (not the xdist workers, which
     # inherited it from the controller's environment).
