@@ -48,17 +48,18 @@ def erase_on_8_devices(tiny_folder, tmp_path):
     """``run(method, overrides)``: `run_experiment` of the method's smoke config on `tiny_folder`
     in a fresh process with 8 simulated devices (the trained methods shard their fixed prompt
     batches over the mesh's 8 batch shards, a one-row batch is tiled, and evaluation generates
-    on the mesh), into `tmp_path`; returns the summary after checking the evaluation's metrics.
+    on the mesh), into ``workdir`` (default `tmp_path`); returns the summary after checking the
+    evaluation's metrics.
     ``overrides``: dotted config keys. Each method's end-to-end test runs here, so the suite
     pays for one smoke run per method, not one on one device and another on eight."""
 
-    def run(method: str, overrides: dict | None = None) -> dict:
+    def run(method: str, overrides: dict | None = None, workdir=None) -> dict:
         overrides = overrides or {}
         p = run_python(
             _EIGHT_DEVICES,
             method,
             tiny_folder,
-            tmp_path,
+            workdir or tmp_path,
             json.dumps(overrides),
             n_devices=8,
             timeout=900,
