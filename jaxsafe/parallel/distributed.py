@@ -10,8 +10,8 @@ aborts them with a C++ stack trace. A watchdog thread here exchanges its own hea
 the coordination service's key-value store and, after `heartbeat_timeout_s / 4` without news
 from a peer, prints one line naming the silent process and exits with `EXIT_PEER_LOST`
 (EX_TEMPFAIL: restarting every process resumes from the last checkpoint), before JAX's abort.
-That abort can come as early as about `heartbeat_timeout_s / 2` after the death (a half
-window lost the race under load, docs/reliability.md), hence the quarter.
+That abort can come as early as about `heartbeat_timeout_s / 2` after the death (with a half
+window, the inferred cause of one abort seen under load; docs/reliability.md), hence the quarter.
 """
 
 import os
